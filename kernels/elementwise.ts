@@ -1,0 +1,192 @@
+/**
+ * Elementwise kernels, generated from one WGSL template per arity: a map `out[i] = f(a[i], b[i])` and, for
+ * training, its backward `ga[i], gb[i] = df(a[i], b[i], g[i])`. Each op is a line in {@linkcode UNARY_OPS} or
+ * {@linkcode BINARY_OPS}: its forward and backward formulas side by side. All math runs in f32, whatever the
+ * storage type.
+ *
+ * @module
+ */
+import {
+  type DType,
+  type KernelSpec,
+  LINEAR_WORKGROUP,
+  linearWorkgroups,
+  Uniforms,
+  WGSL_LINEAR_INDEX,
+  wgslHeader,
+  wgslType,
+} from "./kernel.ts";
+import type { Launch } from "./fill.ts";
+
+/** A unary op: forward in terms of `x` (and the uniform scalar `s`), backward in terms of `x`, `g` and `s`. */
+export interface UnaryOp {
+  /** Forward expression, f32. */
+  fwd: string;
+  /** Gradient with respect to x, f32 (`g` is the output gradient). */
+  bwd: string;
+}
+
+/** A binary op on equal shapes: forward in terms of `a`, `b`; gradients in terms of `a`, `b`, `g`. */
+export interface BinaryOp {
+  /** Forward expression. */
+  fwd: string;
+  /** Gradient with respect to a. */
+  bwdA: string;
+  /** Gradient with respect to b. */
+  bwdB: string;
+}
+
+/** Unary ops. `s` is a per-dispatch scalar (the factor of `scale`, unused elsewhere). */
+export const UNARY_OPS = {
+  scale: { fwd: "s * x", bwd: "s * g" },
+  silu: { fwd: "x / (1.0 + exp(-x))", bwd: "g * silu_grad(x)" },
+  sigmoid: { fwd: "sigmoid(x)", bwd: "g * sigmoid(x) * (1.0 - sigmoid(x))" },
+  // softplus(x) = log(1 + e^x), evaluated without overflow; PyTorch switches to x above 20 the same way
+  softplus: { fwd: "select(log(1.0 + exp(x)), x, x > 20.0)", bwd: "g * sigmoid(x)" },
+  exp: { fwd: "exp(x)", bwd: "g * exp(x)" },
+  neg: { fwd: "-x", bwd: "-g" },
+  square: { fwd: "x * x", bwd: "2.0 * x * g" },
+} as const satisfies Record<string, UnaryOp>;
+
+/** Binary ops on equal shapes. */
+export const BINARY_OPS = {
+  add: { fwd: "a + b", bwdA: "g", bwdB: "g" },
+  sub: { fwd: "a - b", bwdA: "g", bwdB: "-g" },
+  mul: { fwd: "a * b", bwdA: "g * b", bwdB: "g * a / (1.0 + exp(-a))" },
+  // SwiGLU's combination: silu(gate) * up, with a = gate, b = up
+  swiglu: { fwd: "a / (1.0 + exp(-a)) * b", bwdA: "g * b * silu_grad(a)", bwdB: "g * a / (1.0 + exp(-a))" },
+} as const satisfies Record<string, BinaryOp>;
+
+/** Names of the unary ops. */
+export type UnaryOpName = keyof typeof UNARY_OPS;
+/** Names of the binary ops. */
+export type BinaryOpName = keyof typeof BINARY_OPS;
+
+const HELPERS = `
+fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
+fn silu_grad(x: f32) -> f32 { let s = sigmoid(x); return s * (1.0 + x * (1.0 - s)); }
+`;
+
+const ENTRY = `@compute @workgroup_size(${LINEAR_WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = linear_index(wid, nwg, lid, ${LINEAR_WORKGROUP}u);
+  if (i >= p.n) { return; }`;
+
+const specs = new Map<string, KernelSpec>();
+
+function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
+  let s = specs.get(key);
+  if (!s) specs.set(key, s = { key, ...make() });
+  return s;
+}
+
+function launch(spec: KernelSpec, n: number, scalar = 0): Launch {
+  return { spec, uniforms: new Uniforms(16).u32(n).f32(scalar).buffer, workgroups: linearWorkgroups(n) };
+}
+
+/** Forward of a unary op. Bindings: x (read), out (rw). */
+export function unaryForward(op: UnaryOpName, dtype: DType, n: number, scalar = 0): Launch {
+  const T = wgslType(dtype);
+  return launch(
+    cached(`unary_${op}_${dtype}`, () => ({
+      bindings: ["read", "rw"],
+      uniformBytes: 16,
+      code: `${wgslHeader(dtype)}
+struct P { n: u32, s: f32, _a: u32, _b: u32 }
+@group(0) @binding(0) var<storage, read> xs: array<${T}>;
+@group(0) @binding(1) var<storage, read_write> out: array<${T}>;
+@group(0) @binding(2) var<uniform> p: P;
+${WGSL_LINEAR_INDEX}${HELPERS}
+${ENTRY}
+  let x = f32(xs[i]);
+  let s = p.s;
+  out[i] = ${T}(${UNARY_OPS[op].fwd});
+}
+`,
+    })),
+    n,
+    scalar,
+  );
+}
+
+/** Backward of a unary op. Bindings: x (read), g (read), gx (rw). */
+export function unaryBackward(op: UnaryOpName, dtype: DType, n: number, scalar = 0): Launch {
+  const T = wgslType(dtype);
+  return launch(
+    cached(`unary_${op}_bwd_${dtype}`, () => ({
+      bindings: ["read", "read", "rw"],
+      uniformBytes: 16,
+      code: `${wgslHeader(dtype)}
+struct P { n: u32, s: f32, _a: u32, _b: u32 }
+@group(0) @binding(0) var<storage, read> xs: array<${T}>;
+@group(0) @binding(1) var<storage, read> gs: array<${T}>;
+@group(0) @binding(2) var<storage, read_write> gx: array<${T}>;
+@group(0) @binding(3) var<uniform> p: P;
+${WGSL_LINEAR_INDEX}${HELPERS}
+${ENTRY}
+  let x = f32(xs[i]);
+  let g = f32(gs[i]);
+  let s = p.s;
+  gx[i] = ${T}(${UNARY_OPS[op].bwd});
+}
+`,
+    })),
+    n,
+    scalar,
+  );
+}
+
+/** Forward of a binary op. Bindings: a (read), b (read), out (rw). */
+export function binaryForward(op: BinaryOpName, dtype: DType, n: number): Launch {
+  const T = wgslType(dtype);
+  return launch(
+    cached(`binary_${op}_${dtype}`, () => ({
+      bindings: ["read", "read", "rw"],
+      uniformBytes: 16,
+      code: `${wgslHeader(dtype)}
+struct P { n: u32, s: f32, _a: u32, _b: u32 }
+@group(0) @binding(0) var<storage, read> as_: array<${T}>;
+@group(0) @binding(1) var<storage, read> bs: array<${T}>;
+@group(0) @binding(2) var<storage, read_write> out: array<${T}>;
+@group(0) @binding(3) var<uniform> p: P;
+${WGSL_LINEAR_INDEX}${HELPERS}
+${ENTRY}
+  let a = f32(as_[i]);
+  let b = f32(bs[i]);
+  out[i] = ${T}(${BINARY_OPS[op].fwd});
+}
+`,
+    })),
+    n,
+  );
+}
+
+/** Backward of a binary op. Bindings: a, b, g (read), ga (rw), gb (rw). */
+export function binaryBackward(op: BinaryOpName, dtype: DType, n: number): Launch {
+  const T = wgslType(dtype);
+  return launch(
+    cached(`binary_${op}_bwd_${dtype}`, () => ({
+      bindings: ["read", "read", "read", "rw", "rw"],
+      uniformBytes: 16,
+      code: `${wgslHeader(dtype)}
+struct P { n: u32, s: f32, _a: u32, _b: u32 }
+@group(0) @binding(0) var<storage, read> as_: array<${T}>;
+@group(0) @binding(1) var<storage, read> bs: array<${T}>;
+@group(0) @binding(2) var<storage, read> gs: array<${T}>;
+@group(0) @binding(3) var<storage, read_write> ga: array<${T}>;
+@group(0) @binding(4) var<storage, read_write> gb: array<${T}>;
+@group(0) @binding(5) var<uniform> p: P;
+${WGSL_LINEAR_INDEX}${HELPERS}
+${ENTRY}
+  let a = f32(as_[i]);
+  let b = f32(bs[i]);
+  let g = f32(gs[i]);
+  ga[i] = ${T}(${BINARY_OPS[op].bwdA});
+  gb[i] = ${T}(${BINARY_OPS[op].bwdB});
+}
+`,
+    })),
+    n,
+  );
+}

@@ -1,0 +1,92 @@
+/**
+ * A buffer pool: released GPU buffers are kept by size class and handed out again, so steady-state training and
+ * decoding allocate nothing new per step.
+ *
+ * Size classes are geometric with four classes per octave (at most 19% slack), so shapes that vary slightly from
+ * step to step (a growing decode sequence) still reuse buffers. Reusing a buffer that pending GPU work still reads
+ * is safe: WebGPU executes commands in submission order, so later writes land after earlier reads.
+ *
+ * @module
+ */
+import type { GpuDevice } from "./device.ts";
+
+const MIN_BYTES = 256;
+const STORAGE_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+
+/** Rounds a byte size up to its size class. */
+export function sizeClass(bytes: number): number {
+  if (bytes <= MIN_BYTES) return MIN_BYTES;
+  const octave = 2 ** Math.floor(Math.log2(bytes));
+  const step = octave / 4;
+  return Math.ceil(bytes / step) * step;
+}
+
+/** Memory accounting of a pool. */
+export interface PoolStats {
+  /** Bytes in buffers currently handed out. */
+  liveBytes: number;
+  /** Bytes in buffers kept for reuse. */
+  freeBytes: number;
+  /** Buffers ever created. */
+  created: number;
+  /** Largest liveBytes + freeBytes seen. */
+  peakBytes: number;
+}
+
+/** Pool of storage buffers for one device. */
+export class BufferPool {
+  readonly #dev: GpuDevice;
+  readonly #free = new Map<number, GPUBuffer[]>();
+  /** Counters. */
+  readonly stats: PoolStats = { liveBytes: 0, freeBytes: 0, created: 0, peakBytes: 0 };
+
+  /** A pool for `dev`. */
+  constructor(dev: GpuDevice) {
+    this.#dev = dev;
+  }
+
+  /** A storage buffer of at least `bytes` bytes. Its content is undefined. */
+  acquire(bytes: number): GPUBuffer {
+    const size = sizeClass(bytes);
+    const list = this.#free.get(size);
+    let buf = list?.pop();
+    if (buf) {
+      this.stats.freeBytes -= size;
+    } else {
+      if (size > this.#dev.limits.maxBufferSize) {
+        throw new Error(
+          `buffer of ${bytes} bytes exceeds the device's maxBufferSize ${this.#dev.limits.maxBufferSize}`,
+        );
+      }
+      buf = this.#dev.gpu.createBuffer({ size, usage: STORAGE_USAGE });
+      this.stats.created++;
+    }
+    this.stats.liveBytes += size;
+    this.stats.peakBytes = Math.max(this.stats.peakBytes, this.stats.liveBytes + this.stats.freeBytes);
+    return buf;
+  }
+
+  /** Returns a buffer for reuse. */
+  release(buf: GPUBuffer): void {
+    const size = buf.size;
+    this.stats.liveBytes -= size;
+    this.stats.freeBytes += size;
+    let list = this.#free.get(size);
+    if (!list) this.#free.set(size, list = []);
+    list.push(buf);
+  }
+
+  /** Destroys every free buffer (e.g. after a phase with different shapes). */
+  trim(): void {
+    // a buffer named by recorded-but-unsubmitted commands must not be destroyed before they are submitted
+    this.#dev.flush();
+    for (const list of this.#free.values()) {
+      for (const b of list) {
+        this.#dev.forgetBuffer(b);
+        b.destroy();
+      }
+    }
+    this.#free.clear();
+    this.stats.freeBytes = 0;
+  }
+}

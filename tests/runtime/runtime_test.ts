@@ -1,0 +1,54 @@
+import assert from "node:assert/strict";
+import { assertClose, F32_TOL, gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
+
+Deno.test("runtime: upload, read back, fill, axpy and clone on f32/i32/f16", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  const rng = testRng("upload");
+  const x = randn(rng, 1000);
+  const y = randn(rng, 1000);
+  await rt.scope(async () => {
+    const tx = rt.tensor(x, [10, 100]);
+    const ty = rt.tensor(y, [1000]);
+    rt.axpyInPlace(ty, tx, 0.5);
+    const c = rt.clone(ty);
+    const ones = rt.full([3], 7, "i32");
+    const h = rt.tensor([1.5, -2.25, 3], [3], "f16");
+    const [gy, gc, gi, gh] = await Promise.all([ty.read(), c.read(), ones.read(), h.read()]);
+    assertClose(gy, x.map((v, i) => y[i] + 0.5 * v), F32_TOL, "axpy");
+    assertClose(gc, gy, { rtol: 0, atol: 0 }, "clone");
+    assert.deepEqual([...gi], [7, 7, 7]);
+    assert.deepEqual([...gh], [1.5, -2.25, 3]);
+  });
+});
+
+Deno.test(
+  "runtime: poisoned tensors read NaN until written, and scopes release what they made",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const before = rt.pool.stats.liveBytes;
+    const kept = await rt.scope(async () => {
+      const t = rt.empty([5]);
+      const v = await t.read();
+      assert.ok([...v].every(Number.isNaN), "new tensors are poisoned");
+      rt.empty([1000]);
+      return rt.zeros([4]);
+    });
+    assert.deepEqual([...await kept.read()], [0, 0, 0, 0]);
+    kept.dispose();
+    assert.equal(rt.pool.stats.liveBytes, before);
+  },
+);
+
+Deno.test("runtime: many dispatches batch into one submit per read", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  await rt.scope(async () => {
+    const t = rt.zeros([64]);
+    const one = rt.full([64], 1);
+    const s0 = rt.dev.stats.submits;
+    for (let i = 0; i < 50; i++) rt.axpyInPlace(t, one, 1);
+    const v = await t.read();
+    assert.equal(v[0], 50);
+    assert.ok(rt.dev.stats.submits - s0 <= 2, `submits: ${rt.dev.stats.submits - s0}`);
+  });
+});
