@@ -9,7 +9,7 @@
  *
  * @module
  */
-import { acquireDevice, type DeviceOptions, GpuDevice } from "./device.ts";
+import { acquireDevice, type DeviceOptions, type GpuDevice } from "./device.ts";
 import { BufferPool } from "./pool.ts";
 import { deviceBytes, newStorage, numel, shapeStr, Tensor } from "./tensor.ts";
 import type { DType } from "../kernels/kernel.ts";
