@@ -52,7 +52,7 @@ export const UNARY_OPS = {
 export const BINARY_OPS = {
   add: { fwd: "a + b", bwdA: "g", bwdB: "g" },
   sub: { fwd: "a - b", bwdA: "g", bwdB: "-g" },
-  mul: { fwd: "a * b", bwdA: "g * b", bwdB: "g * a / (1.0 + exp(-a))" },
+  mul: { fwd: "a * b", bwdA: "g * b", bwdB: "g * a" },
   // SwiGLU's combination: silu(gate) * up, with a = gate, b = up
   swiglu: { fwd: "a / (1.0 + exp(-a)) * b", bwdA: "g * b * silu_grad(a)", bwdB: "g * a / (1.0 + exp(-a))" },
 } as const satisfies Record<string, BinaryOp>;

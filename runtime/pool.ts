@@ -37,6 +37,7 @@ export interface PoolStats {
 export class BufferPool {
   readonly #dev: GpuDevice;
   readonly #free = new Map<number, GPUBuffer[]>();
+  readonly #freeSet = new Set<GPUBuffer>();
   /** Counters. */
   readonly stats: PoolStats = { liveBytes: 0, freeBytes: 0, created: 0, peakBytes: 0 };
 
@@ -51,6 +52,7 @@ export class BufferPool {
     const list = this.#free.get(size);
     let buf = list?.pop();
     if (buf) {
+      this.#freeSet.delete(buf);
       this.stats.freeBytes -= size;
     } else {
       if (size > this.#dev.limits.maxBufferSize) {
@@ -68,6 +70,8 @@ export class BufferPool {
 
   /** Returns a buffer for reuse. */
   release(buf: GPUBuffer): void {
+    if (this.#freeSet.has(buf)) throw new Error("BufferPool: buffer released twice");
+    this.#freeSet.add(buf);
     const size = buf.size;
     this.stats.liveBytes -= size;
     this.stats.freeBytes += size;
@@ -87,6 +91,7 @@ export class BufferPool {
       }
     }
     this.#free.clear();
+    this.#freeSet.clear();
     this.stats.freeBytes = 0;
   }
 }
