@@ -660,32 +660,40 @@ export function mambaConfigToJson(cfg: MambaConfig): Record<string, unknown> {
 }
 
 /**
- * RoPE inverse frequencies inv_freq[i], i < hd/2, as transformers computes them: theta^(-2i/hd), then the
- * scaling. `linear` divides by the factor. `llama3` keeps high frequencies (wavelength below
- * original_max / high_freq_factor), divides low frequencies (wavelength above original_max / low_freq_factor) by
- * the factor, and blends in between with s = (original_max / wavelength - low) / (high - low):
- * (1 - s) * f / factor + s * f. Computed in float64, returned as float32. None of these types rescales the
- * attention (their attention factor is 1).
+ * RoPE inverse frequencies inv_freq[i], i < hd/2, bit-identical to transformers' `inv_freq` buffer:
+ * theta^(-2i/hd), then the scaling. `linear` divides by the factor. `llama3` keeps high frequencies (wavelength
+ * below original_max / high_freq_factor), divides low frequencies (wavelength above original_max /
+ * low_freq_factor) by the factor, and blends in between with s = (original_max / wavelength - low) /
+ * (high - low): (1 - s) * f / factor + s * f. None of these types rescales the attention (factor 1).
+ *
+ * transformers evaluates these formulas on float32 tensors, so every step here is rounded to float32 the same
+ * way (`Math.fround` after each operation, powers correctly rounded). Evaluating in float64 and rounding once
+ * at the end differs from transformers by one ulp in about a third of the entries (checked against
+ * transformers 5.17 for default, linear and llama3 scaling), which shifts RoPE angles by up to position * 6e-8.
  */
 export function ropeInverseFrequencies(
   config: Pick<TransformerConfig, "headDim" | "ropeTheta" | "ropeScaling">,
 ): Float32Array {
+  const f32 = Math.fround;
   const dim = config.headDim;
   const out = new Float32Array(dim / 2);
   const s = config.ropeScaling;
+  const base = f32(config.ropeTheta);
   for (let i = 0; i < dim / 2; i++) {
-    let f = 1 / config.ropeTheta ** ((2 * i) / dim);
-    if (s?.type === "linear") f /= s.factor;
+    let f = f32(1 / f32(Math.pow(base, f32((2 * i) / dim))));
+    if (s?.type === "linear") f = f32(f / s.factor);
     else if (s?.type === "llama3") {
       const lowWavelen = s.originalMaxPositionEmbeddings / s.lowFreqFactor;
       const highWavelen = s.originalMaxPositionEmbeddings / s.highFreqFactor;
-      const wavelen = (2 * Math.PI) / f;
-      if (wavelen > lowWavelen) f = f / s.factor;
-      else if (wavelen >= highWavelen) {
-        const smooth = (s.originalMaxPositionEmbeddings / wavelen - s.lowFreqFactor) /
-          (s.highFreqFactor - s.lowFreqFactor);
-        f = (1 - smooth) * f / s.factor + smooth * f;
-      }
+      const wavelen = f32(f32(2 * Math.PI) / f);
+      const scaled = wavelen > lowWavelen ? f32(f / s.factor) : f;
+      if (!(wavelen < highWavelen) && !(wavelen > lowWavelen)) {
+        const smooth = f32(
+          f32(f32(s.originalMaxPositionEmbeddings) / wavelen) - s.lowFreqFactor,
+        ) / f32(s.highFreqFactor - s.lowFreqFactor);
+        const sm = f32(smooth);
+        f = f32(f32(f32(f32(1 - sm) * scaled) / s.factor) + f32(sm * scaled));
+      } else f = scaled;
     }
     out[i] = f;
   }

@@ -187,23 +187,31 @@ Deno.test("config: RoPE inverse frequencies, default and linear", () => {
   assert.deepEqual([...l], [0.25, 0.025, 0.0025, 0.00025].map(Math.fround));
 });
 
-Deno.test("config: RoPE llama3 scaling matches the transformers formula (Llama 3.2 1B)", () => {
-  const f = ropeInverseFrequencies(parseTransformerConfig(LLAMA_32_1B));
-  assert.equal(f.length, 32);
-  // Computed independently with numpy (float64) from transformers' _compute_llama3_parameters, cast to float32.
-  const expected: Record<number, number> = {
-    0: 1.0, // high frequency: unchanged
-    5: 0.12868736684322357,
-    10: 0.016560440883040428,
-    12: 0.007292664609849453,
-    13: 0.00483942124992609, // medium band: smoothed
-    14: 0.0032114461064338684,
-    15: 0.0012905478943139315,
-    16: 0.00042955679236911237, // low frequency: divided by the factor
-    20: 8.570255886297673e-06,
-    31: 9.418306490260875e-08,
+Deno.test("config: RoPE inverse frequencies are bit-identical to transformers (default, linear, llama3)", async () => {
+  const oracle = JSON.parse(
+    await Deno.readTextFile(new URL("./testdata/transformers_oracle.json", import.meta.url)),
+  );
+  const bits = (name: string) => new Float32Array(new Int32Array(oracle.rope_inv_freq_f32_bits[name]).buffer);
+  const cases = {
+    llama3: parseTransformerConfig(LLAMA_32_1B),
+    linear: { headDim: 8, ropeTheta: 1e4, ropeScaling: { type: "linear" as const, factor: 4 } },
+    default: { headDim: 16, ropeTheta: 1e6, ropeScaling: null },
   };
-  for (const [i, v] of Object.entries(expected)) assert.equal(f[Number(i)], v, `inv_freq[${i}]`);
+  for (const [name, cfg] of Object.entries(cases)) {
+    const ref = bits(name);
+    const mine = ropeInverseFrequencies(cfg);
+    assert.equal(mine.length, ref.length);
+    for (let i = 0; i < ref.length; i++) assert.equal(mine[i], ref[i], `${name} inv_freq[${i}]`);
+    assert.equal(oracle.rope_attention_scaling[name], 1);
+  }
+  // The three llama3 bands: high frequencies unchanged, low ones divided by the factor, the middle blended.
+  const plain = ropeInverseFrequencies({ ...cases.llama3, ropeScaling: null });
+  const l3 = ropeInverseFrequencies(cases.llama3);
+  assert.equal(l3[0], plain[0]);
+  assert.equal(l3[31], Math.fround(plain[31] / 32));
+  for (const i of [15, 16, 17]) assert.ok(l3[i] < plain[i] && l3[i] > plain[i] / 32, `band ${i}`);
+  assert.equal(l3[14], plain[14]);
+  assert.equal(l3[18], Math.fround(plain[18] / 32));
 });
 
 Deno.test("config: the fixture hybrid's mamba_config is a Mamba2 config", async () => {

@@ -166,6 +166,43 @@ Deno.test("safetensors: F32 -> F16/BF16 rounds to nearest, ties to even", () => 
   }
 });
 
+Deno.test("safetensors: F16/BF16 written by PyTorch decode to torch's values; our rounding gives torch's bits", async () => {
+  const f = await openSafetensors(
+    new URL("./testdata/torch/torch_dtypes.safetensors", import.meta.url).pathname,
+  );
+  assert.equal(f.info("f16").dtype, "F16");
+  assert.equal(f.info("bf16").dtype, "BF16");
+  const x = await f.readFloat32("x");
+  assert.equal(x.length, 10019);
+  // torch's x.half() / x.bfloat16() bits equal ours for every value (normal, subnormal, ties, overflow, NaN).
+  const h = new Uint16Array((await f.readBytes("f16")).buffer);
+  const b = new Uint16Array((await f.readBytes("bf16")).buffer);
+  const ourH = f32ToF16Bits(x), ourB = f32ToBf16Bits(x);
+  for (let i = 0; i < x.length; i++) {
+    if (Number.isNaN(x[i])) {
+      assert.ok(
+        Number.isNaN(f16BitsToF32(ourH.slice(i, i + 1))[0]) &&
+          Number.isNaN(bf16BitsToF32(ourB.slice(i, i + 1))[0]),
+      );
+      continue;
+    }
+    assert.equal(ourH[i], h[i], `f16 of x[${i}] = ${x[i]}`);
+    assert.equal(ourB[i], b[i], `bf16 of x[${i}] = ${x[i]}`);
+  }
+  // Decoding: torch's upcast of a half is exact, so our f32 must equal the half's value; spot-check by re-rounding.
+  const hx = await f.readFloat32("f16"), bx = await f.readFloat32("bf16");
+  assert.deepEqual(
+    f32ToF16Bits(hx).filter((_, i) => !Number.isNaN(x[i])),
+    h.filter((_, i) => !Number.isNaN(x[i])),
+  );
+  assert.deepEqual(
+    f32ToBf16Bits(bx).filter((_, i) => !Number.isNaN(x[i])),
+    b.filter((_, i) => !Number.isNaN(x[i])),
+  );
+  assert.equal(hx[x.indexOf(65520)], Infinity);
+  assert.equal(hx[x.indexOf(65504)], 65504);
+});
+
 Deno.test("safetensors: reads the fixture teacher (real file written by Python safetensors)", async () => {
   const f = await openSafetensors(FIXTURE_TEACHER);
   const e = f.info("model.embed_tokens.weight");

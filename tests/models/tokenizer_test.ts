@@ -130,6 +130,27 @@ Deno.test("tokenizer: fallback chat template for a tokenizer without one", () =>
   );
 });
 
+Deno.test("tokenizer: fallback and Zephyr templates render and encode exactly as transformers does", async () => {
+  const oracle = JSON.parse(await Deno.readTextFile(join(TESTDATA, "transformers_oracle.json")));
+  const cfg = JSON.parse(await Deno.readTextFile(join(TEACHER, "tokenizer_config.json")));
+  const zephyr = new Tokenizer(
+    JSON.parse(await Deno.readTextFile(join(TEACHER, "tokenizer.json"))),
+    { ...cfg, chat_template: ZEPHYR },
+  );
+  for (const [name, t] of [["fallback", tok], ["zephyr", zephyr]] as const) {
+    for (const gen of [false, true]) {
+      const ref = oracle.chat[`${name}${gen ? "_generation_prompt" : ""}`];
+      const text = t.applyChatTemplate(oracle.chat_messages, { addGenerationPrompt: gen });
+      assert.equal(text, ref.text, `${name} ${gen}`);
+      assert.deepEqual(
+        t.encodeChat(oracle.chat_messages, { addGenerationPrompt: gen }),
+        ref.ids,
+        `${name} ${gen}`,
+      );
+    }
+  }
+});
+
 Deno.test("tokenizer: chat templates from tokenizer_config.json, chat_template.jinja and chat_template.json", async () => {
   const messages = [{ role: "system", content: "You are a friendly chatbot." }, {
     role: "user",
