@@ -17,6 +17,7 @@
 import { dirname, isAbsolute, join, normalize } from "node:path";
 import { UserError } from "../util/errors.ts";
 import { tempPathFor } from "../util/atomic.ts";
+import { readFileRange } from "./file_range.ts";
 import {
   bf16BitsToF32,
   type Dtype,
@@ -81,37 +82,10 @@ function fail(path: string, what: string): never {
   throw new UserError(`${path}: not a valid safetensors file: ${what}`);
 }
 
-async function readExactly(path: string, offset: number, length: number): Promise<Uint8Array> {
-  const buf = new Uint8Array(length);
-  let f: Deno.FsFile;
-  try {
-    f = await Deno.open(path, { read: true });
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) throw new UserError(`${path}: file not found`, { cause: e });
-    throw e;
-  }
-  try {
-    await f.seek(offset, Deno.SeekMode.Start);
-    let got = 0;
-    while (got < length) {
-      const n = await f.read(buf.subarray(got));
-      if (n === null) {
-        throw new UserError(
-          `${path}: file ended at byte ${offset + got} while reading bytes ${offset}..${offset + length} ` +
-            `(was it truncated or modified after it was opened?)`,
-        );
-      }
-      got += n;
-    }
-  } finally {
-    f.close();
-  }
-  return buf;
-}
-
-function bytesToFloat32(bytes: Uint8Array, dtype: Dtype, where: string): Float32Array {
+/** Converts raw little-endian tensor bytes of a floating-point dtype to float32. */
+export function bytesToFloat32(bytes: Uint8Array, dtype: Dtype, where: string): Float32Array {
   const n = bytes.byteLength / DTYPE_SIZE[dtype];
-  // `bytes` always owns a fresh buffer from offset 0 here, so typed views are aligned.
+  if (bytes.byteOffset % DTYPE_SIZE[dtype] !== 0) bytes = bytes.slice(); // typed views need alignment
   switch (dtype) {
     case "F32":
       return new Float32Array(bytes.buffer, bytes.byteOffset, n);
@@ -128,8 +102,10 @@ function bytesToFloat32(bytes: Uint8Array, dtype: Dtype, where: string): Float32
   }
 }
 
-function bytesToInt32(bytes: Uint8Array, dtype: Dtype, where: string): Int32Array {
+/** Converts raw little-endian tensor bytes of an integer (or BOOL) dtype to int32, refusing values that do not fit. */
+export function bytesToInt32(bytes: Uint8Array, dtype: Dtype, where: string): Int32Array {
   const n = bytes.byteLength / DTYPE_SIZE[dtype];
+  if (bytes.byteOffset % DTYPE_SIZE[dtype] !== 0) bytes = bytes.slice();
   const b = bytes.buffer, o = bytes.byteOffset;
   const check = (v: number | bigint, i: number): number => {
     if (v < -2147483648 || v > 2147483647) {
@@ -316,11 +292,11 @@ export class SafetensorsFile implements TensorSource {
       throw e;
     }
     if (size < 8) fail(path, `file is ${size} bytes, shorter than the 8-byte header length`);
-    const lenBytes = await readExactly(path, 0, 8);
+    const lenBytes = await readFileRange(path, 0, 8);
     const n = new DataView(lenBytes.buffer).getBigUint64(0, true);
     // Read the header only when its length is plausible; the parser then reports the precise problem.
     const want = n >= 2n && n <= BigInt(MAX_HEADER_BYTES) && 8n + n <= BigInt(size) ? 8 + Number(n) : 8;
-    const prefix = want > 8 ? await readExactly(path, 0, want) : lenBytes;
+    const prefix = want > 8 ? await readFileRange(path, 0, want) : lenBytes;
     return new SafetensorsFile(path, size, parseSafetensorsHeader(path, prefix, size));
   }
 
@@ -344,7 +320,7 @@ export class SafetensorsFile implements TensorSource {
   /** The tensor's raw bytes. */
   readBytes(name: string): Promise<Uint8Array> {
     const t = this.info(name);
-    return readExactly(this.path, t.offset, t.byteLength);
+    return readFileRange(this.path, t.offset, t.byteLength);
   }
 
   /** A floating-point tensor as float32. */
@@ -365,21 +341,24 @@ export function openSafetensors(path: string): Promise<SafetensorsFile> {
   return SafetensorsFile.open(path);
 }
 
-/** A sharded checkpoint: `model.safetensors.index.json` plus the shard files it names. */
+/**
+ * A sharded checkpoint: an index file (`model.safetensors.index.json`, or `pytorch_model.bin.index.json` with
+ * another shard opener) plus the shard files its `weight_map` names.
+ */
 export class ShardedSafetensors implements TensorSource {
   /** Path of the index file. */
   readonly path: string;
   /** The index's `metadata` object (e.g. `total_size`). */
   readonly metadata: Readonly<Record<string, unknown>>;
   /** The opened shards, by file name. */
-  readonly shards: ReadonlyMap<string, SafetensorsFile>;
-  #where: Map<string, SafetensorsFile>;
+  readonly shards: ReadonlyMap<string, TensorSource>;
+  #where: Map<string, TensorSource>;
 
   private constructor(
     path: string,
     metadata: Record<string, unknown>,
-    shards: Map<string, SafetensorsFile>,
-    where: Map<string, SafetensorsFile>,
+    shards: Map<string, TensorSource>,
+    where: Map<string, TensorSource>,
   ) {
     this.path = path;
     this.metadata = metadata;
@@ -387,8 +366,14 @@ export class ShardedSafetensors implements TensorSource {
     this.#where = where;
   }
 
-  /** Opens an index file and every shard it names; checks each named tensor is in its shard. */
-  static async open(indexPath: string): Promise<ShardedSafetensors> {
+  /**
+   * Opens an index file and every shard it names (with `openShard`, safetensors by default); checks each
+   * named tensor is in its shard.
+   */
+  static async open(
+    indexPath: string,
+    openShard: (path: string) => Promise<TensorSource> = SafetensorsFile.open,
+  ): Promise<ShardedSafetensors> {
     let text: string;
     try {
       text = await Deno.readTextFile(indexPath);
@@ -413,8 +398,8 @@ export class ShardedSafetensors implements TensorSource {
       );
     }
     const dir = dirname(indexPath);
-    const shards = new Map<string, SafetensorsFile>();
-    const where = new Map<string, SafetensorsFile>();
+    const shards = new Map<string, TensorSource>();
+    const where = new Map<string, TensorSource>();
     for (const [name, file] of Object.entries(obj.weight_map as Record<string, unknown>)) {
       if (typeof file !== "string" || file === "" || isAbsolute(file) || normalize(file).startsWith("..")) {
         throw new UserError(
@@ -423,7 +408,7 @@ export class ShardedSafetensors implements TensorSource {
       }
       let shard = shards.get(file);
       if (!shard) {
-        shard = await SafetensorsFile.open(join(dir, file));
+        shard = await openShard(join(dir, file));
         shards.set(file, shard);
       }
       if (!shard.has(name)) {
@@ -449,7 +434,7 @@ export class ShardedSafetensors implements TensorSource {
     return this.#where.has(name);
   }
 
-  #shard(name: string): SafetensorsFile {
+  #shard(name: string): TensorSource {
     const s = this.#where.get(name);
     if (!s) throw new UserError(`${this.path}: no tensor named "${name}"`);
     return s;

@@ -17,9 +17,11 @@ import {
   numElements,
   openSafetensors,
   openShardedSafetensors,
+  ShardedSafetensors,
   type TensorSource,
   type TensorToWrite,
 } from "./safetensors.ts";
+import { openTorchCheckpoint } from "./torch_pickle.ts";
 
 /** One tensor in host memory, always float32. */
 export interface HostTensor {
@@ -209,7 +211,9 @@ async function exists(path: string): Promise<boolean> {
 
 /**
  * Opens the weight files of a model directory, lazily: `model.safetensors.index.json` (sharded) if present,
- * else `model.safetensors`, else a single other `*.safetensors` file. Nothing but headers is read.
+ * else `model.safetensors`, else a single other `*.safetensors` file, else PyTorch's
+ * `pytorch_model.bin.index.json` / `pytorch_model.bin` (read without executing the pickle). Nothing but
+ * headers (and the pickle) is read.
  */
 export async function openModelTensors(dir: string): Promise<TensorSource> {
   const index = join(dir, "model.safetensors.index.json");
@@ -232,14 +236,13 @@ export async function openModelTensors(dir: string): Promise<TensorSource> {
       `${dir}: several .safetensors files (${st.join(", ")}) but no model.safetensors.index.json`,
     );
   }
-  const bin = entries.filter((n) => n.startsWith("pytorch_model") && n.endsWith(".bin"));
+  const binIndex = join(dir, "pytorch_model.bin.index.json");
+  if (await exists(binIndex)) return await ShardedSafetensors.open(binIndex, openTorchCheckpoint);
+  const bin = join(dir, "pytorch_model.bin");
+  if (await exists(bin)) return await openTorchCheckpoint(bin);
   throw new UserError(
-    `${dir}: no model.safetensors or model.safetensors.index.json` +
-      (bin.length
-        ? ` (found ${bin.join(", ")}: PyTorch pickles are not read; convert them with ` +
-          `\`python -c "from transformers import AutoModelForCausalLM as M; ` +
-          `M.from_pretrained('${dir}').save_pretrained('${dir}', safe_serialization=True)"\`)`
-        : ""),
+    `${dir}: no weights: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or ` +
+      `pytorch_model.bin.index.json`,
   );
 }
 

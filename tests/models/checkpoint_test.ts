@@ -205,7 +205,7 @@ Deno.test("checkpoint: mismatched weights are refused listing missing, unexpecte
     const noWeights = join(dir, "noweights");
     await Deno.mkdir(noWeights);
     await Deno.copyFile(join(TEACHER, "config.json"), join(noWeights, "config.json"));
-    await refused(noWeights, "no model.safetensors");
+    await refused(noWeights, "no weights");
   });
 });
 
