@@ -358,7 +358,15 @@ async function resolveHub(
     const size = new Map(entries.map((e) => [e.path, e.size]));
     const fetchOne = async (path: string) => {
       if (!isFileSync(join(snapshot, path))) options.onFile?.(path, size.get(path) ?? 0);
-      return await downloadFileToCacheDir({ ...common, repo, path, revision: commit, cacheDir });
+      // The library logs every download with console.debug (stdout); progress goes through onFile instead,
+      // so stdout stays clean for commands whose output is data.
+      const debug = console.debug;
+      console.debug = () => {};
+      try {
+        return await downloadFileToCacheDir({ ...common, repo, path, revision: commit, cacheDir });
+      } finally {
+        console.debug = debug;
+      }
     };
     let wanted: string[];
     if (options.allowPatterns) wanted = filterByPatterns(paths, options.allowPatterns);
@@ -384,7 +392,7 @@ async function resolveHub(
     if (e instanceof UserError) throw e;
     throw hubError(e, repoId, type, revision, token !== undefined, "the download", hubUrl);
   }
-  if (type === "model") {
+  if (type === "model" && !options.allowPatterns) {
     const missing = missingModelFiles(snapshot);
     if (missing.length) {
       throw new UserError(

@@ -374,6 +374,11 @@ Deno.test("hub: download into the Python cache layout through @huggingface/hub, 
       (await resolveModelSource("karpathy/stories260K", { cacheDir: cache, offline: true })).dir,
       r.dir,
     );
+    // allowPatterns narrows what is fetched (here: the model card only, into the same snapshot).
+    const only = await resolveModelSource("karpathy/stories260K", { ...opts, allowPatterns: ["README*"] });
+    assert.equal(only.dir, r.dir);
+    assert.equal(await Deno.readTextFile(join(r.dir, "README.md")), "# card");
+    assert.ok(![...Deno.readDirSync(r.dir)].some((e) => e.name === "original"));
   });
 });
 
