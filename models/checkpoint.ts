@@ -135,12 +135,26 @@ export interface ExportOptions {
   metadata?: Record<string, string>;
 }
 
-function configJson(config: TransformerConfig): string {
-  return JSON.stringify(config.raw, null, 2) + "\n";
+const TORCH_DTYPE_NAMES = { F32: "float32", F16: "float16", BF16: "bfloat16" } as const;
+
+/**
+ * The teacher's config.json, with its dtype field (`torch_dtype`, or transformers 5's `dtype`) set to the
+ * stored dtype: transformers 5 loads with the config's dtype by default, so a float32 export of a bfloat16
+ * teacher would otherwise be read back in bfloat16.
+ */
+function configJson(config: TransformerConfig, dtype: "F32" | "F16" | "BF16"): string {
+  const raw = { ...config.raw };
+  let set = false;
+  for (const k of ["torch_dtype", "dtype"]) {
+    if (Object.hasOwn(raw, k)) (raw[k] = TORCH_DTYPE_NAMES[dtype]), (set = true);
+  }
+  if (!set) raw.torch_dtype = TORCH_DTYPE_NAMES[dtype];
+  return JSON.stringify(raw, null, 2) + "\n";
 }
 
 /**
- * Writes a model directory atomically: `config.json` (the teacher's, as loaded), `mamba_config.json` for a
+ * Writes a model directory atomically: `config.json` (the teacher's, its dtype field set to the stored dtype),
+ * `mamba_config.json` for a
  * hybrid, `model.safetensors` (keys sorted, deterministic bytes) and the tokenizer files of
  * `options.tokenizerDir`. An existing directory at `dir` is replaced only once the new one is complete.
  */
@@ -163,7 +177,7 @@ export async function exportModel(dir: string, model: Model, options: ExportOpti
     for (const f of TOKENIZER_FILES) if (await isFile(join(options.tokenizerDir, f))) tokenizerFiles.push(f);
   }
   await writeDirAtomic(dir, async (tmp) => {
-    await Deno.writeTextFile(join(tmp, "config.json"), configJson(model.config));
+    await Deno.writeTextFile(join(tmp, "config.json"), configJson(model.config, options.dtype ?? "F32"));
     if (model.kind === "hybrid") {
       await Deno.writeTextFile(
         join(tmp, "mamba_config.json"),

@@ -135,6 +135,8 @@ Deno.test("checkpoint: BF16 export stores rounded values; untied Mistral round-t
     const b = await loadTransformerModel(join(dir, "b"));
     const k = "model.layers.0.self_attn.q_proj.weight";
     assert.equal(b.weights.get(k)!.storedDtype, "BF16");
+    assert.equal(b.config.torchDtype, "bfloat16"); // config.json says what is stored
+    assert.equal(b.config.raw.dtype, "bfloat16");
     assert.deepEqual(b.weights.get(k)!.data, bf16BitsToF32(f32ToBf16Bits(mistral.weights.get(k)!.data)));
   });
 });
