@@ -133,28 +133,32 @@ function isFileSync(path: string): boolean {
   }
 }
 
-/** Model files that must be in a snapshot for it to be usable (configs and every weight shard). */
+/** Shard files an index names that are not in `dir` (null when the index cannot be read). */
+function missingShards(dir: string, index: string): string[] | null {
+  try {
+    const wm = JSON.parse(Deno.readTextFileSync(join(dir, index))).weight_map ?? {};
+    return [...new Set(Object.values(wm) as string[])].filter((f) => !isFileSync(join(dir, f)));
+  } catch {
+    return null;
+  }
+}
+
+/** Model files that must be in a snapshot for it to be usable (config.json and every weight file). */
 function missingModelFiles(dir: string): string[] {
   const missing: string[] = [];
   if (!isFileSync(join(dir, "config.json"))) missing.push("config.json");
-  const index = join(dir, "model.safetensors.index.json");
-  if (isFileSync(index)) {
-    try {
-      const wm = JSON.parse(Deno.readTextFileSync(index)).weight_map ?? {};
-      for (const f of new Set(Object.values(wm) as string[])) if (!isFileSync(join(dir, f))) missing.push(f);
-    } catch {
-      missing.push("model.safetensors.index.json (unreadable)");
+  for (const index of ["model.safetensors.index.json", "pytorch_model.bin.index.json"]) {
+    if (isFileSync(join(dir, index))) {
+      return [...missing, ...(missingShards(dir, index) ?? [`${index} (unreadable)`])];
     }
-  } else if (
-    !isFileSync(join(dir, "model.safetensors")) &&
-    !(() => {
-      try {
-        return [...Deno.readDirSync(dir)].some((e) => e.name.endsWith(".safetensors"));
-      } catch {
-        return false;
-      }
-    })()
-  ) {
+  }
+  let names: string[] = [];
+  try {
+    names = [...Deno.readDirSync(dir)].map((e) => e.name);
+  } catch {
+    // reported below as missing weights
+  }
+  if (!names.some((n) => n.endsWith(".safetensors")) && !names.includes("pytorch_model.bin")) {
     missing.push("model.safetensors");
   }
   return missing;
@@ -427,6 +431,11 @@ async function resolveSource(source: string, type: RepoType, options: HubOptions
     );
   }
   const revision = options.revision ?? atRevision ?? "main";
+  if (revision.split("/").some((p) => p === ".." || p === "") || revision.startsWith("/")) {
+    throw new UserError(
+      `${source}: revision ${JSON.stringify(revision)} is not a branch, tag or commit name`,
+    );
+  }
   return await resolveHub(repoId, type, revision, options);
 }
 

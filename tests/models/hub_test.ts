@@ -259,6 +259,10 @@ Deno.test("hub: local directories, bad ids, environment defaults", async () => {
   await assert.rejects(resolveModelSource("a/b/c"), refused(["not a Hub repo id"]));
   await assert.rejects(resolveModelSource(join(TEACHER, "config.json")), refused(["is a file"]));
   await assert.rejects(resolveModelSource(""), refused(["empty"]));
+  await assert.rejects(
+    resolveModelSource("org/name@../../etc", { offline: true }),
+    refused(["not a branch, tag or commit"]),
+  );
   assert.deepEqual(parseRepoRef("org/name@refs/pr/1"), { repoId: "org/name", revision: "refs/pr/1" });
   assert.deepEqual(parseRepoRef("org/name"), { repoId: "org/name" });
   assert.equal(repoFolderName("HuggingFaceH4/zephyr-7b-beta"), "models--HuggingFaceH4--zephyr-7b-beta");
