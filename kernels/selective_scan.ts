@@ -729,3 +729,107 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     workgroups: [ceilDiv(channels, FWD_W), 1, batch],
   };
 }
+
+/** Shape of a speculative verification step. */
+export interface ScanVerifyShape {
+  /** Batch size. */
+  batch: number;
+  /** New tokens to advance through (K + 1 for K drafts; 0 to only commit accepted steps). */
+  tokens: number;
+  /** Steps the cache of the previous call holds (its `tokens`; 0 when there is no cache). */
+  cached: number;
+  /** Channels. */
+  channels: number;
+  /** States per channel. */
+  states: number;
+  /** Groups of B. */
+  groupsB: number;
+  /** Groups of C. */
+  groupsC: number;
+}
+
+/**
+ * The fused multi-step kernel of speculative decoding for Mamba1 (method.md 3). Per (batch row, channel): start
+ * from the state snapshot, re-apply the first `counts[b]` cached steps of the previous call (its accepted
+ * tokens), write the result back as the new snapshot, then advance through the new tokens producing y, keeping
+ * the intermediate states in registers only. The caller keeps this call's x, delta and B as the next call's
+ * cache, so rejected drafts cost nothing to undo.
+ *
+ * Bindings, in order: A `[Dn, N]`, D `[Dn]`, state `[B, Dn, N]` f32 (rw); if `cached > 0`: cached x and delta
+ * `[B, cached, Dn]`, cached B `[B, cached, GB, N]`, counts `[B]` u32; if `tokens > 0`: x, delta `[B, T, Dn]`,
+ * B `[B, T, GB, N]`, C `[B, T, GC, N]`, y `[B, T, Dn]` (rw).
+ */
+export function scanVerify(dtype: DType, shape: ScanVerifyShape): Launch {
+  const T = wgslType(dtype);
+  const N = shape.states;
+  const cache = shape.cached > 0, next = shape.tokens > 0;
+  const spec = cached(`scan_verify_${dtype}_n${N}${cache ? "_cache" : ""}${next ? "_next" : ""}`, () => {
+    const decl: [string, "read" | "rw", string][] = [["am", "read", T], ["dm", "read", T], [
+      "state",
+      "rw",
+      "f32",
+    ]];
+    if (cache) decl.push(["xc", "read", T], ["dc", "read", T], ["bc", "read", T], ["counts", "read", "u32"]);
+    if (next) {
+      decl.push(["xs", "read", T], ["delta", "read", T], ["bm", "read", T], ["cm", "read", T], [
+        "ys",
+        "rw",
+        T,
+      ]);
+    }
+    const decls = decl.map(([name, acc, ty], i) =>
+      `@group(0) @binding(${i}) var<storage, ${acc === "rw" ? "read_write" : "read"}> ${name}: array<${ty}>;`
+    ).join("\n");
+    return {
+      bindings: decl.map((d) => d[1]),
+      uniformBytes: UNIFORM_BYTES,
+      code: `${wgslHeader(dtype)}
+const N: u32 = ${N}u;
+${UNIFORMS}
+${decls}
+@group(0) @binding(${decl.length}) var<uniform> p: P;
+${next ? stepFn(T) : ""}
+@compute @workgroup_size(${FWD_W})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+  let c = wid.x * ${FWD_W}u + lid.x;
+  if (c >= p.Dn) { return; }
+  let b = wid.z;
+  let gb = c / p.cpgB;
+  var a: array<f32, N>;
+  var h: array<f32, N>;
+  let base = (b * p.Dn + c) * N;
+  for (var n = 0u; n < N; n++) { a[n] = f32(am[c * N + n]); h[n] = state[base + n]; }
+  ${
+        cache
+          ? `// re-apply the accepted steps of the previous call (p.tc = its token count)
+  let m = min(counts[b], p.tc);
+  for (var i = 0u; i < m; i++) {
+    let row = b * p.tc + i;
+    let dv = f32(dc[row * p.Dn + c]);
+    let dx = dv * f32(xc[row * p.Dn + c]);
+    let bb = (row * p.GB + gb) * N;
+    for (var n = 0u; n < N; n++) { h[n] = exp(dv * a[n]) * h[n] + dx * f32(bc[bb + n]); }
+  }
+  for (var n = 0u; n < N; n++) { state[base + n] = h[n]; }`
+          : ""
+      }
+  ${
+        next
+          ? `let gc = c / p.cpgC;
+  let dd = f32(dm[c]);
+  for (var t = 0u; t < p.L; t++) {
+    let row = b * p.L + t;
+    let yv = scan_step(row, c, gb, gc, &a, &h);
+    ys[row * p.Dn + c] = ${T}(yv + dd * f32(xs[row * p.Dn + c]));
+  }`
+          : ""
+      }
+}
+`,
+    };
+  });
+  const u = new Uniforms(UNIFORM_BYTES)
+    .u32(shape.batch).u32(shape.tokens).u32(shape.channels).u32(shape.groupsB).u32(shape.groupsC)
+    .u32(shape.channels / shape.groupsB).u32(shape.channels / shape.groupsC).u32(shape.cached).u32(1).buffer;
+  return { spec, uniforms: u, workgroups: [ceilDiv(shape.channels, FWD_W), 1, shape.batch] };
+}

@@ -16,6 +16,7 @@ import {
   scanGroupWidth,
   type ScanShape,
   scanStep,
+  scanVerify,
 } from "../../kernels/selective_scan.ts";
 import type { BufferSlice } from "../device.ts";
 import type { Runtime } from "../runtime.ts";
@@ -308,5 +309,99 @@ export function selectiveScanStep(
     k.workgroups,
     k.uniforms,
   );
+  return y;
+}
+
+/** The per-step inputs of one verification call that the next call re-applies (x and delta after conv/softplus). */
+export interface ScanVerifyCache {
+  /** `[B, T, Dn]`. */
+  x: Tensor;
+  /** `[B, T, Dn]`. */
+  delta: Tensor;
+  /** `[B, T, GB, N]` (any shape of that size). */
+  B: Tensor;
+}
+
+/** The new tokens of a verification call. */
+export interface ScanVerifyInputs extends ScanVerifyCache {
+  /** `[B, T, GC, N]` (any shape of that size). */
+  C: Tensor;
+}
+
+/**
+ * Speculative verification for Mamba1 (method.md 3) in one kernel. `state` `[B, Dn, N]` f32 is the snapshot
+ * before the previous call's tokens; with `previous`, its first `kept[b]` steps (u32 `[B]`: accepted drafts + 1,
+ * computed on the GPU or uploaded) are re-applied and `state` is overwritten with the new snapshot. Then the
+ * `next` tokens (K + 1 of them) are advanced through without writing any state, and their y `[B, T, Dn]` is
+ * returned (null when `next` is null, which only commits). Keep `next` alive as the next call's `previous`.
+ * Inference only.
+ */
+export function selectiveScanVerify(
+  A: Tensor,
+  D: Tensor,
+  state: Tensor,
+  previous: { cache: ScanVerifyCache; kept: Tensor } | null,
+  next: ScanVerifyInputs | null,
+): Tensor | null {
+  const rt = A.rt;
+  const [channels, states] = A.shape;
+  const batch = state.size / (channels * states);
+  checkState("selectiveScanVerify", "state", state, batch, channels, states);
+  if (D.size !== channels) {
+    throw new Error(`selectiveScanVerify: D must be [${channels}], got ${shapeStr(D.shape)}`);
+  }
+  const tokensOf = (x: Tensor) => {
+    const t = x.size / (batch * channels);
+    if (!Number.isInteger(t) || x.shape[0] !== batch) {
+      throw new Error(`selectiveScanVerify: x ${shapeStr(x.shape)} must be [${batch}, T, ${channels}]`);
+    }
+    return t;
+  };
+  let groupsB = 1, groupsC = 1, cachedSteps = 0, tokens = 0;
+  if (previous) {
+    const pc = previous.cache;
+    cachedSteps = tokensOf(pc.x);
+    const info = checkInputs(
+      "selectiveScanVerify (previous)",
+      pc.x,
+      pc.delta,
+      A,
+      pc.B,
+      pc.B,
+      D,
+      batch * cachedSteps,
+    );
+    groupsB = info.groupsB;
+    if (previous.kept.size !== batch || previous.kept.dtype !== "u32") {
+      throw new Error(
+        `selectiveScanVerify: kept must be [${batch}] u32, got ${shapeStr(previous.kept.shape)}`,
+      );
+    }
+  }
+  if (next) {
+    tokens = tokensOf(next.x);
+    const info = checkInputs("selectiveScanVerify", next.x, next.delta, A, next.B, next.C, D, batch * tokens);
+    if (previous && info.groupsB !== groupsB) {
+      throw new Error(
+        `selectiveScanVerify: B groups differ between previous (${groupsB}) and next (${info.groupsB})`,
+      );
+    }
+    groupsB = info.groupsB;
+    groupsC = info.groupsC;
+  }
+  if (A.dtype !== D.dtype) throw new Error(`selectiveScanVerify: A ${A.dtype} and D ${D.dtype} differ`);
+  const k = scanVerify(A.dtype, { batch, tokens, cached: cachedSteps, channels, states, groupsB, groupsC });
+  const bind: BufferSlice[] = [A.binding, D.binding, state.binding];
+  if (previous) {
+    const pc = previous.cache;
+    bind.push(pc.x.binding, pc.delta.binding, pc.B.binding, previous.kept.binding);
+  }
+  let y: Tensor | null = null;
+  if (next) {
+    y = rt.empty(next.x.shape, next.x.dtype);
+    bind.push(next.x.binding, next.delta.binding, next.B.binding, next.C.binding, y.binding);
+  }
+  if (!previous && !next) return null;
+  rt.dev.dispatch(k.spec, bind, k.workgroups, k.uniforms);
   return y;
 }

@@ -1,4 +1,9 @@
-import { selectiveScan, selectiveScanStep } from "../../runtime/ops/selective_scan.ts";
+import {
+  type ScanVerifyInputs,
+  selectiveScan,
+  selectiveScanStep,
+  selectiveScanVerify,
+} from "../../runtime/ops/selective_scan.ts";
 import type { Runtime } from "../../runtime/runtime.ts";
 import { hostArray, type Tensor } from "../../runtime/tensor.ts";
 import type { Rng } from "../../util/rng.ts";
@@ -299,6 +304,68 @@ Deno.test(
         "f16 grad x",
       );
       t.x.grad!.dispose();
+    });
+  },
+);
+
+Deno.test(
+  "selective scan verify: snapshot + re-applied accepted steps + K+1 new tokens equal the recurrence",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("scan-verify");
+    const [B, Dn, N, GB, GC, P, K, rounds] = [3, 24, 16, 1, 2, 6, 3, 5];
+    const T = K + 1;
+    const A = randu(rng, Dn * N, -16, -1), Dp = randu(rng, Dn, 0.5, 1.5);
+    const prompt = randomInputs(rng, { B, L: P, Dn, N, GB, GC }, false);
+    prompt.A = A;
+    prompt.D = Dp;
+    // float64 state after everything accepted so far, per row
+    const hRef = refScan({ B, L: P, Dn, N, GB, GC }, prompt).hL;
+    /** Advances rows' states through `steps` tokens of round inputs v [B, T, ...], returning y [B, T, Dn]. */
+    const advance = (h: Float64Array, v: Inputs, steps: number[]) => {
+      const y = new Float64Array(B * T * Dn);
+      for (let b = 0; b < B; b++) {
+        for (let c = 0; c < Dn; c++) {
+          const gb = Math.floor(c / (Dn / GB)), gc = Math.floor(c / (Dn / GC));
+          for (let t = 0; t < steps[b]; t++) {
+            const row = b * T + t;
+            const dt = v.delta[row * Dn + c], xv = v.x[row * Dn + c];
+            let s = Dp[c] * xv;
+            for (let n = 0; n < N; n++) {
+              const i = (b * Dn + c) * N + n;
+              h[i] = Math.exp(dt * A[c * N + n]) * h[i] + dt * v.Bm[(row * GB + gb) * N + n] * xv;
+              s += v.Cm[(row * GC + gc) * N + n] * h[i];
+            }
+            y[row * Dn + c] = s;
+          }
+        }
+      }
+      return y;
+    };
+    await rt.scope(async () => {
+      const tA = rt.tensor(A, [Dn, N]), tD = rt.tensor(Dp, [Dn]);
+      const tp = upload(rt, { B, L: P, Dn, N, GB, GC }, prompt);
+      const state = selectiveScan(tp.x, tp.delta, tA, tp.Bm, tp.Cm, tD, { finalState: true }).finalState!;
+      let previous: { cache: ScanVerifyInputs; kept: Tensor } | null = null;
+      const ys: Tensor[] = [];
+      const expected: Float64Array[] = [];
+      for (let r = 0; r < rounds; r++) {
+        const v = randomInputs(rng, { B, L: T, Dn, N, GB, GC }, false);
+        const t = upload(rt, { B, L: T, Dn, N, GB, GC }, v);
+        const next = { x: t.x, delta: t.delta, B: t.Bm, C: t.Cm };
+        ys.push(selectiveScanVerify(tA, tD, state, previous, next)!);
+        expected.push(advance(Float64Array.from(hRef), v, Array(B).fill(T)));
+        // rows accept different numbers of tokens (accepted drafts + 1, so 1..T)
+        const kept = Array.from({ length: B }, () => 1 + rng.int(T));
+        advance(hRef, v, kept);
+        previous = { cache: next, kept: rt.tensor(kept, [B], "u32") };
+      }
+      // commit the last round's accepted steps without new tokens
+      selectiveScanVerify(tA, tD, state, previous, null);
+      const got = await readAll(rt, [...ys, state]);
+      for (let r = 0; r < rounds; r++) assertClose(got[r], expected[r], SCAN_TOL, `round ${r} y`);
+      assertClose(got[rounds], hRef, SCAN_TOL, "state after committing the accepted tokens");
     });
   },
 );
