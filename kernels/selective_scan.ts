@@ -66,8 +66,8 @@ export interface ScanChunking {
 
 /** Default checkpoint interval: checkpoints cost N / 64 of x (a quarter for N = 16). */
 export const SCAN_DEFAULT_CHUNK = 64;
-/** Batch x channel threads below which chunks run in parallel. */
-export const SCAN_PARALLEL_BELOW = 1 << 15;
+/** Batch x channel threads below which chunks run in parallel (an H200 holds about 270k resident threads). */
+export const SCAN_PARALLEL_BELOW = 1 << 17;
 
 /**
  * The chunking of a scan: chunks of `chunkLength` steps (rounded to whole sub-chunks of at most 8), parallel

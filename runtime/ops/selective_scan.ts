@@ -229,6 +229,12 @@ function scanBackwardOp(
     dev.dispatch(c.spec, cb, c.workgroups, c.uniforms);
   }
   const W = scanGroupWidth(dims);
+  const shared = 2 * W * N * 4;
+  if (shared > dev.limits.maxComputeWorkgroupStorageSize) {
+    throw new Error(
+      `selectiveScan backward: d_state ${N} needs ${shared} bytes of workgroup memory, the device allows ${dev.limits.maxComputeWorkgroupStorageSize}`,
+    );
+  }
   const cpgB = Dn / groupsB, cpgC = Dn / groupsC;
   const partialB = cpgB > W, partialC = cpgC > W;
   const tokens = batch * length;
