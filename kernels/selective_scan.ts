@@ -121,9 +121,9 @@ function scanUniforms(shape: ScanShape, ch: ScanChunking, w = 64): ArrayBuffer {
 /** Threads per workgroup of the forward scans (channels of one batch row and chunk). */
 const FWD_W = 64;
 
-// one step of the recurrence for channel c at flat row `row` = b * L + t; updates h, returns y (without D x)
-function stepFn(T: string): string {
-  return `
+// One step of the recurrence for channel c at flat row `row` = b * L + t: updates h, returns y without D x.
+// Expects the bindings xs, delta, bm, cm (any storage type: every load is widened to f32).
+const STEP_FN = `
 fn scan_step(row: u32, c: u32, gb: u32, gc: u32, a: ptr<function, array<f32, N>>,
              h: ptr<function, array<f32, N>>) -> f32 {
   let dv = f32(delta[row * p.Dn + c]);
@@ -137,8 +137,13 @@ fn scan_step(row: u32, c: u32, gb: u32, gc: u32, a: ptr<function, array<f32, N>>
   }
   return yv;
 }
-// ${T} storage`;
-}
+// The same step when y is not needed (recomputation, chunk-local passes): no C loads.
+fn state_step(row: u32, c: u32, gb: u32, a: ptr<function, array<f32, N>>, h: ptr<function, array<f32, N>>) {
+  let dv = f32(delta[row * p.Dn + c]);
+  let dx = dv * f32(xs[row * p.Dn + c]);
+  let bb = (row * p.GB + gb) * N;
+  for (var n = 0u; n < N; n++) { (*h)[n] = exp(dv * (*a)[n]) * (*h)[n] + dx * f32(bm[bb + n]); }
+}`;
 
 /** Variants of {@linkcode scanForward}. */
 export type ScanForwardMode =
@@ -214,7 +219,7 @@ ${UNIFORMS}
 @group(0) @binding(5) var<storage, read> dm: array<${T}>;
 ${decls}
 @group(0) @binding(${6 + extra.length}) var<uniform> p: P;
-${stepFn(T)}
+${STEP_FN}
 @compute @workgroup_size(${FWD_W})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
   let c = wid.x * ${FWD_W}u + lid.x;
@@ -242,11 +247,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     var ds = 0.0;
     for (var t = k * p.tc; t < t1; t++) {
       let row = b * p.L + t;
-      let yv = scan_step(row, c, gb, gc, &a, &h);
       ${
         mode === "local"
-          ? "ds += f32(delta[row * p.Dn + c]);"
-          : "ys[row * p.Dn + c] = T(yv + dd * f32(xs[row * p.Dn + c]));"
+          ? `state_step(row, c, gb, &a, &h);
+      ds += f32(delta[row * p.Dn + c]);`
+          : "ys[row * p.Dn + c] = T(scan_step(row, c, gb, gc, &a, &h) + dd * f32(xs[row * p.Dn + c]));"
       }
     }
     ${
@@ -530,7 +535,7 @@ ${decls}
 @group(0) @binding(${decl.length}) var<uniform> p: P;
 var<workgroup> sb_b: array<f32, ${W * N}>;
 var<workgroup> sb_c: array<f32, ${W * N}>;
-${stepFn(T)}
+${STEP_FN}
 @compute @workgroup_size(${W})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
   let lid = lid3.x;
@@ -571,7 +576,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     for (var s = 0u; s < nsub; s++) {
       hsub[s] = h;
       if (s + 1u < nsub) {
-        for (var t = t0 + s * SUB; t < t0 + (s + 1u) * SUB; t++) { _ = scan_step(b * p.L + t, c, gb, gc, &a, &h); }
+        for (var t = t0 + s * SUB; t < t0 + (s + 1u) * SUB; t++) { state_step(b * p.L + t, c, gb, &a, &h); }
       }
     }
     for (var s = nsub; s > 0u; s--) {
@@ -580,7 +585,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
       // level 2: the states after each step of this sub-chunk
       h = hsub[s - 1u];
       for (var t = ts; t < te; t++) {
-        _ = scan_step(b * p.L + t, c, gb, gc, &a, &h);
+        state_step(b * p.L + t, c, gb, &a, &h);
         hs[t - ts] = h;
       }
       for (var t = te; t > ts; t--) {
@@ -706,7 +711,7 @@ ${UNIFORMS}
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;
 @group(0) @binding(7) var<storage, read_write> ys: array<${T}>;
 @group(0) @binding(8) var<uniform> p: P;
-${stepFn(T)}
+${STEP_FN}
 @compute @workgroup_size(${FWD_W})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
   let c = wid.x * ${FWD_W}u + lid.x;
@@ -788,7 +793,7 @@ const N: u32 = ${N}u;
 ${UNIFORMS}
 ${decls}
 @group(0) @binding(${decl.length}) var<uniform> p: P;
-${next ? stepFn(T) : ""}
+${next ? STEP_FN : ""}
 @compute @workgroup_size(${FWD_W})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
   let c = wid.x * ${FWD_W}u + lid.x;
