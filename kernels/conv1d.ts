@@ -98,30 +98,68 @@ export function conv1dSegments(
   return { count: Math.max(1, Math.ceil(length / segLen)), length: segLen };
 }
 
-// Uniform struct shared by the sequence kernels.
-const SEQ_UNIFORMS = `struct P { B: u32, L: u32, C: u32, nseg: u32, seglen: u32, _a: u32, _b: u32, _c: u32 }`;
+// Uniform struct shared by the sequence kernels. CV = channels / V, the vector count per time step.
+const SEQ_UNIFORMS = `struct P { B: u32, L: u32, C: u32, nseg: u32, seglen: u32, CV: u32, _b: u32, _c: u32 }`;
 
-function seqUniforms(shape: Conv1dShape, seg: { count: number; length: number }): ArrayBuffer {
-  return new Uniforms(32).u32(shape.batch).u32(shape.length).u32(shape.channels).u32(seg.count).u32(
-    seg.length,
-  )
-    .buffer;
+function seqUniforms(shape: Conv1dShape, seg: { count: number; length: number }, v = 1): ArrayBuffer {
+  return new Uniforms(32).u32(shape.batch).u32(shape.length).u32(shape.channels).u32(seg.count)
+    .u32(seg.length).u32(shape.channels / v).buffer;
 }
 
-// `load_x(b, t, c)` with t possibly negative: inputs before time 0 come from the initial state or are zero.
-function loadX(init: boolean): string {
+/**
+ * Channels per thread of the sequence kernels: 4 (vec4 loads and stores of activations) when the channel count
+ * is a multiple of 4, else 1.
+ */
+export function conv1dVectorWidth(channels: number): 1 | 4 {
+  return channels % 4 === 0 ? 4 : 1;
+}
+
+/**
+ * WGSL pieces of a sequence kernel that handles V consecutive channels per thread. Activations `[B, L, C]` are
+ * bound as arrays of `vec4<T>` when V = 4, so one load moves four channels; per-channel data (weights, bias,
+ * states, partial sums) stays scalar and is gathered or scattered one channel at a time.
+ */
+function vectorPieces(T: string, V: 1 | 4) {
+  const VF = V === 1 ? "f32" : "vec4<f32>";
+  const lanes = V === 1 ? [""] : [0, 1, 2, 3].map((k) => ` + ${k}u`);
+  return {
+    /** Storage element type of activations. */
+    VS: V === 1 ? T : `vec4<${T}>`,
+    /** f32 math type. */
+    VF,
+    /** `VF` built from a per-channel scalar expression of channel `c` (+ lane). */
+    gather: (f: (c: string) => string) =>
+      V === 1 ? `f32(${f("c")})` : `${VF}(${lanes.map((l) => `f32(${f(`c${l}`)})`).join(", ")})`,
+    /** Statements storing a `VF` value `v` into per-channel scalar locations of type `cast` (+ lane). */
+    scatter: (f: (c: string) => string, v: string, cast = T) =>
+      V === 1
+        ? `${f("c")} = ${cast}(${v});`
+        : lanes.map((l, k) => `${f(`c${l}`)} = ${cast}(${v}[${k}]);`).join(" "),
+    helpers: `
+alias VF = ${VF};
+fn sigmoid(x: VF) -> VF { return 1.0 / (1.0 + exp(-x)); }
+fn silu_grad(x: VF) -> VF { let s = sigmoid(x); return s * (1.0 + x * (1.0 - s)); }`,
+  };
+}
+
+// `load_x(b, t, cv)` with t possibly negative: inputs before time 0 come from the initial state or are zero.
+// `cv` indexes V-channel vectors; the scalar channel is c = cv * V.
+function loadX(init: boolean, T: string, V: 1 | 4): string {
+  const vp = vectorPieces(T, V);
   return `
-fn load_x(b: u32, t: i32, c: u32) -> f32 {
-  if (t >= 0) { return f32(xs[(b * p.L + u32(t)) * p.C + c]); }
-  ${init ? "return f32(init[(b * p.C + c) * 3u + u32(t + 3)]);" : "return 0.0;"}
+fn load_x(b: u32, t: i32, cv: u32) -> VF {
+  if (t >= 0) { return VF(xs[(b * p.L + u32(t)) * p.CV + cv]); }
+  let c = cv * ${V}u;
+  ${init ? `return ${vp.gather((c) => `init[(b * p.C + ${c}) * 3u + u32(t + 3)]`)};` : "return VF(0.0);"}
 }`;
 }
 
-// Index decomposition of the (batch, segment, channel) threads: channel fastest, so loads coalesce.
+// Index decomposition of the (batch, segment, channel vector) threads: channels fastest, so loads coalesce.
 const SEQ_THREAD = `
-  if (i >= p.B * p.nseg * p.C) { return; }
-  let c = i % p.C;
-  let bs = i / p.C;
+  if (i >= p.B * p.nseg * p.CV) { return; }
+  let cv = i % p.CV;
+  let c = cv * (p.C / p.CV);
+  let bs = i / p.CV;
   let seg = bs % p.nseg;
   let b = bs / p.nseg;
   let t0 = i32(seg * p.seglen);
@@ -139,49 +177,54 @@ export function conv1dForward(
 ): Launch {
   const T = wgslType(dtype);
   const seg = conv1dSegments(shape, segmentLength);
-  const spec = cached(
-    `conv1d_fwd_${dtype}_${flags.silu ? "silu" : "id"}_${flags.initialState ? "init" : "zero"}`,
-    () => {
-      const bindings: KernelSpec["bindings"] = flags.initialState
-        ? ["read", "read", "read", "read", "rw"]
-        : ["read", "read", "read", "rw"];
-      let n = 0;
-      return {
-        bindings,
-        uniformBytes: 32,
-        code: `${wgslHeader(dtype)}
+  const V = conv1dVectorWidth(shape.channels);
+  const key = `conv1d_fwd_${dtype}_v${V}_${flags.silu ? "silu" : "id"}_${
+    flags.initialState ? "init" : "zero"
+  }`;
+  const spec = cached(key, () => {
+    const vp = vectorPieces(T, V);
+    const bindings: BindingAccess[] = flags.initialState
+      ? ["read", "read", "read", "read", "rw"]
+      : ["read", "read", "read", "rw"];
+    let n = 0;
+    return {
+      bindings,
+      uniformBytes: 32,
+      code: `${wgslHeader(dtype)}
 ${SEQ_UNIFORMS}
-@group(0) @binding(${n++}) var<storage, read> xs: array<${T}>;
+@group(0) @binding(${n++}) var<storage, read> xs: array<${vp.VS}>;
 @group(0) @binding(${n++}) var<storage, read> w: array<${T}>;
 @group(0) @binding(${n++}) var<storage, read> bias: array<${T}>;
 ${flags.initialState ? `@group(0) @binding(${n++}) var<storage, read> init: array<${T}>;` : ""}
-@group(0) @binding(${n++}) var<storage, read_write> out: array<${T}>;
+@group(0) @binding(${n++}) var<storage, read_write> out: array<${vp.VS}>;
 @group(0) @binding(${n++}) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}${HELPERS}${loadX(flags.initialState)}
+${WGSL_LINEAR_INDEX}${vp.helpers}${loadX(flags.initialState, T, V)}
 ${ENTRY}
 ${SEQ_THREAD}
-  let w0 = f32(w[c * 4u]); let w1 = f32(w[c * 4u + 1u]); let w2 = f32(w[c * 4u + 2u]); let w3 = f32(w[c * 4u + 3u]);
-  let bb = f32(bias[c]);
+  let w0 = ${vp.gather((c) => `w[(${c}) * 4u]`)};
+  let w1 = ${vp.gather((c) => `w[(${c}) * 4u + 1u]`)};
+  let w2 = ${vp.gather((c) => `w[(${c}) * 4u + 2u]`)};
+  let w3 = ${vp.gather((c) => `w[(${c}) * 4u + 3u]`)};
+  let bb = ${vp.gather((c) => `bias[${c}]`)};
   // window x[t-3], x[t-2], x[t-1]: shifted one step per output
-  var x0 = load_x(b, t0 - 3, c);
-  var x1 = load_x(b, t0 - 2, c);
-  var x2 = load_x(b, t0 - 1, c);
+  var x0 = load_x(b, t0 - 3, cv);
+  var x1 = load_x(b, t0 - 2, cv);
+  var x2 = load_x(b, t0 - 1, cv);
   for (var t = t0; t < t1; t++) {
-    let idx = (b * p.L + u32(t)) * p.C + c;
-    let x3 = f32(xs[idx]);
+    let idx = (b * p.L + u32(t)) * p.CV + cv;
+    let x3 = VF(xs[idx]);
     let pre = bb + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3;
-    out[idx] = ${T}(${flags.silu ? "pre * sigmoid(pre)" : "pre"});
+    out[idx] = ${vp.VS}(${flags.silu ? "pre * sigmoid(pre)" : "pre"});
     x0 = x1; x1 = x2; x2 = x3;
   }
 }
 `,
-      };
-    },
-  );
+    };
+  });
   return {
     spec,
-    uniforms: seqUniforms(shape, seg),
-    workgroups: linearWorkgroups(shape.batch * seg.count * shape.channels),
+    uniforms: seqUniforms(shape, seg, V),
+    workgroups: linearWorkgroups(shape.batch * seg.count * (shape.channels / V)),
   };
 }
 
@@ -202,7 +245,7 @@ ${SEQ_UNIFORMS}
 ${initialState ? `@group(0) @binding(${n++}) var<storage, read> init: array<${T}>;` : ""}
 @group(0) @binding(${n++}) var<storage, read_write> fin: array<${T}>;
 @group(0) @binding(${n++}) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}${loadX(initialState)}
+${WGSL_LINEAR_INDEX}${vectorPieces(T, 1).helpers}${loadX(initialState, T, 1)}
 ${ENTRY}
   if (i >= p.B * p.C * 3u) { return; }
   let j = i % 3u;
@@ -243,10 +286,12 @@ export function conv1dBackward(
 ): Launch & { partialRows: number } {
   const T = wgslType(dtype);
   const seg = conv1dSegments(shape, segmentLength);
-  const key = `conv1d_bwd_${dtype}_${flags.silu ? "silu" : "id"}_${flags.initialState ? "init" : "zero"}_${
-    flags.finalStateGrad ? "gfin" : "nofin"
-  }`;
+  const V = conv1dVectorWidth(shape.channels);
+  const key = `conv1d_bwd_${dtype}_v${V}_${flags.silu ? "silu" : "id"}_${
+    flags.initialState ? "init" : "zero"
+  }_${flags.finalStateGrad ? "gfin" : "nofin"}`;
   const spec = cached(key, () => {
+    const vp = vectorPieces(T, V);
     const bindings: BindingAccess[] = ["read", "read", "read", "read"];
     if (flags.initialState) bindings.push("read");
     if (flags.finalStateGrad) bindings.push("read");
@@ -263,93 +308,98 @@ export function conv1dBackward(
       uniformBytes: 32,
       code: `${wgslHeader(dtype)}
 ${SEQ_UNIFORMS}
-@group(0) @binding(${n++}) var<storage, read> xs: array<${T}>;
+@group(0) @binding(${n++}) var<storage, read> xs: array<${vp.VS}>;
 @group(0) @binding(${n++}) var<storage, read> w: array<${T}>;
 @group(0) @binding(${n++}) var<storage, read> bias: array<${T}>;
-@group(0) @binding(${n++}) var<storage, read> gout: array<${T}>;
+@group(0) @binding(${n++}) var<storage, read> gout: array<${vp.VS}>;
 ${flags.initialState ? `@group(0) @binding(${n++}) var<storage, read> init: array<${T}>;` : ""}
 ${flags.finalStateGrad ? `@group(0) @binding(${n++}) var<storage, read> gfin: array<${T}>;` : ""}
-@group(0) @binding(${n++}) var<storage, read_write> gx: array<${T}>;
+@group(0) @binding(${n++}) var<storage, read_write> gx: array<${vp.VS}>;
 @group(0) @binding(${n++}) var<storage, read_write> part: array<f32>;
 ${flags.initialState ? `@group(0) @binding(${n++}) var<storage, read_write> ginit: array<${T}>;` : ""}
 @group(0) @binding(${n++}) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}${HELPERS}${loadX(flags.initialState)}
+${WGSL_LINEAR_INDEX}${vp.helpers}${loadX(flags.initialState, T, V)}
 
 // grad of the pre-activation at time t (0 outside [0, L)), from the window x[t-3..t]
-fn gpre_of(b: u32, t: i32, c: u32, xa: f32, xb: f32, xc: f32, xd: f32,
-           w0: f32, w1: f32, w2: f32, w3: f32, bb: f32) -> f32 {
-  if (t < 0 || t >= i32(p.L)) { return 0.0; }
-  let g = f32(gout[(b * p.L + u32(t)) * p.C + c]);
+fn gpre_of(b: u32, t: i32, cv: u32, xa: VF, xb: VF, xc: VF, xd: VF,
+           w0: VF, w1: VF, w2: VF, w3: VF, bb: VF) -> VF {
+  if (t < 0 || t >= i32(p.L)) { return VF(0.0); }
+  let g = VF(gout[(b * p.L + u32(t)) * p.CV + cv]);
   ${gpre}
 }
 
 // gradient reaching the input at time t through the final state (times L-3..L-1)
-fn gfin_at(b: u32, t: i32, c: u32) -> f32 {
+fn gfin_at(b: u32, t: i32, c: u32) -> VF {
   ${
         flags.finalStateGrad
           ? `let j = t - (i32(p.L) - 3);
-  if (j < 0 || j > 2) { return 0.0; }
-  return f32(gfin[(b * p.C + c) * 3u + u32(j)]);`
-          : "return 0.0;"
+  if (j < 0 || j > 2) { return VF(0.0); }
+  return ${vp.gather((c) => `gfin[(b * p.C + ${c}) * 3u + u32(j)]`)};`
+          : "return VF(0.0);"
       }
 }
 
 ${ENTRY}
 ${SEQ_THREAD}
-  let w0 = f32(w[c * 4u]); let w1 = f32(w[c * 4u + 1u]); let w2 = f32(w[c * 4u + 2u]); let w3 = f32(w[c * 4u + 3u]);
-  let bb = f32(bias[c]);
+  let w0 = ${vp.gather((c) => `w[(${c}) * 4u]`)};
+  let w1 = ${vp.gather((c) => `w[(${c}) * 4u + 1u]`)};
+  let w2 = ${vp.gather((c) => `w[(${c}) * 4u + 2u]`)};
+  let w3 = ${vp.gather((c) => `w[(${c}) * 4u + 3u]`)};
+  let bb = ${vp.gather((c) => `bias[${c}]`)};
   // later pre-activation grads g1 = gpre[t+1], g2 = gpre[t+2], g3 = gpre[t+3]: recomputed past the segment end
-  var g1 = 0.0; var g2 = 0.0; var g3 = 0.0;
+  var g1 = VF(0.0); var g2 = VF(0.0); var g3 = VF(0.0);
   {
     let e = t1;
-    let a0 = load_x(b, e - 3, c); let a1 = load_x(b, e - 2, c); let a2 = load_x(b, e - 1, c);
-    var a3 = 0.0; var a4 = 0.0; var a5 = 0.0;
-    if (e < i32(p.L)) { a3 = load_x(b, e, c); }
-    if (e + 1 < i32(p.L)) { a4 = load_x(b, e + 1, c); }
-    if (e + 2 < i32(p.L)) { a5 = load_x(b, e + 2, c); }
-    g1 = gpre_of(b, e, c, a0, a1, a2, a3, w0, w1, w2, w3, bb);
-    g2 = gpre_of(b, e + 1, c, a1, a2, a3, a4, w0, w1, w2, w3, bb);
-    g3 = gpre_of(b, e + 2, c, a2, a3, a4, a5, w0, w1, w2, w3, bb);
+    let a0 = load_x(b, e - 3, cv); let a1 = load_x(b, e - 2, cv); let a2 = load_x(b, e - 1, cv);
+    var a3 = VF(0.0); var a4 = VF(0.0); var a5 = VF(0.0);
+    if (e < i32(p.L)) { a3 = load_x(b, e, cv); }
+    if (e + 1 < i32(p.L)) { a4 = load_x(b, e + 1, cv); }
+    if (e + 2 < i32(p.L)) { a5 = load_x(b, e + 2, cv); }
+    g1 = gpre_of(b, e, cv, a0, a1, a2, a3, w0, w1, w2, w3, bb);
+    g2 = gpre_of(b, e + 1, cv, a1, a2, a3, a4, w0, w1, w2, w3, bb);
+    g3 = gpre_of(b, e + 2, cv, a2, a3, a4, a5, w0, w1, w2, w3, bb);
   }
   // window x[t-3], x[t-2], x[t-1], x[t] for t = t1 - 1, shifted back one step per iteration
-  var xa = load_x(b, t1 - 4, c);
-  var xb = load_x(b, t1 - 3, c);
-  var xc = load_x(b, t1 - 2, c);
-  var xd = load_x(b, t1 - 1, c);
-  var s0 = 0.0; var s1 = 0.0; var s2 = 0.0; var s3 = 0.0; var sb = 0.0;
+  var xa = load_x(b, t1 - 4, cv);
+  var xb = load_x(b, t1 - 3, cv);
+  var xc = load_x(b, t1 - 2, cv);
+  var xd = load_x(b, t1 - 1, cv);
+  var s0 = VF(0.0); var s1 = VF(0.0); var s2 = VF(0.0); var s3 = VF(0.0); var sb = VF(0.0);
   for (var t = t1 - 1; t >= t0; t--) {
-    let gp = gpre_of(b, t, c, xa, xb, xc, xd, w0, w1, w2, w3, bb);
-    gx[(b * p.L + u32(t)) * p.C + c] = ${T}(w3 * gp + w2 * g1 + w1 * g2 + w0 * g3 + gfin_at(b, t, c));
+    let gp = gpre_of(b, t, cv, xa, xb, xc, xd, w0, w1, w2, w3, bb);
+    gx[(b * p.L + u32(t)) * p.CV + cv] = ${vp.VS}(w3 * gp + w2 * g1 + w1 * g2 + w0 * g3 + gfin_at(b, t, c));
     s0 += gp * xa; s1 += gp * xb; s2 += gp * xc; s3 += gp * xd; sb += gp;
     g3 = g2; g2 = g1; g1 = gp;
     xd = xc; xc = xb; xb = xa;
-    xa = load_x(b, t - 4, c);
+    xa = load_x(b, t - 4, cv);
   }
   ${
         flags.initialState
           ? `// the first segment also owns the initial state's grad: inputs at times -1, -2, -3
   if (seg == 0u) {
     for (var t = -1; t >= -3; t--) {
-      ginit[(b * p.C + c) * 3u + u32(t + 3)] = ${T}(w2 * g1 + w1 * g2 + w0 * g3 + gfin_at(b, t, c));
-      g3 = g2; g2 = g1; g1 = 0.0;
+      let gi = w2 * g1 + w1 * g2 + w0 * g3 + gfin_at(b, t, c);
+      ${vp.scatter((c) => `ginit[(b * p.C + ${c}) * 3u + u32(t + 3)]`, "gi")}
+      g3 = g2; g2 = g1; g1 = VF(0.0);
     }
   }`
           : ""
       }
   let row = (b * p.nseg + seg) * 5u;
-  part[(row + 0u) * p.C + c] = s0;
-  part[(row + 1u) * p.C + c] = s1;
-  part[(row + 2u) * p.C + c] = s2;
-  part[(row + 3u) * p.C + c] = s3;
-  part[(row + 4u) * p.C + c] = sb;
+  ${
+        ["s0", "s1", "s2", "s3", "sb"].map((s, k) =>
+          vp.scatter((c) => `part[(row + ${k}u) * p.C + ${c}]`, s, "f32")
+        )
+          .join("\n  ")
+      }
 }
 `,
     };
   });
   return {
     spec,
-    uniforms: seqUniforms(shape, seg),
-    workgroups: linearWorkgroups(shape.batch * seg.count * shape.channels),
+    uniforms: seqUniforms(shape, seg, V),
+    workgroups: linearWorkgroups(shape.batch * seg.count * (shape.channels / V)),
     partialRows: shape.batch * seg.count,
   };
 }

@@ -82,8 +82,9 @@ for (const silu of [false, true]) {
       async () => {
         const rt = await testRuntime();
         const rng = testRng(`conv1d-fwd-${silu}-${withInit}`);
-        // C = 19 and L = 37 are not multiples of anything the kernels use; L = 2 is shorter than the window
-        for (const [B, L, C] of [[2, 37, 19], [3, 2, 5], [1, 1, 7]]) {
+        // C = 19 and L = 37 are not multiples of anything the kernels use; L = 2 is shorter than the window;
+        // C = 12 and 8 take the vec4 path (four channels per thread)
+        for (const [B, L, C] of [[2, 37, 19], [3, 2, 5], [1, 1, 7], [2, 21, 12], [2, 2, 8]]) {
           const x = randn(rng, B * L * C), w = randn(rng, C * 4, 0.5), bias = randn(rng, C, 0.2);
           const init = withInit ? randn(rng, B * C * 3) : null;
           const ref = refConv(x, w, bias, init, B, L, C, silu);
@@ -116,7 +117,14 @@ for (const silu of [false, true]) {
     async () => {
       const rt = await testRuntime();
       const rng = testRng(`conv1d-bwd-${silu}`);
-      for (const [B, L, C, seg] of [[2, 23, 13, 6], [2, 2, 3, undefined]] as const) {
+      for (
+        const [B, L, C, seg] of [[2, 23, 13, 6], [2, 2, 3, undefined], [2, 17, 8, 5], [
+          1,
+          2,
+          4,
+          undefined,
+        ]] as const
+      ) {
         const x = randn(rng, B * L * C), w = randn(rng, C * 4, 0.5), bias = randn(rng, C, 0.2);
         const init = randn(rng, B * C * 3);
         const wo = randn(rng, B * L * C), wf = randn(rng, B * C * 3);
@@ -156,34 +164,38 @@ for (const silu of [false, true]) {
   );
 }
 
-Deno.test("conv1d backward without initial state or final-state grad", gpuTestOptions, async () => {
-  const rt = await testRuntime();
-  const rng = testRng("conv1d-bwd-plain");
-  const [B, L, C] = [3, 9, 70];
-  const x = randn(rng, B * L * C),
-    w = randn(rng, C * 4, 0.5),
-    bias = randn(rng, C, 0.2),
-    wo = randn(rng, B * L * C);
-  const loss = () => {
-    const r = refConv(x, w, bias, null, B, L, C, true);
-    let s = 0;
-    for (let i = 0; i < r.out.length; i++) s += r.out[i] * wo[i];
-    return s;
-  };
-  await rt.scope(async () => {
-    const tx = rt.tensor(x, [B, L, C]), tw = rt.tensor(w, [C, 4]), tb = rt.tensor(bias, [C]);
-    for (const t of [tx, tw, tb]) t.requiresGrad = true;
-    const { out } = causalConv1d(tx, tw, tb, { silu: true });
-    rt.backward(out, rt.tensor(wo, out.shape));
-    const [gx, gw, gb] = await readAll(rt, [tx.grad!, tw.grad!, tb.grad!]);
-    const ix = sampleIndices(rng, x.length, 40);
-    assertClose(ix.map((i) => gx[i]), finiteDifference(loss, x, ix), GRAD_TOL, "grad x");
-    const iw = sampleIndices(rng, w.length, 40);
-    assertClose(iw.map((i) => gw[i]), finiteDifference(loss, w, iw), GRAD_TOL, "grad weight");
-    assertClose(gb, finiteDifference(loss, bias), GRAD_TOL, "grad bias");
-    for (const t of [tx, tw, tb]) t.grad!.dispose();
-  });
-});
+Deno.test(
+  "conv1d backward (vec4 path) without initial state or final-state grad",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("conv1d-bwd-plain");
+    const [B, L, C] = [3, 9, 72];
+    const x = randn(rng, B * L * C),
+      w = randn(rng, C * 4, 0.5),
+      bias = randn(rng, C, 0.2),
+      wo = randn(rng, B * L * C);
+    const loss = () => {
+      const r = refConv(x, w, bias, null, B, L, C, true);
+      let s = 0;
+      for (let i = 0; i < r.out.length; i++) s += r.out[i] * wo[i];
+      return s;
+    };
+    await rt.scope(async () => {
+      const tx = rt.tensor(x, [B, L, C]), tw = rt.tensor(w, [C, 4]), tb = rt.tensor(bias, [C]);
+      for (const t of [tx, tw, tb]) t.requiresGrad = true;
+      const { out } = causalConv1d(tx, tw, tb, { silu: true });
+      rt.backward(out, rt.tensor(wo, out.shape));
+      const [gx, gw, gb] = await readAll(rt, [tx.grad!, tw.grad!, tb.grad!]);
+      const ix = sampleIndices(rng, x.length, 40);
+      assertClose(ix.map((i) => gx[i]), finiteDifference(loss, x, ix), GRAD_TOL, "grad x");
+      const iw = sampleIndices(rng, w.length, 40);
+      assertClose(iw.map((i) => gw[i]), finiteDifference(loss, w, iw), GRAD_TOL, "grad weight");
+      assertClose(gb, finiteDifference(loss, bias), GRAD_TOL, "grad bias");
+      for (const t of [tx, tw, tb]) t.grad!.dispose();
+    });
+  },
+);
 
 // ---- decode ----------------------------------------------------------------------------------------------------
 
@@ -340,7 +352,7 @@ Deno.test("conv1d on f16 storage stays within f16 tolerance", gpuTestOptions, as
     return;
   }
   const rng = testRng("conv1d-f16");
-  const [B, L, C] = [2, 13, 11];
+  const [B, L, C] = [2, 13, 12];
   const f16 = (a: Float64Array) => a.map((v) => Math.f16round(v));
   const x = f16(randn(rng, B * L * C)), w = f16(randn(rng, C * 4, 0.5)), bias = f16(randn(rng, C, 0.2));
   const wo = f16(randn(rng, B * L * C));
