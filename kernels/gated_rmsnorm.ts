@@ -6,9 +6,9 @@
  * (gate first, then norm: mamba_ssm's `norm_before_gate=False`; eps is 1e-5 there, independent of the model's
  * `rms_norm_eps`, and the group is head_dim). Rows are `[..., D]` with D a multiple of `group`.
  *
- * Parallel layout: a "unit" is one (row, group): the `group` elements at flat offset unit * group. A unit is
- * reduced by `lanes` threads (a power of two up to 64) that stride over its elements, so adjacent threads touch
- * adjacent elements; a 256-thread workgroup holds 256 / lanes units and reduces each with a tree in workgroup
+ * Parallel layout: a "unit" is one (row, group): the `group` elements at flat offset unit * group, loaded as vec4
+ * when the group size allows. A unit is reduced by `lanes` threads (a power of two up to 64) that stride over
+ * its elements, so adjacent threads touch adjacent elements; a 256-thread workgroup holds 256 / lanes units and reduces each with a tree in workgroup
  * memory. The weight grad sums over rows in two fixed-order stages (row blocks, then blocks): deterministic.
  * All math is f32 whatever the storage type.
  *
@@ -47,16 +47,44 @@ function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
   return s;
 }
 
-const UNIFORMS = `struct P { units: u32, D: u32, G: u32, eps: f32 }`;
+/**
+ * Channels per load: 4 (vec4 loads and stores) when the group size is a multiple of 4, as head_dim always is in
+ * practice, else 1. Groups then hold group / 4 vectors and the lanes stride over vectors.
+ */
+export function gatedNormVectorWidth(group: number): 1 | 4 {
+  return group % 4 === 0 ? 4 : 1;
+}
+
+// WGSL types and helpers for V channels per element: VS storage, VF f32 math, dotv a per-element dot product
+function vectorPieces(T: string, V: 1 | 4): { VS: string; VF: string; defs: string } {
+  const VF = V === 1 ? "f32" : "vec4<f32>";
+  return {
+    VS: V === 1 ? T : `vec4<${T}>`,
+    VF,
+    defs: `
+alias VF = ${VF};
+fn sigmoid(x: VF) -> VF { return 1.0 / (1.0 + exp(-x)); }
+fn silu_grad(x: VF) -> VF { let s = sigmoid(x); return s * (1.0 + x * (1.0 - s)); }
+fn dotv(a: VF, b: VF) -> f32 { return ${V === 1 ? "a * b" : "dot(a, b)"}; }`,
+  };
+}
+
+// Sizes in vectors (DV, GV) for indexing, and the group size G in channels for the mean.
+const UNIFORMS = `struct P { units: u32, DV: u32, GV: u32, eps: f32, G: u32, _a: u32, _b: u32, _c: u32 }`;
 
 function unitUniforms(shape: GatedRmsNormShape, eps: number): ArrayBuffer {
-  return new Uniforms(16).u32(shape.rows * (shape.dim / shape.group)).u32(shape.dim).u32(shape.group).f32(eps)
-    .buffer;
+  const V = gatedNormVectorWidth(shape.group);
+  return new Uniforms(32).u32(shape.rows * (shape.dim / shape.group)).u32(shape.dim / V).u32(shape.group / V)
+    .f32(eps).u32(shape.group).buffer;
+}
+
+function unitLanes(group: number): number {
+  return gatedNormLanes(group / gatedNormVectorWidth(group));
 }
 
 function unitWorkgroups(shape: GatedRmsNormShape): [number, number] {
   const units = shape.rows * (shape.dim / shape.group);
-  return grid2d(ceilDiv(units, WG / gatedNormLanes(shape.group)));
+  return grid2d(ceilDiv(units, WG / unitLanes(shape.group)));
 }
 
 // Unit indexing and a tree reduction over the `LANES` threads of a unit. Every thread reaches every barrier
@@ -65,8 +93,6 @@ function unitPrelude(lanes: number): string {
   return `
 const LANES: u32 = ${lanes}u;
 var<workgroup> red: array<vec2<f32>, ${WG}>;
-fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
-fn silu_grad(x: f32) -> f32 { let s = sigmoid(x); return s * (1.0 + x * (1.0 - s)); }
 // sums v over the LANES threads of this thread's unit; every thread of the unit gets the total
 fn unit_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
   red[lid] = v;
@@ -84,7 +110,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let unit = (wid.y * nwg.x + wid.x) * (${WG}u / LANES) + lid / LANES;
   let lane = lid % LANES;
   let live = unit < p.units;
-  let base = unit * p.G;`;
+  let base = unit * p.GV;`;
 }
 
 /**
@@ -92,36 +118,41 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  */
 export function gatedRmsNormForward(dtype: DType, shape: GatedRmsNormShape, eps = GATED_RMSNORM_EPS): Launch {
   const T = wgslType(dtype);
-  const lanes = gatedNormLanes(shape.group);
-  const spec = cached(`gated_rmsnorm_fwd_${dtype}_l${lanes}`, () => ({
-    bindings: ["read", "read", "read", "rw"],
-    uniformBytes: 16,
-    code: `${wgslHeader(dtype)}
+  const V = gatedNormVectorWidth(shape.group);
+  const lanes = unitLanes(shape.group);
+  const spec = cached(`gated_rmsnorm_fwd_${dtype}_v${V}_l${lanes}`, () => {
+    const { VS, defs } = vectorPieces(T, V);
+    return {
+      bindings: ["read", "read", "read", "rw"],
+      uniformBytes: 32,
+      code: `${wgslHeader(dtype)}
 ${UNIFORMS}
-@group(0) @binding(0) var<storage, read> ys: array<${T}>;
-@group(0) @binding(1) var<storage, read> zs: array<${T}>;
-@group(0) @binding(2) var<storage, read> w: array<${T}>;
-@group(0) @binding(3) var<storage, read_write> out: array<${T}>;
+@group(0) @binding(0) var<storage, read> ys: array<${VS}>;
+@group(0) @binding(1) var<storage, read> zs: array<${VS}>;
+@group(0) @binding(2) var<storage, read> w: array<${VS}>;
+@group(0) @binding(3) var<storage, read_write> out: array<${VS}>;
 @group(0) @binding(4) var<uniform> p: P;
+${defs}
 ${unitPrelude(lanes)}
   var ss = 0.0;
   if (live) {
-    for (var e = lane; e < p.G; e += LANES) {
-      let z = f32(zs[base + e]);
-      let g = f32(ys[base + e]) * z * sigmoid(z);
-      ss += g * g;
+    for (var e = lane; e < p.GV; e += LANES) {
+      let z = VF(zs[base + e]);
+      let g = VF(ys[base + e]) * z * sigmoid(z);
+      ss += dotv(g, g);
     }
   }
   let r = inverseSqrt(unit_sum(lid, vec2(ss, 0.0)).x / f32(p.G) + p.eps);
   if (!live) { return; }
-  for (var e = lane; e < p.G; e += LANES) {
-    let z = f32(zs[base + e]);
-    let g = f32(ys[base + e]) * z * sigmoid(z);
-    out[base + e] = ${T}(g * r * f32(w[(base + e) % p.D]));
+  for (var e = lane; e < p.GV; e += LANES) {
+    let z = VF(zs[base + e]);
+    let g = VF(ys[base + e]) * z * sigmoid(z);
+    out[base + e] = ${VS}(g * r * VF(w[(base + e) % p.DV]));
   }
 }
 `,
-  }));
+    };
+  });
   return { spec, uniforms: unitUniforms(shape, eps), workgroups: unitWorkgroups(shape) };
 }
 
@@ -136,28 +167,32 @@ export function gatedRmsNormBackward(
   eps = GATED_RMSNORM_EPS,
 ): Launch {
   const T = wgslType(dtype);
-  const lanes = gatedNormLanes(shape.group);
-  const spec = cached(`gated_rmsnorm_bwd_${dtype}_l${lanes}`, () => ({
-    bindings: ["read", "read", "read", "read", "rw", "rw", "rw"],
-    uniformBytes: 16,
-    code: `${wgslHeader(dtype)}
+  const V = gatedNormVectorWidth(shape.group);
+  const lanes = unitLanes(shape.group);
+  const spec = cached(`gated_rmsnorm_bwd_${dtype}_v${V}_l${lanes}`, () => {
+    const { VS, defs } = vectorPieces(T, V);
+    return {
+      bindings: ["read", "read", "read", "read", "rw", "rw", "rw"],
+      uniformBytes: 32,
+      code: `${wgslHeader(dtype)}
 ${UNIFORMS}
-@group(0) @binding(0) var<storage, read> ys: array<${T}>;
-@group(0) @binding(1) var<storage, read> zs: array<${T}>;
-@group(0) @binding(2) var<storage, read> w: array<${T}>;
-@group(0) @binding(3) var<storage, read> gout: array<${T}>;
-@group(0) @binding(4) var<storage, read_write> gy: array<${T}>;
-@group(0) @binding(5) var<storage, read_write> gz: array<${T}>;
+@group(0) @binding(0) var<storage, read> ys: array<${VS}>;
+@group(0) @binding(1) var<storage, read> zs: array<${VS}>;
+@group(0) @binding(2) var<storage, read> w: array<${VS}>;
+@group(0) @binding(3) var<storage, read> gout: array<${VS}>;
+@group(0) @binding(4) var<storage, read_write> gy: array<${VS}>;
+@group(0) @binding(5) var<storage, read_write> gz: array<${VS}>;
 @group(0) @binding(6) var<storage, read_write> rstd: array<f32>;
 @group(0) @binding(7) var<uniform> p: P;
+${defs}
 ${unitPrelude(lanes)}
   // one pass for both sums: sum g^2 (for r) and sum go w g (for the projection onto g)
   var acc = vec2(0.0, 0.0);
   if (live) {
-    for (var e = lane; e < p.G; e += LANES) {
-      let z = f32(zs[base + e]);
-      let g = f32(ys[base + e]) * z * sigmoid(z);
-      acc += vec2(g * g, f32(gout[base + e]) * f32(w[(base + e) % p.D]) * g);
+    for (var e = lane; e < p.GV; e += LANES) {
+      let z = VF(zs[base + e]);
+      let g = VF(ys[base + e]) * z * sigmoid(z);
+      acc += vec2(dotv(g, g), dotv(VF(gout[base + e]) * VF(w[(base + e) % p.DV]), g));
     }
   }
   let sums = unit_sum(lid, acc);
@@ -165,76 +200,83 @@ ${unitPrelude(lanes)}
   if (!live) { return; }
   let k = r * r * r * sums.y / f32(p.G);
   if (lane == 0u) { rstd[unit] = r; }
-  for (var e = lane; e < p.G; e += LANES) {
-    let y = f32(ys[base + e]);
-    let z = f32(zs[base + e]);
+  for (var e = lane; e < p.GV; e += LANES) {
+    let y = VF(ys[base + e]);
+    let z = VF(zs[base + e]);
     let sz = z * sigmoid(z);
     let g = y * sz;
-    let dg = r * f32(w[(base + e) % p.D]) * f32(gout[base + e]) - g * k;
-    gy[base + e] = ${T}(dg * sz);
-    gz[base + e] = ${T}(dg * y * silu_grad(z));
+    let dg = r * VF(w[(base + e) % p.DV]) * VF(gout[base + e]) - g * k;
+    gy[base + e] = ${VS}(dg * sz);
+    gz[base + e] = ${VS}(dg * y * silu_grad(z));
   }
 }
 `,
-  }));
+    };
+  });
   return { spec, uniforms: unitUniforms(shape, eps), workgroups: unitWorkgroups(shape) };
 }
 
 /** Target threads of the weight-grad partial stage (columns x row blocks). */
 const WGRAD_TARGET_THREADS = 1 << 16;
 
-/** Row blocks of the weight-grad partial stage: enough columns x blocks threads, blocks of at least 16 rows. */
+/** Row blocks of the weight-grad partial stage: enough column x block threads, blocks of at least 16 rows. */
 export function gatedNormWeightBlocks(shape: GatedRmsNormShape): number {
-  const want = Math.ceil(WGRAD_TARGET_THREADS / shape.dim);
+  const cols = shape.dim / gatedNormVectorWidth(shape.group);
+  const want = Math.ceil(WGRAD_TARGET_THREADS / cols);
   return Math.max(1, Math.min(want, Math.ceil(shape.rows / 16)));
 }
 
 /**
- * Backward, second stage: partial weight grads over row blocks, `part[blk, j] = sum_rows go g r`.
- * Bindings: y, z, gout (read), rstd `[units]` f32 (read), part `[blocks, D]` f32 (rw).
+ * Backward, second stage: partial weight grads over row blocks, `part[blk, j] = sum_rows go g r`; a thread owns
+ * V adjacent columns (they share one group, so one r per row). Bindings: y, z, gout (read), rstd `[units]` f32
+ * (read), part `[blocks, D]` f32 (rw).
  */
 export function gatedRmsNormWeightPartial(
   dtype: DType,
   shape: GatedRmsNormShape,
 ): Launch & { blocks: number } {
   const T = wgslType(dtype);
+  const V = gatedNormVectorWidth(shape.group);
   const blocks = gatedNormWeightBlocks(shape);
-  const spec = cached(`gated_rmsnorm_wpart_${dtype}`, () => ({
-    bindings: ["read", "read", "read", "read", "rw"],
-    uniformBytes: 16,
-    code: `${wgslHeader(dtype)}
-struct P { rows: u32, D: u32, G: u32, blocks: u32 }
-@group(0) @binding(0) var<storage, read> ys: array<${T}>;
-@group(0) @binding(1) var<storage, read> zs: array<${T}>;
-@group(0) @binding(2) var<storage, read> gout: array<${T}>;
+  const spec = cached(`gated_rmsnorm_wpart_${dtype}_v${V}`, () => {
+    const { VS, VF, defs } = vectorPieces(T, V);
+    return {
+      bindings: ["read", "read", "read", "read", "rw"],
+      uniformBytes: 16,
+      code: `${wgslHeader(dtype)}
+struct P { rows: u32, DV: u32, GV: u32, blocks: u32 }
+@group(0) @binding(0) var<storage, read> ys: array<${VS}>;
+@group(0) @binding(1) var<storage, read> zs: array<${VS}>;
+@group(0) @binding(2) var<storage, read> gout: array<${VS}>;
 @group(0) @binding(3) var<storage, read> rstd: array<f32>;
-@group(0) @binding(4) var<storage, read_write> part: array<f32>;
+@group(0) @binding(4) var<storage, read_write> part: array<${VF}>;
 @group(0) @binding(5) var<uniform> p: P;
-fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
+${defs}
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
   let i = (wid.y * nwg.x + wid.x) * ${WG}u + lid.x;
-  if (i >= p.blocks * p.D) { return; }
-  let j = i % p.D;
-  let blk = i / p.D;
+  if (i >= p.blocks * p.DV) { return; }
+  let j = i % p.DV;
+  let blk = i / p.DV;
   let per = (p.rows + p.blocks - 1u) / p.blocks;
   let r1 = min(p.rows, (blk + 1u) * per);
-  let gpr = p.D / p.G;
-  var s = 0.0;
+  let gpr = p.DV / p.GV;
+  var s = VF(0.0);
   for (var row = blk * per; row < r1; row++) {
-    let idx = row * p.D + j;
-    let z = f32(zs[idx]);
-    s += f32(gout[idx]) * f32(ys[idx]) * z * sigmoid(z) * rstd[row * gpr + j / p.G];
+    let idx = row * p.DV + j;
+    let z = VF(zs[idx]);
+    s += VF(gout[idx]) * VF(ys[idx]) * z * sigmoid(z) * rstd[row * gpr + j / p.GV];
   }
   part[i] = s;
 }
 `,
-  }));
+    };
+  });
   return {
     spec,
-    uniforms: new Uniforms(16).u32(shape.rows).u32(shape.dim).u32(shape.group).u32(blocks).buffer,
-    workgroups: grid2d(ceilDiv(blocks * shape.dim, WG)),
+    uniforms: new Uniforms(16).u32(shape.rows).u32(shape.dim / V).u32(shape.group / V).u32(blocks).buffer,
+    workgroups: grid2d(ceilDiv(blocks * (shape.dim / V), WG)),
     blocks,
   };
 }

@@ -39,8 +39,9 @@ async function readAll(rt: Runtime, ts: Tensor[]): Promise<Float64Array[]> {
 }
 
 // [rows, D, G]: power-of-two groups (Mamba2 head_dim 8 as in the fixtures, 64), a group that is not a power of
-// two (20 -> 32 lanes, some idle), a group wider than the 64 lanes (130), more units than one workgroup holds
-const SHAPES = [[37, 64, 8], [5, 40, 20], [3, 260, 130], [300, 8, 8], [2, 128, 64]] as const;
+// two (20), a group wider than the 64 lanes (130, also scalar loads), more units than one workgroup holds,
+// a group of 6 (scalar loads: not a multiple of 4)
+const SHAPES = [[37, 64, 8], [5, 40, 20], [3, 260, 130], [300, 8, 8], [2, 128, 64], [7, 18, 6]] as const;
 
 Deno.test(
   "gated RMSNorm forward vs float64 (several group sizes, eps 1e-5 and 1e-3)",
