@@ -1,0 +1,102 @@
+/**
+ * Benchmark of the causal depthwise conv1d (fused SiLU): training-shaped forward and forward+backward, batch-1
+ * prefill (time segments), and the decode step. Channels follow a Mamba2 hybrid of an 8B Llama: conv over
+ * x, B and C = d_xb + d_xb + d_inner = 1024 + 1024 + 4096 channels.
+ *
+ * @module
+ */
+import type { Runtime } from "../runtime/runtime.ts";
+import type { Tensor } from "../runtime/tensor.ts";
+import { causalConv1d, causalConv1dStep } from "../runtime/ops/conv1d.ts";
+
+/** Runs `body` repeatedly for at least `minMs` after a warm-up of `warmMs` and returns milliseconds per run. */
+async function timeLoop(rt: Runtime, body: () => void, opts: { quick: boolean }): Promise<number> {
+  const warmMs = opts.quick ? 0 : 1500, minMs = opts.quick ? 0 : 1000;
+  const batch = async (n: number) => {
+    for (let i = 0; i < n; i++) rt.scope(body);
+    await rt.dev.sync();
+  };
+  let n = 1;
+  const w0 = performance.now();
+  do {
+    await batch(n);
+    n = Math.min(n * 2, 64);
+  } while (performance.now() - w0 < warmMs);
+  let runs = 0;
+  const t0 = performance.now();
+  do {
+    await batch(n);
+    runs += n;
+  } while (performance.now() - t0 < minMs);
+  return (performance.now() - t0) / runs;
+}
+
+function randomTensor(rt: Runtime, shape: number[], lo: number, hi: number): Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const data = new Float32Array(n);
+  let s = 12345;
+  for (let i = 0; i < n; i++) {
+    s = (s * 1103515245 + 12345) >>> 0;
+    data[i] = lo + (hi - lo) * (s / 2 ** 32);
+  }
+  return rt.tensor(data, shape).keep();
+}
+
+/** Benchmark entry point (see KERNELS.md): logs one row per measured configuration. */
+export async function bench(
+  rt: Runtime,
+  log: (row: Record<string, unknown>) => void,
+  opts: { quick: boolean } = { quick: false },
+): Promise<void> {
+  const q = opts.quick;
+  const C = q ? 96 : 6144;
+  const w = randomTensor(rt, [C, 4], -0.5, 0.5), bias = randomTensor(rt, [C], -0.2, 0.2);
+  const owned: Tensor[] = [w, bias];
+  try {
+    for (const [B, L] of q ? [[2, 64], [1, 64]] : [[8, 2048], [1, 2048]]) {
+      const x = randomTensor(rt, [B, L, C], -2, 2);
+      owned.push(x);
+      const bytes = B * L * C * 4;
+      const fwd = await timeLoop(rt, () => {
+        rt.noGrad(() => causalConv1d(x, w, bias, { silu: true }));
+      }, opts);
+      // reads x, writes out
+      log({ kernel: "conv1d", pass: "forward", B, L, C, ms: fwd, GB_per_s: (2 * bytes) / fwd / 1e6 });
+      x.requiresGrad = w.requiresGrad = bias.requiresGrad = true;
+      const both = await timeLoop(rt, () => {
+        const { out } = causalConv1d(x, w, bias, { silu: true });
+        rt.backward(out, out);
+        for (const l of [x, w, bias]) {
+          l.grad?.dispose();
+          l.grad = null;
+        }
+      }, opts);
+      x.requiresGrad = w.requiresGrad = bias.requiresGrad = false;
+      // forward 2 passes over [B, L, C]; backward reads x and gout, writes gx
+      log({
+        kernel: "conv1d",
+        pass: "forward+backward",
+        B,
+        L,
+        C,
+        ms: both,
+        GB_per_s: (5 * bytes) / both / 1e6,
+      });
+    }
+    const B = 1, steps = 32;
+    const x1 = randomTensor(rt, [B, C], -2, 2), state = rt.zeros([B, C, 3]).keep();
+    owned.push(x1, state);
+    const perStep = await timeLoop(rt, () => {
+      for (let i = 0; i < steps; i++) causalConv1dStep(x1, w, bias, state, { silu: true });
+    }, opts) / steps;
+    log({ kernel: "conv1d", pass: "decode step", B, C, us_per_token: perStep * 1e3 });
+  } finally {
+    for (const t of owned) t.dispose();
+  }
+}
+
+if (import.meta.main) {
+  const { acquireRuntime } = await import("../runtime/runtime.ts");
+  const rt = await acquireRuntime();
+  await bench(rt, (row) => console.log(JSON.stringify(row)), { quick: Deno.args.includes("--quick") });
+}
