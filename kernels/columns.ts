@@ -1,0 +1,78 @@
+/**
+ * Column copies between row-major matrices: `out[r, j] = in[r, c0 + j]` (slicing a column range, e.g. the
+ * z | xBC | dt parts of a Mamba2 in_proj output) and its transpose, writing a [rows, w] block into a column range
+ * of a wider matrix (the backward, and concatenation).
+ *
+ * @module
+ */
+import {
+  type DType,
+  type KernelSpec,
+  LINEAR_WORKGROUP,
+  linearWorkgroups,
+  Uniforms,
+  WGSL_LINEAR_INDEX,
+  wgslHeader,
+  wgslType,
+} from "./kernel.ts";
+import type { Launch } from "./fill.ts";
+
+const specs = new Map<string, KernelSpec>();
+
+function columnCopySpec(dtype: DType, direction: "gather" | "scatter"): KernelSpec {
+  const key = `columns_${direction}_${dtype}`;
+  let s = specs.get(key);
+  if (s) return s;
+  const T = wgslType(dtype);
+  // gather: narrow[r, j] = wide[r, c0 + j]; scatter: wide[r, c0 + j] = narrow[r, j]
+  const body = direction === "gather"
+    ? "dst[r * p.width + j] = src[r * p.wide + p.c0 + j];"
+    : "dst[r * p.wide + p.c0 + j] = src[r * p.width + j];";
+  s = {
+    key,
+    bindings: ["read", "rw"],
+    uniformBytes: 16,
+    code: `${wgslHeader(dtype)}
+struct P { rows: u32, wide: u32, c0: u32, width: u32 }
+@group(0) @binding(0) var<storage, read> src: array<${T}>;
+@group(0) @binding(1) var<storage, read_write> dst: array<${T}>;
+@group(0) @binding(2) var<uniform> p: P;
+${WGSL_LINEAR_INDEX}
+@compute @workgroup_size(${LINEAR_WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = linear_index(wid, nwg, lid, ${LINEAR_WORKGROUP}u);
+  if (i >= p.rows * p.width) { return; }
+  let r = i / p.width;
+  let j = i % p.width;
+  ${body}
+}
+`,
+  };
+  specs.set(key, s);
+  return s;
+}
+
+/**
+ * Copies columns [c0, c0 + width) of a [rows, wide] matrix into a [rows, width] one.
+ * Bindings: wide (read), narrow (rw).
+ */
+export function gatherColumns(dtype: DType, rows: number, wide: number, c0: number, width: number): Launch {
+  return {
+    spec: columnCopySpec(dtype, "gather"),
+    uniforms: new Uniforms(16).u32(rows).u32(wide).u32(c0).u32(width).buffer,
+    workgroups: linearWorkgroups(rows * width),
+  };
+}
+
+/**
+ * Writes a [rows, width] matrix into columns [c0, c0 + width) of a [rows, wide] one (other columns untouched).
+ * Bindings: narrow (read), wide (rw).
+ */
+export function scatterColumns(dtype: DType, rows: number, wide: number, c0: number, width: number): Launch {
+  return {
+    spec: columnCopySpec(dtype, "scatter"),
+    uniforms: new Uniforms(16).u32(rows).u32(wide).u32(c0).u32(width).buffer,
+    workgroups: linearWorkgroups(rows * width),
+  };
+}

@@ -1,0 +1,58 @@
+import assert from "node:assert/strict";
+import { concatLastDim, splitLastDim, takeRows } from "../../runtime/ops/columns.ts";
+import { mul } from "../../runtime/ops/elementwise.ts";
+import { assertClose, gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
+
+const EXACT = { rtol: 0, atol: 0 };
+
+Deno.test("columns: split, concat and their gradients are exact copies", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  const rng = testRng("columns");
+  const rows = 37, widths = [5, 13, 3];
+  const W = 21;
+  const x = randn(rng, rows * W);
+  const w = [randn(rng, rows * 5), randn(rng, rows * 13), randn(rng, rows * 3)];
+  await rt.scope(async () => {
+    const tx = rt.tensor(x, [rows, W]);
+    tx.requiresGrad = true;
+    const parts = splitLastDim(tx, widths);
+    // weight two parts and drop the third: its columns must get zero gradient
+    const y0 = mul(parts[0], rt.tensor(w[0], [rows, 5]));
+    const y1 = mul(parts[1], rt.tensor(w[1], [rows, 13]));
+    const joined = concatLastDim([y0, y1]);
+    rt.backward(joined);
+    const [p0, p1, p2, gx, jd] = await Promise.all([
+      ...parts.map((p) => p.read()),
+      tx.grad!.read(),
+      joined.read(),
+    ]);
+    const col = (r: number, c: number) => x[r * W + c];
+    const refParts = widths.map((wd, i) => {
+      const c0 = widths.slice(0, i).reduce((a, b) => a + b, 0);
+      return Float64Array.from({ length: rows * wd }, (_, k) => col(Math.floor(k / wd), c0 + (k % wd)));
+    });
+    assertClose(p0, refParts[0], EXACT, "part 0");
+    assertClose(p1, refParts[1], EXACT, "part 1");
+    assertClose(p2, refParts[2], EXACT, "part 2");
+    const refJoined = Float64Array.from({ length: rows * 18 }, (_, k) => {
+      const r = Math.floor(k / 18), c = k % 18;
+      return c < 5
+        ? Math.fround(refParts[0][r * 5 + c] * w[0][r * 5 + c])
+        : Math.fround(refParts[1][r * 13 + c - 5] * w[1][r * 13 + c - 5]);
+    });
+    assertClose(jd, refJoined, EXACT, "concat");
+    const refGx = Float64Array.from({ length: rows * W }, (_, k) => {
+      const r = Math.floor(k / W), c = k % W;
+      return c < 5 ? w[0][r * 5 + c] : c < 18 ? w[1][r * 13 + c - 5] : 0;
+    });
+    assertClose(gx, refGx, EXACT, "split gradient");
+    tx.grad!.dispose();
+  });
+});
+
+Deno.test("columns: takeRows copies a row range", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  const x = randn(testRng("rows"), 6 * 4);
+  const got = await rt.scope(() => takeRows(rt.tensor(x, [6, 4]), 4, 2).read());
+  assert.deepEqual([...got], [...x.slice(16, 24)]);
+});
