@@ -111,6 +111,8 @@ export interface TokenFileHeader extends TokenFileInfo {
   };
   /** SHA-256 (hex) of every byte after the header region. */
   payload_sha256: string;
+  /** Free-form metadata, keys sorted (always present; `{}` when none). */
+  meta: Record<string, unknown>;
 }
 
 /** One sequence as appended to a writer. */
@@ -311,8 +313,11 @@ export class TokenFileWriter {
     this.#offsets.push(this.#tokens);
   }
 
-  /** Completes the file: appends the tables, writes the header, fsyncs and renames into place. */
-  async finish(): Promise<TokenFileHeader> {
+  /**
+   * Completes the file: appends the tables, writes the header, fsyncs and renames into place. `meta` entries
+   * known only at the end (statistics) are merged over the `meta` given at creation.
+   */
+  async finish(meta?: Record<string, unknown>): Promise<TokenFileHeader> {
     if (this.#done) throw new Error("TokenFileWriter: finish called twice");
     try {
       if (this.#info.layout === "pairs" && this.numSequences % 2 !== 0) {
@@ -383,7 +388,7 @@ export class TokenFileWriter {
           doc_records: { offset: recordsOff, bytes: this.#docRecords.length * 4 },
         },
         payload_sha256: this.#hash.digest("hex"),
-        meta: canonical(this.#info.meta ?? {}) as Record<string, unknown>,
+        meta: canonical({ ...this.#info.meta, ...meta }) as Record<string, unknown>,
       };
       const json = new TextEncoder().encode(JSON.stringify(header));
       if (json.length > this.#headerBytes) {
