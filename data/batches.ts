@@ -24,6 +24,7 @@
  * @module
  */
 import { Rng, type RngState } from "../util/rng.ts";
+export type { RngState } from "../util/rng.ts";
 import { UserError } from "../util/errors.ts";
 import type { SequenceData, SequenceSource } from "./token_file.ts";
 
@@ -39,6 +40,7 @@ export interface DataOrderState {
 
 /** An endless, seeded order over `numItems` items, epoch by epoch. */
 export class DataOrder {
+  /** Items per epoch. */
   readonly numItems: number;
   readonly #shuffle: boolean;
   readonly #rng: Rng;

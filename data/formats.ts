@@ -464,9 +464,13 @@ function normalizePreference(
   return { kind: "preference", prompt: pm, chosen: cm, rejected: rm };
 }
 
-interface CompiledMapping {
+/** A {@linkcode ChoiceMapping} with its templates compiled: each part reads a field, renders, or is fixed. */
+export interface CompiledMapping {
+  /** How the context is obtained. */
   text: { field: string } | { template: Template };
+  /** How the choices are obtained. */
   choice: { field: string } | { template: Template } | { fixed: string[] };
+  /** How the label is obtained. */
   target: { field: string } | { template: Template } | { fixed: number };
 }
 

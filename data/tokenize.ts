@@ -161,6 +161,23 @@ function boundaryIndex(
   return side === "start" ? l : Math.min(l + 1, full.length);
 }
 
+/** Renders the chat template; a template failure (e.g. Jinja's raise_exception) names the record. */
+function render(
+  tok: TextTokenizer,
+  messages: ChatMessage[],
+  addGenerationPrompt: boolean,
+  source: RecordSource,
+): string {
+  try {
+    return tok.applyChatTemplate(messages, { addGenerationPrompt });
+  } catch (e) {
+    if (e instanceof UserError) throw e;
+    throw new UserError(`${formatSource(source)}: the chat template failed: ${(e as Error).message ?? e}`, {
+      cause: e,
+    });
+  }
+}
+
 function templateError(source: RecordSource, what: string): UserError {
   return new UserError(
     `${
@@ -183,7 +200,7 @@ export function tokenizeConversation(
   stats?: TokenizeStats,
 ): TokenizedSequence {
   const ensureBos = opts.ensureBos ?? true;
-  const text = tok.applyChatTemplate(messages, { addGenerationPrompt: false });
+  const text = render(tok, messages, false, source);
   const encode = (t: string) => encodeRendered(tok, t, ensureBos);
   const ids = encode(text);
   const mask = new Array<number>(ids.length).fill(0);
@@ -194,8 +211,8 @@ export function tokenizeConversation(
     let spans = 0;
     for (let k = first; k < messages.length; k++) {
       if (messages[k].role !== "assistant") continue;
-      const before = tok.applyChatTemplate(messages.slice(0, k), { addGenerationPrompt: true });
-      const upto = tok.applyChatTemplate(messages.slice(0, k + 1), { addGenerationPrompt: false });
+      const before = render(tok, messages.slice(0, k), true, source);
+      const upto = render(tok, messages.slice(0, k + 1), false, source);
       if (!text.startsWith(before)) {
         throw templateError(
           source,
@@ -319,11 +336,9 @@ export function tokenizePreference(
       role: string,
     ) => (typeof v === "string" ? [{ role, content: v }] : v);
     const p = asMsgs(ex.prompt, "user");
-    pText = tok.applyChatTemplate(p, { addGenerationPrompt: true });
-    cText = tok.applyChatTemplate([...p, ...asMsgs(ex.chosen, "assistant")], { addGenerationPrompt: false });
-    rText = tok.applyChatTemplate([...p, ...asMsgs(ex.rejected, "assistant")], {
-      addGenerationPrompt: false,
-    });
+    pText = render(tok, p, true, ex.source);
+    cText = render(tok, [...p, ...asMsgs(ex.chosen, "assistant")], false, ex.source);
+    rText = render(tok, [...p, ...asMsgs(ex.rejected, "assistant")], false, ex.source);
     for (const [name, t] of [["chosen", cText], ["rejected", rText]]) {
       if (!t.startsWith(pText)) {
         throw templateError(

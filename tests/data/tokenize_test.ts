@@ -231,3 +231,15 @@ Deno.test("tokenize: truncateSequence keeps the start", () => {
   assert.equal(truncateSequence(seq, 5, stats), seq);
   assert.equal(stats.truncated, 1);
 });
+
+Deno.test("tokenize: a chat template that raises is reported with the record", async () => {
+  const tok = new FixtureTokenizer();
+  tok.template = () => {
+    throw new Error("Conversation roles must alternate user/assistant/user/assistant/...");
+  };
+  await assertUserError(
+    () => tokenizeChat(tok, { kind: "chat", messages: [{ role: "assistant", content: "a" }], source: src }),
+    "mem (record 0)",
+    "the chat template failed: Conversation roles must alternate",
+  );
+});
