@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { Template } from "@huggingface/jinja";
 import { Tokenizer } from "@huggingface/tokenizers";
 import type { ChatMessage, ChatTemplateOptions, TextTokenizer } from "../../data/tokenizer.ts";
 
@@ -82,6 +83,30 @@ export class FixtureTokenizer implements TextTokenizer {
   applyChatTemplate(messages: ChatMessage[], opts: ChatTemplateOptions): string {
     return this.template(messages, opts);
   }
+}
+
+/**
+ * Zephyr's chat template (HuggingFaceH4/zephyr-7b-beta, the paper's teacher family), rendered with
+ * `@huggingface/jinja` as the models layer will: a real Jinja template, for prefix-stability tests.
+ */
+export const ZEPHYR_TEMPLATE = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n" +
+  "{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n" +
+  "{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n" +
+  "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n" +
+  "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
+
+/** A template function rendering `source` with `@huggingface/jinja` (bos `<s>`, eos `</s>`). */
+export function jinjaTemplate(
+  source: string,
+): (messages: ChatMessage[], opts: ChatTemplateOptions) => string {
+  const t = new Template(source);
+  return (messages, opts) =>
+    t.render({
+      messages,
+      add_generation_prompt: opts.addGenerationPrompt,
+      bos_token: "<s>",
+      eos_token: "</s>",
+    });
 }
 
 let shared: FixtureTokenizer | null = null;

@@ -12,7 +12,14 @@ import {
   truncateSequence,
 } from "../../data/tokenize.ts";
 import type { ChatMessage, ChatTemplateOptions, TextTokenizer } from "../../data/tokenizer.ts";
-import { assertUserError, fixture, FixtureTokenizer, fixtureTokenizer } from "./helpers.ts";
+import {
+  assertUserError,
+  fixture,
+  FixtureTokenizer,
+  fixtureTokenizer,
+  jinjaTemplate,
+  ZEPHYR_TEMPLATE,
+} from "./helpers.ts";
 
 const src = { file: "mem", index: 0 };
 const masked = (ids: number[], mask: number[]) => ids.filter((_, i) => mask[i] === 1);
@@ -242,4 +249,29 @@ Deno.test("tokenize: a chat template that raises is reported with the record", a
     "mem (record 0)",
     "the chat template failed: Conversation roles must alternate",
   );
+});
+
+Deno.test("tokenize: Zephyr's Jinja chat template is prefix-stable; targets are the answers and their </s>", () => {
+  const tok = new FixtureTokenizer();
+  tok.template = jinjaTemplate(ZEPHYR_TEMPLATE);
+  const messages: ChatMessage[] = [
+    { role: "system", content: "You are a friendly bot." },
+    { role: "user", content: "Who is Lily?" },
+    { role: "assistant", content: "A little girl." },
+    { role: "user", content: "What does she like?" },
+    { role: "assistant", content: "She likes to play in the park." },
+  ];
+  const full = tok.applyChatTemplate(messages, { addGenerationPrompt: false });
+  assert.ok(full.startsWith("<|system|>\nYou are a friendly bot.</s>\n<|user|>"), JSON.stringify(full));
+  const stats = newTokenizeStats();
+  const seq = tokenizeChat(tok, { kind: "chat", messages, source: src }, {}, stats);
+  assert.equal(seq.ids[0], 1, "BOS added: Zephyr's template has no bos_token");
+  assert.deepEqual(seq.ids.slice(1), tok.encode(full, { addSpecialTokens: false }));
+  // Jinja keeps the newline after {{ '<|assistant|>' }}, so the generation prompt is "<|assistant|>\n" and the
+  // targets are each answer plus the "</s>\n" that closes it.
+  assert.equal(
+    tok.decode(masked(seq.ids, seq.mask)),
+    "A little girl.</s> \nShe likes to play in the park.</s> \n",
+  );
+  assert.equal(stats.boundaryMerges, 0);
 });
