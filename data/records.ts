@@ -23,7 +23,13 @@
  *
  * @module
  */
-import { type AsyncBuffer, type Compressors, parquetMetadataAsync, parquetReadObjects } from "hyparquet";
+import {
+  type AsyncBuffer,
+  type Compressors,
+  parquetMetadataAsync,
+  parquetReadObjects,
+  parquetSchema,
+} from "hyparquet";
 import * as zlib from "node:zlib";
 import { isAbsolute, join, resolve } from "node:path";
 import { UserError } from "../util/errors.ts";
@@ -583,7 +589,7 @@ async function* readParquet(
       throw fail("not a readable parquet file", e);
     }
     if (columns) {
-      const have = new Set(metadata.schema.slice(1).map((s) => s.name));
+      const have = new Set(parquetSchema(metadata).children.map((c) => c.element.name));
       const missing = columns.filter((c) => !have.has(c));
       if (missing.length) {
         throw new UserError(

@@ -102,7 +102,17 @@ Deno.test("records: parquet streams by row group; offset skips row groups; int64
   assert.deepEqual(mid.map((r) => r.source.index), [4, 5, 6, 7]);
   const cols = await readRecords({ path, columns: ["id"], limit: 2 });
   assert.deepEqual(cols.map((r) => r.value), [{ id: 0 }, { id: 1 }]);
-  await assertUserError(() => readRecords({ path, columns: ["nope"] }), "chat_rg3.parquet", "nope");
+  await assertUserError(
+    () => readRecords({ path, columns: ["nope"] }),
+    "chat_rg3.parquet",
+    "nope",
+    "id, messages",
+  );
+  await assertUserError(
+    () => readRecords({ path, columns: ["role"] }),
+    "no column(s) role",
+    "(has id, messages)",
+  );
   for (const codec of ["zstd", "gzip"]) {
     const recs = await readRecords({ path: localFixture(`text_${codec}.parquet`), offset: 3 });
     assert.deepEqual(recs.map(text), [3, 4, 5, 6].map((i) => `Story number ${i}. The end.`));
