@@ -26,6 +26,14 @@ import {
   ssdStatePassBackward,
   ssdWorkspaceSizes,
 } from "../../kernels/ssd.ts";
+import {
+  ssdCacheWidth,
+  ssdStepKernel,
+  type SsdStepLayout,
+  type SsdStepShape,
+  ssdVerifyKernel,
+  ssdXbcWidth,
+} from "../../kernels/ssd_step.ts";
 import type { Launch } from "../../kernels/fill.ts";
 import type { Runtime } from "../runtime.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
@@ -416,4 +424,189 @@ export function ssdScanVjp(
   fwd.csd.dispose();
   fwd.states.dispose();
   return { y: fwd.y, finalState: fwd.finalState, grads };
+}
+
+// ---- decoding ------------------------------------------------------------------------------------------------
+
+/**
+ * The per-head scalars of the decode kernels as one tensor [3, H]: rows A, D and dt_bias (zeros when absent).
+ * Build it once per weight update; it saves the verify kernel two storage bindings.
+ */
+export function ssdHeadParams(A: Tensor, D: Tensor, dtBias?: Tensor): Tensor {
+  const rt = A.rt;
+  const H = A.size;
+  if (D.size !== H || (dtBias && dtBias.size !== H)) {
+    throw new Error(`ssdHeadParams: A, D and dtBias must all have ${H} elements`);
+  }
+  const t = rt.empty([3, H]);
+  rt.dev.copyBuffer(A.buffer, 0, t.buffer, 0, 4 * H);
+  rt.dev.copyBuffer(D.buffer, 0, t.buffer, 4 * H, 4 * H);
+  if (dtBias) rt.dev.copyBuffer(dtBias.buffer, 0, t.buffer, 8 * H, 4 * H);
+  else rt.dev.encoder().clearBuffer(t.buffer, 8 * H, 4 * H);
+  return t;
+}
+
+/** Inputs of {@linkcode ssdStep}. */
+export interface SsdStepArgs {
+  /** [B, H, P, N] f32, updated in place. */
+  state: Tensor;
+  /** The conv output [B, W] or [B, T, W] with W = Hx P + Hb N + Hc N, columns [x | B | C]. */
+  xBC: Tensor;
+  /** [B, H] or [B, T, H]: raw dt (delta = softplus(dt + dt_bias)), or delta when `dtIsDelta`. */
+  dt: Tensor;
+  /** [3, H] from {@linkcode ssdHeadParams}. */
+  heads: Tensor;
+  /** Groups and dims of x, B, C. */
+  dims: SsdDims;
+  /** dt already is delta (default false). */
+  dtIsDelta?: boolean;
+  /** Which token of a [B, T, ...] input to take (default 0), so a block of tokens can be stepped without copies. */
+  token?: number;
+}
+
+function stepShape(state: Tensor, dims: SsdDims, fn: string): SsdStepShape {
+  if (state.shape.length !== 4 || state.shape[2] !== dims.dimP || state.shape[3] !== dims.dimN) {
+    throw new Error(
+      `${fn}: state has shape ${shapeStr(state.shape)}, expected [B, H, ${dims.dimP}, ${dims.dimN}]`,
+    );
+  }
+  const [batch, heads] = state.shape;
+  for (const [name, g] of [["x", dims.headsX], ["B", dims.headsB], ["C", dims.headsC]] as const) {
+    if (!(g >= 1 && heads % g === 0)) {
+      throw new Error(`${fn}: ${name} has ${g} groups, which does not divide ${heads} heads`);
+    }
+  }
+  return { batch, heads, ...dims };
+}
+
+function tokenLayout(
+  s: SsdStepShape,
+  xBC: Tensor,
+  dt: Tensor,
+  fn: string,
+): { tokens: number; layout: SsdStepLayout } {
+  const w = ssdXbcWidth(s);
+  const tokens = xBC.shape.length === 3 ? xBC.shape[1] : 1;
+  const xOk = xBC.size === s.batch * tokens * w && xBC.shape[0] === s.batch &&
+    xBC.shape[xBC.shape.length - 1] === w;
+  const dOk = dt.size === s.batch * tokens * s.heads && dt.shape[0] === s.batch;
+  if (!xOk || !dOk) {
+    throw new Error(
+      `${fn}: xBC ${shapeStr(xBC.shape)} and dt ${
+        shapeStr(dt.shape)
+      } do not match [${s.batch}, ${tokens}, ${w}] and ` +
+        `[${s.batch}, ${tokens}, ${s.heads}]`,
+    );
+  }
+  return {
+    tokens,
+    layout: {
+      xbcOffset: 0,
+      xbcBatchStride: tokens * w,
+      xbcTokenStride: w,
+      dtOffset: 0,
+      dtBatchStride: tokens * s.heads,
+      dtTokenStride: s.heads,
+    },
+  };
+}
+
+/** One decode step of the recurrence: advances `state` in place and returns y [B, H, P]. Inference only. */
+export function ssdStep(args: SsdStepArgs): Tensor {
+  const s = stepShape(args.state, args.dims, "ssdStep");
+  const rt = args.state.rt;
+  const { tokens, layout } = tokenLayout(s, args.xBC, args.dt, "ssdStep");
+  const j = args.token ?? 0;
+  if (!(Number.isInteger(j) && j >= 0 && j < tokens)) {
+    throw new Error(`ssdStep: token ${j} outside [0, ${tokens})`);
+  }
+  const l: SsdStepLayout = {
+    ...layout,
+    xbcOffset: j * layout.xbcTokenStride,
+    dtOffset: j * layout.dtTokenStride,
+  };
+  const y = rt.empty([s.batch, s.heads, s.dimP]);
+  const k = ssdStepKernel(s, l, !args.dtIsDelta);
+  rt.dev.dispatch(
+    k.spec,
+    [args.state.binding, args.xBC.binding, args.dt.binding, args.heads.binding, y.binding],
+    k.workgroups,
+    k.uniforms,
+  );
+  return y;
+}
+
+/** Inputs of {@linkcode ssdVerify}. */
+export interface SsdVerifyArgs {
+  /** [B, H, P, N]: the snapshot; replaced by the new snapshot (after the accepted cached steps). */
+  state: Tensor;
+  /** [2, B, Kc, Wc] from {@linkcode ssdVerifyCache}. */
+  cache: Tensor;
+  /** Which half of the cache holds the cached steps; the new steps go to the other half. */
+  parity: 0 | 1;
+  /** [B] u32: how many cached steps to re-apply per batch row (0..Kc; more is clamped to Kc). */
+  accepted: Tensor;
+  /** [B, K+1, W]: the conv output of the new tokens. */
+  xBC: Tensor;
+  /** [B, K+1, H]: their raw dt (or delta when `dtIsDelta`). */
+  dt: Tensor;
+  /** [3, H] from {@linkcode ssdHeadParams}. */
+  heads: Tensor;
+  /** Groups and dims of x, B, C. */
+  dims: SsdDims;
+  /** dt already is delta (default false). */
+  dtIsDelta?: boolean;
+}
+
+/** A zeroed verification cache [2, B, Kc, Wc] for up to `cacheSteps` steps (K + 1) per call. */
+export function ssdVerifyCache(
+  rt: Runtime,
+  batch: number,
+  heads: number,
+  cacheSteps: number,
+  dims: SsdDims,
+): Tensor {
+  return rt.zeros([2, batch, cacheSteps, ssdCacheWidth({ batch, heads, ...dims })]);
+}
+
+/**
+ * The fused speculative-verification step of a Mamba2 layer: from the snapshot, re-apply `accepted[b]` cached
+ * steps, store the new snapshot in `state`, then run the K+1 new tokens (caching their x, B and delta in the other
+ * half of `cache`) and return their outputs y [B, K+1, H, P]. Equal to K+1 {@linkcode ssdStep} calls after
+ * `accepted` re-applied ones, without writing intermediate states. Flip `parity` after each call; after a verify
+ * that accepted i drafts, the next call's `accepted` is i + 1 (the tokens whose states are kept).
+ */
+export function ssdVerify(args: SsdVerifyArgs): Tensor {
+  const s = stepShape(args.state, args.dims, "ssdVerify");
+  const rt = args.state.rt;
+  const { tokens, layout } = tokenLayout(s, args.xBC, args.dt, "ssdVerify");
+  const wc = ssdCacheWidth(s);
+  const c = args.cache;
+  if (c.shape.length !== 4 || c.shape[0] !== 2 || c.shape[1] !== s.batch || c.shape[3] !== wc) {
+    throw new Error(`ssdVerify: cache has shape ${shapeStr(c.shape)}, expected [2, ${s.batch}, Kc, ${wc}]`);
+  }
+  if (args.accepted.dtype !== "u32" || args.accepted.size !== s.batch) {
+    throw new Error(
+      `ssdVerify: accepted must be u32 [${s.batch}], found ${args.accepted.dtype} ${
+        shapeStr(args.accepted.shape)
+      }`,
+    );
+  }
+  const y = rt.empty([s.batch, tokens, s.heads, s.dimP]);
+  const k = ssdVerifyKernel(s, layout, !args.dtIsDelta, tokens, c.shape[2], args.parity);
+  rt.dev.dispatch(
+    k.spec,
+    [
+      args.state.binding,
+      c.binding,
+      args.accepted.binding,
+      args.xBC.binding,
+      args.dt.binding,
+      args.heads.binding,
+      y.binding,
+    ],
+    k.workgroups,
+    k.uniforms,
+  );
+  return y;
 }
