@@ -518,14 +518,14 @@ function rowsCode(v: SsdRowsVariant): string {
       let k = k0 + kk;
       var sv = 0.0;
       if (gc < ncols && k < kdim) { sv = S[sBase + gc * kdim + k]; }
-      sB[kk * TC + col] = sv;`
+      sB[kk * SBS + col] = sv;`
     : `let kk = e / TC;
       let col = e % TC;
       let gc = col0 + col;
       let k = k0 + kk;
       var sv = 0.0;
       if (gc < ncols && k < kdim) { sv = S[sBase + k * ncols + gc]; }
-      sB[e] = sv;`;
+      sB[kk * SBS + col] = sv;`;
   let epilogue: string;
   if (v === "y") {
     epilogue = `
@@ -536,24 +536,24 @@ function rowsCode(v: SsdRowsVariant): string {
     let t = t0 + row;
     for (var j = 0u; j < 4u; j++) {
       let gc = col0 + tx + 16u * j;
-      if (gc < ncols) { O[d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc] = acc[i][j] + dh * ld_z(b, t, h, gc); }
+      if (gc < ncols) { O[d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc] = acc[i][j] + dh * ld_z(b, t, gc); }
     }
   }`;
   } else {
     const body = v === "dx"
       ? `let g = acc[i][j];
-        let dyv = ld_z(b, t, h, gc);
-        let xv = ld_e(b, t, h, gc);
+        let dyv = ld_z(b, t, gc);
+        let xv = ld_e(b, t, gc);
         O[oi] = sRowD[rl] * g + dh * dyv;
         rs0[i] += xv * g;
         rs1[i] += xv * dyv;`
       : v === "dB"
       ? `let g = sRowD[rl] * acc[i][j];
         O[oi] = g;
-        rs0[i] -= ld_e(b, t, h, gc) * g;`
+        rs0[i] -= ld_e(b, t, gc) * g;`
       : `let g = acc[i][j];
         O[oi] = g;
-        rs0[i] += ld_e(b, t, h, gc) * g;`;
+        rs0[i] += ld_e(b, t, gc) * g;`;
     epilogue = `
   let dh = d_of(h);
   var rs0 = vec4<f32>();
@@ -605,8 +605,10 @@ const TR = ${SSD_TILE}u;
 const TC = ${SSD_TILE}u;
 const TB = ${SSD_TILE}u;
 const TK = ${TK}u;
+const SBS = ${SSD_TILE + 1}u;
 var<workgroup> sA: array<f32, ${SSD_TILE * TK}>;
-var<workgroup> sB: array<f32, ${SSD_TILE * TK}>;
+// rows padded to 65: the transposing stores below would hit one bank 16 times with a stride of 64
+var<workgroup> sB: array<f32, ${(SSD_TILE + 1) * TK}>;
 var<workgroup> sW: array<f32, ${SSD_TILE * SSD_TILE}>;
 var<workgroup> sZ: array<f32, ${SSD_TILE * TK}>;
 var<workgroup> sRowCs: array<f32, ${SSD_TILE}>;
@@ -614,21 +616,18 @@ var<workgroup> sRowD: array<f32, ${SSD_TILE}>;
 var<workgroup> sKCs: array<f32, ${SSD_TILE}>;
 var<workgroup> sKD: array<f32, ${SSD_TILE}>;
 
+// Group offsets of this workgroup's head, computed once (integer division is slow on GPUs).
+var<private> uBase: u32;
+var<private> vBase: u32;
+var<private> zBase: u32;
+var<private> eBase: u32;
 fn tok(b: u32, t: u32) -> u32 { return b * d.seqlen + t; }
-fn ld_u(b: u32, t: u32, h: u32, k: u32) -> f32 {
-  return U[d.u_off + tok(b, t) * d.u_stride + grp(h, d.u_heads) * d.u_dim + k];
-}
-fn ld_v(b: u32, t: u32, h: u32, k: u32) -> f32 {
-  return V[d.v_off + tok(b, t) * d.v_stride + grp(h, d.v_heads) * d.u_dim + k];
-}
-fn ld_z(b: u32, t: u32, h: u32, k: u32) -> f32 {
-  return Z[d.z_off + tok(b, t) * d.z_stride + grp(h, d.z_heads) * d.z_dim + k];
-}
+fn ld_u(b: u32, t: u32, k: u32) -> f32 { return U[uBase + tok(b, t) * d.u_stride + k]; }
+fn ld_v(b: u32, t: u32, k: u32) -> f32 { return V[vBase + tok(b, t) * d.v_stride + k]; }
+fn ld_z(b: u32, t: u32, k: u32) -> f32 { return Z[zBase + tok(b, t) * d.z_stride + k]; }
 ${
     hasE
-      ? `fn ld_e(b: u32, t: u32, h: u32, k: u32) -> f32 {
-  return E[d.e_off + tok(b, t) * d.e_stride + grp(h, d.e_heads) * d.z_dim + k];
-}
+      ? `fn ld_e(b: u32, t: u32, k: u32) -> f32 { return E[eBase + tok(b, t) * d.e_stride + k]; }
 fn rp(slot: u32, b: u32, h: u32, t: u32, ct: u32) -> u32 {
   return (((slot * d.batch + b) * d.heads + h) * d.seqlen + t) * d.col_tiles + ct;
 }`
@@ -636,12 +635,12 @@ fn rp(slot: u32, b: u32, h: u32, t: u32, ct: u32) -> u32 {
   }
 
 // sA[r][k] = U[row r0 + r, k0 + k] (zero outside the chunk or past the dim)
-fn load_rows(b: u32, t0: u32, h: u32, r0: u32, clen: u32, k0: u32, li: u32) {
+fn load_rows(b: u32, t0: u32, r0: u32, clen: u32, k0: u32, li: u32) {
   for (var e = li; e < TR * TK; e += 256u) {
     let r = e / TK;
     let k = k0 + e % TK;
     var v = 0.0;
-    if (r0 + r < clen && k < d.u_dim) { v = ld_u(b, t0 + r0 + r, h, k); }
+    if (r0 + r < clen && k < d.u_dim) { v = ld_u(b, t0 + r0 + r, k); }
     sA[e] = v;
   }
 }
@@ -659,6 +658,10 @@ fn main(${ENTRY_ARGS}) {
   let clen = min(d.chunk, d.seqlen - t0);
   let r0 = rt * TR;
   if (r0 >= clen) { return; }
+  uBase = d.u_off + grp(h, d.u_heads) * d.u_dim;
+  vBase = d.v_off + grp(h, d.v_heads) * d.u_dim;
+  zBase = d.z_off + grp(h, d.z_heads) * d.z_dim;
+  ${hasE ? "eBase = d.e_off + grp(h, d.e_heads) * d.z_dim;" : ""}
   let col0 = ct * TC;
   let tx = li % 16u;
   let ty = li / 16u;
@@ -682,14 +685,14 @@ fn main(${ENTRY_ARGS}) {
   // Inter-chunk term: the state (entering the chunk, or its gradient) applied to each row.
   var acc: array<vec4<f32>, 4>;
   for (var k0 = 0u; k0 < kdim; k0 += TK) {
-    load_rows(b, t0, h, r0, clen, k0, li);
+    load_rows(b, t0, r0, clen, k0, li);
     for (var e = li; e < TK * TC; e += 256u) {
       ${loadS}
     }
     workgroupBarrier();
     for (var kk = 0u; kk < TK; kk++) {
       let a = vec4<f32>(sA[ty * TK + kk], sA[(ty + 16u) * TK + kk], sA[(ty + 32u) * TK + kk], sA[(ty + 48u) * TK + kk]);
-      let bv = vec4<f32>(sB[kk * TC + tx], sB[kk * TC + tx + 16u], sB[kk * TC + tx + 32u], sB[kk * TC + tx + 48u]);
+      let bv = vec4<f32>(sB[kk * SBS + tx], sB[kk * SBS + tx + 16u], sB[kk * SBS + tx + 32u], sB[kk * SBS + tx + 48u]);
       acc[0] += a.x * bv;
       acc[1] += a.y * bv;
       acc[2] += a.z * bv;
@@ -719,18 +722,18 @@ fn main(${ENTRY_ARGS}) {
     var wacc: array<vec4<f32>, 4>;
     for (var i = 0u; i < 4u; i++) { wacc[i] = vec4<f32>(); }
     for (var k0 = 0u; k0 < kdim; k0 += TK) {
-      load_rows(b, t0, h, r0, clen, k0, li);
+      load_rows(b, t0, r0, clen, k0, li);
       for (var e = li; e < TK * TB; e += 256u) {
         let pos = e / TK;
         let kk = e % TK;
         var vv = 0.0;
-        if (kb + pos < clen && k0 + kk < kdim) { vv = ld_v(b, t0 + kb + pos, h, k0 + kk); }
-        sB[kk * TB + pos] = vv;
+        if (kb + pos < clen && k0 + kk < kdim) { vv = ld_v(b, t0 + kb + pos, k0 + kk); }
+        sB[kk * SBS + pos] = vv;
       }
       workgroupBarrier();
       for (var kk = 0u; kk < TK; kk++) {
         let a = vec4<f32>(sA[ty * TK + kk], sA[(ty + 16u) * TK + kk], sA[(ty + 32u) * TK + kk], sA[(ty + 48u) * TK + kk]);
-        let bv = vec4<f32>(sB[kk * TB + tx], sB[kk * TB + tx + 16u], sB[kk * TB + tx + 32u], sB[kk * TB + tx + 48u]);
+        let bv = vec4<f32>(sB[kk * SBS + tx], sB[kk * SBS + tx + 16u], sB[kk * SBS + tx + 32u], sB[kk * SBS + tx + 48u]);
         wacc[0] += a.x * bv;
         wacc[1] += a.y * bv;
         wacc[2] += a.z * bv;
@@ -759,7 +762,7 @@ fn main(${ENTRY_ARGS}) {
         let gc = col0 + e % TC;
         let k = kb + z0 + kk;
         var zv = 0.0;
-        if (k < clen && gc < ncols) { zv = ld_z(b, t0 + k, h, gc); }
+        if (k < clen && gc < ncols) { zv = ld_z(b, t0 + k, gc); }
         sZ[e] = zv;
       }
       workgroupBarrier();
