@@ -58,7 +58,7 @@
  * workgroup memory stays at 29 KB for any chunk size, head dim or state dim (dims above 64 use more tiles).
  *
  * Working buffers (f32, allocated by the op): `csd` = [cs (B,H,L) | delta (B,H,L) | A (H) | D (H)];
- * `states` [B, nc, H, P, N]; row partials [4, B, H, L, CT]; dT partials [B, H, nc, E]; head partials
+ * `states` [B, nc, H, P, N]; row partials [4, B, L, H, CT]; dT partials [B, H, nc, E]; head partials
  * [3, H, B * nc].
  *
  * @module
@@ -247,9 +247,40 @@ function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
 
 // ---- 1. delta and the within-chunk cumulative sum of delta A ---------------------------------------------------
 
+/** Heads per workgroup of the per-position scans (cumsum, decay gradients). */
+const SCAN_HEADS = 16;
+/** Segments a chunk is split into by those scans (one thread each). */
+const SCAN_SEGMENTS = 16;
+
+// Shared prologue of the two per-position scans: 16 heads x 16 segments of a chunk per workgroup; each thread owns
+// positions [s0, s1) of its chunk for head h, so the sequential part is Q / 16 steps, and reads of one position
+// are 16 consecutive heads.
+const SCAN_PROLOGUE = `
+  ${WG_INDEX}
+  let first = w == 0u;
+  let hb = w % d.tiles_a; w = w / d.tiles_a;
+  let c = w % d.nchunks;
+  let b = w / d.nchunks;
+  if (b >= d.batch) { return; }
+  let hl = li % ${SCAN_HEADS}u;
+  let sg = li / ${SCAN_HEADS}u;
+  let h = hb * ${SCAN_HEADS}u + hl;
+  let hv = h < d.heads;
+  let t0 = c * d.chunk;
+  let clen = min(d.chunk, d.seqlen - t0);
+  let seg = (clen + ${SCAN_SEGMENTS - 1}u) / ${SCAN_SEGMENTS}u;
+  let s0 = min(sg * seg, clen);
+  let s1 = min(s0 + seg, clen);
+`;
+
+function scanWorkgroups(s: SsdShape): [number, number] {
+  return grid2d(ceilDiv(s.heads, SCAN_HEADS) * ssdChunks(s) * s.batch);
+}
+
 /**
- * One thread per (b, h, chunk) walks the chunk: delta = dt (or softplus(dt + dt_bias) when `softplus`), cs +=
- * delta A. Also copies A and D into the tail of `csd` so later kernels need one binding for all per-head scalars.
+ * delta = dt (or softplus(dt + dt_bias) when `softplus`) and cs = the within-chunk inclusive cumulative sum of
+ * delta A, as a two-level scan (segment sums, then their prefix). Also copies A and D into the tail of `csd` so
+ * later kernels need one binding for all per-head scalars.
  * Bindings: dt, A, D, dt_bias (any read buffer when unused), csd (rw).
  */
 export function ssdChunkCumsum(s: SsdShape, dt: SsdDtLayout, softplus: boolean): Launch {
@@ -265,42 +296,52 @@ export function ssdChunkCumsum(s: SsdShape, dt: SsdDtLayout, softplus: boolean):
 @group(0) @binding(5) var<uniform> d: Dims;
 ${CSD_HELPERS}
 ${WGSL_SOFTPLUS}
-@compute @workgroup_size(${LINEAR_WORKGROUP})
+var<workgroup> segSum: array<f32, ${SCAN_HEADS * SCAN_SEGMENTS}>;
+@compute @workgroup_size(${SCAN_HEADS * SCAN_SEGMENTS})
 fn main(${ENTRY_ARGS}) {
-  let i = (wid.y * nwg.x + wid.x) * ${LINEAR_WORKGROUP}u + li;
-  if (i < d.heads) {
-    csd[2u * bhl() + i] = A[i];
-    csd[2u * bhl() + d.heads + i] = Dp[i];
+  ${SCAN_PROLOGUE}
+  if (first) {
+    for (var i = li; i < d.heads; i += ${SCAN_HEADS * SCAN_SEGMENTS}u) {
+      csd[2u * bhl() + i] = A[i];
+      csd[2u * bhl() + d.heads + i] = Dp[i];
+    }
   }
-  if (i >= d.batch * d.heads * d.nchunks) { return; }
-  let c = i % d.nchunks;
-  let bh = i / d.nchunks;
-  let h = bh % d.heads;
-  let b = bh / d.heads;
-  let t0 = c * d.chunk;
-  let len = min(d.chunk, d.seqlen - t0);
-  let a = A[h];
-  var acc = 0.0;
-  for (var s = 0u; s < len; s++) {
-    let t = t0 + s;
-    var v = dt[d.dt_off + (b * d.seqlen + t) * d.dt_stride + h];
-    if ((d.flags & ${SSD_FLAG.dtSoftplus}u) != 0u) { v = softplus(v + bias[h]); }
-    acc += v * a;
-    csd[bh * d.seqlen + t] = acc;
-    csd[bhl() + bh * d.seqlen + t] = v;
+  let row = (b * d.heads + h) * d.seqlen;
+  var a = 0.0;
+  var sum = 0.0;
+  if (hv) {
+    a = A[h];
+    for (var q = s0; q < s1; q++) {
+      let t = t0 + q;
+      var v = dt[d.dt_off + (b * d.seqlen + t) * d.dt_stride + h];
+      if ((d.flags & ${SSD_FLAG.dtSoftplus}u) != 0u) { v = softplus(v + bias[h]); }
+      csd[bhl() + row + t] = v;
+      sum += v * a;
+    }
+  }
+  segSum[sg * ${SCAN_HEADS}u + hl] = sum;
+  workgroupBarrier();
+  if (hv) {
+    var run = 0.0;
+    for (var k = 0u; k < sg; k++) { run += segSum[k * ${SCAN_HEADS}u + hl]; }
+    for (var q = s0; q < s1; q++) {
+      let t = t0 + q;
+      run += csd[bhl() + row + t] * a;
+      csd[row + t] = run;
+    }
   }
 }
 `,
   }));
-  const threads = Math.max(s.batch * s.heads * ssdChunks(s), s.heads);
   return {
     spec,
     uniforms: packDims(s, {
       dt_off: dt.offset,
       dt_stride: dt.stride,
       flags: softplus ? SSD_FLAG.dtSoftplus : 0,
+      tiles_a: ceilDiv(s.heads, SCAN_HEADS),
     }),
-    workgroups: grid2d(ceilDiv(threads, LINEAR_WORKGROUP)),
+    workgroups: scanWorkgroups(s),
   };
 }
 
@@ -628,8 +669,9 @@ fn ld_z(b: u32, t: u32, k: u32) -> f32 { return Z[zBase + tok(b, t) * d.z_stride
 ${
     hasE
       ? `fn ld_e(b: u32, t: u32, k: u32) -> f32 { return E[eBase + tok(b, t) * d.e_stride + k]; }
+// row partials [slot, B, L, H, CT]: heads innermost, so the decay scan reads 16 heads of a position together
 fn rp(slot: u32, b: u32, h: u32, t: u32, ct: u32) -> u32 {
-  return (((slot * d.batch + b) * d.heads + h) * d.seqlen + t) * d.col_tiles + ct;
+  return (((slot * d.batch + b) * d.seqlen + t) * d.heads + h) * d.col_tiles + ct;
 }`
       : ""
   }
@@ -788,7 +830,7 @@ ${epilogue}
  * epilogue: x for `dx`, B for `dB`, C for `dC`; unused for `y`, whose skip term reads Z = x) are grouped
  * operands; `U` and `V` share a dim (the dot-product length), `Z` and `E` have the output's dim. `out` is written
  * per head h: `out.offset + (b L + t) out.stride + h Z.dim + col`.
- * Bindings: U, V, Z, S [B, nc, H, P, N], csd, [E], out (rw), [row partials (rw) [4, B, H, L, CT]].
+ * Bindings: U, V, Z, S [B, nc, H, P, N], csd, [E], out (rw), [row partials (rw) [4, B, L, H, CT]].
  */
 export function ssdChunkRows(
   variant: SsdRowsVariant,
@@ -903,11 +945,11 @@ fn main(${ENTRY_ARGS}) {
 // ---- backward: decay gradients ----------------------------------------------------------------------------
 
 /**
- * One thread per (b, h, chunk): dl_t = sum_{q>=t in chunk} (C.dC - B.dB)_q + dT_c (a reverse cumulative sum),
- * d delta_t = direct_t + A dl_t (times sigmoid(dt + dt_bias) with the fused softplus, giving d dt), written to
- * `ddt` with dt's layout; per-(b, chunk) partials of dA = sum delta dl, dD = sum x.dy and d dt_bias go to the
- * head partials [3, H, B nc]. Bindings: row partials, dT partials, csd, dt (raw; any read buffer unless
- * `softplus`), dt_bias (likewise), ddt (rw), head partials (rw).
+ * Per (b, h, chunk): dl_t = sum_{q>=t in chunk} (C.dC - B.dB)_q + dT_c (a reverse cumulative sum, two-level like
+ * {@linkcode ssdChunkCumsum}), d delta_t = direct_t + A dl_t (times sigmoid(dt + dt_bias) with the fused softplus,
+ * giving d dt), written to `ddt` with dt's layout; per-(b, chunk) partials of dA = sum delta dl, dD = sum x.dy and
+ * d dt_bias go to the head partials [3, H, B nc]. Bindings: row partials [4, B, L, H, CT], dT partials, csd, dt
+ * (raw; any read buffer unless `softplus`), dt_bias (likewise), ddt (rw), head partials (rw).
  */
 export function ssdDecayGrad(s: SsdShape, dt: SsdDtLayout, softplus: boolean): Launch {
   const spec = cached("ssd_decay_grad", () => ({
@@ -924,48 +966,71 @@ export function ssdDecayGrad(s: SsdShape, dt: SsdDtLayout, softplus: boolean): L
 @group(0) @binding(7) var<uniform> d: Dims;
 ${CSD_HELPERS}
 ${WGSL_SOFTPLUS}
-fn rsum(slot: u32, bht: u32, tiles: u32) -> f32 {
+const NT = ${SCAN_HEADS * SCAN_SEGMENTS}u;
+var<workgroup> segSum: array<f32, NT>;
+var<workgroup> dTs: array<f32, ${SCAN_HEADS}>;
+var<workgroup> red: array<f32, ${3 * SCAN_HEADS * SCAN_SEGMENTS}>;
+fn rsum(slot: u32, b: u32, t: u32, h: u32, tiles: u32) -> f32 {
+  let base = (((slot * d.batch + b) * d.seqlen + t) * d.heads + h) * d.col_tiles;
   var s = 0.0;
-  for (var ct = 0u; ct < tiles; ct++) { s += R[(slot * bhl() + bht) * d.col_tiles + ct]; }
+  for (var ct = 0u; ct < tiles; ct++) { s += R[base + ct]; }
   return s;
 }
-@compute @workgroup_size(${LINEAR_WORKGROUP})
+@compute @workgroup_size(${SCAN_HEADS * SCAN_SEGMENTS})
 fn main(${ENTRY_ARGS}) {
-  let i = (wid.y * nwg.x + wid.x) * ${LINEAR_WORKGROUP}u + li;
-  if (i >= d.batch * d.heads * d.nchunks) { return; }
-  let c = i % d.nchunks;
-  let bh = i / d.nchunks;
-  let h = bh % d.heads;
-  let b = bh / d.heads;
-  let t0 = c * d.chunk;
-  let len = min(d.chunk, d.seqlen - t0);
+  ${SCAN_PROLOGUE}
   let pTiles = (d.dim_p + ${SSD_TILE - 1}u) / ${SSD_TILE}u;
   let nTiles = (d.dim_n + ${SSD_TILE - 1}u) / ${SSD_TILE}u;
-  var run = 0.0;
-  for (var e = 0u; e < d.e_blocks; e++) { run += dtp[(bh * d.nchunks + c) * d.e_blocks + e]; }
-  let a = a_of(h);
+  let bh = b * d.heads + h;
+  if (sg == 0u) {
+    var dT = 0.0;
+    if (hv) { for (var e = 0u; e < d.e_blocks; e++) { dT += dtp[(bh * d.nchunks + c) * d.e_blocks + e]; } }
+    dTs[hl] = dT;
+  }
+  var sum = 0.0;
+  if (hv) {
+    for (var q = s0; q < s1; q++) { sum += rsum(2u, b, t0 + q, h, nTiles) + rsum(3u, b, t0 + q, h, nTiles); }
+  }
+  segSum[sg * ${SCAN_HEADS}u + hl] = sum;
+  workgroupBarrier();
   var dA = 0.0;
   var dD = 0.0;
   var dBias = 0.0;
-  for (var k = len; k > 0u; k--) {
-    let t = t0 + k - 1u;
-    let bht = bh * d.seqlen + t;
-    run += rsum(2u, bht, nTiles) + rsum(3u, bht, nTiles);
-    var dd = rsum(0u, bht, pTiles) + a * run;
-    dA += run * delta_at(bht);
-    dD += rsum(1u, bht, pTiles);
-    let di = d.dt_off + (b * d.seqlen + t) * d.dt_stride + h;
-    if ((d.flags & ${SSD_FLAG.dtSoftplus}u) != 0u) {
-      dd *= sigmoid(dt[di] + bias[h]);
-      dBias += dd;
+  if (hv) {
+    // dl at the end of this segment: the chunk's dT plus everything after the segment
+    var run = dTs[hl];
+    for (var k = sg + 1u; k < ${SCAN_SEGMENTS}u; k++) { run += segSum[k * ${SCAN_HEADS}u + hl]; }
+    let a = a_of(h);
+    for (var q = s1; q > s0; q--) {
+      let t = t0 + q - 1u;
+      run += rsum(2u, b, t, h, nTiles) + rsum(3u, b, t, h, nTiles);
+      var dd = rsum(0u, b, t, h, pTiles) + a * run;
+      dA += run * delta_at(bh * d.seqlen + t);
+      dD += rsum(1u, b, t, h, pTiles);
+      let di = d.dt_off + (b * d.seqlen + t) * d.dt_stride + h;
+      if ((d.flags & ${SSD_FLAG.dtSoftplus}u) != 0u) {
+        dd *= sigmoid(dt[di] + bias[h]);
+        dBias += dd;
+      }
+      ddt[di] = dd;
     }
-    ddt[di] = dd;
   }
-  let bc = b * d.nchunks + c;
-  let nbc = d.batch * d.nchunks;
-  hp[h * nbc + bc] = dA;
-  hp[(d.heads + h) * nbc + bc] = dD;
-  hp[(2u * d.heads + h) * nbc + bc] = dBias;
+  red[li] = dA;
+  red[NT + li] = dD;
+  red[2u * NT + li] = dBias;
+  workgroupBarrier();
+  if (sg == 0u && hv) {
+    var s = vec3<f32>();
+    for (var k = 0u; k < ${SCAN_SEGMENTS}u; k++) {
+      let i = k * ${SCAN_HEADS}u + hl;
+      s += vec3<f32>(red[i], red[NT + i], red[2u * NT + i]);
+    }
+    let bc = b * d.nchunks + c;
+    let nbc = d.batch * d.nchunks;
+    hp[h * nbc + bc] = s.x;
+    hp[(d.heads + h) * nbc + bc] = s.y;
+    hp[(2u * d.heads + h) * nbc + bc] = s.z;
+  }
 }
 `,
   }));
@@ -975,8 +1040,9 @@ fn main(${ENTRY_ARGS}) {
       dt_off: dt.offset,
       dt_stride: dt.stride,
       flags: softplus ? SSD_FLAG.dtSoftplus : 0,
+      tiles_a: ceilDiv(s.heads, SCAN_HEADS),
     }),
-    workgroups: grid2d(ceilDiv(s.batch * s.heads * ssdChunks(s), LINEAR_WORKGROUP)),
+    workgroups: scanWorkgroups(s),
   };
 }
 

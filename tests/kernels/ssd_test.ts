@@ -229,6 +229,12 @@ const GRAD_CASES: GradCase[] = [
     init: true,
   },
   { name: "L = 1", s: { ...GQA, seqlen: 1 }, chunk: 16, init: true },
+  {
+    name: "more heads than one 16-head scan block",
+    s: { batch: 1, seqlen: 20, heads: 18, headsX: 6, headsB: 3, headsC: 18, dimP: 3, dimN: 5 },
+    chunk: 8,
+    init: false,
+  },
 ];
 
 for (const gc of GRAD_CASES) {
