@@ -9,6 +9,11 @@
  * delta = softplus(dt + dtBias) is then computed inside the scan (and differentiated there), which saves the
  * mixer one elementwise pass and one [B, L, H] tensor each way.
  *
+ * Decoding: {@linkcode ssdStep} advances a state [B, H, P, N] by one token in place; {@linkcode ssdVerify} is the
+ * fused verification pass of speculative decoding (snapshot + accepted cached steps + K+1 new tokens in one
+ * kernel), with its input cache from {@linkcode ssdVerifyCache} and per-head scalars from
+ * {@linkcode ssdHeadParams}. Both read x, B and C from the packed conv output [B, T, Hx P + Hb N + Hc N].
+ *
  * @module
  */
 import {
