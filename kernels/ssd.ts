@@ -1,0 +1,1126 @@
+/**
+ * The Mamba2 state-space scan in its chunked ("SSD") form, forward and backward, as WGSL kernels.
+ *
+ * The recurrence, per batch b and head h (P = head dim of x and y, N = state dim of B and C):
+ *
+ *     a_t = exp(delta_t A);  S_t (P x N) = a_t S_{t-1} + delta_t x_t B_t^T;  y_t = S_t C_t + D x_t
+ *
+ * Head h reads group floor(h / (H / Hg)) of x, B and C, so grouped (GQA-style) inputs are never repeated in
+ * memory. x, B and C are read through an (offset, token stride) pair each, so they may be three tensors or three
+ * column ranges of one packed `xBC` tensor (the conv output of the mixer); their gradients are written with the
+ * same layout.
+ *
+ * ## Forward (chunks of Q steps; cs = inclusive cumulative sum of l = delta A within a chunk, T = its last value)
+ *
+ * 1. {@linkcode ssdChunkCumsum}: delta (optionally softplus(dt + dt_bias), fused here) and cs per step.
+ * 2. {@linkcode ssdChunkState}: each chunk's own end state from a zero start,
+ *    states_c[p, n] = sum_s exp(T - cs_s) delta_s x_s[p] B_s[n]: a (P x Q)(Q x N) product per chunk.
+ * 3. {@linkcode ssdStatePass}: the only sequential loop, over chunks, elementwise in (p, n):
+ *    Sin_0 = S_init, Sin_{c+1} = exp(T_c) Sin_c + states_c; the final state is Sin_{nc}. Done in place, so the
+ *    states buffer afterwards holds the state entering each chunk.
+ * 4. {@linkcode ssdChunkRows} variant `y`: y_q = exp(cs_q) Sin C_q + sum_{s<=q} (C_q . B_s) exp(cs_q - cs_s)
+ *    delta_s x_s + D x_q: the intra-chunk part is a masked, decay-weighted (C B^T) x product.
+ * Every exponent is <= 0 (A < 0, delta > 0, and only differences cs_q - cs_s with s <= q are formed, masked
+ * before exp), so nothing overflows however long the chunk.
+ *
+ * ## Backward (derivation)
+ *
+ * With upstream dy and dS_final, write the per-chunk dependencies of the loss: y through Sin_c (inter term),
+ * through the intra term, and the states through the chunk recurrence. Then:
+ *
+ * - dSin_c (local) = sum_q exp(cs_q) dy_q C_q^T: the same chunk product as step 2 with (dy, C, exp(cs)):
+ *   {@linkcode ssdChunkState} mode `output`.
+ * - Reverse chunk recurrence ({@linkcode ssdStatePassBackward}): G_{nc} = dS_final,
+ *   G_c = dSin_c(local) + exp(T_c) G_{c+1}; d states_c = G_{c+1}; dS_init = G_0.
+ * - Differentiating the intra term and the chunk states gives, with dstates_c = G_{c+1}
+ *   (variants of {@linkcode ssdChunkRows}, each a "rows x masked block" product like the forward):
+ *     dx_s = delta_s [exp(T - cs_s) dstates_c B_s + sum_{q>=s} (C_q . B_s) exp(cs_q - cs_s) dy_q] + D dy_s
+ *     dB_s = delta_s [exp(T - cs_s) dstates_c^T x_s + sum_{q>=s} exp(cs_q - cs_s) (dy_q . x_s) C_q]
+ *     dC_q = exp(cs_q) Sin_c^T dy_q + sum_{s<=q} exp(cs_q - cs_s) delta_s (dy_q . x_s) B_s
+ *     d delta_s (direct) = x_s . (the bracket of dx_s);   dD = sum dy . x
+ * - The decays. Every exponent is a difference of cumulative sums, and one can check term by term that
+ *   d loss / d cs_q = C_q . dC_q - B_q . dB_q (per head, before summing heads into groups): the C-side terms carry
+ *   +cs_q, the B-side terms -cs_s, and the state terms pair up the same way. T_c = cs at the chunk's last step
+ *   additionally feeds states_c (as exp(T - cs_s)) and the chunk recurrence (as exp(T_c)); both together give
+ *   d loss / d T_c = <G_{c+1}, Sin_{c+1}>. Since cs_q = sum_{t<=q} l_t within the chunk,
+ *     d loss / d l_t = sum_{q>=t in chunk} (C_q . dC_q - B_q . dB_q) + <G_{c+1}, Sin_{c+1}>,
+ *   and l_t = delta_t A gives d delta_t += A dl_t, dA += delta_t dl_t ({@linkcode ssdDecayGrad}); with the fused
+ *   bias, d dt = d delta * sigmoid(dt + dt_bias) and d dt_bias sums it.
+ * The dot products over columns (n for dB/dC, p for d delta and dD) are reduced per 64-column tile into a
+ * "row partials" buffer that the per-chunk decay kernel sums; per-(b, chunk) head partials are summed by
+ * {@linkcode ssdHeadReduce}, and per-head gradients of grouped inputs by {@linkcode ssdGroupSum}.
+ *
+ * ## Tiling
+ *
+ * The chunk products run on 256-thread workgroups that own a 64 x 64 output tile (4 x 4 per thread, rows and
+ * columns interleaved by 16 so shared-memory reads are broadcasts or consecutive). The Q x Q intra-chunk block is
+ * formed 64 x 64 at a time in workgroup memory (the "W" block), then multiplied into the accumulators, so the
+ * workgroup memory stays at 29 KB for any chunk size, head dim or state dim (dims above 64 use more tiles).
+ *
+ * Working buffers (f32, allocated by the op): `csd` = [cs (B,H,L) | delta (B,H,L) | A (H) | D (H)];
+ * `states` [B, nc, H, P, N]; row partials [4, B, L, H, CT]; dT partials [B, H, nc, E]; head partials
+ * [3, H, B * nc].
+ *
+ * @module
+ */
+import { ceilDiv, grid2d, type KernelSpec, LINEAR_WORKGROUP, Uniforms } from "./kernel.ts";
+import type { Launch } from "./fill.ts";
+
+/** Sizes of a chunked scan. */
+export interface SsdShape {
+  /** Batch size B. */
+  batch: number;
+  /** Sequence length L. */
+  seqlen: number;
+  /** Heads H of the recurrence (of y, delta, A, D). */
+  heads: number;
+  /** Head dim P of x and y. */
+  dimP: number;
+  /** State dim N of B and C. */
+  dimN: number;
+  /** Chunk length Q (any positive integer; 64 or 128 suit the 64-row tiles best). */
+  chunk: number;
+}
+
+/** Where one token's row of a grouped operand lives: element (b, t, g, k) is at `offset + (b L + t) stride + g dim + k`. */
+export interface SsdOperand {
+  /** Element offset of (0, 0, 0, 0). */
+  offset: number;
+  /** Elements from one token to the next. */
+  stride: number;
+  /** Number of groups (divides H). */
+  heads: number;
+  /** Elements per group. */
+  dim: number;
+}
+
+/** A writable per-head (b, t, h, k) layout: `offset + (b L + t) stride + h dim + k`. */
+export interface SsdOutputLayout {
+  /** Element offset. */
+  offset: number;
+  /** Elements from one token to the next. */
+  stride: number;
+}
+
+/** Where dt lives: element (b, t, h) is at `offset + (b L + t) stride + h`. */
+export interface SsdDtLayout {
+  /** Element offset. */
+  offset: number;
+  /** Elements from one token to the next. */
+  stride: number;
+}
+
+/** Rows and columns of one workgroup tile of the chunk products. */
+export const SSD_TILE = 64;
+const TK = 16;
+/** Elements of (p, n) one state-pass workgroup reduces (its dT partial). */
+export const SSD_STATE_BLOCK = 256;
+
+/** Number of chunks. */
+export function ssdChunks(s: SsdShape): number {
+  return ceilDiv(s.seqlen, s.chunk);
+}
+
+/** Column tiles of the row-partials buffer (the wider of P and N). */
+export function ssdColTiles(s: SsdShape): number {
+  return Math.max(ceilDiv(s.dimP, SSD_TILE), ceilDiv(s.dimN, SSD_TILE));
+}
+
+/** Element counts of the working buffers, for the op to allocate. */
+export function ssdWorkspaceSizes(s: SsdShape): {
+  csd: number;
+  states: number;
+  rowPartials: number;
+  dtPartials: number;
+  headPartials: number;
+} {
+  const nc = ssdChunks(s);
+  const bhl = s.batch * s.heads * s.seqlen;
+  return {
+    csd: 2 * bhl + 2 * s.heads,
+    states: s.batch * nc * s.heads * s.dimP * s.dimN,
+    rowPartials: 4 * bhl * ssdColTiles(s),
+    dtPartials: s.batch * s.heads * nc * ceilDiv(s.dimP * s.dimN, SSD_STATE_BLOCK),
+    headPartials: 3 * s.heads * s.batch * nc,
+  };
+}
+
+// ---- uniforms: one struct for every scan kernel, generated from this list so WGSL and packer agree ----------
+
+const DIM_FIELDS = [
+  "batch",
+  "seqlen",
+  "heads",
+  "chunk",
+  "nchunks",
+  "dim_p",
+  "dim_n",
+  "dt_off",
+  "dt_stride",
+  "flags",
+  "col_tiles",
+  "e_blocks",
+  "u_off",
+  "u_stride",
+  "u_heads",
+  "u_dim",
+  "v_off",
+  "v_stride",
+  "v_heads",
+  "v_dim",
+  "z_off",
+  "z_stride",
+  "z_heads",
+  "z_dim",
+  "e_off",
+  "e_stride",
+  "e_heads",
+  "o_off",
+  "o_stride",
+  "row_tiles",
+  "tiles_a",
+  "tiles_b",
+] as const;
+type DimField = typeof DIM_FIELDS[number];
+const DIMS_BYTES = DIM_FIELDS.length * 4;
+
+/** Flag bits of the `flags` uniform. */
+export const SSD_FLAG = {
+  /** An initial state is given. */
+  initialState: 1,
+  /** A gradient of the final state is given. */
+  finalGrad: 2,
+  /** dt is raw: delta = softplus(dt + dt_bias) is computed in the kernel. */
+  dtSoftplus: 4,
+} as const;
+
+const DIMS_STRUCT = `struct Dims { ${DIM_FIELDS.map((f) => `${f}: u32`).join(", ")} }`;
+
+function packDims(s: SsdShape, extra: Partial<Record<DimField, number>>): ArrayBuffer {
+  const base: Partial<Record<DimField, number>> = {
+    batch: s.batch,
+    seqlen: s.seqlen,
+    heads: s.heads,
+    chunk: s.chunk,
+    nchunks: ssdChunks(s),
+    dim_p: s.dimP,
+    dim_n: s.dimN,
+    col_tiles: ssdColTiles(s),
+    e_blocks: ceilDiv(s.dimP * s.dimN, SSD_STATE_BLOCK),
+    ...extra,
+  };
+  const u = new Uniforms(DIMS_BYTES);
+  for (const f of DIM_FIELDS) u.u32(base[f] ?? 0);
+  return u.buffer;
+}
+
+function operandFields(prefix: "u" | "v" | "z" | "e", o: SsdOperand): Partial<Record<DimField, number>> {
+  const r: Partial<Record<DimField, number>> = {
+    [`${prefix}_off`]: o.offset,
+    [`${prefix}_stride`]: o.stride,
+    [`${prefix}_heads`]: o.heads,
+  };
+  if (prefix !== "e") r[`${prefix}_dim` as DimField] = o.dim;
+  return r;
+}
+
+// Reading the packed cs/delta/A/D buffer; `bht` is (b H + h) L + t.
+const CSD_HELPERS = `
+fn bhl() -> u32 { return d.batch * d.heads * d.seqlen; }
+fn cs_at(bht: u32) -> f32 { return csd[bht]; }
+fn delta_at(bht: u32) -> f32 { return csd[bhl() + bht]; }
+fn a_of(h: u32) -> f32 { return csd[2u * bhl() + h]; }
+fn d_of(h: u32) -> f32 { return csd[2u * bhl() + d.heads + h]; }
+fn grp(h: u32, groups: u32) -> u32 { return h / (d.heads / groups); }
+`;
+
+const WG_INDEX = `var w = wid.y * nwg.x + wid.x;`;
+const ENTRY_ARGS = `@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32`;
+
+const specs = new Map<string, KernelSpec>();
+function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
+  let s = specs.get(key);
+  if (!s) specs.set(key, s = { key, ...make() });
+  return s;
+}
+
+// ---- 1. delta and the within-chunk cumulative sum of delta A ---------------------------------------------------
+
+/** Heads per workgroup of the per-position scans (cumsum, decay gradients). */
+const SCAN_HEADS = 16;
+/** Segments a chunk is split into by those scans (one thread each). */
+const SCAN_SEGMENTS = 16;
+
+// Shared prologue of the two per-position scans: 16 heads x 16 segments of a chunk per workgroup; each thread owns
+// positions [s0, s1) of its chunk for head h, so the sequential part is Q / 16 steps, and reads of one position
+// are 16 consecutive heads.
+const SCAN_PROLOGUE = `
+  ${WG_INDEX}
+  let first = w == 0u;
+  let hb = w % d.tiles_a; w = w / d.tiles_a;
+  let c = w % d.nchunks;
+  let b = w / d.nchunks;
+  if (b >= d.batch) { return; }
+  let hl = li % ${SCAN_HEADS}u;
+  let sg = li / ${SCAN_HEADS}u;
+  let h = hb * ${SCAN_HEADS}u + hl;
+  let hv = h < d.heads;
+  let t0 = c * d.chunk;
+  let clen = min(d.chunk, d.seqlen - t0);
+  let seg = (clen + ${SCAN_SEGMENTS - 1}u) / ${SCAN_SEGMENTS}u;
+  let s0 = min(sg * seg, clen);
+  let s1 = min(s0 + seg, clen);
+`;
+
+function scanWorkgroups(s: SsdShape): [number, number] {
+  return grid2d(ceilDiv(s.heads, SCAN_HEADS) * ssdChunks(s) * s.batch);
+}
+
+/**
+ * delta = dt (or softplus(dt + dt_bias) when `softplus`) and cs = the within-chunk inclusive cumulative sum of
+ * delta A, as a two-level scan (segment sums, then their prefix). Also copies A and D into the tail of `csd` so
+ * later kernels need one binding for all per-head scalars.
+ * Bindings: dt, A, D, dt_bias (any read buffer when unused), csd (rw).
+ */
+export function ssdChunkCumsum(s: SsdShape, dt: SsdDtLayout, softplus: boolean): Launch {
+  const spec = cached("ssd_cumsum", () => ({
+    bindings: ["read", "read", "read", "read", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read> dt: array<f32>;
+@group(0) @binding(1) var<storage, read> A: array<f32>;
+@group(0) @binding(2) var<storage, read> Dp: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> csd: array<f32>;
+@group(0) @binding(5) var<uniform> d: Dims;
+${CSD_HELPERS}
+${WGSL_SOFTPLUS}
+var<workgroup> segSum: array<f32, ${SCAN_HEADS * SCAN_SEGMENTS}>;
+@compute @workgroup_size(${SCAN_HEADS * SCAN_SEGMENTS})
+fn main(${ENTRY_ARGS}) {
+  ${SCAN_PROLOGUE}
+  if (first) {
+    for (var i = li; i < d.heads; i += ${SCAN_HEADS * SCAN_SEGMENTS}u) {
+      csd[2u * bhl() + i] = A[i];
+      csd[2u * bhl() + d.heads + i] = Dp[i];
+    }
+  }
+  let row = (b * d.heads + h) * d.seqlen;
+  var a = 0.0;
+  var sum = 0.0;
+  if (hv) {
+    a = A[h];
+    for (var q = s0; q < s1; q++) {
+      let t = t0 + q;
+      var v = dt[d.dt_off + (b * d.seqlen + t) * d.dt_stride + h];
+      if ((d.flags & ${SSD_FLAG.dtSoftplus}u) != 0u) { v = softplus(v + bias[h]); }
+      csd[bhl() + row + t] = v;
+      sum += v * a;
+    }
+  }
+  segSum[sg * ${SCAN_HEADS}u + hl] = sum;
+  workgroupBarrier();
+  if (hv) {
+    var run = 0.0;
+    for (var k = 0u; k < sg; k++) { run += segSum[k * ${SCAN_HEADS}u + hl]; }
+    for (var q = s0; q < s1; q++) {
+      let t = t0 + q;
+      run += csd[bhl() + row + t] * a;
+      csd[row + t] = run;
+    }
+  }
+}
+`,
+  }));
+  return {
+    spec,
+    uniforms: packDims(s, {
+      dt_off: dt.offset,
+      dt_stride: dt.stride,
+      flags: softplus ? SSD_FLAG.dtSoftplus : 0,
+      tiles_a: ceilDiv(s.heads, SCAN_HEADS),
+    }),
+    workgroups: scanWorkgroups(s),
+  };
+}
+
+/**
+ * softplus(v) = max(v, 0) + log1p(exp(-|v|)), with log1p of e in (0, 1] as 2 atanh(e / (2 + e)) by its series
+ * (relative error < 2e-9): GPU `log` near 1 may carry an absolute error of 2^-21 (WGSL allows it), which would be
+ * a large relative error for the small deltas Mamba uses. Agrees with PyTorch's thresholded softplus in f32.
+ */
+export const WGSL_SOFTPLUS = `
+fn softplus(v: f32) -> f32 {
+  let e = exp(-abs(v));
+  let z = e / (2.0 + e);
+  let z2 = z * z;
+  let series = 1.0 + z2 * (1.0 / 3.0 + z2 * (1.0 / 5.0 + z2 * (1.0 / 7.0 + z2 * (1.0 / 9.0 + z2 * (1.0 / 11.0 +
+    z2 * (1.0 / 13.0 + z2 * (1.0 / 15.0)))))));
+  return max(v, 0.0) + 2.0 * z * series;
+}
+fn sigmoid(v: f32) -> f32 { return 1.0 / (1.0 + exp(-v)); }
+`;
+
+// ---- 2. chunk states (and, in the backward, the local gradient of each chunk's entering state) --------------
+
+/** Which weights the chunk product applies: `state` exp(T - cs_s) delta_s, `output` exp(cs_s). */
+export type SsdChunkStateMode = "state" | "output";
+
+/**
+ * out[b, c, h, p, n] = sum_{s in chunk c} w_s X[b, s, gx(h), p] Y[b, s, gy(h), n] with X of dim P and Y of dim N.
+ * Forward: X = x, Y = B, mode `state` (the chunk's own end state). Backward: X = dy, Y = C, mode `output` (the
+ * gradient of the chunk's entering state from its outputs). One 64 x 64 (p, n) tile per workgroup, over s in
+ * slices of 16. Bindings: X, Y, csd, out (rw) [B, nc, H, P, N].
+ */
+export function ssdChunkState(s: SsdShape, X: SsdOperand, Y: SsdOperand, mode: SsdChunkStateMode): Launch {
+  const spec = cached(`ssd_chunk_state_${mode}`, () => ({
+    bindings: ["read", "read", "read", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read> X: array<f32>;
+@group(0) @binding(1) var<storage, read> Y: array<f32>;
+@group(0) @binding(2) var<storage, read> csd: array<f32>;
+@group(0) @binding(3) var<storage, read_write> O: array<f32>;
+@group(0) @binding(4) var<uniform> d: Dims;
+${CSD_HELPERS}
+const TT = ${SSD_TILE}u;
+const TK = ${TK}u;
+var<workgroup> sX: array<f32, ${TK * SSD_TILE}>;
+var<workgroup> sY: array<f32, ${TK * SSD_TILE}>;
+var<workgroup> sw: array<f32, ${TK}>;
+
+@compute @workgroup_size(256)
+fn main(${ENTRY_ARGS}) {
+  ${WG_INDEX}
+  let pt = w % d.tiles_a; w = w / d.tiles_a;
+  let nt = w % d.tiles_b; w = w / d.tiles_b;
+  let h = w % d.heads; w = w / d.heads;
+  let c = w % d.nchunks;
+  let b = w / d.nchunks;
+  if (b >= d.batch) { return; }
+  let t0 = c * d.chunk;
+  let clen = min(d.chunk, d.seqlen - t0);
+  let base = (b * d.heads + h) * d.seqlen + t0;
+  let T = cs_at(base + clen - 1u);
+  let tx = li % 16u;
+  let ty = li / 16u;
+  let gx = grp(h, d.u_heads);
+  let gy = grp(h, d.v_heads);
+  var acc: array<vec4<f32>, 4>;
+  for (var s0 = 0u; s0 < clen; s0 += TK) {
+    if (li < TK) {
+      let s = s0 + li;
+      var wt = 0.0;
+      if (s < clen) {
+        ${
+      mode === "state" ? "wt = exp(T - cs_at(base + s)) * delta_at(base + s);" : "wt = exp(cs_at(base + s));"
+    }
+      }
+      sw[li] = wt;
+    }
+    for (var e = li; e < TK * TT; e += 256u) {
+      let kk = e / TT;
+      let col = e % TT;
+      let s = s0 + kk;
+      let p = pt * TT + col;
+      let n = nt * TT + col;
+      var xv = 0.0;
+      var yv = 0.0;
+      if (s < clen) {
+        let tok = b * d.seqlen + t0 + s;
+        if (p < d.u_dim) { xv = X[d.u_off + tok * d.u_stride + gx * d.u_dim + p]; }
+        if (n < d.v_dim) { yv = Y[d.v_off + tok * d.v_stride + gy * d.v_dim + n]; }
+      }
+      sX[e] = xv;
+      sY[e] = yv;
+    }
+    workgroupBarrier();
+    for (var kk = 0u; kk < TK; kk++) {
+      let r = kk * TT;
+      let a = vec4<f32>(sX[r + ty], sX[r + ty + 16u], sX[r + ty + 32u], sX[r + ty + 48u]) * sw[kk];
+      let bv = vec4<f32>(sY[r + tx], sY[r + tx + 16u], sY[r + tx + 32u], sY[r + tx + 48u]);
+      acc[0] += a.x * bv;
+      acc[1] += a.y * bv;
+      acc[2] += a.z * bv;
+      acc[3] += a.w * bv;
+    }
+    workgroupBarrier();
+  }
+  let obase = ((b * d.nchunks + c) * d.heads + h) * d.dim_p * d.dim_n;
+  for (var i = 0u; i < 4u; i++) {
+    let p = pt * TT + ty + 16u * i;
+    if (p >= d.dim_p) { continue; }
+    for (var j = 0u; j < 4u; j++) {
+      let n = nt * TT + tx + 16u * j;
+      if (n < d.dim_n) { O[obase + p * d.dim_n + n] = acc[i][j]; }
+    }
+  }
+}
+`,
+  }));
+  const tilesA = ceilDiv(s.dimP, SSD_TILE), tilesB = ceilDiv(s.dimN, SSD_TILE);
+  return {
+    spec,
+    uniforms: packDims(s, {
+      ...operandFields("u", X),
+      ...operandFields("v", Y),
+      tiles_a: tilesA,
+      tiles_b: tilesB,
+    }),
+    workgroups: grid2d(tilesA * tilesB * s.heads * ssdChunks(s) * s.batch),
+  };
+}
+
+// ---- 3. the sequential pass over chunks ---------------------------------------------------------------------
+
+/**
+ * In place over `states`: on entry chunk c's own state, on exit the state entering chunk c. One thread per
+ * (b, h, p, n), sequential over chunks: Sin_{c+1} = exp(T_c) Sin_c + states_c. Writes the final state.
+ * Bindings: states (rw) [B, nc, H, P, N], csd, init (read; any read buffer when absent) [B, H, P, N],
+ * final (rw) [B, H, P, N].
+ */
+export function ssdStatePass(s: SsdShape, hasInit: boolean): Launch {
+  const spec = cached("ssd_state_pass", () => ({
+    bindings: ["rw", "read", "read", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read_write> st: array<f32>;
+@group(0) @binding(1) var<storage, read> csd: array<f32>;
+@group(0) @binding(2) var<storage, read> init: array<f32>;
+@group(0) @binding(3) var<storage, read_write> fin: array<f32>;
+@group(0) @binding(4) var<uniform> d: Dims;
+${CSD_HELPERS}
+@compute @workgroup_size(${LINEAR_WORKGROUP})
+fn main(${ENTRY_ARGS}) {
+  let i = (wid.y * nwg.x + wid.x) * ${LINEAR_WORKGROUP}u + li;
+  let pn = d.dim_p * d.dim_n;
+  let e = i % pn;
+  let bh = i / pn;
+  if (bh >= d.batch * d.heads) { return; }
+  let h = bh % d.heads;
+  let b = bh / d.heads;
+  var S = 0.0;
+  if ((d.flags & ${SSD_FLAG.initialState}u) != 0u) { S = init[bh * pn + e]; }
+  for (var c = 0u; c < d.nchunks; c++) {
+    let last = min(d.seqlen, (c + 1u) * d.chunk) - 1u;
+    let idx = ((b * d.nchunks + c) * d.heads + h) * pn + e;
+    let own = st[idx];
+    st[idx] = S;
+    S = exp(cs_at(bh * d.seqlen + last)) * S + own;
+  }
+  fin[bh * pn + e] = S;
+}
+`,
+  }));
+  const n = s.batch * s.heads * s.dimP * s.dimN;
+  return {
+    spec,
+    uniforms: packDims(s, { flags: hasInit ? SSD_FLAG.initialState : 0 }),
+    workgroups: grid2d(ceilDiv(n, LINEAR_WORKGROUP)),
+  };
+}
+
+// ---- 4. the row products: forward output and the x, B, C gradients --------------------------------------------
+
+/**
+ * Variants of the rows kernel. Each computes, for the rows r of one chunk and one 64-column tile,
+ *   acc[r, col] = rowScale_r sum_k U_r[k] S(k, col) + sum_{k in mask(r)} (U_r . V_k) decay(r, k) Z_k[col]
+ * then an epilogue:
+ * - `y`:  U = C, V = B, Z = x, S = Sin^T, mask k <= r, decay exp(cs_r - cs_k) delta_k, rowScale exp(cs_r);
+ *         y = acc + D x.
+ * - `dx`: U = B, V = C, Z = dy, S = dstates^T, mask k >= r, decay exp(cs_k - cs_r), rowScale exp(T - cs_r);
+ *         dx = delta_r acc + D dy; row partials x . acc (d delta direct) and x . dy (dD).
+ * - `dB`: U = x, V = dy, Z = C, S = dstates, mask k >= r, decay exp(cs_k - cs_r), rowScale exp(T - cs_r);
+ *         dB = delta_r acc; row partial -B . dB.
+ * - `dC`: U = dy, V = x, Z = B, S = Sin, mask k <= r, decay exp(cs_r - cs_k) delta_k, rowScale exp(cs_r);
+ *         dC = acc; row partial C . dC.
+ */
+export type SsdRowsVariant = "y" | "dx" | "dB" | "dC";
+
+const ROW_SLOTS: Record<SsdRowsVariant, string> = {
+  y: "",
+  dx: "0u",
+  dB: "2u",
+  dC: "3u",
+};
+
+function rowsCode(v: SsdRowsVariant): string {
+  const lower = v === "y" || v === "dC";
+  const transposedS = v === "y" || v === "dx";
+  const hasE = v !== "y";
+  const oBinding = hasE ? 6 : 5;
+  const decay = lower ? "exp(cr - sKCs[pl]) * sKD[pl]" : "exp(sKCs[pl] - cr)";
+  const rowScale = lower ? "exp(sRowCs[rl])" : "exp(T - sRowCs[rl])";
+  const loadS = transposedS
+    ? `let col = e / TK;
+      let kk = e % TK;
+      let gc = col0 + col;
+      let k = k0 + kk;
+      var sv = 0.0;
+      if (gc < ncols && k < kdim) { sv = S[sBase + gc * kdim + k]; }
+      sB[kk * SBS + col] = sv;`
+    : `let kk = e / TC;
+      let col = e % TC;
+      let gc = col0 + col;
+      let k = k0 + kk;
+      var sv = 0.0;
+      if (gc < ncols && k < kdim) { sv = S[sBase + k * ncols + gc]; }
+      sB[kk * SBS + col] = sv;`;
+  let epilogue: string;
+  if (v === "y") {
+    epilogue = `
+  let dh = d_of(h);
+  for (var i = 0u; i < 4u; i++) {
+    let row = r0 + ty + 16u * i;
+    if (row >= clen) { continue; }
+    let t = t0 + row;
+    for (var j = 0u; j < 4u; j++) {
+      let gc = col0 + tx + 16u * j;
+      if (gc < ncols) { O[d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc] = acc[i][j] + dh * ld_z(b, t, gc); }
+    }
+  }`;
+  } else {
+    const body = v === "dx"
+      ? `let g = acc[i][j];
+        let dyv = ld_z(b, t, gc);
+        let xv = ld_e(b, t, gc);
+        O[oi] = sRowD[rl] * g + dh * dyv;
+        rs0[i] += xv * g;
+        rs1[i] += xv * dyv;`
+      : v === "dB"
+      ? `let g = sRowD[rl] * acc[i][j];
+        O[oi] = g;
+        rs0[i] -= ld_e(b, t, gc) * g;`
+      : `let g = acc[i][j];
+        O[oi] = g;
+        rs0[i] += ld_e(b, t, gc) * g;`;
+    epilogue = `
+  let dh = d_of(h);
+  var rs0 = vec4<f32>();
+  var rs1 = vec4<f32>();
+  for (var i = 0u; i < 4u; i++) {
+    let rl = ty + 16u * i;
+    let row = r0 + rl;
+    if (row >= clen) { continue; }
+    let t = t0 + row;
+    for (var j = 0u; j < 4u; j++) {
+      let gc = col0 + tx + 16u * j;
+      if (gc < ncols) {
+        let oi = d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc;
+        ${body}
+      }
+    }
+  }
+  // Row sums over this column tile: 16 threads share a row; sum their partials through workgroup memory.
+  for (var i = 0u; i < 4u; i++) {
+    let rl = ty + 16u * i;
+    sW[rl * 16u + tx] = rs0[i];
+    sW[1024u + rl * 16u + tx] = rs1[i];
+  }
+  workgroupBarrier();
+  if (li < TR && r0 + li < clen) {
+    var s0 = 0.0;
+    var s1 = 0.0;
+    for (var q = 0u; q < 16u; q++) {
+      s0 += sW[li * 16u + q];
+      s1 += sW[1024u + li * 16u + q];
+    }
+    let t = t0 + r0 + li;
+    R[rp(${ROW_SLOTS[v]}, b, h, t, ct)] = s0;
+    ${v === "dx" ? "R[rp(1u, b, h, t, ct)] = s1;" : ""}
+  }`;
+  }
+  return `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read> U: array<f32>;
+@group(0) @binding(1) var<storage, read> V: array<f32>;
+@group(0) @binding(2) var<storage, read> Z: array<f32>;
+@group(0) @binding(3) var<storage, read> S: array<f32>;
+@group(0) @binding(4) var<storage, read> csd: array<f32>;
+${hasE ? "@group(0) @binding(5) var<storage, read> E: array<f32>;" : ""}
+@group(0) @binding(${oBinding}) var<storage, read_write> O: array<f32>;
+${hasE ? "@group(0) @binding(7) var<storage, read_write> R: array<f32>;" : ""}
+@group(0) @binding(${hasE ? 8 : 6}) var<uniform> d: Dims;
+${CSD_HELPERS}
+const TR = ${SSD_TILE}u;
+const TC = ${SSD_TILE}u;
+const TB = ${SSD_TILE}u;
+const TK = ${TK}u;
+const SBS = ${SSD_TILE + 1}u;
+var<workgroup> sA: array<f32, ${SSD_TILE * TK}>;
+// rows padded to 65: the transposing stores below would hit one bank 16 times with a stride of 64
+var<workgroup> sB: array<f32, ${(SSD_TILE + 1) * TK}>;
+var<workgroup> sW: array<f32, ${SSD_TILE * SSD_TILE}>;
+var<workgroup> sZ: array<f32, ${SSD_TILE * TK}>;
+var<workgroup> sRowCs: array<f32, ${SSD_TILE}>;
+var<workgroup> sRowD: array<f32, ${SSD_TILE}>;
+var<workgroup> sKCs: array<f32, ${SSD_TILE}>;
+var<workgroup> sKD: array<f32, ${SSD_TILE}>;
+
+// Group offsets of this workgroup's head, computed once (integer division is slow on GPUs).
+var<private> uBase: u32;
+var<private> vBase: u32;
+var<private> zBase: u32;
+var<private> eBase: u32;
+fn tok(b: u32, t: u32) -> u32 { return b * d.seqlen + t; }
+fn ld_u(b: u32, t: u32, k: u32) -> f32 { return U[uBase + tok(b, t) * d.u_stride + k]; }
+fn ld_v(b: u32, t: u32, k: u32) -> f32 { return V[vBase + tok(b, t) * d.v_stride + k]; }
+fn ld_z(b: u32, t: u32, k: u32) -> f32 { return Z[zBase + tok(b, t) * d.z_stride + k]; }
+${
+    hasE
+      ? `fn ld_e(b: u32, t: u32, k: u32) -> f32 { return E[eBase + tok(b, t) * d.e_stride + k]; }
+// row partials [slot, B, L, H, CT]: heads innermost, so the decay scan reads 16 heads of a position together
+fn rp(slot: u32, b: u32, h: u32, t: u32, ct: u32) -> u32 {
+  return (((slot * d.batch + b) * d.seqlen + t) * d.heads + h) * d.col_tiles + ct;
+}`
+      : ""
+  }
+
+// sA[r][k] = U[row r0 + r, k0 + k] (zero outside the chunk or past the dim)
+fn load_rows(b: u32, t0: u32, r0: u32, clen: u32, k0: u32, li: u32) {
+  for (var e = li; e < TR * TK; e += 256u) {
+    let r = e / TK;
+    let k = k0 + e % TK;
+    var v = 0.0;
+    if (r0 + r < clen && k < d.u_dim) { v = ld_u(b, t0 + r0 + r, k); }
+    sA[e] = v;
+  }
+}
+
+@compute @workgroup_size(256)
+fn main(${ENTRY_ARGS}) {
+  ${WG_INDEX}
+  let ct = w % d.tiles_a; w = w / d.tiles_a;
+  let rt = w % d.row_tiles; w = w / d.row_tiles;
+  let h = w % d.heads; w = w / d.heads;
+  let c = w % d.nchunks;
+  let b = w / d.nchunks;
+  if (b >= d.batch) { return; }
+  let t0 = c * d.chunk;
+  let clen = min(d.chunk, d.seqlen - t0);
+  let r0 = rt * TR;
+  if (r0 >= clen) { return; }
+  uBase = d.u_off + grp(h, d.u_heads) * d.u_dim;
+  vBase = d.v_off + grp(h, d.v_heads) * d.u_dim;
+  zBase = d.z_off + grp(h, d.z_heads) * d.z_dim;
+  ${hasE ? "eBase = d.e_off + grp(h, d.e_heads) * d.z_dim;" : ""}
+  let col0 = ct * TC;
+  let tx = li % 16u;
+  let ty = li / 16u;
+  let kdim = d.u_dim;
+  let ncols = d.z_dim;
+  let base = (b * d.heads + h) * d.seqlen + t0;
+  if (li < TR) {
+    var cr = 0.0;
+    var dr = 0.0;
+    if (r0 + li < clen) {
+      cr = cs_at(base + r0 + li);
+      dr = delta_at(base + r0 + li);
+    }
+    sRowCs[li] = cr;
+    sRowD[li] = dr;
+  }
+  let T = cs_at(base + clen - 1u);
+  let sBase = ((b * d.nchunks + c) * d.heads + h) * d.dim_p * d.dim_n;
+  workgroupBarrier();
+
+  // Inter-chunk term: the state (entering the chunk, or its gradient) applied to each row.
+  var acc: array<vec4<f32>, 4>;
+  for (var k0 = 0u; k0 < kdim; k0 += TK) {
+    load_rows(b, t0, r0, clen, k0, li);
+    for (var e = li; e < TK * TC; e += 256u) {
+      ${loadS}
+    }
+    workgroupBarrier();
+    for (var kk = 0u; kk < TK; kk++) {
+      let a = vec4<f32>(sA[ty * TK + kk], sA[(ty + 16u) * TK + kk], sA[(ty + 32u) * TK + kk], sA[(ty + 48u) * TK + kk]);
+      let bv = vec4<f32>(sB[kk * SBS + tx], sB[kk * SBS + tx + 16u], sB[kk * SBS + tx + 32u], sB[kk * SBS + tx + 48u]);
+      acc[0] += a.x * bv;
+      acc[1] += a.y * bv;
+      acc[2] += a.z * bv;
+      acc[3] += a.w * bv;
+    }
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < 4u; i++) {
+    let rl = ty + 16u * i;
+    acc[i] *= ${rowScale};
+  }
+
+  // Intra-chunk term, one 64 x 64 block of positions at a time: W = mask(U V^T) * decay, then acc += W Z.
+  let kbEnd = ${lower ? "min(r0 + TR, clen)" : "clen"};
+  for (var kb = ${lower ? "0u" : "r0"}; kb < kbEnd; kb += TB) {
+    if (li < TB) {
+      var ck = 0.0;
+      var dk = 0.0;
+      if (kb + li < clen) {
+        ck = cs_at(base + kb + li);
+        dk = delta_at(base + kb + li);
+      }
+      sKCs[li] = ck;
+      sKD[li] = dk;
+    }
+    // zeroed by assignment each block: a loop-local declaration may be hoisted and initialised only once
+    var wacc: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) { wacc[i] = vec4<f32>(); }
+    for (var k0 = 0u; k0 < kdim; k0 += TK) {
+      load_rows(b, t0, r0, clen, k0, li);
+      for (var e = li; e < TK * TB; e += 256u) {
+        let pos = e / TK;
+        let kk = e % TK;
+        var vv = 0.0;
+        if (kb + pos < clen && k0 + kk < kdim) { vv = ld_v(b, t0 + kb + pos, k0 + kk); }
+        sB[kk * SBS + pos] = vv;
+      }
+      workgroupBarrier();
+      for (var kk = 0u; kk < TK; kk++) {
+        let a = vec4<f32>(sA[ty * TK + kk], sA[(ty + 16u) * TK + kk], sA[(ty + 32u) * TK + kk], sA[(ty + 48u) * TK + kk]);
+        let bv = vec4<f32>(sB[kk * SBS + tx], sB[kk * SBS + tx + 16u], sB[kk * SBS + tx + 32u], sB[kk * SBS + tx + 48u]);
+        wacc[0] += a.x * bv;
+        wacc[1] += a.y * bv;
+        wacc[2] += a.z * bv;
+        wacc[3] += a.w * bv;
+      }
+      workgroupBarrier();
+    }
+    // Mask before exp: only exponents <= 0 are ever evaluated.
+    for (var i = 0u; i < 4u; i++) {
+      let rl = ty + 16u * i;
+      let row = r0 + rl;
+      let cr = sRowCs[rl];
+      for (var j = 0u; j < 4u; j++) {
+        let pl = tx + 16u * j;
+        let k = kb + pl;
+        var val = 0.0;
+        if (row < clen && k < clen && ${lower ? "k <= row" : "k >= row"}) { val = wacc[i][j] * ${decay}; }
+        sW[rl * TB + pl] = val;
+      }
+    }
+    workgroupBarrier();
+    let kbLen = min(TB, clen - kb);
+    for (var z0 = 0u; z0 < kbLen; z0 += TK) {
+      for (var e = li; e < TK * TC; e += 256u) {
+        let kk = e / TC;
+        let gc = col0 + e % TC;
+        let k = kb + z0 + kk;
+        var zv = 0.0;
+        if (k < clen && gc < ncols) { zv = ld_z(b, t0 + k, gc); }
+        sZ[e] = zv;
+      }
+      workgroupBarrier();
+      for (var kk = 0u; kk < TK; kk++) {
+        let q = z0 + kk;
+        let a = vec4<f32>(sW[ty * TB + q], sW[(ty + 16u) * TB + q], sW[(ty + 32u) * TB + q], sW[(ty + 48u) * TB + q]);
+        let bv = vec4<f32>(sZ[kk * TC + tx], sZ[kk * TC + tx + 16u], sZ[kk * TC + tx + 32u], sZ[kk * TC + tx + 48u]);
+        acc[0] += a.x * bv;
+        acc[1] += a.y * bv;
+        acc[2] += a.z * bv;
+        acc[3] += a.w * bv;
+      }
+      workgroupBarrier();
+    }
+  }
+${epilogue}
+}
+`;
+}
+
+/**
+ * One of the four row products (see {@linkcode SsdRowsVariant}). `U`, `V`, `Z` (and `E`, the operand of the
+ * epilogue: x for `dx`, B for `dB`, C for `dC`; unused for `y`, whose skip term reads Z = x) are grouped
+ * operands; `U` and `V` share a dim (the dot-product length), `Z` and `E` have the output's dim. `out` is written
+ * per head h: `out.offset + (b L + t) out.stride + h Z.dim + col`.
+ * Bindings: U, V, Z, S [B, nc, H, P, N], csd, [E], out (rw), [row partials (rw) [4, B, L, H, CT]].
+ */
+export function ssdChunkRows(
+  variant: SsdRowsVariant,
+  s: SsdShape,
+  U: SsdOperand,
+  V: SsdOperand,
+  Z: SsdOperand,
+  E: SsdOperand | null,
+  out: SsdOutputLayout,
+): Launch {
+  if (U.dim !== V.dim) throw new Error(`ssdChunkRows: U dim ${U.dim} != V dim ${V.dim}`);
+  const hasE = variant !== "y";
+  const spec = cached(`ssd_rows_${variant}`, () => ({
+    bindings: hasE
+      ? ["read", "read", "read", "read", "read", "read", "rw", "rw"]
+      : ["read", "read", "read", "read", "read", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: rowsCode(variant),
+  }));
+  const colTiles = ceilDiv(Z.dim, SSD_TILE);
+  const rowTiles = ceilDiv(s.chunk, SSD_TILE);
+  return {
+    spec,
+    uniforms: packDims(s, {
+      ...operandFields("u", U),
+      ...operandFields("v", V),
+      ...operandFields("z", Z),
+      ...(E ? operandFields("e", E) : {}),
+      o_off: out.offset,
+      o_stride: out.stride,
+      row_tiles: rowTiles,
+      tiles_a: colTiles,
+    }),
+    workgroups: grid2d(colTiles * rowTiles * s.heads * ssdChunks(s) * s.batch),
+  };
+}
+
+// ---- backward: the reverse pass over chunks ---------------------------------------------------------------
+
+/**
+ * Reverse of {@linkcode ssdStatePass}, in place over `ds`: on entry the local gradients dSin_c from the chunk
+ * outputs, on exit d states_c = G_{c+1} with G_{nc} = dS_final and G_c = dSin_c + exp(T_c) G_{c+1}; dS_init = G_0.
+ * Also dT_c = <G_{c+1}, Sin_{c+1}>, reduced per 256-element block (workgroup) into dT partials.
+ * Bindings: ds (rw), Sin (the forward's states buffer), final, dfinal (any read buffer when absent), csd,
+ * dinit (rw; a scratch buffer when absent), dT partials (rw) [B, H, nc, E].
+ */
+export function ssdStatePassBackward(s: SsdShape, hasInit: boolean, hasFinalGrad: boolean): Launch {
+  const spec = cached("ssd_state_pass_bwd", () => ({
+    bindings: ["rw", "read", "read", "read", "read", "rw", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read_write> ds: array<f32>;
+@group(0) @binding(1) var<storage, read> sin: array<f32>;
+@group(0) @binding(2) var<storage, read> fin: array<f32>;
+@group(0) @binding(3) var<storage, read> dfin: array<f32>;
+@group(0) @binding(4) var<storage, read> csd: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dinit: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dtp: array<f32>;
+@group(0) @binding(7) var<uniform> d: Dims;
+${CSD_HELPERS}
+var<workgroup> red: array<f32, ${SSD_STATE_BLOCK}>;
+@compute @workgroup_size(${SSD_STATE_BLOCK})
+fn main(${ENTRY_ARGS}) {
+  ${WG_INDEX}
+  let eb = w % d.e_blocks;
+  let bh = w / d.e_blocks;
+  if (bh >= d.batch * d.heads) { return; }
+  let h = bh % d.heads;
+  let b = bh / d.heads;
+  let pn = d.dim_p * d.dim_n;
+  let e = eb * ${SSD_STATE_BLOCK}u + li;
+  let valid = e < pn;
+  var g = 0.0;
+  if (valid && (d.flags & ${SSD_FLAG.finalGrad}u) != 0u) { g = dfin[bh * pn + e]; }
+  for (var ci = 0u; ci < d.nchunks; ci++) {
+    let c = d.nchunks - 1u - ci;
+    var snext = 0.0;
+    if (valid) {
+      if (c + 1u == d.nchunks) { snext = fin[bh * pn + e]; }
+      else { snext = sin[((b * d.nchunks + c + 1u) * d.heads + h) * pn + e]; }
+    }
+    red[li] = g * snext;
+    workgroupBarrier();
+    for (var half = ${SSD_STATE_BLOCK / 2}u; half > 0u; half = half / 2u) {
+      if (li < half) { red[li] += red[li + half]; }
+      workgroupBarrier();
+    }
+    if (li == 0u) { dtp[(bh * d.nchunks + c) * d.e_blocks + eb] = red[0]; }
+    workgroupBarrier();
+    if (valid) {
+      let idx = ((b * d.nchunks + c) * d.heads + h) * pn + e;
+      let local = ds[idx];
+      ds[idx] = g;
+      let last = min(d.seqlen, (c + 1u) * d.chunk) - 1u;
+      g = local + exp(cs_at(bh * d.seqlen + last)) * g;
+    }
+  }
+  if (valid && (d.flags & ${SSD_FLAG.initialState}u) != 0u) { dinit[bh * pn + e] = g; }
+}
+`,
+  }));
+  const eBlocks = ceilDiv(s.dimP * s.dimN, SSD_STATE_BLOCK);
+  return {
+    spec,
+    uniforms: packDims(s, {
+      flags: (hasInit ? SSD_FLAG.initialState : 0) | (hasFinalGrad ? SSD_FLAG.finalGrad : 0),
+    }),
+    workgroups: grid2d(eBlocks * s.batch * s.heads),
+  };
+}
+
+// ---- backward: decay gradients ----------------------------------------------------------------------------
+
+/**
+ * Per (b, h, chunk): dl_t = sum_{q>=t in chunk} (C.dC - B.dB)_q + dT_c (a reverse cumulative sum, two-level like
+ * {@linkcode ssdChunkCumsum}), d delta_t = direct_t + A dl_t (times sigmoid(dt + dt_bias) with the fused softplus,
+ * giving d dt), written to `ddt` with dt's layout; per-(b, chunk) partials of dA = sum delta dl, dD = sum x.dy and
+ * d dt_bias go to the head partials [3, H, B nc]. Bindings: row partials [4, B, L, H, CT], dT partials, csd, dt
+ * (raw; any read buffer unless `softplus`), dt_bias (likewise), ddt (rw), head partials (rw).
+ */
+export function ssdDecayGrad(s: SsdShape, dt: SsdDtLayout, softplus: boolean): Launch {
+  const spec = cached("ssd_decay_grad", () => ({
+    bindings: ["read", "read", "read", "read", "read", "rw", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read> R: array<f32>;
+@group(0) @binding(1) var<storage, read> dtp: array<f32>;
+@group(0) @binding(2) var<storage, read> csd: array<f32>;
+@group(0) @binding(3) var<storage, read> dt: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+@group(0) @binding(5) var<storage, read_write> ddt: array<f32>;
+@group(0) @binding(6) var<storage, read_write> hp: array<f32>;
+@group(0) @binding(7) var<uniform> d: Dims;
+${CSD_HELPERS}
+${WGSL_SOFTPLUS}
+const NT = ${SCAN_HEADS * SCAN_SEGMENTS}u;
+var<workgroup> segSum: array<f32, NT>;
+var<workgroup> dTs: array<f32, ${SCAN_HEADS}>;
+var<workgroup> red: array<f32, ${3 * SCAN_HEADS * SCAN_SEGMENTS}>;
+fn rsum(slot: u32, b: u32, t: u32, h: u32, tiles: u32) -> f32 {
+  let base = (((slot * d.batch + b) * d.seqlen + t) * d.heads + h) * d.col_tiles;
+  var s = 0.0;
+  for (var ct = 0u; ct < tiles; ct++) { s += R[base + ct]; }
+  return s;
+}
+@compute @workgroup_size(${SCAN_HEADS * SCAN_SEGMENTS})
+fn main(${ENTRY_ARGS}) {
+  ${SCAN_PROLOGUE}
+  let pTiles = (d.dim_p + ${SSD_TILE - 1}u) / ${SSD_TILE}u;
+  let nTiles = (d.dim_n + ${SSD_TILE - 1}u) / ${SSD_TILE}u;
+  let bh = b * d.heads + h;
+  if (sg == 0u) {
+    var dT = 0.0;
+    if (hv) { for (var e = 0u; e < d.e_blocks; e++) { dT += dtp[(bh * d.nchunks + c) * d.e_blocks + e]; } }
+    dTs[hl] = dT;
+  }
+  var sum = 0.0;
+  if (hv) {
+    for (var q = s0; q < s1; q++) { sum += rsum(2u, b, t0 + q, h, nTiles) + rsum(3u, b, t0 + q, h, nTiles); }
+  }
+  segSum[sg * ${SCAN_HEADS}u + hl] = sum;
+  workgroupBarrier();
+  var dA = 0.0;
+  var dD = 0.0;
+  var dBias = 0.0;
+  if (hv) {
+    // dl at the end of this segment: the chunk's dT plus everything after the segment
+    var run = dTs[hl];
+    for (var k = sg + 1u; k < ${SCAN_SEGMENTS}u; k++) { run += segSum[k * ${SCAN_HEADS}u + hl]; }
+    let a = a_of(h);
+    for (var q = s1; q > s0; q--) {
+      let t = t0 + q - 1u;
+      run += rsum(2u, b, t, h, nTiles) + rsum(3u, b, t, h, nTiles);
+      var dd = rsum(0u, b, t, h, pTiles) + a * run;
+      dA += run * delta_at(bh * d.seqlen + t);
+      dD += rsum(1u, b, t, h, pTiles);
+      let di = d.dt_off + (b * d.seqlen + t) * d.dt_stride + h;
+      if ((d.flags & ${SSD_FLAG.dtSoftplus}u) != 0u) {
+        dd *= sigmoid(dt[di] + bias[h]);
+        dBias += dd;
+      }
+      ddt[di] = dd;
+    }
+  }
+  red[li] = dA;
+  red[NT + li] = dD;
+  red[2u * NT + li] = dBias;
+  workgroupBarrier();
+  if (sg == 0u && hv) {
+    var s = vec3<f32>();
+    for (var k = 0u; k < ${SCAN_SEGMENTS}u; k++) {
+      let i = k * ${SCAN_HEADS}u + hl;
+      s += vec3<f32>(red[i], red[NT + i], red[2u * NT + i]);
+    }
+    let bc = b * d.nchunks + c;
+    let nbc = d.batch * d.nchunks;
+    hp[h * nbc + bc] = s.x;
+    hp[(d.heads + h) * nbc + bc] = s.y;
+    hp[(2u * d.heads + h) * nbc + bc] = s.z;
+  }
+}
+`,
+  }));
+  return {
+    spec,
+    uniforms: packDims(s, {
+      dt_off: dt.offset,
+      dt_stride: dt.stride,
+      flags: softplus ? SSD_FLAG.dtSoftplus : 0,
+      tiles_a: ceilDiv(s.heads, SCAN_HEADS),
+    }),
+    workgroups: scanWorkgroups(s),
+  };
+}
+
+/**
+ * Sums the head partials [3, H, B nc] into dA [H], dD [H] and d dt_bias [H] (one workgroup per (which, h)).
+ * Bindings: head partials, dA (rw), dD (rw), d dt_bias (rw; a scratch buffer when `softplus` is false).
+ */
+export function ssdHeadReduce(s: SsdShape, softplus: boolean): Launch {
+  const spec = cached("ssd_head_reduce", () => ({
+    bindings: ["read", "rw", "rw", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read> hp: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dA: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dD: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dBias: array<f32>;
+@group(0) @binding(4) var<uniform> d: Dims;
+var<workgroup> red: array<f32, 256>;
+@compute @workgroup_size(256)
+fn main(${ENTRY_ARGS}) {
+  ${WG_INDEX}
+  let h = w % d.heads;
+  let which = w / d.heads;
+  if (which >= 3u) { return; }
+  let n = d.batch * d.nchunks;
+  var s = 0.0;
+  for (var i = li; i < n; i += 256u) { s += hp[(which * d.heads + h) * n + i]; }
+  red[li] = s;
+  workgroupBarrier();
+  for (var half = 128u; half > 0u; half = half / 2u) {
+    if (li < half) { red[li] += red[li + half]; }
+    workgroupBarrier();
+  }
+  if (li == 0u) {
+    if (which == 0u) { dA[h] = red[0]; }
+    else if (which == 1u) { dD[h] = red[0]; }
+    else if ((d.flags & ${SSD_FLAG.dtSoftplus}u) != 0u) { dBias[h] = red[0]; }
+  }
+}
+`,
+  }));
+  return {
+    spec,
+    uniforms: packDims(s, { flags: softplus ? SSD_FLAG.dtSoftplus : 0 }),
+    workgroups: grid2d(3 * s.heads),
+  };
+}
+
+/**
+ * Sums per-head gradients [B, L, H, dim] over the heads of each group into a grouped gradient written with the
+ * operand's layout (`out.offset + (b L + t) out.stride + g dim + k`). Bindings: per-head (read), out (rw).
+ */
+export function ssdGroupSum(s: SsdShape, groups: number, dim: number, out: SsdOutputLayout): Launch {
+  const spec = cached("ssd_group_sum", () => ({
+    bindings: ["read", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read> g: array<f32>;
+@group(0) @binding(1) var<storage, read_write> O: array<f32>;
+@group(0) @binding(2) var<uniform> d: Dims;
+@compute @workgroup_size(${LINEAR_WORKGROUP})
+fn main(${ENTRY_ARGS}) {
+  let i = (wid.y * nwg.x + wid.x) * ${LINEAR_WORKGROUP}u + li;
+  let k = i % d.u_dim;
+  let r = i / d.u_dim;
+  let gi = r % d.u_heads;
+  let bt = r / d.u_heads;
+  if (bt >= d.batch * d.seqlen) { return; }
+  let rep = d.heads / d.u_heads;
+  var s = 0.0;
+  for (var j = 0u; j < rep; j++) { s += g[(bt * d.heads + gi * rep + j) * d.u_dim + k]; }
+  O[d.o_off + bt * d.o_stride + gi * d.u_dim + k] = s;
+}
+`,
+  }));
+  return {
+    spec,
+    uniforms: packDims(s, { u_heads: groups, u_dim: dim, o_off: out.offset, o_stride: out.stride }),
+    workgroups: grid2d(ceilDiv(s.batch * s.seqlen * groups * dim, LINEAR_WORKGROUP)),
+  };
+}
