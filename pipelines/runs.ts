@@ -1,7 +1,7 @@
 /**
  * Run directories: `.distillery/runs/<run id>/` holds `events.jsonl` (written as the run goes) and `run.json`
  * (the {@linkcode RunRecord}, written when it ends). Run ids sort by start time:
- * `20250101-120000-<recipe>-<random>`.
+ * `20250101-120000-123-<recipe>-<random>` (date, time, milliseconds).
  *
  * @module
  */
@@ -65,7 +65,7 @@ function timestamp(d: Date): string {
   const p = (n: number) => String(n).padStart(2, "0");
   return `${d.getFullYear()}${p(d.getMonth() + 1)}${p(d.getDate())}-${p(d.getHours())}${p(d.getMinutes())}${
     p(d.getSeconds())
-  }`;
+  }-${String(d.getMilliseconds()).padStart(3, "0")}`;
 }
 
 /** Creates a new run directory with an open event log. */
@@ -116,7 +116,7 @@ export function listRuns(runsDir: string, recipe?: string): RunInfo[] {
     return [];
   }
   for (const name of names.sort().reverse()) {
-    const m = /^\d{8}-\d{6}-(.+)-[0-9a-f]{4}$/.exec(name);
+    const m = /^\d{8}-\d{6}-\d{3}-(.+)-[0-9a-f]{4}$/.exec(name);
     if (!m) continue;
     if (recipe !== undefined && m[1] !== recipe) continue;
     const dir = join(runsDir, name);
