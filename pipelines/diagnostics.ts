@@ -107,7 +107,7 @@ export function editDistance(a: string, b: string): number {
 }
 
 /**
- * The candidate closest to `word`, if it is close enough to be a plausible typo (distance at most a third of the
+ * The candidate closest to `word`, if it is close enough to be a plausible typo (distance at most 40% of the
  * word's length, at least 1), or if one contains the other (`lr` vs `learning_rate` is not caught; `learn_rate`
  * vs `learning_rate` is).
  */
@@ -126,7 +126,8 @@ export function closest(word: string, candidates: Iterable<string>): string | un
       best = c;
     }
   }
-  const limit = Math.max(1, Math.floor(word.length / 3));
+  // One- and two-letter words are too short for a typo to be recognisable.
+  const limit = word.length < 3 ? 0 : Math.max(1, Math.round(word.length * 0.4));
   return best !== undefined && bestScore <= limit ? best : undefined;
 }
 

@@ -221,7 +221,8 @@ export function validateValue(schema: ParamSchema, node: YNode, at: At): unknown
     case "string": {
       if (node.kind !== "scalar" || typeof node.value !== "string") {
         // Numbers and booleans are not silently turned into strings: `revision: 1e3` is almost surely a mistake.
-        const hint = node.kind === "scalar" && node.value !== null
+        const hint = node.kind === "scalar" && node.value !== null &&
+            (!schema.enum || schema.enum.includes(String(node.value)))
           ? "quote the value to write a string"
           : undefined;
         return bad(hint);

@@ -156,7 +156,7 @@ export function validateRecipe(rt: RecipeTree, registry: StageRegistry, problems
     name = nameEntry.value.value;
     if (!rt.nameFromSelf && rt.files.length > 1) {
       problems.add({
-        loc: nameEntry.value.loc,
+        loc: tree.loc,
         path: "name",
         message:
           `${displayPath(rt.files[0])} extends another recipe but has no name of its own (it would share ` +
@@ -362,9 +362,8 @@ function validateStage(
     problems.add({
       loc: node.loc,
       path: `${base}.kind`,
-      message: `missing required field "kind" (one of: ${
-        registry.names().filter((n) => !registry.get(n)!.testOnly).join(", ")
-      })`,
+      message: `missing required field "kind"`,
+      hint: `one of ${kindChoices(registry)}; \`deno task stages\` documents them`,
     });
   } else if (ke.value.kind !== "scalar" || typeof ke.value.value !== "string") {
     problems.add({
@@ -380,7 +379,7 @@ function validateStage(
         path: `${base}.kind`,
         message: `unknown stage kind "${ke.value.value}"`,
         hint: didYouMean(ke.value.value, registry.names(), "a kind:") +
-          " (list them with `deno task stages`)",
+          " `deno task stages` lists all kinds",
       });
     }
   }
@@ -505,6 +504,12 @@ function validateStage(
   return { stage: { name, kind, description, params, inputs, loc: keyLoc }, refs };
 }
 
+/** The kind names to suggest: the real ones, or every one when only test kinds are registered. */
+function kindChoices(registry: StageRegistry): string {
+  const real = registry.names().filter((n) => !registry.get(n)!.testOnly);
+  return (real.length > 0 ? real : registry.names()).join(", ");
+}
+
 function checkLocalPath(
   ref: InputRef & { kind: "file" },
   type: string | undefined,
@@ -518,7 +523,7 @@ function checkLocalPath(
     problems.add({
       loc: ref.loc,
       path,
-      message: `input ${JSON.stringify(ref.text)} not found (looked for ${displayPath(ref.path)})`,
+      message: `input ${JSON.stringify(ref.text)} not found: looked for ${displayPath(ref.path)}`,
       hint: ref.loc.line > 0
         ? "relative paths are resolved against the recipe file that contains them"
         : undefined,
