@@ -170,9 +170,7 @@ export function describeType(s: ParamSchema): string {
         : s.maxItems !== undefined
         ? ` (at most ${s.maxItems} items)`
         : "";
-      t = `a list of ${
-        describeType(s.items).replace(/^(an?|one of) /, (m) => m === "one of " ? "values, each one of " : "")
-      }${n}`;
+      t = `a list of ${plural(describeType(s.items))}${n}`;
       break;
     }
     case "object":
@@ -180,6 +178,13 @@ export function describeType(s: ParamSchema): string {
       break;
   }
   return s.nullable ? `${t} or null` : t;
+}
+
+/** "an integer >= 0" -> "integers >= 0", "one of ..." -> "values, each one of ...", for list descriptions. */
+function plural(desc: string): string {
+  if (desc.startsWith("one of ")) return "values, each " + desc;
+  if (desc.startsWith("true or false")) return "booleans" + desc.slice("true or false".length);
+  return desc.replace(/^an? (\w+)/, "$1s");
 }
 
 /**
