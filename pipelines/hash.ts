@@ -81,24 +81,36 @@ export async function hashFile(path: string): Promise<{ digest: string; size: nu
   return { digest: SHA256_PREFIX + h.digest("hex"), size };
 }
 
-/** The stat fields that, unchanged, let a recorded digest be trusted without reading the file again. */
+/**
+ * The stat fields that, unchanged, let a recorded digest be trusted without reading the file again: size, mtime,
+ * ctime and inode. ctime moves on any write, chmod or `touch -d` (Deno reports it in whole seconds); the inode
+ * changes when a file is replaced by another (`mv`, `cp -p`).
+ */
 export interface StatStamp {
   /** Size in bytes. */
   size: number;
   /** Modification time, ms since the epoch. */
   mtimeMs: number;
-  /** Status-change time, ms since the epoch (changes on any write, chmod, rename or `touch -d`). */
+  /** Status-change time, ms since the epoch (second resolution). */
   ctimeMs: number;
+  /** Inode number (0 where the platform has none). */
+  ino?: number;
 }
 
 /** The {@linkcode StatStamp} of a stat result. */
 export function stampOf(st: Deno.FileInfo): StatStamp {
-  return { size: st.size, mtimeMs: st.mtime?.getTime() ?? 0, ctimeMs: st.ctime?.getTime() ?? 0 };
+  return {
+    size: st.size,
+    mtimeMs: st.mtime?.getTime() ?? 0,
+    ctimeMs: st.ctime?.getTime() ?? 0,
+    ino: st.ino ?? 0,
+  };
 }
 
 /** True when two stamps are equal. */
 export function sameStamp(a: StatStamp, b: StatStamp): boolean {
-  return a.size === b.size && a.mtimeMs === b.mtimeMs && a.ctimeMs === b.ctimeMs;
+  return a.size === b.size && a.mtimeMs === b.mtimeMs && a.ctimeMs === b.ctimeMs &&
+    (a.ino ?? 0) === (b.ino ?? 0);
 }
 
 /** One entry of a tree manifest. */

@@ -3,7 +3,7 @@
  *
  * Local inputs (a teacher checkpoint on disk, a dataset) can be gigabytes; hashing them on every `plan` would make
  * a no-op run slow. {@linkcode InputDigester} keeps `<cache>/stats.json`, mapping absolute file paths to their
- * stat stamp (size, mtime, ctime) and digest, and re-reads a file only when its stamp changed. Files modified in
+ * stat stamp (size, mtime, ctime, inode) and digest, and re-reads a file only when its stamp changed. Files modified in
  * the last two seconds before hashing are not remembered (their mtime might not change on a quick second write).
  *
  * @module
@@ -11,7 +11,7 @@
 import { writeFileAtomic } from "../util/atomic.ts";
 import { hashArtifact, type StatStamp } from "./hash.ts";
 
-type Row = [size: number, mtimeMs: number, ctimeMs: number, digest: string];
+type Row = [size: number, mtimeMs: number, ctimeMs: number, ino: number, digest: string];
 
 /** Remembered digests of input files. */
 export class InputDigester {
@@ -38,12 +38,15 @@ export class InputDigester {
       links: "follow",
       known: (abs, s) => {
         const r = this.#rows[abs];
-        return r && r[0] === s.size && r[1] === s.mtimeMs && r[2] === s.ctimeMs ? r[3] : undefined;
+        return r && r.length === 5 && r[0] === s.size && r[1] === s.mtimeMs && r[2] === s.ctimeMs &&
+            r[3] === (s.ino ?? 0)
+          ? r[4]
+          : undefined;
       },
       hashed: (abs, s: StatStamp, digest) => {
         this.hashedFiles++;
         if (Date.now() - s.mtimeMs < 2000) return;
-        this.#rows[abs] = [s.size, s.mtimeMs, s.ctimeMs, digest];
+        this.#rows[abs] = [s.size, s.mtimeMs, s.ctimeMs, s.ino ?? 0, digest];
         this.#dirty = true;
       },
     });

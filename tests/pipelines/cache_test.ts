@@ -186,7 +186,12 @@ Deno.test("--verify re-hashes cached outputs and catches damage that stat stamps
     const manifestPath = out.path + ".json";
     const manifest = JSON.parse(Deno.readTextFileSync(manifestPath));
     const st = Deno.statSync(out.path);
-    manifest.entries[0].stamp = { size: st.size, mtimeMs: st.mtime!.getTime(), ctimeMs: st.ctime!.getTime() };
+    manifest.entries[0].stamp = {
+      size: st.size,
+      mtimeMs: st.mtime!.getTime(),
+      ctimeMs: st.ctime!.getTime(),
+      ino: st.ino,
+    };
     Deno.writeTextFileSync(manifestPath, JSON.stringify(manifest));
 
     const trusting = await spawnCli(["run", recipe]);

@@ -47,13 +47,27 @@ stages:
     const r = loadRecipe(child, registry);
     assert.equal(r.name, "child");
     assert.equal(r.description, "the shared recipe", "inherited");
-    assert.deepEqual(r.settings, { seed: 6, dtype: "f32", keep_checkpoints: 3, gpu: "auto", cache_dir: null });
+    assert.deepEqual(r.settings, {
+      seed: 6,
+      dtype: "f32",
+      keep_checkpoints: 3,
+      gpu: "auto",
+      cache_dir: null,
+    });
     assert.deepEqual([...r.stages.keys()], ["text", "up", "extra_stage"]);
     assert.deepEqual(r.stages.get("up")!.params, { mode: "upper", prefix: "> " }, "params merge key by key");
     const up = r.stages.get("up")!.inputs;
     assert.deepEqual(up.source.map((x) => x.text), ["${text.text}", "data/mine.txt"], "lists replace");
-    assert.equal((up.source[1] as { path: string }).path, p.path("variants/data/mine.txt"), "relative to the child file");
-    assert.equal((up.extra[0] as { path: string }).path, p.path("shared/data/base.txt"), "relative to the base file");
+    assert.equal(
+      (up.source[1] as { path: string }).path,
+      p.path("variants/data/mine.txt"),
+      "relative to the child file",
+    );
+    assert.equal(
+      (up.extra[0] as { path: string }).path,
+      p.path("shared/data/base.txt"),
+      "relative to the base file",
+    );
     assert.deepEqual(r.files, [p.path("variants/child.yaml"), p.path("shared/base.yaml")]);
     assert.deepEqual(r.order, ["text", "up", "extra_stage"]);
   } finally {
@@ -110,11 +124,23 @@ Deno.test("--set overrides params (nested too), inputs and settings, and is vali
     assert.throws(bad, (e: unknown) => {
       assert.ok(isUserError(e));
       const msg = (e as Error).message;
-      assert.match(msg, /--set text\.params\.repeat=\[1, 2\]: stages\.text\.params\.repeat: expected an integer >= 1 and <= 1000, found a list of 2/);
-      assert.match(msg, /--set text\.paramz\.repeat=1: expected text\.params\.<field>.* \(did you mean "params"\?\)/);
+      assert.match(
+        msg,
+        /--set text\.params\.repeat=\[1, 2\]: stages\.text\.params\.repeat: expected an integer >= 1 and <= 1000, found a list of 2/,
+      );
+      assert.match(
+        msg,
+        /--set text\.paramz\.repeat=1: expected text\.params\.<field>.* \(did you mean "params"\?\)/,
+      );
       assert.match(msg, /--set text=1: expected text\.params\.<field>/);
-      assert.match(msg, /--set settings\.sead=1: settings\.sead: unknown field "sead" \(did you mean "seed"\?\)/);
-      assert.match(msg, /--set up\.params\.mode=upper=lower: stages\.up\.params\.mode: expected one of .* found string "upper=lower"/);
+      assert.match(
+        msg,
+        /--set settings\.sead=1: settings\.sead: unknown field "sead" \(did you mean "seed"\?\)/,
+      );
+      assert.match(
+        msg,
+        /--set up\.params\.mode=upper=lower: stages\.up\.params\.mode: expected one of .* found string "upper=lower"/,
+      );
       assert.match(msg, /--set novalue: expected --set <stage>\.params\.<field>=<value>/);
       assert.match(msg, /has 6 problems/);
       return true;
@@ -146,7 +172,11 @@ stages:
     );
     const r = loadRecipe(file, registry);
     assert.deepEqual(r.stages.get("a")!.params, { text: "shared", repeat: 4 });
-    assert.deepEqual(r.stages.get("b")!.params, { text: "shared", repeat: 5 }, "explicit keys win over merged ones");
+    assert.deepEqual(
+      r.stages.get("b")!.params,
+      { text: "shared", repeat: 5 },
+      "explicit keys win over merged ones",
+    );
     assert.deepEqual(r.stages.get("c")!.params, { text: "shared", repeat: 4 });
   } finally {
     p.cleanup();
@@ -168,11 +198,14 @@ stages:
     );
     const r = loadRecipe(file, registry);
     const refs = r.stages.get("t")!.inputs.source;
-    assert.deepEqual(refs.map((x) => x.kind === "hub" ? [x.canonical, x.hub.repoType, x.hub.revision ?? null] : null), [
-      [`hf://HuggingFaceH4/zephyr-7b-beta@${sha}`, "model", sha],
-      ["hf://datasets/roneneldan/TinyStories", "dataset", null],
-      ["hf://gpt2@main", "model", "main"],
-    ]);
+    assert.deepEqual(
+      refs.map((x) => x.kind === "hub" ? [x.canonical, x.hub.repoType, x.hub.revision ?? null] : null),
+      [
+        [`hf://HuggingFaceH4/zephyr-7b-beta@${sha}`, "model", sha],
+        ["hf://datasets/roneneldan/TinyStories", "dataset", null],
+        ["hf://gpt2@main", "model", "main"],
+      ],
+    );
     assert.equal(r.warnings.length, 2);
     assert.match(r.warnings[0].message, /hf:\/\/datasets\/roneneldan\/TinyStories is not pinned to a commit/);
   } finally {
