@@ -27,6 +27,7 @@ import { findGitRoot, resolveStateDirs } from "./pipelines/paths.ts";
 import { formatPlan, planToJson, type ResolveRuntimeFacts, type Selection } from "./pipelines/plan.ts";
 import { type Output, processOutput } from "./pipelines/progress.ts";
 import type { StageRegistry } from "./pipelines/registry.ts";
+import type { RuntimeFacts } from "./pipelines/stage.ts";
 import { openSession, planRecipe, runRecipe, type RunRecord } from "./pipelines/runner.ts";
 import { formatRunStatus, lastRunStatus } from "./pipelines/status.ts";
 import { Store } from "./pipelines/store.ts";
@@ -50,7 +51,7 @@ export interface MainDeps {
  * Placeholder runtime facts until `runtime/` provides its adapter probe: the requested provider and dtype. The
  * runtime layer replaces this with the real provider (resolving `auto`) and adapter description.
  */
-export const requestedRuntimeFacts: ResolveRuntimeFacts = (s) =>
+export const requestedRuntimeFacts: ResolveRuntimeFacts = (s): Promise<RuntimeFacts> =>
   Promise.resolve({ provider: s.gpu, dtype: s.dtype });
 
 const collect = (v: string, prev: string[]) => [...prev, v];

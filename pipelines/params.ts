@@ -101,7 +101,7 @@ export type ParamFields = { readonly [name: string]: ParamSchema };
 
 /** Flattens an intersection for readable hover types. */
 // deno-lint-ignore ban-types
-type Simplify<T> = { [K in keyof T]: T[K] } & {};
+export type Simplify<T> = { [K in keyof T]: T[K] } & {};
 
 /** The TypeScript type of a value accepted by schema `S` (after defaults are applied). */
 export type ValueOf<S> =
@@ -115,7 +115,7 @@ export type ValueOf<S> =
   | (S extends { nullable: true } ? null : never);
 
 /** True when a field always has a value after resolution (a default, `required`, or `nullable`). */
-type AlwaysPresent<S> = S extends { default: unknown } ? true
+export type AlwaysPresent<S> = S extends { default: unknown } ? true
   : S extends { required: true } ? true
   : S extends { nullable: true } ? true
   : false;
@@ -130,9 +130,12 @@ export type ParamsOf<F extends ParamFields> = Simplify<
 >;
 
 /** Where a value being validated sits: its field path (for messages) and the location to blame if absent. */
-interface At {
+export interface At {
+  /** Field path for messages, e.g. `stages.distill.params`. */
   path: string;
+  /** Location to blame when the value is absent. */
   loc: Loc;
+  /** Where problems go. */
   problems: Problems;
 }
 
