@@ -286,7 +286,7 @@ export function reasonsToRun(
   }
   if (ev.entryProblem) reasons.push(ev.entryProblem);
   else if (!forced || ev.entry === null) {
-    if (!record) reasons.push("new: never run (no record in distillery.lock)");
+    if (!record) reasons.push("new: never run, no record in distillery.lock");
     else if (record.key === ev.key) {
       if (record.status === "failed") {
         reasons.push(`previous attempt failed: ${firstLine(record.error ?? "")}`);

@@ -203,6 +203,13 @@ export async function runRecipe(opts: RunOptions): Promise<RunOutcome> {
     const selection = resolveSelection(recipe, opts.selection ?? ALL_STAGES);
     const plan = await makePlan(env, selection, session.record);
     for (const w of recipe.warnings) con.line(`warning: ${formatProblem(w)}`);
+    const recipeFile = relative(join(session.lockPath, ".."), recipe.path).split("\\").join("/");
+    if (session.record && session.record.recipe !== recipeFile) {
+      con.line(
+        `warning: ${displayPath(session.lockPath)} holds a record of recipe "${recipe.name}" from ` +
+          `${session.record.recipe}; two recipes in one directory share a name, and their records overwrite each other`,
+      );
+    }
 
     const { runId, runDir, events } = createRunDir(dirs.runs, recipe.name);
     const started = new Date();
@@ -528,7 +535,7 @@ async function compute(a: StageRunArgs, ev: Evaluation): Promise<StageResult> {
   });
   con.line(
     `${prefix}${stage.name} (${kind.kind}): running${
-      planReasons.length ? ": " + planReasons.join("; ") : ""
+      planReasons.length ? " (" + planReasons.join("; ") + ")" : ""
     }`,
   );
 

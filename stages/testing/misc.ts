@@ -67,6 +67,7 @@ export const misbehaveStage = defineStage({
         "user_error",
         "internal_error",
         "no_output",
+        "random_output",
       ],
       required: true,
       doc: "What to do.",
@@ -98,6 +99,10 @@ export const misbehaveStage = defineStage({
         throw new TypeError("a bug inside the stage");
       case "no_output":
         await Deno.remove(out);
+        break;
+      case "random_output":
+        // Claims to be deterministic (the default) but is not: the runner warns when a recompute differs.
+        await Deno.writeTextFile(join(out, "r.txt"), crypto.randomUUID());
         break;
     }
   },

@@ -51,7 +51,7 @@ Deno.test("a parameter change reruns exactly the stages downstream of it (subpro
     assert.deepEqual(ranStages(p).sort(), ["count", "upper"]);
     assert.match(
       r.stderr,
-      /upper \(testing\.transform\): running: params\.mode changed: "upper" -> "reverse"/,
+      /upper \(testing\.transform\): running \(params\.mode changed: "upper" -> "reverse"\)/,
     );
     assert.equal(outputDigests(p)["text.text"], before["text.text"]);
     assert.equal(outputDigests(p)["train.weights"], before["train.weights"]);

@@ -18,7 +18,7 @@ Deno.test("plan lists stages in DAG order with reasons; --dry-run and --json agr
     assert.equal(r.code, 0, r.stderr);
     assert.match(
       r.stdout,
-      /text\s+testing\.text\s+will run\s+new: never run \(no record in distillery\.lock\)/,
+      /text\s+testing\.text\s+will run\s+new: never run, no record in distillery\.lock/,
     );
     assert.match(r.stdout, /upper\s+testing\.transform\s+will run\s+upstream text will run first/);
     assert.match(r.stdout, /4 to run, 0 cached/);

@@ -188,3 +188,41 @@ Deno.test("a stage reading a setting it did not declare fails loudly (its key wo
     await p.cleanup();
   }
 });
+
+Deno.test("a stage declared deterministic whose recompute differs gets a warning", async () => {
+  const { p, recipe } = misbehave("random_output");
+  try {
+    assert.equal((await runCli(["run", recipe])).code, 0);
+    const r = await runCli(["run", recipe, "--force", "bad"]);
+    assert.equal(r.code, 0);
+    assert.match(
+      r.stderr,
+      /warning: bad: stage kind testing\.misbehave is declared deterministic, but recomputing key \w+ changed output out/,
+    );
+    assert.ok(lastEvents(p).some((e) => e.type === "log" && e.level === "warn"));
+  } finally {
+    await p.cleanup();
+  }
+});
+
+Deno.test("two recipes with one name in one directory are warned about (their lock records collide)", async () => {
+  const p = tempProject();
+  try {
+    const a = p.write(
+      "a.yaml",
+      "name: same\nstages:\n  t:\n    kind: testing.text\n    params: { text: a }\n",
+    );
+    const b = p.write(
+      "b.yaml",
+      "name: same\nstages:\n  t:\n    kind: testing.text\n    params: { text: b }\n",
+    );
+    assert.equal((await runCli(["run", a])).code, 0);
+    const r = await runCli(["run", b]);
+    assert.match(
+      r.stderr,
+      /holds a record of recipe "same" from a\.yaml; two recipes in one directory share a name/,
+    );
+  } finally {
+    await p.cleanup();
+  }
+});

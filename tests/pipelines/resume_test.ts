@@ -139,3 +139,31 @@ Deno.test("a stage that fails (NaN loss) keeps its checkpoints, is recorded as f
     await p.cleanup();
   }
 });
+
+Deno.test("Ctrl-C (SIGINT) stops the stage at a step boundary: exit 130, recorded as interrupted, checkpoints kept", async () => {
+  const p = tempProject();
+  try {
+    const recipe = p.write("resume.yaml", RECIPE.replace("step_ms: 30", "step_ms: 50"));
+    const child = startCli(["run", recipe]);
+    await waitFor(() => checkpointSteps(p.cacheDir).length > 0, 20000, "a checkpoint");
+    child.kill("SIGINT");
+    const out = await child.output();
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 130, stderr);
+    assert.match(stderr, /interrupted: stopping/);
+    assert.match(
+      stderr,
+      /train: interrupted after .* \(checkpoint at step \d+ kept: the next run resumes from it\)/,
+    );
+    const failed = lastEvents(p).find((e) => e.type === "stage_failed") as { interrupted: boolean };
+    assert.equal(failed.interrupted, true);
+    assert.equal(lastEvents(p).at(-1)!.type, "run_finish");
+    assert.match(Deno.readTextFileSync(p.path("distillery.lock")), /error: interrupted/);
+    assert.ok(checkpointSteps(p.cacheDir).length > 0);
+    const again = await spawnCli(["run", recipe, "--set", "train.params.step_ms=0"]);
+    assert.equal(again.code, 0, again.stderr);
+    assert.match(again.stderr, /resuming from step/);
+  } finally {
+    await p.cleanup();
+  }
+});
