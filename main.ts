@@ -147,18 +147,19 @@ export async function main(args: string[], deps: MainDeps = {}): Promise<number>
   addSelectionOptions(addSessionOptions(
     program.command("run")
       .description("run a recipe: cached stages are reused, the others computed (resuming from checkpoints)")
-      .argument("<recipe>", "recipe file (YAML)")
+      .argument("[recipe]", "recipe file (YAML)")
       .argument("[stages...]", "run only these stages and what they need"),
   ))
     .option("--no-wait", "fail instead of waiting when another run holds a lock")
     .option("--dry-run", "print the plan and stop (same as plan)")
     .option("--json", "with --dry-run: print the plan as JSON")
     .option("--help-stage <kind>", "print the documentation of a stage kind and exit")
-    .action(async (recipe: string, targets: string[], o) => {
+    .action(async (recipe: string | undefined, targets: string[], o) => {
       if (o.helpStage) {
         exitCode = printStageDoc(o.helpStage, registry, out);
         return;
       }
+      if (!recipe) throw new UserError("run: missing the recipe file (deno task run <recipe.yaml>)");
       if (o.dryRun) return await printPlan(recipe, targets, o);
       const { exitCode: code } = await runRecipe({
         recipePath: recipe,

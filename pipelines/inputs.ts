@@ -17,6 +17,8 @@ type Row = [size: number, mtimeMs: number, ctimeMs: number, ino: number, digest:
 export class InputDigester {
   readonly #path: string;
   #rows: Record<string, Row> = {};
+  /** Digests computed in this process, racy ones included (a file is read at most once per run). */
+  #memo = new Map<string, string>();
   #dirty = false;
   /** Files actually read and hashed by this instance (for tests and benchmarks). */
   hashedFiles = 0;
@@ -37,6 +39,8 @@ export class InputDigester {
     const h = await hashArtifact(path, {
       links: "follow",
       known: (abs, s) => {
+        const m = this.#memo.get(`${abs}\0${s.size}\0${s.mtimeMs}\0${s.ctimeMs}\0${s.ino ?? 0}`);
+        if (m) return m;
         const r = this.#rows[abs];
         return r && r.length === 5 && r[0] === s.size && r[1] === s.mtimeMs && r[2] === s.ctimeMs &&
             r[3] === (s.ino ?? 0)
@@ -45,6 +49,7 @@ export class InputDigester {
       },
       hashed: (abs, s: StatStamp, digest) => {
         this.hashedFiles++;
+        this.#memo.set(`${abs}\0${s.size}\0${s.mtimeMs}\0${s.ctimeMs}\0${s.ino ?? 0}`, digest);
         if (Date.now() - s.mtimeMs < 2000) return;
         this.#rows[abs] = [s.size, s.mtimeMs, s.ctimeMs, s.ino ?? 0, digest];
         this.#dirty = true;

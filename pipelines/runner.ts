@@ -235,6 +235,7 @@ export async function runRecipe(opts: RunOptions): Promise<RunOutcome> {
     const results: StageResult[] = [];
     const known: KnownOutputs = new Map();
     let failure: StageFailed | null = null;
+    let fatal: unknown = null;
     const active = plan.filter((p) => p.action !== "skip");
     let index = 0;
     for (const p of plan) {
@@ -244,8 +245,12 @@ export async function runRecipe(opts: RunOptions): Promise<RunOutcome> {
         continue;
       }
       index++;
-      if (failure || signal.aborted) {
-        const reason = failure ? `stage ${failure.stage} failed` : "run interrupted";
+      if (failure || fatal || signal.aborted) {
+        const reason = failure
+          ? `stage ${failure.stage} failed`
+          : fatal
+          ? "the run stopped"
+          : "run interrupted";
         events.write({ type: "stage_skipped", stage: p.name, reason });
         results.push(skipped(stage, reason));
         continue;
@@ -272,18 +277,17 @@ export async function runRecipe(opts: RunOptions): Promise<RunOutcome> {
           results.push(e.result);
           continue;
         }
-        events.write({
-          type: "log",
-          stage: p.name,
-          level: "error",
-          message: String((e as Error)?.message ?? e),
-        });
-        throw e;
+        // Not a failure of the stage's own code (a lock refused with --no-wait, a bug in the runner): close the
+        // run's records properly, then let the CLI report it.
+        const message = String((e as Error)?.message ?? e);
+        events.write({ type: "log", stage: p.name, level: "error", message });
+        fatal = e;
+        results.push({ ...skipped(stage, message), action: "failed", error: message });
       }
     }
 
     const finished = new Date();
-    const status: RunRecord["status"] = signal.aborted ? "interrupted" : failure ? "failed" : "ok";
+    const status: RunRecord["status"] = signal.aborted ? "interrupted" : failure || fatal ? "failed" : "ok";
     const count = (a: StageResult["action"]) => results.filter((r) => r.action === a).length;
     events.write({
       type: "run_finish",
@@ -311,6 +315,7 @@ export async function runRecipe(opts: RunOptions): Promise<RunOutcome> {
       stages: results,
     };
     writeRunRecord(runDir, record);
+    if (fatal && !signal.aborted) throw fatal; // an abort while waiting for a lock is an interruption
     printSummary(con, opts.output, record);
     if (opts.onRunFinished) {
       try {
