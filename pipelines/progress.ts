@@ -29,7 +29,8 @@ export function processOutput(): Output {
   const isTty = Deno.stderr.isTerminal();
   let columns = 100;
   try {
-    if (isTty) columns = Deno.consoleSize().columns;
+    // A pseudo-terminal without a size reports 0 columns: keep the default then.
+    if (isTty && Deno.consoleSize().columns >= 40) columns = Deno.consoleSize().columns;
   } catch {
     // not a console
   }

@@ -104,11 +104,12 @@ export const trainStage = defineStage({
       }
     }
     await Deno.writeFile(ctx.outputs.weights, new Uint8Array(w.buffer));
-    ctx.setMetrics({ final_loss: lossOf(w), steps: p.steps });
+    ctx.setMetrics({ distance_to_one: distanceToOne(w), steps: p.steps });
   },
 });
 
-function lossOf(w: Float32Array): number {
+/** Mean squared distance of the weights from 1 (the noiseless target without a data shift). */
+function distanceToOne(w: Float32Array): number {
   let s = 0;
   for (const x of w) s += (x - 1) * (x - 1);
   return s / w.length;
