@@ -1,0 +1,24 @@
+/**
+ * The registry of stage kinds the CLI knows.
+ *
+ * To add a stage kind: write `stages/<kind>.ts` exporting a kind built with `defineStage` (see
+ * `pipelines/stage.ts` for the contract), import it here and add it to `BUILTIN_KINDS`. That is all: recipes can
+ * use it, `distillery stages <kind>` documents it, and its schema is checked at start-up.
+ *
+ * @module
+ */
+import { StageRegistry } from "../pipelines/registry.ts";
+import type { AnyStageKind } from "../pipelines/stage.ts";
+import { TESTING_KINDS } from "./testing/mod.ts";
+
+/** The real stage kinds, in the order the docs list them. */
+export const BUILTIN_KINDS: AnyStageKind[] = [
+  // Stage files add themselves here, e.g.:
+  // tokenizeStage, pseudoLabelStage, mapWeightsStage, distillStage, sftStage, refLogprobsStage, dpoStage,
+  // evaluateStage, makeDraftStage, specBenchStage, exportStage,
+];
+
+/** A registry with every built-in kind plus the test-only kinds (hidden from docs unless asked for). */
+export function defaultRegistry(): StageRegistry {
+  return new StageRegistry([...BUILTIN_KINDS, ...TESTING_KINDS]);
+}
