@@ -34,7 +34,7 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
   let qs: Float64Array[][] = Array.from({ length: B }, () => []);
   let ks: Float64Array[][] = Array.from({ length: B }, () => []);
   let vs: Float64Array[][] = Array.from({ length: B }, () => []);
-  const checks: Promise<void>[] = [];
+  const checks: { got: Promise<ArrayLike<number>>; want: Float64Array; what: string }[] = [];
   try {
     await rt.scope(async () => {
       for (const chunk of chunks) {
@@ -75,7 +75,7 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
           flat(vs),
         );
         const step = `len ${S} n ${n}`;
-        checks.push(out.read().then((o) => assertClose(o, ref.out, TOL, `decode ${name} ${step}`)));
+        checks.push({ got: out.read(), want: ref.out, what: `decode ${name} ${step}` });
       }
       // decode rows == rows of the full-sequence forward on the GPU
       const S = cache.length;
@@ -107,7 +107,8 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
         rows.set(fo.subarray((b * S + S - last) * H * hd, (b * S + S) * H * hd), b * last * H * hd);
       }
       assertClose(dOut, rows, TOL, `decode ${name}: last chunk vs full forward rows`);
-      await Promise.all(checks);
+      const got = await Promise.all(checks.map((c) => c.got));
+      checks.forEach((c, i) => assertClose(got[i], c.want, TOL, c.what));
     });
   } finally {
     cache.dispose();
