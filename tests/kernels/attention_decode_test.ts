@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { appendKv, attention, decodeAttention, KvCache } from "../../runtime/ops/attention.ts";
 import { assertClose, gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
+import { noGpuErrors } from "../helpers/gpu_errors.ts";
 import { refAttention } from "../reference/attention.ts";
 import type { Tensor } from "../../runtime/tensor.ts";
 import type { RowTiles } from "../../kernels/attention.ts";
@@ -36,80 +37,81 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
   let vs: Float64Array[][] = Array.from({ length: B }, () => []);
   const checks: { got: Promise<ArrayLike<number>>; want: Float64Array; what: string }[] = [];
   try {
-    await rt.scope(async () => {
-      for (const chunk of chunks) {
-        if (typeof chunk !== "number") {
-          cache.truncate(chunk.truncate);
-          qs = qs.map((a) => a.slice(0, chunk.truncate));
-          ks = ks.map((a) => a.slice(0, chunk.truncate));
-          vs = vs.map((a) => a.slice(0, chunk.truncate));
-          continue;
-        }
-        const n = chunk;
-        const q = randn(rng, B * n * H * hd),
-          k = randn(rng, B * n * Hkv * hd),
-          v = randn(rng, B * n * Hkv * hd);
-        for (let b = 0; b < B; b++) {
-          for (let t = 0; t < n; t++) {
-            qs[b].push(q.slice((b * n + t) * H * hd, (b * n + t + 1) * H * hd));
-            ks[b].push(k.slice((b * n + t) * Hkv * hd, (b * n + t + 1) * Hkv * hd));
-            vs[b].push(v.slice((b * n + t) * Hkv * hd, (b * n + t + 1) * Hkv * hd));
+    await noGpuErrors(rt, () =>
+      rt.scope(async () => {
+        for (const chunk of chunks) {
+          if (typeof chunk !== "number") {
+            cache.truncate(chunk.truncate);
+            qs = qs.map((a) => a.slice(0, chunk.truncate));
+            ks = ks.map((a) => a.slice(0, chunk.truncate));
+            vs = vs.map((a) => a.slice(0, chunk.truncate));
+            continue;
           }
+          const n = chunk;
+          const q = randn(rng, B * n * H * hd),
+            k = randn(rng, B * n * Hkv * hd),
+            v = randn(rng, B * n * Hkv * hd);
+          for (let b = 0; b < B; b++) {
+            for (let t = 0; t < n; t++) {
+              qs[b].push(q.slice((b * n + t) * H * hd, (b * n + t + 1) * H * hd));
+              ks[b].push(k.slice((b * n + t) * Hkv * hd, (b * n + t + 1) * Hkv * hd));
+              vs[b].push(v.slice((b * n + t) * Hkv * hd, (b * n + t + 1) * Hkv * hd));
+            }
+          }
+          appendKv(cache, rt.tensor(k, [B, n, Hkv, hd]), rt.tensor(v, [B, n, Hkv, hd]));
+          const out = decodeAttention(rt.tensor(q, [B, n, H, hd]), cache, {
+            window,
+            targetWorkgroups: cfg.targetWorkgroups,
+            tiles: cfg.tiles,
+          });
+          const S = cache.length;
+          const flat = (a: Float64Array[][]) => {
+            const r = new Float64Array(B * S * a[0][0].length);
+            a.forEach((rows, b) => rows.forEach((x, t) => r.set(x, (b * S + t) * x.length)));
+            return r;
+          };
+          const ref = refAttention(
+            { B, T: n, H, Hkv, hd, S, qoff: S - n, window, scale: 1 / Math.sqrt(hd) },
+            q,
+            flat(ks),
+            flat(vs),
+          );
+          const step = `len ${S} n ${n}`;
+          checks.push({ got: out.read(), want: ref.out, what: `decode ${name} ${step}` });
         }
-        appendKv(cache, rt.tensor(k, [B, n, Hkv, hd]), rt.tensor(v, [B, n, Hkv, hd]));
-        const out = decodeAttention(rt.tensor(q, [B, n, H, hd]), cache, {
+        // decode rows == rows of the full-sequence forward on the GPU
+        const S = cache.length;
+        const flat = (a: Float64Array[][], heads: number) => {
+          const r = new Float64Array(B * S * heads * hd);
+          a.forEach((rows, b) => rows.forEach((x, t) => r.set(x, (b * S + t) * heads * hd)));
+          return r;
+        };
+        const full = attention(
+          rt.tensor(flat(qs, H), [B, S, H, hd]),
+          rt.tensor(flat(ks, Hkv), [B, S, Hkv, hd]),
+          rt.tensor(flat(vs, Hkv), [B, S, Hkv, hd]),
+          { window },
+        );
+        const last = chunks[chunks.length - 1] as number;
+        const q = flat(qs, H);
+        const tail = new Float64Array(B * last * H * hd);
+        for (let b = 0; b < B; b++) {
+          tail.set(q.subarray((b * S + S - last) * H * hd, (b * S + S) * H * hd), b * last * H * hd);
+        }
+        const dec = decodeAttention(rt.tensor(tail, [B, last, H, hd]), cache, {
           window,
           targetWorkgroups: cfg.targetWorkgroups,
           tiles: cfg.tiles,
         });
-        const S = cache.length;
-        const flat = (a: Float64Array[][]) => {
-          const r = new Float64Array(B * S * a[0][0].length);
-          a.forEach((rows, b) => rows.forEach((x, t) => r.set(x, (b * S + t) * x.length)));
-          return r;
-        };
-        const ref = refAttention(
-          { B, T: n, H, Hkv, hd, S, qoff: S - n, window, scale: 1 / Math.sqrt(hd) },
-          q,
-          flat(ks),
-          flat(vs),
-        );
-        const step = `len ${S} n ${n}`;
-        checks.push({ got: out.read(), want: ref.out, what: `decode ${name} ${step}` });
-      }
-      // decode rows == rows of the full-sequence forward on the GPU
-      const S = cache.length;
-      const flat = (a: Float64Array[][], heads: number) => {
-        const r = new Float64Array(B * S * heads * hd);
-        a.forEach((rows, b) => rows.forEach((x, t) => r.set(x, (b * S + t) * heads * hd)));
-        return r;
-      };
-      const full = attention(
-        rt.tensor(flat(qs, H), [B, S, H, hd]),
-        rt.tensor(flat(ks, Hkv), [B, S, Hkv, hd]),
-        rt.tensor(flat(vs, Hkv), [B, S, Hkv, hd]),
-        { window },
-      );
-      const last = chunks[chunks.length - 1] as number;
-      const q = flat(qs, H);
-      const tail = new Float64Array(B * last * H * hd);
-      for (let b = 0; b < B; b++) {
-        tail.set(q.subarray((b * S + S - last) * H * hd, (b * S + S) * H * hd), b * last * H * hd);
-      }
-      const dec = decodeAttention(rt.tensor(tail, [B, last, H, hd]), cache, {
-        window,
-        targetWorkgroups: cfg.targetWorkgroups,
-        tiles: cfg.tiles,
-      });
-      const [fo, dOut] = await Promise.all([full.read(), dec.read()]);
-      const rows = new Float64Array(B * last * H * hd);
-      for (let b = 0; b < B; b++) {
-        rows.set(fo.subarray((b * S + S - last) * H * hd, (b * S + S) * H * hd), b * last * H * hd);
-      }
-      assertClose(dOut, rows, TOL, `decode ${name}: last chunk vs full forward rows`);
-      const got = await Promise.all(checks.map((c) => c.got));
-      checks.forEach((c, i) => assertClose(got[i], c.want, TOL, c.what));
-    });
+        const [fo, dOut] = await Promise.all([full.read(), dec.read()]);
+        const rows = new Float64Array(B * last * H * hd);
+        for (let b = 0; b < B; b++) {
+          rows.set(fo.subarray((b * S + S - last) * H * hd, (b * S + S) * H * hd), b * last * H * hd);
+        }
+        assertClose(dOut, rows, TOL, `decode ${name}: last chunk vs full forward rows`);
+        const got = await Promise.all(checks.map((c) => c.got));
+        checks.forEach((c, i) => assertClose(got[i], c.want, TOL, c.what));
+      }));
   } finally {
     cache.dispose();
   }

@@ -11,6 +11,7 @@ import {
   testRng,
   testRuntime,
 } from "../helpers/gpu.ts";
+import { noGpuErrors } from "../helpers/gpu_errors.ts";
 import { refAttention, refAttentionBackward, type RefAttentionShape } from "../reference/attention.ts";
 
 interface Case {
@@ -55,36 +56,37 @@ function label(c: Case): string {
 async function checkCases(name: string, cases: Case[], backward: boolean): Promise<void> {
   const rt = await testRuntime();
   const rng = testRng(name);
-  await rt.scope(async () => {
-    const pending = cases.map((c) => {
-      const s = refShape(c);
-      const qShape = c.unbatched ? [c.T, c.H, c.hd] : [c.B, c.T, c.H, c.hd];
-      const kShape = c.unbatched ? [c.T, c.Hkv, c.hd] : [c.B, c.T, c.Hkv, c.hd];
-      const q = randn(rng, c.B * c.T * c.H * c.hd);
-      const k = randn(rng, c.B * c.T * c.Hkv * c.hd);
-      const v = randn(rng, c.B * c.T * c.Hkv * c.hd);
-      const g = randn(rng, q.length);
-      const tq = rt.tensor(q, qShape), tk = rt.tensor(k, kShape), tv = rt.tensor(v, kShape);
-      tq.requiresGrad = tk.requiresGrad = tv.requiresGrad = backward;
-      const { out, lse } = attentionWithLse(tq, tk, tv, { window: c.window, scale: c.scale, ...c.opts });
-      if (backward) rt.backward(out, rt.tensor(g, qShape));
-      const reads = [out.read(), lse.read()];
-      if (backward) reads.push(tq.grad!.read(), tk.grad!.read(), tv.grad!.read());
-      return { c, s, q, k, v, g, reads: Promise.all(reads), grads: [tq, tk, tv] };
-    });
-    for (const p of pending) {
-      const [out, lse, dq, dk, dv] = await p.reads;
-      const ref = refAttention(p.s, p.q, p.k, p.v);
-      assertClose(out, ref.out, FWD_TOL, `out ${label(p.c)}`);
-      assertClose(lse, ref.lse, FWD_TOL, `lse ${label(p.c)}`);
-      if (!backward) continue;
-      const rb = refAttentionBackward(p.s, p.q, p.k, p.v, p.g);
-      assertClose(dq, rb.dq, BWD_TOL, `dq ${label(p.c)}`);
-      assertClose(dk, rb.dk, BWD_TOL, `dk ${label(p.c)}`);
-      assertClose(dv, rb.dv, BWD_TOL, `dv ${label(p.c)}`);
-      for (const t of p.grads) t.grad!.dispose();
-    }
-  });
+  await noGpuErrors(rt, () =>
+    rt.scope(async () => {
+      const pending = cases.map((c) => {
+        const s = refShape(c);
+        const qShape = c.unbatched ? [c.T, c.H, c.hd] : [c.B, c.T, c.H, c.hd];
+        const kShape = c.unbatched ? [c.T, c.Hkv, c.hd] : [c.B, c.T, c.Hkv, c.hd];
+        const q = randn(rng, c.B * c.T * c.H * c.hd);
+        const k = randn(rng, c.B * c.T * c.Hkv * c.hd);
+        const v = randn(rng, c.B * c.T * c.Hkv * c.hd);
+        const g = randn(rng, q.length);
+        const tq = rt.tensor(q, qShape), tk = rt.tensor(k, kShape), tv = rt.tensor(v, kShape);
+        tq.requiresGrad = tk.requiresGrad = tv.requiresGrad = backward;
+        const { out, lse } = attentionWithLse(tq, tk, tv, { window: c.window, scale: c.scale, ...c.opts });
+        if (backward) rt.backward(out, rt.tensor(g, qShape));
+        const reads = [out.read(), lse.read()];
+        if (backward) reads.push(tq.grad!.read(), tk.grad!.read(), tv.grad!.read());
+        return { c, s, q, k, v, g, reads: Promise.all(reads), grads: [tq, tk, tv] };
+      });
+      for (const p of pending) {
+        const [out, lse, dq, dk, dv] = await p.reads;
+        const ref = refAttention(p.s, p.q, p.k, p.v);
+        assertClose(out, ref.out, FWD_TOL, `out ${label(p.c)}`);
+        assertClose(lse, ref.lse, FWD_TOL, `lse ${label(p.c)}`);
+        if (!backward) continue;
+        const rb = refAttentionBackward(p.s, p.q, p.k, p.v, p.g);
+        assertClose(dq, rb.dq, BWD_TOL, `dq ${label(p.c)}`);
+        assertClose(dk, rb.dk, BWD_TOL, `dk ${label(p.c)}`);
+        assertClose(dv, rb.dv, BWD_TOL, `dv ${label(p.c)}`);
+        for (const t of p.grads) t.grad!.dispose();
+      }
+    }));
 }
 
 Deno.test(
