@@ -17,6 +17,7 @@ interface Cfg {
   hd: number;
   window: number;
   maxT: number;
+  dtype?: "f32" | "f16";
   targetWorkgroups?: number;
   tiles?: RowTiles;
 }
@@ -30,7 +31,11 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
   const rt = await testRuntime();
   const rng = testRng(name);
   const { B, H, Hkv, hd, window } = cfg;
-  const cache = new KvCache(rt, B, cfg.maxT, Hkv, hd);
+  const dtype = cfg.dtype ?? "f32";
+  // f16 storage: inputs are drawn f16-exact, outputs are rounded to f16 (about 5e-4 relative)
+  const tol = dtype === "f16" ? { rtol: 2e-3, atol: 2e-3 } : TOL;
+  const r16 = (a: Float64Array) => dtype === "f16" ? a.map((x) => Float16Array.of(x)[0]) : a;
+  const cache = new KvCache(rt, B, cfg.maxT, Hkv, hd, dtype);
   // the current sequence, per batch entry, as [pos][head][d] flattened per position
   let qs: Float64Array[][] = Array.from({ length: B }, () => []);
   let ks: Float64Array[][] = Array.from({ length: B }, () => []);
@@ -48,9 +53,9 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
             continue;
           }
           const n = chunk;
-          const q = randn(rng, B * n * H * hd),
-            k = randn(rng, B * n * Hkv * hd),
-            v = randn(rng, B * n * Hkv * hd);
+          const q = r16(randn(rng, B * n * H * hd)),
+            k = r16(randn(rng, B * n * Hkv * hd)),
+            v = r16(randn(rng, B * n * Hkv * hd));
           for (let b = 0; b < B; b++) {
             for (let t = 0; t < n; t++) {
               qs[b].push(q.slice((b * n + t) * H * hd, (b * n + t + 1) * H * hd));
@@ -58,8 +63,8 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
               vs[b].push(v.slice((b * n + t) * Hkv * hd, (b * n + t + 1) * Hkv * hd));
             }
           }
-          appendKv(cache, rt.tensor(k, [B, n, Hkv, hd]), rt.tensor(v, [B, n, Hkv, hd]));
-          const out = decodeAttention(rt.tensor(q, [B, n, H, hd]), cache, {
+          appendKv(cache, rt.tensor(k, [B, n, Hkv, hd], dtype), rt.tensor(v, [B, n, Hkv, hd], dtype));
+          const out = decodeAttention(rt.tensor(q, [B, n, H, hd], dtype), cache, {
             window,
             targetWorkgroups: cfg.targetWorkgroups,
             tiles: cfg.tiles,
@@ -87,9 +92,9 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
           return r;
         };
         const full = attention(
-          rt.tensor(flat(qs, H), [B, S, H, hd]),
-          rt.tensor(flat(ks, Hkv), [B, S, Hkv, hd]),
-          rt.tensor(flat(vs, Hkv), [B, S, Hkv, hd]),
+          rt.tensor(flat(qs, H), [B, S, H, hd], dtype),
+          rt.tensor(flat(ks, Hkv), [B, S, Hkv, hd], dtype),
+          rt.tensor(flat(vs, Hkv), [B, S, Hkv, hd], dtype),
           { window },
         );
         const last = chunks[chunks.length - 1] as number;
@@ -98,7 +103,7 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
         for (let b = 0; b < B; b++) {
           tail.set(q.subarray((b * S + S - last) * H * hd, (b * S + S) * H * hd), b * last * H * hd);
         }
-        const dec = decodeAttention(rt.tensor(tail, [B, last, H, hd]), cache, {
+        const dec = decodeAttention(rt.tensor(tail, [B, last, H, hd], dtype), cache, {
           window,
           targetWorkgroups: cfg.targetWorkgroups,
           tiles: cfg.tiles,
@@ -108,9 +113,9 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
         for (let b = 0; b < B; b++) {
           rows.set(fo.subarray((b * S + S - last) * H * hd, (b * S + S) * H * hd), b * last * H * hd);
         }
-        assertClose(dOut, rows, TOL, `decode ${name}: last chunk vs full forward rows`);
+        assertClose(dOut, rows, tol, `decode ${name}: last chunk vs full forward rows`);
         const got = await Promise.all(checks.map((c) => c.got));
-        checks.forEach((c, i) => assertClose(got[i], c.want, TOL, c.what));
+        checks.forEach((c, i) => assertClose(got[i], c.want, tol, c.what));
       }));
   } finally {
     cache.dispose();
@@ -186,6 +191,31 @@ Deno.test("decode attention: head dims 64 and 128", gpuTestOptions, async () => 
     4,
   ]);
 });
+
+Deno.test(
+  "decode attention: f16 cache and queries (f32 math, f32 split partials)",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16) return;
+    await runSession("f16", {
+      B: 1,
+      H: 4,
+      Hkv: 2,
+      hd: 16,
+      window: 0,
+      maxT: 300,
+      targetWorkgroups: 64,
+      dtype: "f16",
+    }, [
+      200,
+      1,
+      5,
+      { truncate: 202 },
+      3,
+    ]);
+  },
+);
 
 Deno.test("KV cache: capacity, truncation and shape errors", gpuTestOptions, async () => {
   const rt = await testRuntime();
