@@ -187,7 +187,7 @@ ${
       if (lab == ${IGNORE_INDEX}) {
         w = 0.0;
       } else if (lab < 0 || u32(lab) >= p.V) {
-        ce_t = bitcast<f32>(0x7fc00000u); // NaN: a label outside the vocabulary is a data bug, make it loud
+        ce_t = bitcast<f32>(0x7fc00000u + min(p.V, 0u)); // NaN: a label outside the vocabulary is a data bug, make it loud
       } else {
         ce_t = lse1 - f32(logits[base + u32(lab)]);
       }

@@ -69,7 +69,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (tg == ${IGNORE_INDEX}) {
       logprob[t] = 0.0;
     } else if (tg < 0 || u32(tg) >= p.V) {
-      logprob[t] = bitcast<f32>(0x7fc00000u); // NaN: a target outside the vocabulary is a data bug
+      logprob[t] = bitcast<f32>(0x7fc00000u + min(p.V, 0u)); // NaN: a target outside the vocabulary is a data bug
     } else {
       logprob[t] = f32(logits[base + u32(tg)]) - l;
     }
