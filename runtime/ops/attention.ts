@@ -111,7 +111,9 @@ export function attentionWithLse(
   );
   rt.record("attention", [q, k, v], [out, lse], ([gOut]) => {
     if (!gOut) return [null, null, null];
-    const g = attentionBackwardRaw(rt, q.dtype, shape, q, k, v, out, lse, gOut, opts);
+    // frozen inputs skip their kernel (dK and dV come from one kernel, so they go together)
+    const need = { dq: q.requiresGrad, dkv: k.requiresGrad || v.requiresGrad };
+    const g = attentionBackwardRaw(rt, q.dtype, shape, q, k, v, out, lse, gOut, opts, need);
     return [g.dq, g.dk, g.dv];
   });
   return { out, lse };
@@ -122,7 +124,10 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOption
   return attentionWithLse(q, k, v, opts).out;
 }
 
-/** The three input gradients of attention from O, LSE and dO (FlashAttention-2 backward). */
+/**
+ * The input gradients of attention from O, LSE and dO (FlashAttention-2 backward): delta = rowsum(dO * O), then
+ * dQ (one workgroup per row block) and dK/dV (one per key block). `need` skips dQ or dK/dV (returned as null).
+ */
 export function attentionBackwardRaw(
   rt: Runtime,
   dtype: DType,
@@ -134,29 +139,35 @@ export function attentionBackwardRaw(
   lse: Tensor,
   gOut: Tensor,
   opts: AttentionOptions = {},
-): { dq: Tensor; dk: Tensor; dv: Tensor } {
+  need: { dq: boolean; dkv: boolean } = { dq: true, dkv: true },
+): { dq: Tensor | null; dk: Tensor | null; dv: Tensor | null } {
   const { B, T, H, hd } = shape;
   const delta = rt.empty([B, T, H], "f32");
   const dl = attentionBackwardDelta(dtype, B * T * H, hd);
   rt.dev.dispatch(dl.spec, [out.binding, gOut.binding, delta.binding], dl.workgroups, dl.uniforms);
-  const dq = rt.empty(q.shape, dtype);
-  const dk = rt.empty(k.shape, dtype);
-  const dv = rt.empty(v.shape, dtype);
   const limit = storageLimit(rt);
-  const a = attentionBackwardDq(dtype, shape, opts.tiles?.dq ?? chooseDqTiles(hd, limit));
-  rt.dev.dispatch(
-    a.spec,
-    [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dq.binding],
-    a.workgroups,
-    a.uniforms,
-  );
-  const c = attentionBackwardDkv(dtype, shape, opts.tiles?.dkv ?? chooseDkvTiles(hd, limit));
-  rt.dev.dispatch(
-    c.spec,
-    [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dk.binding, dv.binding],
-    c.workgroups,
-    c.uniforms,
-  );
+  let dq: Tensor | null = null, dk: Tensor | null = null, dv: Tensor | null = null;
+  if (need.dq) {
+    dq = rt.empty(q.shape, dtype);
+    const a = attentionBackwardDq(dtype, shape, opts.tiles?.dq ?? chooseDqTiles(hd, limit));
+    rt.dev.dispatch(
+      a.spec,
+      [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dq.binding],
+      a.workgroups,
+      a.uniforms,
+    );
+  }
+  if (need.dkv) {
+    dk = rt.empty(k.shape, dtype);
+    dv = rt.empty(v.shape, dtype);
+    const c = attentionBackwardDkv(dtype, shape, opts.tiles?.dkv ?? chooseDkvTiles(hd, limit));
+    rt.dev.dispatch(
+      c.spec,
+      [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dk.binding, dv.binding],
+      c.workgroups,
+      c.uniforms,
+    );
+  }
   delta.dispose();
   return { dq, dk, dv };
 }

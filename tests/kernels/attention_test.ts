@@ -247,3 +247,27 @@ Deno.test("attention: shape errors name what was expected", gpuTestOptions, asyn
     assert.throws(() => attention(rt.zeros([4, 8]), k, k), /\[B, T, H, hd\]/);
   });
 });
+
+Deno.test("attention backward: a frozen q gets no gradient, k and v still do", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  const rng = testRng("attn-frozen");
+  const c = { B: 1, T: 12, H: 4, Hkv: 2, hd: 16 };
+  const s = refShape(c);
+  const q = randn(rng, c.T * c.H * c.hd), k = randn(rng, c.T * c.Hkv * c.hd), v = randn(rng, k.length);
+  const g = randn(rng, q.length);
+  await noGpuErrors(rt, () =>
+    rt.scope(async () => {
+      const tq = rt.tensor(q, [1, c.T, c.H, c.hd]);
+      const tk = rt.tensor(k, [1, c.T, c.Hkv, c.hd]);
+      const tv = rt.tensor(v, [1, c.T, c.Hkv, c.hd]);
+      tk.requiresGrad = tv.requiresGrad = true;
+      rt.backward(attention(tq, tk, tv), rt.tensor(g, [1, c.T, c.H, c.hd]));
+      assert.equal(tq.grad, null);
+      const rb = refAttentionBackward(s, q, k, v, g);
+      const [dk, dv] = await Promise.all([tk.grad!.read(), tv.grad!.read()]);
+      assertClose(dk, rb.dk, BWD_TOL, "dk with frozen q");
+      assertClose(dv, rb.dv, BWD_TOL, "dv with frozen q");
+      tk.grad!.dispose();
+      tv.grad!.dispose();
+    }));
+});
