@@ -1,0 +1,328 @@
+/**
+ * Differentiable causal grouped-query attention (HF Llama/Mistral semantics) and KV-cache decoding.
+ *
+ * Layouts: q and the output `[B, T, H, hd]` (or `[T, H, hd]` for one sequence), k and v `[B, T, Hkv, hd]`, the
+ * saved log-sum-exp `[B, T, H]` f32. A {@linkcode KvCache} holds `[B, maxT, Hkv, hd]` per layer (position-major:
+ * its first `length` positions are a plain k/v tensor). Query head h uses kv head `floor(h / (H / Hkv))`;
+ * softmax scale defaults to `1 / sqrt(hd)`; `window` W > 0 is Mistral's sliding window: query position i attends
+ * keys j with `i - W < j <= i` (transformers' `sliding_window_overlay`), i.e. W keys including itself.
+ *
+ * @module
+ */
+import {
+  attentionBackwardDelta,
+  attentionBackwardDkv,
+  attentionBackwardDq,
+  attentionForward,
+  type AttentionShape,
+  chooseDecodeTiles,
+  chooseDkvTiles,
+  chooseDqTiles,
+  chooseForwardTiles,
+  type KeyTiles,
+  type RowTiles,
+} from "../../kernels/attention.ts";
+import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
+import type { Runtime } from "../runtime.ts";
+import { shapeStr, type Tensor } from "../tensor.ts";
+import type { DType } from "../../kernels/kernel.ts";
+
+/** Options of {@linkcode attention}. */
+export interface AttentionOptions {
+  /** Softmax scale; default `1 / sqrt(hd)`. */
+  scale?: number;
+  /** Sliding window (keys j with `i - window < j <= i`); 0 or absent for full causal attention. */
+  window?: number;
+  /** Tile overrides (tests exercise several; default: the fastest that fits the device). */
+  tiles?: { forward?: RowTiles; dq?: RowTiles; dkv?: KeyTiles };
+}
+
+/** Output and saved log-sum-exp of {@linkcode attentionWithLse}. */
+export interface AttentionResult {
+  /** Attention output, q's shape. */
+  out: Tensor;
+  /** Log-sum-exp of the scaled scores per query row, `[B, T, H]` f32 (natural log). */
+  lse: Tensor;
+}
+
+function dims(q: Tensor, k: Tensor, v: Tensor): { B: number; T: number; H: number; Hkv: number; hd: number } {
+  const batched = q.shape.length === 4;
+  if (!batched && q.shape.length !== 3) {
+    throw new Error(`attention: q must be [B, T, H, hd] or [T, H, hd], got ${shapeStr(q.shape)}`);
+  }
+  if (k.shape.length !== q.shape.length || v.shape.length !== q.shape.length) {
+    throw new Error(
+      `attention: q ${shapeStr(q.shape)}, k ${shapeStr(k.shape)}, v ${shapeStr(v.shape)} ranks differ`,
+    );
+  }
+  const [B, T, H, hd] = batched ? q.shape : [1, ...q.shape];
+  const [Bk, Tk, Hkv, hdk] = batched ? k.shape : [1, ...k.shape];
+  if (Bk !== B || Tk !== T || hdk !== hd || H % Hkv !== 0 || v.shape.join() !== k.shape.join()) {
+    throw new Error(
+      `attention: expected k, v [${batched ? "B, " : ""}T, Hkv, hd] with H % Hkv == 0 matching q ${
+        shapeStr(q.shape)
+      }; got k ${shapeStr(k.shape)}, v ${shapeStr(v.shape)}`,
+    );
+  }
+  if (q.dtype !== k.dtype || q.dtype !== v.dtype || (q.dtype !== "f32" && q.dtype !== "f16")) {
+    throw new Error(
+      `attention: q, k, v must share dtype f32 or f16 (got ${q.dtype}, ${k.dtype}, ${v.dtype})`,
+    );
+  }
+  return { B, T, H, Hkv, hd };
+}
+
+function storageLimit(rt: Runtime): number {
+  return rt.dev.limits.maxComputeWorkgroupStorageSize;
+}
+
+/**
+ * Causal GQA attention with its log-sum-exp (saved for the backward). Differentiable in q, k and v.
+ */
+export function attentionWithLse(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  opts: AttentionOptions = {},
+): AttentionResult {
+  const rt = q.rt;
+  const { B, T, H, Hkv, hd } = dims(q, k, v);
+  const shape: AttentionShape = {
+    B,
+    T,
+    H,
+    Hkv,
+    hd,
+    qoff: 0,
+    kvLen: T,
+    kvBatchStride: T * Hkv * hd,
+    window: opts.window ?? 0,
+    scale: opts.scale ?? 1 / Math.sqrt(hd),
+  };
+  const out = rt.empty(q.shape, q.dtype);
+  const lse = rt.empty([B, T, H], "f32");
+  const fwdTiles = opts.tiles?.forward ?? chooseForwardTiles(hd, storageLimit(rt));
+  const f = attentionForward(q.dtype, shape, fwdTiles);
+  rt.dev.dispatch(
+    f.spec,
+    [q.binding, k.binding, v.binding, out.binding, lse.binding],
+    f.workgroups,
+    f.uniforms,
+  );
+  rt.record("attention", [q, k, v], [out, lse], ([gOut]) => {
+    if (!gOut) return [null, null, null];
+    // frozen inputs skip their kernel (dK and dV come from one kernel, so they go together)
+    const need = { dq: q.requiresGrad, dkv: k.requiresGrad || v.requiresGrad };
+    const g = attentionBackwardRaw(rt, q.dtype, shape, q, k, v, out, lse, gOut, opts, need);
+    return [g.dq, g.dk, g.dv];
+  });
+  return { out, lse };
+}
+
+/** Causal GQA attention: `softmax(q k^T * scale + causal/window mask) v` per head. Differentiable. */
+export function attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions = {}): Tensor {
+  return attentionWithLse(q, k, v, opts).out;
+}
+
+/**
+ * The input gradients of attention from O, LSE and dO (FlashAttention-2 backward): delta = rowsum(dO * O), then
+ * dQ (one workgroup per row block) and dK/dV (one per key block). `need` skips dQ or dK/dV (returned as null).
+ */
+export function attentionBackwardRaw(
+  rt: Runtime,
+  dtype: DType,
+  shape: AttentionShape,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  out: Tensor,
+  lse: Tensor,
+  gOut: Tensor,
+  opts: AttentionOptions = {},
+  need: { dq: boolean; dkv: boolean } = { dq: true, dkv: true },
+): { dq: Tensor | null; dk: Tensor | null; dv: Tensor | null } {
+  const { B, T, H, hd } = shape;
+  const delta = rt.empty([B, T, H], "f32");
+  const dl = attentionBackwardDelta(dtype, B * T * H, hd);
+  rt.dev.dispatch(dl.spec, [out.binding, gOut.binding, delta.binding], dl.workgroups, dl.uniforms);
+  const limit = storageLimit(rt);
+  let dq: Tensor | null = null, dk: Tensor | null = null, dv: Tensor | null = null;
+  if (need.dq) {
+    dq = rt.empty(q.shape, dtype);
+    const a = attentionBackwardDq(dtype, shape, opts.tiles?.dq ?? chooseDqTiles(hd, limit));
+    rt.dev.dispatch(
+      a.spec,
+      [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dq.binding],
+      a.workgroups,
+      a.uniforms,
+    );
+  }
+  if (need.dkv) {
+    dk = rt.empty(k.shape, dtype);
+    dv = rt.empty(v.shape, dtype);
+    const c = attentionBackwardDkv(dtype, shape, opts.tiles?.dkv ?? chooseDkvTiles(hd, limit));
+    rt.dev.dispatch(
+      c.spec,
+      [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dk.binding, dv.binding],
+      c.workgroups,
+      c.uniforms,
+    );
+  }
+  delta.dispose();
+  return { dq, dk, dv };
+}
+
+// ---- decoding -------------------------------------------------------------------------------------------
+
+/**
+ * A per-layer KV cache: `k`, `v` of shape `[B, maxT, Hkv, hd]`, of which the first `length` positions are valid.
+ * Kept outside scopes; call {@linkcode KvCache.dispose} when done. Rolling back a rejected speculative draft is
+ * `cache.length = acceptedLength` (entries past the length are overwritten by the next append).
+ */
+export class KvCache {
+  /** Keys `[B, maxT, Hkv, hd]`. */
+  readonly k: Tensor;
+  /** Values `[B, maxT, Hkv, hd]`. */
+  readonly v: Tensor;
+  /** Valid positions. */
+  length = 0;
+
+  /** Allocates an empty cache (contents undefined until appended). */
+  constructor(rt: Runtime, B: number, maxT: number, Hkv: number, hd: number, dtype: DType = "f32") {
+    this.k = rt.empty([B, maxT, Hkv, hd], dtype).keep();
+    this.v = rt.empty([B, maxT, Hkv, hd], dtype).keep();
+  }
+
+  /** Batch size. */
+  get B(): number {
+    return this.k.shape[0];
+  }
+  /** Capacity in positions. */
+  get maxT(): number {
+    return this.k.shape[1];
+  }
+  /** Key/value heads. */
+  get Hkv(): number {
+    return this.k.shape[2];
+  }
+  /** Head dimension. */
+  get hd(): number {
+    return this.k.shape[3];
+  }
+
+  /** Sets the valid length (truncation after a rejected draft); cannot grow past what was appended. */
+  truncate(length: number): void {
+    if (length < 0 || length > this.length) {
+      throw new Error(`KvCache.truncate: length ${length} outside 0..${this.length}`);
+    }
+    this.length = length;
+  }
+
+  /** Releases the cache's buffers. */
+  dispose(): void {
+    this.k.dispose();
+    this.v.dispose();
+  }
+}
+
+/** Appends `k`, `v` `[B, n, Hkv, hd]` (or `[n, Hkv, hd]` when B = 1) at the cache's length; length += n. */
+export function appendKv(cache: KvCache, k: Tensor, v: Tensor): void {
+  const rt = k.rt;
+  const shape = k.shape.length === 3 ? [1, ...k.shape] : k.shape;
+  const [B, n, Hkv, hd] = shape;
+  if (
+    shape.length !== 4 || B !== cache.B || Hkv !== cache.Hkv || hd !== cache.hd ||
+    v.shape.join() !== k.shape.join() ||
+    k.dtype !== cache.k.dtype || v.dtype !== cache.k.dtype
+  ) {
+    throw new Error(
+      `appendKv: k ${shapeStr(k.shape)} ${k.dtype}, v ${shapeStr(v.shape)} do not fit cache ${
+        shapeStr(cache.k.shape)
+      } ${cache.k.dtype}`,
+    );
+  }
+  if (cache.length + n > cache.maxT) {
+    throw new Error(`appendKv: ${cache.length} + ${n} positions exceed the cache capacity ${cache.maxT}`);
+  }
+  const a = kvCacheAppend(k.dtype, B, n, Hkv * hd, cache.maxT, cache.length);
+  rt.dev.dispatch(a.spec, [k.binding, v.binding, cache.k.binding, cache.v.binding], a.workgroups, a.uniforms);
+  cache.length += n;
+}
+
+/** Options of {@linkcode decodeAttention}. */
+export interface DecodeOptions {
+  /** Softmax scale; default `1 / sqrt(hd)`. */
+  scale?: number;
+  /** Sliding window, as in {@linkcode AttentionOptions}. */
+  window?: number;
+  /** Workgroups to aim for when splitting the keys (default 264, two per H200 SM). */
+  targetWorkgroups?: number;
+  /** Tile override (tests). */
+  tiles?: RowTiles;
+}
+
+/**
+ * Attention of the last `n` cached positions' queries `q` `[B, n, H, hd]` (or `[n, H, hd]`) against the cache:
+ * query i sits at position `cache.length - n + i` and attends every cached key up to itself (causal among the n
+ * new tokens). Append the new k/v with {@linkcode appendKv} first. Not differentiable (inference only).
+ * Long caches are split over workgroups (flash-decoding) and merged with a combine kernel.
+ */
+export function decodeAttention(q: Tensor, cache: KvCache, opts: DecodeOptions = {}): Tensor {
+  const rt = q.rt;
+  const shape4 = q.shape.length === 3 ? [1, ...q.shape] : q.shape;
+  const [B, n, H, hd] = shape4;
+  if (
+    shape4.length !== 4 || B !== cache.B || hd !== cache.hd || H % cache.Hkv !== 0 ||
+    q.dtype !== cache.k.dtype
+  ) {
+    throw new Error(
+      `decodeAttention: q ${shapeStr(q.shape)} ${q.dtype} does not fit cache ${shapeStr(cache.k.shape)}`,
+    );
+  }
+  if (n > cache.length) {
+    throw new Error(`decodeAttention: ${n} queries but only ${cache.length} cached positions`);
+  }
+  const s: AttentionShape = {
+    B,
+    T: n,
+    H,
+    Hkv: cache.Hkv,
+    hd,
+    qoff: cache.length - n,
+    kvLen: cache.length,
+    kvBatchStride: cache.maxT * cache.Hkv * hd,
+    window: opts.window ?? 0,
+    scale: opts.scale ?? 1 / Math.sqrt(hd),
+  };
+  const tiles = opts.tiles ?? chooseDecodeTiles(hd, n * (H / cache.Hkv), storageLimit(rt));
+  const plan = planDecodeAttention(q.dtype, s, tiles, opts.targetWorkgroups);
+  const out = rt.empty(q.shape, q.dtype);
+  if (!plan.combine) {
+    const lse = rt.empty([B, n, H], "f32");
+    const f = plan.forward;
+    rt.dev.dispatch(
+      f.spec,
+      [q.binding, cache.k.binding, cache.v.binding, out.binding, lse.binding],
+      f.workgroups,
+      f.uniforms,
+    );
+    lse.dispose();
+    return out;
+  }
+  const oPart = rt.empty([plan.nSplits, B * n * H * hd], "f32");
+  const lPart = rt.empty([plan.nSplits, B * n * H], "f32");
+  const lse = rt.empty([B, n, H], "f32");
+  const f = plan.forward;
+  rt.dev.dispatch(
+    f.spec,
+    [q.binding, cache.k.binding, cache.v.binding, oPart.binding, lPart.binding],
+    f.workgroups,
+    f.uniforms,
+  );
+  const c = plan.combine;
+  rt.dev.dispatch(c.spec, [oPart.binding, lPart.binding, out.binding, lse.binding], c.workgroups, c.uniforms);
+  oPart.dispose();
+  lPart.dispose();
+  lse.dispose();
+  return out;
+}

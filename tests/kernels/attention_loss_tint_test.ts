@@ -1,0 +1,88 @@
+/**
+ * Compiles every WGSL variant of the attention, decode, loss and log-prob kernels with Dawn's compiler (Tint),
+ * the compiler of the H200 provider, through Dawn's null backend (no GPU needed). Tint is stricter than the
+ * built-in provider's compiler in places the CPU tests cannot see: e.g. a constant expression that evaluates to
+ * NaN is a shader-creation error there and compiles fine here.
+ */
+import * as attn from "../../kernels/attention.ts";
+import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
+import * as ce from "../../kernels/cross_entropy.ts";
+import * as lp from "../../kernels/logprobs.ts";
+import type { DType, KernelSpec } from "../../kernels/kernel.ts";
+import { gpuTestOptions } from "../helpers/gpu.ts";
+
+function allSpecs(): KernelSpec[] {
+  const specs: KernelSpec[] = [];
+  for (const dtype of ["f32", "f16"] as DType[]) {
+    for (const hd of [6, 8, 16, 64, 128]) {
+      const s = { B: 1, T: 8, H: 4, Hkv: 2, hd, qoff: 0, kvLen: 8, kvBatchStride: 0, window: 0, scale: 1 };
+      // the tiles chosen on llvmpipe (32 KiB) and on the H200 (48 KiB)
+      for (const limit of [32768, 49152]) {
+        specs.push(attn.attentionForward(dtype, s, attn.chooseForwardTiles(hd, limit)).spec);
+        specs.push(
+          attn.attentionForward(dtype, s, attn.chooseForwardTiles(hd, limit), { nSplits: 2, splitLen: 64 })
+            .spec,
+        );
+        specs.push(attn.attentionBackwardDq(dtype, s, attn.chooseDqTiles(hd, limit)).spec);
+        specs.push(attn.attentionBackwardDkv(dtype, s, attn.chooseDkvTiles(hd, limit)).spec);
+        for (const rows of [1, 8, 20]) {
+          const tiles = attn.chooseDecodeTiles(hd, rows, limit);
+          specs.push(planDecodeAttention(dtype, { ...s, T: 1, qoff: 7 }, tiles, 1000).forward.spec);
+        }
+      }
+    }
+    specs.push(attn.attentionCombineSplits(dtype, 4, 16, 2).spec);
+    specs.push(attn.attentionBackwardDelta(dtype, 4, 16).spec);
+    specs.push(kvCacheAppend(dtype, 1, 1, 16, 8, 0).spec);
+    for (const teacherDtype of [null, "f32", "f16"] as (DType | null)[]) {
+      const v = { dtype, teacherDtype };
+      specs.push(ce.distillLossForward(v, 1, 0, 10, 1, true, true).spec);
+      for (const inPlace of [false, true]) {
+        specs.push(ce.distillLossBackward(v, 1, 0, 10, 1, 1, 1, true, inPlace).spec);
+      }
+    }
+    specs.push(lp.tokenLogprobForward(dtype, 1, 0, 10).spec);
+    specs.push(lp.tokenLogprobBackward(dtype, 1, 0, 10).spec);
+    specs.push(lp.argmaxRows(dtype, 1, 0, 10).spec);
+  }
+  specs.push(
+    ce.distillLossReduce(4, 1, 1, true).spec,
+    lp.maskedRowSum(1, 4).spec,
+    lp.maskedRowSumBackward(1, 4).spec,
+  );
+  return [...new Map(specs.map((s) => [s.key, s])).values()];
+}
+
+Deno.test(
+  "attention/loss kernels: every WGSL variant compiles with Dawn's Tint",
+  gpuTestOptions,
+  async () => {
+    let device: GPUDevice;
+    try {
+      const mod = await import("webgpu");
+      for (const [k, v] of Object.entries(mod.globals as Record<string, unknown>)) {
+        if (!(k in globalThis)) (globalThis as Record<string, unknown>)[k] = v;
+      }
+      const adapter = await mod.create(["backend=null"]).requestAdapter();
+      if (!adapter) throw new Error("no null adapter");
+      device = await adapter.requestDevice({
+        requiredFeatures: adapter.features.has("shader-f16") ? ["shader-f16"] : [],
+      });
+    } catch (e) {
+      console.warn(`Tint check skipped: Dawn's null backend is not available here (${e})`);
+      return;
+    }
+    // One error scope per module, all awaited together: awaiting Dawn after every call has crashed its binding
+    // (see the Dawn stability notes of issue 3), batching the waits has not.
+    const checks: Promise<string | null>[] = [];
+    for (const spec of allSpecs()) {
+      if (spec.code.includes("enable f16;") && !device.features.has("shader-f16")) continue;
+      device.pushErrorScope("validation");
+      device.createShaderModule({ label: spec.key, code: spec.code });
+      checks.push(device.popErrorScope().then((err) => err ? `${spec.key}: ${err.message}` : null));
+    }
+    const failures = (await Promise.all(checks)).filter((f) => f !== null);
+    device.destroy();
+    if (failures.length) throw new Error(`Tint rejected ${failures.length} kernels:\n${failures.join("\n")}`);
+  },
+);
