@@ -117,6 +117,7 @@ export class GpuDevice {
   #staging: GPUBuffer[] = [];
   #lost = false;
   #pendingErrors: Promise<GPUError | null>[] = [];
+  #uncaptured: string[] = [];
 
   constructor(
     provider: ProviderName,
@@ -138,6 +139,12 @@ export class GpuDevice {
       label: "uniform-arena",
       size: UNIFORM_ARENA_BYTES,
       usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+    });
+    // An invalid command (say, one buffer bound both read-only and writable) is dropped by WebGPU with only an
+    // uncaptured-error event; keep it so the next read throws instead of returning stale memory.
+    gpu.addEventListener("uncapturederror", (ev) => {
+      const msg = (ev as GPUUncapturedErrorEvent).error?.message ?? String(ev);
+      if (this.#uncaptured.length < 10) this.#uncaptured.push(msg);
     });
     gpu.lost.then((info) => {
       this.#lost = true;
@@ -373,6 +380,10 @@ export class GpuDevice {
 
   /** Throws the first pipeline compilation error recorded so far (with the WGSL messages). */
   async checkErrors(): Promise<void> {
+    if (this.#uncaptured.length > 0) {
+      const msgs = this.#uncaptured.splice(0);
+      throw new Error(`WebGPU error: ${msgs.join("\n")}`);
+    }
     if (this.#pendingErrors.length === 0) return;
     const errs = await Promise.all(this.#pendingErrors);
     this.#pendingErrors = [];

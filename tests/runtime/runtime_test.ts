@@ -52,3 +52,21 @@ Deno.test("runtime: many dispatches batch into one submit per read", gpuTestOpti
     assert.ok(rt.dev.stats.submits - s0 <= 2, `submits: ${rt.dev.stats.submits - s0}`);
   });
 });
+
+Deno.test(
+  "runtime: an invalid dispatch makes the next read throw instead of returning stale memory",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const { axpyKernel } = await import("../../kernels/fill.ts");
+    await rt.scope(async () => {
+      const t = rt.zeros([64]);
+      const l = axpyKernel("f32", 64, 1);
+      // the same buffer bound read-only and writable is a validation error
+      rt.dev.dispatch(l.spec, [t.binding, t.binding], l.workgroups, l.uniforms);
+      await assert.rejects(() => t.read(), /WebGPU error/);
+      // the whole invalid submit was dropped; later work runs normally
+      assert.deepEqual([...await rt.full([2], 3).read()], [3, 3], "later reads work again");
+    });
+  },
+);
