@@ -102,6 +102,15 @@ export class Tokenizer {
   /** Number of ids, added tokens included (may be less than the model's vocab_size, never more). */
   readonly vocabSize: number;
 
+  /** Alias of {@linkcode Tokenizer.bosTokenId}: the data layer's `TextTokenizer` interface. */
+  get bosId(): number | null {
+    return this.bosTokenId;
+  }
+  /** Alias of {@linkcode Tokenizer.eosTokenId}: the data layer's `TextTokenizer` interface. */
+  get eosId(): number | null {
+    return this.eosTokenId;
+  }
+
   /**
    * Builds a tokenizer from parsed `tokenizer.json` and `tokenizer_config.json` objects; `chatTemplate`
    * overrides the config's template; `source` names the origin in messages.

@@ -229,3 +229,12 @@ Deno.test("tokenizer: missing or broken files are UserErrors with the fix", asyn
     );
   });
 });
+
+Deno.test("tokenizer: satisfies the data layer's TextTokenizer interface", async () => {
+  const { Tokenizer } = await import("../../models/tokenizer.ts");
+  const tok = await Tokenizer.fromDir(
+    new URL("../../fixtures/models/stories260K-hf", import.meta.url).pathname,
+  );
+  const asText: import("../../data/tokenizer.ts").TextTokenizer = tok;
+  if (asText.bosId !== 1 || asText.eosId !== 2) throw new Error(`bos/eos ${asText.bosId}/${asText.eosId}`);
+});
