@@ -109,17 +109,12 @@ function truncate(s: string, max: number): string {
   return s.length <= max ? s : s.slice(0, max - 1) + "…";
 }
 
-/** Second line of a node: kind and what happened (time, cached, failed). */
+/** Second line of a node: kind and time (the colour and mark say ran or failed), or what happened instead. */
 function nodeDetail(s: ReportStage): string {
-  const kind = s.kind ?? "";
-  const what = s.status === "ran"
+  const what = s.status === "ran" || s.status === "failed" || s.status === "interrupted"
     ? formatDuration(s.wall_s)
-    : s.status === "cached"
-    ? "cached"
-    : s.status === "failed" || s.status === "interrupted"
-    ? `${STATUS_COLORS[s.status].label}${s.wall_s !== null ? ` · ${formatDuration(s.wall_s)}` : ""}`
     : STATUS_COLORS[s.status].label;
-  return kind ? `${kind} · ${what}` : what;
+  return s.kind ? `${s.kind} · ${what}` : what;
 }
 
 /**

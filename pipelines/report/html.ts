@@ -215,7 +215,7 @@ function withSmoothing(name: string, x: number[], y: (number | null)[], color: s
   ];
 }
 
-function trainingCard(c: TrainingCurves): string {
+function trainingCard(c: TrainingCurves, runId: string): string {
   const names = Object.keys(c.series).filter((n) => !SKIP.has(n));
   // A component equal to the total everywhere (CE when there is no KL term) would only hide the total's line.
   const same = (a: string, b: string) =>
@@ -313,17 +313,14 @@ function trainingCard(c: TrainingCurves): string {
     const vals = c.series[n].values.filter((v): v is number => v !== null);
     return vals.length ? `<b>${e(n)}</b> ${e(formatNumber(vals[vals.length - 1]))}` : "";
   }).filter(Boolean).join(" · ");
-  const runs = c.from_runs.length > 1 || (c.from_runs.length === 1 && !c.from_runs.includes(""))
-    ? c.from_runs
-    : [];
   return `<div class="card"><h3>${e(c.stage)}${c.kind ? ` <span class="sub mono">${e(c.kind)}</span>` : ""}` +
     `<span class="sub">steps ${formatNumber(Number.isFinite(first) ? first : 0)}–${formatNumber(lastStep)}` +
     `${finals ? ` · final ${finals}` : ""}</span></h3>` +
     `<div class="charts">${boxes.join("")}</div>` +
-    (runs.length > 1
-      ? `<p class="note">Curve assembled from runs ${
-        runs.map((r) => `<span class="mono">${e(r)}</span>`).join(", ")
-      } (resumed or cached).</p>`
+    (c.from_runs.length > 1 || (c.from_runs.length === 1 && c.from_runs[0] !== runId)
+      ? `<p class="note">Curve from ${c.from_runs.length > 1 ? "runs" : "run"} ${
+        c.from_runs.map((r) => `<span class="mono">${e(r)}</span>`).join(", ")
+      } (the stage was ${c.from_runs.includes(runId) ? "resumed" : "cached"} in this run).</p>`
       : "") +
     `</div>`;
 }
@@ -336,7 +333,7 @@ function training(d: RunReportData): string {
       note("No stage logged training metrics in this run or the runs it reused."),
     );
   }
-  return section("training", "Training", d.training.map(trainingCard).join(""));
+  return section("training", "Training", d.training.map((c) => trainingCard(c, d.run_id)).join(""));
 }
 
 function evaluation(d: RunReportData): string {

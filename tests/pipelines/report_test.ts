@@ -18,6 +18,8 @@ import {
   renderSummaryMarkdown,
   writeRunReport,
 } from "../../pipelines/report/mod.ts";
+import { layoutDag } from "../../pipelines/report/dag_svg.ts";
+import { downsample, formatTicks, lineChart, niceTicks } from "../../pipelines/report/svg.ts";
 import { isUserError } from "../../util/errors.ts";
 
 const DATA = new URL("./report_data/", import.meta.url).pathname;
@@ -511,6 +513,14 @@ Deno.test("report files: written atomically into the run directory; results.json
     assert.ok(Math.abs(h25.perplexity_ratio.tinystories - 5.38 / 4.71) < 1e-12);
     assert.equal(json.speculative[0].results.length, 6);
     const html = await Deno.readTextFile(w.html);
+    assert.match(
+      html,
+      new RegExp(`Curve from run <span class="mono">${RUN1}</span> \\(the stage was cached`),
+    );
+    assert.match(
+      html,
+      new RegExp(`Curve from runs <span class="mono">${RUN1}</span>, .*\\(the stage was resumed`),
+    );
     assert.doesNotMatch(html, /<(link|img|script)[^>]+(src|href)=/i, "nothing loaded from outside the file");
     assert.doesNotMatch(
       html,
@@ -759,4 +769,47 @@ Deno.test("report in headless Chromium: no console errors, no network, every cha
     await page.close();
     await Deno.remove(root, { recursive: true });
   }
+});
+
+Deno.test("charts: round ticks covering the data, one number format per axis, thinning keeps extremes", () => {
+  const t = niceTicks(1.93, 4.1, 5);
+  assert.deepEqual([t.min, t.max, t.step], [1.5, 4.5, 0.5]);
+  assert.ok(t.values[0] <= 1.93 && t.values[t.values.length - 1] >= 4.1);
+  assert.deepEqual(formatTicks([0, 5e-5, 1e-4, 1.5e-4], 5e-5), ["0", "5.0e-5", "1.0e-4", "1.5e-4"]);
+  assert.deepEqual(formatTicks([0, 2500, 5000, 7500], 2500), ["0", "2.5k", "5.0k", "7.5k"]);
+  assert.deepEqual(formatTicks([0.5, 0.75, 1], 0.25), ["0.50", "0.75", "1.00"]);
+  const x = Array.from({ length: 10000 }, (_, i) => i);
+  const y = x.map((i) => (i === 4321 ? 100 : i === 777 ? -100 : Math.sin(i / 50)));
+  const d = downsample(x, y, 500);
+  assert.ok(d.x.length <= 502, `${d.x.length} points`);
+  assert.ok(d.y.includes(100) && d.y.includes(-100), "spikes survive thinning");
+  assert.deepEqual([d.x[0], d.x[d.x.length - 1]], [0, 9999]);
+  const svg = lineChart({
+    id: "t",
+    title: "t",
+    xLabel: "x",
+    yLabel: "y",
+    series: [{ name: "a", x: [1, 2, 3], y: [1, null, 3] }],
+  });
+  assert.match(svg, /data-chart="t" data-points="2"/);
+  assert.doesNotMatch(svg, /<polyline/, "a gap splits the line, and single points draw no segment");
+});
+
+Deno.test("DAG layout: layers by longest path, a waypoint in every layer an edge skips", () => {
+  const layout = layoutDag([
+    { name: "a", deps: [] },
+    { name: "b", deps: ["a"] },
+    { name: "c", deps: ["b"] },
+    { name: "d", deps: ["a", "c"] },
+    { name: "x", deps: ["missing"] },
+  ]);
+  assert.deepEqual(layout.layers.map((l) => l.filter((it) => !it.dummy).map((it) => it.id)), [
+    ["a", "x"],
+    ["b"],
+    ["c"],
+    ["d"],
+  ]);
+  const long = layout.edges.find((e) => e.from === "a" && e.to === "d")!;
+  assert.deepEqual(long.via, ["a->d#1", "a->d#2"]);
+  assert.equal(layout.edges.length, 4);
 });
