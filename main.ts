@@ -32,6 +32,7 @@ import { openSession, planRecipe, runRecipe, type RunRecord } from "./pipelines/
 import { formatRunStatus, lastRunStatus } from "./pipelines/status.ts";
 import { Store } from "./pipelines/store.ts";
 import { defaultRegistry } from "./stages/registry.ts";
+import { latestRunDir, writeRunReport } from "./pipelines/report/mod.ts";
 
 /** What the CLI is wired to. Everything has a default; tests and other layers replace pieces. */
 export interface MainDeps {
@@ -174,7 +175,10 @@ export async function main(args: string[], deps: MainDeps = {}): Promise<number>
         output: out,
         argv: ["run", ...args.slice(1)],
         signal: deps.signal,
-        onRunFinished: deps.onRunFinished,
+        onRunFinished: deps.onRunFinished ?? (async (runDir: string) => {
+          const { html } = await writeRunReport(runDir);
+          out.out(`report: ${html}\n`);
+        }),
       });
       exitCode = code;
     });
@@ -303,11 +307,14 @@ export async function main(args: string[], deps: MainDeps = {}): Promise<number>
     });
 
   program.command("report")
-    .description("write the HTML report of a run (not built yet)")
-    .argument("[run]", "run directory (default: the last run)")
-    .action(() => {
-      out.err("distillery report: not implemented yet (the report writer is being built)\n");
-      exitCode = 2;
+    .description("write the HTML report, results.json and summary.md of a run (default: the last run)")
+    .argument("[run]", "run directory (default: the newest under .distillery/runs)")
+    .option("--runs-dir <dir>", "where runs are kept", ".distillery/runs")
+    .option("--out <dir>", "write the report files here instead of the run directory")
+    .action(async (run: string | undefined, o) => {
+      const dir = run ?? await latestRunDir(o.runsDir);
+      const { html } = await writeRunReport(dir, o.out ? { outDir: o.out } : {});
+      out.out(`report: ${html}\n`);
     });
 
   try {

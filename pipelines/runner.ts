@@ -222,7 +222,13 @@ export async function runRecipe(opts: RunOptions): Promise<RunOutcome> {
       argv: opts.argv ?? [],
       cache_dir: store.root,
       stages: plan.filter((p) => p.action !== "skip").map((p) => p.name),
-      plan: plan.map((p) => ({ stage: p.name, kind: p.kind, action: p.action, reasons: p.reasons })),
+      plan: plan.map((p) => ({
+        stage: p.name,
+        kind: p.kind,
+        action: p.action,
+        reasons: p.reasons,
+        deps: [...new Set(recipe.dag.find((n) => n.name === p.name)?.deps.map((d) => d.stage) ?? [])],
+      })),
     });
     const toRun = plan.filter((p) => p.action === "run").length;
     const cached = plan.filter((p) => p.action === "cached").length;

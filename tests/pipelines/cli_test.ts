@@ -174,14 +174,14 @@ Deno.test("the run-finished hook gets the run directory and record; events descr
   }
 });
 
-Deno.test("CLI usage errors exit 2; --help exits 0; report is a clear placeholder", async () => {
+Deno.test("CLI usage errors exit 2; --help exits 0; report of a missing run is a user error", async () => {
   assert.equal((await runCli(["run"])).code, 2);
   assert.equal((await runCli(["frobnicate"])).code, 2);
   assert.equal((await runCli(["run", "x.yaml", "--gpu", "cuda"])).code, 2);
   const help = await runCli(["--help"]);
   assert.equal(help.code, 0);
   assert.match(help.stdout, /explain/);
-  const report = await runCli(["report"]);
+  const report = await runCli(["report", "/nonexistent/run-dir"]);
   assert.equal(report.code, 2);
-  assert.match(report.stderr, /not implemented yet/);
+  assert.match(report.stderr, /nonexistent\/run-dir/);
 });
