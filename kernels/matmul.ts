@@ -38,6 +38,16 @@ export interface MatmulConfig {
   tm: number;
   /** Columns per thread (multiple of 4). */
   tn: number;
+  /**
+   * Unroll the k step in the generated WGSL (constant shared-memory offsets for the driver compiler). Default:
+   * for blocks of 64x64 and larger, where speed matters; small blocks keep a loop, which compiles much faster
+   * on software adapters.
+   */
+  unrollK?: boolean;
+}
+
+function unrolls(c: MatmulConfig): boolean {
+  return c.unrollK ?? c.bm * c.bn >= 64 * 64;
 }
 
 /** Layout and storage of one matmul variant. */
@@ -97,7 +107,7 @@ export const MATMUL_SWEEP: readonly MatmulConfig[] = [
 
 /** Short name of a config, e.g. `128x128x16_8x8`. */
 export function matmulConfigName(c: MatmulConfig): string {
-  return `${c.bm}x${c.bn}x${c.bk}_${c.tm}x${c.tn}`;
+  return `${c.bm}x${c.bn}x${c.bk}_${c.tm}x${c.tn}${unrolls(c) ? "" : "_loop"}`;
 }
 
 /** Shared-memory bytes a config needs (two f32 tiles of A and B). */
@@ -315,16 +325,26 @@ function matmulWgsl(c: MatmulConfig, L: MatmulLayout, vecA: boolean, vecB: boole
   }
 
   // ---- the multiply-accumulate of one shared tile, fully unrolled over the thread's TM x TN block -------
-  const fma: string[] = [];
-  for (let g = 0; g < tm4; g++) fma.push(`let a${g} = SA[abase + ${g * thrM}u];`);
-  for (let h = 0; h < tn4; h++) fma.push(`let b${h} = SB[bbase + ${h * thrN}u];`);
-  for (let g = 0; g < tm4; g++) {
-    for (let i = 0; i < 4; i++) {
-      for (let h = 0; h < tn4; h++) {
-        const r = (g * 4 + i) * tn4 + h;
-        fma.push(`acc[${r}] = fma(vec4<f32>(a${g}[${i}]), b${h}, acc[${r}]);`);
+  const kSteps: string[] = [];
+  const unroll = unrolls(c);
+  for (let kk = 0; kk < (unroll ? bk : 1); kk++) {
+    const fma: string[] = [];
+    const koff = (w: number) => (unroll ? `${kk * w}u` : `kk * ${w}u`);
+    for (let g = 0; g < tm4; g++) fma.push(`let a${g} = SA[ab + ${koff(bm4)} + ${g * thrM}u];`);
+    for (let h = 0; h < tn4; h++) fma.push(`let b${h} = SB[bb + ${koff(bn4)} + ${h * thrN}u];`);
+    for (let g = 0; g < tm4; g++) {
+      for (let i = 0; i < 4; i++) {
+        for (let h = 0; h < tn4; h++) {
+          const r = (g * 4 + i) * tn4 + h;
+          fma.push(`acc[${r}] = fma(vec4<f32>(a${g}[${i}]), b${h}, acc[${r}]);`);
+        }
       }
     }
+    kSteps.push(
+      unroll
+        ? `{\n      ${fma.join("\n      ")}\n    }`
+        : `for (var kk = 0u; kk < ${bk}u; kk++) {\n      ${fma.join("\n      ")}\n    }`,
+    );
   }
 
   // ---- epilogue: alpha, optional accumulate, bounds-checked stores --------------------------------------
@@ -386,8 +406,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let baseC = p.offC + wid.z * p.strideC;
   ${regDecl(opA)}
   ${regDecl(opB)}
-  var acc: array<vec4<f32>, ${tm * tn4}>;
-  for (var r = 0u; r < ${tm * tn4}u; r++) { acc[r] = vec4<f32>(0.0); }
+  var acc: array<vec4<f32>, ${tm * tn4}>;  // zero-initialised
 
   let ntiles = (p.k + ${bk - 1}u) / ${bk}u;
   var k0 = 0u;
@@ -405,11 +424,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       ${load(opA)}
       ${load(opB)}
     }
-    for (var kk = 0u; kk < ${bk}u; kk++) {
-      let abase = buf * ${tileA4}u + kk * ${bm4}u + tm;
-      let bbase = buf * ${tileB4}u + kk * ${bn4}u + tn;
-      ${fma.join("\n      ")}
-    }
+    // the k step (unrolled for large tiles: constant shared-memory offsets)
+    let ab = buf * ${tileA4}u + tm;
+    let bb = buf * ${tileB4}u + tn;
+    ${kSteps.join("\n    ")}
     if (more) {
       buf = 1u - buf;
       ${store(opA)}
