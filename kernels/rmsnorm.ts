@@ -76,11 +76,59 @@ ${ROW_ENTRY}
   return { spec, uniforms: new Uniforms(16).u32(rows).u32(d).f32(eps).buffer, workgroups: grid2d(rows) };
 }
 
-/** Input gradient. Bindings: x, w, g (read), rstd (read, f32), gx (rw). */
-export function rmsNormBackwardInput(dtype: DType, rows: number, d: number): Launch {
+/**
+ * Fused residual add + RMSNorm, the pre-norm pattern of a decoder layer: `h = T(x + r)` (rounded to the storage
+ * type, as HF's residual add in that type), `y = rmsNorm(h)`, in one pass over the row. Bindings: x, r, w (read),
+ * h (rw), y (rw), rstd (rw, f32 [rows]).
+ */
+export function addRmsNormForward(dtype: DType, rows: number, d: number, eps: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`rmsnorm_bwd_x_${dtype}`, () => ({
-    bindings: ["read", "read", "read", "read", "rw"],
+  const spec = cached(`add_rmsnorm_fwd_${dtype}`, () => ({
+    bindings: ["read", "read", "read", "rw", "rw", "rw"],
+    uniformBytes: 16,
+    code: `${wgslHeader(dtype)}
+struct P { rows: u32, d: u32, eps: f32, _a: u32 }
+@group(0) @binding(0) var<storage, read> X: array<${T}>;
+@group(0) @binding(1) var<storage, read> R: array<${T}>;
+@group(0) @binding(2) var<storage, read> W: array<${T}>;
+@group(0) @binding(3) var<storage, read_write> H: array<${T}>;
+@group(0) @binding(4) var<storage, read_write> Y: array<${T}>;
+@group(0) @binding(5) var<storage, read_write> RSTD: array<f32>;
+@group(0) @binding(6) var<uniform> p: P;
+var<workgroup> red: array<f32, ${WG}>;
+
+${ROW_ENTRY}
+  var acc = 0.0;
+  for (var j = lid; j < p.d; j += ${WG}u) {
+    let h = ${T}(f32(X[base + j]) + f32(R[base + j]));
+    H[base + j] = h;
+    let v = f32(h);
+    acc += v * v;
+  }
+  red[lid] = acc;
+  ${TREE_SUM}
+  let r = inverseSqrt(red[0] / f32(p.d) + p.eps);
+  if (lid == 0u) { RSTD[row] = r; }
+  // each thread reads back only the elements of H it wrote itself: no barrier needed
+  for (var j = lid; j < p.d; j += ${WG}u) {
+    Y[base + j] = ${T}(f32(W[j]) * f32(${T}(f32(H[base + j]) * r)));
+  }
+}
+`,
+  }));
+  return { spec, uniforms: new Uniforms(16).u32(rows).u32(d).f32(eps).buffer, workgroups: grid2d(rows) };
+}
+
+/**
+ * Input gradient. Bindings: x, w, g (read), rstd (read, f32), [gAdd (read),] gx (rw). With `addGrad`, `gAdd` is
+ * added to the result: the gradient that reaches the residual stream directly in {@linkcode addRmsNormForward}.
+ */
+export function rmsNormBackwardInput(dtype: DType, rows: number, d: number, addGrad = false): Launch {
+  const T = wgslType(dtype);
+  const spec = cached(`rmsnorm_bwd_x_${dtype}${addGrad ? "_add" : ""}`, () => ({
+    bindings: addGrad
+      ? ["read", "read", "read", "read", "read", "rw"]
+      : ["read", "read", "read", "read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
 struct P { rows: u32, d: u32, _a: u32, _b: u32 }
@@ -88,8 +136,14 @@ struct P { rows: u32, d: u32, _a: u32, _b: u32 }
 @group(0) @binding(1) var<storage, read> W: array<${T}>;
 @group(0) @binding(2) var<storage, read> G: array<${T}>;
 @group(0) @binding(3) var<storage, read> RSTD: array<f32>;
-@group(0) @binding(4) var<storage, read_write> GX: array<${T}>;
-@group(0) @binding(5) var<uniform> p: P;
+${
+      addGrad
+        ? `@group(0) @binding(4) var<storage, read> GADD: array<${T}>;
+@group(0) @binding(5) var<storage, read_write> GX: array<${T}>;
+@group(0) @binding(6) var<uniform> p: P;`
+        : `@group(0) @binding(4) var<storage, read_write> GX: array<${T}>;
+@group(0) @binding(5) var<uniform> p: P;`
+    }
 var<workgroup> red: array<f32, ${WG}>;
 
 ${ROW_ENTRY}
@@ -100,7 +154,9 @@ ${ROW_ENTRY}
   let r = RSTD[row];
   let c = r * r * r * red[0] / f32(p.d);
   for (var j = lid; j < p.d; j += ${WG}u) {
-    GX[base + j] = ${T}(r * f32(W[j]) * f32(G[base + j]) - f32(X[base + j]) * c);
+    GX[base + j] = ${T}(r * f32(W[j]) * f32(G[base + j]) - f32(X[base + j]) * c${
+      addGrad ? " + f32(GADD[base + j])" : ""
+    });
   }
 }
 `,

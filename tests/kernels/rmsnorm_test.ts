@@ -1,5 +1,7 @@
 import assert from "node:assert/strict";
-import { rmsNorm } from "../../runtime/ops/norm.ts";
+import { addRmsNorm, rmsNorm } from "../../runtime/ops/norm.ts";
+import { add, mul } from "../../runtime/ops/elementwise.ts";
+import { sum } from "../../runtime/ops/reduce.ts";
 import {
   assertClose,
   dot,
@@ -102,3 +104,42 @@ Deno.test("rmsNorm rejects a weight of the wrong length", gpuTestOptions, async 
   const rt = await testRuntime();
   rt.scope(() => assert.throws(() => rmsNorm(rt.empty([2, 8]), rt.empty([7]), EPS), /expected \[8\]/));
 });
+
+Deno.test(
+  "addRmsNorm (fused residual): h and y vs float64; grads of x, r, w through both outputs",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("add-rmsnorm");
+    const [rows, d] = [70, 37];
+    const x = randn(rng, rows * d), r = randn(rng, rows * d), w = randn(rng, d);
+    const wh = randn(rng, rows * d), wy = randn(rng, rows * d);
+    const hRef = () => x.map((v, i) => v + r[i]);
+    // L = sum(h * wh) + sum(y * wy): gradient reaches x and r through the residual path and through the norm
+    const loss = () => dot(hRef(), wh) + dot(refRmsNorm(hRef(), w, d, EPS), wy);
+    await rt.scope(async () => {
+      const tx = rt.tensor(x, [rows, d]), tr = rt.tensor(r, [rows, d]), tw = rt.tensor(w, [d]);
+      tx.requiresGrad = tr.requiresGrad = tw.requiresGrad = true;
+      const { h, y } = addRmsNorm(tx, tr, tw, EPS);
+      // (mul's gradient with respect to its first operand is g * b, all this needs)
+      const l = add(sum(mul(h, rt.tensor(wh, [rows, d]))), sum(mul(y, rt.tensor(wy, [rows, d]))));
+      rt.backward(l);
+      const [gh, gy, gx, gr, gw] = await Promise.all(
+        [h, y, tx.grad!, tr.grad!, tw.grad!].map((t) => t.read()),
+      );
+      assertClose(gh, hRef().map(Math.fround), { rtol: 0, atol: 0 }, "h is the f32 sum");
+      assertClose(gy, refRmsNorm(hRef(), w, d, EPS), F32_TOL, "y");
+      const ix = sampleIndices(rng, x.length, 6), iw = sampleIndices(rng, d, 5);
+      const tol = { rtol: 1e-4, atol: 1e-5 * Math.sqrt(rows) };
+      assertClose(ix.map((i) => gx[i]), finiteDifference(loss, x, ix), tol, "dx");
+      assertClose(ix.map((i) => gr[i]), finiteDifference(loss, r, ix), tol, "dr");
+      assertClose(
+        iw.map((i) => gw[i]),
+        finiteDifference(loss, w, iw),
+        { rtol: 1e-4, atol: 1e-5 * rows },
+        "dw",
+      );
+      [tx, tr, tw].forEach((t) => t.grad!.dispose());
+    });
+  },
+);
