@@ -70,6 +70,12 @@ function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean): string
     f16vec ? `dot8(${w}, ${x})` : vec ? `dot(${w}, ${x})` : `f32(${w}) * f32(${x})`;
   const accum: string[] = [];
   for (let r = 0; r < rows; r++) accum.push(`acc[${r}] += ${dotItem("w", `X[${r}u * kv + i]`)};`);
+  const unrolled: string[] = [];
+  for (let u = 0; u < 4; u++) {
+    for (let r = 0; r < rows; r++) {
+      unrolled.push(`acc[${r}] += ${dotItem(`w${u}`, `X[${r}u * kv + i + ${u * tpr}u]`)};`);
+    }
+  }
   const reduce: string[] = [];
   for (let r = 0; r < rows; r++) reduce.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] = acc[${r}];`);
   const treeStep: string[] = [];
@@ -105,8 +111,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   var acc: array<f32, ${rows}>;
   if (n < p.n) {
     let wrow = n * kv;
-    // consecutive threads read consecutive 16-byte items, so each warp streams a contiguous span of W
-    for (var i = t; i < kv; i += ${tpr}u) {
+    // consecutive threads read consecutive 16-byte items, so each warp streams a contiguous span of W; four
+    // independent loads per iteration keep enough bytes in flight to cover memory latency
+    var i = t;
+    for (; i + ${3 * tpr}u < kv; i += ${4 * tpr}u) {
+      let w0 = W[wrow + i];
+      let w1 = W[wrow + i + ${tpr}u];
+      let w2 = W[wrow + i + ${2 * tpr}u];
+      let w3 = W[wrow + i + ${3 * tpr}u];
+      ${unrolled.join("\n      ")}
+    }
+    for (; i < kv; i += ${tpr}u) {
       let w = W[wrow + i];
       ${accum.join("\n      ")}
     }

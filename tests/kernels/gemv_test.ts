@@ -40,8 +40,8 @@ Deno.test(
   async () => {
     const rt = await testRuntime();
     const rng = testRng("gemv-f32");
-    // K = 67: scalar path; K = 96: vec4 path. N = 45 is not a multiple of any rows-per-workgroup.
-    for (const k of [67, 96]) {
+    // K = 67: scalar path; K = 96: vec4 path; K = 1000: the 4-way unrolled loop plus its tail. N = 45 is not a multiple of any rows-per-workgroup.
+    for (const k of [67, 96, 1000]) {
       for (const rows of [1, 2, 5]) {
         for (const tpr of [4, 32, 256]) {
           const n = 45;
