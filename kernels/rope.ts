@@ -77,7 +77,8 @@ const specs = new Map<string, KernelSpec>();
 
 /**
  * One rotation of x [tokens, heads, hd] into y. Position of token t: `positions[t % posLen]` ("tensor") or
- * `start + t % seqLen` ("offset"). `sign` -1 rotates backwards (the gradient).
+ * `start + t % seqLen` ("offset"). `sign` -1 rotates backwards (the gradient); `scaling` multiplies cos and sin
+ * (HF's `attention_scaling`).
  * Bindings: x (read), [positions (read, i32),] invFreq (read, f32 [hd/2]), y (rw).
  */
 export function ropeKernel(
@@ -86,7 +87,7 @@ export function ropeKernel(
   tokens: number,
   heads: number,
   headDim: number,
-  opts: { sign?: 1 | -1; start?: number; seqLen?: number; posLen?: number } = {},
+  opts: { sign?: 1 | -1; start?: number; seqLen?: number; posLen?: number; scaling?: number } = {},
 ): Launch {
   if (headDim % 2 !== 0) throw new Error(`rope: head_dim must be even, got ${headDim}`);
   const T = wgslType(dtype);
@@ -102,7 +103,7 @@ export function ropeKernel(
       bindings: source === "tensor" ? ["read", "read", "read", "rw"] : ["read", "read", "rw"],
       uniformBytes: 32,
       code: `${wgslHeader(dtype)}
-struct P { pairs: u32, heads: u32, half: u32, period: u32, start: i32, sign: f32, _a: u32, _b: u32 }
+struct P { pairs: u32, heads: u32, half: u32, period: u32, start: i32, sign: f32, scaling: f32, _b: u32 }
 @group(0) @binding(0) var<storage, read> X: array<${T}>;
 ${posBinding}@group(0) @binding(${b}) var<storage, read> INV_FREQ: array<f32>;
 @group(0) @binding(${b + 1}) var<storage, read_write> Y: array<${T}>;
@@ -119,12 +120,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let pos = ${source === "tensor" ? "POS[t % p.period]" : "p.start + i32(t % p.period)"};
   let angle = f32(pos) * INV_FREQ[i]; // one f32 rounding, as HF's f32 product
   let sc = sincos_accurate(angle);
-  let sn = p.sign * sc.x;
+  let cs = p.scaling * sc.y;        // HF scales cos and sin by attention_scaling (1 for default and llama3)
+  let sn = p.sign * p.scaling * sc.x;
   let base = th * 2u * p.half;
   let x1 = f32(X[base + i]);
   let x2 = f32(X[base + i + p.half]);
-  Y[base + i] = ${T}(x1 * sc.y - x2 * sn);
-  Y[base + i + p.half] = ${T}(x2 * sc.y + x1 * sn);
+  Y[base + i] = ${T}(x1 * cs - x2 * sn);
+  Y[base + i + p.half] = ${T}(x2 * cs + x1 * sn);
 }
 `,
     };
@@ -136,7 +138,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   return {
     spec,
     uniforms: new Uniforms(32).u32(pairs).u32(heads).u32(half).u32(Math.max(period, 1)).i32(opts.start ?? 0)
-      .f32(opts.sign ?? 1).buffer,
+      .f32(opts.sign ?? 1).f32(opts.scaling ?? 1).buffer,
     workgroups: grid2d(ceilDiv(pairs, ROPE_WORKGROUP)),
   };
 }

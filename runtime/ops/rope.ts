@@ -17,6 +17,8 @@ export interface RopeOptions {
   positions?: Tensor;
   /** Without `positions`: token t of each sequence is at `start + t` (decode: the cache length). Default 0. */
   start?: number;
+  /** HF's `attention_scaling`, multiplying cos and sin (1, the default, for default and llama3 rope types). */
+  attentionScaling?: number;
 }
 
 /**
@@ -52,10 +54,12 @@ export function rope(x: Tensor, invFreq: Tensor | Float32Array, opts: RopeOption
   if (pos && (pos.dtype !== "i32" || (pos.size !== tokens && pos.size !== seqLen))) {
     throw new Error(`rope: positions must be i32 with ${tokens} or ${seqLen} entries, got ${pos}`);
   }
+  // the map is x -> s R x, so its transpose (the backward) is g -> s R^T g: the same scale, negative angle
+  const scaling = opts.attentionScaling ?? 1;
   const run = (src: Tensor, dst: Tensor, sign: 1 | -1) => {
     const k = pos
-      ? ropeKernel(x.dtype, "tensor", tokens, heads, hd, { sign, posLen: pos.size })
-      : ropeKernel(x.dtype, "offset", tokens, heads, hd, { sign, start: opts.start ?? 0, seqLen });
+      ? ropeKernel(x.dtype, "tensor", tokens, heads, hd, { sign, posLen: pos.size, scaling })
+      : ropeKernel(x.dtype, "offset", tokens, heads, hd, { sign, start: opts.start ?? 0, seqLen, scaling });
     const bindings = pos
       ? [src.binding, pos.binding, freq.binding, dst.binding]
       : [src.binding, freq.binding, dst.binding];
