@@ -202,14 +202,18 @@ async function benchMatmul(
 ): Promise<void> {
   const [m, n, k] = [size, size, size];
   await rt.scope(async () => {
-    // C = A B^T: the linear layer's layout (x [tokens, in], W [out, in])
+    // Every config in C = A B^T, the linear layer's layout (x [tokens, in], W [out, in]: both operands run along
+    // k, so both tiles are transposed into shared memory); the first config also in C = A B (B's tile loads
+    // straight), to show what that transpose costs.
     const a = hashed(rt, [m, k], dtype, 1), b = hashed(rt, [n, k], dtype, 2), c = rt.empty([m, n], dtype);
     const probe = rt.empty([1], "f32");
-    for (const config of configs) {
+    const runs = configs.map((config) => ({ config, transB: true }));
+    if (configs.length > 0) runs.push({ config: configs[0], transB: false });
+    for (const { config, transB } of runs) {
       if (matmulSharedBytes(config) > rt.dev.limits.maxComputeWorkgroupStorageSize) continue;
       const l = matmulKernel(
         { m, n, k, batch: 1, strideA: 0, strideB: 0, strideC: 0 },
-        { dtype, transA: false, transB: true, accumulate: false },
+        { dtype, transA: false, transB, accumulate: false },
         config,
       );
       const record = () =>
@@ -221,14 +225,14 @@ async function benchMatmul(
           bindings: [a.buffer, b.buffer, c.buffer],
         });
       } catch (e) {
-        log({ bench: "matmul", dtype, m, n, k, config: matmulConfigName(config), error: String(e) });
+        log({ bench: "matmul", dtype, m, n, k, config: matmulConfigName(config), transB, error: String(e) });
         continue;
       }
-      const maxErr = await spotCheck(rt, c, dtype, m, n, k);
+      const maxErr = await spotCheck(rt, c, dtype, m, n, k, transB);
       const flops = 2 * m * n * k;
       log({
         bench: "matmul",
-        layout: "A B^T",
+        layout: transB ? "A B^T" : "A B",
         dtype,
         m,
         n,
@@ -246,7 +250,7 @@ async function benchMatmul(
   });
 }
 
-/** Largest relative error of a few outputs of C = A B^T against CPU dot products of the hashed inputs. */
+/** Largest relative error of a few outputs of C = A B(^T) against CPU dot products of the hashed inputs. */
 async function spotCheck(
   rt: Runtime,
   c: Tensor,
@@ -254,6 +258,7 @@ async function spotCheck(
   m: number,
   n: number,
   k: number,
+  transB: boolean,
 ): Promise<number> {
   const points = [[0, 0], [m - 1, n - 1], [Math.floor(m / 3), Math.floor(n / 2)], [m - 1, 0]];
   const bytes = dtype === "f16" ? 2 : 4;
@@ -268,7 +273,8 @@ async function spotCheck(
     const got = dtype === "f16" ? new Float16Array(reads[p])[(off % 4) / 2] : new Float32Array(reads[p])[0];
     let s = 0, sa = 0;
     for (let q = 0; q < k; q++) {
-      const prod = roundTo(dtype, hashValue(i * k + q, 1)) * roundTo(dtype, hashValue(j * k + q, 2));
+      const bIndex = transB ? j * k + q : q * n + j;
+      const prod = roundTo(dtype, hashValue(i * k + q, 1)) * roundTo(dtype, hashValue(bIndex, 2));
       s += prod;
       sa += Math.abs(prod);
     }
