@@ -238,6 +238,29 @@ export class Runtime {
     this.record("view", [base], [view], ([g]) => [g ? g.view(base.shape) : null]);
   }
 
+  /**
+   * True when `t` is not the output of a recorded op (a parameter or an input tensor): its gradient accumulates
+   * in `t.grad`. Ops whose backward can write a leaf's gradient in place (e.g. a matmul that accumulates into the
+   * weight gradient) use this and return null for that input.
+   */
+  isLeaf(t: Tensor): boolean {
+    return !this.#opOutputs.has(t);
+  }
+
+  /**
+   * For a backward that writes a leaf's gradient itself: the leaf's `grad` to accumulate into, or a new (kept,
+   * uninitialised) `grad` to overwrite when the leaf has none yet. Null when `t` is not a leaf that requires grad.
+   * The backward then returns null for that input so the tape does not add it a second time.
+   */
+  leafGradTarget(t: Tensor): { grad: Tensor; accumulate: boolean } | null {
+    if (!t.requiresGrad || !this.isLeaf(t)) return null;
+    if (t.grad) return { grad: t.grad, accumulate: true };
+    const g = this.empty(t.shape, t.dtype).keep();
+    g.name = t.name ? `${t.name}.grad` : undefined;
+    t.grad = g;
+    return { grad: g, accumulate: false };
+  }
+
   /** Number of ops on the tape (for tests). */
   get tapeLength(): number {
     return this.#tape.length;

@@ -1,0 +1,428 @@
+/**
+ * Benchmarks of the dense kernels: matmul TFLOP/s (f32 and f16, 4096^3 and 8192^3, every tile configuration of
+ * the sweep that fits the device), GEMV GB/s at 1x4096x14336 (f32, f16, several thread groupings), and device copy
+ * GB/s (copyBufferToBuffer and a copy kernel), one JSON row per measurement.
+ *
+ * Method: inputs filled on the GPU with a hash (no large uploads); at least one second of warm-up per kernel
+ * (GPU clocks ramp up after idle); then `iters` dispatches recorded back to back and timed by wall clock from
+ * the first record to the end of a final read, with `iters` chosen so the timed run lasts about a second (the
+ * read's sync latency is then a small bias, reported as `sync_ms`). With `timestamp-query`, the same dispatches
+ * are also timed inside one compute pass (`gpu_ms`). A few outputs of each matmul are checked against a CPU dot
+ * product of the same hashed inputs, so a miscompiled kernel cannot report a speed.
+ *
+ * Run alone: `deno run -A bench/kernels.ts [--quick] [--gpu dawn|builtin]`; the lead's runner imports
+ * {@linkcode bench}. `bench/pytorch/kernels.py` measures the same shapes in PyTorch.
+ *
+ * @module
+ */
+import type { Runtime } from "../runtime/runtime.ts";
+import type { Tensor } from "../runtime/tensor.ts";
+import { type DType, grid2d, type KernelSpec, Uniforms, wgslHeader, wgslType } from "../kernels/kernel.ts";
+import type { Launch } from "../kernels/fill.ts";
+import {
+  MATMUL_SWEEP,
+  type MatmulConfig,
+  matmulConfigName,
+  matmulKernel,
+  matmulSharedBytes,
+} from "../kernels/matmul.ts";
+import { gemvKernel } from "../kernels/gemv.ts";
+
+/** Options of {@linkcode bench}. */
+export interface BenchOptions {
+  /** Small sizes and short timings, to prove the benchmark runs on a CPU adapter. */
+  quick: boolean;
+  /** Tile configurations to sweep (default: {@linkcode MATMUL_SWEEP}). */
+  configs?: readonly MatmulConfig[];
+}
+
+// ---- GPU-side inputs: a hash of the index, reproducible on the CPU for spot checks -------------------------
+
+/** The value at index i of a hashed input (the WGSL below computes the same), before rounding to the dtype. */
+function hashValue(i: number, seed: number): number {
+  let h = (Math.imul(i, 0x9e3779b1) ^ seed) >>> 0;
+  h = Math.imul(h ^ (h >>> 16), 0x85ebca6b) >>> 0;
+  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35) >>> 0;
+  h = (h ^ (h >>> 16)) >>> 0;
+  return Math.fround(Math.fround((h >>> 8) * (1 / 16777216)) - 0.5);
+}
+
+const fillSpecs = new Map<DType, KernelSpec>();
+function hashFill(dtype: DType, n: number, seed: number): Launch {
+  let spec = fillSpecs.get(dtype);
+  if (!spec) {
+    const T = wgslType(dtype);
+    spec = {
+      key: `bench_hash_fill_${dtype}`,
+      bindings: ["rw"],
+      uniformBytes: 16,
+      code: `${wgslHeader(dtype)}
+struct P { n: u32, seed: u32, _a: u32, _b: u32 }
+@group(0) @binding(0) var<storage, read_write> out: array<${T}>;
+@group(0) @binding(1) var<uniform> p: P;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let i = (wid.y * nwg.x + wid.x) * 256u + lid;
+  if (i >= p.n) { return; }
+  var h = (i * 0x9e3779b1u) ^ p.seed;
+  h = (h ^ (h >> 16u)) * 0x85ebca6bu;
+  h = (h ^ (h >> 13u)) * 0xc2b2ae35u;
+  h = h ^ (h >> 16u);
+  out[i] = ${T}(f32(h >> 8u) * (1.0 / 16777216.0) - 0.5);
+}
+`,
+    };
+    fillSpecs.set(dtype, spec);
+  }
+  return { spec, uniforms: new Uniforms(16).u32(n).u32(seed).buffer, workgroups: grid2d(Math.ceil(n / 256)) };
+}
+
+function hashed(rt: Runtime, shape: number[], dtype: DType, seed: number): Tensor {
+  const t = rt.empty(shape, dtype);
+  const f = hashFill(dtype, t.size, seed);
+  rt.dev.dispatch(f.spec, [t.binding], f.workgroups, f.uniforms);
+  return t;
+}
+
+const roundTo = (dtype: DType, v: number) => (dtype === "f16" ? new Float16Array([v])[0] : Math.fround(v));
+
+// ---- timing ----------------------------------------------------------------------------------------------
+
+interface Timing {
+  /** Wall-clock milliseconds per iteration. */
+  ms: number;
+  /** Iterations in the timed run. */
+  iters: number;
+  /** GPU-timestamp milliseconds per iteration, when the adapter offers timestamps. */
+  gpuMs?: number;
+  /** Milliseconds of one empty read (the sync bias included once in the wall-clock total). */
+  syncMs: number;
+}
+
+async function syncOnce(rt: Runtime, probe: Tensor): Promise<void> {
+  await rt.dev.read(probe.buffer, 0, 4);
+}
+
+/**
+ * Times `record` (which records one iteration of GPU work): warm-up of `warmupMs`, then a timed run sized to
+ * about `targetMs`.
+ */
+async function timeIt(
+  rt: Runtime,
+  probe: Tensor,
+  record: () => void,
+  warmupMs: number,
+  targetMs: number,
+  single?: Launch & { bindings: GPUBuffer[] },
+): Promise<Timing> {
+  // warm-up, growing the batch so that each sync amortises over more work
+  let batch = 1, t0 = performance.now(), perIter = Infinity;
+  while (performance.now() - t0 < warmupMs) {
+    const s = performance.now();
+    for (let i = 0; i < batch; i++) record();
+    await syncOnce(rt, probe);
+    perIter = (performance.now() - s) / batch;
+    if (performance.now() - s < 100) batch *= 2;
+  }
+  const s0 = performance.now();
+  await syncOnce(rt, probe);
+  const syncMs = performance.now() - s0;
+  const iters = Math.max(3, Math.min(100_000, Math.round(targetMs / Math.max(perIter, 1e-3))));
+  t0 = performance.now();
+  for (let i = 0; i < iters; i++) record();
+  await syncOnce(rt, probe);
+  const ms = (performance.now() - t0) / iters;
+  const gpuMs = single && rt.dev.features.timestamps ? await gpuTime(rt, single, iters) : undefined;
+  return { ms, iters, gpuMs, syncMs };
+}
+
+/** Times `iters` copies of one dispatch inside one compute pass with timestamp queries; ms per dispatch. */
+async function gpuTime(
+  rt: Runtime,
+  l: Launch & { bindings: GPUBuffer[] },
+  iters: number,
+): Promise<number | undefined> {
+  const dev = rt.dev;
+  try {
+    dev.flush();
+    const gpu = dev.gpu;
+    const k = dev.kernel(l.spec);
+    const ubuf = gpu.createBuffer({ size: 256, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+    gpu.queue.writeBuffer(ubuf, 0, l.uniforms);
+    const entries: GPUBindGroupEntry[] = l.bindings.map((b, i) => ({ binding: i, resource: { buffer: b } }));
+    if (l.spec.uniformBytes) {
+      entries.push({
+        binding: l.bindings.length,
+        resource: { buffer: ubuf, offset: 0, size: l.spec.uniformBytes },
+      });
+    }
+    const bg = gpu.createBindGroup({ layout: k.layout, entries });
+    const qs = gpu.createQuerySet({ type: "timestamp", count: 2 });
+    const resolve = gpu.createBuffer({
+      size: 16,
+      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+    });
+    const readback = gpu.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    const enc = gpu.createCommandEncoder();
+    const pass = enc.beginComputePass({
+      timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 },
+    });
+    pass.setPipeline(k.pipeline);
+    if (l.spec.uniformBytes) pass.setBindGroup(0, bg, [0]);
+    else pass.setBindGroup(0, bg);
+    const [x, y = 1, z = 1] = l.workgroups;
+    for (let i = 0; i < iters; i++) pass.dispatchWorkgroups(x, y, z);
+    pass.end();
+    enc.resolveQuerySet(qs, 0, 2, resolve, 0);
+    enc.copyBufferToBuffer(resolve, 0, readback, 0, 16);
+    gpu.queue.submit([enc.finish()]);
+    await readback.mapAsync(GPUMapMode.READ);
+    const [t0, t1] = new BigUint64Array(readback.getMappedRange());
+    readback.unmap();
+    for (const b of [ubuf, resolve, readback]) b.destroy();
+    qs.destroy();
+    const ns = Number(t1 - t0);
+    return ns > 0 ? ns / 1e6 / iters : undefined;
+  } catch {
+    return undefined; // timestamps inside passes are optional; the wall-clock time stands
+  }
+}
+
+// ---- the benchmarks ----------------------------------------------------------------------------------------
+
+async function benchMatmul(
+  rt: Runtime,
+  log: (row: Record<string, unknown>) => void,
+  dtype: DType,
+  size: number,
+  configs: readonly MatmulConfig[],
+  warmupMs: number,
+  targetMs: number,
+): Promise<void> {
+  const [m, n, k] = [size, size, size];
+  await rt.scope(async () => {
+    // Every config in C = A B^T, the linear layer's layout (x [tokens, in], W [out, in]: both operands run along
+    // k, so both tiles are transposed into shared memory); the first config also in C = A B (B's tile loads
+    // straight), to show what that transpose costs.
+    const a = hashed(rt, [m, k], dtype, 1), b = hashed(rt, [n, k], dtype, 2), c = rt.empty([m, n], dtype);
+    const probe = rt.empty([1], "f32");
+    const runs = configs.map((config) => ({ config, transB: true }));
+    if (configs.length > 0) runs.push({ config: configs[0], transB: false });
+    for (const { config, transB } of runs) {
+      if (matmulSharedBytes(config) > rt.dev.limits.maxComputeWorkgroupStorageSize) continue;
+      const l = matmulKernel(
+        { m, n, k, batch: 1, strideA: 0, strideB: 0, strideC: 0 },
+        { dtype, transA: false, transB, accumulate: false },
+        config,
+      );
+      const record = () =>
+        rt.dev.dispatch(l.spec, [a.binding, b.binding, c.binding], l.workgroups, l.uniforms);
+      let t: Timing;
+      try {
+        t = await timeIt(rt, probe, record, warmupMs, targetMs, {
+          ...l,
+          bindings: [a.buffer, b.buffer, c.buffer],
+        });
+      } catch (e) {
+        log({ bench: "matmul", dtype, m, n, k, config: matmulConfigName(config), transB, error: String(e) });
+        continue;
+      }
+      const maxErr = await spotCheck(rt, c, dtype, m, n, k, transB);
+      const flops = 2 * m * n * k;
+      log({
+        bench: "matmul",
+        layout: transB ? "A B^T" : "A B",
+        dtype,
+        m,
+        n,
+        k,
+        config: matmulConfigName(config),
+        tflops: +(flops / (t.ms * 1e-3) / 1e12).toFixed(3),
+        gpu_tflops: t.gpuMs ? +(flops / (t.gpuMs * 1e-3) / 1e12).toFixed(3) : undefined,
+        ms: +t.ms.toFixed(4),
+        iters: t.iters,
+        sync_ms: +t.syncMs.toFixed(2),
+        check_max_rel_err: +maxErr.toExponential(2),
+        ok: maxErr < (dtype === "f16" ? 1e-2 : 1e-4),
+      });
+    }
+  });
+}
+
+/** Largest relative error of a few outputs of C = A B(^T) against CPU dot products of the hashed inputs. */
+async function spotCheck(
+  rt: Runtime,
+  c: Tensor,
+  dtype: DType,
+  m: number,
+  n: number,
+  k: number,
+  transB: boolean,
+): Promise<number> {
+  const points = [[0, 0], [m - 1, n - 1], [Math.floor(m / 3), Math.floor(n / 2)], [m - 1, 0]];
+  const bytes = dtype === "f16" ? 2 : 4;
+  const reads = await rt.dev.readMany(points.map(([i, j]) => {
+    const off = (i * n + j) * bytes;
+    const aligned = off - (off % 4);
+    return { buffer: c.buffer, offset: aligned, size: 4 };
+  }));
+  let worst = 0;
+  points.forEach(([i, j], p) => {
+    const off = (i * n + j) * bytes;
+    const got = dtype === "f16" ? new Float16Array(reads[p])[(off % 4) / 2] : new Float32Array(reads[p])[0];
+    let s = 0, sa = 0;
+    for (let q = 0; q < k; q++) {
+      const bIndex = transB ? j * k + q : q * n + j;
+      const prod = roundTo(dtype, hashValue(i * k + q, 1)) * roundTo(dtype, hashValue(bIndex, 2));
+      s += prod;
+      sa += Math.abs(prod);
+    }
+    worst = Math.max(worst, Math.abs(got - s) / Math.max(sa, 1e-30));
+  });
+  return worst;
+}
+
+async function benchGemv(
+  rt: Runtime,
+  log: (row: Record<string, unknown>) => void,
+  dtype: DType,
+  [n, k]: [number, number],
+  warmupMs: number,
+  targetMs: number,
+): Promise<void> {
+  await rt.scope(async () => {
+    const x = hashed(rt, [1, k], dtype, 3), w = hashed(rt, [n, k], dtype, 4), y = rt.empty([1, n], dtype);
+    const probe = rt.empty([1], "f32");
+    for (const tpr of [32, 64, 128, 256]) {
+      const l = gemvKernel(dtype, 1, n, k, { threadsPerRow: tpr });
+      const record = () =>
+        rt.dev.dispatch(l.spec, [x.binding, w.binding, y.binding], l.workgroups, l.uniforms);
+      const t = await timeIt(rt, probe, record, warmupMs, targetMs, {
+        ...l,
+        bindings: [x.buffer, w.buffer, y.buffer],
+      });
+      const bytes = (n * k + k + n) * (dtype === "f16" ? 2 : 4);
+      log({
+        bench: "gemv",
+        dtype,
+        m: 1,
+        k,
+        n,
+        threads_per_row: tpr,
+        gbps: +(bytes / (t.ms * 1e-3) / 1e9).toFixed(1),
+        gpu_gbps: t.gpuMs ? +(bytes / (t.gpuMs * 1e-3) / 1e9).toFixed(1) : undefined,
+        us: +(t.ms * 1e3).toFixed(2),
+        iters: t.iters,
+      });
+    }
+  });
+}
+
+const COPY_SPEC: KernelSpec = {
+  key: "bench_copy_vec4",
+  bindings: ["read", "rw"],
+  uniformBytes: 16,
+  code: `
+struct P { n4: u32, _a: u32, _b: u32, _c: u32 }
+@group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<f32>>;
+@group(0) @binding(2) var<uniform> p: P;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let i = (wid.y * nwg.x + wid.x) * 256u + lid;
+  if (i < p.n4) { dst[i] = src[i]; }
+}
+`,
+};
+
+async function benchCopy(
+  rt: Runtime,
+  log: (row: Record<string, unknown>) => void,
+  bytes: number,
+  warmupMs: number,
+  targetMs: number,
+): Promise<void> {
+  await rt.scope(async () => {
+    const n = bytes / 4;
+    const src = hashed(rt, [n], "f32", 5), dst = rt.empty([n], "f32");
+    const probe = rt.empty([1], "f32");
+    // bandwidth counts bytes read plus bytes written (2 x size), the usual convention for copies
+    const moved = 2 * bytes;
+    const t1 = await timeIt(
+      rt,
+      probe,
+      () => rt.dev.copyBuffer(src.buffer, 0, dst.buffer, 0, bytes),
+      warmupMs,
+      targetMs,
+    );
+    log({
+      bench: "copy",
+      method: "copyBufferToBuffer",
+      bytes,
+      gbps: +(moved / (t1.ms * 1e-3) / 1e9).toFixed(1),
+    });
+    const uniforms = new Uniforms(16).u32(n / 4).buffer;
+    const wg = grid2d(Math.ceil(n / 4 / 256));
+    const l: Launch = { spec: COPY_SPEC, uniforms, workgroups: wg };
+    const t2 = await timeIt(
+      rt,
+      probe,
+      () => rt.dev.dispatch(COPY_SPEC, [src.binding, dst.binding], wg, uniforms),
+      warmupMs,
+      targetMs,
+      { ...l, bindings: [src.buffer, dst.buffer] },
+    );
+    log({
+      bench: "copy",
+      method: "kernel vec4",
+      bytes,
+      gbps: +(moved / (t2.ms * 1e-3) / 1e9).toFixed(1),
+      gpu_gbps: t2.gpuMs ? +(moved / (t2.gpuMs * 1e-3) / 1e9).toFixed(1) : undefined,
+    });
+  });
+}
+
+/**
+ * Runs every dense-kernel benchmark and logs one row per measurement (plus a first row describing the device).
+ * Full sizes need a large GPU (8192^3 f32 takes 768 MB and about a second per config on an H200).
+ */
+export async function bench(
+  rt: Runtime,
+  log: (row: Record<string, unknown>) => void,
+  opts: BenchOptions = { quick: false },
+): Promise<void> {
+  const quick = opts.quick;
+  const warmupMs = quick ? 30 : 1000, targetMs = quick ? 30 : 1000;
+  log({
+    bench: "device",
+    provider: rt.dev.provider,
+    adapter: rt.dev.adapterName,
+    features: rt.dev.features,
+    max_workgroup_storage: rt.dev.limits.maxComputeWorkgroupStorageSize,
+    date: new Date().toISOString(),
+  });
+  const configs = opts.configs ?? (quick ? MATMUL_SWEEP.slice(0, 2) : MATMUL_SWEEP);
+  const dtypes: DType[] = rt.dev.features.f16 ? ["f32", "f16"] : ["f32"];
+  for (const size of quick ? [256] : [4096, 8192]) {
+    for (const dtype of dtypes) await benchMatmul(rt, log, dtype, size, configs, warmupMs, targetMs);
+  }
+  for (const dtype of dtypes) {
+    await benchGemv(rt, log, dtype, quick ? [1024, 512] : [14336, 4096], warmupMs, targetMs);
+  }
+  await benchCopy(rt, log, quick ? 1 << 22 : 1 << 30, warmupMs, targetMs);
+  rt.pool.trim();
+}
+
+if (import.meta.main) {
+  const { Runtime } = await import("../runtime/runtime.ts");
+  const { createDevice } = await import("../runtime/device.ts");
+  const { parseProviderPreference } = await import("../runtime/provider.ts");
+  const args = Deno.args;
+  const gi = args.indexOf("--gpu");
+  const gpu = parseProviderPreference(gi >= 0 ? args[gi + 1] : Deno.env.get("DISTILLERY_GPU"), "--gpu");
+  const rt = new Runtime(await createDevice({ gpu }));
+  await bench(rt, (row) => console.log(JSON.stringify(row)), { quick: args.includes("--quick") });
+  rt.dev.destroy();
+}

@@ -1,0 +1,141 @@
+/**
+ * Matrix-vector products for decode: `y[r, n] = alpha * sum_k x[r, k] * W[n, k]` for a few rows `r` (one token,
+ * or the handful of a speculative verification step), W in the PyTorch weight layout [N, K].
+ *
+ * Decode is bound by reading W once, so the kernel is shaped for memory bandwidth: a workgroup of 256 threads
+ * takes `256 / TPR` output rows, TPR threads stride along one row of W with 16-byte loads (vec4 of f32, or eight
+ * f16 values unpacked from a vec4<u32>, which also works without `shader-f16`), every loaded W vector is used
+ * for all rows of x, and the TPR partial sums meet in a shared-memory tree. Sizes whose K is not a multiple of
+ * the vector width take a scalar variant.
+ *
+ * @module
+ */
+import { ceilDiv, type DType, grid2d, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import type { Launch } from "./fill.ts";
+
+/** Threads per workgroup of the GEMV kernels. */
+export const GEMV_WORKGROUP = 256;
+/** Most rows of x one GEMV dispatch takes (more rows go through the tiled matmul). */
+export const GEMV_MAX_ROWS = 8;
+
+/** Options of a GEMV dispatch. */
+export interface GemvOptions {
+  /** Threads cooperating on one output (power of two, 4..256; default 32). */
+  threadsPerRow?: number;
+  /** Scale of the product (default 1). */
+  alpha?: number;
+}
+
+/** The vector width the fast path of a dtype needs K to be a multiple of. */
+export function gemvVectorWidth(dtype: DType): number {
+  return dtype === "f16" ? 8 : 4;
+}
+
+const specs = new Map<string, KernelSpec>();
+
+/**
+ * y = alpha * x W^T for `rows` rows of x [rows, K], W [N, K], y [rows, N]. Bindings: x (read), W (read), y (rw).
+ */
+export function gemvKernel(dtype: DType, rows: number, n: number, k: number, opts: GemvOptions = {}): Launch {
+  if (rows < 1 || rows > GEMV_MAX_ROWS) {
+    throw new Error(`gemv: rows must be 1..${GEMV_MAX_ROWS}, got ${rows}`);
+  }
+  const tpr = opts.threadsPerRow ?? 32;
+  if (tpr < 4 || tpr > GEMV_WORKGROUP || (tpr & (tpr - 1)) !== 0) {
+    throw new Error(`gemv: threadsPerRow must be a power of two in 4..${GEMV_WORKGROUP}, got ${tpr}`);
+  }
+  const vec = k % gemvVectorWidth(dtype) === 0;
+  const key = `gemv_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}`;
+  let spec = specs.get(key);
+  if (!spec) {
+    spec = { key, bindings: ["read", "read", "rw"], uniformBytes: 16, code: gemvWgsl(dtype, rows, tpr, vec) };
+    specs.set(key, spec);
+  }
+  const rowsPerWg = GEMV_WORKGROUP / tpr;
+  return {
+    spec,
+    uniforms: new Uniforms(16).u32(n).u32(k).f32(opts.alpha ?? 1).buffer,
+    workgroups: grid2d(ceilDiv(n, rowsPerWg)),
+  };
+}
+
+function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean): string {
+  const T = wgslType(dtype);
+  const rowsPerWg = GEMV_WORKGROUP / tpr;
+  const f16vec = vec && dtype === "f16";
+  // The element type the buffers are declared with, and how one loaded item becomes f32 values.
+  const elem = vec ? (f16vec ? "vec4<u32>" : "vec4<f32>") : T;
+  const width = vec ? (f16vec ? 8 : 4) : 1;
+  const dotItem = (w: string, x: string) =>
+    f16vec ? `dot8(${w}, ${x})` : vec ? `dot(${w}, ${x})` : `f32(${w}) * f32(${x})`;
+  const accum: string[] = [];
+  for (let r = 0; r < rows; r++) accum.push(`acc[${r}] += ${dotItem("w", `X[${r}u * kv + i]`)};`);
+  const unrolled: string[] = [];
+  for (let u = 0; u < 4; u++) {
+    for (let r = 0; r < rows; r++) {
+      unrolled.push(`acc[${r}] += ${dotItem(`w${u}`, `X[${r}u * kv + i + ${u * tpr}u]`)};`);
+    }
+  }
+  const reduce: string[] = [];
+  for (let r = 0; r < rows; r++) reduce.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] = acc[${r}];`);
+  const treeStep: string[] = [];
+  for (let r = 0; r < rows; r++) {
+    treeStep.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] += red[${r}u * ${GEMV_WORKGROUP}u + lid + s];`);
+  }
+  const writes: string[] = [];
+  for (let r = 0; r < rows; r++) {
+    writes.push(`Y[${r}u * p.n + n] = ${T}(p.alpha * red[${r}u * ${GEMV_WORKGROUP}u + lid]);`);
+  }
+  return `${wgslHeader(dtype)}
+struct P { n: u32, k: u32, alpha: f32, _a: u32 }
+@group(0) @binding(0) var<storage, read> X: array<${elem}>;
+@group(0) @binding(1) var<storage, read> W: array<${elem}>;
+@group(0) @binding(2) var<storage, read_write> Y: array<${T}>;
+@group(0) @binding(3) var<uniform> p: P;
+
+var<workgroup> red: array<f32, ${rows * GEMV_WORKGROUP}>;
+
+// eight f16 values packed in a vec4<u32>: two per word
+fn dot8(a: vec4<u32>, b: vec4<u32>) -> f32 {
+  var s = 0.0;
+  for (var j = 0u; j < 4u; j++) { s += dot(unpack2x16float(a[j]), unpack2x16float(b[j])); }
+  return s;
+}
+
+@compute @workgroup_size(${GEMV_WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let t = lid % ${tpr}u;                   // position inside the row's thread group
+  let n = (wid.y * nwg.x + wid.x) * ${rowsPerWg}u + lid / ${tpr}u;
+  let kv = p.k / ${width}u;                 // loaded items per row
+  var acc: array<f32, ${rows}>;
+  if (n < p.n) {
+    let wrow = n * kv;
+    // consecutive threads read consecutive 16-byte items, so each warp streams a contiguous span of W; four
+    // independent loads per iteration keep enough bytes in flight to cover memory latency
+    var i = t;
+    for (; i + ${3 * tpr}u < kv; i += ${4 * tpr}u) {
+      let w0 = W[wrow + i];
+      let w1 = W[wrow + i + ${tpr}u];
+      let w2 = W[wrow + i + ${2 * tpr}u];
+      let w3 = W[wrow + i + ${3 * tpr}u];
+      ${unrolled.join("\n      ")}
+    }
+    for (; i < kv; i += ${tpr}u) {
+      let w = W[wrow + i];
+      ${accum.join("\n      ")}
+    }
+  }
+  ${reduce.join("\n  ")}
+  for (var s = ${tpr / 2}u; s > 0u; s >>= 1u) {
+    workgroupBarrier();
+    if (t < s) {
+      ${treeStep.join("\n      ")}
+    }
+  }
+  if (t == 0u && n < p.n) {
+    ${writes.join("\n    ")}
+  }
+}
+`;
+}

@@ -1,0 +1,441 @@
+/**
+ * Register-tiled matrix multiplication: `C[b] = alpha * op(A[b]) op(B[b])` (or `C[b] += ...`), with op a
+ * transpose chosen per operand by flag, a batch over workgroup z, and per-batch element strides (0 broadcasts an
+ * operand across the batch).
+ *
+ * Shapes: op(A) is [M, K], op(B) is [K, N], C is [M, N], all row-major. `transA` means A is stored [K, M];
+ * `transB` means B is stored [N, K] (the PyTorch weight layout of `linear`). Backward passes are the same kernel
+ * with other flags, so no transpose is ever materialised.
+ *
+ * The kernel (one variant per {@linkcode MatmulConfig} and layout):
+ * - a workgroup computes a BM x BN block of C with (BM/TM) * (BN/TN) threads, each owning TM x TN outputs in
+ *   registers (f32, whatever the storage type);
+ * - K advances in steps of BK through two workgroup-shared tiles (double buffering): while the threads multiply
+ *   out of one tile, the next tile's global loads are already in registers, so one barrier per step suffices;
+ * - both tiles are stored k-major (`As[k][m]`, `Bs[k][n]`) so a thread reads its TM (TN) values as vec4s;
+ *   a thread's rows are interleaved in groups of 4 (`(g * threadsM + tm) * 4 + i`) so neighbouring threads read
+ *   neighbouring vec4s of shared memory;
+ * - global loads are vec4 along an operand's contiguous dimension when that dimension is a multiple of 4 (then
+ *   a vec4 is either wholly inside or wholly outside the matrix), else scalar with per-element bounds checks.
+ *
+ * Everything is generated unrolled from TypeScript so the driver compiler sees constant indices into the
+ * accumulator array and keeps it in registers.
+ *
+ * @module
+ */
+import { ceilDiv, type DType, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import type { Launch } from "./fill.ts";
+
+/** Tile configuration of the register-tiled matmul. */
+export interface MatmulConfig {
+  /** Rows of C per workgroup. */
+  bm: number;
+  /** Columns of C per workgroup. */
+  bn: number;
+  /** K step per shared tile. */
+  bk: number;
+  /** Rows per thread (multiple of 4). */
+  tm: number;
+  /** Columns per thread (multiple of 4). */
+  tn: number;
+  /**
+   * Unroll the k step in the generated WGSL (constant shared-memory offsets for the driver compiler). Default:
+   * for blocks of 64x64 and larger, where speed matters; small blocks keep a loop, which compiles much faster
+   * on software adapters.
+   */
+  unrollK?: boolean;
+}
+
+function unrolls(c: MatmulConfig): boolean {
+  return c.unrollK ?? c.bm * c.bn >= 64 * 64;
+}
+
+/** Layout and storage of one matmul variant. */
+export interface MatmulLayout {
+  /** Storage type of A, B and C (accumulation is always f32). */
+  dtype: DType;
+  /** A is stored [K, M]. */
+  transA: boolean;
+  /** B is stored [N, K]. */
+  transB: boolean;
+  /** C += alpha * A B instead of C = alpha * A B. */
+  accumulate: boolean;
+}
+
+/** Sizes of one matmul dispatch, in elements. */
+export interface MatmulShape {
+  /** Rows of C. */
+  m: number;
+  /** Columns of C. */
+  n: number;
+  /** Reduction length. */
+  k: number;
+  /** Batch count (workgroup z). */
+  batch: number;
+  /** Elements between consecutive batches of A (0: A broadcast over the batch). */
+  strideA: number;
+  /** Elements between consecutive batches of B (0: broadcast). */
+  strideB: number;
+  /** Elements between consecutive batches of C. */
+  strideC: number;
+  /** Element offset of A's first batch in its buffer (default 0). */
+  offsetA?: number;
+  /** Element offset of B's first batch (default 0). */
+  offsetB?: number;
+  /** Element offset of C's first batch (default 0). */
+  offsetC?: number;
+  /** Scale of the product (default 1). */
+  alpha?: number;
+}
+
+/** 128x128 blocks, 8x8 per thread, 256 threads: the large-matrix configuration (32 KB shared, double buffered). */
+export const MATMUL_LARGE: MatmulConfig = { bm: 128, bn: 128, bk: 16, tm: 8, tn: 8 };
+/** 64x64 blocks, 4x4 per thread, 256 threads: medium matrices, or when 128x128 blocks would leave SMs idle. */
+export const MATMUL_MEDIUM: MatmulConfig = { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4 };
+/** 32x32 blocks, 4x4 per thread, 64 threads: small and skinny matrices. */
+export const MATMUL_SMALL: MatmulConfig = { bm: 32, bn: 32, bk: 16, tm: 4, tn: 4 };
+
+/** Configurations worth sweeping on a large GPU (the benchmark runs them all). */
+export const MATMUL_SWEEP: readonly MatmulConfig[] = [
+  MATMUL_LARGE,
+  { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8 },
+  { bm: 128, bn: 64, bk: 16, tm: 8, tn: 4 },
+  { bm: 64, bn: 128, bk: 16, tm: 4, tn: 8 },
+  { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4 },
+  { bm: 128, bn: 256, bk: 8, tm: 8, tn: 16 },
+];
+
+/** Short name of a config, e.g. `128x128x16_8x8`. */
+export function matmulConfigName(c: MatmulConfig): string {
+  return `${c.bm}x${c.bn}x${c.bk}_${c.tm}x${c.tn}${unrolls(c) ? "" : "_loop"}`;
+}
+
+/** Shared-memory bytes a config needs (two f32 tiles of A and B). */
+export function matmulSharedBytes(c: MatmulConfig): number {
+  return 2 * c.bk * (c.bm + c.bn) * 4;
+}
+
+/** Throws if a config is malformed or does not fit the device limits. */
+export function validateMatmulConfig(
+  c: MatmulConfig,
+  limits?: { maxComputeWorkgroupStorageSize: number; maxComputeInvocationsPerWorkgroup: number },
+): void {
+  const name = matmulConfigName(c);
+  if (c.tm % 4 || c.tn % 4 || c.bk % 4) {
+    throw new Error(`matmul config ${name}: tm, tn, bk must be multiples of 4`);
+  }
+  if (c.bm % c.tm || c.bn % c.tn) {
+    throw new Error(`matmul config ${name}: bm, bn must be multiples of tm, tn`);
+  }
+  const threads = (c.bm / c.tm) * (c.bn / c.tn);
+  if (limits) {
+    if (threads > limits.maxComputeInvocationsPerWorkgroup) {
+      throw new Error(`matmul config ${name}: ${threads} threads exceed the device limit`);
+    }
+    if (matmulSharedBytes(c) > limits.maxComputeWorkgroupStorageSize) {
+      throw new Error(
+        `matmul config ${name}: ${matmulSharedBytes(c)} bytes of shared memory exceed the limit`,
+      );
+    }
+  }
+}
+
+/**
+ * Picks a configuration for a problem size: the 128x128 block when it still gives enough workgroups to fill a
+ * large GPU, else smaller blocks (a 4096-token prefill through a 2048-wide projection is 512 blocks of 128x128;
+ * a 64-token chunk is not).
+ */
+export function pickMatmulConfig(m: number, n: number, batch = 1): MatmulConfig {
+  const blocks = (c: MatmulConfig) => ceilDiv(m, c.bm) * ceilDiv(n, c.bn) * batch;
+  if (m >= 128 && n >= 128 && blocks(MATMUL_LARGE) >= 256) return MATMUL_LARGE;
+  if (m >= 64 && n >= 64 && blocks(MATMUL_MEDIUM) >= 128) return MATMUL_MEDIUM;
+  return MATMUL_SMALL;
+}
+
+const specs = new Map<string, KernelSpec>();
+
+/**
+ * The kernel variant for a config and layout. `vecA`/`vecB`/`vecC` select vec4 global access for an operand
+ * (legal only when its contiguous dimension, its batch stride and its offset are multiples of 4).
+ * Bindings: A (read), B (read), C (rw, read too when accumulating).
+ */
+export function matmulSpec(
+  c: MatmulConfig,
+  layout: MatmulLayout,
+  vecA: boolean,
+  vecB: boolean,
+  vecC: boolean,
+): KernelSpec {
+  const key = `matmul_${layout.dtype}_${layout.transA ? "t" : "n"}${layout.transB ? "t" : "n"}` +
+    `${layout.accumulate ? "_acc" : ""}_v${+vecA}${+vecB}${+vecC}_${matmulConfigName(c)}`;
+  let spec = specs.get(key);
+  if (!spec) {
+    validateMatmulConfig(c);
+    spec = {
+      key,
+      bindings: ["read", "read", "rw"],
+      uniformBytes: 48,
+      code: matmulWgsl(c, layout, vecA, vecB, vecC),
+    };
+    specs.set(key, spec);
+  }
+  return spec;
+}
+
+/** A matmul dispatch: workgroups (N blocks, M blocks, batch) and uniforms. Bindings: A, B, C. */
+export function matmulKernel(
+  shape: MatmulShape,
+  layout: MatmulLayout,
+  config: MatmulConfig = pickMatmulConfig(shape.m, shape.n, shape.batch),
+): Launch {
+  const { m, n, k, batch, strideA, strideB, strideC } = shape;
+  const offA = shape.offsetA ?? 0, offB = shape.offsetB ?? 0, offC = shape.offsetC ?? 0;
+  const aligned = (...xs: number[]) => xs.every((x) => x % 4 === 0);
+  const vecA = aligned(layout.transA ? m : k, strideA, offA);
+  const vecB = aligned(layout.transB ? k : n, strideB, offB);
+  const vecC = aligned(n, strideC, offC);
+  return {
+    spec: matmulSpec(config, layout, vecA, vecB, vecC),
+    uniforms: new Uniforms(48).u32(m).u32(n).u32(k).u32(strideA).u32(strideB).u32(strideC)
+      .u32(offA).u32(offB).u32(offC).f32(shape.alpha ?? 1).buffer,
+    workgroups: [ceilDiv(n, config.bn), ceilDiv(m, config.bm), batch],
+  };
+}
+
+/** Generates the WGSL of one variant (see the module comment for the scheme). */
+function matmulWgsl(c: MatmulConfig, L: MatmulLayout, vecA: boolean, vecB: boolean, vecC: boolean): string {
+  const T = wgslType(L.dtype);
+  const { bm, bn, bk, tm, tn } = c;
+  const thrM = bm / tm, thrN = bn / tn, NT = thrM * thrN;
+  const bm4 = bm / 4, bn4 = bn / 4, tm4 = tm / 4, tn4 = tn / 4;
+  const tileA4 = bk * bm4, tileB4 = bk * bn4; // vec4s per shared tile
+
+  // ---- global -> registers -> shared, for one operand ---------------------------------------------------
+  // `rows` x `cols` of the tile in its stored orientation; `contiguousIsK`: the stored layout runs along k.
+  // The shared tile is always k-major: S[buf][k * (outer/4) + o/4][o % 4], o being the m (or n) index.
+  interface Operand {
+    name: "A" | "B";
+    vec: boolean;
+    contiguousIsK: boolean; // A not transposed, or B transposed
+    outer: number; // bm or bn
+    outerSize: string; // "p.m" or "p.n"
+    ld: string; // row length of the stored matrix
+    base: string; // element offset of this batch
+    origin: string; // first outer index of this workgroup's block
+  }
+  const opA: Operand = {
+    name: "A",
+    vec: vecA,
+    contiguousIsK: !L.transA,
+    outer: bm,
+    outerSize: "p.m",
+    ld: L.transA ? "p.m" : "p.k",
+    base: "baseA",
+    origin: "m0",
+  };
+  const opB: Operand = {
+    name: "B",
+    vec: vecB,
+    contiguousIsK: L.transB,
+    outer: bn,
+    outerSize: "p.n",
+    ld: L.transB ? "p.k" : "p.n",
+    base: "baseB",
+    origin: "n0",
+  };
+
+  // number of load slots per thread (registers holding the next tile)
+  const slots = (o: Operand) => Math.ceil((o.vec ? (bk * o.outer) / 4 : bk * o.outer) / NT);
+  const total = (o: Operand) => (o.vec ? (bk * o.outer) / 4 : bk * o.outer);
+
+  function regDecl(o: Operand): string {
+    return o.vec
+      ? `var ld${o.name}: array<vec4<f32>, ${slots(o)}>;`
+      : `var ld${o.name}: array<f32, ${slots(o)}>;`;
+  }
+
+  // Loads tile `kt` of an operand into registers.
+  function load(o: Operand): string {
+    const out: string[] = [];
+    const tot = total(o);
+    for (let s = 0; s < slots(o); s++) {
+      const guard = (s + 1) * NT > tot ? `if (lid + ${s * NT}u < ${tot}u) ` : "";
+      const idx = `(lid + ${s * NT}u)`;
+      if (o.vec) {
+        // contiguous along k: idx -> (outer row, k quad); contiguous along outer: idx -> (k row, outer quad)
+        const [oi, ki] = o.contiguousIsK
+          ? [`${idx} / ${bk / 4}u`, `(${idx} % ${bk / 4}u) * 4u`]
+          : [`(${idx} % ${o.outer / 4}u) * 4u`, `${idx} / ${o.outer / 4}u`];
+        const addr = o.contiguousIsK ? `${o.base} + go * ${o.ld} + gk` : `${o.base} + gk * ${o.ld} + go`;
+        out.push(`${guard}{
+      let go = ${o.origin} + ${oi}; let gk = k0 + ${ki};
+      var v = vec4<f32>(0.0);
+      if (go < ${o.outerSize} && gk < p.k) { v = vec4<f32>(${o.name}4[(${addr}) / 4u]); }
+      ld${o.name}[${s}] = v;
+    }`);
+      } else {
+        const [oi, ki] = o.contiguousIsK
+          ? [`${idx} / ${bk}u`, `${idx} % ${bk}u`]
+          : [`${idx} % ${o.outer}u`, `${idx} / ${o.outer}u`];
+        const addr = o.contiguousIsK ? `${o.base} + go * ${o.ld} + gk` : `${o.base} + gk * ${o.ld} + go`;
+        out.push(`${guard}{
+      let go = ${o.origin} + ${oi}; let gk = k0 + ${ki};
+      var v = 0.0;
+      if (go < ${o.outerSize} && gk < p.k) { v = f32(${o.name}[${addr}]); }
+      ld${o.name}[${s}] = v;
+    }`);
+      }
+    }
+    return out.join("\n    ");
+  }
+
+  // Stores the registers into shared buffer `buf` (k-major).
+  function store(o: Operand): string {
+    const out: string[] = [];
+    const tot = total(o);
+    const S = `S${o.name}`;
+    const o4 = o.outer / 4;
+    const tile4 = o.name === "A" ? tileA4 : tileB4;
+    for (let s = 0; s < slots(o); s++) {
+      const guard = (s + 1) * NT > tot ? `if (lid + ${s * NT}u < ${tot}u) ` : "";
+      const idx = `(lid + ${s * NT}u)`;
+      if (o.vec && o.contiguousIsK) {
+        // a vec4 along k lands in four k rows of the k-major tile: transpose on the way in
+        out.push(`${guard}{
+      let oi = ${idx} / ${bk / 4}u; let ki = (${idx} % ${bk / 4}u) * 4u;
+      let v = ld${o.name}[${s}];
+      for (var j = 0u; j < 4u; j++) { ${S}[buf * ${tile4}u + (ki + j) * ${o4}u + oi / 4u][oi % 4u] = v[j]; }
+    }`);
+      } else if (o.vec) {
+        out.push(`${guard}{
+      let oq = ${idx} % ${o4}u; let ki = ${idx} / ${o4}u;
+      ${S}[buf * ${tile4}u + ki * ${o4}u + oq] = ld${o.name}[${s}];
+    }`);
+      } else {
+        const [oi, ki] = o.contiguousIsK
+          ? [`${idx} / ${bk}u`, `${idx} % ${bk}u`]
+          : [`${idx} % ${o.outer}u`, `${idx} / ${o.outer}u`];
+        out.push(`${guard}{
+      let oi = ${oi}; let ki = ${ki};
+      ${S}[buf * ${tile4}u + ki * ${o4}u + oi / 4u][oi % 4u] = ld${o.name}[${s}];
+    }`);
+      }
+    }
+    return out.join("\n    ");
+  }
+
+  // ---- the multiply-accumulate of one shared tile, fully unrolled over the thread's TM x TN block -------
+  const kSteps: string[] = [];
+  const unroll = unrolls(c);
+  for (let kk = 0; kk < (unroll ? bk : 1); kk++) {
+    const fma: string[] = [];
+    const koff = (w: number) => (unroll ? `${kk * w}u` : `kk * ${w}u`);
+    for (let g = 0; g < tm4; g++) fma.push(`let a${g} = SA[ab + ${koff(bm4)} + ${g * thrM}u];`);
+    for (let h = 0; h < tn4; h++) fma.push(`let b${h} = SB[bb + ${koff(bn4)} + ${h * thrN}u];`);
+    for (let g = 0; g < tm4; g++) {
+      for (let i = 0; i < 4; i++) {
+        for (let h = 0; h < tn4; h++) {
+          const r = (g * 4 + i) * tn4 + h;
+          fma.push(`acc[${r}] = fma(vec4<f32>(a${g}[${i}]), b${h}, acc[${r}]);`);
+        }
+      }
+    }
+    kSteps.push(
+      unroll
+        ? `{\n      ${fma.join("\n      ")}\n    }`
+        : `for (var kk = 0u; kk < ${bk}u; kk++) {\n      ${fma.join("\n      ")}\n    }`,
+    );
+  }
+
+  // ---- epilogue: alpha, optional accumulate, bounds-checked stores --------------------------------------
+  const epi: string[] = [];
+  for (let g = 0; g < tm4; g++) {
+    for (let i = 0; i < 4; i++) {
+      const row = `m0 + ${(g * thrM) * 4 + i}u + tm * 4u`;
+      const body: string[] = [];
+      for (let h = 0; h < tn4; h++) {
+        const r = (g * 4 + i) * tn4 + h;
+        const col = `n0 + ${h * thrN * 4}u + tn * 4u`;
+        if (vecC) {
+          const cur = L.accumulate ? ` + vec4<f32>(C4[ci])` : "";
+          body.push(`{ let col = ${col};
+          if (col < p.n) { let ci = (baseC + row * p.n + col) / 4u; C4[ci] = vec4<${T}>(p.alpha * acc[${r}]${cur}); } }`);
+        } else {
+          const cur = L.accumulate ? ` + f32(C[ci])` : "";
+          body.push(`{ let col = ${col};
+          for (var j = 0u; j < 4u; j++) {
+            if (col + j < p.n) { let ci = baseC + row * p.n + col + j; C[ci] = ${T}(p.alpha * acc[${r}][j]${cur}); }
+          } }`);
+        }
+      }
+      epi.push(`{ let row = ${row};
+      if (row < p.m) {
+        ${body.join("\n        ")}
+      } }`);
+    }
+  }
+
+  const binding = (name: string, i: number, vec: boolean, rw: boolean) =>
+    `@group(0) @binding(${i}) var<storage, ${rw ? "read_write" : "read"}> ${name}${vec ? "4" : ""}: array<${
+      vec ? `vec4<${T}>` : T
+    }>;`;
+
+  return `${wgslHeader(L.dtype)}
+// matmul ${L.transA ? "A^T" : "A"} x ${L.transB ? "B^T" : "B"}${
+    L.accumulate ? " (accumulate)" : ""
+  }, config ${matmulConfigName(c)}
+struct P { m: u32, n: u32, k: u32, strideA: u32, strideB: u32, strideC: u32,
+           offA: u32, offB: u32, offC: u32, alpha: f32, _a: u32, _b: u32 }
+${binding("A", 0, vecA, false)}
+${binding("B", 1, vecB, false)}
+${binding("C", 2, vecC, true)}
+@group(0) @binding(3) var<uniform> p: P;
+
+// k-major shared tiles, two buffers each
+var<workgroup> SA: array<vec4<f32>, ${2 * tileA4}>;
+var<workgroup> SB: array<vec4<f32>, ${2 * tileB4}>;
+
+@compute @workgroup_size(${NT})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  let tn = lid % ${thrN}u;
+  let tm = lid / ${thrN}u;
+  let m0 = wid.y * ${bm}u;
+  let n0 = wid.x * ${bn}u;
+  let baseA = p.offA + wid.z * p.strideA;
+  let baseB = p.offB + wid.z * p.strideB;
+  let baseC = p.offC + wid.z * p.strideC;
+  ${regDecl(opA)}
+  ${regDecl(opB)}
+  var acc: array<vec4<f32>, ${tm * tn4}>;  // zero-initialised
+
+  let ntiles = (p.k + ${bk - 1}u) / ${bk}u;
+  var k0 = 0u;
+  var buf = 0u;
+  ${load(opA)}
+  ${load(opB)}
+  ${store(opA)}
+  ${store(opB)}
+  workgroupBarrier();
+  for (var t = 0u; t < ntiles; t++) {
+    buf = t & 1u;
+    let more = t + 1u < ntiles;
+    if (more) {
+      k0 = (t + 1u) * ${bk}u;
+      ${load(opA)}
+      ${load(opB)}
+    }
+    // the k step (unrolled for large tiles: constant shared-memory offsets)
+    let ab = buf * ${tileA4}u + tm;
+    let bb = buf * ${tileB4}u + tn;
+    ${kSteps.join("\n    ")}
+    if (more) {
+      buf = 1u - buf;
+      ${store(opA)}
+      ${store(opB)}
+    }
+    workgroupBarrier();
+  }
+  ${epi.join("\n  ")}
+}
+`;
+}

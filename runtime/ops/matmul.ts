@@ -1,0 +1,274 @@
+/**
+ * Differentiable matrix products: {@linkcode matmul} (2-D and batched 3-D, transposes as flags, a 2-D operand
+ * broadcast over the batch), {@linkcode linear} (`x W^T`, the PyTorch weight layout; GEMV for a few tokens) and
+ * {@linkcode matmulInto} (write or accumulate into an existing tensor).
+ *
+ * Backward passes are matmuls with other transpose flags, so no transpose is materialised. Gradients of leaf
+ * operands (weights) are written straight into `leaf.grad`, accumulating when it exists, which saves a
+ * weight-sized temporary and an add per backward.
+ *
+ * @module
+ */
+import {
+  type MatmulConfig,
+  matmulKernel,
+  type MatmulLayout,
+  type MatmulShape,
+  pickMatmulConfig,
+} from "../../kernels/matmul.ts";
+import { GEMV_MAX_ROWS, gemvKernel } from "../../kernels/gemv.ts";
+import { shapeStr, type Tensor } from "../tensor.ts";
+import type { Runtime } from "../runtime.ts";
+
+/** Options of {@linkcode matmul}. */
+export interface MatmulOptions {
+  /** A is stored transposed: [.., K, M]. */
+  transA?: boolean;
+  /** B is stored transposed: [.., N, K]. */
+  transB?: boolean;
+  /** Scale of the product (default 1). */
+  alpha?: number;
+  /** Tile configuration (default: chosen by size). */
+  config?: MatmulConfig;
+}
+
+/** Most tokens for which {@linkcode linear} uses the GEMV kernel instead of the tiled matmul. */
+export const LINEAR_GEMV_MAX_TOKENS = 4;
+
+/** Geometry of `op(A) op(B)` derived from stored shapes. */
+interface Geometry {
+  m: number;
+  n: number;
+  k: number;
+  /** Batch size (1 when both operands are 2-D). */
+  batch: number;
+  aBatched: boolean;
+  bBatched: boolean;
+  /** Output shape. */
+  out: number[];
+}
+
+function geometry(a: Tensor, b: Tensor, transA: boolean, transB: boolean, what: string): Geometry {
+  const ra = a.shape.length, rb = b.shape.length;
+  if ((ra !== 2 && ra !== 3) || (rb !== 2 && rb !== 3)) {
+    throw new Error(
+      `${what}: operands must be 2-D or 3-D, got ${shapeStr(a.shape)} and ${shapeStr(b.shape)}`,
+    );
+  }
+  if (a.dtype !== b.dtype || (a.dtype !== "f32" && a.dtype !== "f16")) {
+    throw new Error(`${what}: operands must both be f32 or both f16, got ${a.dtype} and ${b.dtype}`);
+  }
+  const [ar, ac] = a.shape.slice(-2), [br, bc] = b.shape.slice(-2);
+  const m = transA ? ac : ar, ka = transA ? ar : ac;
+  const kb = transB ? bc : br, n = transB ? br : bc;
+  if (ka !== kb) {
+    throw new Error(
+      `${what}: inner dimensions differ: ${shapeStr(a.shape)}${transA ? "^T" : ""} x ${shapeStr(b.shape)}${
+        transB ? "^T" : ""
+      }`,
+    );
+  }
+  const aBatched = ra === 3, bBatched = rb === 3;
+  const batch = aBatched ? a.shape[0] : bBatched ? b.shape[0] : 1;
+  if (aBatched && bBatched && a.shape[0] !== b.shape[0]) {
+    throw new Error(`${what}: batch sizes differ: ${shapeStr(a.shape)} and ${shapeStr(b.shape)}`);
+  }
+  return { m, n, k: ka, batch, aBatched, bBatched, out: aBatched || bBatched ? [batch, m, n] : [m, n] };
+}
+
+/**
+ * Records `C = alpha op(A) op(B)` (or `C += ...`) for stored operands, batched or broadcast. A 3-D A that is
+ * not transposed and a 2-D B fold the batch into M (one larger matmul instead of a batch of small ones).
+ */
+function dispatchMatmul(
+  rt: Runtime,
+  a: Tensor,
+  b: Tensor,
+  c: Tensor,
+  g: Geometry,
+  layout: Omit<MatmulLayout, "dtype">,
+  alpha: number,
+  config?: MatmulConfig,
+): void {
+  let { m, batch } = g;
+  const { n, k } = g;
+  let strideA = g.aBatched ? m * k : 0;
+  const strideB = g.bBatched ? k * n : 0;
+  let strideC = batch > 1 || g.aBatched || g.bBatched ? m * n : 0;
+  if (g.aBatched && !g.bBatched && !layout.transA) {
+    m *= batch;
+    batch = 1;
+    strideA = strideC = 0;
+  }
+  const shape: MatmulShape = { m, n, k, batch, strideA, strideB, strideC, alpha };
+  const l = matmulKernel(shape, { ...layout, dtype: c.dtype }, config ?? pickMatmulConfig(m, n, batch));
+  rt.dev.dispatch(l.spec, [a.binding, b.binding, c.binding], l.workgroups, l.uniforms);
+}
+
+/**
+ * Records `C = alpha op(A) op(B)` summed over the batch into a 2-D C: the gradient of an operand that was
+ * broadcast over the batch. One accumulating dispatch per batch entry (batches of broadcast products are short).
+ */
+function dispatchBatchSum(
+  rt: Runtime,
+  a: Tensor,
+  b: Tensor,
+  c: Tensor,
+  g: Geometry,
+  layout: Omit<MatmulLayout, "dtype" | "accumulate">,
+  alpha: number,
+  accumulate: boolean,
+): void {
+  const { m, n, k, batch } = g;
+  const config = pickMatmulConfig(m, n, 1);
+  for (let i = 0; i < batch; i++) {
+    const shape: MatmulShape = {
+      m,
+      n,
+      k,
+      batch: 1,
+      strideA: 0,
+      strideB: 0,
+      strideC: 0,
+      offsetA: g.aBatched ? i * m * k : 0,
+      offsetB: g.bBatched ? i * k * n : 0,
+      alpha,
+    };
+    const l = matmulKernel(shape, { ...layout, accumulate: accumulate || i > 0, dtype: c.dtype }, config);
+    rt.dev.dispatch(l.spec, [a.binding, b.binding, c.binding], l.workgroups, l.uniforms);
+  }
+}
+
+/**
+ * Computes the gradient of one operand as a product of two tensors, written to a new tensor or straight into
+ * the leaf's `grad`. `sumBatch`: the operand was broadcast over the batch, so the batch is summed.
+ */
+function gradProduct(
+  target: Tensor,
+  p: Tensor,
+  q: Tensor,
+  transP: boolean,
+  transQ: boolean,
+  alpha: number,
+  sumBatch: boolean,
+): Tensor | null {
+  const rt = target.rt;
+  const g = geometry(p, q, transP, transQ, "matmul backward");
+  const leaf = rt.leafGradTarget(target);
+  const out = leaf ? leaf.grad : rt.empty(target.shape, target.dtype);
+  const accumulate = leaf?.accumulate ?? false;
+  if (sumBatch && g.batch > 1) {
+    dispatchBatchSum(rt, p, q, out, g, { transA: transP, transB: transQ }, alpha, accumulate);
+  } else {
+    dispatchMatmul(rt, p, q, out, g, { transA: transP, transB: transQ, accumulate }, alpha);
+  }
+  return leaf ? null : out;
+}
+
+/**
+ * `alpha * op(A) op(B)`. A: [M, K] (or [K, M] with `transA`), optionally with a leading batch dimension; B: [K, N]
+ * (or [N, K] with `transB`), optionally batched. A 2-D operand is broadcast over the other's batch. f32 or f16
+ * (both the same), accumulated in f32. Differentiable in both operands.
+ */
+export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
+  const rt = a.rt;
+  const transA = opts.transA ?? false, transB = opts.transB ?? false, alpha = opts.alpha ?? 1;
+  const g = geometry(a, b, transA, transB, "matmul");
+  const c = rt.empty(g.out, a.dtype);
+  dispatchMatmul(rt, a, b, c, g, { transA, transB, accumulate: false }, alpha, opts.config);
+  rt.record("matmul", [a, b], [c], ([dc]) => {
+    if (!dc) return [null, null];
+    let da: Tensor | null = null, db: Tensor | null = null;
+    // Batched gradients keep the batch; a broadcast operand's gradient sums over it.
+    const sumA = !g.aBatched && g.bBatched, sumB = !g.bBatched && g.aBatched;
+    if (a.requiresGrad) {
+      da = transA
+        // dA (stored [K, M]) = op(B) dC^T
+        ? gradProduct(a, b, dc, transB, true, alpha, sumA)
+        // dA ([M, K]) = dC op(B)^T
+        : gradProduct(a, dc, b, false, !transB, alpha, sumA);
+    }
+    if (b.requiresGrad) {
+      db = transB
+        // dB (stored [N, K]) = dC^T op(A)
+        ? gradProduct(b, dc, a, true, transA, alpha, sumB)
+        // dB ([K, N]) = op(A)^T dC
+        : gradProduct(b, a, dc, !transA, false, alpha, sumB);
+    }
+    return [da, db];
+  });
+  return c;
+}
+
+/**
+ * Writes `alpha op(A) op(B)` into `out` (or adds it, with `accumulate`), without recording on the tape: for
+ * hand-written backward passes and in-place accumulation. `out` must have the product's shape.
+ */
+export function matmulInto(
+  out: Tensor,
+  a: Tensor,
+  b: Tensor,
+  opts: MatmulOptions & { accumulate?: boolean } = {},
+): void {
+  const transA = opts.transA ?? false, transB = opts.transB ?? false;
+  const g = geometry(a, b, transA, transB, "matmulInto");
+  if (out.size !== g.m * g.n * g.batch || out.dtype !== a.dtype) {
+    throw new Error(`matmulInto: output ${out} does not hold the ${a.dtype} product ${shapeStr(g.out)}`);
+  }
+  dispatchMatmul(
+    out.rt,
+    a,
+    b,
+    out,
+    g,
+    { transA, transB, accumulate: opts.accumulate ?? false },
+    opts.alpha ?? 1,
+    opts.config,
+  );
+}
+
+/**
+ * The linear layer `y = x W^T`: x [..., in], W [out, in] (PyTorch layout), y [..., out]. A few tokens (decode)
+ * take the GEMV kernel, which streams W once at memory bandwidth; more take the tiled matmul. The weight
+ * gradient `dW = dY^T X` accumulates straight into `W.grad`.
+ */
+export function linear(x: Tensor, w: Tensor): Tensor {
+  const rt = x.rt;
+  if (w.shape.length !== 2 || x.dim(-1) !== w.shape[1] || x.dtype !== w.dtype) {
+    throw new Error(`linear: input ${x} does not match weight ${w} (expected [..., ${w.shape[1]}])`);
+  }
+  const [nOut, nIn] = w.shape;
+  const tokens = x.size / nIn;
+  const outShape = [...x.shape.slice(0, -1), nOut];
+  const y = rt.empty(outShape, x.dtype);
+  if (tokens <= Math.min(LINEAR_GEMV_MAX_TOKENS, GEMV_MAX_ROWS) && tokens >= 1) {
+    const l = gemvKernel(x.dtype, tokens, nOut, nIn);
+    rt.dev.dispatch(l.spec, [x.binding, w.binding, y.binding], l.workgroups, l.uniforms);
+  } else {
+    const g: Geometry = { m: tokens, n: nOut, k: nIn, batch: 1, aBatched: false, bBatched: false, out: [] };
+    dispatchMatmul(rt, x, w, y, g, { transA: false, transB: true, accumulate: false }, 1);
+  }
+  rt.record("linear", [x, w], [y], ([dy]) => {
+    if (!dy) return [null, null];
+    const dy2 = dy.view([tokens, nOut]);
+    let dx: Tensor | null = null, dw: Tensor | null = null;
+    if (x.requiresGrad) {
+      // dX [T, in] = dY [T, out] W [out, in]
+      dx = rt.empty(x.shape, x.dtype);
+      dispatchMatmul(rt, dy2, w, dx, geometry(dy2, w, false, false, "linear backward"), {
+        transA: false,
+        transB: false,
+        accumulate: false,
+      }, 1);
+    }
+    if (w.requiresGrad) {
+      // dW [out, in] = dY^T [out, T] X [T, in]
+      const x2 = x.view([tokens, nIn]);
+      dw = gradProduct(w, dy2, x2, true, false, 1, false);
+      x2.dispose();
+    }
+    dy2.dispose();
+    return [dx, dw];
+  });
+  return y;
+}

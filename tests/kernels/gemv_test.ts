@@ -1,0 +1,138 @@
+import assert from "node:assert/strict";
+import { gemvKernel } from "../../kernels/gemv.ts";
+import { linear } from "../../runtime/ops/matmul.ts";
+import {
+  assertClose,
+  dot,
+  finiteDifference,
+  gpuTestOptions,
+  randn,
+  sampleIndices,
+  testRng,
+  testRuntime,
+} from "../helpers/gpu.ts";
+import { refMatmul } from "../reference/dense.ts";
+import type { DType } from "../../kernels/kernel.ts";
+
+/** y = x W^T in float64 for x [rows, K], W [N, K]. */
+function refLinear(
+  x: ArrayLike<number>,
+  w: ArrayLike<number>,
+  rows: number,
+  n: number,
+  k: number,
+): Float64Array {
+  return refMatmul(
+    { data: x, batched: false, trans: false },
+    { data: w, batched: false, trans: true },
+    1,
+    rows,
+    n,
+    k,
+  );
+}
+
+const roundF16 = (v: Float64Array) => Float64Array.from(new Float16Array(v));
+
+Deno.test(
+  "gemv kernel: 1..5 rows, scalar and vector K, every thread grouping, f32",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("gemv-f32");
+    // K = 67: scalar path; K = 96: vec4 path; K = 1000: the 4-way unrolled loop plus its tail. N = 45 is not a multiple of any rows-per-workgroup.
+    for (const k of [67, 96, 1000]) {
+      for (const rows of [1, 2, 5]) {
+        for (const tpr of [4, 32, 256]) {
+          const n = 45;
+          const x = randn(rng, rows * k), w = randn(rng, n * k);
+          await rt.scope(async () => {
+            const tx = rt.tensor(x, [rows, k]), tw = rt.tensor(w, [n, k]), y = rt.empty([rows, n]);
+            const l = gemvKernel("f32", rows, n, k, { threadsPerRow: tpr, alpha: 0.5 });
+            rt.dev.dispatch(l.spec, [tx.binding, tw.binding, y.binding], l.workgroups, l.uniforms);
+            // tree-summed f32 dot products of K unit-size terms
+            assertClose(await y.read(), refLinear(x, w, rows, n, k).map((v) => 0.5 * v), {
+              rtol: 1e-5,
+              atol: 2e-6 * k,
+            }, `gemv k=${k} rows=${rows} tpr=${tpr}`);
+          });
+        }
+      }
+    }
+  },
+);
+
+Deno.test(
+  "gemv kernel f16: packed eight-wide loads (K % 8 == 0) and the scalar path",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16) {
+      console.warn("gemv f16: adapter has no shader-f16 (install mesa-vulkan-drivers for lavapipe)");
+      return;
+    }
+    const rng = testRng("gemv-f16");
+    for (const [k, rows] of [[128, 1], [136, 3], [70, 2]]) {
+      const n = 37;
+      const x = roundF16(randn(rng, rows * k)), w = roundF16(randn(rng, n * k));
+      await rt.scope(async () => {
+        const tx = rt.tensor(x, [rows, k], "f16"),
+          tw = rt.tensor(w, [n, k], "f16"),
+          y = rt.empty([rows, n], "f16");
+        const l = gemvKernel("f16" as DType, rows, n, k);
+        rt.dev.dispatch(l.spec, [tx.binding, tw.binding, y.binding], l.workgroups, l.uniforms);
+        // f16 output rounding (2^-11 relative) on top of f32 accumulation
+        assertClose(
+          await y.read(),
+          refLinear(x, w, rows, n, k),
+          { rtol: 1e-2, atol: 1e-3 * Math.sqrt(k) },
+          `f16 k=${k}`,
+        );
+      });
+    }
+  },
+);
+
+Deno.test(
+  "linear: GEMV for 1 and 3 tokens, tiled matmul for 37; grads of x and W",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("linear");
+    const [nIn, nOut] = [24, 19];
+    for (const shape of [[1, nIn], [3, nIn], [37, nIn], [2, 3, nIn]]) {
+      const tokens = shape.slice(0, -1).reduce((a, b) => a * b);
+      const x = randn(rng, tokens * nIn), w = randn(rng, nOut * nIn), g = randn(rng, tokens * nOut);
+      await rt.scope(async () => {
+        const tx = rt.tensor(x, shape), tw = rt.tensor(w, [nOut, nIn]);
+        tx.requiresGrad = tw.requiresGrad = true;
+        const dispatches = rt.dev.stats.dispatches;
+        const y = linear(tx, tw);
+        assert.deepEqual([...y.shape], [...shape.slice(0, -1), nOut]);
+        assert.ok(rt.dev.stats.dispatches - dispatches <= 2, "forward is one dispatch (+ poison fill)");
+        rt.backward(y, rt.tensor(g, y.shape));
+        const [gy, gx, gw] = await Promise.all([y.read(), tx.grad!.read(), tw.grad!.read()]);
+        const f = () => dot(refLinear(x, w, tokens, nOut, nIn), g);
+        assertClose(
+          gy,
+          refLinear(x, w, tokens, nOut, nIn),
+          { rtol: 1e-5, atol: 2e-6 * nIn },
+          `linear ${shape} y`,
+        );
+        const ix = sampleIndices(rng, x.length, 6), iw = sampleIndices(rng, w.length, 6);
+        const gtol = { rtol: 1e-4, atol: 1e-5 * Math.sqrt(tokens * nOut) };
+        assertClose(ix.map((i) => gx[i]), finiteDifference(f, x, ix), gtol, `linear ${shape} dx`);
+        assertClose(iw.map((i) => gw[i]), finiteDifference(f, w, iw), gtol, `linear ${shape} dW`);
+        tx.grad!.dispose();
+        tw.grad!.dispose();
+      });
+    }
+  },
+);
+
+Deno.test("linear rejects an input whose last dimension is not the weight's", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  rt.scope(() => {
+    assert.throws(() => linear(rt.empty([2, 5]), rt.empty([3, 4])), /expected \[\.\.\., 4\]/);
+  });
+});

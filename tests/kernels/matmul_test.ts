@@ -1,0 +1,314 @@
+import assert from "node:assert/strict";
+import { matmul, matmulInto } from "../../runtime/ops/matmul.ts";
+import {
+  MATMUL_SMALL,
+  MATMUL_SWEEP,
+  type MatmulConfig,
+  matmulConfigName,
+  matmulSharedBytes,
+} from "../../kernels/matmul.ts";
+import {
+  assertClose,
+  dot,
+  F16_TOL,
+  finiteDifference,
+  gpuTestOptions,
+  randn,
+  sampleIndices,
+  testRng,
+  testRuntime,
+  type Tolerance,
+} from "../helpers/gpu.ts";
+import { refMatmul } from "../reference/dense.ts";
+import type { Tensor } from "../../runtime/tensor.ts";
+
+// f32 tolerance: 1e-5 relative, plus an absolute floor that grows with K because outputs that cancel to near 0
+// keep the rounding error of their K unit-size terms (about K * 6e-8 each way).
+const tolF32 = (k: number): Tolerance => ({ rtol: 1e-5, atol: 2e-6 * Math.max(k, 1) });
+
+interface Case {
+  name: string;
+  batch: number; // 0: 2-D
+  aBatched: boolean;
+  bBatched: boolean;
+  m: number;
+  n: number;
+  k: number;
+  transA: boolean;
+  transB: boolean;
+  alpha?: number;
+  config?: MatmulConfig;
+}
+
+function storedShape(batched: boolean, batch: number, rows: number, cols: number): number[] {
+  return batched ? [batch, rows, cols] : [rows, cols];
+}
+
+/** Runs forward + backward of one case and checks both against float64 (grads by finite differences). */
+async function checkCase(c: Case, gradCheck = true): Promise<void> {
+  const rt = await testRuntime();
+  const rng = testRng(`matmul-${c.name}`);
+  const batch = Math.max(c.batch, 1);
+  const aShape = storedShape(c.aBatched, batch, c.transA ? c.k : c.m, c.transA ? c.m : c.k);
+  const bShape = storedShape(c.bBatched, batch, c.transB ? c.n : c.k, c.transB ? c.k : c.n);
+  const aN = aShape.reduce((x, y) => x * y), bN = bShape.reduce((x, y) => x * y);
+  const a = randn(rng, aN), b = randn(rng, bN);
+  const outN = batch * c.m * c.n;
+  const w = randn(rng, outN);
+  const ref = () =>
+    refMatmul(
+      { data: a, batched: c.aBatched, trans: c.transA },
+      { data: b, batched: c.bBatched, trans: c.transB },
+      batch,
+      c.m,
+      c.n,
+      c.k,
+      c.alpha ?? 1,
+    );
+  await rt.scope(async () => {
+    const ta = rt.tensor(a, aShape), tb = rt.tensor(b, bShape);
+    ta.requiresGrad = tb.requiresGrad = gradCheck;
+    const y = matmul(ta, tb, { transA: c.transA, transB: c.transB, alpha: c.alpha, config: c.config });
+    const expectShape = c.aBatched || c.bBatched ? [batch, c.m, c.n] : [c.m, c.n];
+    assert.deepEqual([...y.shape], expectShape, `${c.name}: output shape`);
+    if (gradCheck) rt.backward(y, rt.tensor(w, expectShape));
+    const reads: Promise<ArrayLike<number>>[] = [y.read()];
+    if (gradCheck) reads.push(ta.grad!.read(), tb.grad!.read());
+    const [gy, ga, gb] = await Promise.all(reads);
+    assertClose(gy, ref(), tolF32(c.k), `${c.name} forward`);
+    if (!gradCheck) return;
+    const loss = () => dot(ref(), w);
+    const ia = sampleIndices(rng, aN, 6), ib = sampleIndices(rng, bN, 6);
+    // f32 GPU gradient vs float64 central differences of the float64 forward (exact for a bilinear map up to
+    // the difference quotient's rounding): a sum of M*N (or batch*M*N) products per coordinate
+    const gtol = { rtol: 1e-4, atol: 1e-5 * Math.sqrt(outN) };
+    assertClose(ia.map((i) => ga[i]), finiteDifference(loss, a, ia), gtol, `${c.name} dA`);
+    assertClose(ib.map((i) => gb[i]), finiteDifference(loss, b, ib), gtol, `${c.name} dB`);
+    ta.grad!.dispose();
+    tb.grad!.dispose();
+  });
+}
+
+const TRANSPOSES = [[false, false], [true, false], [false, true], [true, true]] as const;
+
+Deno.test(
+  "matmul 2-D, odd sizes 37x53x29 and 1x64x7, every transpose: forward + grads",
+  gpuTestOptions,
+  async () => {
+    for (const [transA, transB] of TRANSPOSES) {
+      for (const [m, n, k] of [[37, 53, 29], [1, 64, 7]]) {
+        await checkCase({
+          name: `${m}x${n}x${k}_${+transA}${+transB}`,
+          batch: 0,
+          aBatched: false,
+          bBatched: false,
+          m,
+          n,
+          k,
+          transA,
+          transB,
+        });
+      }
+    }
+  },
+);
+
+Deno.test(
+  "matmul 2-D, multiples of 4 (vec4 loads/stores), every transpose, alpha",
+  gpuTestOptions,
+  async () => {
+    for (const [transA, transB] of TRANSPOSES) {
+      await checkCase({
+        name: `vec_36x52x28_${+transA}${+transB}`,
+        batch: 0,
+        aBatched: false,
+        bBatched: false,
+        m: 36,
+        n: 52,
+        k: 28,
+        transA,
+        transB,
+        alpha: 0.37,
+      });
+    }
+  },
+);
+
+Deno.test(
+  "matmul batched 3-D (batch 3), and 2-D operands broadcast over the batch",
+  gpuTestOptions,
+  async () => {
+    const cases: [boolean, boolean, boolean, boolean][] = [
+      [true, true, false, false],
+      [true, true, true, true],
+      [true, false, false, true], // folded into one [3*M, K] x [N, K]^T
+      [true, false, true, false], // A transposed: batched with B broadcast; dB sums over the batch
+      [false, true, false, false], // A broadcast: dA sums over the batch
+      [false, true, true, true],
+    ];
+    for (const [aB, bB, tA, tB] of cases) {
+      for (const [m, n, k] of [[13, 11, 9], [12, 8, 20]]) {
+        await checkCase({
+          name: `batch3_${+aB}${+bB}_${+tA}${+tB}_${m}x${n}x${k}`,
+          batch: 3,
+          aBatched: aB,
+          bBatched: bB,
+          m,
+          n,
+          k,
+          transA: tA,
+          transB: tB,
+        });
+      }
+    }
+  },
+);
+
+Deno.test(
+  "matmul: every swept tile config is correct on sizes that cut its tiles",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    // Each config in the benchmark's layout (x W^T, all dimensions multiples of 4: vec4 everywhere), on sizes
+    // that leave partial tiles; the first also with odd sizes (scalar paths) and the other transposes. The
+    // smaller configs cover every layout in the tests above. (Unrolled big tiles compile slowly on llvmpipe.)
+    for (const [ci, config] of MATMUL_SWEEP.entries()) {
+      if (matmulSharedBytes(config) > rt.dev.limits.maxComputeWorkgroupStorageSize) continue;
+      const cases = [[132, 260, 40, false, true], [131, 135, 37, true, false]] as const;
+      for (const [m, n, k, tA, tB] of ci === 0 ? cases : cases.slice(0, 1)) {
+        await checkCase({
+          name: `cfg_${matmulConfigName(config)}_${m}x${n}x${k}`,
+          batch: 0,
+          aBatched: false,
+          bBatched: false,
+          m,
+          n,
+          k,
+          transA: tA,
+          transB: tB,
+          config,
+        }, false);
+      }
+    }
+  },
+);
+
+Deno.test(
+  "matmulInto accumulates C += A B; leaf grads accumulate across backward passes",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("matmul-acc");
+    const [m, n, k] = [19, 22, 13];
+    const a = randn(rng, m * k), b = randn(rng, k * n), c0 = randn(rng, m * n);
+    const ab = refMatmul(
+      { data: a, batched: false, trans: false },
+      { data: b, batched: false, trans: false },
+      1,
+      m,
+      n,
+      k,
+    );
+    await rt.scope(async () => {
+      const ta = rt.tensor(a, [m, k]), tb = rt.tensor(b, [k, n]), tc = rt.tensor(c0, [m, n]);
+      matmulInto(tc, ta, tb, { accumulate: true, alpha: 2, config: MATMUL_SMALL });
+      assertClose(await tc.read(), c0.map((v, i) => v + 2 * ab[i]), tolF32(k), "C += 2AB");
+
+      ta.requiresGrad = true;
+      let grad: Tensor | null = null;
+      for (let i = 0; i < 2; i++) {
+        rt.scope(() => rt.backward(matmul(ta, tb)));
+        grad = ta.grad;
+      }
+      // d/dA sum(AB) = 1 B^T: every row is the row sums of B; twice after two passes
+      const rowSums = Array.from(
+        { length: k },
+        (_, p) => b.slice(p * n, (p + 1) * n).reduce((x, y) => x + y),
+      );
+      const expect = Array.from({ length: m * k }, (_, i) => 2 * rowSums[i % k]);
+      assertClose(await grad!.read(), expect, tolF32(n), "accumulated dA");
+      ta.grad!.dispose();
+    });
+  },
+);
+
+Deno.test(
+  "matmul f16 storage (f32 accumulation), odd and vec4 sizes, with grads",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16) {
+      console.warn("matmul f16: adapter has no shader-f16 (install mesa-vulkan-drivers for lavapipe)");
+      return;
+    }
+    const rng = testRng("matmul-f16");
+    for (
+      const [m, n, k, tA, tB] of [[37, 53, 29, false, true], [32, 48, 64, true, false], [
+        5,
+        16,
+        24,
+        false,
+        false,
+      ]] as const
+    ) {
+      // inputs rounded to f16 so the float64 reference sees what the GPU sees
+      const a = Float64Array.from(new Float16Array(randn(rng, m * k))),
+        b = Float64Array.from(new Float16Array(randn(rng, k * n)));
+      const w = Float64Array.from(new Float16Array(randn(rng, m * n)));
+      await rt.scope(async () => {
+        const ta = rt.tensor(a, tA ? [k, m] : [m, k], "f16"), tb = rt.tensor(b, tB ? [n, k] : [k, n], "f16");
+        ta.requiresGrad = tb.requiresGrad = true;
+        const y = matmul(ta, tb, { transA: tA, transB: tB });
+        rt.backward(y, rt.tensor(w, [m, n], "f16"));
+        const [gy, ga] = await Promise.all([y.read(), ta.grad!.read()]);
+        const ref = refMatmul(
+          { data: a, batched: false, trans: tA },
+          { data: b, batched: false, trans: tB },
+          1,
+          m,
+          n,
+          k,
+        );
+        // f16 output rounding (2^-11 relative) plus cancellation in K unit-size terms
+        assertClose(gy, ref, { rtol: F16_TOL.rtol, atol: 2e-3 * Math.sqrt(k) }, `f16 ${m}x${n}x${k} forward`);
+        const ia = sampleIndices(rng, m * k, 10);
+        const fd = finiteDifference(
+          () =>
+            dot(
+              refMatmul(
+                { data: a, batched: false, trans: tA },
+                { data: b, batched: false, trans: tB },
+                1,
+                m,
+                n,
+                k,
+              ),
+              w,
+            ),
+          a,
+          ia,
+          1e-3,
+        );
+        assertClose(
+          ia.map((i) => ga[i]),
+          fd,
+          { rtol: F16_TOL.rtol, atol: 2e-3 * Math.sqrt(n) },
+          `f16 ${m}x${n}x${k} dA`,
+        );
+        ta.grad!.dispose();
+        tb.grad!.dispose();
+      });
+    }
+  },
+);
+
+Deno.test("matmul rejects mismatched shapes with a message naming both", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  rt.scope(() => {
+    assert.throws(
+      () => matmul(rt.empty([3, 4]), rt.empty([5, 6])),
+      /inner dimensions differ: \[3, 4\] x \[5, 6\]/,
+    );
+    assert.throws(() => matmul(rt.empty([2, 3, 4]), rt.empty([3, 4, 6])), /batch sizes differ/);
+  });
+});
