@@ -1,0 +1,371 @@
+/**
+ * The GPU models: a Llama/Mistral decoder stack whose layers are attention or Mamba mixers (method.md section 1),
+ * with the three entry points every stage needs:
+ *
+ * - {@linkcode CausalLM.forward}: full sequences [B, T] for training and scoring (differentiable);
+ * - {@linkcode CausalLM.prefill} and {@linkcode CausalLM.step}: incremental decoding with a
+ *   {@linkcode DecodeState} (KV caches for attention layers; conv and SSM states for Mamba layers), where one step
+ *   may carry several tokens (speculative verification scores K+1 positions at once).
+ *
+ * A decoder layer is `h = x + Mixer(RMSNorm_in(x)); y = h + MLP(RMSNorm_post(h))`, identical for both mixer kinds;
+ * Mamba layers use no RoPE. Parameters keep their Hugging Face state-dict names, so checkpoints, optimizer state
+ * and exports all speak the same names.
+ *
+ * @module
+ */
+import type { Runtime } from "../runtime/runtime.ts";
+import type { Tensor } from "../runtime/tensor.ts";
+import type { DType } from "../kernels/kernel.ts";
+import { embedding } from "../runtime/ops/embedding.ts";
+import { linear } from "../runtime/ops/matmul.ts";
+import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
+import { rope } from "../runtime/ops/rope.ts";
+import { appendKv, attention, decodeAttention, KvCache } from "../runtime/ops/attention.ts";
+import { add, exp, scale, swiglu } from "../runtime/ops/elementwise.ts";
+import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
+import { causalConv1d } from "../runtime/ops/conv1d.ts";
+import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
+import { type SsdDims, ssdScan } from "../runtime/ops/ssd.ts";
+import { type MambaConfig, ropeInverseFrequencies, type TransformerConfig } from "./config.ts";
+import {
+  EMBED,
+  FINAL_NORM,
+  type HostTensor,
+  layerPrefix,
+  LM_HEAD,
+  type Model,
+  type WeightMap,
+} from "./weights.ts";
+import { UserError } from "../util/errors.ts";
+
+/** Options for {@linkcode CausalLM.fromModel}. */
+export interface CausalLMOptions {
+  /** Storage dtype of weights and activations (default f32; f16 keeps f32 accumulation in every kernel). */
+  dtype?: DType;
+  /** Which parameters get gradients (default: none, i.e. inference). Receives the HF state-dict name. */
+  trainable?: (name: string) => boolean;
+  /** Mamba2 scan chunk length (default: the model's `chunk_size`, else 64). Changes rounding only. */
+  chunkSize?: number;
+}
+
+/** Decoding state of one batch of sequences: per-layer caches and the number of tokens consumed. */
+export interface DecodeState {
+  /** Sequences in the batch. */
+  batch: number;
+  /** Tokens consumed so far (the position of the next token). */
+  length: number;
+  /** Capacity in tokens. */
+  maxLength: number;
+  /** KV cache per attention layer. */
+  kv: Map<number, KvCache>;
+  /** Mamba2 per-layer state: SSM state [B, H, P, N] (f32) and conv state [B, C, 3] (pre-conv inputs). */
+  ssm: Map<number, { state: Tensor; conv: Tensor }>;
+}
+
+/** Outputs of {@linkcode CausalLM.forward}. */
+export interface ForwardOutput {
+  /** Logits [B*T, V]. */
+  logits: Tensor;
+  /** Each decoder layer's output [B*T, D] when requested. */
+  layerOut?: Tensor[];
+}
+
+/** Ids given as CPU values (validated, and needed for embedding gradients) or as a GPU tensor. */
+export type TokenIds = Int32Array | Tensor;
+
+/** A decoder-only language model on the GPU: a teacher (all attention) or a hybrid (some Mamba layers). */
+export class CausalLM {
+  /** The runtime holding the parameters. */
+  readonly rt: Runtime;
+  /** The teacher configuration (embeddings, attention, MLP, RoPE). */
+  readonly config: TransformerConfig;
+  /** Mamba layer configuration, or null for a pure Transformer. */
+  readonly mamba: MambaConfig | null;
+  /** Parameters by Hugging Face name (`lm_head.weight` is absent when tied to the embedding). */
+  readonly params: Map<string, Tensor>;
+  /** Storage dtype. */
+  readonly dtype: DType;
+  /** RoPE inverse frequencies [hd/2], f32. */
+  readonly invFreq: Tensor;
+  readonly #attn: Set<number>;
+  readonly #chunkSize: number;
+
+  private constructor(
+    rt: Runtime,
+    config: TransformerConfig,
+    mamba: MambaConfig | null,
+    params: Map<string, Tensor>,
+    dtype: DType,
+    chunkSize: number,
+  ) {
+    this.rt = rt;
+    this.config = config;
+    this.mamba = mamba;
+    this.params = params;
+    this.dtype = dtype;
+    this.#chunkSize = chunkSize;
+    this.invFreq = rt.tensor(ropeInverseFrequencies(config), [config.headDim / 2]).keep();
+    const n = config.numLayers;
+    this.#attn = new Set(mamba ? mamba.attnLayers : Array.from({ length: n }, (_, i) => i));
+    if (mamba && mamba.mixer !== "mamba2") {
+      throw new UserError(`hybrid with mixer ${mamba.mixer}: only Mamba2 layers run on the GPU so far`);
+    }
+  }
+
+  /** Uploads a model (CPU weights) to the GPU. Tied embeddings share one tensor. */
+  static fromModel(rt: Runtime, model: Model, opts: CausalLMOptions = {}): CausalLM {
+    const dtype = opts.dtype ?? "f32";
+    const trainable = opts.trainable ?? (() => false);
+    const params = new Map<string, Tensor>();
+    const tied = model.weights.get(LM_HEAD) === model.weights.get(EMBED) || !model.weights.has(LM_HEAD);
+    for (const [name, t] of model.weights) {
+      if (name === LM_HEAD && tied) continue;
+      params.set(name, uploadParam(rt, name, t, dtype, trainable(name)));
+    }
+    const mamba = model.kind === "hybrid" ? model.mamba : null;
+    const chunk = opts.chunkSize ?? (mamba?.chunkSize || 64);
+    return new CausalLM(rt, model.config, mamba, params, dtype, Math.min(chunk, 256));
+  }
+
+  /** True when layer i keeps attention. */
+  isAttentionLayer(i: number): boolean {
+    return this.#attn.has(i);
+  }
+
+  /** The parameter of a name; throws naming it when absent. */
+  param(name: string): Tensor {
+    const t = this.params.get(name) ?? (name === LM_HEAD ? this.params.get(EMBED) : undefined);
+    if (!t) throw new Error(`model has no parameter ${name}`);
+    return t;
+  }
+
+  /** Parameters that require gradients. */
+  trainableParams(): Tensor[] {
+    return [...this.params.values()].filter((t) => t.requiresGrad);
+  }
+
+  /** Token embeddings [n, D] of ids. */
+  #embed(ids: TokenIds, hostIds?: Int32Array): Tensor {
+    return embedding(this.param(EMBED), ids, { hostIds });
+  }
+
+  /** Final norm and lm_head: [n, D] -> [n, V]. */
+  #head(x: Tensor): Tensor {
+    return linear(rmsNorm(x, this.param(FINAL_NORM), this.config.rmsNormEps), this.param(LM_HEAD));
+  }
+
+  /** The SwiGLU MLP on a normalised input. */
+  #mlp(p: string, u: Tensor): Tensor {
+    const gate = linear(u, this.param(`${p}mlp.gate_proj.weight`));
+    const up = linear(u, this.param(`${p}mlp.up_proj.weight`));
+    return linear(swiglu(gate, up), this.param(`${p}mlp.down_proj.weight`));
+  }
+
+  /** q, k, v projections with RoPE applied to q and k, shaped [B, T, heads, hd]. */
+  #qkv(p: string, u: Tensor, B: number, T: number, start: number): { q: Tensor; k: Tensor; v: Tensor } {
+    const c = this.config;
+    const q = linear(u, this.param(`${p}self_attn.q_proj.weight`)).view([B, T, c.numHeads, c.headDim]);
+    const k = linear(u, this.param(`${p}self_attn.k_proj.weight`)).view([B, T, c.numKvHeads, c.headDim]);
+    const v = linear(u, this.param(`${p}self_attn.v_proj.weight`)).view([B, T, c.numKvHeads, c.headDim]);
+    return { q: rope(q, this.invFreq, { start }), k: rope(k, this.invFreq, { start }), v };
+  }
+
+  #attentionFull(p: string, u: Tensor, B: number, T: number): Tensor {
+    const c = this.config;
+    const { q, k, v } = this.#qkv(p, u, B, T, 0);
+    const o = attention(q, k, v, { window: c.slidingWindow ?? 0 });
+    return linear(o.view([B * T, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
+  }
+
+  #ssdDims(): SsdDims {
+    const m = this.mamba!;
+    const hd = m.headDim;
+    return { headsX: m.dXb / hd, headsB: m.dXb / hd, headsC: m.nHeads, dimP: hd, dimN: m.dState };
+  }
+
+  /**
+   * The Mamba2 mixer on a normalised input u [B*T, D] (method.md 1.1). With `state`, the conv and SSM states
+   * continue from it and are replaced by the states after these tokens.
+   */
+  #mamba2(p: string, u: Tensor, B: number, T: number, state?: { state: Tensor; conv: Tensor }): Tensor {
+    const m = this.mamba!;
+    const convC = 2 * m.dXb + m.dInner;
+    const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
+    const [z, xBCraw, dt] = splitLastDim(zxbcdt, [m.dInner, convC, m.nHeads]);
+    const conv = causalConv1d(
+      xBCraw.view([B, T, convC]),
+      this.param(`${p}mamba.conv1d.weight`).view([convC, m.dConv]),
+      this.param(`${p}mamba.conv1d.bias`),
+      { silu: true, initialState: state?.conv ?? null, finalState: state !== undefined },
+    );
+    // A = -exp(A_log), recomputed per call so A_log trains
+    const A = scale(exp(this.param(`${p}mamba.A_log`)), -1);
+    const scan = ssdScan(
+      {
+        xBC: conv.out,
+        dims: this.#ssdDims(),
+        dt: dt.view([B, T, m.nHeads]),
+        dtBias: this.param(`${p}mamba.dt_bias`),
+        A,
+        D: this.param(`${p}mamba.D`),
+        initialState: state?.state,
+      },
+      { chunkSize: this.#chunkSize },
+    );
+    if (state) {
+      state.conv.dispose();
+      state.state.dispose();
+      state.conv = conv.finalState!.keep();
+      state.state = scan.finalState.keep();
+    }
+    const g = gatedRmsNorm(scan.y.view([B * T, m.dInner]), z, this.param(`${p}mamba.norm.weight`), {
+      group: m.headDim,
+      eps: 1e-5,
+    });
+    return linear(g, this.param(`${p}mamba.out_proj.weight`));
+  }
+
+  /**
+   * Full-sequence forward of `batch` sequences of `seqLen` tokens (ids row-major [B, T]). Differentiable in every
+   * trainable parameter. Pass ids as an Int32Array when embeddings train (their gradient needs the ids on the CPU).
+   */
+  forward(
+    ids: TokenIds,
+    batch: number,
+    seqLen: number,
+    opts: { layerOutputs?: boolean } = {},
+  ): ForwardOutput {
+    const c = this.config;
+    const n = batch * seqLen;
+    if ((ids instanceof Int32Array ? ids.length : ids.size) !== n) {
+      throw new Error(`forward: ${batch} x ${seqLen} ids expected`);
+    }
+    let x = this.#embed(ids);
+    const layerOut: Tensor[] = [];
+    for (let l = 0; l < c.numLayers; l++) {
+      const p = layerPrefix(l);
+      const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
+      const mix = this.isAttentionLayer(l)
+        ? this.#attentionFull(p, u, batch, seqLen)
+        : this.#mamba2(p, u, batch, seqLen);
+      const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
+      x = add(h, this.#mlp(p, y));
+      if (opts.layerOutputs) layerOut.push(x);
+    }
+    const logits = this.#head(x);
+    return opts.layerOutputs ? { logits, layerOut } : { logits };
+  }
+
+  /** A decoding state for `batch` sequences of up to `maxLength` tokens. Dispose it with {@linkcode disposeState}. */
+  newDecodeState(batch: number, maxLength: number): DecodeState {
+    const rt = this.rt, c = this.config;
+    const s: DecodeState = { batch, length: 0, maxLength, kv: new Map(), ssm: new Map() };
+    for (let l = 0; l < c.numLayers; l++) {
+      if (this.isAttentionLayer(l)) {
+        s.kv.set(l, new KvCache(rt, batch, maxLength, c.numKvHeads, c.headDim, this.dtype));
+      } else {
+        const m = this.mamba!;
+        const convC = 2 * m.dXb + m.dInner;
+        s.ssm.set(l, {
+          state: rt.zeros([batch, m.nHeads, m.headDim, m.dState]).keep(),
+          conv: rt.zeros([batch, convC, m.dConv - 1], this.dtype).keep(),
+        });
+      }
+    }
+    return s;
+  }
+
+  /** Releases a decoding state's buffers. */
+  disposeState(s: DecodeState): void {
+    for (const kv of s.kv.values()) kv.dispose();
+    for (const m of s.ssm.values()) {
+      m.state.dispose();
+      m.conv.dispose();
+    }
+  }
+
+  /**
+   * Consumes `n` new tokens per sequence (ids [B, n]) from the state's position and returns their logits
+   * [B*n, V] (or only each sequence's last position with `lastOnly`). Prefill is a step with the whole prompt.
+   * Not differentiable.
+   */
+  step(s: DecodeState, ids: TokenIds, n: number, opts: { lastOnly?: boolean } = {}): Tensor {
+    const rt = this.rt, c = this.config;
+    const B = s.batch;
+    if (s.length + n > s.maxLength) {
+      throw new Error(`decode: ${s.length} + ${n} tokens exceed the state's capacity ${s.maxLength}`);
+    }
+    return rt.noGrad(() => {
+      let x = this.#embed(ids);
+      for (let l = 0; l < c.numLayers; l++) {
+        const p = layerPrefix(l);
+        const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
+        let mix: Tensor;
+        if (this.isAttentionLayer(l)) {
+          const cache = s.kv.get(l)!;
+          const { q, k, v } = this.#qkv(p, u, B, n, s.length);
+          appendKv(cache, k, v);
+          const o = decodeAttention(q, cache, { window: c.slidingWindow ?? 0 });
+          mix = linear(o.view([B * n, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
+        } else {
+          mix = this.#mamba2(p, u, B, n, s.ssm.get(l)!);
+        }
+        const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
+        x = add(h, this.#mlp(p, y));
+      }
+      s.length += n;
+      if (opts.lastOnly && n > 1) {
+        const D = c.hiddenSize;
+        const last = B === 1 ? takeRows(x, n - 1, 1, D) : lastRows(x, B, n, D);
+        return this.#head(last);
+      }
+      return this.#head(x);
+    });
+  }
+
+  /** Downloads the parameters into a CPU weight map (HF names; the tied lm_head aliases the embedding). */
+  async toWeightMap(): Promise<WeightMap> {
+    const names = [...this.params.keys()];
+    const bufs = await this.rt.dev.readMany(
+      names.map((n) => ({
+        buffer: this.params.get(n)!.buffer,
+        offset: 0,
+        size: this.params.get(n)!.byteLength,
+      })),
+    );
+    const out: WeightMap = new Map();
+    names.forEach((n, i) => {
+      const t = this.params.get(n)!;
+      const data = t.dtype === "f16"
+        ? Float32Array.from(new Float16Array(bufs[i]))
+        : new Float32Array(bufs[i]);
+      out.set(n, { shape: [...t.shape], data });
+    });
+    if (!this.params.has(LM_HEAD)) out.set(LM_HEAD, out.get(EMBED)!);
+    return out;
+  }
+
+  /** Releases every parameter. */
+  dispose(): void {
+    for (const t of this.params.values()) {
+      t.grad?.dispose();
+      t.dispose();
+    }
+    this.invFreq.dispose();
+  }
+}
+
+function uploadParam(rt: Runtime, name: string, t: HostTensor, dtype: DType, trainable: boolean): Tensor {
+  return rt.parameter(t.data, t.shape, name, trainable, dtype);
+}
+
+/** Rows (b * n + n - 1) of x [B*n, D]: each sequence's last position. */
+function lastRows(x: Tensor, B: number, n: number, D: number): Tensor {
+  const rt = x.rt;
+  const out = rt.empty([B, D], x.dtype);
+  const rowBytes = D * (x.dtype === "f16" ? 2 : 4);
+  for (let b = 0; b < B; b++) {
+    rt.dev.copyBuffer(x.buffer, (b * n + n - 1) * rowBytes, out.buffer, b * rowBytes, rowBytes);
+  }
+  return out;
+}
