@@ -33,6 +33,7 @@ import { formatRunStatus, lastRunStatus } from "./pipelines/status.ts";
 import { Store } from "./pipelines/store.ts";
 import { defaultRegistry } from "./stages/registry.ts";
 import { latestRunDir, writeRunReport } from "./pipelines/report/mod.ts";
+import { numericFacts } from "./runtime/facts.ts";
 
 /** What the CLI is wired to. Everything has a default; tests and other layers replace pieces. */
 export interface MainDeps {
@@ -49,11 +50,17 @@ export interface MainDeps {
 }
 
 /**
- * Placeholder runtime facts until `runtime/` provides its adapter probe: the requested provider and dtype. The
- * runtime layer replaces this with the real provider (resolving `auto`) and adapter description.
+ * The requested provider and dtype, without probing an adapter (tests use it to stay GPU-free).
  */
 export const requestedRuntimeFacts: ResolveRuntimeFacts = (s): Promise<RuntimeFacts> =>
   Promise.resolve({ provider: s.gpu, dtype: s.dtype });
+
+/**
+ * The real runtime facts: the provider `auto` resolves to and the adapter that would run, so results computed on
+ * another provider or GPU are never reused.
+ */
+export const probedRuntimeFacts: ResolveRuntimeFacts = (s): Promise<RuntimeFacts> =>
+  numericFacts(s.gpu, s.dtype);
 
 const collect = (v: string, prev: string[]) => [...prev, v];
 const collectList = (
@@ -121,7 +128,7 @@ function addSelectionOptions(c: Command): Command {
 export async function main(args: string[], deps: MainDeps = {}): Promise<number> {
   const out = deps.output ?? processOutput();
   const registry = deps.registry ?? defaultRegistry();
-  const resolveRuntimeFacts = deps.resolveRuntimeFacts ?? requestedRuntimeFacts;
+  const resolveRuntimeFacts = deps.resolveRuntimeFacts ?? probedRuntimeFacts;
   let exitCode = 0;
 
   const program = new Command("distillery")
