@@ -104,3 +104,36 @@ for (const [name, idsKey, logitsKey, tol] of GREEDY) {
 function asRange(t: import("../../runtime/tensor.ts").Tensor) {
   return { buffer: t.buffer, offset: 0, size: t.byteLength };
 }
+
+Deno.test(
+  "generate: batched greedy generation equals the reference continuation; sampling is reproducible",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const { generate } = await import("../../models/generate.ts");
+    const lm = CausalLM.fromModel(rt, await loadModel(fixturePath(FIXTURE_MODELS.llama.dir)));
+    const oracle = await openOracle("llama");
+    try {
+      const prompt = [...await oracle.readInt32("p0.input_ids")];
+      const gen = [...await oracle.readInt32("p0.gen_ids")].slice(0, 20);
+      // the same prompt three times in one batch, plus a shorter one in its own group
+      const prompts = [prompt, prompt, prompt.slice(0, 5), prompt];
+      const greedy = await generate(lm, prompts, {
+        maxNewTokens: 20,
+        sampling: { temperature: 0 },
+        seed: 1,
+        batchSize: 2,
+      });
+      assert.deepEqual(greedy[0], gen);
+      assert.deepEqual(greedy[1], gen);
+      assert.deepEqual(greedy[3], gen);
+      const opts = { maxNewTokens: 12, sampling: { temperature: 0.8, topK: 10, topP: 0.95 }, seed: 5 };
+      const a = await generate(lm, prompts, { ...opts, batchSize: 4 });
+      const b = await generate(lm, prompts, { ...opts, batchSize: 1 });
+      assert.deepEqual(a, b, "a prompt's sample does not depend on its batch");
+      assert.notDeepEqual(a[0], a[1], "prompts draw from different streams");
+    } finally {
+      lm.dispose();
+    }
+  },
+);
