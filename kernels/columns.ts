@@ -76,3 +76,68 @@ export function scatterColumns(dtype: DType, rows: number, wide: number, c0: num
     workgroups: linearWorkgroups(rows * width),
   };
 }
+
+const repeatSpecs = new Map<string, KernelSpec>();
+
+/**
+ * Group repetition along the last dimension (repeat_kv / repeat_interleave of groups): x [rows, G*w] ->
+ * out [rows, G*rep*w] where output group j is input group floor(j / rep). Forward gathers; the backward sums
+ * the rep copies of each input group. Bindings: src (read), dst (rw).
+ */
+export function repeatGroups(
+  dtype: DType,
+  direction: "forward" | "backward",
+  rows: number,
+  groups: number,
+  width: number,
+  rep: number,
+): Launch {
+  const key = `repeat_groups_${direction}_${dtype}`;
+  let spec = repeatSpecs.get(key);
+  if (!spec) {
+    const T = wgslType(dtype);
+    // forward: one thread per output element; backward: one thread per input element summing its copies
+    const body = direction === "forward"
+      ? `let cols = p.groups * p.rep * p.width;
+  if (i >= p.rows * cols) { return; }
+  let r = i / cols;
+  let c = i % cols;
+  let g = (c / p.width) / p.rep;
+  dst[i] = src[r * p.groups * p.width + g * p.width + c % p.width];`
+      : `let cols = p.groups * p.width;
+  if (i >= p.rows * cols) { return; }
+  let r = i / cols;
+  let c = i % cols;
+  let g = c / p.width;
+  var acc = 0.0;
+  for (var k = 0u; k < p.rep; k++) {
+    acc += f32(src[r * cols * p.rep + (g * p.rep + k) * p.width + c % p.width]);
+  }
+  dst[i] = ${T}(acc);`;
+    spec = {
+      key,
+      bindings: ["read", "rw"],
+      uniformBytes: 16,
+      code: `${wgslHeader(dtype)}
+struct P { rows: u32, groups: u32, width: u32, rep: u32 }
+@group(0) @binding(0) var<storage, read> src: array<${T}>;
+@group(0) @binding(1) var<storage, read_write> dst: array<${T}>;
+@group(0) @binding(2) var<uniform> p: P;
+${WGSL_LINEAR_INDEX}
+@compute @workgroup_size(${LINEAR_WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = linear_index(wid, nwg, lid, ${LINEAR_WORKGROUP}u);
+  ${body}
+}
+`,
+    };
+    repeatSpecs.set(key, spec);
+  }
+  const n = direction === "forward" ? rows * groups * rep * width : rows * groups * width;
+  return {
+    spec,
+    uniforms: new Uniforms(16).u32(rows).u32(groups).u32(width).u32(rep).buffer,
+    workgroups: linearWorkgroups(n),
+  };
+}

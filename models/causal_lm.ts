@@ -36,7 +36,9 @@ import {
   type Model,
   type WeightMap,
 } from "./weights.ts";
-import { UserError } from "../util/errors.ts";
+import { selectiveScan } from "../runtime/ops/selective_scan.ts";
+import { addBias, repeatGroupsLastDim } from "../runtime/ops/columns.ts";
+import { mul, silu, softplus } from "../runtime/ops/elementwise.ts";
 
 /** Options for {@linkcode CausalLM.fromModel}. */
 export interface CausalLMOptions {
@@ -58,8 +60,19 @@ export interface DecodeState {
   maxLength: number;
   /** KV cache per attention layer. */
   kv: Map<number, KvCache>;
-  /** Mamba2 per-layer state: SSM state [B, H, P, N] (f32) and conv state [B, C, 3] (pre-conv inputs). */
-  ssm: Map<number, { state: Tensor; conv: Tensor }>;
+  /**
+   * Mamba per-layer state: the SSM state (Mamba2 [B, H, P, N], Mamba1 [B, d_inner, N], f32) and the conv
+   * state [B, C, 3] (pre-conv inputs, oldest first).
+   */
+  ssm: Map<number, MambaState>;
+}
+
+/** The recurrent state of one Mamba layer. */
+export interface MambaState {
+  /** SSM state, f32. */
+  state: Tensor;
+  /** Conv inputs of the last three positions. */
+  conv: Tensor;
 }
 
 /** Outputs of {@linkcode CausalLM.forward}. */
@@ -107,9 +120,6 @@ export class CausalLM {
     this.invFreq = rt.tensor(ropeInverseFrequencies(config), [config.headDim / 2]).keep();
     const n = config.numLayers;
     this.#attn = new Set(mamba ? mamba.attnLayers : Array.from({ length: n }, (_, i) => i));
-    if (mamba && mamba.mixer !== "mamba2") {
-      throw new UserError(`hybrid with mixer ${mamba.mixer}: only Mamba2 layers run on the GPU so far`);
-    }
   }
 
   /** Uploads a model (CPU weights) to the GPU. Tied embeddings share one tensor. */
@@ -187,7 +197,7 @@ export class CausalLM {
    * The Mamba2 mixer on a normalised input u [B*T, D] (method.md 1.1). With `state`, the conv and SSM states
    * continue from it and are replaced by the states after these tokens.
    */
-  #mamba2(p: string, u: Tensor, B: number, T: number, state?: { state: Tensor; conv: Tensor }): Tensor {
+  #mamba2(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
     const m = this.mamba!;
     const convC = 2 * m.dXb + m.dInner;
     const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
@@ -226,6 +236,48 @@ export class CausalLM {
   }
 
   /**
+   * The Mamba1 mixer of method.md 1.2: separate x/B/C/z projections, x and B in 16-wide groups repeated to
+   * d_inner (x before the conv), delta = softplus(dt_proj(dt_proj_down(u)) + 2 dt_proj.bias) (the official code
+   * adds the bias twice), a diagonal selective scan with d_state 16, and the z gate before out_proj.
+   */
+  #mamba1(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
+    const m = this.mamba!;
+    const N = m.dState, rep = m.dInner / m.dXb;
+    const w = (n: string) => this.param(`${p}mamba.${n}`);
+    const x = repeatGroupsLastDim(linear(u, w("in_proj_x.weight")), N, rep);
+    const conv = causalConv1d(
+      x.view([B, T, m.dInner]),
+      w("conv1d.weight").view([m.dInner, m.dConv]),
+      w("conv1d.bias"),
+      { silu: true, initialState: state?.conv ?? null, finalState: state !== undefined },
+    );
+    const dt = linear(linear(u, w("dt_proj_down.weight")), w("dt_proj.weight"));
+    const delta = softplus(addBias(dt, w("dt_proj.bias"), 2));
+    const A = scale(exp(w("A_log")), -1);
+    const scan = selectiveScan(
+      conv.out,
+      delta.view([B, T, m.dInner]),
+      A,
+      linear(u, w("B_proj.weight")).view([B, T, m.dXb / N, N]),
+      linear(u, w("C_proj.weight")).view([B, T, m.dInner / N, N]),
+      w("D"),
+      { initialState: state?.state ?? null, finalState: state !== undefined },
+    );
+    if (state) {
+      state.conv.dispose();
+      state.state.dispose();
+      state.conv = conv.finalState!.keep();
+      state.state = scan.finalState!.keep();
+    }
+    const gated = mul(scan.y.view([B * T, m.dInner]), silu(linear(u, w("in_proj_z.weight"))));
+    return linear(gated, w("out_proj.weight"));
+  }
+
+  #mixer(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
+    return this.mamba!.mixer === "mamba1" ? this.#mamba1(p, u, B, T, state) : this.#mamba2(p, u, B, T, state);
+  }
+
+  /**
    * Full-sequence forward of `batch` sequences of `seqLen` tokens (ids row-major [B, T]). Differentiable in every
    * trainable parameter. Pass ids as an Int32Array when embeddings train (their gradient needs the ids on the CPU).
    */
@@ -247,7 +299,7 @@ export class CausalLM {
       const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
       const mix = this.isAttentionLayer(l)
         ? this.#attentionFull(p, u, batch, seqLen)
-        : this.#mamba2(p, u, batch, seqLen);
+        : this.#mixer(p, u, batch, seqLen);
       const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
       x = add(h, this.#mlp(p, y));
       if (opts.layerOutputs) layerOut.push(x);
@@ -265,9 +317,11 @@ export class CausalLM {
         s.kv.set(l, new KvCache(rt, batch, maxLength, c.numKvHeads, c.headDim, this.dtype));
       } else {
         const m = this.mamba!;
-        const convC = 2 * m.dXb + m.dInner;
+        const mamba2 = m.mixer === "mamba2";
+        const convC = mamba2 ? 2 * m.dXb + m.dInner : m.dInner;
         s.ssm.set(l, {
-          state: rt.zeros([batch, m.nHeads, m.headDim, m.dState]).keep(),
+          state: rt.zeros(mamba2 ? [batch, m.nHeads, m.headDim, m.dState] : [batch, m.dInner, m.dState])
+            .keep(),
           conv: rt.zeros([batch, convC, m.dConv - 1], this.dtype).keep(),
         });
       }
@@ -308,7 +362,7 @@ export class CausalLM {
           const o = decodeAttention(q, cache, { window: c.slidingWindow ?? 0 });
           mix = linear(o.view([B * n, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
         } else {
-          mix = this.#mamba2(p, u, B, n, s.ssm.get(l)!);
+          mix = this.#mixer(p, u, B, n, s.ssm.get(l)!);
         }
         const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
         x = add(h, this.#mlp(p, y));

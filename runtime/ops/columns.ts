@@ -4,7 +4,8 @@
  *
  * @module
  */
-import { gatherColumns, scatterColumns } from "../../kernels/columns.ts";
+import { gatherColumns, repeatGroups, scatterColumns } from "../../kernels/columns.ts";
+import { biasColumnSums, biasForward } from "../../kernels/bias.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
 
 /** Splits x [..., sum(widths)] into tensors [..., widths[i]]. Differentiable. */
@@ -93,5 +94,48 @@ export function takeRows(x: Tensor, start: number, count: number, rowWidth = x.d
   }
   const out = rt.empty([count, rowWidth], x.dtype);
   rt.dev.copyBuffer(x.buffer, start * bytesPerRow, out.buffer, 0, count * bytesPerRow);
+  return out;
+}
+
+/**
+ * Repeats groups of `width` columns `rep` times each, interleaved (output group j = input group floor(j / rep)),
+ * as repeat_kv does for key/value heads: x [..., G*width] -> [..., G*rep*width]. Differentiable.
+ */
+export function repeatGroupsLastDim(x: Tensor, width: number, rep: number): Tensor {
+  const rt = x.rt;
+  const cols = x.dim(-1);
+  if (cols % width !== 0) {
+    throw new Error(`repeatGroupsLastDim: last dim ${cols} is not a multiple of ${width}`);
+  }
+  const groups = cols / width, rows = x.size / cols;
+  const out = rt.empty([...x.shape.slice(0, -1), cols * rep], x.dtype);
+  const f = repeatGroups(x.dtype, "forward", rows, groups, width, rep);
+  rt.dev.dispatch(f.spec, [x.binding, out.binding], f.workgroups, f.uniforms);
+  rt.record("repeatGroups", [x], [out], ([g]) => {
+    const gx = rt.empty(x.shape, x.dtype);
+    const b = repeatGroups(x.dtype, "backward", rows, groups, width, rep);
+    rt.dev.dispatch(b.spec, [g!.binding, gx.binding], b.workgroups, b.uniforms);
+    return [gx];
+  });
+  return out;
+}
+
+/** `x + s * b` with b [C] broadcast over the rows of x [..., C]. Differentiable in x and b. */
+export function addBias(x: Tensor, b: Tensor, s = 1): Tensor {
+  const rt = x.rt;
+  const cols = x.dim(-1), rows = x.size / cols;
+  if (b.size !== cols || b.dtype !== x.dtype) throw new Error(`addBias: bias ${b} does not match ${x}`);
+  const out = rt.empty(x.shape, x.dtype);
+  const f = biasForward(x.dtype, rows, cols, s);
+  rt.dev.dispatch(f.spec, [x.binding, b.binding, out.binding], f.workgroups, f.uniforms);
+  rt.record("addBias", [x, b], [out], ([g]) => {
+    let gb: Tensor | null = null;
+    if (b.requiresGrad) {
+      gb = rt.empty(b.shape, b.dtype);
+      const k = biasColumnSums(x.dtype, rows, cols, s);
+      rt.dev.dispatch(k.spec, [g!.binding, gb.binding], k.workgroups, k.uniforms);
+    }
+    return [g, gb];
+  });
   return out;
 }

@@ -56,3 +56,62 @@ Deno.test("columns: takeRows copies a row range", gpuTestOptions, async () => {
   const got = await rt.scope(() => takeRows(rt.tensor(x, [6, 4]), 4, 2).read());
   assert.deepEqual([...got], [...x.slice(16, 24)]);
 });
+
+Deno.test(
+  "columns: repeatGroupsLastDim forward copies groups, backward sums the copies",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const { repeatGroupsLastDim } = await import("../../runtime/ops/columns.ts");
+    const rng = testRng("repeat-groups");
+    const rows = 7, G = 3, w = 5, rep = 2;
+    const x = randn(rng, rows * G * w);
+    const seed = randn(rng, rows * G * rep * w);
+    await rt.scope(async () => {
+      const tx = rt.tensor(x, [rows, G * w]);
+      tx.requiresGrad = true;
+      const y = repeatGroupsLastDim(tx, w, rep);
+      rt.backward(y, rt.tensor(seed, y.shape));
+      const [gy, gx] = await Promise.all([y.read(), tx.grad!.read()]);
+      const C = G * rep * w;
+      const refY = Float64Array.from({ length: rows * C }, (_, i) => {
+        const r = Math.floor(i / C), c = i % C;
+        return x[r * G * w + Math.floor(Math.floor(c / w) / rep) * w + (c % w)];
+      });
+      assertClose(gy, refY, EXACT, "repeat forward");
+      const refG = new Float64Array(rows * G * w);
+      for (let i = 0; i < rows * C; i++) {
+        const r = Math.floor(i / C), c = i % C;
+        refG[r * G * w + Math.floor(Math.floor(c / w) / rep) * w + (c % w)] += seed[i];
+      }
+      assertClose(gx, refG, { rtol: 1e-6, atol: 1e-6 }, "repeat backward");
+      tx.grad!.dispose();
+    });
+  },
+);
+
+Deno.test(
+  "columns: addBias broadcasts over rows; its bias gradient is the scaled column sum",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const { addBias } = await import("../../runtime/ops/columns.ts");
+    const rng = testRng("bias");
+    const rows = 33, C = 9;
+    const x = randn(rng, rows * C), b = randn(rng, C), seed = randn(rng, rows * C);
+    await rt.scope(async () => {
+      const tx = rt.tensor(x, [rows, C]), tb = rt.tensor(b, [C]);
+      tx.requiresGrad = tb.requiresGrad = true;
+      const y = addBias(tx, tb, 2);
+      rt.backward(y, rt.tensor(seed, [rows, C]));
+      const [gy, gx, gb] = await Promise.all([y.read(), tx.grad!.read(), tb.grad!.read()]);
+      assertClose(gy, x.map((v, i) => v + 2 * b[i % C]), { rtol: 1e-6, atol: 1e-6 }, "forward");
+      assertClose(gx, seed, EXACT, "x gradient");
+      const refB = new Float64Array(C);
+      seed.forEach((v, i) => refB[i % C] += 2 * v);
+      assertClose(gb, refB, { rtol: 1e-5, atol: 1e-5 }, "bias gradient");
+      tx.grad!.dispose();
+      tb.grad!.dispose();
+    });
+  },
+);

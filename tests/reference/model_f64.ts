@@ -29,8 +29,10 @@ export interface RefConfig {
   invFreq: Float64Array;
   /** Mistral sliding window (keys j with i - j < window), or null. */
   slidingWindow: number | null;
-  /** Layers that keep attention; the rest are Mamba2 (all layers attention when undefined). */
+  /** Layers that keep attention; the rest are Mamba layers (all layers attention when undefined). */
   attnLayers?: number[];
+  /** Mixer of the Mamba layers (default mamba2). */
+  mixer?: "mamba2" | "mamba1";
 }
 
 /** Weight lookup by HF state-dict name. */
@@ -195,6 +197,62 @@ export function mamba2Mixer(
   return linear(y, w(`${p}.mamba.out_proj.weight`), T, dInner, D);
 }
 
+/**
+ * The Mamba1 mixer of method.md 1.2 (d_state 16, groups of 16 channels, x and B repeated to d_inner, the
+ * official double dt bias), sequential recurrence.
+ */
+export function mamba1Mixer(
+  cfg: RefConfig,
+  w: RefWeights,
+  p: string,
+  u: Float64Array,
+  T: number,
+): Float64Array {
+  const { D, H, Hkv, hd } = cfg;
+  const dInner = H * hd, dXb = Hkv * hd, N = 16;
+  const rep = dInner / dXb;
+  const dtRank = Math.ceil(D / 16);
+  const xs = linear(u, w(`${p}.mamba.in_proj_x.weight`), T, D, dXb);
+  const Bs = linear(u, w(`${p}.mamba.B_proj.weight`), T, D, dXb);
+  const Cs = linear(u, w(`${p}.mamba.C_proj.weight`), T, D, dInner);
+  const z = linear(u, w(`${p}.mamba.in_proj_z.weight`), T, D, dInner);
+  const dtLow = linear(u, w(`${p}.mamba.dt_proj_down.weight`), T, D, dtRank);
+  const dt = linear(dtLow, w(`${p}.mamba.dt_proj.weight`), T, dtRank, dInner);
+  const dtB = w(`${p}.mamba.dt_proj.bias`);
+  const cw = w(`${p}.mamba.conv1d.weight`), cb = w(`${p}.mamba.conv1d.bias`);
+  const Alog = w(`${p}.mamba.A_log`), Dp = w(`${p}.mamba.D`);
+  // channel c of the repeated x / B reads group floor((c/16) / rep) of the originals
+  const src = (c: number) => Math.floor(Math.floor(c / N) / rep) * N + (c % N);
+  const xc = new Float64Array(T * dInner);
+  for (let t = 0; t < T; t++) {
+    for (let c = 0; c < dInner; c++) {
+      let s = cb[c];
+      for (let k = 0; k < 4; k++) {
+        const tt = t - 3 + k;
+        if (tt >= 0) s += cw[c * 4 + k] * xs[tt * dXb + src(c)];
+      }
+      xc[t * dInner + c] = silu(s);
+    }
+  }
+  const y = new Float64Array(T * dInner);
+  for (let c = 0; c < dInner; c++) {
+    const h = new Float64Array(N);
+    const g = Math.floor(c / N);
+    for (let t = 0; t < T; t++) {
+      const delta = softplus(dt[t * dInner + c] + 2 * dtB[c]);
+      const xv = xc[t * dInner + c];
+      let acc = 0;
+      for (let n = 0; n < N; n++) {
+        h[n] = Math.exp(delta * -Math.exp(Alog[c * N + n])) * h[n] +
+          delta * Bs[t * dXb + src(g * N + n)] * xv;
+        acc += Cs[t * dInner + g * N + n] * h[n];
+      }
+      y[t * dInner + c] = (acc + Dp[c] * xv) * silu(z[t * dInner + c]);
+    }
+  }
+  return linear(y, w(`${p}.mamba.out_proj.weight`), T, dInner, D);
+}
+
 /** Output of {@linkcode refForward}. */
 export interface RefOutput {
   /** Logits [T, V]. */
@@ -215,7 +273,11 @@ export function refForward(cfg: RefConfig, w: RefWeights, ids: readonly number[]
     const p = `model.layers.${l}`;
     const u = rmsnorm(x, w(`${p}.input_layernorm.weight`), T, D, cfg.eps);
     const isAttn = cfg.attnLayers === undefined || cfg.attnLayers.includes(l);
-    const mix = isAttn ? attention(cfg, w, p, u, T) : mamba2Mixer(cfg, w, p, u, T);
+    const mix = isAttn
+      ? attention(cfg, w, p, u, T)
+      : cfg.mixer === "mamba1"
+      ? mamba1Mixer(cfg, w, p, u, T)
+      : mamba2Mixer(cfg, w, p, u, T);
     const h = x.map((v, i) => v + mix[i]);
     const u2 = rmsnorm(h, w(`${p}.post_attention_layernorm.weight`), T, D, cfg.eps);
     const gate = linear(u2, w(`${p}.mlp.gate_proj.weight`), T, D, I);
