@@ -31,11 +31,14 @@ import {
   EMBED,
   FINAL_NORM,
   type HostTensor,
+  hybridWeightShapes,
   layerPrefix,
   LM_HEAD,
   type Model,
+  transformerWeightShapes,
   type WeightMap,
 } from "./weights.ts";
+import { uniformFill } from "../kernels/random.ts";
 import { selectiveScan } from "../runtime/ops/selective_scan.ts";
 import { addBias, repeatGroupsLastDim } from "../runtime/ops/columns.ts";
 import { mul, silu, softplus } from "../runtime/ops/elementwise.ts";
@@ -135,6 +138,36 @@ export class CausalLM {
     const mamba = model.kind === "hybrid" ? model.mamba : null;
     const chunk = opts.chunkSize ?? (mamba?.chunkSize || 64);
     return new CausalLM(rt, model.config, mamba, params, dtype, Math.min(chunk, 256));
+  }
+
+  /**
+   * A randomly initialised model built on the GPU (no host copy of the weights), for benchmarks of large shapes:
+   * linear weights U(+-1/sqrt(fan_in)), embeddings U(+-0.05), norms and D ones, Mamba2 A_log U(0, ln 16),
+   * dt_bias U(ln(expm1(1e-3)), ln(expm1(0.1))), conv U(+-0.5). Shapes come from models/weights.ts.
+   */
+  static random(
+    rt: Runtime,
+    config: TransformerConfig,
+    mamba: MambaConfig | null,
+    opts: CausalLMOptions & { seed?: number } = {},
+  ): CausalLM {
+    const dtype = opts.dtype ?? "f32";
+    const trainable = opts.trainable ?? (() => false);
+    const shapes = mamba ? hybridWeightShapes({ teacher: config, mamba }) : transformerWeightShapes(config);
+    const params = new Map<string, Tensor>();
+    let seed = opts.seed ?? 1;
+    for (const [name, shape] of shapes) {
+      if (name === LM_HEAD && config.tieWordEmbeddings) continue;
+      const t = rt.empty(shape, dtype).keep();
+      t.name = name;
+      t.requiresGrad = trainable(name);
+      const [lo, hi] = randomRange(name, shape);
+      const f = uniformFill(dtype, t.size, lo, hi, (seed++ * 0x9e3779b9) >>> 0);
+      rt.dev.dispatch(f.spec, [t.binding], f.workgroups, f.uniforms);
+      params.set(name, t);
+    }
+    const chunk = opts.chunkSize ?? (mamba?.chunkSize || 64);
+    return new CausalLM(rt, config, mamba, params, dtype, Math.min(chunk, 256));
   }
 
   /** True when layer i keeps attention. */
@@ -407,6 +440,18 @@ export class CausalLM {
     }
     this.invFreq.dispose();
   }
+}
+
+function randomRange(name: string, shape: readonly number[]): [number, number] {
+  if (name.endsWith("norm.weight") || name.endsWith("layernorm.weight") || name.endsWith(".D")) return [1, 1];
+  if (name.endsWith("A_log")) return [0, Math.log(16)];
+  if (name.endsWith("dt_bias") || name.endsWith("dt_proj.bias")) {
+    return [Math.log(Math.expm1(1e-3)), Math.log(Math.expm1(0.1))];
+  }
+  if (name.includes("conv1d")) return [-0.5, 0.5];
+  if (name === EMBED || name === LM_HEAD) return [-0.05, 0.05];
+  const fanIn = shape[shape.length - 1];
+  return [-1 / Math.sqrt(fanIn), 1 / Math.sqrt(fanIn)];
 }
 
 function uploadParam(rt: Runtime, name: string, t: HostTensor, dtype: DType, trainable: boolean): Tensor {

@@ -9,6 +9,8 @@
  * @module
  */
 import type { CausalLM, DecodeState } from "./causal_lm.ts";
+import type { Tensor } from "../runtime/tensor.ts";
+import { greedyArgmax } from "../runtime/ops/loss.ts";
 import { sampleToken, type SamplingOptions } from "./sampling.ts";
 import { Rng } from "../util/rng.ts";
 
@@ -101,4 +103,71 @@ async function generateGroup(
     lm.disposeState(state);
   }
   return completions;
+}
+
+/** Options of {@linkcode greedyResident}. */
+export interface ResidentOptions {
+  /** Tokens to generate at most. */
+  maxNewTokens: number;
+  /** Decode steps recorded per submit; their ids are read back together (default 32). */
+  chunk?: number;
+  /** Ids that end the sequence (the output stops there, EOS included). */
+  eosIds?: readonly number[];
+}
+
+/**
+ * Greedy decoding of one prompt with the loop on the GPU: each step's argmax is written to a GPU buffer that the
+ * next step's embedding reads, so `chunk` tokens are recorded into one submit and read back together. This
+ * removes the per-token GPU->CPU round trip (about 12 ms on Deno's built-in WebGPU); an end-of-sequence token is
+ * noticed up to `chunk - 1` steps late and the surplus is trimmed.
+ */
+export async function greedyResident(
+  lm: CausalLM,
+  prompt: Int32Array,
+  opts: ResidentOptions,
+): Promise<number[]> {
+  const rt = lm.rt;
+  const chunk = Math.max(1, opts.chunk ?? 32);
+  const eos = new Set(opts.eosIds ?? []);
+  const tokens: number[] = [];
+  const state = lm.newDecodeState(1, prompt.length + opts.maxNewTokens);
+  // `prev` holds the id of the newest token on the GPU; it is the next step's input
+  let prev: Tensor = rt.noGrad(() =>
+    greedyArgmax(lm.step(state, prompt, prompt.length, { lastOnly: true })).ids
+  )
+    .keep();
+  let unread: Tensor[] = [prev];
+  try {
+    let done = opts.maxNewTokens <= 0;
+    while (!done) {
+      const steps = Math.min(chunk, opts.maxNewTokens - tokens.length - unread.length);
+      const next = await rt.scope(async () => {
+        let cur = prev;
+        const chain = [...unread];
+        for (let j = 0; j < steps; j++) {
+          cur = greedyArgmax(lm.step(state, cur, 1)).ids;
+          chain.push(cur);
+        }
+        const reads = await rt.dev.readMany(chain.map((t) => ({ buffer: t.buffer, offset: 0, size: 4 })));
+        for (const b of reads) {
+          const id = new Int32Array(b)[0];
+          tokens.push(id);
+          if (eos.has(id) || tokens.length >= opts.maxNewTokens) {
+            done = true;
+            break;
+          }
+        }
+        return cur === prev ? null : cur.keep();
+      });
+      unread = [];
+      if (next) {
+        prev.dispose();
+        prev = next;
+      }
+    }
+  } finally {
+    prev.dispose();
+    lm.disposeState(state);
+  }
+  return tokens;
 }

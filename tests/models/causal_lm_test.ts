@@ -201,3 +201,28 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "generate: the GPU-resident greedy loop equals the reference continuation and stops at EOS",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const { greedyResident } = await import("../../models/generate.ts");
+    const lm = CausalLM.fromModel(rt, await loadModel(fixturePath(FIXTURE_MODELS.hybrid.dir)));
+    const oracle = await openOracle("hybrid");
+    try {
+      const prompt = await oracle.readInt32("p0.input_ids");
+      const gen = [...await oracle.readInt32("p0.step_gen_ids")];
+      const reads0 = rt.dev.stats.reads;
+      assert.deepEqual(await greedyResident(lm, prompt, { maxNewTokens: 40, chunk: 16 }), gen.slice(0, 40));
+      assert.ok(rt.dev.stats.reads - reads0 <= 4, `reads: ${rt.dev.stats.reads - reads0}`);
+      // pretend the 7th generated token is an end-of-sequence id: output stops there even mid-chunk
+      assert.deepEqual(
+        await greedyResident(lm, prompt, { maxNewTokens: 40, chunk: 16, eosIds: [gen[6]] }),
+        gen.slice(0, 7),
+      );
+    } finally {
+      lm.dispose();
+    }
+  },
+);
