@@ -1,0 +1,192 @@
+/**
+ * Model-level throughput: prefill tokens/s (batch 1, 2048 tokens, full logits) and batch-1 greedy decode
+ * tokens/s (128-token prompt, 256 new tokens, wall time of the whole generation including the prefill, as in
+ * fixtures/reference/perf_baselines.md), for a random-init Llama-3.2-1B-shape teacher and its 50% Mamba2 hybrid;
+ * optionally a distill-style training step (forward + backward + AdamW, Mamba parameters trainable).
+ *
+ *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train] [--quick] [--out rows.jsonl]
+ *
+ * Decode uses the GPU-resident greedy loop (models/generate.ts greedyResident), so the CPU reads token ids once
+ * per chunk. `bench/pytorch/model.py` measures the teacher with Hugging Face transformers on the same shapes.
+ *
+ * @module
+ */
+import { Runtime } from "../runtime/runtime.ts";
+import { createDevice } from "../runtime/device.ts";
+import { parseProviderPreference } from "../runtime/provider.ts";
+import { CausalLM } from "../models/causal_lm.ts";
+import { makeMamba2Config, parseTransformerConfig, type TransformerConfig } from "../models/config.ts";
+import { greedyResident } from "../models/generate.ts";
+import { crossEntropy } from "../runtime/ops/loss.ts";
+import { AdamW } from "../runtime/optim.ts";
+
+/** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
+export function llama32OneB(quick: boolean): TransformerConfig {
+  return parseTransformerConfig(
+    quick
+      ? {
+        model_type: "llama",
+        hidden_size: 128,
+        intermediate_size: 512,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 32,
+        vocab_size: 1000,
+        rope_theta: 500000,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+      }
+      : {
+        model_type: "llama",
+        hidden_size: 2048,
+        intermediate_size: 8192,
+        num_hidden_layers: 16,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: 64,
+        vocab_size: 128256,
+        rope_theta: 500000,
+        rope_scaling: {
+          rope_type: "llama3",
+          factor: 32,
+          low_freq_factor: 1,
+          high_freq_factor: 4,
+          original_max_position_embeddings: 8192,
+        },
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 131072,
+        tie_word_embeddings: true,
+      },
+    "llama-3.2-1b-shape",
+  );
+}
+
+function flag(name: string): string | undefined {
+  const i = Deno.args.indexOf(`--${name}`);
+  return i >= 0 ? Deno.args[i + 1] : undefined;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+}
+
+async function timePrefill(lm: CausalLM, T: number, reps: number): Promise<number[]> {
+  const rt = lm.rt;
+  const ids = Int32Array.from({ length: T }, (_, i) => (i * 7919 + 13) % lm.config.vocabSize);
+  const times: number[] = [];
+  for (let r = 0; r < reps; r++) {
+    await rt.scope(async () => {
+      const t0 = performance.now();
+      const { logits } = rt.noGrad(() => lm.forward(ids, 1, T));
+      await rt.dev.read(logits.buffer, 0, 4);
+      times.push(performance.now() - t0);
+    });
+  }
+  return times;
+}
+
+async function timeDecode(lm: CausalLM, promptLen: number, n: number, chunk: number): Promise<number> {
+  const prompt = Int32Array.from({ length: promptLen }, (_, i) => (i * 104729 + 7) % lm.config.vocabSize);
+  const t0 = performance.now();
+  const out = await greedyResident(lm, prompt, { maxNewTokens: n, chunk });
+  if (out.length !== n) throw new Error(`decode produced ${out.length} tokens, expected ${n}`);
+  return performance.now() - t0;
+}
+
+async function timeTrainStep(lm: CausalLM, B: number, T: number, reps: number): Promise<number[]> {
+  const rt = lm.rt;
+  const params = lm.trainableParams();
+  const opt = new AdamW(rt, params, { lr: 1e-5, betas: [0.9, 0.98], weightDecay: 0, maxGradNorm: 0.1 });
+  const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 7919 + 13) % lm.config.vocabSize);
+  const labels = rt.tensor(Int32Array.from(ids, (_, i) => ids[(i + 1) % ids.length]), [B * T], "i32").keep();
+  const times: number[] = [];
+  for (let r = 0; r < reps; r++) {
+    const t0 = performance.now();
+    await rt.scope(async () => {
+      const { logits } = lm.forward(ids, B, T);
+      const { loss } = crossEntropy(logits, labels);
+      rt.backward(loss);
+      opt.step();
+      opt.zeroGrad();
+      await rt.dev.read(loss.buffer, 0, 4);
+    });
+    times.push(performance.now() - t0);
+  }
+  labels.dispose();
+  return times;
+}
+
+if (import.meta.main) {
+  const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
+  const quick = Deno.args.includes("--quick");
+  const models = (flag("models") ?? "teacher,hybrid").split(",");
+  const outPath = flag("out");
+  const rows: string[] = [];
+  const rt = new Runtime(await createDevice({ gpu }));
+  const log = (row: Record<string, unknown>) => {
+    const line = JSON.stringify({ bench: "model", provider: rt.dev.provider, ...row });
+    console.log(line);
+    rows.push(line);
+  };
+  log({ device: rt.dev.describe(), date: new Date().toISOString() });
+  const cfg = llama32OneB(quick);
+  const T = quick ? 64 : 2048;
+  for (const which of models) {
+    const mamba = which === "hybrid"
+      ? makeMamba2Config(cfg, Array.from({ length: cfg.numLayers / 2 }, (_, i) => 2 * i + 1))
+      : null;
+    const lm = CausalLM.random(rt, cfg, mamba, {
+      seed: 7,
+      chunkSize: quick ? 16 : 64,
+      trainable: Deno.args.includes("--train") ? (n) => n.includes(".mamba.") : undefined,
+    });
+    try {
+      // warm-up: compiles every pipeline and lets the GPU clock ramp up
+      await timePrefill(lm, T, 2);
+      const pre = await timePrefill(lm, T, quick ? 2 : 5);
+      log({
+        model: which,
+        what: "prefill",
+        tokens: T,
+        median_ms: +median(pre).toFixed(2),
+        tokens_per_s: Math.round(T / (median(pre) / 1000)),
+        dtype: lm.dtype,
+      });
+      const n = quick ? 16 : 256;
+      await timeDecode(lm, quick ? 8 : 128, quick ? 4 : 16, 32);
+      for (const chunk of [1, 32]) {
+        const ms = await timeDecode(lm, quick ? 8 : 128, n, chunk);
+        log({
+          model: which,
+          what: "decode",
+          prompt: quick ? 8 : 128,
+          new_tokens: n,
+          chunk,
+          wall_ms: +ms.toFixed(1),
+          tokens_per_s: +(n / (ms / 1000)).toFixed(1),
+        });
+      }
+      if (Deno.args.includes("--train") && which === "hybrid") {
+        const B = quick ? 2 : 4;
+        const tr = await timeTrainStep(lm, B, T, quick ? 2 : 4);
+        const m = median(tr.slice(1));
+        log({
+          model: which,
+          what: "train_step",
+          batch: B,
+          seq: T,
+          median_ms: +m.toFixed(1),
+          tokens_per_s: Math.round(B * T / (m / 1000)),
+        });
+      }
+    } catch (e) {
+      log({ model: which, error: String(e) });
+    } finally {
+      lm.dispose();
+      rt.pool.trim();
+    }
+  }
+  if (outPath) await Deno.writeTextFile(outPath, rows.join("\n") + "\n", { append: true });
+}
