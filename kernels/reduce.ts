@@ -29,8 +29,9 @@ const COMBINE: Record<ReduceOp, (a: string, b: string) => string> = {
   sumsq: (a, b) => `${a} + ${b}`,
   max: (a, b) => `max(${a}, ${b})`,
 };
-// -3.4028235e38 is -FLT_MAX: the identity of max for finite inputs (and -inf inputs still reduce correctly)
-const IDENTITY: Record<ReduceOp, string> = { sum: "0.0", sumsq: "0.0", max: "-3.4028235e38" };
+// -FLT_MAX (bit pattern 0xff7fffff; a decimal literal may round past the f32 range and Tint rejects it): the
+// identity of max for finite inputs (-inf inputs still reduce correctly)
+const IDENTITY: Record<ReduceOp, string> = { sum: "0.0", sumsq: "0.0", max: "bitcast<f32>(0xff7fffffu)" };
 
 /** The op that folds partials of `op` (a sum of squares is summed, not squared again). */
 export function partialOp(op: ReduceOp): ReduceOp {

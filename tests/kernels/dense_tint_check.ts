@@ -1,0 +1,143 @@
+/**
+ * Compiles every variant of the dense kernels with Dawn's WGSL compiler (Tint) on Dawn's null backend, which
+ * executes nothing but parses, resolves and validates WGSL (uniformity analysis included) like the real one.
+ * Prints one JSON line: `{ variants, failures: string[] }`, or `{ skipped: reason }` without Dawn.
+ *
+ * Run by `dense_tint_test.ts` in a subprocess: Dawn's Node binding does not get its callbacks pumped under the
+ * test runner (popErrorScope never settles there), and a crash in the binding then fails one test instead of
+ * killing the test process.
+ *
+ * @module
+ */
+import type { KernelSpec } from "../../kernels/kernel.ts";
+import {
+  MATMUL_MEDIUM,
+  MATMUL_SMALL,
+  MATMUL_SWEEP,
+  type MatmulConfig,
+  matmulKernel,
+  matmulSharedBytes,
+} from "../../kernels/matmul.ts";
+import { gemvKernel } from "../../kernels/gemv.ts";
+import { reduceBackwardKernel, reducePass, reduceRowsKernel } from "../../kernels/reduce.ts";
+import * as rms from "../../kernels/rmsnorm.ts";
+import { ropeKernel } from "../../kernels/rope.ts";
+import { embeddingBackward, embeddingForward } from "../../kernels/embedding.ts";
+import { adamwKernel, gradNormKernel } from "../../kernels/adamw.ts";
+
+function allVariants(f16: boolean): { spec: KernelSpec; sharedBytes: number }[] {
+  const out = new Map<string, { spec: KernelSpec; sharedBytes: number }>();
+  const add = (l: { spec: KernelSpec }, sharedBytes = 0) =>
+    out.set(l.spec.key, { spec: l.spec, sharedBytes });
+  const configs: MatmulConfig[] = [...MATMUL_SWEEP, MATMUL_SMALL, MATMUL_MEDIUM];
+  for (const dtype of f16 ? (["f32", "f16"] as const) : (["f32"] as const)) {
+    for (const config of configs) {
+      for (const transA of [false, true]) {
+        for (const transB of [false, true]) {
+          for (const accumulate of [false, true]) {
+            // multiples of 4 (vec4 everywhere) and odd sizes (scalar everywhere)
+            for (const [m, n, k] of [[128, 128, 64], [37, 53, 29]]) {
+              const shape = { m, n, k, batch: 1, strideA: 0, strideB: 0, strideC: 0 };
+              add(
+                matmulKernel(shape, { dtype, transA, transB, accumulate }, config),
+                matmulSharedBytes(config),
+              );
+            }
+          }
+        }
+      }
+    }
+    for (const rows of [1, 3, 8]) for (const k of [64, 67]) add(gemvKernel(dtype, rows, 10, k));
+    for (const op of ["sum", "sumsq", "max"] as const) {
+      add(reducePass(op, dtype, 10, 1));
+      add(reduceRowsKernel(op, dtype, 2, 5));
+    }
+    add(reduceBackwardKernel("sum", dtype, 10, 5));
+    add(reduceBackwardKernel("sumsq", dtype, 10, 5));
+    add(rms.rmsNormForward(dtype, 2, 8, 1e-5));
+    add(rms.addRmsNormForward(dtype, 2, 8, 1e-5));
+    add(rms.rmsNormBackwardInput(dtype, 2, 8));
+    add(rms.rmsNormBackwardInput(dtype, 2, 8, true));
+    add(rms.rmsNormBackwardWeightPartial(dtype, 2, 8));
+    add(rms.rmsNormBackwardWeightSum(dtype, 2, 8, false));
+    add(rms.rmsNormBackwardWeightSum(dtype, 2, 8, true));
+    add(ropeKernel(dtype, "tensor", 2, 2, 8));
+    add(ropeKernel(dtype, "offset", 2, 2, 8));
+    add(embeddingForward(dtype, 2, 8, 10));
+    add(embeddingBackward(dtype, 2, 8, false));
+    add(embeddingBackward(dtype, 2, 8, true));
+    add(adamwKernel(dtype, 10, { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, step: 1 }));
+  }
+  add(gradNormKernel(3, 1));
+  return [...out.values()];
+}
+
+// Dawn's GPU object must stay referenced: if it is garbage-collected while the device lives, the binding crashes.
+let dawnGpu: GPU | null = null;
+
+async function dawnNullDevice(): Promise<GPUDevice | string> {
+  try {
+    if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", "/tmp");
+    const mod = await import("webgpu");
+    for (const [k, v] of Object.entries(mod.globals as Record<string, unknown>)) {
+      if (!(k in globalThis)) (globalThis as Record<string, unknown>)[k] = v;
+    }
+    dawnGpu = mod.create(["enable-dawn-features=allow_unsafe_apis", "backend=null"]);
+    const adapter = await dawnGpu.requestAdapter();
+    if (!adapter) return "Dawn's null backend offers no adapter";
+    const requiredFeatures = (["shader-f16"] as const).filter((f) => adapter.features.has(f));
+    return await adapter.requestDevice({
+      requiredFeatures,
+      requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize },
+    });
+  } catch (e) {
+    return `Dawn (npm:webgpu) unavailable: ${e}`;
+  }
+}
+
+async function check(device: GPUDevice): Promise<{ variants: number; failures: string[] }> {
+  const failures: string[] = [];
+  const variants = allVariants(device.features.has("shader-f16"));
+  for (const { spec, sharedBytes } of variants) {
+    const entries: GPUBindGroupLayoutEntry[] = spec.bindings.map((a, i) => ({
+      binding: i,
+      visibility: GPUShaderStage.COMPUTE,
+      buffer: { type: a === "read" ? "read-only-storage" : "storage" },
+    }));
+    if (spec.uniformBytes) {
+      entries.push({
+        binding: spec.bindings.length,
+        visibility: GPUShaderStage.COMPUTE,
+        buffer: { type: "uniform", hasDynamicOffset: true, minBindingSize: spec.uniformBytes },
+      });
+    }
+    device.pushErrorScope("validation");
+    const module = device.createShaderModule({ code: spec.code });
+    // the null adapter allows 16 KB of workgroup storage: larger tiles are checked as modules only (the pipeline
+    // step adds the storage limit and the layout match, which the smaller variants cover)
+    if (sharedBytes <= device.limits.maxComputeWorkgroupStorageSize) {
+      const layout = device.createBindGroupLayout({ entries });
+      device.createComputePipeline({
+        layout: device.createPipelineLayout({ bindGroupLayouts: [layout] }),
+        compute: { module, entryPoint: spec.entryPoint ?? "main", constants: spec.constants },
+      });
+    }
+    const err = await device.popErrorScope();
+    const info = await module.getCompilationInfo();
+    const msgs = info.messages.filter((m) => m.type !== "info");
+    if (err || msgs.length > 0) {
+      failures.push(
+        `${spec.key}: ${err?.message ?? ""}\n${
+          msgs.map((m) => `  ${m.lineNum}:${m.linePos} ${m.message}`).join("\n")
+        }`,
+      );
+    }
+  }
+  return { variants: variants.length, failures };
+}
+
+if (import.meta.main) {
+  const device = await dawnNullDevice();
+  console.log(JSON.stringify(typeof device === "string" ? { skipped: device } : await check(device)));
+  Deno.exit(0); // skip Dawn's teardown
+}
