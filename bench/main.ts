@@ -2,17 +2,58 @@
  * Benchmark entry point: `deno task bench <name> [options]`. Results go into BENCHMARKS.md by hand, with the
  * device, date and command printed by each benchmark.
  *
- * | name   | what                                                                   |
- * | ------ | ---------------------------------------------------------------------- |
- * | `noop` | no-op re-run of a recipe with 1 GiB of artifacts (bench/noop_rerun.ts) |
+ * | name     | what                                                                              |
+ * | -------- | --------------------------------------------------------------------------------- |
+ * | `noop`   | no-op re-run of a recipe with 1 GiB of artifacts (bench/noop_rerun.ts)            |
+ * | `gpu`    | every kernel family: matmul, GEMV, copy, attention, loss, SSD, scans (gpu_suite)  |
+ * | `model`  | 1B-shape teacher and 50% hybrid: prefill, decode, train step (bench/model.ts)     |
+ * | `decode` | per-op profile of a batch-1 decode step (bench/decode_profile.ts)                  |
+ * | `stress` | Dawn stability: thousands of training steps through a sync pattern               |
+ * | `probe`  | what each WebGPU provider offers here (bench/probe.ts)                            |
+ *
+ * GPU benchmarks take `--gpu dawn|builtin|auto`; each has a PyTorch twin under bench/pytorch/.
  *
  * @module
  */
 import { noopRerun } from "./noop_rerun.ts";
 
+/** Runs a benchmark script in its own process (each GPU benchmark owns its device). */
+function script(file: string): (args: string[]) => Promise<unknown> {
+  return async (args) => {
+    const url = new URL(file, import.meta.url).pathname;
+    const p = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", url, ...args],
+      stdout: "inherit",
+      stderr: "inherit",
+    });
+    const { code } = await p.output();
+    if (code !== 0) Deno.exit(code);
+  };
+}
+
 /** Benchmarks by name. */
 export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => Promise<unknown> }> = {
   noop: { doc: "no-op re-run of a recipe whose artifacts total 1 GiB (target: under 1 s)", run: noopRerun },
+  gpu: {
+    doc: "all kernel families on one provider (--gpu, --only, --quick, --out)",
+    run: script("./gpu_suite.ts"),
+  },
+  model: {
+    doc: "1B-shape teacher/hybrid prefill, decode and train step (--gpu, --train, --quick)",
+    run: script("./model.ts"),
+  },
+  decode: {
+    doc: "per-op profile of one batch-1 decode step (--gpu, --quick)",
+    run: script("./decode_profile.ts"),
+  },
+  stress: {
+    doc: "Dawn stability: --step train --steps 20000 --sync-every 10",
+    run: script("./dawn_stress.ts"),
+  },
+  probe: {
+    doc: "adapters, features, limits and subgroup-matrix configs of each provider",
+    run: script("./probe.ts"),
+  },
 };
 
 if (import.meta.main) {
