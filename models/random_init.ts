@@ -9,7 +9,15 @@
  */
 import type { Rng } from "../util/rng.ts";
 import { parseTransformerConfig, type TransformerConfig } from "./config.ts";
-import { EMBED, LM_HEAD, type TransformerModel, transformerWeightShapes, type WeightMap } from "./weights.ts";
+import {
+  EMBED,
+  layerPrefix,
+  LM_HEAD,
+  type Model,
+  type TransformerModel,
+  transformerWeightShapes,
+  type WeightMap,
+} from "./weights.ts";
 
 /** config.json of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32/8 heads, vocab 128256, tied). */
 export const LLAMA_3_2_1B_CONFIG: Readonly<Record<string, unknown>> = Object.freeze({
@@ -66,4 +74,25 @@ export function randomTransformer(config: TransformerConfig, rng: Rng, std?: num
   }
   if (config.tieWordEmbeddings) weights.set(LM_HEAD, weights.get(EMBED)!);
   return { kind: "transformer", config, weights };
+}
+
+/**
+ * A copy of `model` whose decoder layers in `layers` write `factor` times less into the residual stream: their
+ * mixer output projection (`o_proj`, or a Mamba layer's `out_proj`) and MLP `down_proj` are scaled. Other tensors
+ * are shared. With small factors the model computes nearly what its remaining layers compute, so a draft built
+ * from those layers agrees with it often: benchmarks and tests use it to measure speculative decoding at high
+ * acceptance with the real cost of every layer.
+ */
+export function dampLayers(model: Model, layers: readonly number[], factor: number): Model {
+  const weights: WeightMap = new Map(model.weights);
+  for (const l of layers) {
+    const p = layerPrefix(l);
+    for (
+      const name of [`${p}self_attn.o_proj.weight`, `${p}mamba.out_proj.weight`, `${p}mlp.down_proj.weight`]
+    ) {
+      const t = model.weights.get(name);
+      if (t) weights.set(name, { shape: [...t.shape], data: t.data.map((v) => v * factor) });
+    }
+  }
+  return { ...model, weights } as Model;
 }
