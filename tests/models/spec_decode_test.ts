@@ -135,6 +135,7 @@ Deno.test(
     const { target, teacherDraft, prompt } = await load();
     const ref = await plainGenerate(target, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
     for (let k = 1; k <= 8; k++) {
+      const reads = target.rt.dev.stats.reads;
       const r = await speculativeGenerate(target, teacherDraft, prompt, {
         k,
         maxNewTokens: NEW_TOKENS,
@@ -143,6 +144,8 @@ Deno.test(
       assert.deepEqual(r.tokens, ref.tokens, `K=${k}`);
       assert.equal(r.histogram.length, k + 1);
       assert.equal(r.histogram.reduce((a, b) => a + b), r.passes);
+      // one GPU->CPU read per pass (drafts and target argmaxes together), plus the wait after the prefill
+      assert.equal(target.rt.dev.stats.reads - reads, r.passes + 1, `K=${k}: reads`);
     }
   },
 );

@@ -98,6 +98,7 @@ Deno.test(
     for (const [k, seed, d] of [[3, 1, draft], [2, 2, draft], [3, 3, target]] as const) {
       const maxNew = 10;
       const expected = await oracle(target, d, prompt, k, maxNew, new Rng(seed));
+      const reads = target.rt.dev.stats.reads;
       const got = await speculativeGenerate(target, d, prompt, {
         k,
         maxNewTokens: maxNew,
@@ -110,6 +111,8 @@ Deno.test(
         `K=${k} seed ${seed} ${d === target ? "self-draft" : "2-layer draft"}`,
       );
       if (d === target) assert.ok(got.histogram[k] > 0, "the self-draft accepts whole passes");
+      // one read per draft token and one of the target's K+1 rows per pass, plus the wait after the prefill
+      assert.equal(target.rt.dev.stats.reads - reads, got.passes * (k + 1) + 1, "reads");
     }
   },
 );
