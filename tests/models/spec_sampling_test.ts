@@ -70,10 +70,11 @@ async function oracle(
   k: number,
   maxNew: number,
   rng: Rng,
+  eos: number | null = null,
 ): Promise<number[]> {
   const seq = [...prompt];
   const out: number[] = [];
-  while (out.length < maxNew) {
+  while (out.length < maxNew && (eos === null || !out.includes(eos))) {
     const drafts: number[] = [];
     const q: Float64Array[] = [];
     for (let i = 0; i < k; i++) {
@@ -83,7 +84,8 @@ async function oracle(
     }
     const p = await tailDistributions(target, [...seq, ...drafts], k + 1);
     const r = verifySampled(drafts, q, p, rng, null);
-    const emitted = r.tokens.slice(0, maxNew - out.length);
+    let emitted = r.tokens.slice(0, maxNew - out.length);
+    if (eos !== null && emitted.includes(eos)) emitted = emitted.slice(0, emitted.indexOf(eos) + 1);
     out.push(...emitted);
     seq.push(...emitted);
   }
@@ -114,6 +116,20 @@ Deno.test(
       // one read per draft token and one of the target's K+1 rows per pass, plus the wait after the prefill
       assert.equal(target.rt.dev.stats.reads - reads, got.passes * (k + 1) + 1, "reads");
     }
+    // an end-of-sequence token ends the output wherever the pass emits it
+    const free = await oracle(target, draft, prompt, 3, 10, new Rng(7));
+    const eos = free[free.length - 3];
+    const expected = await oracle(target, draft, prompt, 3, 10, new Rng(7), eos);
+    const got = await speculativeGenerate(target, draft, prompt, {
+      k: 3,
+      maxNewTokens: 10,
+      sampling: SAMPLING,
+      rng: new Rng(7),
+      eosIds: [eos],
+    });
+    assert.deepEqual(got.tokens, expected);
+    assert.equal(got.tokens[got.tokens.length - 1], eos);
+    assert.ok(got.finished);
   },
 );
 
