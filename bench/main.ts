@@ -10,12 +10,14 @@
  * | `decode` | per-op profile of a batch-1 decode step (bench/decode_profile.ts)                  |
  * | `stress` | Dawn stability: thousands of training steps through a sync pattern               |
  * | `probe`  | what each WebGPU provider offers here (bench/probe.ts)                            |
+ * | `spec`   | speculative decoding on a 1B-shape hybrid: fused vs unfused verify, speedup        |
  *
- * GPU benchmarks take `--gpu dawn|builtin|auto`; each has a PyTorch twin under bench/pytorch/.
+ * GPU benchmarks take `--gpu dawn|builtin|auto`; the PyTorch twins are under bench/pytorch/.
  *
  * @module
  */
 import { noopRerun } from "./noop_rerun.ts";
+import { specBench } from "./spec.ts";
 
 /** Runs a benchmark script in its own process (each GPU benchmark owns its device). */
 function script(file: string): (args: string[]) => Promise<unknown> {
@@ -53,6 +55,10 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   probe: {
     doc: "adapters, features, limits and subgroup-matrix configs of each provider",
     run: script("./probe.ts"),
+  },
+  spec: {
+    doc: "speculative decoding on a random-init 1B-shape hybrid (--gpu dawn, --quick)",
+    run: specBench,
   },
 };
 

@@ -25,7 +25,16 @@ import { add, exp, scale, swiglu } from "../runtime/ops/elementwise.ts";
 import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
 import { causalConv1d } from "../runtime/ops/conv1d.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
-import { type SsdDims, ssdScan } from "../runtime/ops/ssd.ts";
+import { type SsdDims, ssdHeadParams, ssdScan } from "../runtime/ops/ssd.ts";
+import {
+  acceptLayerTokens,
+  beginLayerVerification,
+  disposeLayer,
+  mamba2VerifyScan,
+  type MambaVerifyLayer,
+  type VerifyMode,
+  type VerifyState,
+} from "./verify_state.ts";
 import { type MambaConfig, ropeInverseFrequencies, type TransformerConfig } from "./config.ts";
 import {
   EMBED,
@@ -408,6 +417,158 @@ export class CausalLM {
       }
       return this.#head(x);
     });
+  }
+
+  // ---- speculative verification (models/verify_state.ts) ------------------------------------------------
+
+  /**
+   * A verification state for speculative decoding with up to `draftTokens` (K) drafts per pass: each
+   * {@linkcode verifyStep} takes up to K+1 tokens and {@linkcode verifyAccept} drops the rejected ones. `mode`
+   * picks the fused Mamba2 verification kernel (default) or the unfused one-kernel-per-step baseline. Batch 1.
+   */
+  newVerifyState(maxLength: number, draftTokens: number, opts: { mode?: VerifyMode } = {}): VerifyState {
+    const rt = this.rt;
+    if (!(Number.isInteger(draftTokens) && draftTokens >= 1)) {
+      throw new Error(`newVerifyState: draftTokens must be an integer >= 1, got ${draftTokens}`);
+    }
+    if (this.mamba && this.mamba.mixer !== "mamba2") {
+      throw new Error(`speculative verification supports Mamba2 layers only, not ${this.mamba.mixer}`);
+    }
+    const base = this.newDecodeState(1, maxLength);
+    const maxTokens = draftTokens + 1;
+    const mamba = new Map<number, MambaVerifyLayer>();
+    rt.noGrad(() =>
+      rt.scope(() => {
+        for (const [l, m] of base.ssm) {
+          const p = layerPrefix(l);
+          const A = scale(exp(this.param(`${p}mamba.A_log`)), -1);
+          const heads = ssdHeadParams(A, this.param(`${p}mamba.D`), this.param(`${p}mamba.dt_bias`)).keep();
+          mamba.set(l, {
+            state: m.state,
+            conv: m.conv,
+            ring: null,
+            heads,
+            cache: null,
+            parity: 0,
+            replay: 0,
+            history: null,
+          });
+        }
+      })
+    );
+    const counts = Array.from({ length: maxTokens + 1 }, (_, i) => rt.tensor([i], [1], "u32").keep());
+    return {
+      batch: 1,
+      maxTokens,
+      maxLength,
+      mode: opts.mode ?? "fused",
+      length: 0,
+      pending: 0,
+      kv: base.kv,
+      mamba,
+      counts,
+      verifying: false,
+    };
+  }
+
+  /**
+   * Consumes a prompt (ids [n]) into a fresh verification state with the ordinary chunked path and returns its
+   * logits [n, V] (or the last row with `lastOnly`). Only before the first {@linkcode verifyStep}.
+   */
+  verifyPrefill(s: VerifyState, ids: TokenIds, n: number, opts: { lastOnly?: boolean } = {}): Tensor {
+    if (s.verifying) throw new Error("verifyPrefill: the state already verified tokens");
+    const ssm = new Map<number, { state: Tensor; conv: Tensor }>();
+    for (const [l, m] of s.mamba) ssm.set(l, m as { state: Tensor; conv: Tensor });
+    const ds: DecodeState = { batch: 1, length: s.length, maxLength: s.maxLength, kv: s.kv, ssm };
+    const out = this.step(ds, ids, n, opts);
+    s.length = ds.length;
+    return out;
+  }
+
+  /**
+   * One verification pass: consumes `n` (<= K+1) tokens after the kept ones and returns their logits [n, V]: row
+   * i is the distribution after token i. Call {@linkcode verifyAccept} before the next pass.
+   */
+  verifyStep(s: VerifyState, ids: TokenIds, n: number): Tensor {
+    const rt = this.rt, c = this.config;
+    if (s.pending !== 0) throw new Error("verifyStep: call verifyAccept for the previous pass first");
+    if (!(n >= 1 && n <= s.maxTokens)) {
+      throw new Error(`verifyStep: ${n} tokens, the state takes 1..${s.maxTokens} per pass`);
+    }
+    if (s.length + n > s.maxLength) {
+      throw new Error(`verifyStep: ${s.length} + ${n} tokens exceed the state's capacity ${s.maxLength}`);
+    }
+    s.verifying = true;
+    const B = 1;
+    const out = rt.noGrad(() => {
+      let x = this.#embed(ids);
+      for (let l = 0; l < c.numLayers; l++) {
+        const p = layerPrefix(l);
+        const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
+        let mix: Tensor;
+        if (this.isAttentionLayer(l)) {
+          const cache = s.kv.get(l)!;
+          const { q, k, v } = this.#qkv(p, u, B, n, s.length);
+          appendKv(cache, k, v);
+          const o = decodeAttention(q, cache, { window: c.slidingWindow ?? 0 });
+          mix = linear(o.view([B * n, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
+        } else {
+          mix = this.#mamba2Verify(p, u, n, s, s.mamba.get(l)!);
+        }
+        const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
+        x = add(h, this.#mlp(p, y));
+      }
+      return this.#head(x);
+    });
+    s.pending = n;
+    return out;
+  }
+
+  /**
+   * Keeps the first `keep` tokens (0..n) of the last {@linkcode verifyStep}'s n and drops the rest: KV caches are
+   * truncated, conv rings rewound, and Mamba2 states rolled back (fused: by replaying the kept cached steps inside
+   * the next pass's kernel; no recomputation either way).
+   */
+  verifyAccept(s: VerifyState, keep: number): void {
+    if (s.pending === 0) throw new Error("verifyAccept: no verification pass is pending");
+    if (!(Number.isInteger(keep) && keep >= 0 && keep <= s.pending)) {
+      throw new Error(`verifyAccept: keep must be in 0..${s.pending}, got ${keep}`);
+    }
+    for (const kv of s.kv.values()) kv.truncate(s.length + keep);
+    for (const layer of s.mamba.values()) acceptLayerTokens(layer, s, keep);
+    s.length += keep;
+    s.pending = 0;
+  }
+
+  /** Releases a verification state's buffers. */
+  disposeVerifyState(s: VerifyState): void {
+    for (const kv of s.kv.values()) kv.dispose();
+    for (const layer of s.mamba.values()) disposeLayer(layer);
+    for (const t of s.counts) t.dispose();
+  }
+
+  /** The Mamba2 mixer of one verification pass (see {@linkcode mamba2VerifyScan}). */
+  #mamba2Verify(p: string, u: Tensor, n: number, s: VerifyState, layer: MambaVerifyLayer): Tensor {
+    const m = this.mamba!;
+    const convC = 2 * m.dXb + m.dInner;
+    const dims = this.#ssdDims();
+    beginLayerVerification(this.rt, layer, s, dims);
+    const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
+    const [z, xBCraw, dt] = splitLastDim(zxbcdt, [m.dInner, convC, m.nHeads]);
+    const y = mamba2VerifyScan(
+      layer,
+      s,
+      xBCraw.view([1, n, convC]),
+      dt.view([1, n, m.nHeads]),
+      this.param(`${p}mamba.conv1d.weight`).view([convC, m.dConv]),
+      this.param(`${p}mamba.conv1d.bias`),
+      dims,
+    );
+    const g = gatedRmsNorm(y.view([n, m.dInner]), z, this.param(`${p}mamba.norm.weight`), {
+      group: m.headDim,
+      eps: 1e-5,
+    });
+    return linear(g, this.param(`${p}mamba.out_proj.weight`));
   }
 
   /** Downloads the parameters into a CPU weight map (HF names; the tied lm_head aliases the embedding). */

@@ -10,12 +10,16 @@
 import { StageRegistry } from "../pipelines/registry.ts";
 import type { AnyStageKind } from "../pipelines/stage.ts";
 import { TESTING_KINDS } from "./testing/mod.ts";
+import { makeDraftStage } from "./make_draft.ts";
+import { specBenchStage } from "./spec_bench.ts";
 
 /** The real stage kinds, in the order the docs list them. */
 export const BUILTIN_KINDS: AnyStageKind[] = [
   // Stage files add themselves here, e.g.:
   // tokenizeStage, pseudoLabelStage, mapWeightsStage, distillStage, sftStage, refLogprobsStage, dpoStage,
   // evaluateStage, makeDraftStage, specBenchStage, exportStage,
+  makeDraftStage,
+  specBenchStage,
 ];
 
 /** A registry with every built-in kind plus the test-only kinds (hidden from docs unless asked for). */

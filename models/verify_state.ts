@@ -1,0 +1,173 @@
+/**
+ * The decoding state of a speculative-decoding target (method.md section 3): caches that can take K+1 tokens in
+ * one verification pass and drop the rejected ones afterwards, without recomputing anything.
+ *
+ * - Attention layers append the K+1 keys and values to their {@linkcode KvCache} and truncate it on rejection.
+ * - Mamba2 layers keep their conv state as a circular buffer of 3 + K slots ({@linkcode ConvRing}), rolled back by
+ *   moving an index, and their SSM state in one of two modes:
+ *   - `fused`: one snapshot plus the per-step inputs (x, B, delta) of the last verified chunk. The next pass runs
+ *     {@linkcode ssdVerify}: one kernel re-applies the accepted cached steps to the snapshot, stores the new
+ *     snapshot, then advances through the new tokens; no intermediate state ever goes to memory.
+ *   - `unfused`: the multi-kernel baseline the paper compares against: one {@linkcode ssdStep} kernel per token,
+ *     with the state copied after every step so that a rejection can restore the state after the last kept one.
+ *
+ * The lifecycle is {@linkcode CausalLM.newVerifyState}, one {@linkcode CausalLM.verifyPrefill} (the prompt, with
+ * the ordinary chunked scan), then alternating {@linkcode CausalLM.verifyStep} (up to K+1 tokens) and
+ * {@linkcode CausalLM.verifyAccept} (how many of those tokens the caller keeps).
+ *
+ * @module
+ */
+import type { Tensor } from "../runtime/tensor.ts";
+import type { Runtime } from "../runtime/runtime.ts";
+import type { KvCache } from "../runtime/ops/attention.ts";
+import {
+  advanceConvRing,
+  causalConv1dRing,
+  type ConvRing,
+  convRingFromState,
+} from "../runtime/ops/conv1d.ts";
+import { type SsdDims, ssdStep, ssdVerify, ssdVerifyCache } from "../runtime/ops/ssd.ts";
+
+/** How Mamba2 layers verify: the fused multi-step kernel, or one kernel per step with state copies. */
+export type VerifyMode = "fused" | "unfused";
+
+/** The verification state of one Mamba2 layer. */
+export interface MambaVerifyLayer {
+  /**
+   * SSM state [B, H, P, N] f32. Fused: the snapshot, i.e. the state before the `replay` cached steps. Unfused: the
+   * state after the last token consumed (after {@linkcode verifyAccept}: the last token kept).
+   */
+  state: Tensor;
+  /** The conv state [B, C, 3] as the prefill left it; replaced by `ring` at the first verification pass. */
+  conv: Tensor | null;
+  /** Circular conv state of 3 + K slots, from the first verification pass on. */
+  ring: ConvRing | null;
+  /** Per-head scalars [3, H] (A, D, dt_bias) for the decode kernels. */
+  heads: Tensor;
+  /** Fused: the ping-pong cache of per-step inputs [2, B, K+1, Wc]. */
+  cache: Tensor | null;
+  /** Fused: which half of `cache` holds the last pass's steps. */
+  parity: 0 | 1;
+  /** Fused: cached steps the next pass re-applies to the snapshot (the tokens kept from the last pass). */
+  replay: number;
+  /** Unfused: the state before and after each step of the last pass, [K+2, B, H, P, N]. */
+  history: Tensor | null;
+}
+
+/** Decoding state of a verification target (batch 1). Dispose it with {@linkcode CausalLM.disposeVerifyState}. */
+export interface VerifyState {
+  /** Sequences (1: speculative decoding runs batch 1). */
+  readonly batch: number;
+  /** Most tokens one verification pass may carry (K + 1). */
+  readonly maxTokens: number;
+  /** Capacity in tokens. */
+  readonly maxLength: number;
+  /** How Mamba2 layers verify. */
+  readonly mode: VerifyMode;
+  /** Tokens consumed and kept (the position of the next token). */
+  length: number;
+  /** Tokens of the last verification pass awaiting {@linkcode CausalLM.verifyAccept} (0 when none). */
+  pending: number;
+  /** KV cache per attention layer. */
+  kv: Map<number, KvCache>;
+  /** State per Mamba2 layer. */
+  mamba: Map<number, MambaVerifyLayer>;
+  /** u32 [1] tensors holding 0..maxTokens: the fused kernel's replay count without a CPU write per pass. */
+  counts: Tensor[];
+  /** True once a verification pass ran (no more prefill after that). */
+  verifying: boolean;
+}
+
+/** Switches a layer from the prefill's conv state to the circular buffer and allocates its verification caches. */
+export function beginLayerVerification(
+  rt: Runtime,
+  layer: MambaVerifyLayer,
+  s: VerifyState,
+  dims: SsdDims,
+): void {
+  if (layer.ring) return;
+  layer.ring = convRingFromState(layer.conv!, s.maxTokens + 2);
+  layer.conv!.dispose();
+  layer.conv = null;
+  const [B, H, P, N] = layer.state.shape;
+  if (s.mode === "fused") {
+    layer.cache = ssdVerifyCache(rt, B, H, s.maxTokens, dims).keep();
+  } else {
+    layer.history = rt.empty([s.maxTokens + 1, B, H, P, N]).keep();
+  }
+}
+
+/**
+ * The conv and SSM part of a Mamba2 layer over `n` new tokens in verification mode: xBCraw [B, n, C] (before the
+ * conv) and raw dt [B, n, H] in, y [B, n, H, P] out. The new tokens' conv inputs are written past the ring's
+ * index and their SSM steps computed from the state after the kept tokens of the previous pass.
+ */
+export function mamba2VerifyScan(
+  layer: MambaVerifyLayer,
+  s: VerifyState,
+  xBCraw: Tensor,
+  dt: Tensor,
+  convWeight: Tensor,
+  convBias: Tensor,
+  dims: SsdDims,
+): Tensor {
+  const rt = xBCraw.rt;
+  const [B, n] = xBCraw.shape;
+  const xBC = causalConv1dRing(xBCraw, convWeight, convBias, layer.ring!, { silu: true });
+  if (s.mode === "fused") {
+    const y = ssdVerify({
+      state: layer.state,
+      cache: layer.cache!,
+      parity: layer.parity,
+      accepted: s.counts[layer.replay],
+      xBC,
+      dt,
+      heads: layer.heads,
+      dims,
+    });
+    layer.parity = layer.parity === 0 ? 1 : 0;
+    layer.replay = 0;
+    return y;
+  }
+  // Unfused: one step kernel per token; the state is saved before the first and after every step.
+  if (B !== 1) throw new Error("unfused verification runs batch 1 only");
+  const [, H, P] = layer.state.shape;
+  const stateBytes = layer.state.byteLength;
+  const yBytes = H * P * 4;
+  const y = rt.empty([B, n, H, P]);
+  const hist = layer.history!;
+  rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, 0, stateBytes);
+  for (let j = 0; j < n; j++) {
+    const yj = ssdStep({ state: layer.state, xBC, dt, heads: layer.heads, dims, token: j });
+    rt.dev.copyBuffer(yj.buffer, 0, y.buffer, j * yBytes, yBytes);
+    yj.dispose();
+    rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, (j + 1) * stateBytes, stateBytes);
+  }
+  return y;
+}
+
+/**
+ * Keeps the first `keep` tokens of the last pass (`pending` of them) in a Mamba2 layer: the ring index moves by
+ * `keep`; the fused mode replays `keep` cached steps at the next pass; the unfused mode restores the saved state.
+ */
+export function acceptLayerTokens(layer: MambaVerifyLayer, s: VerifyState, keep: number): void {
+  advanceConvRing(layer.ring!, keep);
+  if (s.mode === "fused") {
+    layer.replay = keep;
+  } else if (keep < s.pending) {
+    const rt = layer.state.rt;
+    const bytes = layer.state.byteLength;
+    rt.dev.copyBuffer(layer.history!.buffer, keep * bytes, layer.state.buffer, 0, bytes);
+  }
+}
+
+/** Releases a layer's buffers. */
+export function disposeLayer(layer: MambaVerifyLayer): void {
+  layer.state.dispose();
+  layer.conv?.dispose();
+  layer.ring?.ring.dispose();
+  layer.ring?.pos.dispose();
+  layer.heads.dispose();
+  layer.cache?.dispose();
+  layer.history?.dispose();
+}

@@ -1,0 +1,253 @@
+import assert from "node:assert/strict";
+import { CausalLM } from "../../models/causal_lm.ts";
+import { loadModel } from "../../models/checkpoint.ts";
+import { buildDraftModel } from "../../models/draft.ts";
+import { dampLayers } from "../../models/random_init.ts";
+import { plainGenerate, speculativeGenerate } from "../../models/spec_decode.ts";
+import { generate } from "../../models/generate.ts";
+import { Tokenizer } from "../../models/tokenizer.ts";
+import type { Model } from "../../models/weights.ts";
+import { FIXTURE_MODELS, fixturePath } from "../reference/fixtures.ts";
+import { assertClose, gpuTestOptions, maxAbsDiff, testRuntime } from "../helpers/gpu.ts";
+
+// The fixture hybrid (Mamba2 on layers 0, 2, 4; attention on 1, 3) is the target throughout. Drafts:
+// - "teacher": a 2-layer Transformer from layers [0, 4] of the stories260K teacher (low acceptance: the fixture
+//   hybrid was never distilled, so it disagrees with its teacher often);
+// - "agree": the target with layers 2..4 damped (x0.2) and a draft of its own layers [0, 1] (a hybrid draft:
+//   layer 0 is Mamba2), which agrees most of the time, so full acceptance, the bonus token and the draft's
+//   snapshot-and-recompute rollback all occur;
+// - "self": the target as its own draft (every draft accepted).
+
+interface Fixture {
+  target: CausalLM;
+  teacherDraft: CausalLM;
+  agreeTarget: CausalLM;
+  agreeDraft: CausalLM;
+  prompt: number[];
+  eos: number;
+}
+
+let fixture: Promise<Fixture> | null = null;
+function load(): Promise<Fixture> {
+  fixture ??= (async () => {
+    const rt = await testRuntime();
+    const hybrid = await loadModel(fixturePath(FIXTURE_MODELS.hybrid.dir));
+    const teacher = await loadModel(fixturePath(FIXTURE_MODELS.llama.dir));
+    const damped: Model = dampLayers(hybrid, [2, 3, 4], 0.2);
+    const tok = await Tokenizer.fromDir(fixturePath(FIXTURE_MODELS.llama.dir));
+    return {
+      target: CausalLM.fromModel(rt, hybrid),
+      teacherDraft: CausalLM.fromModel(rt, buildDraftModel(teacher, [0, 4])),
+      agreeTarget: CausalLM.fromModel(rt, damped),
+      agreeDraft: CausalLM.fromModel(rt, buildDraftModel(damped, [0, 1])),
+      prompt: tok.encode("Once upon a time, there was a little"),
+      eos: teacher.config.eosTokenIds[0],
+    };
+  })();
+  return fixture;
+}
+
+const GREEDY = { temperature: 0 } as const;
+const NEW_TOKENS = 12;
+
+Deno.test(
+  "verify state: fused and unfused passes give the full forward's logits through partial, full and zero acceptance",
+  gpuTestOptions,
+  async () => {
+    const { target: lm } = await load();
+    const rt = lm.rt;
+    const V = lm.config.vocabSize;
+    const ids = Int32Array.from([1, 20, 33, 45, 100, 7, 9, 300, 12, 40, 41, 42, 43, 44, 45, 46]);
+    const full = await rt.scope(async () => await lm.forward(ids, 1, ids.length).logits.read());
+    // [start, tokens, keep]: each pass starts at the kept length of the previous one (K = 4: passes of <= 5)
+    const plan = [[3, 5, 2], [5, 5, 5], [10, 4, 0], [10, 5, 1], [11, 3, 3], [14, 2, 2]];
+    const got: Record<string, Float32Array[]> = {};
+    for (const mode of ["fused", "unfused"] as const) {
+      const s = lm.newVerifyState(32, 4, { mode });
+      got[mode] = [];
+      try {
+        await rt.scope(async () => {
+          lm.verifyPrefill(s, ids.slice(0, 3), 3);
+          for (const [start, n, keep] of plan) {
+            assert.equal(s.length, start);
+            const logits = (await lm.verifyStep(s, ids.slice(start, start + n), n).read()) as Float32Array;
+            got[mode].push(logits);
+            // the f32 paths sum in different orders: 1e-4 is about 10x the observed difference
+            assertClose(
+              logits,
+              full.slice(start * V, (start + n) * V),
+              { rtol: 0, atol: 1e-4 },
+              `${mode} @${start}`,
+            );
+            lm.verifyAccept(s, keep);
+          }
+        });
+      } finally {
+        lm.disposeVerifyState(s);
+      }
+    }
+    // the fused kernel does the step kernel's arithmetic in the same order
+    got.fused.forEach((f, i) =>
+      assert.ok(maxAbsDiff(f, got.unfused[i]) <= 1e-6, `pass ${i}: fused != unfused`)
+    );
+  },
+);
+
+Deno.test("verify state: misuse is refused", gpuTestOptions, async () => {
+  const { target: lm } = await load();
+  const s = lm.newVerifyState(16, 2);
+  try {
+    assert.throws(() => lm.verifyAccept(s, 1), /no verification pass is pending/);
+    assert.throws(() => lm.verifyStep(s, Int32Array.of(1, 2, 3, 4), 4), /1\.\.3 per pass/);
+    lm.rt.scope(() => lm.verifyStep(s, Int32Array.of(1, 2), 2));
+    assert.throws(() => lm.verifyStep(s, Int32Array.of(1), 1), /verifyAccept/);
+    assert.throws(() => lm.verifyAccept(s, 3), /keep must be in 0\.\.2/);
+    lm.verifyAccept(s, 2);
+    assert.throws(() => lm.verifyPrefill(s, Int32Array.of(1), 1), /already verified/);
+  } finally {
+    lm.disposeVerifyState(s);
+  }
+});
+
+Deno.test(
+  "plain decoding: the GPU-resident greedy loop equals per-token reads and models/generate",
+  gpuTestOptions,
+  async () => {
+    const { target, prompt } = await load();
+    const a = await plainGenerate(target, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
+    const b = await plainGenerate(target, prompt, {
+      maxNewTokens: NEW_TOKENS,
+      sampling: GREEDY,
+      greedyChunk: 1,
+    });
+    const [c] = await generate(target, [prompt], { maxNewTokens: NEW_TOKENS, sampling: GREEDY, seed: 0 });
+    assert.deepEqual(a.tokens, b.tokens);
+    assert.deepEqual(a.tokens, c);
+    assert.equal(a.tokens.length, NEW_TOKENS);
+    assert.equal(a.margins!.length, NEW_TOKENS);
+  },
+);
+
+Deno.test(
+  "greedy speculative decoding reproduces plain greedy decoding of the target for K = 1..8 (2-layer teacher draft)",
+  gpuTestOptions,
+  async () => {
+    const { target, teacherDraft, prompt } = await load();
+    const ref = await plainGenerate(target, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
+    for (let k = 1; k <= 8; k++) {
+      const reads = target.rt.dev.stats.reads;
+      const r = await speculativeGenerate(target, teacherDraft, prompt, {
+        k,
+        maxNewTokens: NEW_TOKENS,
+        sampling: GREEDY,
+      });
+      assert.deepEqual(r.tokens, ref.tokens, `K=${k}`);
+      assert.equal(r.histogram.length, k + 1);
+      assert.equal(r.histogram.reduce((a, b) => a + b), r.passes);
+      // one GPU->CPU read per pass (drafts and target argmaxes together), plus the wait after the prefill
+      assert.equal(target.rt.dev.stats.reads - reads, r.passes + 1, `K=${k}: reads`);
+    }
+  },
+);
+
+Deno.test(
+  "greedy speculative decoding reproduces plain greedy decoding for K = 1..8 with a high-acceptance hybrid draft",
+  gpuTestOptions,
+  async () => {
+    const { agreeTarget, agreeDraft, prompt } = await load();
+    const ref = await plainGenerate(agreeTarget, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
+    let full = 0, partial = 0;
+    for (let k = 1; k <= 8; k++) {
+      const r = await speculativeGenerate(agreeTarget, agreeDraft, prompt, {
+        k,
+        maxNewTokens: NEW_TOKENS,
+        sampling: GREEDY,
+      });
+      assert.deepEqual(r.tokens, ref.tokens, `K=${k}`);
+      full += r.histogram[k];
+      partial += r.passes - r.histogram[k];
+    }
+    // both rollback paths ran: passes accepting every draft and passes rejecting one
+    assert.ok(full > 0 && partial > 0, `full ${full}, partial ${partial}`);
+  },
+);
+
+Deno.test(
+  "greedy speculative decoding: the unfused verification gives the same tokens",
+  gpuTestOptions,
+  async () => {
+    const { agreeTarget, agreeDraft, target, teacherDraft, prompt } = await load();
+    for (const [t, d] of [[agreeTarget, agreeDraft], [target, teacherDraft]]) {
+      const ref = await plainGenerate(t, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
+      for (const k of [2, 5]) {
+        const r = await speculativeGenerate(t, d, prompt, {
+          k,
+          maxNewTokens: NEW_TOKENS,
+          sampling: GREEDY,
+          mode: "unfused",
+        });
+        assert.deepEqual(r.tokens, ref.tokens, `unfused K=${k}`);
+      }
+    }
+  },
+);
+
+Deno.test(
+  "greedy speculative decoding stops at the end-of-sequence token wherever it falls in a pass",
+  gpuTestOptions,
+  async () => {
+    const { target, teacherDraft, agreeTarget, agreeDraft, prompt } = await load();
+    for (
+      const [t, d, name] of [[target, teacherDraft, "correction"], [
+        agreeTarget,
+        agreeDraft,
+        "accepted",
+      ]] as const
+    ) {
+      const ref = await plainGenerate(t, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
+      // declare a token of the reference output the end token: output must stop at its first occurrence
+      for (const j of [0, 4, 9]) {
+        const eos = ref.tokens[j];
+        const stop = ref.tokens.indexOf(eos);
+        const plain = await plainGenerate(t, prompt, {
+          maxNewTokens: NEW_TOKENS,
+          sampling: GREEDY,
+          eosIds: [eos],
+        });
+        assert.deepEqual(plain.tokens, ref.tokens.slice(0, stop + 1));
+        assert.ok(plain.finished);
+        for (const k of [1, 4]) {
+          const r = await speculativeGenerate(t, d, prompt, {
+            k,
+            maxNewTokens: NEW_TOKENS,
+            sampling: GREEDY,
+            eosIds: [eos],
+          });
+          assert.deepEqual(r.tokens, plain.tokens, `${name} K=${k} eos at ${stop}`);
+          assert.ok(r.finished);
+        }
+      }
+    }
+  },
+);
+
+Deno.test("speculative decoding refuses mismatched models and bad arguments", gpuTestOptions, async () => {
+  const { target, teacherDraft, prompt } = await load();
+  await assert.rejects(
+    () => speculativeGenerate(target, teacherDraft, prompt, { k: 0, maxNewTokens: 4, sampling: GREEDY }),
+    /k must be an integer >= 1/,
+  );
+  await assert.rejects(
+    () => speculativeGenerate(target, teacherDraft, [], { k: 2, maxNewTokens: 4, sampling: GREEDY }),
+    /prompt is empty/,
+  );
+  await assert.rejects(
+    () =>
+      speculativeGenerate(target, teacherDraft, prompt, {
+        k: 2,
+        maxNewTokens: 4,
+        sampling: { temperature: 1 },
+      }),
+    /needs an rng/,
+  );
+});
