@@ -2,8 +2,8 @@
  * Log-likelihood scoring on the GPU, the two request types of lm-evaluation-harness:
  *
  * - {@linkcode scoreWindows} (`loglikelihood_rolling`, perplexity): windows of token ids (data/text_windows.ts)
- *   are batched as [B, T] full-sequence forwards, grouped by length so no row is padded; each window's targets
- *   are scored with `tokenLogprobs` and summed on the CPU in float64.
+ *   are batched as [B, T] full-sequence forwards, longest first, shorter windows right-padded; each window's
+ *   targets are scored with `tokenLogprobs` and summed on the CPU in float64.
  * - {@linkcode scoreContinuations} (`loglikelihood`, multiple choice): a context and its candidate continuations.
  *   The model input for one continuation is `context + continuation[:-1]` and its log-likelihood is the sum of
  *   the log-probabilities of the continuation's tokens, as in lm-eval. The context is computed once per item:
@@ -84,34 +84,38 @@ export async function scoreWindows(
     checkIds(w.input, V, `scoreWindows: window ${i}`);
     checkIds(w.targets, V, `scoreWindows: window ${i}`);
   });
+  // Longest first, so batches hold windows of similar length; shorter ones are right-padded, which never changes
+  // a scored position (the model is causal).
+  const order = windows.map((_, i) => i).sort((a, b) =>
+    windows[b].input.length - windows[a].input.length || a - b
+  );
   let done = 0;
-  for (const group of groupBy(windows, (w) => w.input.length)) {
-    const T = windows[group[0]].input.length;
-    for (let s = 0; s < group.length; s += B) {
-      if (opts.signal?.aborted) throw opts.signal.reason;
-      const batch = group.slice(s, s + B);
-      const ids = new Int32Array(batch.length * T);
-      const targets = new Int32Array(batch.length * T).fill(IGNORE);
-      batch.forEach((wi, b) => {
-        const w = windows[wi];
-        ids.set(w.input, b * T);
-        targets.set(w.targets, b * T + w.scoreFrom);
-      });
-      const lp = await rt.noGrad(() =>
-        rt.scope(async () => {
-          const { logits } = lm.forward(ids, batch.length, T);
-          return await tokenLogprobs(logits, rt.tensor(targets, [targets.length], "i32")).read();
-        })
-      );
-      batch.forEach((wi, b) => {
-        const w = windows[wi];
-        let sum = 0;
-        for (let j = 0; j < w.targets.length; j++) sum += lp[b * T + w.scoreFrom + j];
-        out[wi] = sum;
-      });
-      done += batch.length;
-      opts.onProgress?.(done);
-    }
+  for (let s = 0; s < order.length; s += B) {
+    if (opts.signal?.aborted) throw opts.signal.reason;
+    const batch = order.slice(s, s + B);
+    const T = windows[batch[0]].input.length;
+    const ids = new Int32Array(batch.length * T);
+    const targets = new Int32Array(batch.length * T).fill(IGNORE);
+    batch.forEach((wi, b) => {
+      const w = windows[wi];
+      ids.set(w.input, b * T);
+      ids.fill(w.input[w.input.length - 1], b * T + w.input.length, (b + 1) * T);
+      targets.set(w.targets, b * T + w.scoreFrom);
+    });
+    const lp = await rt.noGrad(() =>
+      rt.scope(async () => {
+        const { logits } = lm.forward(ids, batch.length, T);
+        return await tokenLogprobs(logits, rt.tensor(targets, [targets.length], "i32")).read();
+      })
+    );
+    batch.forEach((wi, b) => {
+      const w = windows[wi];
+      let sum = 0;
+      for (let j = 0; j < w.targets.length; j++) sum += lp[b * T + w.scoreFrom + j];
+      out[wi] = sum;
+    });
+    done += batch.length;
+    opts.onProgress?.(done);
   }
   return out;
 }
