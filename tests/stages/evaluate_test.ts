@@ -13,7 +13,7 @@ import { Tokenizer } from "../../models/tokenizer.ts";
 import { logProbAt, refForward } from "../reference/model_f64.ts";
 import { loadReferenceModel } from "../reference/fixtures.ts";
 import { countBytes, countWords, rollingWindows } from "../../data/text_windows.ts";
-import { fixture, HYBRID_DIR, TEACHER_DIR, withRecipe } from "./helpers.ts";
+import { fixture, HYBRID_DIR, TEACHER_DIR, withRecipe } from "./recipe_run.ts";
 import { gpuTestOptions } from "../helpers/gpu.ts";
 
 const CLOZE = fixture("eval/tinystories_cloze.jsonl");
