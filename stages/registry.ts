@@ -11,12 +11,14 @@ import { StageRegistry } from "../pipelines/registry.ts";
 import type { AnyStageKind } from "../pipelines/stage.ts";
 import { TESTING_KINDS } from "./testing/mod.ts";
 import { evaluateStage } from "./evaluate.ts";
+import { loadModelStage } from "./load_model.ts";
 
 /** The real stage kinds, in the order the docs list them. */
 export const BUILTIN_KINDS: AnyStageKind[] = [
   // Stage files add themselves here, e.g.:
   // tokenizeStage, pseudoLabelStage, mapWeightsStage, distillStage, sftStage, refLogprobsStage, dpoStage,
   // evaluateStage, makeDraftStage, specBenchStage, exportStage,
+  loadModelStage,
   evaluateStage,
 ];
 
