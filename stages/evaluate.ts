@@ -35,6 +35,7 @@ import { type LoadedTask, loadTaskFile, loadTaskItems, type MultipleChoiceTask }
 import {
   countBytes,
   countWords,
+  type EvalWindow,
   evalWindows,
   perplexityMetrics,
   type WindowMode,
@@ -44,11 +45,15 @@ import type { CausalLM } from "../models/causal_lm.ts";
 import { type ChatMessage, Tokenizer } from "../models/tokenizer.ts";
 import { scoreContinuations, scoreWindows } from "../models/loglikelihood.ts";
 import { generate } from "../models/generate.ts";
-import { loadModelInput, loadTokenizerInput, stageRuntime, toGpu } from "./shared/models.ts";
+import { loadTokenizerInput, modelDir, stageRuntime, toGpu } from "./shared/models.ts";
+import { loadModel } from "../models/checkpoint.ts";
+import { loadTransformerConfig } from "../models/config.ts";
+import type { MultipleChoiceExample } from "../data/formats.ts";
 import { hubDatasetResolver } from "./shared/hub_datasets.ts";
 import {
   buildContext,
   choiceMetrics,
+  type EncodedRequest,
   encodeRequest,
   scoreItem,
   selectFewshot,
@@ -269,20 +274,26 @@ export const evaluateStage = defineStage({
       }
       names.set(t.name, t.input.ref);
     }
-    const loadedChoice = new Map<string, LoadedTask>();
-    for (const t of choiceTasks) {
-      loadedChoice.set(t.name, await loadTaskItems(t.task, { hub }));
-    }
     const prompts = ctx.inputs.prompts ? await readPrompts(ctx.inputs.prompts, hub) : [];
     if (textTasks.length + choiceTasks.length + prompts.length === 0) {
       throw new UserError("evaluate: nothing to evaluate: give text, tasks or prompts inputs");
     }
-
-    const { dir, model } = await loadModelInput(ctx.inputs.model);
+    const dir = await modelDir(ctx.inputs.model);
+    const config = await loadTransformerConfig(dir);
     const tok = ctx.inputs.tokenizer
       ? await loadTokenizerInput(ctx.inputs.tokenizer, "tokenizer")
       : await Tokenizer.fromDir(dir);
-    const maxLength = p.max_length ?? Math.min(model.config.maxPositionEmbeddings, 2048);
+    const maxLength = p.max_length ?? Math.min(config.maxPositionEmbeddings, 2048);
+    // Read, tokenise and check all the data before loading the weights, so bad data fails at once.
+    const preparedText = new Map<string, PreparedText>();
+    for (const t of textTasks) preparedText.set(t.name, await prepareText(p, tok, t, maxLength, hub));
+    const preparedChoice = new Map<string, PreparedChoice>();
+    for (const t of choiceTasks) {
+      const loaded = await loadTaskItems(t.task, { hub });
+      preparedChoice.set(t.name, prepareChoice(p, tok, t, loaded, maxLength));
+    }
+
+    const model = await loadModel(dir);
     const attentionFraction = p.attention_fraction ?? attentionFractionOf(model);
     const role = p.role ?? (model.kind === "hybrid" ? "student" : "teacher");
 
@@ -310,12 +321,12 @@ export const evaluateStage = defineStage({
     let generations: EvalGeneration[] = [];
     try {
       for (const t of textTasks) {
-        if (!done.has(t.name)) await finish(await runPerplexity(ctx, lm, tok, t, maxLength, hub));
+        if (!done.has(t.name)) {
+          await finish(await runPerplexity(ctx, lm, preparedText.get(t.name)!, maxLength));
+        }
       }
       for (const t of choiceTasks) {
-        if (!done.has(t.name)) {
-          await finish(await runMultipleChoice(ctx, lm, tok, t, loadedChoice.get(t.name)!, maxLength));
-        }
+        if (!done.has(t.name)) await finish(await runMultipleChoice(ctx, lm, preparedChoice.get(t.name)!));
       }
       if (prompts.length) generations = await runGeneration(ctx, lm, tok, prompts);
     } finally {
@@ -506,15 +517,21 @@ async function readPrompts(a: Artifact, hub: HubDatasetResolver): Promise<Prompt
 
 // ---- perplexity ------------------------------------------------------------------------------------------
 
-async function runPerplexity(
-  ctx: Ctx,
-  lm: CausalLM,
+/** A text input read, tokenised and cut into windows (before the model is loaded). */
+interface PreparedText {
+  task: TextTask;
+  docs: { text: string; source: string; ids: number[] }[];
+  original: number;
+  windows: EvalWindow[][];
+}
+
+async function prepareText(
+  p: Params,
   tok: Tokenizer,
   t: TextTask,
   maxLength: number,
   hub: HubDatasetResolver,
-): Promise<TaskOutcome> {
-  const p = ctx.params;
+): Promise<PreparedText> {
   const prefixId = tok.bosTokenId ?? tok.eosTokenId;
   if (prefixId === null) throw new UserError("perplexity: the tokenizer has neither a BOS nor an EOS token");
   const mode = p.window_mode as WindowMode;
@@ -530,19 +547,33 @@ async function runPerplexity(
     if (typeof text !== "string") {
       throw new UserError(`${where}: field "${p.text_field}": expected the document text (a string)`);
     }
+    // a document without tokens has nothing to score (and would add a phantom word): not a sample
+    if (text === "") continue;
     original++;
     if (p.limit !== null && docs.length >= p.limit) continue;
     docs.push({ text, source: where, ids: tok.encode(text, { addSpecialTokens: false }) });
   }
   const windows = docs.map((d) => evalWindows(d.ids, { mode, maxLength, prefixId }));
-  const flat = windows.flat();
-  if (flat.length === 0) {
+  if (windows.every((w) => w.length === 0)) {
     throw new UserError(
       `text ${t.input.ref}: no window to score (${docs.length} document(s); bos_each needs ${
         maxLength - 1
       } tokens)`,
     );
   }
+  return { task: t, docs, original, windows };
+}
+
+async function runPerplexity(
+  ctx: Ctx,
+  lm: CausalLM,
+  prep: PreparedText,
+  maxLength: number,
+): Promise<TaskOutcome> {
+  const p = ctx.params;
+  const mode = p.window_mode as WindowMode;
+  const { task: t, docs, original, windows } = prep;
+  const flat = windows.flat();
   ctx.progress.start(flat.length, "window", t.name);
   const sums = await scoreWindows(lm, flat, {
     batchSize: p.batch_size,
@@ -609,15 +640,23 @@ async function runPerplexity(
 
 // ---- multiple choice -------------------------------------------------------------------------------------
 
-async function runMultipleChoice(
-  ctx: Ctx,
-  lm: CausalLM,
+/** A task's items turned into token requests (before the model is loaded). */
+interface PreparedChoice {
+  task: ChoiceTask;
+  all: MultipleChoiceExample[];
+  items: MultipleChoiceExample[];
+  k: number;
+  contexts: string[];
+  requests: EncodedRequest[];
+}
+
+function prepareChoice(
+  p: Params,
   tok: Tokenizer,
   t: ChoiceTask,
   loaded: LoadedTask,
   maxLength: number,
-): Promise<TaskOutcome> {
-  const p = ctx.params;
+): PreparedChoice {
   const task = t.task;
   const k = p.num_fewshot ?? task.numFewshot;
   const all = loaded.items;
@@ -641,6 +680,14 @@ async function runMultipleChoice(
       where: `task ${task.name}, ${formatSource(item.source)}`,
     })
   );
+  return { task: t, all, items, k, contexts, requests };
+}
+
+async function runMultipleChoice(ctx: Ctx, lm: CausalLM, prep: PreparedChoice): Promise<TaskOutcome> {
+  const p = ctx.params;
+  const t = prep.task;
+  const task = t.task;
+  const { all, items, k, contexts, requests } = prep;
   ctx.progress.start(items.length, "item", task.name);
   const lls = await scoreContinuations(lm, requests, {
     batchSize: p.batch_size,

@@ -13,8 +13,9 @@ import { Tokenizer } from "../../models/tokenizer.ts";
 import { logProbAt, refForward } from "../reference/model_f64.ts";
 import { loadReferenceModel } from "../reference/fixtures.ts";
 import { countBytes, countWords, rollingWindows } from "../../data/text_windows.ts";
-import { fixture, HYBRID_DIR, TEACHER_DIR, withRecipe } from "./recipe_run.ts";
+import { fixture, HYBRID_DIR, TEACHER_DIR, withEnv, withRecipe, writeHubSnapshot } from "./recipe_run.ts";
 import { gpuTestOptions } from "../helpers/gpu.ts";
+import { lastEvents, startCli, waitFor } from "../pipelines/helpers.ts";
 
 const CLOZE = fixture("eval/tinystories_cloze.jsonl");
 const FULL = Deno.env.get("DISTILLERY_FULL_EVAL") === "1";
@@ -203,6 +204,46 @@ stages:
   },
 );
 
+Deno.test(
+  "evaluate: hf://datasets text offline from the Hub cache, empty documents skipped, limit",
+  gpuTestOptions,
+  async () => {
+    const cache = await Deno.makeTempDir({ prefix: "hf-cache-" });
+    const commit = "d".repeat(40);
+    const docs = ["Tom had a red ball.", "", "Sue saw a big dog. The dog was happy.", "Ben ran home."];
+    try {
+      await writeHubSnapshot(cache, "dataset", "org/stories", commit, {
+        "data/train.jsonl": docs.map((text) => JSON.stringify({ text })).join("\n") + "\n",
+        "data/test.jsonl": JSON.stringify({ text: "unused" }) + "\n",
+      });
+      await withEnv({ HF_HUB_CACHE: cache, HF_HUB_OFFLINE: "1" }, () =>
+        withRecipe(
+          `name: ev
+settings: { gpu: builtin }
+stages:
+  hub:
+    kind: evaluate
+    params: { limit: 2, max_length: 8 }
+    inputs: { model: ${TEACHER_DIR}, text: ["hf://datasets/org/stories@${commit}"] }
+`,
+          {},
+          async (run) => {
+            const r = await run();
+            assert.equal(r.code, 0, r.stderr);
+            const res = readResults(r.outputs["hub.results"]);
+            assert.deepEqual(res["n-samples"].stories, { original: 3, effective: 2 });
+            const samples = readJsonl(join(r.outputs["hub.results"], "samples_stories.jsonl"));
+            assert.deepEqual(samples.map((x) => x.words), [5, 9]);
+            assert.ok(String(samples[1].source).includes("data/train.jsonl"), String(samples[1].source));
+            assert.ok((samples[1].windows as number) > 1, "max_length 8 splits the second document");
+          },
+        ));
+    } finally {
+      await Deno.remove(cache, { recursive: true });
+    }
+  },
+);
+
 Deno.test("evaluate: generations from the prompts are saved with the results", gpuTestOptions, async () => {
   await withRecipe(
     `name: ev
@@ -290,6 +331,51 @@ stages:
     },
   );
 });
+
+Deno.test(
+  "evaluate: killed after its first task, a rerun resumes with the next one",
+  gpuTestOptions,
+  async () => {
+    await withRecipe(
+      `name: ev
+settings: { gpu: builtin }
+stages:
+  both:
+    kind: evaluate
+    params: { limit: 24, batch_size: 8 }
+    inputs: { model: ${TEACHER_DIR}, text: [one.txt], tasks: [${CLOZE}] }
+`,
+      { "one.txt": "Tom had a red ball. He liked to play with it every day.\n" },
+      async (run, p) => {
+        const child = startCli(["run", p.path("recipe.yaml")], { cwd: p.dir });
+        try {
+          await waitFor(
+            () => {
+              try {
+                return lastEvents(p).some((e) => e.type === "checkpoint" && e.stage === "both");
+              } catch {
+                return false;
+              }
+            },
+            60000,
+            "the first task's checkpoint",
+          );
+        } finally {
+          child.kill("SIGKILL");
+          await child.output();
+        }
+        const r = await run();
+        assert.equal(r.code, 0, r.stderr);
+        const logs = lastEvents(p).map((e) => (e as { message?: string }).message ?? "");
+        assert.ok(logs.includes("resuming: 1 task(s) already evaluated"), logs.join("\n"));
+        const res = readResults(r.outputs["both.results"]);
+        assert.deepEqual(Object.keys(res.results), ["one", "tinystories_cloze"]);
+        assert.ok((res.results.one["token_perplexity,none"] as number) > 1);
+        assert.equal(res["n-samples"].tinystories_cloze.effective, 24);
+      },
+    );
+  },
+);
 
 Deno.test("evaluate: malformed task files and task data outside the key are refused (exit 2)", async () => {
   await withRecipe(

@@ -7,40 +7,17 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { loadModel } from "../../models/checkpoint.ts";
 import { openSafetensors } from "../../models/safetensors.ts";
-import { repoFolderName } from "../../models/hub.ts";
 import { EMBED } from "../../models/weights.ts";
-import { HYBRID_DIR, TEACHER_DIR, withRecipe } from "./recipe_run.ts";
+import { HYBRID_DIR, TEACHER_DIR, withEnv, withRecipe, writeHubSnapshot } from "./recipe_run.ts";
 import { lastEvents } from "../pipelines/helpers.ts";
 
 const COMMIT = "c0ffee".padEnd(40, "0");
 
-/** A Hub cache holding `dir`'s files as org/tiny at COMMIT (refs/main), laid out as Python's huggingface_hub does. */
+/** A Hub cache holding `dir`'s files as `repo` at COMMIT (refs/main). */
 async function hubCache(root: string, repo: string, dir: string): Promise<string> {
-  const storage = join(root, repoFolderName(repo, "model"));
-  const snapshot = join(storage, "snapshots", COMMIT);
-  await Deno.mkdir(join(storage, "blobs"), { recursive: true });
-  await Deno.mkdir(join(storage, "refs"), { recursive: true });
-  await Deno.mkdir(snapshot, { recursive: true });
-  for (const e of Deno.readDirSync(dir)) {
-    const data = await Deno.readFile(join(dir, e.name));
-    const etag = [...new Uint8Array(await crypto.subtle.digest("SHA-256", data))]
-      .map((b) => b.toString(16).padStart(2, "0")).join("");
-    await Deno.writeFile(join(storage, "blobs", etag), data);
-    await Deno.symlink(`../../blobs/${etag}`, join(snapshot, e.name));
-  }
-  await Deno.writeTextFile(join(storage, "refs", "main"), COMMIT);
-  return snapshot;
-}
-
-/** Runs `fn` with environment variables set, restoring them after. */
-async function withEnv<T>(vars: Record<string, string>, fn: () => Promise<T>): Promise<T> {
-  const old = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
-  for (const [k, v] of Object.entries(vars)) Deno.env.set(k, v);
-  try {
-    return await fn();
-  } finally {
-    for (const [k, v] of Object.entries(old)) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
-  }
+  const files: Record<string, Uint8Array> = {};
+  for (const e of Deno.readDirSync(dir)) files[e.name] = Deno.readFileSync(join(dir, e.name));
+  return await writeHubSnapshot(root, "model", repo, COMMIT, files);
 }
 
 async function sameWeights(a: string, b: string): Promise<void> {

@@ -4,6 +4,8 @@
  *
  * @module
  */
+import { dirname, join } from "node:path";
+import { repoFolderName } from "../../models/hub.ts";
 import { type CliResult, lastRun, runCli, type TempProject, tempProject } from "../pipelines/helpers.ts";
 
 /** Absolute path of a file or folder under the repository's fixtures/. */
@@ -50,5 +52,44 @@ export async function withRecipe<T>(
     return await use(run, p);
   } finally {
     await p.cleanup();
+  }
+}
+
+/**
+ * Writes a Hub cache snapshot the way Python's huggingface_hub lays it out (`blobs/<sha256>`, relative symlinks
+ * in `snapshots/<commit>`, `refs/main`), holding `files` (name -> content). Returns the snapshot directory.
+ */
+export async function writeHubSnapshot(
+  cacheDir: string,
+  type: "model" | "dataset",
+  repo: string,
+  commit: string,
+  files: Record<string, Uint8Array | string>,
+): Promise<string> {
+  const storage = join(cacheDir, repoFolderName(repo, type));
+  const snapshot = join(storage, "snapshots", commit);
+  await Deno.mkdir(join(storage, "blobs"), { recursive: true });
+  await Deno.mkdir(join(storage, "refs"), { recursive: true });
+  for (const [name, content] of Object.entries(files)) {
+    const data = typeof content === "string" ? new TextEncoder().encode(content) : content;
+    const etag = [...new Uint8Array(await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>))]
+      .map((b) => b.toString(16).padStart(2, "0")).join("");
+    await Deno.writeFile(join(storage, "blobs", etag), data);
+    const link = join(snapshot, name);
+    await Deno.mkdir(dirname(link), { recursive: true });
+    await Deno.symlink(`${"../".repeat(name.split("/").length + 1)}blobs/${etag}`, link);
+  }
+  await Deno.writeTextFile(join(storage, "refs", "main"), commit);
+  return snapshot;
+}
+
+/** Runs `fn` with environment variables set (e.g. HF_HUB_CACHE, HF_HUB_OFFLINE), restoring them after. */
+export async function withEnv<T>(vars: Record<string, string>, fn: () => Promise<T>): Promise<T> {
+  const old = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
+  for (const [k, v] of Object.entries(vars)) Deno.env.set(k, v);
+  try {
+    return await fn();
+  } finally {
+    for (const [k, v] of Object.entries(old)) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
   }
 }
