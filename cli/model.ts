@@ -15,6 +15,7 @@ import { Tokenizer } from "../models/tokenizer.ts";
 import { acquireRuntime } from "../runtime/runtime.ts";
 import { parseProviderPreference, type ProviderPreference } from "../runtime/provider.ts";
 import type { Output } from "../pipelines/progress.ts";
+import { isUserError, UserError } from "../util/errors.ts";
 
 /** Options every model command takes. */
 export interface ModelOptions {
@@ -66,5 +67,13 @@ export async function openModel(opts: ModelOptions, out: Output): Promise<Opened
 
 /** The tokenizer of a model directory, or of `--tokenizer` when given (models shipped without one). */
 export async function openTokenizer(dir: string, tokenizer?: string): Promise<Tokenizer> {
-  return await Tokenizer.fromDir(tokenizer ? (await resolveModelSource(tokenizer)).dir : dir);
+  if (tokenizer) return await Tokenizer.fromDir((await resolveModelSource(tokenizer)).dir);
+  try {
+    return await Tokenizer.fromDir(dir);
+  } catch (e) {
+    if (!isUserError(e)) throw e;
+    throw new UserError(`${(e as Error).message} (give --tokenizer <dir|org/name> for a model without one)`, {
+      cause: e,
+    });
+  }
 }
