@@ -9,6 +9,8 @@
  * deno task status                                    # the last run
  * deno run -A main.ts gc --dry-run                    # unreferenced cache entries
  * deno task stages [kind]                             # stage kinds and their parameters
+ * deno run -A main.ts generate --model <dir|org/name> --prompt "..."   # stream a model's continuation
+ * deno run -A main.ts forward --model <dir> --input-ids ids.json --out out.safetensors [--layers]
  * ```
  *
  * {@linkcode main} does everything but exit, so tests can call it in-process; {@linkcode MainDeps} is where the
@@ -34,6 +36,8 @@ import { Store } from "./pipelines/store.ts";
 import { defaultRegistry } from "./stages/registry.ts";
 import { latestRunDir, writeRunReport } from "./pipelines/report/mod.ts";
 import { numericFacts } from "./runtime/facts.ts";
+import { addGenerateCommand } from "./cli/generate.ts";
+import { addForwardCommand } from "./cli/forward.ts";
 
 /** What the CLI is wired to. Everything has a default; tests and other layers replace pieces. */
 export interface MainDeps {
@@ -323,6 +327,9 @@ export async function main(args: string[], deps: MainDeps = {}): Promise<number>
       const { html } = await writeRunReport(dir, o.out ? { outDir: o.out } : {});
       out.out(`report: ${html}\n`);
     });
+
+  addGenerateCommand(program, out, deps.signal);
+  addForwardCommand(program, out);
 
   try {
     await program.parseAsync(args, { from: "user" });

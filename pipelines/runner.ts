@@ -14,7 +14,7 @@
  *
  * @module
  */
-import { join, relative } from "node:path";
+import { dirname, join, relative, resolve } from "node:path";
 import { isUserError, UserError } from "../util/errors.ts";
 import { StageCheckpoints } from "./checkpoints.ts";
 import { cleanMetrics, type EventLog, type EventOutput } from "./events.ts";
@@ -602,6 +602,7 @@ async function compute(a: StageRunArgs, ev: Evaluation): Promise<StageResult> {
     workDir,
     sharedCacheDir: store.sharedDir(),
     runId: a.runId,
+    recipeDir: dirname(resolve(session.recipe.path)),
   };
 
   const t0 = performance.now();

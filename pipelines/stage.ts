@@ -249,6 +249,12 @@ export interface StageContext<
   readonly sharedCacheDir: string;
   /** Id of the current run (its directory is `.distillery/runs/<runId>`). */
   readonly runId: string;
+  /**
+   * Absolute directory of the recipe file being run: the base for parameters that name a path outside the
+   * cache, such as the export stage's `dest`. Writing there is a side effect that the cache key does not
+   * cover (a cached stage does not run again to rewrite it).
+   */
+  readonly recipeDir: string;
 }
 
 /**

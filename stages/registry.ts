@@ -12,6 +12,9 @@ import type { AnyStageKind } from "../pipelines/stage.ts";
 import { TESTING_KINDS } from "./testing/mod.ts";
 import { makeDraftStage } from "./make_draft.ts";
 import { specBenchStage } from "./spec_bench.ts";
+import { evaluateStage } from "./evaluate.ts";
+import { loadModelStage } from "./load_model.ts";
+import { exportStage } from "./export.ts";
 
 /** The real stage kinds, in the order the docs list them. */
 export const BUILTIN_KINDS: AnyStageKind[] = [
@@ -20,6 +23,9 @@ export const BUILTIN_KINDS: AnyStageKind[] = [
   // evaluateStage, makeDraftStage, specBenchStage, exportStage,
   makeDraftStage,
   specBenchStage,
+  loadModelStage,
+  evaluateStage,
+  exportStage,
 ];
 
 /** A registry with every built-in kind plus the test-only kinds (hidden from docs unless asked for). */
