@@ -6,6 +6,11 @@
  * FLOPs count the useful causal work the way FlashAttention's benchmarks do: forward 4 * B * H * T^2 * hd / 2,
  * backward 2.5x that. Decode bytes count K and V of the visible cache once plus q and the output.
  *
+ * The backward is timed for both kernel generations (`variant` "v2", the default, and "v1", the first kernels),
+ * and, with GPU timestamps, each backward kernel alone (`op` "bwd_kernel", field `kernel`): delta, dq and dkv of
+ * v2, of v1 with its default tiles, and of v1 with 4-row/4-key micro-tiles (`v1_tm4`), which isolates whether
+ * v1's slowness comes from its 2-row micro-tiles (see kernels/attention_backward.ts).
+ *
  * Run alone with `deno run -A bench/attention.ts [--quick] [--gpu dawn|builtin]`; the lead's `bench/main.ts`
  * calls {@linkcode bench}. Quick mode uses tiny shapes so it finishes in seconds on the CPU adapter.
  *
@@ -22,7 +27,26 @@ import {
 } from "../runtime/ops/attention.ts";
 import type { Tensor } from "../runtime/tensor.ts";
 import type { DType } from "../kernels/kernel.ts";
-import { chooseDkvTiles, chooseDqTiles, chooseForwardTiles } from "../kernels/attention.ts";
+import type { BufferSlice } from "../runtime/device.ts";
+import type { Launch } from "../kernels/fill.ts";
+import {
+  attentionBackwardDelta,
+  attentionBackwardDkv,
+  attentionBackwardDq,
+  type AttentionShape,
+  chooseDkvTiles,
+  chooseDqTiles,
+  chooseForwardTiles,
+  dkvSharedBytes,
+  dqSharedBytes,
+  type KeyTiles,
+  type RowTiles,
+} from "../kernels/attention.ts";
+import {
+  attentionBackwardDkvV2,
+  attentionBackwardDqV2,
+  chooseBackwardTiles,
+} from "../kernels/attention_backward.ts";
 
 /** Options of {@linkcode bench}. */
 export interface BenchOptions {
@@ -71,6 +95,76 @@ async function timeSteps(rt: Runtime, step: () => void, warmupMs: number, minMs:
   return total / steps;
 }
 
+/**
+ * GPU milliseconds of one dispatch of `l`: `iters` copies inside one compute pass between two timestamps.
+ * Undefined without `timestamp-query` (or when the provider rejects timestamps inside passes).
+ */
+async function gpuTime(
+  rt: Runtime,
+  l: Launch,
+  bindings: BufferSlice[],
+  iters: number,
+): Promise<number | undefined> {
+  const dev = rt.dev;
+  if (!dev.features.timestamps) return undefined;
+  try {
+    dev.flush();
+    const gpu = dev.gpu;
+    const k = dev.kernel(l.spec);
+    const ubuf = gpu.createBuffer({ size: 256, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+    gpu.queue.writeBuffer(ubuf, 0, l.uniforms);
+    const entries: GPUBindGroupEntry[] = bindings.map((b, i) => ({
+      binding: i,
+      resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size },
+    }));
+    if (l.spec.uniformBytes) {
+      entries.push({
+        binding: bindings.length,
+        resource: { buffer: ubuf, offset: 0, size: l.spec.uniformBytes },
+      });
+    }
+    const bg = gpu.createBindGroup({ layout: k.layout, entries });
+    const qs = gpu.createQuerySet({ type: "timestamp", count: 2 });
+    const resolve = gpu.createBuffer({
+      size: 16,
+      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+    });
+    const readback = gpu.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    const enc = gpu.createCommandEncoder();
+    const pass = enc.beginComputePass({
+      timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 },
+    });
+    pass.setPipeline(k.pipeline);
+    if (l.spec.uniformBytes) pass.setBindGroup(0, bg, [0]);
+    else pass.setBindGroup(0, bg);
+    const [x, y = 1, z = 1] = l.workgroups;
+    for (let i = 0; i < iters; i++) pass.dispatchWorkgroups(x, y, z);
+    pass.end();
+    enc.resolveQuerySet(qs, 0, 2, resolve, 0);
+    enc.copyBufferToBuffer(resolve, 0, readback, 0, 16);
+    gpu.queue.submit([enc.finish()]);
+    await readback.mapAsync(GPUMapMode.READ);
+    const [t0, t1] = new BigUint64Array(readback.getMappedRange());
+    readback.unmap();
+    for (const b of [ubuf, resolve, readback]) b.destroy();
+    qs.destroy();
+    const ns = Number(t1 - t0);
+    return ns > 0 ? ns / 1e6 / iters : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** v1 tiles with 4-row (dQ) / 4-key (dK/dV) micro-tiles, the largest that fit `limit` (diagnostic variant). */
+function v1Tm4Tiles(hd: number, limit: number): { dq: RowTiles; dkv: KeyTiles } {
+  const dqs: RowTiles[] = [{ br: 32, bc: 32, tm: 4, tn: 4 }, { br: 16, bc: 16, tm: 4, tn: 4 }];
+  const dkvs: KeyTiles[] = [{ bc: 32, br: 32, tk: 4, tr: 4 }, { bc: 16, br: 16, tk: 4, tr: 4 }];
+  return {
+    dq: dqs.find((t) => dqSharedBytes(hd, t) <= limit) ?? dqs[1],
+    dkv: dkvs.find((t) => dkvSharedBytes(hd, t) <= limit) ?? dkvs[1],
+  };
+}
+
 /** Runs the attention benchmarks and logs one row per measurement. */
 export async function bench(
   rt: Runtime,
@@ -93,6 +187,7 @@ export async function bench(
       forward: chooseForwardTiles(hd, limit),
       dq: chooseDqTiles(hd, limit),
       dkv: chooseDkvTiles(hd, limit),
+      backwardV2: chooseBackwardTiles(hd, limit),
     }),
   };
   for (const dtype of dtypes) {
@@ -115,7 +210,7 @@ export async function bench(
       out.keep();
       lse.keep();
       const gOut = randomTensor(rt, [B, T, H, hd], dtype);
-      const shape = {
+      const shape: AttentionShape = {
         B,
         T,
         H,
@@ -127,26 +222,41 @@ export async function bench(
         window: 0,
         scale: 1 / 8,
       };
-      const bwdMs = await timeSteps(
-        rt,
-        () => {
-          attentionBackwardRaw(rt, dtype, shape, q, k, v, out, lse, gOut);
-        },
-        warmupMs,
-        minMs,
-      );
-      log({
-        ...common,
-        op: "backward",
-        dtype,
-        B,
-        T,
-        H,
-        Hkv,
-        hd,
-        ms: bwdMs,
-        tflops: (2.5 * flopsFwd) / bwdMs / 1e9,
-      });
+      for (const variant of ["v2", "v1"] as const) {
+        const bwdMs = await timeSteps(
+          rt,
+          () => {
+            attentionBackwardRaw(rt, dtype, shape, q, k, v, out, lse, gOut, { backwardKernels: variant });
+          },
+          warmupMs,
+          minMs,
+        );
+        log({
+          ...common,
+          op: "backward",
+          variant,
+          dtype,
+          B,
+          T,
+          H,
+          Hkv,
+          hd,
+          ms: bwdMs,
+          tflops: (2.5 * flopsFwd) / bwdMs / 1e9,
+        });
+      }
+      // each backward kernel alone on the GPU clock (B = 1 and the largest batch; the v1 kernels of the first
+      // measurement took 100+ ms per step, so few iterations)
+      if (rt.dev.features.timestamps && (B === 1 || B === batches[batches.length - 1])) {
+        await timeBackwardKernels(rt, log, { ...common, dtype, B, T, H, Hkv, hd }, shape, {
+          q,
+          k,
+          v,
+          out,
+          gOut,
+          lse,
+        }, quick);
+      }
       for (const t of [q, k, v, out, lse, gOut]) t.dispose();
     }
     // decode against a long cache: 1 new token (plain decoding) and 5 (speculative verification of K = 4)
@@ -185,6 +295,106 @@ export async function bench(
       cache.dispose();
     }
   }
+}
+
+/** Times delta, dQ and dK/dV of both generations separately with GPU timestamps; one row per kernel. */
+async function timeBackwardKernels(
+  rt: Runtime,
+  log: (row: Record<string, unknown>) => void,
+  common: Record<string, unknown>,
+  shape: AttentionShape,
+  t: { q: Tensor; k: Tensor; v: Tensor; out: Tensor; gOut: Tensor; lse: Tensor },
+  quick: boolean,
+): Promise<void> {
+  const { B, T, H, hd } = shape;
+  const dtype = t.q.dtype;
+  const limit = rt.dev.limits.maxComputeWorkgroupStorageSize;
+  const flopsFwd = (4 * B * H * T * T * hd) / 2;
+  await rt.scope(async () => {
+    const delta = rt.empty([B, T, H], "f32");
+    const dq = rt.empty(t.q.shape, dtype);
+    const dk = rt.empty(t.k.shape, dtype);
+    const dv = rt.empty(t.v.shape, dtype);
+    const dl = attentionBackwardDelta(dtype, B * T * H, hd);
+    rt.dev.dispatch(dl.spec, [t.out.binding, t.gOut.binding, delta.binding], dl.workgroups, dl.uniforms);
+    await rt.dev.sync();
+    const dqIn = [t.q, t.k, t.v, t.gOut, t.lse, delta].map((x) => x.binding);
+    const tm4 = v1Tm4Tiles(hd, limit);
+    const v2Tiles = chooseBackwardTiles(hd, limit);
+    const kernels: {
+      kernel: string;
+      tiles: unknown;
+      launch: Launch;
+      bindings: BufferSlice[];
+      flops: number;
+    }[] = [
+      {
+        kernel: "delta",
+        tiles: null,
+        launch: dl,
+        bindings: [t.out.binding, t.gOut.binding, delta.binding],
+        flops: 0,
+      },
+      // dQ recomputes S and dP and forms dS K: 1.5x the forward's matmul work; dK/dV 2x (S, dP, dV, dK)
+      {
+        kernel: "dq_v2",
+        tiles: v2Tiles,
+        launch: attentionBackwardDqV2(dtype, shape, v2Tiles),
+        bindings: [...dqIn, dq.binding],
+        flops: 1.5 * flopsFwd,
+      },
+      {
+        kernel: "dkv_v2",
+        tiles: v2Tiles,
+        launch: attentionBackwardDkvV2(dtype, shape, v2Tiles),
+        bindings: [...dqIn, dk.binding, dv.binding],
+        flops: 2 * flopsFwd,
+      },
+      {
+        kernel: "dq_v1",
+        tiles: chooseDqTiles(hd, limit),
+        launch: attentionBackwardDq(dtype, shape, chooseDqTiles(hd, limit)),
+        bindings: [...dqIn, dq.binding],
+        flops: 1.5 * flopsFwd,
+      },
+      {
+        kernel: "dkv_v1",
+        tiles: chooseDkvTiles(hd, limit),
+        launch: attentionBackwardDkv(dtype, shape, chooseDkvTiles(hd, limit)),
+        bindings: [...dqIn, dk.binding, dv.binding],
+        flops: 2 * flopsFwd,
+      },
+      {
+        kernel: "dq_v1_tm4",
+        tiles: tm4.dq,
+        launch: attentionBackwardDq(dtype, shape, tm4.dq),
+        bindings: [...dqIn, dq.binding],
+        flops: 1.5 * flopsFwd,
+      },
+      {
+        kernel: "dkv_v1_tm4",
+        tiles: tm4.dkv,
+        launch: attentionBackwardDkv(dtype, shape, tm4.dkv),
+        bindings: [...dqIn, dk.binding, dv.binding],
+        flops: 2 * flopsFwd,
+      },
+    ];
+    for (const kr of kernels) {
+      // one dispatch first (compiles, and sizes the timed run), then enough copies for about 200 ms
+      const once = await gpuTime(rt, kr.launch, kr.bindings, 1);
+      if (once === undefined) return;
+      const iters = quick ? 2 : Math.max(2, Math.min(200, Math.round(200 / Math.max(once, 0.01))));
+      const ms = await gpuTime(rt, kr.launch, kr.bindings, iters);
+      log({
+        ...common,
+        op: "bwd_kernel",
+        kernel: kr.kernel,
+        kernel_tiles: JSON.stringify(kr.tiles),
+        gpu_ms: ms,
+        tflops: ms && kr.flops ? kr.flops / ms / 1e9 : undefined,
+      });
+    }
+  });
 }
 
 if (import.meta.main) {

@@ -22,6 +22,12 @@ import {
   type KeyTiles,
   type RowTiles,
 } from "../../kernels/attention.ts";
+import {
+  attentionBackwardDkvV2,
+  attentionBackwardDqV2,
+  type BackwardTiles,
+  chooseBackwardTiles,
+} from "../../kernels/attention_backward.ts";
 import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
 import type { Runtime } from "../runtime.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
@@ -33,9 +39,20 @@ export interface AttentionOptions {
   scale?: number;
   /** Sliding window (keys j with `i - window < j <= i`); 0 or absent for full causal attention. */
   window?: number;
-  /** Tile overrides (tests exercise several; default: the fastest that fits the device). */
-  tiles?: { forward?: RowTiles; dq?: RowTiles; dkv?: KeyTiles };
+  /**
+   * Tile overrides (tests exercise several; default: the fastest that fits the device). `dq`/`dkv` apply to the
+   * v1 backward kernels, `backward` to the v2 kernels.
+   */
+  tiles?: { forward?: RowTiles; dq?: RowTiles; dkv?: KeyTiles; backward?: BackwardTiles };
+  /**
+   * Backward kernels: "v2" (default; `kernels/attention_backward.ts`, register-resident micro-tiles) or "v1"
+   * (`kernels/attention.ts`, kept so benchmarks can compare both in one run).
+   */
+  backwardKernels?: AttentionBackwardKernels;
 }
+
+/** Which implementation of the attention backward runs (see {@linkcode AttentionOptions.backwardKernels}). */
+export type AttentionBackwardKernels = "v1" | "v2";
 
 /** Output and saved log-sum-exp of {@linkcode attentionWithLse}. */
 export interface AttentionResult {
@@ -126,7 +143,8 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOption
 
 /**
  * The input gradients of attention from O, LSE and dO (FlashAttention-2 backward): delta = rowsum(dO * O), then
- * dQ (one workgroup per row block) and dK/dV (one per key block). `need` skips dQ or dK/dV (returned as null).
+ * dQ (one workgroup per row block) and dK/dV (one per key block, looping over every query head of its group).
+ * `need` skips dQ or dK/dV (returned as null); `opts.backwardKernels` picks the kernel generation.
  */
 export function attentionBackwardRaw(
   rt: Runtime,
@@ -146,10 +164,14 @@ export function attentionBackwardRaw(
   const dl = attentionBackwardDelta(dtype, B * T * H, hd);
   rt.dev.dispatch(dl.spec, [out.binding, gOut.binding, delta.binding], dl.workgroups, dl.uniforms);
   const limit = storageLimit(rt);
+  const v2 = (opts.backwardKernels ?? "v2") === "v2";
+  const v2Tiles = opts.tiles?.backward ?? chooseBackwardTiles(hd, limit);
   let dq: Tensor | null = null, dk: Tensor | null = null, dv: Tensor | null = null;
   if (need.dq) {
     dq = rt.empty(q.shape, dtype);
-    const a = attentionBackwardDq(dtype, shape, opts.tiles?.dq ?? chooseDqTiles(hd, limit));
+    const a = v2
+      ? attentionBackwardDqV2(dtype, shape, v2Tiles)
+      : attentionBackwardDq(dtype, shape, opts.tiles?.dq ?? chooseDqTiles(hd, limit));
     rt.dev.dispatch(
       a.spec,
       [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dq.binding],
@@ -160,7 +182,9 @@ export function attentionBackwardRaw(
   if (need.dkv) {
     dk = rt.empty(k.shape, dtype);
     dv = rt.empty(v.shape, dtype);
-    const c = attentionBackwardDkv(dtype, shape, opts.tiles?.dkv ?? chooseDkvTiles(hd, limit));
+    const c = v2
+      ? attentionBackwardDkvV2(dtype, shape, v2Tiles)
+      : attentionBackwardDkv(dtype, shape, opts.tiles?.dkv ?? chooseDkvTiles(hd, limit));
     rt.dev.dispatch(
       c.spec,
       [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dk.binding, dv.binding],
