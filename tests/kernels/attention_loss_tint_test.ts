@@ -9,6 +9,7 @@ import * as attn2 from "../../kernels/attention_backward.ts";
 import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
 import * as ce from "../../kernels/cross_entropy.ts";
 import * as lp from "../../kernels/logprobs.ts";
+import * as hl from "../../kernels/head_loss.ts";
 import type { DType, KernelSpec } from "../../kernels/kernel.ts";
 import { gpuTestOptions } from "../helpers/gpu.ts";
 
@@ -51,11 +52,13 @@ function allSpecs(): KernelSpec[] {
     specs.push(lp.tokenLogprobForward(dtype, 1, 0, 10).spec);
     specs.push(lp.tokenLogprobBackward(dtype, 1, 0, 10).spec);
     specs.push(lp.argmaxRows(dtype, 1, 0, 10).spec);
+    specs.push(hl.scaleByScalar(dtype, 10, false).spec, hl.scaleByScalar(dtype, 10, true).spec);
   }
   specs.push(
     ce.distillLossReduce(4, 1, 1, true).spec,
     lp.maskedRowSum(1, 4).spec,
     lp.maskedRowSumBackward(1, 4).spec,
+    hl.tokenWeightTotal(4, true, true).spec,
   );
   return [...new Map(specs.map((s) => [s.key, s])).values()];
 }
