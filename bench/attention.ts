@@ -6,10 +6,10 @@
  * FLOPs count the useful causal work the way FlashAttention's benchmarks do: forward 4 * B * H * T^2 * hd / 2,
  * backward 2.5x that. Decode bytes count K and V of the visible cache once plus q and the output.
  *
- * The backward is timed for both kernel generations (`variant` "v2", the default, and "v1", the first kernels),
- * and, with GPU timestamps, each backward kernel alone (`op` "bwd_kernel", field `kernel`): delta, dq and dkv of
- * v2, of v1 with its default tiles, and of v1 with 4-row/4-key micro-tiles (`v1_tm4`), which isolates whether
- * v1's slowness comes from its 2-row micro-tiles (see kernels/attention_backward.ts).
+ * Forward and backward are timed for both kernel generations (`variant` "v2", the default, and "v1", the first
+ * kernels), and, with GPU timestamps, each kernel alone (`op` "kernel", field `kernel`): the forward, delta,
+ * dq and dkv of v2, of v1 with its default tiles, and of v1 with 4-row/4-key micro-tiles (`v1_tm4`), which
+ * isolates whether v1's slowness comes from its 2-row micro-tiles (see kernels/attention_v2.ts).
  *
  * Run alone with `deno run -A bench/attention.ts [--quick] [--gpu dawn|builtin]`; the lead's `bench/main.ts`
  * calls {@linkcode bench}. Quick mode uses tiny shapes so it finishes in seconds on the CPU adapter.
@@ -33,6 +33,7 @@ import {
   attentionBackwardDelta,
   attentionBackwardDkv,
   attentionBackwardDq,
+  attentionForward,
   type AttentionShape,
   chooseDkvTiles,
   chooseDqTiles,
@@ -45,8 +46,10 @@ import {
 import {
   attentionBackwardDkvV2,
   attentionBackwardDqV2,
+  attentionForwardV2,
   chooseBackwardTiles,
-} from "../kernels/attention_backward.ts";
+  chooseForwardTilesV2,
+} from "../kernels/attention_v2.ts";
 
 /** Options of {@linkcode bench}. */
 export interface BenchOptions {
@@ -187,6 +190,7 @@ export async function bench(
       forward: chooseForwardTiles(hd, limit),
       dq: chooseDqTiles(hd, limit),
       dkv: chooseDkvTiles(hd, limit),
+      forwardV2: chooseForwardTilesV2(hd, limit),
       backwardV2: chooseBackwardTiles(hd, limit),
     }),
   };
@@ -196,16 +200,29 @@ export async function bench(
       const k = randomTensor(rt, [B, T, Hkv, hd], dtype);
       const v = randomTensor(rt, [B, T, Hkv, hd], dtype);
       const flopsFwd = (4 * B * H * T * T * hd) / 2;
-      const fwdMs = await timeSteps(
-        rt,
-        () => {
-          rt.noGrad(() => attentionWithLse(q, k, v));
-        },
-        warmupMs,
-        minMs,
-      );
-      log({ ...common, op: "forward", dtype, B, T, H, Hkv, hd, ms: fwdMs, tflops: flopsFwd / fwdMs / 1e9 });
-      // backward alone: O and LSE computed once, then delta + dQ + dK/dV per step
+      for (const variant of ["v2", "v1"] as const) {
+        const fwdMs = await timeSteps(
+          rt,
+          () => {
+            rt.noGrad(() => attentionWithLse(q, k, v, { forwardKernels: variant }));
+          },
+          warmupMs,
+          minMs,
+        );
+        log({
+          ...common,
+          op: "forward",
+          variant,
+          dtype,
+          B,
+          T,
+          H,
+          Hkv,
+          hd,
+          ms: fwdMs,
+          tflops: flopsFwd / fwdMs / 1e9,
+        });
+      }
       const { out, lse } = rt.noGrad(() => attentionWithLse(q, k, v));
       out.keep();
       lse.keep();
@@ -297,7 +314,7 @@ export async function bench(
   }
 }
 
-/** Times delta, dQ and dK/dV of both generations separately with GPU timestamps; one row per kernel. */
+/** Times the forward, delta, dQ and dK/dV of both generations separately with GPU timestamps; one row each. */
 async function timeBackwardKernels(
   rt: Runtime,
   log: (row: Record<string, unknown>) => void,
@@ -315,6 +332,8 @@ async function timeBackwardKernels(
     const dq = rt.empty(t.q.shape, dtype);
     const dk = rt.empty(t.k.shape, dtype);
     const dv = rt.empty(t.v.shape, dtype);
+    const fwdOut = rt.empty(t.q.shape, dtype);
+    const fwdLse = rt.empty([B, T, H], "f32");
     const dl = attentionBackwardDelta(dtype, B * T * H, hd);
     rt.dev.dispatch(dl.spec, [t.out.binding, t.gOut.binding, delta.binding], dl.workgroups, dl.uniforms);
     await rt.dev.sync();
@@ -328,6 +347,20 @@ async function timeBackwardKernels(
       bindings: BufferSlice[];
       flops: number;
     }[] = [
+      {
+        kernel: "fwd_v2",
+        tiles: chooseForwardTilesV2(hd, limit),
+        launch: attentionForwardV2(dtype, shape, chooseForwardTilesV2(hd, limit)),
+        bindings: [t.q, t.k, t.v, fwdOut, fwdLse].map((x) => x.binding),
+        flops: flopsFwd,
+      },
+      {
+        kernel: "fwd_v1",
+        tiles: chooseForwardTiles(hd, limit),
+        launch: attentionForward(dtype, shape, chooseForwardTiles(hd, limit)),
+        bindings: [t.q, t.k, t.v, fwdOut, fwdLse].map((x) => x.binding),
+        flops: flopsFwd,
+      },
       {
         kernel: "delta",
         tiles: null,
@@ -387,7 +420,7 @@ async function timeBackwardKernels(
       const ms = await gpuTime(rt, kr.launch, kr.bindings, iters);
       log({
         ...common,
-        op: "bwd_kernel",
+        op: "kernel",
         kernel: kr.kernel,
         kernel_tiles: JSON.stringify(kr.tiles),
         gpu_ms: ms,

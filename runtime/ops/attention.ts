@@ -25,9 +25,12 @@ import {
 import {
   attentionBackwardDkvV2,
   attentionBackwardDqV2,
+  attentionForwardV2,
   type BackwardTiles,
   chooseBackwardTiles,
-} from "../../kernels/attention_backward.ts";
+  chooseForwardTilesV2,
+  type ForwardTilesV2,
+} from "../../kernels/attention_v2.ts";
 import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
 import type { Runtime } from "../runtime.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
@@ -40,18 +43,32 @@ export interface AttentionOptions {
   /** Sliding window (keys j with `i - window < j <= i`); 0 or absent for full causal attention. */
   window?: number;
   /**
-   * Tile overrides (tests exercise several; default: the fastest that fits the device). `dq`/`dkv` apply to the
-   * v1 backward kernels, `backward` to the v2 kernels.
+   * Tile overrides (tests exercise several; default: the fastest that fits the device). `forward`, `dq`, `dkv`
+   * apply to the v1 kernels, `forwardV2` and `backward` to the v2 kernels.
    */
-  tiles?: { forward?: RowTiles; dq?: RowTiles; dkv?: KeyTiles; backward?: BackwardTiles };
+  tiles?: {
+    forward?: RowTiles;
+    dq?: RowTiles;
+    dkv?: KeyTiles;
+    forwardV2?: ForwardTilesV2;
+    backward?: BackwardTiles;
+  };
   /**
-   * Backward kernels: "v2" (default; `kernels/attention_backward.ts`, register-resident micro-tiles) or "v1"
+   * Forward kernel: "v2" (default; `kernels/attention_v2.ts`) or "v1" (`kernels/attention.ts`, which decoding
+   * keeps using for its key-split partials).
+   */
+  forwardKernels?: AttentionBackwardKernels;
+  /**
+   * Backward kernels: "v2" (default; `kernels/attention_v2.ts`, register-resident micro-tiles) or "v1"
    * (`kernels/attention.ts`, kept so benchmarks can compare both in one run).
    */
   backwardKernels?: AttentionBackwardKernels;
 }
 
-/** Which implementation of the attention backward runs (see {@linkcode AttentionOptions.backwardKernels}). */
+/**
+ * Which generation of the attention kernels runs (see {@linkcode AttentionOptions.forwardKernels} and
+ * {@linkcode AttentionOptions.backwardKernels}).
+ */
 export type AttentionBackwardKernels = "v1" | "v2";
 
 /** Output and saved log-sum-exp of {@linkcode attentionWithLse}. */
@@ -118,8 +135,9 @@ export function attentionWithLse(
   };
   const out = rt.empty(q.shape, q.dtype);
   const lse = rt.empty([B, T, H], "f32");
-  const fwdTiles = opts.tiles?.forward ?? chooseForwardTiles(hd, storageLimit(rt));
-  const f = attentionForward(q.dtype, shape, fwdTiles);
+  const f = (opts.forwardKernels ?? "v2") === "v2"
+    ? attentionForwardV2(q.dtype, shape, opts.tiles?.forwardV2 ?? chooseForwardTilesV2(hd, storageLimit(rt)))
+    : attentionForward(q.dtype, shape, opts.tiles?.forward ?? chooseForwardTiles(hd, storageLimit(rt)));
   rt.dev.dispatch(
     f.spec,
     [q.binding, k.binding, v.binding, out.binding, lse.binding],

@@ -5,7 +5,7 @@
  * NaN is a shader-creation error there and compiles fine here.
  */
 import * as attn from "../../kernels/attention.ts";
-import * as attn2 from "../../kernels/attention_backward.ts";
+import * as attn2 from "../../kernels/attention_v2.ts";
 import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
 import * as ce from "../../kernels/cross_entropy.ts";
 import * as lp from "../../kernels/logprobs.ts";
@@ -32,6 +32,7 @@ function allSpecs(): KernelSpec[] {
           const tiles = attn2.chooseBackwardTiles(hd, limit);
           specs.push(attn2.attentionBackwardDqV2(dtype, { ...s, H }, tiles).spec);
           specs.push(attn2.attentionBackwardDkvV2(dtype, { ...s, H }, tiles).spec);
+          specs.push(attn2.attentionForwardV2(dtype, { ...s, H }, attn2.chooseForwardTilesV2(hd, limit)).spec);
         }
         for (const rows of [1, 8, 20]) {
           const tiles = attn.chooseDecodeTiles(hd, rows, limit);

@@ -12,7 +12,10 @@ import {
   backwardSharedBytes,
   type BackwardTiles,
   chooseBackwardTiles,
-} from "../../kernels/attention_backward.ts";
+  chooseForwardTilesV2,
+  forwardSharedBytesV2,
+  type ForwardTilesV2,
+} from "../../kernels/attention_v2.ts";
 import {
   assertClose,
   dot,
@@ -190,9 +193,14 @@ Deno.test("attention: every tile configuration gives the same answer", gpuTestOp
     assert.ok(dqSharedBytes(hd, chooseDqTiles(hd, limit)) <= limit, `dq tiles for hd ${hd}`);
     assert.ok(dkvSharedBytes(hd, chooseDkvTiles(hd, limit)) <= limit, `dkv tiles for hd ${hd}`);
     assert.ok(backwardSharedBytes(hd, chooseBackwardTiles(hd, limit)) <= limit, `v2 tiles for hd ${hd}`);
+    assert.ok(
+      forwardSharedBytesV2(hd, chooseForwardTilesV2(hd, limit)) <= limit,
+      `v2 fwd tiles for hd ${hd}`,
+    );
   }
   assert.deepEqual(chooseForwardTiles(64, 49152), { br: 64, bc: 64, tm: 4, tn: 8 });
   assert.deepEqual(chooseBackwardTiles(64, 49152), { br: 32, bc: 32 });
+  assert.deepEqual(chooseForwardTilesV2(64, 49152), { br: 64, bc: 32 });
   // (the remaining defaults of the tables are exercised by the hd 16/64/128 cases above on this adapter)
   const cases: Case[] = v1.map((tiles, i) => ({
     B: 1,
@@ -201,8 +209,21 @@ Deno.test("attention: every tile configuration gives the same answer", gpuTestOp
     Hkv: 2,
     hd: 16,
     window: i === 0 ? 11 : 0,
-    opts: { tiles, backwardKernels: "v1" as const },
+    opts: { tiles, forwardKernels: "v1" as const, backwardKernels: "v1" as const },
   }));
+  // v2 forward tiles, each with the v2 backward (64x32 is the H200's choice at hd 64)
+  const v2f: ForwardTilesV2[] = [{ br: 8, bc: 8 }, { br: 32, bc: 16 }, { br: 64, bc: 32 }];
+  v2f.forEach((forwardV2, i) => {
+    cases.push({
+      B: 1,
+      T: 19 + 11 * i,
+      H: 2 * [4, 1, 2][i],
+      Hkv: 2,
+      hd: i === 1 ? 20 : 16,
+      window: i === 0 ? 6 : 0,
+      opts: { tiles: { forwardV2 }, forwardKernels: "v2" },
+    });
+  });
   v2.forEach((backward, i) => {
     // GQA ratios 1, 2 and 4, lengths that leave partial row and key tiles, one window, hd off the dim split
     const G = [1, 2, 4][i % 3];

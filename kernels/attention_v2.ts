@@ -1,27 +1,35 @@
 /**
- * Causal GQA attention backward, second generation ("v2"): the dQ and dK/dV kernels of FlashAttention-2 written
- * so that every per-thread value lives in a register whatever the driver's loop unroller decides.
+ * Causal GQA attention, second generation ("v2"): the FlashAttention-2 forward, dQ and dK/dV kernels written so
+ * that every per-thread value lives in a register whatever the driver's loop unroller decides.
  *
- * Why a second version: the first kernels (`attention.ts`, kept as variant "v1" for comparison) index private
- * arrays (`acc[i][c]`, `dka[i][c]`) inside loops of 8 iterations that hold a branch, and pick half of a vec4 by a
- * thread-dependent component (`x[(ty * TM) % 4 + e]`) when the micro-tile is 2 rows. Both are fine on llvmpipe
- * but, when the GPU compiler does not fully unroll such a loop, the arrays go to local (stack) memory and every
- * FMA becomes a load/store pair: on the H200 the backward ran 17x slower than the forward that avoids them.
- * Here every per-thread array index and vector component is a literal produced by the TypeScript generator
- * (straight-line code), the only runtime loops index shared memory, and the GQA ratio G is a compile-time
- * constant so the packed-row divisions (`R / G`, `R % G`) are multiplications.
+ * Why a second version: the first kernels (`attention.ts`, kept as variant "v1" for comparison and for
+ * decoding's key-split partials) index private arrays (`acc[i][c]`, `dka[i][c]`) inside loops of 8 iterations
+ * that hold a branch, and pick half of a vec4 by a thread-dependent component (`x[(ty * TM) % 4 + e]`) when the
+ * micro-tile is 2 rows. Both are fine on llvmpipe but, when the GPU compiler does not fully unroll such a loop,
+ * the arrays go to local (stack) memory and every FMA becomes a load/store pair: on the H200 the v1 backward
+ * (2-row micro-tiles) ran 17x slower than the v1 forward (4-row). Here every per-thread array index and vector
+ * component is a literal produced by the TypeScript generator (straight-line code), the only runtime loops index
+ * shared memory, and the GQA ratio G is a compile-time constant so the packed-row divisions (`R / G`, `R % G`)
+ * are multiplications.
  *
- * Layout and semantics follow `attention.ts` (q, do, dq `[B, T, H, hd]`; k, v, dk, dv `[B, Tk, Hkv, hd]`; lse
+ * Layout and semantics follow `attention.ts` (q, o, do, dq `[B, T, H, hd]`; k, v, dk, dv `[B, Tk, Hkv, hd]`; lse
  * and delta `[B, T, H]` f32; packed rows `R = t * G + g` so one workgroup serves all query heads of a kv head).
+ * Every contraction over the head dimension is a 4 x 4 vec4 outer product per thread (2 shared vec4 loads per
+ * 16 FMAs), and every tile read down a column is stored transposed with the XOR swizzle of `attention.ts`, so
+ * both the column reads and the per-dimension reads are free of bank conflicts.
  *
- * Thread organisation (both kernels, `BR * BC / 8` threads): the workgroup is two halves. In phase 1 half 0
- * computes the scores S of a 4 x 4 micro-tile per thread and half 1 the matching dP = dO V^T (both contract over
- * the head dimension with vec4 outer products: 2 shared vec4 loads per 16 FMAs). Half 0 stores P = exp(S - lse)
- * (masked); after a barrier, the half-1 thread with the same micro-tile reads it back and stores
- * dS = P * (dP - delta). Phase 2 of the dK/dV kernel gives dV (= P^T dO) to half 0 and dK (= dS^T Q) to half 1,
- * each thread owning 4 keys x hd/(BR/4) dims in registers for the whole row loop; phase 2 of the dQ kernel
- * spreads dQ (= dS K) over all threads (4 rows x hd/(BC/2) dims each). Four barriers per tile. Tiles read down a column are stored transposed with the XOR swizzle of `attention.ts`, so
- * the column reads of phase 1 and the per-dimension reads of phase 2 are both free of bank conflicts.
+ * Forward (`BR * BC / 16` threads): thread (ry, kx) scores rows 4ry.. against keys 4kx.. of each key tile, posts
+ * its 4 row maxima to shared memory, and after a barrier every thread of a row group forms the same new row max,
+ * so P = exp(S - m) needs no second pass; the same thread then owns the output of rows 4ry.. at dimensions
+ * kx + BC/4 * c (its running max and sum are exactly the statistics its outputs need). Four barriers per tile.
+ *
+ * Backward (`BR * BC / 8` threads): the workgroup is two halves. In phase 1 half 0 computes the scores S of a
+ * 4 x 4 micro-tile per thread and half 1 the matching dP = dO V^T. Half 0 stores P = exp(S - lse) (masked); after
+ * a barrier, the half-1 thread with the same micro-tile reads it back and stores dS = P * (dP - delta). Phase 2
+ * of the dK/dV kernel gives dV (= P^T dO) to half 0 and dK (= dS^T Q) to half 1, each thread owning 4 keys x
+ * hd/(BR/4) dims in registers for the whole row loop (the row loop covers every query head of the kv head's
+ * group); phase 2 of the dQ kernel spreads dQ (= dS K) over all threads (4 rows x hd/(BC/2) dims each). Four
+ * barriers per tile.
  *
  * @module
  */
@@ -173,36 +181,37 @@ ${unroll(4, (e) => `        s${e} = fma(vec4<f32>(av.${XYZW[e]}), bv, s${e});\n`
   return code;
 }
 
-// Loads of a transposed [HDP][N4] tile pair from global memory, one vec4 (4 rows or keys at one dimension) per
-// index; consecutive threads take consecutive dimensions, so each scalar load of a warp is one 128-byte line.
-function loadRowsT(): string {
+// Loads of transposed [HDP][N4] tiles from global memory, one vec4 (4 rows or keys at one dimension) per index;
+// consecutive threads take consecutive dimensions, so each scalar load of a warp is one 128-byte line.
+
+// Q^T * scale into qdt[0..QT) and, for the backward, dO^T into qdt[QT..2QT) and lse/delta into stat
+function loadRowsFn(backward: boolean): string {
   return `
 fn load_rows(b: u32, hk: u32, r0: u32, r_end: u32, lid: u32) {
   for (var idx = lid; idx < QT; idx += NT) {
     let d = idx % HDP;
     let r4 = idx / HDP;
     var x = vec4<f32>(0.0);
-    var y = vec4<f32>(0.0);
-${
+${backward ? "    var y = vec4<f32>(0.0);\n" : ""}${
     unroll(4, (e) =>
       `    {
       let R = r0 + r4 * 4u + ${e}u;
       if (R < r_end && d < HD) {
         let a = row_addr(b, hk, R) + d;
         x.${XYZW[e]} = f32(q[a]) * p.scale;
-        y.${XYZW[e]} = f32(go[a]);
-      }
+${backward ? `        y.${XYZW[e]} = f32(go[a]);\n` : ""}      }
     }
 `)
   }    qdt[qix(d, r4)] = x;
-    qdt[QT + qix(d, r4)] = y;
-  }
-  for (var r4 = lid; r4 < BR4; r4 += NT) {
+${backward ? "    qdt[QT + qix(d, r4)] = y;\n" : ""}  }
+${
+    backward
+      ? `  for (var r4 = lid; r4 < BR4; r4 += NT) {
     var l = vec4<f32>(0.0);
     var dl = vec4<f32>(0.0);
 ${
-    unroll(4, (e) =>
-      `    {
+        unroll(4, (e) =>
+          `    {
       let R = r0 + r4 * 4u + ${e}u;
       if (R < r_end) {
         let i = row_stat(b, hk, R);
@@ -211,11 +220,18 @@ ${
       }
     }
 `)
-  }    stat[r4] = l;
+      }    stat[r4] = l;
     stat[BR4 + r4] = dl;
   }
+`
+      : ""
+  }}
+`;
 }
 
+// K^T into kvt[0..KT), V^T into kvt[KT..2KT): keys k0..k_end-1 (zeros past k_end)
+function loadKeysFn(): string {
+  return `
 fn load_keys(b: u32, hk: u32, k0: u32, k_end: u32, lid: u32) {
   for (var idx = lid; idx < KT; idx += NT) {
     let d = idx % HDP;
@@ -256,7 +272,197 @@ var<workgroup> qdt: array<vec4<f32>, ${2 * hdp * br4}>;  // Q^T * scale, then dO
 var<workgroup> kvt: array<vec4<f32>, ${2 * hdp * bc4}>;  // K^T, then V^T: [HDP][BC4] swizzled
 var<workgroup> pd: array<vec4<f32>, ${pdTiles * t.br * bc4}>;  // P, dS (layout per kernel)
 var<workgroup> stat: array<vec4<f32>, ${2 * br4}>;      // lse, then delta, of the tile's rows
-${loadRowsT()}`;
+${loadRowsFn(true)}${loadKeysFn()}`;
+}
+
+// ---- forward ------------------------------------------------------------------------------------------------
+
+/** Tiles of the v2 forward: BR packed query rows x BC keys per tile, `BR * BC / 16` threads. */
+export interface ForwardTilesV2 {
+  /** Query rows per workgroup (multiple of 4; BR/4 a power of 2 or a multiple of 8). */
+  br: number;
+  /** Keys per tile (multiple of 4; BC/4 a power of 2 or a multiple of 8). */
+  bc: number;
+}
+
+/** Bytes of workgroup memory the v2 forward needs: Q^T, K^T, V^T, P and the row-max partials. */
+export function forwardSharedBytesV2(hd: number, t: ForwardTilesV2): number {
+  const hdp = pad4(hd);
+  return 4 * (hdp * t.br + 2 * hdp * t.bc + t.br * t.bc + (t.br * t.bc) / 4);
+}
+
+// best first: 64 rows x 32 keys with 128 threads fits 48 KiB at hd 64
+const FWD_TILES: ForwardTilesV2[] = [
+  { br: 64, bc: 32 },
+  { br: 32, bc: 32 },
+  { br: 32, bc: 16 },
+  { br: 16, bc: 16 },
+  { br: 8, bc: 16 },
+  { br: 8, bc: 8 },
+];
+
+/** The largest v2 forward tiles whose workgroup memory fits `limitBytes`. */
+export function chooseForwardTilesV2(hd: number, limitBytes: number): ForwardTilesV2 {
+  return FWD_TILES.find((t) => forwardSharedBytesV2(hd, t) <= limitBytes) ?? FWD_TILES[FWD_TILES.length - 1];
+}
+
+const fwdSpecs = new Map<string, KernelSpec>();
+
+function forwardSpec(dtype: DType, hd: number, G: number, t: ForwardTilesV2): KernelSpec {
+  const key = `attn2_fwd_${dtype}_hd${hd}_g${G}_${t.br}x${t.bc}`;
+  let spec = fwdSpecs.get(key);
+  if (spec) return spec;
+  checkTiles(t);
+  const T = wgslType(dtype);
+  const hdp = pad4(hd), br4 = t.br / 4, bc4 = t.bc / 4, nt = br4 * bc4;
+  if (nt > 256) throw new Error(`attention forward v2: ${nt} threads for tiles ${JSON.stringify(t)}`);
+  const NDO = Math.ceil(hd / bc4); // output dimensions per thread (dx + BC4 * c)
+  const dGuard = hd % bc4 !== 0;
+  spec = {
+    key,
+    bindings: ["read", "read", "read", "rw", "rw"],
+    uniformBytes: UNIFORM_BYTES,
+    code: `${wgslHeader(dtype)}
+${UNIFORM_STRUCT}
+@group(0) @binding(0) var<storage, read> q: array<${T}>;
+@group(0) @binding(1) var<storage, read> k: array<${T}>;
+@group(0) @binding(2) var<storage, read> v: array<${T}>;
+@group(0) @binding(3) var<storage, read_write> o: array<${T}>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(5) var<uniform> p: P;
+${helpers(hd, G, br4, bc4)}
+const NEG: f32 = -1.0e30;
+const BR: u32 = ${t.br}u;
+const BR4: u32 = ${br4}u;
+const BC: u32 = ${t.bc}u;
+const BC4: u32 = ${bc4}u;
+const NT: u32 = ${nt}u;
+const QT: u32 = ${hdp * br4}u;
+const KT: u32 = ${hdp * bc4}u;
+var<workgroup> qdt: array<vec4<f32>, ${hdp * br4}>;      // Q^T * scale: [HDP][BR4] swizzled
+var<workgroup> kvt: array<vec4<f32>, ${2 * hdp * bc4}>;  // K^T, then V^T: [HDP][BC4] swizzled
+var<workgroup> pt: array<vec4<f32>, ${t.br * bc4}>;      // P [BR][BC4] (vec4 over 4 keys of one row)
+var<workgroup> pmax: array<vec4<f32>, ${
+      bc4 * br4
+    }>;     // [BC4][BR4]: each thread's max over its 4 keys, 4 rows
+${loadRowsFn(false)}${loadKeysFn()}
+@compute @workgroup_size(${nt})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  // heavy (late) row blocks first: they have the most keys
+  let blk = p.row_blocks - 1u - wid.x;
+  let b = wid.y / p.Hkv;
+  let hk = wid.y % p.Hkv;
+  let nrows = p.T * G;
+  let r0 = blk * BR;
+  let r_last = min(r0 + BR, nrows) - 1u;
+  let p_lo = p.qoff + r0 / G;
+  let p_hi = p.qoff + r_last / G;
+  var k_begin = 0u;
+  if (p.window > 0u && p_lo + 1u > p.window) { k_begin = p_lo + 1u - p.window; }
+  let k_end = min(p_hi + 1u, p.kv_len);
+
+  // thread (ry, kx): scores of rows 4ry..4ry+3 x keys 4kx..4kx+3 of each tile, and the output of the same rows
+  // at dimensions kx + BC4 * c (so the row statistics it computes are the ones its outputs need)
+  let ry = lid / BC4;
+  let kx = lid % BC4;
+  let rows = vec4<u32>(r0 + 4u * ry) + vec4<u32>(0u, 1u, 2u, 3u);
+  let pos = vec4<u32>(p.qoff) + rows / vec4<u32>(G);
+  let rv = rows < vec4<u32>(nrows);
+  var m = vec4<f32>(NEG);   // running max of each row
+  var l = vec4<f32>(0.0);   // running sum of exp(score - m)
+${unroll(NDO, (c) => `  var acc${c} = vec4<f32>(0.0);  // dimension kx + ${bc4 * c}, component = row\n`)}
+  load_rows(b, hk, r0, nrows, lid);
+  for (var kt = k_begin; kt < k_end; kt += BC) {
+    load_keys(b, hk, kt, k_end, lid);
+    workgroupBarrier();
+
+    var s0 = vec4<f32>(0.0);
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
+    var s3 = vec4<f32>(0.0);
+${
+      contraction(hd, { arr: "qdt", off: "0u", ix: "qix", n4: "ry", mask: swizzleMask(br4) }, {
+        arr: "kvt",
+        off: "0u",
+        ix: "kix",
+        n4: "kx",
+        mask: swizzleMask(bc4),
+      })
+    }
+    // s{e}: row 4ry + e against keys 4kx..4kx+3; invisible keys get NEG
+    let keys = vec4<u32>(kt + 4u * kx) + vec4<u32>(0u, 1u, 2u, 3u);
+${
+      unroll(4, (e) =>
+        `    {
+      let ps = pos.${XYZW[e]};
+      let vis = vec4<bool>(rv.${XYZW[e]}) & (keys < vec4<u32>(k_end)) & (keys <= vec4<u32>(ps)) &
+        (vec4<bool>(p.window == 0u) | (keys + vec4<u32>(p.window) > vec4<u32>(ps)));
+      s${e} = select(vec4<f32>(NEG), s${e}, vis);
+    }
+`)
+    }    pmax[kx * BR4 + ry] = vec4<f32>(
+${unroll(4, (e) => `      max(max(s${e}.x, s${e}.y), max(s${e}.z, s${e}.w)),\n`)}    );
+    workgroupBarrier();
+    var mt = m;
+    for (var c = 0u; c < BC4; c++) { mt = max(mt, pmax[c * BR4 + ry]); }
+    // rows with no visible key so far keep m = NEG: their scores are NEG too, and the select below zeroes them
+    let alpha = exp(m - mt);
+    m = mt;
+${
+      unroll(4, (e) =>
+        `    pt[(4u * ry + ${e}u) * BC4 + kx] = select(vec4<f32>(0.0), exp(s${e} - vec4<f32>(m.${
+          XYZW[e]
+        })), s${e} > vec4<f32>(-1.0e29));\n`)
+    }    workgroupBarrier();
+
+    l *= alpha;
+${unroll(NDO, (c) => `    acc${c} *= alpha;\n`)}    for (var c4 = 0u; c4 < BC4; c4++) {
+${
+      unroll(4, (e) =>
+        `      let p${e} = pt[(4u * ry + ${e}u) * BC4 + c4];\n`)
+    }      l += vec4<f32>(dot(p0, vec4<f32>(1.0)), dot(p1, vec4<f32>(1.0)), dot(p2, vec4<f32>(1.0)), dot(p3, vec4<f32>(1.0)));
+${
+      unroll(NDO, (c) => {
+        const body = `
+        let vv = kvt[KT + kix(kx + ${bc4 * c}u, c4)];
+        acc${c} += vec4<f32>(dot(p0, vv), dot(p1, vv), dot(p2, vv), dot(p3, vv));`;
+        return dGuard ? `      if (kx + ${bc4 * c}u < HD) {${body}\n      }\n` : `      {${body}\n      }\n`;
+      })
+    }    }
+    workgroupBarrier();
+  }
+
+  let inv = select(vec4<f32>(0.0), vec4<f32>(1.0) / l, l > vec4<f32>(0.0));
+${
+      unroll(4, (e) =>
+        `  {
+    let R = r0 + 4u * ry + ${e}u;
+    if (R < nrows) {
+      let base = row_addr(b, hk, R);
+${
+          unroll(NDO, (c) =>
+            `      ${dGuard ? `if (kx + ${bc4 * c}u < HD) { ` : ""}o[base + kx + ${
+              bc4 * c
+            }u] = ${T}(acc${c}.${XYZW[e]} * inv.${XYZW[e]});${dGuard ? " }" : ""}\n`)
+        }      if (kx == 0u) {
+        lse[row_stat(b, hk, R)] = select(NEG, m.${XYZW[e]} + log(l.${XYZW[e]}), l.${XYZW[e]} > 0.0);
+      }
+    }
+  }
+`)
+    }}
+`,
+  };
+  fwdSpecs.set(key, spec);
+  return spec;
+}
+
+/** Forward attention (v2). Bindings: q, k, v (read), o (rw), lse (rw, f32 `[B, T, H]`). */
+export function attentionForwardV2(dtype: DType, s: AttentionShape, tiles: ForwardTilesV2): Launch {
+  validate(s);
+  const spec = forwardSpec(dtype, s.hd, s.H / s.Hkv, tiles);
+  const rowBlocks = ceilDiv(s.T * (s.H / s.Hkv), tiles.br);
+  return { spec, uniforms: packUniforms(s, rowBlocks), workgroups: [rowBlocks, s.B * s.Hkv, 1] };
 }
 
 // ---- dK / dV ------------------------------------------------------------------------------------------------
