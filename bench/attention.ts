@@ -57,17 +57,106 @@ export interface BenchOptions {
   quick: boolean;
 }
 
-function randomTensor(rt: Runtime, shape: number[], dtype: DType): Tensor {
-  const n = shape.reduce((a, b) => a * b, 1);
+function randomData(n: number, seed = 0x12345678): Float32Array {
   const data = new Float32Array(n);
-  let x = 0x12345678;
+  let x = seed;
   for (let i = 0; i < n; i++) {
     x ^= x << 13;
     x ^= x >>> 17;
     x ^= x << 5;
     data[i] = ((x >>> 0) / 4294967296 - 0.5) * 2;
   }
-  return rt.tensor(data, shape, dtype).keep();
+  return data;
+}
+
+function randomTensor(rt: Runtime, shape: number[], dtype: DType): Tensor {
+  return rt.tensor(randomData(shape.reduce((a, b) => a * b, 1)), shape, dtype).keep();
+}
+
+/**
+ * Correctness on the benchmark's own device and shape (B = 1, f32): the v2 kernels against v1 (forward output,
+ * log-sum-exp, dQ, dK, dV: max |v2 - v1| / max |v1|) and the forward against float64 on sampled rows. One row.
+ */
+async function checkV2(
+  rt: Runtime,
+  log: (row: Record<string, unknown>) => void,
+  common: Record<string, unknown>,
+  T: number,
+  H: number,
+  Hkv: number,
+  hd: number,
+): Promise<void> {
+  const G = H / Hkv, scale = 1 / Math.sqrt(hd);
+  const qd = randomData(T * H * hd, 0x9e3779b9), kd = randomData(T * Hkv * hd, 0x7f4a7c15);
+  const vd = randomData(T * Hkv * hd, 0x2545f491), gd = randomData(T * H * hd, 0x6a09e667);
+  await rt.scope(async () => {
+    const q = rt.tensor(qd, [1, T, H, hd]), k = rt.tensor(kd, [1, T, Hkv, hd]);
+    const v = rt.tensor(vd, [1, T, Hkv, hd]), g = rt.tensor(gd, [1, T, H, hd]);
+    const shape: AttentionShape = {
+      B: 1,
+      T,
+      H,
+      Hkv,
+      hd,
+      qoff: 0,
+      kvLen: T,
+      kvBatchStride: T * Hkv * hd,
+      window: 0,
+      scale,
+    };
+    const runs = (["v1", "v2"] as const).map((variant) => {
+      const { out, lse } = rt.noGrad(() => attentionWithLse(q, k, v, { forwardKernels: variant }));
+      const gr = attentionBackwardRaw(rt, "f32", shape, q, k, v, out, lse, g, { backwardKernels: variant });
+      return [out, lse, gr.dq!, gr.dk!, gr.dv!];
+    });
+    const reads = await rt.dev.readMany(
+      runs.flat().map((t) => ({ buffer: t.buffer, offset: 0, size: t.byteLength })),
+    );
+    const arrays = reads.map((b) => new Float32Array(b));
+    const names = ["o", "lse", "dq", "dk", "dv"];
+    const row: Record<string, unknown> = {
+      ...common,
+      op: "check",
+      what: "v2 vs v1 (B=1, f32)",
+      B: 1,
+      T,
+      H,
+      Hkv,
+      hd,
+    };
+    names.forEach((name, i) => {
+      const a = arrays[i], b = arrays[names.length + i];
+      let diff = 0, mag = 0;
+      for (let j = 0; j < a.length; j++) {
+        diff = Math.max(diff, Math.abs(a[j] - b[j]));
+        mag = Math.max(mag, Math.abs(a[j]));
+      }
+      row[`${name}_rel_maxdiff`] = +(diff / mag).toExponential(2);
+    });
+    // float64 forward of 16 sampled (token, head) rows against the v2 output
+    const o2 = arrays[names.length];
+    let worst = 0;
+    for (let s = 0; s < 16; s++) {
+      const t = Math.min(T - 1, Math.floor(((s + 0.5) / 16) * T)), h = (s * 7) % H, hk = Math.floor(h / G);
+      const qo = (t * H + h) * hd;
+      const sc: number[] = [];
+      for (let j = 0; j <= t; j++) {
+        let d = 0;
+        for (let e = 0; e < hd; e++) d += qd[qo + e] * kd[(j * Hkv + hk) * hd + e];
+        sc.push(d * scale);
+      }
+      const m = Math.max(...sc);
+      const w = sc.map((x) => Math.exp(x - m)), z = w.reduce((a, b) => a + b, 0);
+      for (let e = 0; e < hd; e++) {
+        let acc = 0;
+        for (let j = 0; j <= t; j++) acc += w[j] * vd[(j * Hkv + hk) * hd + e];
+        worst = Math.max(worst, Math.abs(acc / z - o2[qo + e]));
+      }
+    }
+    row.o_v2_vs_float64_maxabs = +worst.toExponential(2);
+    row.ok = worst < 1e-4 && names.every((n) => (row[`${n}_rel_maxdiff`] as number) < 1e-4);
+    log(row);
+  });
 }
 
 /**
@@ -194,6 +283,7 @@ export async function bench(
       backwardV2: chooseBackwardTiles(hd, limit),
     }),
   };
+  await checkV2(rt, log, common, T, H, Hkv, hd);
   for (const dtype of dtypes) {
     for (const B of batches) {
       const q = randomTensor(rt, [B, T, H, hd], dtype);
