@@ -32,7 +32,9 @@ function allSpecs(): KernelSpec[] {
           const tiles = attn2.chooseBackwardTiles(hd, limit);
           specs.push(attn2.attentionBackwardDqV2(dtype, { ...s, H }, tiles).spec);
           specs.push(attn2.attentionBackwardDkvV2(dtype, { ...s, H }, tiles).spec);
-          specs.push(attn2.attentionForwardV2(dtype, { ...s, H }, attn2.chooseForwardTilesV2(hd, limit)).spec);
+          specs.push(
+            attn2.attentionForwardV2(dtype, { ...s, H }, attn2.chooseForwardTilesV2(hd, limit)).spec,
+          );
         }
         for (const rows of [1, 8, 20]) {
           const tiles = attn.chooseDecodeTiles(hd, rows, limit);
