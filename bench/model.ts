@@ -2,7 +2,11 @@
  * Model-level throughput: prefill tokens/s (batch 1, 2048 tokens, full logits) and batch-1 greedy decode
  * tokens/s (128-token prompt, 256 new tokens, wall time of the whole generation including the prefill, as in
  * fixtures/reference/perf_baselines.md), for a random-init Llama-3.2-1B-shape teacher and its 50% Mamba2 hybrid;
- * optionally a distill-style training step (forward + backward + AdamW, Mamba parameters trainable).
+ * optionally training steps of the hybrid (forward + backward + AdamW, Mamba parameters trainable, batch 4 x
+ * 2048): `train_step` with the cross-entropy loss only (the PyTorch baseline's step), and `distill_step` which also
+ * runs the teacher forward (no gradients) and adds the KL term (alpha 1, beta 0.1, temperature 1: method.md stage
+ * 2). Both use the fused, chunked lm_head + loss (`runtime/ops/head_loss.ts`) on `CausalLM.hidden`, so the
+ * [8192, 128256] logits (4.2 GB f32) are never materialised. `peak_gib` is the buffer pool's high-water mark.
  *
  *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train] [--quick] [--out rows.jsonl]
  *
@@ -17,7 +21,8 @@ import { parseProviderPreference } from "../runtime/provider.ts";
 import { CausalLM } from "../models/causal_lm.ts";
 import { makeMamba2Config, parseTransformerConfig, type TransformerConfig } from "../models/config.ts";
 import { greedyResident } from "../models/generate.ts";
-import { crossEntropy } from "../runtime/ops/loss.ts";
+import { headLoss } from "../runtime/ops/head_loss.ts";
+import { LM_HEAD } from "../models/weights.ts";
 import { AdamW } from "../runtime/optim.ts";
 
 /** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
@@ -95,7 +100,18 @@ async function timeDecode(lm: CausalLM, promptLen: number, n: number, chunk: num
   return performance.now() - t0;
 }
 
-async function timeTrainStep(lm: CausalLM, B: number, T: number, reps: number): Promise<number[]> {
+/**
+ * Median-able times of `reps` training steps of `lm` on B x T tokens: hidden states, fused head + loss (CE, plus
+ * KL to `teacher`'s distribution when given; the teacher runs without gradients inside the step), backward,
+ * AdamW. Returns the step times and the pool's peak bytes.
+ */
+async function timeTrainStep(
+  lm: CausalLM,
+  B: number,
+  T: number,
+  reps: number,
+  teacher: CausalLM | null,
+): Promise<{ times: number[]; peakBytes: number }> {
   const rt = lm.rt;
   const params = lm.trainableParams();
   const opt = new AdamW(rt, params, { lr: 1e-5, betas: [0.9, 0.98], weightDecay: 0, maxGradNorm: 0.1 });
@@ -105,8 +121,16 @@ async function timeTrainStep(lm: CausalLM, B: number, T: number, reps: number): 
   for (let r = 0; r < reps; r++) {
     const t0 = performance.now();
     await rt.scope(async () => {
-      const { logits } = lm.forward(ids, B, T);
-      const { loss } = crossEntropy(logits, labels);
+      const th = teacher ? rt.noGrad(() => teacher.hidden(ids, B, T)) : undefined;
+      const h = lm.hidden(ids, B, T);
+      const { loss } = headLoss(h, lm.param(LM_HEAD), {
+        labels,
+        teacherHidden: th,
+        teacherW: teacher?.param(LM_HEAD),
+        alpha: 1,
+        beta: teacher ? 0.1 : 0,
+        temperature: 1,
+      });
       rt.backward(loss);
       opt.step();
       opt.zeroGrad();
@@ -115,7 +139,8 @@ async function timeTrainStep(lm: CausalLM, B: number, T: number, reps: number): 
     times.push(performance.now() - t0);
   }
   labels.dispose();
-  return times;
+  opt.dispose();
+  return { times, peakBytes: rt.pool.stats.peakBytes };
 }
 
 if (import.meta.main) {
@@ -170,16 +195,37 @@ if (import.meta.main) {
       }
       if (Deno.args.includes("--train") && which === "hybrid") {
         const B = quick ? 2 : 4;
-        const tr = await timeTrainStep(lm, B, T, quick ? 2 : 4);
-        const m = median(tr.slice(1));
+        const reps = quick ? 2 : 4;
+        const tr = await timeTrainStep(lm, B, T, reps, null);
+        const m = median(tr.times.slice(1));
         log({
           model: which,
           what: "train_step",
+          loss: "ce (fused head)",
           batch: B,
           seq: T,
           median_ms: +m.toFixed(1),
           tokens_per_s: Math.round(B * T / (m / 1000)),
+          peak_gib: +(tr.peakBytes / 2 ** 30).toFixed(2),
         });
+        // stage-2 distillation: the teacher (same shapes, all attention) runs inside the step without gradients
+        const teacher = CausalLM.random(rt, cfg, null, { seed: 11 });
+        try {
+          const ds = await timeTrainStep(lm, B, T, reps, teacher);
+          const md = median(ds.times.slice(1));
+          log({
+            model: which,
+            what: "distill_step",
+            loss: "ce + 0.1 kl (fused head), teacher forward included",
+            batch: B,
+            seq: T,
+            median_ms: +md.toFixed(1),
+            tokens_per_s: Math.round(B * T / (md / 1000)),
+            peak_gib: +(ds.peakBytes / 2 ** 30).toFixed(2),
+          });
+        } finally {
+          teacher.dispose();
+        }
       }
     } catch (e) {
       log({ model: which, error: String(e) });

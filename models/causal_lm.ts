@@ -329,13 +329,36 @@ export class CausalLM {
     seqLen: number,
     opts: { layerOutputs?: boolean } = {},
   ): ForwardOutput {
+    const layerOut: Tensor[] = [];
+    const x = this.#decoderStack("forward", ids, batch, seqLen, opts.layerOutputs ? layerOut : null);
+    const logits = this.#head(x);
+    return opts.layerOutputs ? { logits, layerOut } : { logits };
+  }
+
+  /**
+   * The final-normed hidden states `[B*T, D]` of a full-sequence forward, without the lm_head: the input of a
+   * fused head + loss (`runtime/ops/head_loss.ts`), which never materialises the `[B*T, V]` logits. Pair with
+   * `param("lm_head.weight")` (the embedding when tied). Differentiable like {@linkcode CausalLM.forward}.
+   */
+  hidden(ids: TokenIds, batch: number, seqLen: number): Tensor {
+    const x = this.#decoderStack("hidden", ids, batch, seqLen, null);
+    return rmsNorm(x, this.param(FINAL_NORM), this.config.rmsNormEps);
+  }
+
+  /** Embedding and decoder layers of a full-sequence forward (the residual stream before the final norm). */
+  #decoderStack(
+    what: string,
+    ids: TokenIds,
+    batch: number,
+    seqLen: number,
+    layerOut: Tensor[] | null,
+  ): Tensor {
     const c = this.config;
     const n = batch * seqLen;
     if ((ids instanceof Int32Array ? ids.length : ids.size) !== n) {
-      throw new Error(`forward: ${batch} x ${seqLen} ids expected`);
+      throw new Error(`${what}: ${batch} x ${seqLen} ids expected`);
     }
     let x = this.#embed(ids);
-    const layerOut: Tensor[] = [];
     for (let l = 0; l < c.numLayers; l++) {
       const p = layerPrefix(l);
       const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
@@ -344,10 +367,9 @@ export class CausalLM {
         : this.#mixer(p, u, batch, seqLen);
       const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
       x = add(h, this.#mlp(p, y));
-      if (opts.layerOutputs) layerOut.push(x);
+      layerOut?.push(x);
     }
-    const logits = this.#head(x);
-    return opts.layerOutputs ? { logits, layerOut } : { logits };
+    return x;
   }
 
   /** A decoding state for `batch` sequences of up to `maxLength` tokens. Dispose it with {@linkcode disposeState}. */

@@ -22,6 +22,15 @@ import {
   type KeyTiles,
   type RowTiles,
 } from "../../kernels/attention.ts";
+import {
+  attentionBackwardDkvV2,
+  attentionBackwardDqV2,
+  attentionForwardV2,
+  type BackwardTiles,
+  chooseBackwardTiles,
+  chooseForwardTilesV2,
+  type ForwardTilesV2,
+} from "../../kernels/attention_v2.ts";
 import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
 import type { Runtime } from "../runtime.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
@@ -33,9 +42,34 @@ export interface AttentionOptions {
   scale?: number;
   /** Sliding window (keys j with `i - window < j <= i`); 0 or absent for full causal attention. */
   window?: number;
-  /** Tile overrides (tests exercise several; default: the fastest that fits the device). */
-  tiles?: { forward?: RowTiles; dq?: RowTiles; dkv?: KeyTiles };
+  /**
+   * Tile overrides (tests exercise several; default: the fastest that fits the device). `forward`, `dq`, `dkv`
+   * apply to the v1 kernels, `forwardV2` and `backward` to the v2 kernels.
+   */
+  tiles?: {
+    forward?: RowTiles;
+    dq?: RowTiles;
+    dkv?: KeyTiles;
+    forwardV2?: ForwardTilesV2;
+    backward?: BackwardTiles;
+  };
+  /**
+   * Forward kernel: "v2" (default; `kernels/attention_v2.ts`) or "v1" (`kernels/attention.ts`, which decoding
+   * keeps using for its key-split partials).
+   */
+  forwardKernels?: AttentionBackwardKernels;
+  /**
+   * Backward kernels: "v2" (default; `kernels/attention_v2.ts`, register-resident micro-tiles) or "v1"
+   * (`kernels/attention.ts`, kept so benchmarks can compare both in one run).
+   */
+  backwardKernels?: AttentionBackwardKernels;
 }
+
+/**
+ * Which generation of the attention kernels runs (see {@linkcode AttentionOptions.forwardKernels} and
+ * {@linkcode AttentionOptions.backwardKernels}).
+ */
+export type AttentionBackwardKernels = "v1" | "v2";
 
 /** Output and saved log-sum-exp of {@linkcode attentionWithLse}. */
 export interface AttentionResult {
@@ -101,8 +135,9 @@ export function attentionWithLse(
   };
   const out = rt.empty(q.shape, q.dtype);
   const lse = rt.empty([B, T, H], "f32");
-  const fwdTiles = opts.tiles?.forward ?? chooseForwardTiles(hd, storageLimit(rt));
-  const f = attentionForward(q.dtype, shape, fwdTiles);
+  const f = (opts.forwardKernels ?? "v2") === "v2"
+    ? attentionForwardV2(q.dtype, shape, opts.tiles?.forwardV2 ?? chooseForwardTilesV2(hd, storageLimit(rt)))
+    : attentionForward(q.dtype, shape, opts.tiles?.forward ?? chooseForwardTiles(hd, storageLimit(rt)));
   rt.dev.dispatch(
     f.spec,
     [q.binding, k.binding, v.binding, out.binding, lse.binding],
@@ -126,7 +161,8 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOption
 
 /**
  * The input gradients of attention from O, LSE and dO (FlashAttention-2 backward): delta = rowsum(dO * O), then
- * dQ (one workgroup per row block) and dK/dV (one per key block). `need` skips dQ or dK/dV (returned as null).
+ * dQ (one workgroup per row block) and dK/dV (one per key block, looping over every query head of its group).
+ * `need` skips dQ or dK/dV (returned as null); `opts.backwardKernels` picks the kernel generation.
  */
 export function attentionBackwardRaw(
   rt: Runtime,
@@ -146,10 +182,14 @@ export function attentionBackwardRaw(
   const dl = attentionBackwardDelta(dtype, B * T * H, hd);
   rt.dev.dispatch(dl.spec, [out.binding, gOut.binding, delta.binding], dl.workgroups, dl.uniforms);
   const limit = storageLimit(rt);
+  const v2 = (opts.backwardKernels ?? "v2") === "v2";
+  const v2Tiles = opts.tiles?.backward ?? chooseBackwardTiles(hd, limit);
   let dq: Tensor | null = null, dk: Tensor | null = null, dv: Tensor | null = null;
   if (need.dq) {
     dq = rt.empty(q.shape, dtype);
-    const a = attentionBackwardDq(dtype, shape, opts.tiles?.dq ?? chooseDqTiles(hd, limit));
+    const a = v2
+      ? attentionBackwardDqV2(dtype, shape, v2Tiles)
+      : attentionBackwardDq(dtype, shape, opts.tiles?.dq ?? chooseDqTiles(hd, limit));
     rt.dev.dispatch(
       a.spec,
       [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dq.binding],
@@ -160,7 +200,9 @@ export function attentionBackwardRaw(
   if (need.dkv) {
     dk = rt.empty(k.shape, dtype);
     dv = rt.empty(v.shape, dtype);
-    const c = attentionBackwardDkv(dtype, shape, opts.tiles?.dkv ?? chooseDkvTiles(hd, limit));
+    const c = v2
+      ? attentionBackwardDkvV2(dtype, shape, v2Tiles)
+      : attentionBackwardDkv(dtype, shape, opts.tiles?.dkv ?? chooseDkvTiles(hd, limit));
     rt.dev.dispatch(
       c.spec,
       [q.binding, k.binding, v.binding, gOut.binding, lse.binding, delta.binding, dk.binding, dv.binding],

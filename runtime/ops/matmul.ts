@@ -7,6 +7,11 @@
  * operands (weights) are written straight into `leaf.grad`, accumulating when it exists, which saves a
  * weight-sized temporary and an add per backward.
  *
+ * Operands larger than one storage binding (`maxStorageBufferBindingSize`, 2 GiB on the H200; e.g. an lm_head
+ * output of 8192 x 128256 f32 = 4.2 GB) are processed in blocks bound at aligned offsets: blocks of M rows for
+ * `op(A) = A` (the forward of `linear` and its dX), blocks of K with accumulation when A is stored transposed
+ * (the weight gradient `dW = dY^T X`). See {@linkcode splitRows}.
+ *
  * @module
  */
 import {
@@ -17,8 +22,10 @@ import {
   pickMatmulConfig,
 } from "../../kernels/matmul.ts";
 import { GEMV_MAX_ROWS, gemvKernel } from "../../kernels/gemv.ts";
+import { dtypeBytes } from "../../kernels/kernel.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
 import type { Runtime } from "../runtime.ts";
+import type { BufferSlice } from "../device.ts";
 
 /** Options of {@linkcode matmul}. */
 export interface MatmulOptions {
@@ -30,6 +37,73 @@ export interface MatmulOptions {
   alpha?: number;
   /** Tile configuration (default: chosen by size). */
   config?: MatmulConfig;
+  /** Largest slice bound at once (default: the device's storage binding limit); tests lower it. */
+  maxBindingBytes?: number;
+}
+
+/** Options of {@linkcode linear}. */
+export interface LinearOptions {
+  /** Largest slice bound at once (default: the device's storage binding limit); tests lower it. */
+  maxBindingBytes?: number;
+}
+
+/** One block of a row split: rows `row0 .. row0 + rows - 1` of every tensor. */
+export interface RowSplit {
+  /** First row. */
+  row0: number;
+  /** Rows in the block. */
+  rows: number;
+}
+
+/**
+ * Splits `rows` rows of several row-major tensors (row `i` of tensor `t` is `rowBytes[t]` bytes) into blocks
+ * whose slices each fit `limit` bytes and start at multiples of `align` bytes in every tensor. Throws when a
+ * block of the smallest aligned row count would not fit.
+ */
+export function splitRows(
+  rows: number,
+  rowBytes: readonly number[],
+  limit: number,
+  align: number,
+): RowSplit[] {
+  let step = 1;
+  for (const rb of rowBytes) step = lcm(step, align / gcd(rb, align));
+  const widest = Math.max(...rowBytes);
+  let per = Math.floor(limit / widest);
+  per -= per % step;
+  if (per < step) {
+    if (rows * widest <= limit) per = rows;
+    else {
+      throw new Error(
+        `matmul: cannot split rows of ${
+          rowBytes.join("/")
+        } bytes into ${limit}-byte bindings at ${align}-byte ` +
+          `aligned offsets (${step} rows per aligned step)`,
+      );
+    }
+  }
+  const out: RowSplit[] = [];
+  for (let r0 = 0; r0 < rows; r0 += per) out.push({ row0: r0, rows: Math.min(per, rows - r0) });
+  return out;
+}
+
+function gcd(a: number, b: number): number {
+  while (b) [a, b] = [b, a % b];
+  return a;
+}
+
+function lcm(a: number, b: number): number {
+  return (a / gcd(a, b)) * b;
+}
+
+function bindingLimit(rt: Runtime, maxBindingBytes?: number): number {
+  return Math.min(rt.dev.limits.maxStorageBufferBindingSize, maxBindingBytes ?? Infinity);
+}
+
+/** Bytes `row0 .. row0 + rows` of a row-major tensor with `rowElems` elements per row, as a binding. */
+function rowSlice(t: Tensor, rowElems: number, row0: number, rows: number): BufferSlice {
+  const rb = rowElems * dtypeBytes(t.dtype);
+  return { buffer: t.buffer, offset: row0 * rb, size: Math.ceil((rows * rb) / 4) * 4 };
 }
 
 /** Most tokens for which {@linkcode linear} uses the GEMV kernel instead of the tiled matmul. */
@@ -89,6 +163,7 @@ function dispatchMatmul(
   layout: Omit<MatmulLayout, "dtype">,
   alpha: number,
   config?: MatmulConfig,
+  maxBindingBytes?: number,
 ): void {
   let { m, batch } = g;
   const { n, k } = g;
@@ -100,9 +175,60 @@ function dispatchMatmul(
     batch = 1;
     strideA = strideC = 0;
   }
-  const shape: MatmulShape = { m, n, k, batch, strideA, strideB, strideC, alpha };
-  const l = matmulKernel(shape, { ...layout, dtype: c.dtype }, config ?? pickMatmulConfig(m, n, batch));
-  rt.dev.dispatch(l.spec, [a.binding, b.binding, c.binding], l.workgroups, l.uniforms);
+  const limit = bindingLimit(rt, maxBindingBytes);
+  const fits = (t: Tensor) => t.paddedByteLength <= limit;
+  if (fits(a) && fits(b) && fits(c)) {
+    const shape: MatmulShape = { m, n, k, batch, strideA, strideB, strideC, alpha };
+    const l = matmulKernel(shape, { ...layout, dtype: c.dtype }, config ?? pickMatmulConfig(m, n, batch));
+    rt.dev.dispatch(l.spec, [a.binding, b.binding, c.binding], l.workgroups, l.uniforms);
+    return;
+  }
+  const align = rt.dev.limits.minStorageBufferOffsetAlignment;
+  const el = dtypeBytes(c.dtype);
+  const too = () =>
+    new Error(
+      `matmul: ${shapeStr(a.shape)}${layout.transA ? "^T" : ""} x ${shapeStr(b.shape)}${
+        layout.transB ? "^T" : ""
+      } -> ${
+        shapeStr(c.shape)
+      } exceeds the ${limit}-byte storage binding limit in a way that cannot be split ` +
+        `(supported: 2-D products split along M when A is not transposed, or along K when A is transposed and ` +
+        `B is not)`,
+    );
+  if (batch !== 1) throw too();
+  if (!layout.transA) {
+    // rows of op(A) = A and of C are contiguous: blocks of M rows, B bound whole
+    if (!fits(b)) throw too();
+    for (const blk of splitRows(m, [k * el, n * el], limit, align)) {
+      const shape: MatmulShape = { m: blk.rows, n, k, batch: 1, strideA: 0, strideB: 0, strideC: 0, alpha };
+      const l = matmulKernel(
+        shape,
+        { ...layout, dtype: c.dtype },
+        config ?? pickMatmulConfig(blk.rows, n, 1),
+      );
+      rt.dev.dispatch(
+        l.spec,
+        [rowSlice(a, k, blk.row0, blk.rows), b.binding, rowSlice(c, n, blk.row0, blk.rows)],
+        l.workgroups,
+        l.uniforms,
+      );
+    }
+    return;
+  }
+  // A stored [K, M] and B [K, N]: rows of both are steps of K, so C (bound whole) accumulates blocks of K
+  if (layout.transB || !fits(c)) throw too();
+  const blocks = splitRows(k, [m * el, n * el], limit, align);
+  const cfg = config ?? pickMatmulConfig(m, n, 1);
+  blocks.forEach((blk, i) => {
+    const shape: MatmulShape = { m, n, k: blk.rows, batch: 1, strideA: 0, strideB: 0, strideC: 0, alpha };
+    const l = matmulKernel(shape, { ...layout, accumulate: layout.accumulate || i > 0, dtype: c.dtype }, cfg);
+    rt.dev.dispatch(
+      l.spec,
+      [rowSlice(a, m, blk.row0, blk.rows), rowSlice(b, n, blk.row0, blk.rows), c.binding],
+      l.workgroups,
+      l.uniforms,
+    );
+  });
 }
 
 /**
@@ -151,6 +277,7 @@ function gradProduct(
   transQ: boolean,
   alpha: number,
   sumBatch: boolean,
+  maxBindingBytes?: number,
 ): Tensor | null {
   const rt = target.rt;
   const g = geometry(p, q, transP, transQ, "matmul backward");
@@ -160,7 +287,17 @@ function gradProduct(
   if (sumBatch && g.batch > 1) {
     dispatchBatchSum(rt, p, q, out, g, { transA: transP, transB: transQ }, alpha, accumulate);
   } else {
-    dispatchMatmul(rt, p, q, out, g, { transA: transP, transB: transQ, accumulate }, alpha);
+    dispatchMatmul(
+      rt,
+      p,
+      q,
+      out,
+      g,
+      { transA: transP, transB: transQ, accumulate },
+      alpha,
+      undefined,
+      maxBindingBytes,
+    );
   }
   return leaf ? null : out;
 }
@@ -175,7 +312,8 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
   const transA = opts.transA ?? false, transB = opts.transB ?? false, alpha = opts.alpha ?? 1;
   const g = geometry(a, b, transA, transB, "matmul");
   const c = rt.empty(g.out, a.dtype);
-  dispatchMatmul(rt, a, b, c, g, { transA, transB, accumulate: false }, alpha, opts.config);
+  const mb = opts.maxBindingBytes;
+  dispatchMatmul(rt, a, b, c, g, { transA, transB, accumulate: false }, alpha, opts.config, mb);
   rt.record("matmul", [a, b], [c], ([dc]) => {
     if (!dc) return [null, null];
     let da: Tensor | null = null, db: Tensor | null = null;
@@ -184,16 +322,16 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
     if (a.requiresGrad) {
       da = transA
         // dA (stored [K, M]) = op(B) dC^T
-        ? gradProduct(a, b, dc, transB, true, alpha, sumA)
+        ? gradProduct(a, b, dc, transB, true, alpha, sumA, mb)
         // dA ([M, K]) = dC op(B)^T
-        : gradProduct(a, dc, b, false, !transB, alpha, sumA);
+        : gradProduct(a, dc, b, false, !transB, alpha, sumA, mb);
     }
     if (b.requiresGrad) {
       db = transB
         // dB (stored [N, K]) = dC^T op(A)
-        ? gradProduct(b, dc, a, true, transA, alpha, sumB)
+        ? gradProduct(b, dc, a, true, transA, alpha, sumB, mb)
         // dB ([K, N]) = op(A)^T dC
-        : gradProduct(b, a, dc, !transA, false, alpha, sumB);
+        : gradProduct(b, a, dc, !transA, false, alpha, sumB, mb);
     }
     return [da, db];
   });
@@ -224,6 +362,7 @@ export function matmulInto(
     { transA, transB, accumulate: opts.accumulate ?? false },
     opts.alpha ?? 1,
     opts.config,
+    opts.maxBindingBytes,
   );
 }
 
@@ -232,7 +371,7 @@ export function matmulInto(
  * take the GEMV kernel, which streams W once at memory bandwidth; more take the tiled matmul. The weight
  * gradient `dW = dY^T X` accumulates straight into `W.grad`.
  */
-export function linear(x: Tensor, w: Tensor): Tensor {
+export function linear(x: Tensor, w: Tensor, opts: LinearOptions = {}): Tensor {
   const rt = x.rt;
   if (w.shape.length !== 2 || x.dim(-1) !== w.shape[1] || x.dtype !== w.dtype) {
     throw new Error(`linear: input ${x} does not match weight ${w} (expected [..., ${w.shape[1]}])`);
@@ -241,12 +380,13 @@ export function linear(x: Tensor, w: Tensor): Tensor {
   const tokens = x.size / nIn;
   const outShape = [...x.shape.slice(0, -1), nOut];
   const y = rt.empty(outShape, x.dtype);
+  const mb = opts.maxBindingBytes;
   if (tokens <= Math.min(LINEAR_GEMV_MAX_TOKENS, GEMV_MAX_ROWS) && tokens >= 1) {
     const l = gemvKernel(x.dtype, tokens, nOut, nIn);
     rt.dev.dispatch(l.spec, [x.binding, w.binding, y.binding], l.workgroups, l.uniforms);
   } else {
     const g: Geometry = { m: tokens, n: nOut, k: nIn, batch: 1, aBatched: false, bBatched: false, out: [] };
-    dispatchMatmul(rt, x, w, y, g, { transA: false, transB: true, accumulate: false }, 1);
+    dispatchMatmul(rt, x, w, y, g, { transA: false, transB: true, accumulate: false }, 1, undefined, mb);
   }
   rt.record("linear", [x, w], [y], ([dy]) => {
     if (!dy) return [null, null];
@@ -255,16 +395,26 @@ export function linear(x: Tensor, w: Tensor): Tensor {
     if (x.requiresGrad) {
       // dX [T, in] = dY [T, out] W [out, in]
       dx = rt.empty(x.shape, x.dtype);
-      dispatchMatmul(rt, dy2, w, dx, geometry(dy2, w, false, false, "linear backward"), {
-        transA: false,
-        transB: false,
-        accumulate: false,
-      }, 1);
+      dispatchMatmul(
+        rt,
+        dy2,
+        w,
+        dx,
+        geometry(dy2, w, false, false, "linear backward"),
+        {
+          transA: false,
+          transB: false,
+          accumulate: false,
+        },
+        1,
+        undefined,
+        mb,
+      );
     }
     if (w.requiresGrad) {
       // dW [out, in] = dY^T [out, T] X [T, in]
       const x2 = x.view([tokens, nIn]);
-      dw = gradProduct(w, dy2, x2, true, false, 1, false);
+      dw = gradProduct(w, dy2, x2, true, false, 1, false, mb);
       x2.dispose();
     }
     dy2.dispose();

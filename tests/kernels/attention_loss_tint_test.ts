@@ -5,9 +5,11 @@
  * NaN is a shader-creation error there and compiles fine here.
  */
 import * as attn from "../../kernels/attention.ts";
+import * as attn2 from "../../kernels/attention_v2.ts";
 import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
 import * as ce from "../../kernels/cross_entropy.ts";
 import * as lp from "../../kernels/logprobs.ts";
+import * as hl from "../../kernels/head_loss.ts";
 import type { DType, KernelSpec } from "../../kernels/kernel.ts";
 import { gpuTestOptions } from "../helpers/gpu.ts";
 
@@ -25,6 +27,15 @@ function allSpecs(): KernelSpec[] {
         );
         specs.push(attn.attentionBackwardDq(dtype, s, attn.chooseDqTiles(hd, limit)).spec);
         specs.push(attn.attentionBackwardDkv(dtype, s, attn.chooseDkvTiles(hd, limit)).spec);
+        // v2 backward: GQA ratios 1, 2 (here), 4 (the Llama shape) are separate compile-time variants
+        for (const H of [2, 4, 8]) {
+          const tiles = attn2.chooseBackwardTiles(hd, limit);
+          specs.push(attn2.attentionBackwardDqV2(dtype, { ...s, H }, tiles).spec);
+          specs.push(attn2.attentionBackwardDkvV2(dtype, { ...s, H }, tiles).spec);
+          specs.push(
+            attn2.attentionForwardV2(dtype, { ...s, H }, attn2.chooseForwardTilesV2(hd, limit)).spec,
+          );
+        }
         for (const rows of [1, 8, 20]) {
           const tiles = attn.chooseDecodeTiles(hd, rows, limit);
           specs.push(planDecodeAttention(dtype, { ...s, T: 1, qoff: 7 }, tiles, 1000).forward.spec);
@@ -44,14 +55,18 @@ function allSpecs(): KernelSpec[] {
     specs.push(lp.tokenLogprobForward(dtype, 1, 0, 10).spec);
     specs.push(lp.tokenLogprobBackward(dtype, 1, 0, 10).spec);
     specs.push(lp.argmaxRows(dtype, 1, 0, 10).spec);
+    specs.push(hl.scaleByScalar(dtype, 10, false).spec, hl.scaleByScalar(dtype, 10, true).spec);
   }
   specs.push(
     ce.distillLossReduce(4, 1, 1, true).spec,
     lp.maskedRowSum(1, 4).spec,
     lp.maskedRowSumBackward(1, 4).spec,
+    hl.tokenWeightTotal(4, true, true).spec,
   );
   return [...new Map(specs.map((s) => [s.key, s])).values()];
 }
+
+let dawnGpu: GPU | null = null;
 
 Deno.test(
   "attention/loss kernels: every WGSL variant compiles with Dawn's Tint",
@@ -63,7 +78,9 @@ Deno.test(
       for (const [k, v] of Object.entries(mod.globals as Record<string, unknown>)) {
         if (!(k in globalThis)) (globalThis as Record<string, unknown>)[k] = v;
       }
-      const adapter = await mod.create(["backend=null"]).requestAdapter();
+      // keep Dawn's GPU object referenced while the device lives: collecting it crashes the binding
+      dawnGpu = mod.create(["backend=null"]);
+      const adapter = await dawnGpu.requestAdapter();
       if (!adapter) throw new Error("no null adapter");
       device = await adapter.requestDevice({
         requiredFeatures: adapter.features.has("shader-f16") ? ["shader-f16"] : [],

@@ -9,6 +9,14 @@ import {
   forwardSharedBytes,
 } from "../../kernels/attention.ts";
 import {
+  backwardSharedBytes,
+  type BackwardTiles,
+  chooseBackwardTiles,
+  chooseForwardTilesV2,
+  forwardSharedBytesV2,
+  type ForwardTilesV2,
+} from "../../kernels/attention_v2.ts";
+import {
   assertClose,
   dot,
   finiteDifference,
@@ -135,10 +143,25 @@ Deno.test("attention backward: dq, dk, dv vs float64 analytic gradients", gpuTes
   ], true);
 });
 
+Deno.test(
+  "attention backward v1 kernels (kept for benchmarks): dq, dk, dv vs float64",
+  gpuTestOptions,
+  async () => {
+    const v1 = { backwardKernels: "v1" as const };
+    await checkCases("attn-bwd-v1", [
+      { B: 2, T: 33, H: 4, Hkv: 2, hd: 16, opts: v1 },
+      { B: 1, T: 45, H: 8, Hkv: 2, hd: 16, window: 9, opts: v1 },
+      { B: 1, T: 21, H: 2, Hkv: 1, hd: 64, opts: v1 },
+      { B: 1, T: 13, H: 3, Hkv: 1, hd: 6, opts: v1 },
+    ], true);
+  },
+);
+
 Deno.test("attention: every tile configuration gives the same answer", gpuTestOptions, async () => {
   const rt = await testRuntime();
   const limit = rt.dev.limits.maxComputeWorkgroupStorageSize;
-  const configs: AttentionOptions["tiles"][] = [
+  // v1 backward kernels (kept for comparison benchmarks) with their own tiles
+  const v1: AttentionOptions["tiles"][] = [
     {
       forward: { br: 8, bc: 8, tm: 1, tn: 4 },
       dq: { br: 8, bc: 8, tm: 1, tn: 4 },
@@ -155,23 +178,65 @@ Deno.test("attention: every tile configuration gives the same answer", gpuTestOp
       dkv: { bc: 32, br: 16, tk: 8, tr: 8 },
     },
   ];
-  // the default choices fit this device's workgroup memory, and the H200's 48 KiB gets the large forward tile
+  // v2 backward tiles: the smallest, both rectangles and 32x32 (the H200's choice at hd 64); each is two
+  // compiled kernels per GQA ratio, and llvmpipe compiles the unrolled code slowly, so not every table entry
+  const v2: BackwardTiles[] = [
+    { br: 4, bc: 8 },
+    { br: 16, bc: 16 },
+    { br: 32, bc: 16 },
+    { br: 16, bc: 32 },
+    { br: 32, bc: 32 },
+  ];
+  // the default choices fit this device's workgroup memory, and the H200's 48 KiB gets the large tiles
   for (const hd of [8, 16, 64, 128]) {
     assert.ok(forwardSharedBytes(hd, chooseForwardTiles(hd, limit)) <= limit, `forward tiles for hd ${hd}`);
     assert.ok(dqSharedBytes(hd, chooseDqTiles(hd, limit)) <= limit, `dq tiles for hd ${hd}`);
     assert.ok(dkvSharedBytes(hd, chooseDkvTiles(hd, limit)) <= limit, `dkv tiles for hd ${hd}`);
+    assert.ok(backwardSharedBytes(hd, chooseBackwardTiles(hd, limit)) <= limit, `v2 tiles for hd ${hd}`);
+    assert.ok(
+      forwardSharedBytesV2(hd, chooseForwardTilesV2(hd, limit)) <= limit,
+      `v2 fwd tiles for hd ${hd}`,
+    );
   }
   assert.deepEqual(chooseForwardTiles(64, 49152), { br: 64, bc: 64, tm: 4, tn: 8 });
+  assert.deepEqual(chooseBackwardTiles(64, 49152), { br: 32, bc: 32 });
+  assert.deepEqual(chooseForwardTilesV2(64, 49152), { br: 64, bc: 32 });
   // (the remaining defaults of the tables are exercised by the hd 16/64/128 cases above on this adapter)
-  const cases: Case[] = configs.map((tiles, i) => ({
+  const cases: Case[] = v1.map((tiles, i) => ({
     B: 1,
     T: 29 + 6 * i,
     H: 4,
     Hkv: 2,
     hd: 16,
     window: i === 0 ? 11 : 0,
-    opts: { tiles },
+    opts: { tiles, forwardKernels: "v1" as const, backwardKernels: "v1" as const },
   }));
+  // v2 forward tiles, each with the v2 backward (64x32 is the H200's choice at hd 64)
+  const v2f: ForwardTilesV2[] = [{ br: 8, bc: 8 }, { br: 32, bc: 16 }, { br: 64, bc: 32 }];
+  v2f.forEach((forwardV2, i) => {
+    cases.push({
+      B: 1,
+      T: 19 + 11 * i,
+      H: 2 * [4, 1, 2][i],
+      Hkv: 2,
+      hd: i === 1 ? 20 : 16,
+      window: i === 0 ? 6 : 0,
+      opts: { tiles: { forwardV2 }, forwardKernels: "v2" },
+    });
+  });
+  v2.forEach((backward, i) => {
+    // GQA ratios 1, 2 and 4, lengths that leave partial row and key tiles, one window, hd off the dim split
+    const G = [1, 2, 4][i % 3];
+    cases.push({
+      B: i === 4 ? 2 : 1,
+      T: 23 + 7 * i,
+      H: 2 * G,
+      Hkv: 2,
+      hd: i === 1 ? 12 : 16,
+      window: i === 2 ? 13 : 0,
+      opts: { tiles: { backward }, backwardKernels: "v2" },
+    });
+  });
   await checkCases("attn-tiles", cases, true);
 });
 

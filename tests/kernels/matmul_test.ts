@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { matmul, matmulInto } from "../../runtime/ops/matmul.ts";
+import { linear, matmul, matmulInto } from "../../runtime/ops/matmul.ts";
 import {
   MATMUL_SMALL,
   MATMUL_SWEEP,
@@ -312,3 +312,76 @@ Deno.test("matmul rejects mismatched shapes with a message naming both", gpuTest
     assert.throws(() => matmul(rt.empty([2, 3, 4]), rt.empty([3, 4, 6])), /batch sizes differ/);
   });
 });
+
+Deno.test(
+  "linear and matmul beyond the storage binding limit (lowered): M blocks forward/dX, K blocks for dW, vs float64",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("matmul-split");
+    // [tokens, in] x [out, in]^T with a binding limit below x, y and dY but above W and dW, so the forward and
+    // dX run in blocks of rows and dW accumulates blocks of tokens. The odd case (in = 63: 252-byte rows) needs
+    // 64-row steps to keep every slice offset 256-byte aligned, and exercises the scalar (non-vec4) loads.
+    const cases = [
+      { T: 150, nIn: 64, nOut: 12, limit: 4096, dtype: "f32" as const },
+      { T: 300, nIn: 63, nOut: 12, limit: 16384, dtype: "f32" as const },
+      { T: 70, nIn: 64, nOut: 16, limit: 4096, dtype: "f16" as const },
+    ].filter((c) => c.dtype === "f32" || rt.dev.features.f16);
+    await rt.scope(async () => {
+      const pending = cases.map((c) => {
+        const r16 = (a: Float64Array) => c.dtype === "f16" ? a.map((x) => Float16Array.of(x)[0]) : a;
+        const x = r16(randn(rng, c.T * c.nIn)), w = r16(randn(rng, c.nOut * c.nIn));
+        const g = r16(randn(rng, c.T * c.nOut));
+        const tx = rt.tensor(x, [c.T, c.nIn], c.dtype), tw = rt.tensor(w, [c.nOut, c.nIn], c.dtype);
+        assert.ok(tx.byteLength > c.limit && tw.byteLength <= c.limit, "the case must need splitting");
+        tx.requiresGrad = tw.requiresGrad = true;
+        const y = linear(tx, tw, { maxBindingBytes: c.limit });
+        rt.backward(y, rt.tensor(g, y.shape, c.dtype));
+        // the generic matmul with A transposed (stored [K, M]) splits along K in its forward
+        const xt = rt.tensor(x, [c.T, c.nIn], c.dtype);
+        const z = matmul(xt, rt.tensor(g, [c.T, c.nOut], c.dtype), {
+          transA: true,
+          maxBindingBytes: c.limit,
+        });
+        return { c, x, w, g, reads: Promise.all([y.read(), tx.grad!.read(), tw.grad!.read(), z.read()]) };
+      });
+      for (const p of pending) {
+        const { T, nIn, nOut } = p.c;
+        const [y, dx, dw, z] = await p.reads;
+        const tol = p.c.dtype === "f16" ? F16_TOL : tolF32(Math.max(nIn, T));
+        const name = `${p.c.dtype} ${T}x${nIn}->${nOut} limit ${p.c.limit}`;
+        const wT = { data: p.w, batched: false, trans: true };
+        assertClose(
+          y,
+          refMatmul({ data: p.x, batched: false, trans: false }, wT, 1, T, nOut, nIn),
+          tol,
+          `${name} y`,
+        );
+        const gOp = { data: p.g, batched: false, trans: false };
+        const wOp = { data: p.w, batched: false, trans: false };
+        assertClose(dx, refMatmul(gOp, wOp, 1, T, nIn, nOut), tol, `${name} dX`);
+        const gT = { data: p.g, batched: false, trans: true };
+        const xOp = { data: p.x, batched: false, trans: false };
+        // f16 dW accumulates its K blocks through f16 storage: each of the 9 blocks rounds the running sum
+        // (|dW| up to ~25, half an ulp there is 0.008), so the absolute floor is a few ulps
+        const dwTol = p.c.dtype === "f16" ? { rtol: 1e-2, atol: 4e-2 } : tol;
+        assertClose(dw, refMatmul(gT, xOp, 1, nOut, nIn, T), dwTol, `${name} dW`);
+        const xT = { data: p.x, batched: false, trans: true };
+        assertClose(z, refMatmul(xT, gOp, 1, nIn, nOut, T), dwTol, `${name} x^T g`);
+      }
+    });
+  },
+);
+
+Deno.test(
+  "matmul beyond the binding limit: unsplittable layouts name the limit",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    rt.scope(() => {
+      // B (the weight) alone exceeds the limit: it is always bound whole
+      const x = rt.zeros([8, 64]), w = rt.zeros([64, 64]);
+      assert.throws(() => linear(x, w, { maxBindingBytes: 4096 }), /4096-byte storage binding limit/);
+    });
+  },
+);
