@@ -68,9 +68,15 @@ export function formatStageList(registry: StageRegistry, includeTestOnly: boolea
     return "no stage kinds are registered yet" + (includeTestOnly ? "" : " (test-only kinds: --all)") + "\n";
   }
   const w = Math.max(...kinds.map((k) => k.kind.length));
-  const lines = kinds.map((k) => `  ${k.kind.padEnd(w)}  ${k.doc.split(/(?<=\.)\s/)[0]}`);
+  const lines = kinds.map((k) => `  ${k.kind.padEnd(w)}  ${firstSentence(k.doc)}`);
   return "stage kinds (details: distillery stages <kind>):\n" + lines.join("\n") + "\n" +
     (includeTestOnly ? "" : "(test-only kinds are hidden; --all shows them)\n");
+}
+
+/** The first sentence of a doc string: up to a period followed by a space, not counting "e.g." / "i.e.". */
+function firstSentence(doc: string): string {
+  const m = /^(.*?(?<!\b(?:e\.g|i\.e|etc|vs))\.)\s/s.exec(doc);
+  return m ? m[1] : doc;
 }
 
 /** Documentation of the recipe format's `settings:` block. */
