@@ -403,6 +403,40 @@ export class CausalLM {
   }
 
   /**
+   * The decoder stack for `n` new tokens per sequence at position `start`: attention layers append to their KV
+   * caches and attend over them; Mamba layers run `mamba(layer, prefix, input)` (a recurrent step, or the
+   * speculative verification kernels). Returns the last layer's output [B*n, D].
+   */
+  #decodeLayers(
+    ids: TokenIds,
+    B: number,
+    n: number,
+    kv: Map<number, KvCache>,
+    start: number,
+    mamba: (l: number, p: string, u: Tensor) => Tensor,
+  ): Tensor {
+    const c = this.config;
+    let x = this.#embed(ids);
+    for (let l = 0; l < c.numLayers; l++) {
+      const p = layerPrefix(l);
+      const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
+      let mix: Tensor;
+      if (this.isAttentionLayer(l)) {
+        const cache = kv.get(l)!;
+        const { q, k, v } = this.#qkv(p, u, B, n, start);
+        appendKv(cache, k, v);
+        const o = decodeAttention(q, cache, { window: c.slidingWindow ?? 0 });
+        mix = linear(o.view([B * n, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
+      } else {
+        mix = mamba(l, p, u);
+      }
+      const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
+      x = add(h, this.#mlp(p, y));
+    }
+    return x;
+  }
+
+  /**
    * Consumes `n` new tokens per sequence (ids [B, n]) from the state's position and returns their logits
    * [B*n, V] (or only each sequence's last position with `lastOnly`). Prefill is a step with the whole prompt.
    * Not differentiable.
@@ -414,23 +448,14 @@ export class CausalLM {
       throw new Error(`decode: ${s.length} + ${n} tokens exceed the state's capacity ${s.maxLength}`);
     }
     return rt.noGrad(() => {
-      let x = this.#embed(ids);
-      for (let l = 0; l < c.numLayers; l++) {
-        const p = layerPrefix(l);
-        const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
-        let mix: Tensor;
-        if (this.isAttentionLayer(l)) {
-          const cache = s.kv.get(l)!;
-          const { q, k, v } = this.#qkv(p, u, B, n, s.length);
-          appendKv(cache, k, v);
-          const o = decodeAttention(q, cache, { window: c.slidingWindow ?? 0 });
-          mix = linear(o.view([B * n, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
-        } else {
-          mix = this.#mixer(p, u, B, n, s.ssm.get(l)!);
-        }
-        const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
-        x = add(h, this.#mlp(p, y));
-      }
+      const x = this.#decodeLayers(
+        ids,
+        B,
+        n,
+        s.kv,
+        s.length,
+        (l, p, u) => this.#mixer(p, u, B, n, s.ssm.get(l)!),
+      );
       s.length += n;
       if (opts.lastOnly && n > 1) {
         const D = c.hiddenSize;
@@ -512,7 +537,7 @@ export class CausalLM {
    * i is the distribution after token i. Call {@linkcode verifyAccept} before the next pass.
    */
   verifyStep(s: VerifyState, ids: TokenIds, n: number): Tensor {
-    const rt = this.rt, c = this.config;
+    const rt = this.rt;
     if (s.pending !== 0) throw new Error("verifyStep: call verifyAccept for the previous pass first");
     if (!(n >= 1 && n <= s.maxTokens)) {
       throw new Error(`verifyStep: ${n} tokens, the state takes 1..${s.maxTokens} per pass`);
@@ -522,26 +547,12 @@ export class CausalLM {
     }
     s.verifying = true;
     const B = 1;
-    const out = rt.noGrad(() => {
-      let x = this.#embed(ids);
-      for (let l = 0; l < c.numLayers; l++) {
-        const p = layerPrefix(l);
-        const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
-        let mix: Tensor;
-        if (this.isAttentionLayer(l)) {
-          const cache = s.kv.get(l)!;
-          const { q, k, v } = this.#qkv(p, u, B, n, s.length);
-          appendKv(cache, k, v);
-          const o = decodeAttention(q, cache, { window: c.slidingWindow ?? 0 });
-          mix = linear(o.view([B * n, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
-        } else {
-          mix = this.#mamba2Verify(p, u, n, s, s.mamba.get(l)!);
-        }
-        const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
-        x = add(h, this.#mlp(p, y));
-      }
-      return this.#head(x);
-    });
+    const out = rt.noGrad(() =>
+      this.#head(
+        this.#decodeLayers(ids, B, n, s.kv, s.length, (l, p, u) =>
+          this.#mamba2Verify(p, u, n, s, s.mamba.get(l)!)),
+      )
+    );
     s.pending = n;
     return out;
   }
