@@ -10,11 +10,14 @@
 import { StageRegistry } from "../pipelines/registry.ts";
 import type { AnyStageKind } from "../pipelines/stage.ts";
 import { TESTING_KINDS } from "./testing/mod.ts";
+import { tokenizeStage } from "./tokenize.ts";
+import { distillStage } from "./distill.ts";
 
 /** The real stage kinds, in the order the docs list them. */
 export const BUILTIN_KINDS: AnyStageKind[] = [
+  tokenizeStage,
+  distillStage,
   // Stage files add themselves here, e.g.:
-  // tokenizeStage, pseudoLabelStage, mapWeightsStage, distillStage, sftStage, refLogprobsStage, dpoStage,
   // evaluateStage, makeDraftStage, specBenchStage, exportStage,
 ];
 
