@@ -21,25 +21,10 @@ import {
   writeModelArtifact,
 } from "./shared/models.ts";
 import { batchOptions, trainingParams } from "./shared/train_params.ts";
-import { openTrainingData, phaseSteps, runPhase } from "./shared/training.ts";
+import { openTrainingData, phaseSteps, runPhase, trainablePredicate } from "./shared/training.ts";
 import { readTrainStateMeta } from "./shared/train_state.ts";
 import { LM_STATS, lmMicroStep, summarizeLm } from "./shared/lm_loss.ts";
 import type { BatchOptions } from "../data/batches.ts";
-
-/** Which parameters of the student train. */
-export type TrainableSet = "mamba" | "mamba_mlp" | "all";
-
-/** The predicate over Hugging Face parameter names for a trainable set. */
-export function trainablePredicate(set: TrainableSet): (name: string) => boolean {
-  switch (set) {
-    case "mamba":
-      return (n) => n.includes(".mamba.");
-    case "mamba_mlp":
-      return (n) => n.includes(".mamba.") || n.includes(".mlp.");
-    case "all":
-      return () => true;
-  }
-}
 
 const PHASE_FIELDS = {
   attn_layers: {
@@ -218,7 +203,9 @@ export const distillStage = defineStage({
     };
 
     const rt = await stageRuntime(ctx.settings);
-    const teacher = toGpu(rt, teacherCpu, ctx.settings);
+    const withKl = p.kl_weight !== 0;
+    // without a KL term the teacher is only the source of the initial student
+    const teacher = withKl ? toGpu(rt, teacherCpu, ctx.settings) : null;
     const data = await openTrainingData(ctx.inputs.data, {
       port: "data",
       layout: "sequences",
@@ -226,7 +213,6 @@ export const distillStage = defineStage({
       maxLength: p.max_length,
       log: ctx.log,
     });
-    const withKl = p.kl_weight !== 0;
     const lossOpts = { ceWeight: p.ce_weight, klWeight: p.kl_weight, temperature: p.temperature };
     const isTrainable = trainablePredicate(p.trainable);
     try {
@@ -287,7 +273,7 @@ export const distillStage = defineStage({
       });
     } finally {
       data.reader.close();
-      teacher.dispose();
+      teacher?.dispose();
     }
   },
 });

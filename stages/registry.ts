@@ -12,11 +12,21 @@ import type { AnyStageKind } from "../pipelines/stage.ts";
 import { TESTING_KINDS } from "./testing/mod.ts";
 import { tokenizeStage } from "./tokenize.ts";
 import { distillStage } from "./distill.ts";
+import { pseudoLabelStage } from "./pseudo_label.ts";
+import { mapWeightsStage } from "./map_weights.ts";
+import { sftStage } from "./sft.ts";
+import { refLogprobsStage } from "./ref_logprobs.ts";
+import { dpoStage } from "./dpo.ts";
 
 /** The real stage kinds, in the order the docs list them. */
 export const BUILTIN_KINDS: AnyStageKind[] = [
   tokenizeStage,
+  pseudoLabelStage,
+  mapWeightsStage,
   distillStage,
+  sftStage,
+  refLogprobsStage,
+  dpoStage,
   // Stage files add themselves here, e.g.:
   // evaluateStage, makeDraftStage, specBenchStage, exportStage,
 ];

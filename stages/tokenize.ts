@@ -9,7 +9,9 @@ import { join } from "node:path";
 import { defineStage } from "../pipelines/stage.ts";
 import { PACKING_MODES, type PackingMode } from "../data/packing.ts";
 import { formatProblem, type ProblemReport } from "../data/problems.ts";
-import { TEXT_MODES } from "../data/records.ts";
+import { type DatasetSpec, iterateRecords, resolveDataset, TEXT_MODES } from "../data/records.ts";
+import { loadExamples } from "../data/formats.ts";
+import type { HubDatasetResolver } from "../data/data_files.ts";
 import { TokenFileReader, TokenFileWriter, type TokenizerInfo } from "../data/token_file.ts";
 import { type TokenizeDatasetParams, tokenizeDatasetToFile } from "../data/tokenize_dataset.ts";
 import { newTokenizeStats, type TokenizeStats } from "../data/tokenize.ts";
@@ -120,6 +122,13 @@ export const tokenizeStage = defineStage({
       default: "keep_end",
       doc: "Preference: which end of a too-long prompt to keep (TRL 0.8 default keep_end).",
     },
+    pairs_from_choices: {
+      type: "boolean",
+      default: false,
+      doc: "format preference: read multiple-choice records ({ctx, endings, label}, e.g. a cloze task) and " +
+        "make one pair each: prompt = ctx, chosen = ' ' + the true ending, rejected = ' ' + a wrong one " +
+        "(rotating through the wrong endings by record index).",
+    },
     split: { type: "string", default: "train", doc: "Split of a directory or Hub dataset." },
     subset: { type: "string", nullable: true, doc: "Subset (config) of a Hub dataset." },
     text_mode: {
@@ -172,15 +181,22 @@ export const tokenizeStage = defineStage({
     const perInput: { ref: string; report: ProblemReport; stats: TokenizeStats }[] = [];
     ctx.progress.start(ctx.inputs.data.length, "dataset", "tokenize");
     for (const [i, input] of ctx.inputs.data.entries()) {
+      let dataset = datasetSpecOf(input, {
+        split: p.split,
+        subset: p.subset,
+        textMode: p.text_mode,
+        field: p.field,
+        offset: p.offset,
+        limit: p.limit,
+      });
+      if (p.pairs_from_choices) {
+        if (!pref) throw new UserError("tokenize: pairs_from_choices needs format: preference");
+        const path = join(ctx.workDir, `pairs-${i}.jsonl`);
+        await choicesToPairs(dataset, path, { hub, onInvalid: p.on_invalid, ref: input.ref, log: ctx.log });
+        dataset = { path };
+      }
       const params: TokenizeDatasetParams = {
-        dataset: datasetSpecOf(input, {
-          split: p.split,
-          subset: p.subset,
-          textMode: p.text_mode,
-          field: p.field,
-          offset: p.offset,
-          limit: p.limit,
-        }),
+        dataset,
         format: p.format,
         fields,
         onInvalid: p.on_invalid,
@@ -265,6 +281,40 @@ export const tokenizeStage = defineStage({
     });
   },
 });
+
+/**
+ * Writes preference records made from multiple-choice records (see the `pairs_from_choices` parameter) to a
+ * JSONL file. The wrong ending of record i is the (i mod (n - 1))-th wrong one.
+ */
+export async function choicesToPairs(
+  dataset: DatasetSpec,
+  out: string,
+  o: { hub: HubDatasetResolver; onInvalid: "error" | "skip"; ref: string; log: { warn(m: string): void } },
+): Promise<void> {
+  const ds = await resolveDataset(dataset, { hub: o.hub });
+  const { examples, report } = await loadExamples(iterateRecords(ds, dataset), {
+    format: "multiple_choice",
+    onInvalid: o.onInvalid,
+    what: `${o.ref} (multiple-choice records for pairs_from_choices)`,
+  });
+  const lines: string[] = [];
+  examples.forEach((ex, i) => {
+    if (ex.kind !== "multiple_choice" || ex.choices.length < 2) return;
+    const wrong = ex.choices.map((_, k) => k).filter((k) => k !== ex.label);
+    const r = wrong[i % wrong.length];
+    lines.push(JSON.stringify({
+      prompt: ex.context,
+      chosen: " " + ex.choices[ex.label],
+      rejected: " " + ex.choices[r],
+    }));
+  });
+  if (report.skipped > 0) {
+    o.log.warn(
+      `${o.ref}: skipped ${report.skipped} of ${report.seen} multiple-choice records (on_invalid: skip)`,
+    );
+  }
+  await Deno.writeTextFile(out, lines.join("\n") + "\n");
+}
 
 /** Concatenates token files with the same header fields into `out` (sequences in order). */
 async function concatTokenFiles(paths: string[], out: string): Promise<void> {

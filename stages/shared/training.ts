@@ -50,6 +50,24 @@ export async function openTrainingData(
   return { reader, source, seqLen: o.maxLength };
 }
 
+/** Which parameters of a model train. */
+export type TrainableSet = "mamba" | "mamba_mlp" | "all";
+
+/**
+ * The predicate over Hugging Face parameter names for a trainable set: `mamba` = the Mamba mixers only (paper
+ * stage 1), `mamba_mlp` = mixers and every MLP, `all` = everything.
+ */
+export function trainablePredicate(set: TrainableSet): (name: string) => boolean {
+  switch (set) {
+    case "mamba":
+      return (n) => n.includes(".mamba.");
+    case "mamba_mlp":
+      return (n) => n.includes(".mamba.") || n.includes(".mlp.");
+    case "all":
+      return () => true;
+  }
+}
+
 /** The model's trainable parameters by name. */
 export function trainableParams(lm: CausalLM): Map<string, Tensor> {
   return new Map([...lm.params].filter(([, t]) => t.requiresGrad));
