@@ -44,8 +44,15 @@ const VALID = join(FIXTURES, "text/tinystories_valid.txt");
 
 /** Options of the benchmark (command-line flags of the same names). */
 export interface DistillQualityOptions {
-  /** Optimizer steps per distillation (d25: split over its two phases). */
+  /**
+   * Optimizer steps per distillation (d25: split over its two phases); 0: as many as fit in `minutes`, measured
+   * by a short calibration run, at most `maxSteps`.
+   */
   steps: number;
+  /** Training time per variant when `steps` is 0, minutes. */
+  minutes: number;
+  /** Cap on the calibrated steps. */
+  maxSteps: number;
   /** Sequences per step. */
   batch: number;
   /** Training sequence length (tokens per packed row). */
@@ -77,10 +84,12 @@ export interface DistillQualityOptions {
 
 /** Defaults: what the acceptance run uses. */
 export const DEFAULTS: DistillQualityOptions = {
-  steps: 1500,
+  steps: 0,
+  minutes: 1.5,
+  maxSteps: 6000,
   batch: 32,
   seqLen: 256,
-  lr: 2e-3,
+  lr: 1e-2,
   warmup: 0.02,
   maxGradNorm: 1,
   ceWeight: 1,
@@ -212,37 +221,80 @@ export interface QualityRow {
   metrics: Record<string, unknown>;
 }
 
-/** Runs the benchmark and returns the table. */
-export async function distillQuality(o: DistillQualityOptions): Promise<QualityRow[]> {
+/**
+ * Steps that fit in `o.minutes` per variant: runs 60 steps of the d50 distillation (its own recipe, forced to
+ * rerun so it measures this machine) and times steps 21-60 from their tokens/s (kernel compilation happens in
+ * the first steps).
+ */
+export async function calibrateSteps(o: DistillQualityOptions, dir: string): Promise<number> {
+  const recipe = join(dir, "calibrate.yaml");
+  const cal = { ...o, steps: 60, variants: ["d50"], pseudo: 0 };
+  const text = qualityRecipe(cal).replace("name: distill_quality", "name: calibrate")
+    .replace("logging_steps: 25", "logging_steps: 20");
+  await Deno.writeTextFile(recipe, text);
+  const code = await main(["run", recipe, "--gpu", o.gpu, "--force", "d50"]);
+  if (code !== 0) throw new Error(`calibration failed (exit ${code})`);
+  const run = listRuns(join(dir, ".distillery", "runs"))[0];
+  const events = Deno.readTextFileSync(join(run.dir, "events.jsonl")).trim().split("\n").map((l) =>
+    JSON.parse(l)
+  );
+  const rates = events.filter((e) => e.type === "metric" && e.stage === "d50" && e.step > 20)
+    .map((e) => e.values.tokens_per_s as number);
+  const tokensPerS = rates.reduce((a, b) => a + b, 0) / rates.length;
+  const stepS = (o.batch * o.seqLen) / tokensPerS;
+  const steps = Math.max(100, Math.min(o.maxSteps, Math.floor((o.minutes * 60) / stepS)));
+  console.log(
+    `calibration: ${(stepS * 1000).toFixed(1)} ms per step of ${o.batch} x ${o.seqLen} tokens ` +
+      `(${tokensPerS.toFixed(0)} tokens/s): ${steps} steps per variant`,
+  );
+  return steps;
+}
+
+/**
+ * Runs the benchmark and returns the table: the teacher's perplexity, then each variant trained (through the
+ * runner, one variant per run so finished ones are cached) and evaluated in turn; `onRow` sees every row as it
+ * comes (partial results survive a time limit).
+ */
+export async function distillQuality(
+  o: DistillQualityOptions,
+  onRow: (rows: QualityRow[]) => Promise<void> = async () => {},
+): Promise<QualityRow[]> {
   const dir = resolve(o.dir);
   await Deno.mkdir(dir, { recursive: true });
+  if (o.steps <= 0) o.steps = await calibrateSteps(o, dir);
   const recipe = join(dir, "distill_quality.yaml");
   await Deno.writeTextFile(recipe, qualityRecipe(o));
   console.log(`recipe: ${recipe}`);
-  const t0 = performance.now();
-  const code = await main(["run", recipe, "--gpu", o.gpu]);
-  if (code !== 0) throw new Error(`the distillation recipe failed (exit ${code}); see the output above`);
-  const run = listRuns(join(dir, ".distillery", "runs"))[0].record!;
-  console.log(`recipe finished in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
   const rt = await acquireRuntime({ gpu: parseProviderPreference(o.gpu, "--gpu") });
   const windows = await validationWindows(o.evalDocs, o.evalLen);
-  const models: [string, string, number, Record<string, unknown>][] = [["teacher", TEACHER, 0, {}]];
-  for (const v of o.variants) {
-    const s = run.stages.find((x) => x.stage === v);
-    const path = s?.outputs.model?.path;
-    if (!s || !path) throw new Error(`variant ${v}: no model output in run ${run.run_id}`);
-    models.push([v, path, s.wall_s, s.metrics]);
-  }
   const rows: QualityRow[] = [];
-  let teacherPpl = NaN;
-  for (const [name, path, wall, metrics] of models) {
+  const evaluate = async (model: string, path: string, train_s: number, metrics: Record<string, unknown>) => {
+    const t0 = performance.now();
     const lm = CausalLM.fromModel(rt, await loadModel(path));
     const { nll, tokens } = await windowNll(rt, lm, windows);
     lm.dispose();
-    const ppl = Math.exp(nll / tokens);
-    if (name === "teacher") teacherPpl = ppl;
-    rows.push({ model: name, perplexity: ppl, ratio: ppl / teacherPpl, train_s: wall, metrics });
-    console.log(`${name}: perplexity ${ppl.toFixed(4)} over ${tokens} tokens`);
+    const perplexity = Math.exp(nll / tokens);
+    const ratio = perplexity / (rows[0]?.perplexity ?? perplexity);
+    rows.push({ model, perplexity, ratio, train_s, metrics });
+    console.log(
+      `${model}: perplexity ${perplexity.toFixed(4)} (x${
+        ratio.toFixed(3)
+      } the teacher) over ${tokens} tokens, ` +
+        `evaluated in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
+    );
+    await onRow(rows);
+  };
+  await evaluate("teacher", TEACHER, 0, {});
+  for (const v of o.variants) {
+    const t0 = performance.now();
+    const code = await main(["run", recipe, v, "--gpu", o.gpu]);
+    if (code !== 0) throw new Error(`variant ${v}: the recipe failed (exit ${code}); see the output above`);
+    const run = listRuns(join(dir, ".distillery", "runs"))[0].record!;
+    const s = run.stages.find((x) => x.stage === v);
+    const path = s?.outputs.model?.path;
+    if (!s || !path) throw new Error(`variant ${v}: no model output in run ${run.run_id}`);
+    console.log(`${v}: trained in ${((performance.now() - t0) / 1000).toFixed(0)} s (${s.action})`);
+    await evaluate(v, path, s.wall_s, s.metrics);
   }
   return rows;
 }
@@ -269,6 +321,8 @@ if (import.meta.main) {
     args: Deno.args,
     options: {
       steps: { type: "string" },
+      minutes: { type: "string" },
+      "max-steps": { type: "string" },
       batch: { type: "string" },
       "seq-len": { type: "string" },
       lr: { type: "string" },
@@ -292,6 +346,8 @@ if (import.meta.main) {
   ) => (values[k as keyof typeof values] ? Number(values[k as keyof typeof values]) : d);
   const o: DistillQualityOptions = {
     steps: num("steps", DEFAULTS.steps),
+    minutes: num("minutes", DEFAULTS.minutes),
+    maxSteps: num("max-steps", DEFAULTS.maxSteps),
     batch: num("batch", DEFAULTS.batch),
     seqLen: num("seq-len", DEFAULTS.seqLen),
     lr: num("lr", DEFAULTS.lr),
@@ -307,18 +363,20 @@ if (import.meta.main) {
     dir: String(values.dir ?? DEFAULTS.dir),
     seed: num("seed", DEFAULTS.seed),
   };
-  const rows = await distillQuality(o);
-  const report = {
+  const out = Deno.env.get("OUT");
+  const report = (rows: QualityRow[]) => ({
     bench: "distill_quality",
     date: new Date().toISOString(),
     options: o,
     targets: { d50: "ratio <= 1.05", d25: "ratio <= 1.12", d50_random: "clearly worse than d50" },
     rows,
+  });
+  const save = async (rows: QualityRow[]) => {
+    for (const path of [values.json, out ? join(out, "distill_quality.json") : undefined]) {
+      if (path) await Deno.writeTextFile(String(path), JSON.stringify(report(rows), null, 2) + "\n");
+    }
   };
+  const rows = await distillQuality(o, save);
   console.log("\n" + qualityTable(rows) + "\n");
-  console.log(JSON.stringify(report, null, 2));
-  const out = Deno.env.get("OUT");
-  for (const path of [values.json, out ? join(out, "distill_quality.json") : undefined]) {
-    if (path) await Deno.writeTextFile(String(path), JSON.stringify(report, null, 2) + "\n");
-  }
+  console.log(JSON.stringify(report(rows), null, 2));
 }

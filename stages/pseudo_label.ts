@@ -15,10 +15,10 @@
  * @module
  */
 import { join } from "node:path";
-import { defineStage } from "../pipelines/stage.ts";
+import { type Artifact, defineStage, type StageLog } from "../pipelines/stage.ts";
 import { type Example, normalizeRecords } from "../data/formats.ts";
 import { formatProblem } from "../data/problems.ts";
-import { iterateRecords, resolveDataset, TEXT_MODES } from "../data/records.ts";
+import { iterateRecords, resolveDataset, TEXT_MODES, type TextMode } from "../data/records.ts";
 import type { ChatMessage } from "../data/tokenizer.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import { sampleToken, type SamplingOptions } from "../models/sampling.ts";
@@ -161,7 +161,13 @@ export const pseudoLabelStage = defineStage({
       doc: "Plain .txt files: one record per paragraph, per line, or per file.",
     },
     offset: { type: "number", integer: true, min: 0, default: 0, doc: "Records to skip at the start." },
-    limit: { type: "number", integer: true, min: 1, nullable: true, doc: "At most this many prompts." },
+    limit: {
+      type: "number",
+      integer: true,
+      min: 1,
+      nullable: true,
+      doc: "Read at most this many records (the prompts are these, minus any skipped).",
+    },
   },
   inputs: {
     teacher: { doc: "The model that writes the completions (and whose tokenizer encodes the prompts)." },
@@ -182,7 +188,7 @@ export const pseudoLabelStage = defineStage({
       throw new UserError("pseudo_label: prompt_tokens applies to format text only");
     }
     const tok = await loadTokenizerInput(ctx.inputs.teacher, "teacher");
-    const prompts = await readPrompts(ctx, tok);
+    const prompts = await readPrompts(ctx.inputs.prompts, p, ctx.log, tok);
     if (prompts.length === 0) {
       throw new UserError(`pseudo_label: no usable prompt in ${ctx.inputs.prompts.ref}`);
     }
@@ -298,25 +304,42 @@ function labelled(tok: Tokenizer, q: Prompt, g: { ids: number[]; finished: boole
   };
 }
 
+/** The parameters that say which prompts to read and how. */
+interface PromptParams {
+  format: "text" | "prompt_completion" | "chat";
+  prompt_tokens: number | null;
+  template: "chat" | "none";
+  fields: { text: string | null; prompt: string | null; messages: string | null } | null;
+  on_invalid: "error" | "skip";
+  split: string;
+  subset: string | null;
+  text_mode: TextMode;
+  offset: number;
+  limit: number | null;
+}
+
 /** Reads and encodes the prompts of the `prompts` input. */
-// deno-lint-ignore no-explicit-any
-async function readPrompts(ctx: any, tok: Tokenizer): Promise<Prompt[]> {
-  const p = ctx.params;
-  const spec = datasetSpecOf(ctx.inputs.prompts, {
+async function readPrompts(
+  input: Artifact,
+  p: PromptParams,
+  log: StageLog,
+  tok: Tokenizer,
+): Promise<Prompt[]> {
+  const spec = datasetSpecOf(input, {
     split: p.split,
     subset: p.subset,
     textMode: p.text_mode,
     offset: p.offset,
-    limit: p.prompt_tokens === null ? p.limit : null,
+    limit: p.limit,
   }, "prompts");
   const ds = await resolveDataset(spec, { hub: hubDatasetResolver() });
   const fields: Record<string, string> = {};
-  for (const [k, v] of Object.entries(p.fields ?? {})) if (v) fields[k] = v as string;
+  for (const [k, v] of Object.entries(p.fields ?? {})) if (v) fields[k] = v;
   const { examples, report } = normalizeRecords(iterateRecords(ds, spec), {
     format: p.format,
     fields,
     onInvalid: p.on_invalid,
-    what: `prompts ${ctx.inputs.prompts.ref} (format ${p.format})`,
+    what: `prompts ${input.ref} (format ${p.format})`,
   });
   const out: Prompt[] = [];
   let short = 0;
@@ -324,17 +347,14 @@ async function readPrompts(ctx: any, tok: Tokenizer): Promise<Prompt[]> {
     const q = promptOf(ex as Example, tok, p.template, p.prompt_tokens);
     if (q === null) short++;
     else out.push(q);
-    if (p.limit !== null && out.length >= p.limit) break;
   }
-  if (p.limit === null || out.length < p.limit) {
-    const rep = report();
-    if (rep.skipped > 0) {
-      const shown = rep.problems.slice(0, 3).map((x) => `\n  ${formatProblem(x)}`).join("");
-      ctx.log.warn(`prompts: skipped ${rep.skipped} of ${rep.seen} records (on_invalid: skip):${shown}`);
-    }
+  const rep = report();
+  if (rep.skipped > 0) {
+    const shown = rep.problems.slice(0, 3).map((x) => `\n  ${formatProblem(x)}`).join("");
+    log.warn(`prompts: skipped ${rep.skipped} of ${rep.seen} records (on_invalid: skip):${shown}`);
   }
   if (short > 0) {
-    ctx.log.warn(
+    log.warn(
       `prompts: skipped ${short} text records shorter than prompt_tokens ${p.prompt_tokens} tokens`,
     );
   }
