@@ -104,3 +104,28 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "ref_logprobs: interrupted part-way, the rerun resumes after the scored pairs and writes the same bytes",
+  stageTestOptions,
+  async () => {
+    const ref = tempProject(), p = tempProject();
+    try {
+      const text = recipe("max_steps: 1").replace(
+        `kind: ref_logprobs\n    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }`,
+        `kind: ref_logprobs\n    params: { per_device_batch_size: 4, save_steps: 1 }\n    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }`,
+      );
+      assert.match(text, /save_steps: 1/);
+      assert.equal((await runRecipe(ref.write("r.yaml", text), ["ref_train"])).code, 0);
+      const path = p.write("r.yaml", text);
+      assert.equal((await runAndInterrupt(p, path)).code, 130);
+      const r = await runRecipe(path, ["ref_train"]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stderr + r.stdout, /ref_train: resuming after \d+ of 16 pairs/);
+      assert.equal(outputDigest(p, "ref_train", "ref"), outputDigest(ref, "ref_train", "ref"));
+    } finally {
+      await ref.cleanup();
+      await p.cleanup();
+    }
+  },
+);
