@@ -15,16 +15,27 @@ import { specBenchStage } from "./spec_bench.ts";
 import { evaluateStage } from "./evaluate.ts";
 import { loadModelStage } from "./load_model.ts";
 import { exportStage } from "./export.ts";
+import { tokenizeStage } from "./tokenize.ts";
+import { distillStage } from "./distill.ts";
+import { pseudoLabelStage } from "./pseudo_label.ts";
+import { mapWeightsStage } from "./map_weights.ts";
+import { sftStage } from "./sft.ts";
+import { refLogprobsStage } from "./ref_logprobs.ts";
+import { dpoStage } from "./dpo.ts";
 
 /** The real stage kinds, in the order the docs list them. */
 export const BUILTIN_KINDS: AnyStageKind[] = [
-  // Stage files add themselves here, e.g.:
-  // tokenizeStage, pseudoLabelStage, mapWeightsStage, distillStage, sftStage, refLogprobsStage, dpoStage,
-  // evaluateStage, makeDraftStage, specBenchStage, exportStage,
+  loadModelStage,
+  tokenizeStage,
+  pseudoLabelStage,
+  mapWeightsStage,
+  distillStage,
+  sftStage,
+  refLogprobsStage,
+  dpoStage,
+  evaluateStage,
   makeDraftStage,
   specBenchStage,
-  loadModelStage,
-  evaluateStage,
   exportStage,
 ];
 

@@ -1,0 +1,382 @@
+/**
+ * Distillation quality on the fixture teacher (issue 5 acceptance): distils stories260K into hybrids with the
+ * real stages (tokenize -> [pseudo_label] -> map_weights -> distill, run by the recipe runner) and compares the
+ * validation perplexity of the teacher and every student.
+ *
+ * ```sh
+ * deno run -A bench/distill_quality.ts                       # all variants, default budgets
+ * deno run -A bench/distill_quality.ts --steps 200 --variants d50,d25 --eval-docs 200
+ * ```
+ *
+ * Variants (all from the same tokenized TinyStories training text, same budget and hyper-parameters):
+ *
+ * | name         | student                                                                  |
+ * | ------------ | ------------------------------------------------------------------------ |
+ * | `d50`        | 50% attention (attn_layers [1, 3]), attention init, Mamba layers train   |
+ * | `d25`        | 25% attention (attn_layers [3]), attention init, progressive 50% -> 25%  |
+ * | `d50_random` | 50%, random mixer init (the paper's ablation)                            |
+ * | `d50_mlp`    | 50%, attention init, Mamba layers and MLPs train (the frozen-MLP ablation) |
+ *
+ * Perplexity is computed here directly (lm-eval `loglikelihood_rolling` windows per validation paragraph,
+ * first window conditioned on BOS) because the evaluate stage lives elsewhere; the table gives token
+ * perplexity and the ratio to the teacher. The project (cache, runs) lives in `--dir`, so a second invocation
+ * reuses finished variants; results are printed as a table and JSON (also written to `--json`, and to
+ * `$OUT/distill_quality.json` when `$OUT` is set).
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { join, resolve } from "node:path";
+import { main } from "../main.ts";
+import { listRuns } from "../pipelines/runs.ts";
+import { loadModel } from "../models/checkpoint.ts";
+import { CausalLM } from "../models/causal_lm.ts";
+import { Tokenizer } from "../models/tokenizer.ts";
+import { acquireRuntime, type Runtime } from "../runtime/runtime.ts";
+import { tokenLogprobs } from "../runtime/ops/loss.ts";
+import { parseProviderPreference } from "../runtime/provider.ts";
+import { type EvalWindow, rollingWindows } from "../data/text_windows.ts";
+
+const FIXTURES = new URL("../fixtures/", import.meta.url).pathname;
+const TEACHER = join(FIXTURES, "models/stories260K-hf");
+const TRAIN = join(FIXTURES, "text/tinystories_train.txt");
+const VALID = join(FIXTURES, "text/tinystories_valid.txt");
+
+/** Options of the benchmark (command-line flags of the same names). */
+export interface DistillQualityOptions {
+  /**
+   * Optimizer steps per distillation (d25: split over its two phases); 0: as many as fit in `minutes`, measured
+   * by a short calibration run, at most `maxSteps`.
+   */
+  steps: number;
+  /** Training time per variant when `steps` is 0, minutes. */
+  minutes: number;
+  /** Cap on the calibrated steps. */
+  maxSteps: number;
+  /** Sequences per step. */
+  batch: number;
+  /** Training sequence length (tokens per packed row). */
+  seqLen: number;
+  /** Peak learning rate. */
+  lr: number;
+  /** Warm-up ratio. */
+  warmup: number;
+  /** Gradient clip. */
+  maxGradNorm: number;
+  /** CE and KL weights. */
+  ceWeight: number;
+  klWeight: number;
+  /** Pseudo-label prompts (0: train on the text only). */
+  pseudo: number;
+  /** Which variants. */
+  variants: string[];
+  /** Validation paragraphs to evaluate (0: all). */
+  evalDocs: number;
+  /** Perplexity window. */
+  evalLen: number;
+  /** WebGPU provider. */
+  gpu: string;
+  /** Project directory (cache and runs). */
+  dir: string;
+  /** Seed. */
+  seed: number;
+}
+
+/** Defaults: what the acceptance run uses. */
+export const DEFAULTS: DistillQualityOptions = {
+  steps: 0,
+  minutes: 1.5,
+  maxSteps: 6000,
+  batch: 32,
+  seqLen: 256,
+  lr: 1e-2,
+  warmup: 0.02,
+  maxGradNorm: 1,
+  ceWeight: 1,
+  klWeight: 1,
+  pseudo: 0,
+  variants: ["d50", "d25", "d50_random", "d50_mlp"],
+  evalDocs: 0,
+  evalLen: 256,
+  gpu: "auto",
+  dir: ".distillery/bench/distill_quality",
+  seed: 0,
+};
+
+/** The recipe for the chosen variants. */
+export function qualityRecipe(o: DistillQualityOptions): string {
+  const train = (extra: string) =>
+    `{ max_steps: ${o.steps}, per_device_train_batch_size: ${o.batch}, gradient_accumulation_steps: 1, ` +
+    `learning_rate: ${o.lr}, warmup_ratio: ${o.warmup}, max_grad_norm: ${o.maxGradNorm}, ` +
+    `ce_weight: ${o.ceWeight}, kl_weight: ${o.klWeight}, logging_steps: 25, save_steps: 500${extra} }`;
+  const half = Math.max(1, Math.floor(o.steps / 2));
+  const data = o.pseudo > 0 ? `[${TRAIN}, "\${labels.data}"]` : `[${TRAIN}]`;
+  const stages: Record<string, string> = {
+    tokens: `    kind: tokenize
+    params: { max_length: ${o.seqLen}, fields: { text: text } }
+    inputs: { tokenizer: ${TEACHER}, data: ${data} }`,
+    d50: `    kind: distill
+    params: ${train(", attn_layers: [1, 3]")}
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }`,
+    d25: `    kind: distill
+    params: ${
+      train(
+        `, schedule: [{ attn_layers: [1, 3], steps: ${half} }, { attn_layers: [3], steps: ${
+          o.steps - half
+        } }]`,
+      )
+    }
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }`,
+    random_init: `    kind: map_weights
+    params: { attn_layers: [1, 3], init: random }
+    inputs: { teacher: ${TEACHER} }`,
+    d50_random: `    kind: distill
+    params: ${train("")}
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}", student: "\${random_init.model}" }`,
+    d50_mlp: `    kind: distill
+    params: ${train(", attn_layers: [1, 3], trainable: mamba_mlp")}
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }`,
+  };
+  if (o.pseudo > 0) {
+    stages.labels = `    kind: pseudo_label
+    params: { format: text, prompt_tokens: 16, max_new_tokens: ${o.seqLen}, limit: ${o.pseudo}, batch_size: 256 }
+    inputs: { teacher: ${TEACHER}, prompts: ${TRAIN} }`;
+  }
+  const names = [
+    "labels",
+    "tokens",
+    ...(o.variants.includes("d50_random") ? ["random_init"] : []),
+    ...o.variants,
+  ];
+  const body = names.filter((n) => stages[n]).map((n) => `  ${n}:\n${stages[n]}`).join("\n");
+  return `name: distill_quality
+description: distillation quality of stories260K hybrids (bench/distill_quality.ts)
+settings: { seed: ${o.seed}, keep_checkpoints: 1 }
+stages:
+${body}
+`;
+}
+
+/** Paragraphs of a text file, as the tokenize stage's `paragraphs` mode cuts them. */
+export function paragraphs(text: string): string[] {
+  return text.split(/\n\s*\n/).map((p) => p.split("\n").map((l) => l.trim()).join("\n").trim()).filter((p) =>
+    p.length > 0
+  );
+}
+
+/** Summed NLL and token count of a model over evaluation windows, in batches of `batch` windows. */
+export async function windowNll(
+  rt: Runtime,
+  lm: CausalLM,
+  windows: EvalWindow[],
+  batch = 64,
+): Promise<{ nll: number; tokens: number }> {
+  let nll = 0, tokens = 0;
+  const sorted = [...windows].sort((a, b) => a.input.length - b.input.length);
+  for (let s = 0; s < sorted.length; s += batch) {
+    const group = sorted.slice(s, s + batch);
+    const T = Math.max(...group.map((w) => w.input.length));
+    const B = group.length;
+    const ids = new Int32Array(B * T);
+    const targets = new Int32Array(B * T).fill(-100);
+    group.forEach((w, b) => {
+      w.input.forEach((id, t) => ids[b * T + t] = id);
+      w.targets.forEach((id, j) => targets[b * T + w.scoreFrom + j] = id);
+    });
+    const lp = await rt.scope(async () =>
+      await rt.noGrad(() => {
+        const logits = lm.forward(ids, B, T).logits;
+        return tokenLogprobs(logits, rt.tensor(targets, [B * T], "i32"));
+      }).read()
+    );
+    for (let i = 0; i < lp.length; i++) {
+      if (targets[i] !== -100) {
+        nll -= lp[i];
+        tokens++;
+      }
+    }
+  }
+  return { nll, tokens };
+}
+
+/** Validation windows (rolling, per paragraph). */
+export async function validationWindows(evalDocs: number, evalLen: number): Promise<EvalWindow[]> {
+  const tok = await Tokenizer.fromDir(TEACHER);
+  let docs = paragraphs(await Deno.readTextFile(VALID));
+  if (evalDocs > 0) docs = docs.slice(0, evalDocs);
+  return docs.flatMap((d) => rollingWindows(tok.encode(d, { addSpecialTokens: false }), evalLen, tok.bosId!));
+}
+
+/** One row of the result table. */
+export interface QualityRow {
+  /** Variant name (or `teacher`). */
+  model: string;
+  /** Token perplexity on the validation paragraphs. */
+  perplexity: number;
+  /** Perplexity / the teacher's. */
+  ratio: number;
+  /** Training wall time, seconds (0 for the teacher; cached variants report their original time). */
+  train_s: number;
+  /** Final training metrics. */
+  metrics: Record<string, unknown>;
+}
+
+/**
+ * Steps that fit in `o.minutes` per variant: runs 60 steps of the d50 distillation (its own recipe, forced to
+ * rerun so it measures this machine) and times steps 21-60 from their tokens/s (kernel compilation happens in
+ * the first steps).
+ */
+export async function calibrateSteps(o: DistillQualityOptions, dir: string): Promise<number> {
+  const recipe = join(dir, "calibrate.yaml");
+  const cal = { ...o, steps: 60, variants: ["d50"], pseudo: 0 };
+  const text = qualityRecipe(cal).replace("name: distill_quality", "name: calibrate")
+    .replace("logging_steps: 25", "logging_steps: 20");
+  await Deno.writeTextFile(recipe, text);
+  const code = await main(["run", recipe, "--gpu", o.gpu, "--force", "d50"]);
+  if (code !== 0) throw new Error(`calibration failed (exit ${code})`);
+  const run = listRuns(join(dir, ".distillery", "runs"))[0];
+  const events = Deno.readTextFileSync(join(run.dir, "events.jsonl")).trim().split("\n").map((l) =>
+    JSON.parse(l)
+  );
+  const rates = events.filter((e) => e.type === "metric" && e.stage === "d50" && e.step > 20)
+    .map((e) => e.values.tokens_per_s as number);
+  const tokensPerS = rates.reduce((a, b) => a + b, 0) / rates.length;
+  const stepS = (o.batch * o.seqLen) / tokensPerS;
+  const steps = Math.max(100, Math.min(o.maxSteps, Math.floor((o.minutes * 60) / stepS)));
+  console.log(
+    `calibration: ${(stepS * 1000).toFixed(1)} ms per step of ${o.batch} x ${o.seqLen} tokens ` +
+      `(${tokensPerS.toFixed(0)} tokens/s): ${steps} steps per variant`,
+  );
+  return steps;
+}
+
+/**
+ * Runs the benchmark and returns the table: the teacher's perplexity, then each variant trained (through the
+ * runner, one variant per run so finished ones are cached) and evaluated in turn; `onRow` sees every row as it
+ * comes (partial results survive a time limit).
+ */
+export async function distillQuality(
+  o: DistillQualityOptions,
+  onRow: (rows: QualityRow[]) => Promise<void> = async () => {},
+): Promise<QualityRow[]> {
+  const dir = resolve(o.dir);
+  await Deno.mkdir(dir, { recursive: true });
+  if (o.steps <= 0) o.steps = await calibrateSteps(o, dir);
+  const recipe = join(dir, "distill_quality.yaml");
+  await Deno.writeTextFile(recipe, qualityRecipe(o));
+  console.log(`recipe: ${recipe}`);
+  const rt = await acquireRuntime({ gpu: parseProviderPreference(o.gpu, "--gpu") });
+  const windows = await validationWindows(o.evalDocs, o.evalLen);
+  const rows: QualityRow[] = [];
+  const evaluate = async (model: string, path: string, train_s: number, metrics: Record<string, unknown>) => {
+    const t0 = performance.now();
+    const lm = CausalLM.fromModel(rt, await loadModel(path));
+    const { nll, tokens } = await windowNll(rt, lm, windows);
+    lm.dispose();
+    const perplexity = Math.exp(nll / tokens);
+    const ratio = perplexity / (rows[0]?.perplexity ?? perplexity);
+    rows.push({ model, perplexity, ratio, train_s, metrics });
+    console.log(
+      `${model}: perplexity ${perplexity.toFixed(4)} (x${
+        ratio.toFixed(3)
+      } the teacher) over ${tokens} tokens, ` +
+        `evaluated in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
+    );
+    await onRow(rows);
+  };
+  await evaluate("teacher", TEACHER, 0, {});
+  for (const v of o.variants) {
+    const t0 = performance.now();
+    const code = await main(["run", recipe, v, "--gpu", o.gpu]);
+    if (code !== 0) throw new Error(`variant ${v}: the recipe failed (exit ${code}); see the output above`);
+    const run = listRuns(join(dir, ".distillery", "runs"))[0].record!;
+    const s = run.stages.find((x) => x.stage === v);
+    const path = s?.outputs.model?.path;
+    if (!s || !path) throw new Error(`variant ${v}: no model output in run ${run.run_id}`);
+    console.log(`${v}: trained in ${((performance.now() - t0) / 1000).toFixed(0)} s (${s.action})`);
+    await evaluate(v, path, s.wall_s, s.metrics);
+  }
+  return rows;
+}
+
+/** The result table as Markdown. */
+export function qualityTable(rows: QualityRow[]): string {
+  const lines = [
+    "| model | perplexity | x teacher | train s | final loss | final kl |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ];
+  for (const r of rows) {
+    const m = r.metrics as { loss?: number; kl?: number };
+    lines.push(
+      `| ${r.model} | ${r.perplexity.toFixed(3)} | ${r.ratio.toFixed(3)} | ${r.train_s.toFixed(0)} | ${
+        m.loss?.toFixed(3) ?? "-"
+      } | ${m.kl?.toFixed(3) ?? "-"} |`,
+    );
+  }
+  return lines.join("\n");
+}
+
+if (import.meta.main) {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      steps: { type: "string" },
+      minutes: { type: "string" },
+      "max-steps": { type: "string" },
+      batch: { type: "string" },
+      "seq-len": { type: "string" },
+      lr: { type: "string" },
+      warmup: { type: "string" },
+      "max-grad-norm": { type: "string" },
+      "ce-weight": { type: "string" },
+      "kl-weight": { type: "string" },
+      pseudo: { type: "string" },
+      variants: { type: "string" },
+      "eval-docs": { type: "string" },
+      "eval-len": { type: "string" },
+      gpu: { type: "string" },
+      dir: { type: "string" },
+      seed: { type: "string" },
+      json: { type: "string" },
+    },
+  });
+  const num = (
+    k: string,
+    d: number,
+  ) => (values[k as keyof typeof values] ? Number(values[k as keyof typeof values]) : d);
+  const o: DistillQualityOptions = {
+    steps: num("steps", DEFAULTS.steps),
+    minutes: num("minutes", DEFAULTS.minutes),
+    maxSteps: num("max-steps", DEFAULTS.maxSteps),
+    batch: num("batch", DEFAULTS.batch),
+    seqLen: num("seq-len", DEFAULTS.seqLen),
+    lr: num("lr", DEFAULTS.lr),
+    warmup: num("warmup", DEFAULTS.warmup),
+    maxGradNorm: num("max-grad-norm", DEFAULTS.maxGradNorm),
+    ceWeight: num("ce-weight", DEFAULTS.ceWeight),
+    klWeight: num("kl-weight", DEFAULTS.klWeight),
+    pseudo: num("pseudo", DEFAULTS.pseudo),
+    variants: values.variants ? String(values.variants).split(",") : DEFAULTS.variants,
+    evalDocs: num("eval-docs", DEFAULTS.evalDocs),
+    evalLen: num("eval-len", DEFAULTS.evalLen),
+    gpu: String(values.gpu ?? DEFAULTS.gpu),
+    dir: String(values.dir ?? DEFAULTS.dir),
+    seed: num("seed", DEFAULTS.seed),
+  };
+  const out = Deno.env.get("OUT");
+  const report = (rows: QualityRow[]) => ({
+    bench: "distill_quality",
+    date: new Date().toISOString(),
+    options: o,
+    targets: { d50: "ratio <= 1.05", d25: "ratio <= 1.12", d50_random: "clearly worse than d50" },
+    rows,
+  });
+  const save = async (rows: QualityRow[]) => {
+    for (const path of [values.json, out ? join(out, "distill_quality.json") : undefined]) {
+      if (path) await Deno.writeTextFile(String(path), JSON.stringify(report(rows), null, 2) + "\n");
+    }
+  };
+  const rows = await distillQuality(o, save);
+  console.log("\n" + qualityTable(rows) + "\n");
+  console.log(JSON.stringify(report(rows), null, 2));
+}

@@ -1,0 +1,131 @@
+// ref_logprobs and dpo through the runner, on preference pairs made from the cloze items (chosen = the true
+// ending, rejected = a wrong one): rewards are logged with TRL's definitions and reward accuracy rises, the
+// reference is checked against the pairs, and an interrupted run resumes to the same bytes.
+import assert from "node:assert/strict";
+import { tempProject } from "../pipelines/helpers.ts";
+import {
+  CLOZE,
+  outputDigest,
+  runAndInterrupt,
+  runRecipe,
+  stageMetrics,
+  stageTestOptions,
+  TEACHER,
+} from "./helpers.ts";
+
+const BETA = 0.1;
+
+function pairs(name: string, offset: number, limit: number): string {
+  return `  ${name}:
+    kind: tokenize
+    params: { format: preference, pairs_from_choices: true, template: none, max_length: 40, max_prompt_length: 20, offset: ${offset}, limit: ${limit} }
+    inputs: { tokenizer: ${TEACHER}, data: [${CLOZE}] }
+`;
+}
+
+function recipe(dpoParams: string): string {
+  return `name: dpo_test
+description: dpo on cloze pairs
+settings: { seed: 4 }
+stages:
+${pairs("train_pairs", 0, 16)}${pairs("held_pairs", 1200, 8)}  ref_train:
+    kind: ref_logprobs
+    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }
+  dpo:
+    kind: dpo
+    params: { beta: ${BETA}, per_device_train_batch_size: 8, gradient_accumulation_steps: 1, logging_steps: 1, ${dpoParams} }
+    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}", ref: "\${ref_train.ref}" }
+  ref_held:
+    kind: ref_logprobs
+    inputs: { model: ${TEACHER}, pairs: "\${held_pairs.tokens}" }
+`;
+}
+
+Deno.test(
+  "dpo: rewards are logged with TRL's definitions and reward accuracy rises over a few steps",
+  stageTestOptions,
+  async () => {
+    const p = tempProject();
+    try {
+      const r = await runRecipe(
+        p.write("r.yaml", recipe("max_steps: 8, learning_rate: 1.0e-3, warmup_ratio: 0")),
+        ["dpo"],
+      );
+      assert.equal(r.code, 0, r.stderr);
+      const m = stageMetrics(p, "dpo");
+      assert.equal(m.length, 8);
+      for (
+        const k of ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "loss"]
+      ) {
+        assert.ok(m.every((x) => Number.isFinite(x.values[k])), k);
+      }
+      // step 1 scores the reference itself: zero rewards, loss ln 2
+      assert.ok(Math.abs(m[0].values.loss - Math.log(2)) < 1e-5, `loss ${m[0].values.loss}`);
+      assert.equal(m[0].values["rewards/margins"], 0);
+      assert.equal(m[0].values["rewards/accuracies"], 0);
+      for (const x of m) {
+        const v = x.values;
+        assert.ok(Math.abs(v["rewards/margins"] - (v["rewards/chosen"] - v["rewards/rejected"])) < 1e-4);
+      }
+      const late = m.slice(-2).map((x) => x.values["rewards/accuracies"]);
+      assert.ok(
+        late.every((a) => a >= 0.75),
+        `reward accuracy ${m.map((x) => x.values["rewards/accuracies"])}`,
+      );
+      assert.ok(m[7].values["rewards/margins"] > m[2].values["rewards/margins"]);
+      assert.ok(m[7].values.loss < 0.5);
+    } finally {
+      await p.cleanup();
+    }
+  },
+);
+
+Deno.test(
+  "dpo: interrupted after a checkpoint, resumes to the same bytes; a reference of other pairs is refused",
+  stageTestOptions,
+  async () => {
+    const ref = tempProject(), p = tempProject();
+    try {
+      const text = recipe("max_steps: 4, learning_rate: 1.0e-3, save_steps: 2");
+      assert.equal((await runRecipe(ref.write("r.yaml", text), ["dpo"])).code, 0);
+      const path = p.write("r.yaml", text);
+      assert.equal((await runAndInterrupt(p, path)).code, 130);
+      const r = await runRecipe(path, ["dpo"]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stderr + r.stdout, /dpo: resuming from step \d+/);
+      assert.equal(outputDigest(p, "dpo", "model"), outputDigest(ref, "dpo", "model"));
+      const wrong = text.replace(`ref: "\${ref_train.ref}"`, `ref: "\${ref_held.ref}"`);
+      const w = await runRecipe(p.write("w.yaml", wrong), ["dpo"]);
+      assert.equal(w.code, 2);
+      assert.match(w.stderr, /was computed on other pairs/);
+    } finally {
+      await ref.cleanup();
+      await p.cleanup();
+    }
+  },
+);
+
+Deno.test(
+  "ref_logprobs: interrupted part-way, the rerun resumes after the scored pairs and writes the same bytes",
+  stageTestOptions,
+  async () => {
+    const ref = tempProject(), p = tempProject();
+    try {
+      const text = recipe("max_steps: 1").replace(
+        `kind: ref_logprobs\n    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }`,
+        `kind: ref_logprobs\n    params: { per_device_batch_size: 4, save_steps: 1 }\n    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }`,
+      );
+      assert.match(text, /save_steps: 1/);
+      assert.equal((await runRecipe(ref.write("r.yaml", text), ["ref_train"])).code, 0);
+      const path = p.write("r.yaml", text);
+      assert.equal((await runAndInterrupt(p, path)).code, 130);
+      const r = await runRecipe(path, ["ref_train"]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stderr + r.stdout, /ref_train: resuming after \d+ of 16 pairs/);
+      assert.equal(outputDigest(p, "ref_train", "ref"), outputDigest(ref, "ref_train", "ref"));
+    } finally {
+      await ref.cleanup();
+      await p.cleanup();
+    }
+  },
+);

@@ -1,0 +1,95 @@
+/**
+ * Helpers for the training-stage tests: fixture paths, recipes run through the real runner in-process,
+ * interruption after the first checkpoint, and readers for metrics and outputs.
+ *
+ * @module
+ */
+import { join } from "node:path";
+import { listCheckpoints } from "../../pipelines/checkpoints.ts";
+import { lastEvents, lastRun, runCli, type TempProject } from "../pipelines/helpers.ts";
+import type { CliResult } from "../pipelines/helpers.ts";
+
+/** Absolute path of a fixture file. */
+export function fixture(rel: string): string {
+  return new URL(`../../fixtures/${rel}`, import.meta.url).pathname;
+}
+
+/** The fixture teacher. */
+export const TEACHER = fixture("models/stories260K-hf");
+/** TinyStories training text. */
+export const TRAIN_TEXT = fixture("text/tinystories_train.txt");
+/** The cloze task (1,600 items built from the validation stories). */
+export const CLOZE = fixture("eval/tinystories_cloze.jsonl");
+
+/** Options of every GPU stage test (the device outlives a test). */
+export const stageTestOptions = { sanitizeResources: false, sanitizeOps: false } as const;
+
+/** Runs `run <recipe>` in-process with the software adapter. */
+export function runRecipe(recipe: string, extra: string[] = [], signal?: AbortSignal): Promise<CliResult> {
+  return runCli(["run", recipe, "--gpu", Deno.env.get("DISTILLERY_GPU") ?? "builtin", ...extra], { signal });
+}
+
+/** Steps of the checkpoints currently stored in a project's cache. */
+export function checkpointSteps(p: TempProject): number[] {
+  const root = join(p.cacheDir, "checkpoints");
+  const steps: number[] = [];
+  try {
+    for (const d of Deno.readDirSync(root)) {
+      for (const cp of listCheckpoints(join(root, d.name))) steps.push(cp.step);
+    }
+  } catch {
+    // none yet
+  }
+  return steps.sort((a, b) => a - b);
+}
+
+/**
+ * Runs a recipe and interrupts it (as Ctrl-C does) as soon as a first checkpoint exists; the stage saves what
+ * it has and the run exits with 130.
+ */
+export async function runAndInterrupt(p: TempProject, recipe: string): Promise<CliResult> {
+  const ctl = new AbortController();
+  const timer = setInterval(() => {
+    if (checkpointSteps(p).length > 0) ctl.abort(new DOMException("interrupted by the test", "AbortError"));
+  }, 5);
+  try {
+    return await runRecipe(recipe, [], ctl.signal);
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+/** Metric records of a stage in the newest run. */
+export function stageMetrics(
+  p: TempProject,
+  stage: string,
+): { step: number; values: Record<string, number> }[] {
+  return lastEvents(p)
+    .filter((e) => e.type === "metric" && (e as { stage?: string }).stage === stage)
+    .map((e) => e as unknown as { step: number; values: Record<string, number> });
+}
+
+/** Path of a stage's output port in the newest run. */
+export function outputPath(p: TempProject, stage: string, port: string): string {
+  const s = lastRun(p).stages.find((x) => x.stage === stage);
+  const path = s?.outputs[port]?.path;
+  if (!path) throw new Error(`stage ${stage} has no output ${port} in the last run`);
+  return path;
+}
+
+/** Output digest of a stage's port in the newest run. */
+export function outputDigest(p: TempProject, stage: string, port: string): string {
+  const s = lastRun(p).stages.find((x) => x.stage === stage);
+  const d = s?.outputs[port]?.digest;
+  if (!d) throw new Error(`stage ${stage} has no output ${port} in the last run`);
+  return d;
+}
+
+/** A tokenize stage over the first `limit` paragraphs of the training text, in recipe YAML. */
+export function textTokensStage(name: string, limit: number, maxLength: number): string {
+  return `  ${name}:
+    kind: tokenize
+    params: { max_length: ${maxLength}, limit: ${limit} }
+    inputs: { tokenizer: ${TEACHER}, data: [${TRAIN_TEXT}] }
+`;
+}
