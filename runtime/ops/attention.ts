@@ -54,8 +54,10 @@ export interface AttentionOptions {
     backward?: BackwardTiles;
   };
   /**
-   * Forward kernel: "v2" (default; `kernels/attention_v2.ts`) or "v1" (`kernels/attention.ts`, which decoding
-   * keeps using for its key-split partials).
+   * Forward kernel: "v1" (default; `kernels/attention.ts`, also used by decoding for its key-split partials) or
+   * "v2" (`kernels/attention_v2.ts`). v1 stays the default because it is the one measured on the H200 (7.7 ms
+   * at B=1, T=2048, H=32/8, hd=64); the only H200 run with v2 as the default showed a slower hybrid prefill
+   * (379 ms against 221 ms), see BENCHMARKS.md.
    */
   forwardKernels?: AttentionBackwardKernels;
   /**
@@ -135,7 +137,7 @@ export function attentionWithLse(
   };
   const out = rt.empty(q.shape, q.dtype);
   const lse = rt.empty([B, T, H], "f32");
-  const f = (opts.forwardKernels ?? "v2") === "v2"
+  const f = (opts.forwardKernels ?? "v1") === "v2"
     ? attentionForwardV2(q.dtype, shape, opts.tiles?.forwardV2 ?? chooseForwardTilesV2(hd, storageLimit(rt)))
     : attentionForward(q.dtype, shape, opts.tiles?.forward ?? chooseForwardTiles(hd, storageLimit(rt)));
   rt.dev.dispatch(
