@@ -7,8 +7,8 @@
  * whole text, or with `prompt_tokens` its first N tokens, which gives prompts of equal length that batch
  * without waste).
  *
- * Determinism: prompt i samples from its own generator seeded by `(seed, i)`, so its completion does not
- * depend on the other prompts. Prompts are processed in chunks of `save_every` in index order (grouped by
+ * Determinism: completion j (prompt i's k-th of n is j = i * n + k) samples from its own generator seeded by
+ * `(seed, j)`, so it does not depend on the other prompts. Prompts are processed in chunks of `save_every` in index order (grouped by
  * length into batches inside a chunk), and a checkpoint after each chunk holds every completion so far; a
  * resumed run redoes only the chunks after it and writes the same bytes as an uninterrupted one.
  *
@@ -130,6 +130,13 @@ export const pseudoLabelStage = defineStage({
       default: 2048,
       doc: "Longest completion in tokens (paper: up to 2048).",
     },
+    num_return_sequences: {
+      type: "number",
+      integer: true,
+      min: 1,
+      default: 1,
+      doc: "Completions per prompt (each its own sampling stream), as in transformers' generate.",
+    },
     batch_size: {
       type: "number",
       integer: true,
@@ -188,7 +195,9 @@ export const pseudoLabelStage = defineStage({
       throw new UserError("pseudo_label: prompt_tokens applies to format text only");
     }
     const tok = await loadTokenizerInput(ctx.inputs.teacher, "teacher");
-    const prompts = await readPrompts(ctx.inputs.prompts, p, ctx.log, tok);
+    const read = await readPrompts(ctx.inputs.prompts, p, ctx.log, tok);
+    // num_return_sequences: completion k of prompt i is item i * n + k, with its own stream
+    const prompts = read.flatMap((q) => Array.from({ length: p.num_return_sequences }, () => q));
     if (prompts.length === 0) {
       throw new UserError(`pseudo_label: no usable prompt in ${ctx.inputs.prompts.ref}`);
     }
