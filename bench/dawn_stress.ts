@@ -15,11 +15,7 @@ import { Runtime } from "../runtime/runtime.ts";
 import { createDevice } from "../runtime/device.ts";
 import { parseProviderPreference } from "../runtime/provider.ts";
 import { add, mul, silu } from "../runtime/ops/elementwise.ts";
-
-function flag(name: string, dflt: string): string {
-  const i = Deno.args.indexOf(`--${name}`);
-  return i >= 0 ? Deno.args[i + 1] : dflt;
-}
+import { flag } from "./harness.ts";
 
 const gpu = parseProviderPreference(flag("gpu", "auto"), "--gpu");
 const steps = Number(flag("steps", "2000"));

@@ -19,11 +19,7 @@ import { embedding } from "../runtime/ops/embedding.ts";
 import { greedyArgmax } from "../runtime/ops/loss.ts";
 import { add, swiglu } from "../runtime/ops/elementwise.ts";
 import type { Tensor } from "../runtime/tensor.ts";
-
-function flag(name: string): string | undefined {
-  const i = Deno.args.indexOf(`--${name}`);
-  return i >= 0 ? Deno.args[i + 1] : undefined;
-}
+import { flag } from "./harness.ts";
 
 const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
 const quick = Deno.args.includes("--quick");

@@ -7,39 +7,7 @@
 import type { Runtime } from "../runtime/runtime.ts";
 import type { Tensor } from "../runtime/tensor.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
-
-/** Runs `body` repeatedly for at least `minMs` after a warm-up of `warmMs` and returns milliseconds per run. */
-async function timeLoop(rt: Runtime, body: () => void, opts: { quick: boolean }): Promise<number> {
-  const warmMs = opts.quick ? 0 : 1500, minMs = opts.quick ? 0 : 1000;
-  const batch = async (n: number) => {
-    for (let i = 0; i < n; i++) rt.scope(body);
-    await rt.dev.sync();
-  };
-  let n = 1;
-  const w0 = performance.now();
-  do {
-    await batch(n);
-    n = Math.min(n * 2, 64);
-  } while (performance.now() - w0 < warmMs);
-  let runs = 0;
-  const t0 = performance.now();
-  do {
-    await batch(n);
-    runs += n;
-  } while (performance.now() - t0 < minMs);
-  return (performance.now() - t0) / runs;
-}
-
-function randomTensor(rt: Runtime, shape: number[], lo: number, hi: number): Tensor {
-  const n = shape.reduce((a, b) => a * b, 1);
-  const data = new Float32Array(n);
-  let s = 12345;
-  for (let i = 0; i < n; i++) {
-    s = (s * 1103515245 + 12345) >>> 0;
-    data[i] = lo + (hi - lo) * (s / 2 ** 32);
-  }
-  return rt.tensor(data, shape).keep();
-}
+import { randomTensor, timeLoop } from "./harness.ts";
 
 /** Benchmark entry point (see KERNELS.md): logs one row per measured configuration. */
 export async function bench(

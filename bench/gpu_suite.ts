@@ -12,6 +12,7 @@
 import { Runtime } from "../runtime/runtime.ts";
 import { createDevice } from "../runtime/device.ts";
 import { parseProviderPreference } from "../runtime/provider.ts";
+import { flag } from "./harness.ts";
 
 type BenchFn = (
   rt: Runtime,
@@ -29,11 +30,6 @@ export const FAMILIES: Record<string, () => Promise<BenchFn>> = {
   conv1d: async () => (await import("./conv1d.ts")).bench as BenchFn,
   gated_rmsnorm: async () => (await import("./gated_rmsnorm.ts")).bench as BenchFn,
 };
-
-function flag(name: string): string | undefined {
-  const i = Deno.args.indexOf(`--${name}`);
-  return i >= 0 ? Deno.args[i + 1] : undefined;
-}
 
 if (import.meta.main) {
   const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");

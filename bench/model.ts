@@ -24,6 +24,7 @@ import { greedyResident } from "../models/generate.ts";
 import { headLoss } from "../runtime/ops/head_loss.ts";
 import { LM_HEAD } from "../models/weights.ts";
 import { AdamW } from "../runtime/optim.ts";
+import { flag } from "./harness.ts";
 
 /** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
 export function llama32OneB(quick: boolean): TransformerConfig {
@@ -65,11 +66,6 @@ export function llama32OneB(quick: boolean): TransformerConfig {
       },
     "llama-3.2-1b-shape",
   );
-}
-
-function flag(name: string): string | undefined {
-  const i = Deno.args.indexOf(`--${name}`);
-  return i >= 0 ? Deno.args[i + 1] : undefined;
 }
 
 function median(xs: number[]): number {

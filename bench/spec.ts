@@ -37,6 +37,7 @@ import {
 } from "../models/verify_state.ts";
 import { countParameters, type Model } from "../models/weights.ts";
 import { Rng } from "../util/rng.ts";
+import { flag } from "./harness.ts";
 
 const QUICK_CONFIG = {
   hidden_size: 64,
@@ -49,11 +50,6 @@ const QUICK_CONFIG = {
   tie_word_embeddings: true,
   rms_norm_eps: 1e-5,
 };
-
-function flag(name: string): string | undefined {
-  const i = Deno.args.indexOf(`--${name}`);
-  return i >= 0 ? Deno.args[i + 1] : undefined;
-}
 
 function log(row: Record<string, unknown>): void {
   console.log(JSON.stringify({ bench: "spec", ...row }));
