@@ -187,66 +187,6 @@ async function timeSteps(rt: Runtime, step: () => void, warmupMs: number, minMs:
   return total / steps;
 }
 
-/**
- * GPU milliseconds of one dispatch of `l`: `iters` copies inside one compute pass between two timestamps.
- * Undefined without `timestamp-query` (or when the provider rejects timestamps inside passes).
- */
-async function gpuTime(
-  rt: Runtime,
-  l: Launch,
-  bindings: BufferSlice[],
-  iters: number,
-): Promise<number | undefined> {
-  const dev = rt.dev;
-  if (!dev.features.timestamps) return undefined;
-  try {
-    dev.flush();
-    const gpu = dev.gpu;
-    const k = dev.kernel(l.spec);
-    const ubuf = gpu.createBuffer({ size: 256, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
-    gpu.queue.writeBuffer(ubuf, 0, l.uniforms);
-    const entries: GPUBindGroupEntry[] = bindings.map((b, i) => ({
-      binding: i,
-      resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size },
-    }));
-    if (l.spec.uniformBytes) {
-      entries.push({
-        binding: bindings.length,
-        resource: { buffer: ubuf, offset: 0, size: l.spec.uniformBytes },
-      });
-    }
-    const bg = gpu.createBindGroup({ layout: k.layout, entries });
-    const qs = gpu.createQuerySet({ type: "timestamp", count: 2 });
-    const resolve = gpu.createBuffer({
-      size: 16,
-      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
-    });
-    const readback = gpu.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
-    const enc = gpu.createCommandEncoder();
-    const pass = enc.beginComputePass({
-      timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 },
-    });
-    pass.setPipeline(k.pipeline);
-    if (l.spec.uniformBytes) pass.setBindGroup(0, bg, [0]);
-    else pass.setBindGroup(0, bg);
-    const [x, y = 1, z = 1] = l.workgroups;
-    for (let i = 0; i < iters; i++) pass.dispatchWorkgroups(x, y, z);
-    pass.end();
-    enc.resolveQuerySet(qs, 0, 2, resolve, 0);
-    enc.copyBufferToBuffer(resolve, 0, readback, 0, 16);
-    gpu.queue.submit([enc.finish()]);
-    await readback.mapAsync(GPUMapMode.READ);
-    const [t0, t1] = new BigUint64Array(readback.getMappedRange());
-    readback.unmap();
-    for (const b of [ubuf, resolve, readback]) b.destroy();
-    qs.destroy();
-    const ns = Number(t1 - t0);
-    return ns > 0 ? ns / 1e6 / iters : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
 /** v1 tiles with 4-row (dQ) / 4-key (dK/dV) micro-tiles, the largest that fit `limit` (diagnostic variant). */
 function v1Tm4Tiles(hd: number, limit: number): { dq: RowTiles; dkv: KeyTiles } {
   const dqs: RowTiles[] = [{ br: 32, bc: 32, tm: 4, tn: 4 }, { br: 16, bc: 16, tm: 4, tn: 4 }];
@@ -504,10 +444,22 @@ async function timeBackwardKernels(
     ];
     for (const kr of kernels) {
       // one dispatch first (compiles, and sizes the timed run), then enough copies for about 200 ms
-      const once = await gpuTime(rt, kr.launch, kr.bindings, 1);
+      const once = await rt.dev.timeDispatch(
+        kr.launch.spec,
+        kr.bindings,
+        kr.launch.workgroups,
+        kr.launch.uniforms,
+        1,
+      );
       if (once === undefined) return;
       const iters = quick ? 2 : Math.max(2, Math.min(200, Math.round(200 / Math.max(once, 0.01))));
-      const ms = await gpuTime(rt, kr.launch, kr.bindings, iters);
+      const ms = await rt.dev.timeDispatch(
+        kr.launch.spec,
+        kr.bindings,
+        kr.launch.workgroups,
+        kr.launch.uniforms,
+        iters,
+      );
       log({
         ...common,
         op: "kernel",

@@ -133,60 +133,16 @@ async function timeIt(
   for (let i = 0; i < iters; i++) record();
   await syncOnce(rt, probe);
   const ms = (performance.now() - t0) / iters;
-  const gpuMs = single && rt.dev.features.timestamps ? await gpuTime(rt, single, iters) : undefined;
+  const gpuMs = single && rt.dev.features.timestamps
+    ? await rt.dev.timeDispatch(
+      single.spec,
+      single.bindings.map((buffer) => ({ buffer })),
+      single.workgroups,
+      single.uniforms,
+      iters,
+    )
+    : undefined;
   return { ms, iters, gpuMs, syncMs };
-}
-
-/** Times `iters` copies of one dispatch inside one compute pass with timestamp queries; ms per dispatch. */
-async function gpuTime(
-  rt: Runtime,
-  l: Launch & { bindings: GPUBuffer[] },
-  iters: number,
-): Promise<number | undefined> {
-  const dev = rt.dev;
-  try {
-    dev.flush();
-    const gpu = dev.gpu;
-    const k = dev.kernel(l.spec);
-    const ubuf = gpu.createBuffer({ size: 256, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
-    gpu.queue.writeBuffer(ubuf, 0, l.uniforms);
-    const entries: GPUBindGroupEntry[] = l.bindings.map((b, i) => ({ binding: i, resource: { buffer: b } }));
-    if (l.spec.uniformBytes) {
-      entries.push({
-        binding: l.bindings.length,
-        resource: { buffer: ubuf, offset: 0, size: l.spec.uniformBytes },
-      });
-    }
-    const bg = gpu.createBindGroup({ layout: k.layout, entries });
-    const qs = gpu.createQuerySet({ type: "timestamp", count: 2 });
-    const resolve = gpu.createBuffer({
-      size: 16,
-      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
-    });
-    const readback = gpu.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
-    const enc = gpu.createCommandEncoder();
-    const pass = enc.beginComputePass({
-      timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 },
-    });
-    pass.setPipeline(k.pipeline);
-    if (l.spec.uniformBytes) pass.setBindGroup(0, bg, [0]);
-    else pass.setBindGroup(0, bg);
-    const [x, y = 1, z = 1] = l.workgroups;
-    for (let i = 0; i < iters; i++) pass.dispatchWorkgroups(x, y, z);
-    pass.end();
-    enc.resolveQuerySet(qs, 0, 2, resolve, 0);
-    enc.copyBufferToBuffer(resolve, 0, readback, 0, 16);
-    gpu.queue.submit([enc.finish()]);
-    await readback.mapAsync(GPUMapMode.READ);
-    const [t0, t1] = new BigUint64Array(readback.getMappedRange());
-    readback.unmap();
-    for (const b of [ubuf, resolve, readback]) b.destroy();
-    qs.destroy();
-    const ns = Number(t1 - t0);
-    return ns > 0 ? ns / 1e6 / iters : undefined;
-  } catch {
-    return undefined; // timestamps inside passes are optional; the wall-clock time stands
-  }
 }
 
 // ---- the benchmarks ----------------------------------------------------------------------------------------

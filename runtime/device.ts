@@ -370,6 +370,70 @@ export class GpuDevice {
     return this.gpu.createBuffer({ size: rounded, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   }
 
+  /**
+   * GPU milliseconds per dispatch of one kernel: `iters` copies recorded inside one compute pass between two
+   * timestamp queries, submitted on their own (pending work is flushed first). Undefined without
+   * `timestamp-query`, or when the provider rejects timestamps inside passes. For benchmarks.
+   */
+  async timeDispatch(
+    spec: KernelSpec,
+    buffers: readonly BufferSlice[],
+    workgroups: readonly [number, number?, number?],
+    uniforms: ArrayBuffer | undefined,
+    iters: number,
+  ): Promise<number | undefined> {
+    if (!this.features.timestamps) return undefined;
+    const gpu = this.gpu;
+    try {
+      this.flush();
+      const k = this.kernel(spec);
+      const ubuf = gpu.createBuffer({ size: 256, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+      if (uniforms) gpu.queue.writeBuffer(ubuf, 0, uniforms);
+      const entries: GPUBindGroupEntry[] = buffers.map((b, i) => ({
+        binding: i,
+        resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size },
+      }));
+      if (spec.uniformBytes) {
+        entries.push({
+          binding: buffers.length,
+          resource: { buffer: ubuf, offset: 0, size: spec.uniformBytes },
+        });
+      }
+      const bg = gpu.createBindGroup({ layout: k.layout, entries });
+      const qs = gpu.createQuerySet({ type: "timestamp", count: 2 });
+      const resolve = gpu.createBuffer({
+        size: 16,
+        usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+      });
+      const readback = gpu.createBuffer({
+        size: 16,
+        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+      });
+      const enc = gpu.createCommandEncoder();
+      const pass = enc.beginComputePass({
+        timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 },
+      });
+      pass.setPipeline(k.pipeline);
+      if (spec.uniformBytes) pass.setBindGroup(0, bg, [0]);
+      else pass.setBindGroup(0, bg);
+      const [x, y = 1, z = 1] = workgroups;
+      for (let i = 0; i < iters; i++) pass.dispatchWorkgroups(x, y, z);
+      pass.end();
+      enc.resolveQuerySet(qs, 0, 2, resolve, 0);
+      enc.copyBufferToBuffer(resolve, 0, readback, 0, 16);
+      gpu.queue.submit([enc.finish()]);
+      await readback.mapAsync(GPUMapMode.READ);
+      const [t0, t1] = new BigUint64Array(readback.getMappedRange());
+      readback.unmap();
+      for (const b of [ubuf, resolve, readback]) b.destroy();
+      qs.destroy();
+      const ns = Number(t1 - t0);
+      return ns > 0 ? ns / 1e6 / iters : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
   /** Submits pending work and waits until the GPU has finished it. */
   async sync(): Promise<void> {
     this.flush();
