@@ -20,7 +20,7 @@ import {
   toGpu,
   writeModelArtifact,
 } from "./shared/models.ts";
-import { batchOptions, trainingParams } from "./shared/train_params.ts";
+import { batchOptions, trainableParam, trainingParams } from "./shared/train_params.ts";
 import { openTrainingData, phaseSteps, runPhase, trainablePredicate } from "./shared/training.ts";
 import { readTrainStateMeta } from "./shared/train_state.ts";
 import { LM_STATS, lmMicroStep, summarizeLm } from "./shared/lm_loss.ts";
@@ -90,14 +90,11 @@ export const distillStage = defineStage({
       nullable: true,
       doc: "Token budget of phases that set none (overrides max_steps and num_train_epochs).",
     },
-    trainable: {
-      type: "string",
-      enum: ["mamba", "mamba_mlp", "all"],
-      default: "mamba",
-      doc:
-        "What trains: mamba (paper stage 1: MLPs, norms, embeddings and kept attention frozen), mamba_mlp " +
+    trainable: trainableParam(
+      "mamba",
+      "What trains: mamba (paper stage 1: MLPs, norms, embeddings and kept attention frozen), mamba_mlp " +
         "(Mamba layers and every MLP: the paper's frozen-MLP ablation), or all (the later KL-only recipe).",
-    },
+    ),
     ce_weight: {
       type: "number",
       min: 0,

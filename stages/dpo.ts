@@ -21,7 +21,7 @@ import {
   toGpu,
   writeModelArtifact,
 } from "./shared/models.ts";
-import { batchOptions, trainingParams } from "./shared/train_params.ts";
+import { batchOptions, trainableParam, trainingParams } from "./shared/train_params.ts";
 import { openTrainingData, phaseSteps, runPhase, trainablePredicate } from "./shared/training.ts";
 import { pairLogprobs, readRefLogprobs, type RefLogprobs } from "./shared/preference.ts";
 
@@ -83,12 +83,7 @@ export const dpoStage = defineStage({
       default: 0.01,
       doc: "Strength of the implicit KL to the reference (paper: 0.01 for 1 epoch, or 0.1 for 3 epochs).",
     },
-    trainable: {
-      type: "string",
-      enum: ["mamba", "mamba_mlp", "all"],
-      default: "all",
-      doc: "What trains (paper: all parameters).",
-    },
+    trainable: trainableParam("all", "What trains (paper: all parameters)."),
     ...trainingParams({
       learningRate: [5e-7, "paper: 5e-7"],
       warmupRatio: [0.1, "paper: 0.1"],

@@ -26,7 +26,8 @@ import type { Tokenizer } from "../models/tokenizer.ts";
 import { Rng } from "../util/rng.ts";
 import { UserError } from "../util/errors.ts";
 import { loadModelInput, loadTokenizerInput, modelDir, stageRuntime, toGpu } from "./shared/models.ts";
-import { datasetSpecOf, hubDatasetResolver } from "./shared/datasets.ts";
+import { datasetSpecOf } from "./shared/datasets.ts";
+import { hubDatasetResolver } from "./shared/hub_datasets.ts";
 
 /** One prompt to complete. */
 interface Prompt {

@@ -15,7 +15,7 @@ import {
   toGpu,
   writeModelArtifact,
 } from "./shared/models.ts";
-import { batchOptions, trainingParams } from "./shared/train_params.ts";
+import { batchOptions, trainableParam, trainingParams } from "./shared/train_params.ts";
 import { openTrainingData, phaseSteps, runPhase, trainablePredicate } from "./shared/training.ts";
 import { LM_STATS, lmMicroStep, summarizeLm } from "./shared/lm_loss.ts";
 
@@ -37,12 +37,7 @@ export const sftStage = defineStage({
         "Weight of a token-level KL(teacher || model) added to the cross-entropy (needs the teacher input).",
     },
     temperature: { type: "number", exclusiveMin: 0, default: 1, doc: "Softmax temperature of the KL term." },
-    trainable: {
-      type: "string",
-      enum: ["mamba", "mamba_mlp", "all"],
-      default: "all",
-      doc: "What trains (paper: all parameters).",
-    },
+    trainable: trainableParam("all", "What trains (paper: all parameters)."),
     ...trainingParams({
       learningRate: [2e-5, "paper: 2e-5"],
       warmupRatio: [0.01, "paper: 0.01"],

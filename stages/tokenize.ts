@@ -17,7 +17,8 @@ import { type TokenizeDatasetParams, tokenizeDatasetToFile } from "../data/token
 import { newTokenizeStats, type TokenizeStats } from "../data/tokenize.ts";
 import { UserError } from "../util/errors.ts";
 import { loadTokenizerInput, modelDir } from "./shared/models.ts";
-import { datasetSpecOf, hubDatasetResolver } from "./shared/datasets.ts";
+import { datasetSpecOf } from "./shared/datasets.ts";
+import { hubDatasetResolver } from "./shared/hub_datasets.ts";
 import { TOKENS_FILE, TOKENS_SUMMARY } from "./shared/tokens.ts";
 
 const FIELD = (name: string) =>

@@ -1,52 +1,13 @@
 /**
  * Dataset inputs of stage kinds: turning an input artifact (a local file, directory or glob, another stage's
- * output, or an `hf://datasets/...` reference) into the data layer's {@linkcode DatasetSpec}, with the Hub
- * dataset resolver the data layer needs for `hf://` addresses.
+ * output, or an `hf://datasets/...` reference) into the data layer's {@linkcode DatasetSpec}. The Hub dataset
+ * resolver for `hf://` addresses is in `hub_datasets.ts`.
  *
  * @module
  */
-import { join, relative } from "node:path";
 import type { Artifact } from "../../pipelines/stage.ts";
-import type { HubDatasetResolver } from "../../data/data_files.ts";
 import type { DatasetSpec, RecordFileType, TextMode } from "../../data/records.ts";
-import { resolveDatasetSource } from "../../models/hub.ts";
 import { UserError } from "../../util/errors.ts";
-
-/**
- * Access to Hub dataset repositories through the Hub cache (`models/hub.ts`). A repository is fetched whole
- * the first time one of its files is asked for (the Hub cache then serves it offline), so the split resolution
- * sees every file name.
- */
-export function hubDatasetResolver(): HubDatasetResolver {
-  const snapshots = new Map<string, Promise<string>>();
-  const snapshot = (repo: string, revision: string | null) => {
-    const key = revision ? `${repo}@${revision}` : repo;
-    let p = snapshots.get(key);
-    if (!p) {
-      p = resolveDatasetSource(key).then((r) => r.dir);
-      snapshots.set(key, p);
-    }
-    return p;
-  };
-  return {
-    async listFiles(repo, revision) {
-      const root = await snapshot(repo, revision);
-      const out: string[] = [];
-      const walk = (dir: string) => {
-        for (const e of Deno.readDirSync(dir)) {
-          const p = join(dir, e.name);
-          if (e.isDirectory) walk(p);
-          else if (!e.name.startsWith(".")) out.push(relative(root, p));
-        }
-      };
-      walk(root);
-      return out.sort();
-    },
-    async localPath(repo, revision, file) {
-      return join(await snapshot(repo, revision), file);
-    },
-  };
-}
 
 /** How to read a dataset input (the reading options shared by the stages that take data). */
 export interface DatasetReadOptions {

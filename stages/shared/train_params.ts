@@ -210,3 +210,8 @@ export function batchOptions(
   }
   return o;
 }
+
+/** Which parameters train, as a recipe parameter (see `trainablePredicate` in training.ts for the sets). */
+export function trainableParam<D extends "mamba" | "mamba_mlp" | "all">(dflt: D, doc: string) {
+  return { type: "string", enum: ["mamba", "mamba_mlp", "all"], default: dflt, doc } as const;
+}
