@@ -8,11 +8,9 @@
 import {
   type DType,
   type KernelSpec,
-  LINEAR_WORKGROUP,
+  linearKernelSpec,
   linearWorkgroups,
   Uniforms,
-  WGSL_LINEAR_INDEX,
-  wgslHeader,
   wgslType,
 } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
@@ -28,27 +26,16 @@ function columnCopySpec(dtype: DType, direction: "gather" | "scatter"): KernelSp
   const body = direction === "gather"
     ? "dst[r * p.width + j] = src[r * p.wide + p.c0 + j];"
     : "dst[r * p.wide + p.c0 + j] = src[r * p.width + j];";
-  s = {
+  s = linearKernelSpec(
     key,
-    bindings: ["read", "rw"],
-    uniformBytes: 16,
-    code: `${wgslHeader(dtype)}
-struct P { rows: u32, wide: u32, c0: u32, width: u32 }
-@group(0) @binding(0) var<storage, read> src: array<${T}>;
-@group(0) @binding(1) var<storage, read_write> dst: array<${T}>;
-@group(0) @binding(2) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}
-@compute @workgroup_size(${LINEAR_WORKGROUP})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
-  let i = linear_index(wid, nwg, lid, ${LINEAR_WORKGROUP}u);
-  if (i >= p.rows * p.width) { return; }
+    dtype,
+    [["src", "read", T], ["dst", "rw", T]],
+    "rows: u32, wide: u32, c0: u32, width: u32",
+    `if (i >= p.rows * p.width) { return; }
   let r = i / p.width;
   let j = i % p.width;
-  ${body}
-}
-`,
-  };
+  ${body}`,
+  );
   specs.set(key, s);
   return s;
 }
@@ -114,24 +101,13 @@ export function repeatGroups(
     acc += f32(src[r * cols * p.rep + (g * p.rep + k) * p.width + c % p.width]);
   }
   dst[i] = ${T}(acc);`;
-    spec = {
+    spec = linearKernelSpec(
       key,
-      bindings: ["read", "rw"],
-      uniformBytes: 16,
-      code: `${wgslHeader(dtype)}
-struct P { rows: u32, groups: u32, width: u32, rep: u32 }
-@group(0) @binding(0) var<storage, read> src: array<${T}>;
-@group(0) @binding(1) var<storage, read_write> dst: array<${T}>;
-@group(0) @binding(2) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}
-@compute @workgroup_size(${LINEAR_WORKGROUP})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
-  let i = linear_index(wid, nwg, lid, ${LINEAR_WORKGROUP}u);
-  ${body}
-}
-`,
-    };
+      dtype,
+      [["src", "read", T], ["dst", "rw", T]],
+      "rows: u32, groups: u32, width: u32, rep: u32",
+      body,
+    );
     repeatSpecs.set(key, spec);
   }
   const n = direction === "forward" ? rows * groups * rep * width : rows * groups * width;

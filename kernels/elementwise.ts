@@ -9,11 +9,10 @@
 import {
   type DType,
   type KernelSpec,
-  LINEAR_WORKGROUP,
+  type LinearBinding,
+  linearKernelSpec,
   linearWorkgroups,
   Uniforms,
-  WGSL_LINEAR_INDEX,
-  wgslHeader,
   wgslType,
 } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
@@ -67,17 +66,17 @@ fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
 fn silu_grad(x: f32) -> f32 { let s = sigmoid(x); return s * (1.0 + x * (1.0 - s)); }
 `;
 
-const ENTRY = `@compute @workgroup_size(${LINEAR_WORKGROUP})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
-  let i = linear_index(wid, nwg, lid, ${LINEAR_WORKGROUP}u);
-  if (i >= p.n) { return; }`;
+const FIELDS = "n: u32, s: f32, _a: u32, _b: u32";
 
 const specs = new Map<string, KernelSpec>();
 
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
+/** The cached spec of one elementwise kernel: its bindings and the statements after the bounds check. */
+function elementwise(key: string, dtype: DType, buffers: readonly LinearBinding[], body: string): KernelSpec {
   let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
+  if (!s) {
+    s = linearKernelSpec(key, dtype, buffers, FIELDS, `if (i >= p.n) { return; }\n  ${body}`, HELPERS);
+    specs.set(key, s);
+  }
   return s;
 }
 
@@ -88,105 +87,58 @@ function launch(spec: KernelSpec, n: number, scalar = 0): Launch {
 /** Forward of a unary op. Bindings: x (read), out (rw). */
 export function unaryForward(op: UnaryOpName, dtype: DType, n: number, scalar = 0): Launch {
   const T = wgslType(dtype);
-  return launch(
-    cached(`unary_${op}_${dtype}`, () => ({
-      bindings: ["read", "rw"],
-      uniformBytes: 16,
-      code: `${wgslHeader(dtype)}
-struct P { n: u32, s: f32, _a: u32, _b: u32 }
-@group(0) @binding(0) var<storage, read> xs: array<${T}>;
-@group(0) @binding(1) var<storage, read_write> out: array<${T}>;
-@group(0) @binding(2) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}${HELPERS}
-${ENTRY}
-  let x = f32(xs[i]);
+  const spec = elementwise(
+    `unary_${op}_${dtype}`,
+    dtype,
+    [["xs", "read", T], ["out", "rw", T]],
+    `let x = f32(xs[i]);
   let s = p.s;
-  out[i] = ${T}(${UNARY_OPS[op].fwd});
-}
-`,
-    })),
-    n,
-    scalar,
+  out[i] = ${T}(${UNARY_OPS[op].fwd});`,
   );
+  return launch(spec, n, scalar);
 }
 
 /** Backward of a unary op. Bindings: x (read), g (read), gx (rw). */
 export function unaryBackward(op: UnaryOpName, dtype: DType, n: number, scalar = 0): Launch {
   const T = wgslType(dtype);
-  return launch(
-    cached(`unary_${op}_bwd_${dtype}`, () => ({
-      bindings: ["read", "read", "rw"],
-      uniformBytes: 16,
-      code: `${wgslHeader(dtype)}
-struct P { n: u32, s: f32, _a: u32, _b: u32 }
-@group(0) @binding(0) var<storage, read> xs: array<${T}>;
-@group(0) @binding(1) var<storage, read> gs: array<${T}>;
-@group(0) @binding(2) var<storage, read_write> gx: array<${T}>;
-@group(0) @binding(3) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}${HELPERS}
-${ENTRY}
-  let x = f32(xs[i]);
+  const spec = elementwise(
+    `unary_${op}_bwd_${dtype}`,
+    dtype,
+    [["xs", "read", T], ["gs", "read", T], ["gx", "rw", T]],
+    `let x = f32(xs[i]);
   let g = f32(gs[i]);
   let s = p.s;
-  gx[i] = ${T}(${UNARY_OPS[op].bwd});
-}
-`,
-    })),
-    n,
-    scalar,
+  gx[i] = ${T}(${UNARY_OPS[op].bwd});`,
   );
+  return launch(spec, n, scalar);
 }
 
 /** Forward of a binary op. Bindings: a (read), b (read), out (rw). */
 export function binaryForward(op: BinaryOpName, dtype: DType, n: number): Launch {
   const T = wgslType(dtype);
-  return launch(
-    cached(`binary_${op}_${dtype}`, () => ({
-      bindings: ["read", "read", "rw"],
-      uniformBytes: 16,
-      code: `${wgslHeader(dtype)}
-struct P { n: u32, s: f32, _a: u32, _b: u32 }
-@group(0) @binding(0) var<storage, read> as_: array<${T}>;
-@group(0) @binding(1) var<storage, read> bs: array<${T}>;
-@group(0) @binding(2) var<storage, read_write> out: array<${T}>;
-@group(0) @binding(3) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}${HELPERS}
-${ENTRY}
-  let a = f32(as_[i]);
+  const spec = elementwise(
+    `binary_${op}_${dtype}`,
+    dtype,
+    [["as_", "read", T], ["bs", "read", T], ["out", "rw", T]],
+    `let a = f32(as_[i]);
   let b = f32(bs[i]);
-  out[i] = ${T}(${BINARY_OPS[op].fwd});
-}
-`,
-    })),
-    n,
+  out[i] = ${T}(${BINARY_OPS[op].fwd});`,
   );
+  return launch(spec, n);
 }
 
 /** Backward of a binary op. Bindings: a, b, g (read), ga (rw), gb (rw). */
 export function binaryBackward(op: BinaryOpName, dtype: DType, n: number): Launch {
   const T = wgslType(dtype);
-  return launch(
-    cached(`binary_${op}_bwd_${dtype}`, () => ({
-      bindings: ["read", "read", "read", "rw", "rw"],
-      uniformBytes: 16,
-      code: `${wgslHeader(dtype)}
-struct P { n: u32, s: f32, _a: u32, _b: u32 }
-@group(0) @binding(0) var<storage, read> as_: array<${T}>;
-@group(0) @binding(1) var<storage, read> bs: array<${T}>;
-@group(0) @binding(2) var<storage, read> gs: array<${T}>;
-@group(0) @binding(3) var<storage, read_write> ga: array<${T}>;
-@group(0) @binding(4) var<storage, read_write> gb: array<${T}>;
-@group(0) @binding(5) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}${HELPERS}
-${ENTRY}
-  let a = f32(as_[i]);
+  const spec = elementwise(
+    `binary_${op}_bwd_${dtype}`,
+    dtype,
+    [["as_", "read", T], ["bs", "read", T], ["gs", "read", T], ["ga", "rw", T], ["gb", "rw", T]],
+    `let a = f32(as_[i]);
   let b = f32(bs[i]);
   let g = f32(gs[i]);
   ga[i] = ${T}(${BINARY_OPS[op].bwdA});
-  gb[i] = ${T}(${BINARY_OPS[op].bwdB});
-}
-`,
-    })),
-    n,
+  gb[i] = ${T}(${BINARY_OPS[op].bwdB});`,
   );
+  return launch(spec, n);
 }

@@ -116,3 +116,44 @@ fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, wg: u32) -> u32 
   return (wid.y * nwg.x + wid.x) * wg + lid.x;
 }
 `;
+
+/** A storage binding of {@linkcode linearKernelSpec}: WGSL name, access, element type. */
+export type LinearBinding = [name: string, access: BindingAccess, element: string];
+
+/**
+ * A one-thread-per-element kernel (dispatched with {@linkcode linearWorkgroups}): the storage `buffers` at
+ * bindings 0..n-1, a 16-byte uniform struct `P` with `fields` (four 4-byte scalars) bound as `p`, optional
+ * helper functions, and a `body` that runs with `i`, the flat thread index, and does its own bounds check.
+ * Every elementwise-style kernel shares this shell, so only its fields and body differ.
+ */
+export function linearKernelSpec(
+  key: string,
+  dtype: DType,
+  buffers: readonly LinearBinding[],
+  fields: string,
+  body: string,
+  helpers = "",
+): KernelSpec {
+  const decls = buffers.map(([name, access, el], b) =>
+    `@group(0) @binding(${b}) var<storage, ${
+      access === "read" ? "read" : "read_write"
+    }> ${name}: array<${el}>;`
+  ).join("\n");
+  return {
+    key,
+    bindings: buffers.map(([, access]) => access),
+    uniformBytes: 16,
+    code: `${wgslHeader(dtype)}
+struct P { ${fields} }
+${decls}
+@group(0) @binding(${buffers.length}) var<uniform> p: P;
+${WGSL_LINEAR_INDEX}${helpers}
+@compute @workgroup_size(${LINEAR_WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = linear_index(wid, nwg, lid, ${LINEAR_WORKGROUP}u);
+  ${body}
+}
+`,
+  };
+}

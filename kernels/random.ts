@@ -8,11 +8,9 @@
 import {
   type DType,
   type KernelSpec,
-  LINEAR_WORKGROUP,
+  linearKernelSpec,
   linearWorkgroups,
   Uniforms,
-  WGSL_LINEAR_INDEX,
-  wgslHeader,
   wgslType,
 } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
@@ -24,28 +22,18 @@ export function uniformFill(dtype: DType, n: number, lo: number, hi: number, see
   let spec = specs.get(dtype);
   if (!spec) {
     const T = wgslType(dtype);
-    spec = {
-      key: `uniform_fill_${dtype}`,
-      bindings: ["rw"],
-      uniformBytes: 16,
-      code: `${wgslHeader(dtype)}
-struct P { n: u32, seed: u32, lo: f32, hi: f32 }
-@group(0) @binding(0) var<storage, read_write> out: array<${T}>;
-@group(0) @binding(1) var<uniform> p: P;
-${WGSL_LINEAR_INDEX}
-@compute @workgroup_size(${LINEAR_WORKGROUP})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
-  let i = linear_index(wid, nwg, lid, ${LINEAR_WORKGROUP}u);
-  if (i >= p.n) { return; }
+    spec = linearKernelSpec(
+      `uniform_fill_${dtype}`,
+      dtype,
+      [["out", "rw", T]],
+      "n: u32, seed: u32, lo: f32, hi: f32",
+      `if (i >= p.n) { return; }
   var h = (i * 0x9e3779b1u) ^ p.seed;
   h = (h ^ (h >> 16u)) * 0x85ebca6bu;
   h = (h ^ (h >> 13u)) * 0xc2b2ae35u;
   h = h ^ (h >> 16u);
-  out[i] = ${T}(p.lo + (p.hi - p.lo) * (f32(h >> 8u) * (1.0 / 16777216.0)));
-}
-`,
-    };
+  out[i] = ${T}(p.lo + (p.hi - p.lo) * (f32(h >> 8u) * (1.0 / 16777216.0)));`,
+    );
     specs.set(dtype, spec);
   }
   return {
