@@ -14,7 +14,8 @@
  *   same cost per layer, only the acceptance differs;
  * - `exactness`: greedy speculative outputs compared with plain greedy decoding for every K, prompt and draft.
  *
- *   deno run -A bench/spec.ts --gpu dawn [--quick] [--tokens 48] [--prompts 4] [--damp 0.03]
+ *   deno run -A bench/spec.ts --gpu dawn [--quick] [--tokens 48] [--prompts 4] [--damp 0.03] [--ks 1,2,4]
+ *     [--calls 100] [--e2e-modes fused,unfused]
  *
  * `--quick` runs tiny shapes on any adapter (llvmpipe) to check the script.
  *
@@ -136,8 +137,10 @@ export async function specBench(): Promise<void> {
   const tokens = Number(flag("tokens") ?? (quick ? 12 : 48));
   const nPrompts = Number(flag("prompts") ?? (quick ? 2 : 4));
   const damp = Number(flag("damp") ?? 0.03);
-  const ks = quick ? [1, 2, 4, 8] : [1, 2, 3, 4, 5, 6, 7, 8];
-  const calls = quick ? 5 : 100;
+  const ks = flag("ks")?.split(",").map(Number) ?? (quick ? [1, 2, 4, 8] : [1, 2, 3, 4, 5, 6, 7, 8]);
+  const calls = Number(flag("calls") ?? (quick ? 5 : 100));
+  // end-to-end runs per verification mode; `--e2e-modes fused` halves the run (the verify rows compare modes)
+  const e2eModes = (flag("e2e-modes") ?? "fused,unfused").split(",") as ("fused" | "unfused")[];
   log({ row: "device", device: rt.dev.describe(), quick, date: new Date().toISOString().slice(0, 10) });
 
   const t0 = performance.now();
@@ -187,7 +190,7 @@ export async function specBench(): Promise<void> {
   }
   let mismatches = 0, checked = 0;
   const measure = async (t: CausalLM, d: CausalLM, name: string) => {
-    for (const mode of ["fused", "unfused"] as const) {
+    for (const mode of e2eModes) {
       const m = await measureSpeculative(t, d, prompts, {
         ks,
         maxNewTokens: tokens,
@@ -196,7 +199,7 @@ export async function specBench(): Promise<void> {
         warmup: 1,
         mode,
       });
-      if (mode === "fused") {
+      if (mode === e2eModes[0]) {
         log({ row: "baseline", target: name, ...m.baseline });
       }
       for (const r of m.results) {

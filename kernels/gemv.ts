@@ -15,8 +15,12 @@ import type { Launch } from "./fill.ts";
 
 /** Threads per workgroup of the GEMV kernels. */
 export const GEMV_WORKGROUP = 256;
-/** Most rows of x one GEMV dispatch takes (more rows go through the tiled matmul). */
-export const GEMV_MAX_ROWS = 8;
+/**
+ * Most rows of x one GEMV dispatch takes (more rows go through the tiled matmul). 16 covers batch-1 speculative
+ * verification up to K = 15 and small decode batches; the reduction buffer then fills 16 KiB, WebGPU's default
+ * workgroup-storage limit.
+ */
+export const GEMV_MAX_ROWS = 16;
 
 /** Options of a GEMV dispatch. */
 export interface GemvOptions {

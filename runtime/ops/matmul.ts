@@ -106,8 +106,12 @@ function rowSlice(t: Tensor, rowElems: number, row0: number, rows: number): Buff
   return { buffer: t.buffer, offset: row0 * rb, size: Math.ceil((rows * rb) / 4) * 4 };
 }
 
-/** Most tokens for which {@linkcode linear} uses the GEMV kernel instead of the tiled matmul. */
-export const LINEAR_GEMV_MAX_TOKENS = 4;
+/**
+ * Most tokens for which {@linkcode linear} uses the GEMV kernel instead of the tiled matmul. A verification pass
+ * of K+1 tokens with a tiled matmul ran 9x slower on the H200 than with GEMV (bench/spec.ts: 4 ms at K <= 3, 36
+ * ms at K = 4 when this was 4): a 128-row tile for 5 rows leaves the GPU almost idle while W is read anyway.
+ */
+export const LINEAR_GEMV_MAX_TOKENS = 16;
 
 /** Geometry of `op(A) op(B)` derived from stored shapes. */
 interface Geometry {

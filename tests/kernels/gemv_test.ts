@@ -35,14 +35,14 @@ function refLinear(
 const roundF16 = (v: Float64Array) => Float64Array.from(new Float16Array(v));
 
 Deno.test(
-  "gemv kernel: 1..5 rows, scalar and vector K, every thread grouping, f32",
+  "gemv kernel: 1..16 rows, scalar and vector K, every thread grouping, f32",
   gpuTestOptions,
   async () => {
     const rt = await testRuntime();
     const rng = testRng("gemv-f32");
     // K = 67: scalar path; K = 96: vec4 path; K = 1000: the 4-way unrolled loop plus its tail. N = 45 is not a multiple of any rows-per-workgroup.
     for (const k of [67, 96, 1000]) {
-      for (const rows of [1, 2, 5]) {
+      for (const rows of [1, 2, 5, 16]) {
         for (const tpr of [4, 32, 256]) {
           const n = 45;
           const x = randn(rng, rows * k), w = randn(rng, n * k);
@@ -94,13 +94,13 @@ Deno.test(
 );
 
 Deno.test(
-  "linear: GEMV for 1 and 3 tokens, tiled matmul for 37; grads of x and W",
+  "linear: GEMV for 1, 3 and 9 tokens, tiled matmul for 37; grads of x and W",
   gpuTestOptions,
   async () => {
     const rt = await testRuntime();
     const rng = testRng("linear");
     const [nIn, nOut] = [24, 19];
-    for (const shape of [[1, nIn], [3, nIn], [37, nIn], [2, 3, nIn]]) {
+    for (const shape of [[1, nIn], [3, nIn], [9, nIn], [37, nIn], [2, 3, nIn]]) {
       const tokens = shape.slice(0, -1).reduce((a, b) => a * b);
       const x = randn(rng, tokens * nIn), w = randn(rng, nOut * nIn), g = randn(rng, tokens * nOut);
       await rt.scope(async () => {
