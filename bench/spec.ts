@@ -15,7 +15,7 @@
  * - `exactness`: greedy speculative outputs compared with plain greedy decoding for every K, prompt and draft.
  *
  *   deno run -A bench/spec.ts --gpu dawn [--quick] [--tokens 48] [--prompts 4] [--damp 0.03] [--ks 1,2,4]
- *     [--calls 100] [--e2e-modes fused,unfused]
+ *     [--calls 100] [--e2e-modes fused,unfused] [--drafts random,own]
  *
  * `--quick` runs tiny shapes on any adapter (llvmpipe) to check the script.
  *
@@ -141,6 +141,8 @@ export async function specBench(): Promise<void> {
   const calls = Number(flag("calls") ?? (quick ? 5 : 100));
   // end-to-end runs per verification mode; `--e2e-modes fused` halves the run (the verify rows compare modes)
   const e2eModes = (flag("e2e-modes") ?? "fused,unfused").split(",") as ("fused" | "unfused")[];
+  // which drafts run end to end: "random" (teacher layers [0, L-1]) and/or "own" (the damped target's first two)
+  const drafts = (flag("drafts") ?? "random,own").split(",");
   log({ row: "device", device: rt.dev.describe(), quick, date: new Date().toISOString().slice(0, 10) });
 
   const t0 = performance.now();
@@ -223,13 +225,19 @@ export async function specBench(): Promise<void> {
       for (const mm of m.greedyMismatches) log({ row: "mismatch", draft: name, verify: mode, ...mm });
     }
   };
-  await measure(target, draft, "random-2l");
+  if (drafts.includes("random")) await measure(target, draft, "random-2l");
   log({
     row: "baseline_sync",
     note: "plain greedy, one GPU->CPU read per token",
     tokens: syncTokens,
     tokens_per_s: (syncTokens * 1000) / syncMs,
   });
+  if (!drafts.includes("own")) {
+    log({ row: "exactness", checked_outputs: checked, mismatches, ks, tokens, prompts: nPrompts });
+    draft.dispose();
+    target.dispose();
+    return;
+  }
 
   // 3. a draft that agrees often: the target's own first two layers, later layers damped
   draft.dispose();
