@@ -88,7 +88,7 @@ export const DEFAULTS: DistillQualityOptions = {
   steps: 0,
   minutes: 1.5,
   maxSteps: 6000,
-  batch: 64,
+  batch: 32,
   seqLen: 256,
   lr: 1e-2,
   warmup: 0.02,
