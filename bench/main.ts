@@ -11,6 +11,8 @@
  * | `stress` | Dawn stability: thousands of training steps through a sync pattern               |
  * | `probe`  | what each WebGPU provider offers here (bench/probe.ts)                            |
  * | `spec`   | speculative decoding on a 1B-shape hybrid: fused vs unfused verify, speedup        |
+ * | `rows`   | few-row kernels (decode, verification): GEMV vs matmul, decode-attention tiles    |
+ * | `latency`| GPU->CPU round-trip latency of a provider                                         |
  *
  * GPU benchmarks take `--gpu dawn|builtin|auto`; the PyTorch twins are under bench/pytorch/.
  *
@@ -59,6 +61,14 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   spec: {
     doc: "speculative decoding on a random-init 1B-shape hybrid (--gpu dawn, --quick)",
     run: specBench,
+  },
+  rows: {
+    doc: "GEMV vs tiled matmul and decode-attention tiles at 1..16 tokens (--gpu, --quick)",
+    run: script("./few_rows.ts"),
+  },
+  latency: {
+    doc: "GPU->CPU round trip: device read, raw mapAsync, onSubmittedWorkDone (--gpu, --n)",
+    run: script("./read_latency.ts"),
   },
 };
 
