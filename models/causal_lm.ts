@@ -203,7 +203,12 @@ export class CausalLM {
 
   /** Final norm and lm_head: [n, D] -> [n, V]. */
   #head(x: Tensor): Tensor {
-    return linear(rmsNorm(x, this.param(FINAL_NORM), this.config.rmsNormEps), this.param(LM_HEAD));
+    return this.#lmHead(rmsNorm(x, this.param(FINAL_NORM), this.config.rmsNormEps));
+  }
+
+  /** lm_head alone, on states that already went through the final norm: [n, D] -> [n, V]. */
+  #lmHead(normed: Tensor): Tensor {
+    return linear(normed, this.param(LM_HEAD));
   }
 
   /** The SwiGLU MLP on a normalised input. */
@@ -405,7 +410,8 @@ export class CausalLM {
   /**
    * The decoder stack for `n` new tokens per sequence at position `start`: attention layers append to their KV
    * caches and attend over them; Mamba layers run `mamba(layer, prefix, input)` (a recurrent step, or the
-   * speculative verification kernels). Returns the last layer's output [B*n, D].
+   * speculative verification kernels). Returns the last layer's output after the final norm [B*n, D], ready
+   * for {@linkcode CausalLM.#lmHead}.
    */
   #decodeLayers(
     ids: TokenIds,
@@ -416,10 +422,11 @@ export class CausalLM {
     mamba: (l: number, p: string, u: Tensor) => Tensor,
   ): Tensor {
     const c = this.config;
+    const eps = c.rmsNormEps;
     let x = this.#embed(ids);
+    let u = rmsNorm(x, this.param(`${layerPrefix(0)}input_layernorm.weight`), eps);
     for (let l = 0; l < c.numLayers; l++) {
       const p = layerPrefix(l);
-      const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
       let mix: Tensor;
       if (this.isAttentionLayer(l)) {
         const cache = kv.get(l)!;
@@ -430,10 +437,15 @@ export class CausalLM {
       } else {
         mix = mamba(l, p, u);
       }
-      const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
-      x = add(h, this.#mlp(p, y));
+      const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), eps);
+      // the MLP's residual add runs fused with the norm that follows it: the next layer's input norm, or the
+      // final norm after the last layer (one dispatch fewer per layer in decoding, which is dispatch-bound)
+      const next = l + 1 < c.numLayers
+        ? this.param(`${layerPrefix(l + 1)}input_layernorm.weight`)
+        : this.param(FINAL_NORM);
+      ({ h: x, y: u } = addRmsNorm(h, this.#mlp(p, y), next, eps));
     }
-    return x;
+    return u;
   }
 
   /**
@@ -460,9 +472,9 @@ export class CausalLM {
       if (opts.lastOnly && n > 1) {
         const D = c.hiddenSize;
         const last = B === 1 ? takeRows(x, n - 1, 1, D) : lastRows(x, B, n, D);
-        return this.#head(last);
+        return this.#lmHead(last);
       }
-      return this.#head(x);
+      return this.#lmHead(x);
     });
   }
 
@@ -548,7 +560,7 @@ export class CausalLM {
     s.verifying = true;
     const B = 1;
     const out = rt.noGrad(() =>
-      this.#head(
+      this.#lmHead(
         this.#decodeLayers(ids, B, n, s.kv, s.length, (l, p, u) =>
           this.#mamba2Verify(p, u, n, s, s.mamba.get(l)!)),
       )

@@ -385,7 +385,9 @@ export function linear(x: Tensor, w: Tensor, opts: LinearOptions = {}): Tensor {
   const outShape = [...x.shape.slice(0, -1), nOut];
   const y = rt.empty(outShape, x.dtype);
   const mb = opts.maxBindingBytes;
-  if (tokens <= Math.min(LINEAR_GEMV_MAX_TOKENS, GEMV_MAX_ROWS) && tokens >= 1) {
+  // GEMV binds W whole; a weight beyond one storage binding takes the matmul path, which splits or explains
+  const gemvFits = Math.max(w.byteLength, x.byteLength, y.byteLength) <= bindingLimit(rt, mb);
+  if (tokens <= Math.min(LINEAR_GEMV_MAX_TOKENS, GEMV_MAX_ROWS) && tokens >= 1 && gemvFits) {
     const l = gemvKernel(x.dtype, tokens, nOut, nIn);
     rt.dev.dispatch(l.spec, [x.binding, w.binding, y.binding], l.workgroups, l.uniforms);
   } else {
