@@ -44,15 +44,31 @@ export function gemvKernel(dtype: DType, rows: number, n: number, k: number, opt
   if (rows < 1 || rows > GEMV_MAX_ROWS) {
     throw new Error(`gemv: rows must be 1..${GEMV_MAX_ROWS}, got ${rows}`);
   }
+  return gemvLaunch(dtype, rows, n, k, opts, false);
+}
+
+function gemvLaunch(
+  dtype: DType,
+  rows: number,
+  n: number,
+  k: number,
+  opts: GemvOptions,
+  pair: boolean,
+): Launch {
   const tpr = opts.threadsPerRow ?? 32;
   if (tpr < 4 || tpr > GEMV_WORKGROUP || (tpr & (tpr - 1)) !== 0) {
     throw new Error(`gemv: threadsPerRow must be a power of two in 4..${GEMV_WORKGROUP}, got ${tpr}`);
   }
   const vec = k % gemvVectorWidth(dtype) === 0;
-  const key = `gemv_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}`;
+  const key = `gemv${pair ? "_swiglu" : ""}_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}`;
   let spec = specs.get(key);
   if (!spec) {
-    spec = { key, bindings: ["read", "read", "rw"], uniformBytes: 16, code: gemvWgsl(dtype, rows, tpr, vec) };
+    spec = {
+      key,
+      bindings: pair ? ["read", "read", "read", "rw"] : ["read", "read", "rw"],
+      uniformBytes: 16,
+      code: gemvWgsl(dtype, rows, tpr, vec, pair),
+    };
     specs.set(key, spec);
   }
   const rowsPerWg = GEMV_WORKGROUP / tpr;
@@ -63,7 +79,29 @@ export function gemvKernel(dtype: DType, rows: number, n: number, k: number, opt
   };
 }
 
-function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean): string {
+/** Most rows of x one fused gate/up GEMV takes (two accumulators per row fill 16 KiB of reduction memory). */
+export const GEMV_SWIGLU_MAX_ROWS = 8;
+
+/**
+ * The SwiGLU MLP's first half in one pass over both weights: `y = silu(alpha * x Wg^T) * (alpha * x Wu^T)` for
+ * `rows` rows of x [rows, K], Wg and Wu [N, K], y [rows, N]. Decoding reads each weight once either way; fusing
+ * saves two of the three dispatches (gate, up, combine), and decoding is bound by dispatches. Bindings: x, Wg,
+ * Wu (read), y (rw).
+ */
+export function gemvSwigluKernel(
+  dtype: DType,
+  rows: number,
+  n: number,
+  k: number,
+  opts: GemvOptions = {},
+): Launch {
+  if (rows < 1 || rows > GEMV_SWIGLU_MAX_ROWS) {
+    throw new Error(`gemvSwiglu: rows must be 1..${GEMV_SWIGLU_MAX_ROWS}, got ${rows}`);
+  }
+  return gemvLaunch(dtype, rows, n, k, opts, true);
+}
+
+function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean, swigluPair = false): string {
   const T = wgslType(dtype);
   const rowsPerWg = GEMV_WORKGROUP / tpr;
   const f16vec = vec && dtype === "f16";
@@ -72,32 +110,53 @@ function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean): string
   const width = vec ? (f16vec ? 8 : 4) : 1;
   const dotItem = (w: string, x: string) =>
     f16vec ? `dot8(${w}, ${x})` : vec ? `dot(${w}, ${x})` : `f32(${w}) * f32(${x})`;
+  // one weight matrix (W), or the gate/up pair (W, V): accumulator slot m * rows + r for matrix m, x row r
+  const mats = swigluPair ? ["w", "v"] : ["w"];
+  const slots = rows * mats.length;
   const accum: string[] = [];
-  for (let r = 0; r < rows; r++) accum.push(`acc[${r}] += ${dotItem("w", `X[${r}u * kv + i]`)};`);
   const unrolled: string[] = [];
-  for (let u = 0; u < 4; u++) {
-    for (let r = 0; r < rows; r++) {
-      unrolled.push(`acc[${r}] += ${dotItem(`w${u}`, `X[${r}u * kv + i + ${u * tpr}u]`)};`);
+  mats.forEach((w, m) => {
+    for (let r = 0; r < rows; r++) accum.push(`acc[${m * rows + r}] += ${dotItem(w, `X[${r}u * kv + i]`)};`);
+    for (let u = 0; u < 4; u++) {
+      for (let r = 0; r < rows; r++) {
+        unrolled.push(`acc[${m * rows + r}] += ${dotItem(`${w}${u}`, `X[${r}u * kv + i + ${u * tpr}u]`)};`);
+      }
     }
+  });
+  const loads: string[] = [], load1: string[] = [];
+  mats.forEach((w) => {
+    const buf = w.toUpperCase();
+    for (let u = 0; u < 4; u++) loads.push(`let ${w}${u} = ${buf}[wrow + i${u ? ` + ${u * tpr}u` : ""}];`);
+    load1.push(`let ${w} = ${buf}[wrow + i];`);
+  });
+  const reduce: string[] = [], treeStep: string[] = [];
+  for (let a = 0; a < slots; a++) {
+    reduce.push(`red[${a}u * ${GEMV_WORKGROUP}u + lid] = acc[${a}];`);
+    treeStep.push(`red[${a}u * ${GEMV_WORKGROUP}u + lid] += red[${a}u * ${GEMV_WORKGROUP}u + lid + s];`);
   }
-  const reduce: string[] = [];
-  for (let r = 0; r < rows; r++) reduce.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] = acc[${r}];`);
-  const treeStep: string[] = [];
-  for (let r = 0; r < rows; r++) {
-    treeStep.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] += red[${r}u * ${GEMV_WORKGROUP}u + lid + s];`);
-  }
+  const sum = (a: number) => `p.alpha * red[${a}u * ${GEMV_WORKGROUP}u + lid]`;
   const writes: string[] = [];
   for (let r = 0; r < rows; r++) {
-    writes.push(`Y[${r}u * p.n + n] = ${T}(p.alpha * red[${r}u * ${GEMV_WORKGROUP}u + lid]);`);
+    writes.push(
+      swigluPair
+        ? `{ let g = ${sum(r)}; Y[${r}u * p.n + n] = ${T}(g / (1.0 + exp(-g)) * ${sum(rows + r)}); }`
+        : `Y[${r}u * p.n + n] = ${T}(${sum(r)});`,
+    );
   }
+  const decls = swigluPair
+    ? `@group(0) @binding(1) var<storage, read> W: array<${elem}>;
+@group(0) @binding(2) var<storage, read> V: array<${elem}>;
+@group(0) @binding(3) var<storage, read_write> Y: array<${T}>;
+@group(0) @binding(4) var<uniform> p: P;`
+    : `@group(0) @binding(1) var<storage, read> W: array<${elem}>;
+@group(0) @binding(2) var<storage, read_write> Y: array<${T}>;
+@group(0) @binding(3) var<uniform> p: P;`;
   return `${wgslHeader(dtype)}
 struct P { n: u32, k: u32, alpha: f32, _a: u32 }
 @group(0) @binding(0) var<storage, read> X: array<${elem}>;
-@group(0) @binding(1) var<storage, read> W: array<${elem}>;
-@group(0) @binding(2) var<storage, read_write> Y: array<${T}>;
-@group(0) @binding(3) var<uniform> p: P;
+${decls}
 
-var<workgroup> red: array<f32, ${rows * GEMV_WORKGROUP}>;
+var<workgroup> red: array<f32, ${slots * GEMV_WORKGROUP}>;
 
 // eight f16 values packed in a vec4<u32>: two per word
 fn dot8(a: vec4<u32>, b: vec4<u32>) -> f32 {
@@ -112,21 +171,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let t = lid % ${tpr}u;                   // position inside the row's thread group
   let n = (wid.y * nwg.x + wid.x) * ${rowsPerWg}u + lid / ${tpr}u;
   let kv = p.k / ${width}u;                 // loaded items per row
-  var acc: array<f32, ${rows}>;
+  var acc: array<f32, ${slots}>;
   if (n < p.n) {
     let wrow = n * kv;
     // consecutive threads read consecutive 16-byte items, so each warp streams a contiguous span of W; four
     // independent loads per iteration keep enough bytes in flight to cover memory latency
     var i = t;
     for (; i + ${3 * tpr}u < kv; i += ${4 * tpr}u) {
-      let w0 = W[wrow + i];
-      let w1 = W[wrow + i + ${tpr}u];
-      let w2 = W[wrow + i + ${2 * tpr}u];
-      let w3 = W[wrow + i + ${3 * tpr}u];
+      ${loads.join("\n      ")}
       ${unrolled.join("\n      ")}
     }
     for (; i < kv; i += ${tpr}u) {
-      let w = W[wrow + i];
+      ${load1.join("\n      ")}
       ${accum.join("\n      ")}
     }
   }

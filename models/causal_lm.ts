@@ -17,11 +17,11 @@ import type { Runtime } from "../runtime/runtime.ts";
 import type { Tensor } from "../runtime/tensor.ts";
 import type { DType } from "../kernels/kernel.ts";
 import { embedding } from "../runtime/ops/embedding.ts";
-import { linear } from "../runtime/ops/matmul.ts";
+import { linear, linearSwiglu } from "../runtime/ops/matmul.ts";
 import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
 import { rope } from "../runtime/ops/rope.ts";
 import { appendKv, attention, decodeAttention, KvCache } from "../runtime/ops/attention.ts";
-import { add, exp, scale, swiglu } from "../runtime/ops/elementwise.ts";
+import { add, exp, scale } from "../runtime/ops/elementwise.ts";
 import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
 import { causalConv1d } from "../runtime/ops/conv1d.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
@@ -213,9 +213,9 @@ export class CausalLM {
 
   /** The SwiGLU MLP on a normalised input. */
   #mlp(p: string, u: Tensor): Tensor {
-    const gate = linear(u, this.param(`${p}mlp.gate_proj.weight`));
-    const up = linear(u, this.param(`${p}mlp.up_proj.weight`));
-    return linear(swiglu(gate, up), this.param(`${p}mlp.down_proj.weight`));
+    // decoding fuses gate, up and the SiLU product into one GEMV; training takes the differentiable composite
+    const act = linearSwiglu(u, this.param(`${p}mlp.gate_proj.weight`), this.param(`${p}mlp.up_proj.weight`));
+    return linear(act, this.param(`${p}mlp.down_proj.weight`));
   }
 
   /** q, k, v projections with RoPE applied to q and k, shaped [B, T, heads, hd]. */

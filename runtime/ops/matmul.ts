@@ -21,7 +21,8 @@ import {
   type MatmulShape,
   pickMatmulConfig,
 } from "../../kernels/matmul.ts";
-import { GEMV_MAX_ROWS, gemvKernel } from "../../kernels/gemv.ts";
+import { GEMV_MAX_ROWS, GEMV_SWIGLU_MAX_ROWS, gemvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
+import { swiglu } from "./elementwise.ts";
 import { dtypeBytes } from "../../kernels/kernel.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
 import type { Runtime } from "../runtime.ts";
@@ -427,4 +428,30 @@ export function linear(x: Tensor, w: Tensor, opts: LinearOptions = {}): Tensor {
     return [dx, dw];
   });
   return y;
+}
+
+/**
+ * The first half of a SwiGLU MLP, `silu(x Wg^T) * (x Wu^T)` (x [..., in], Wg and Wu [hidden, in]). A few tokens
+ * outside autograd (decoding) take one fused GEMV over both weights; otherwise it is
+ * `swiglu(linear(x, Wg), linear(x, Wu))`, differentiable.
+ */
+export function linearSwiglu(x: Tensor, wGate: Tensor, wUp: Tensor): Tensor {
+  const rt = x.rt;
+  if (wGate.shape.join() !== wUp.shape.join() || wGate.dtype !== wUp.dtype) {
+    throw new Error(`linearSwiglu: gate ${wGate} and up ${wUp} weights differ`);
+  }
+  const [nOut, nIn] = wGate.shape;
+  const tokens = x.size / nIn;
+  const limit = bindingLimit(rt);
+  const fits = Math.max(wGate.byteLength, x.byteLength, (tokens * nOut * x.byteLength) / x.size) <= limit;
+  if (
+    tokens >= 1 && tokens <= GEMV_SWIGLU_MAX_ROWS && tokens <= LINEAR_GEMV_MAX_TOKENS && fits &&
+    x.dim(-1) === nIn && x.dtype === wGate.dtype && !rt.needsGrad(x, wGate, wUp)
+  ) {
+    const y = rt.empty([...x.shape.slice(0, -1), nOut], x.dtype);
+    const l = gemvSwigluKernel(x.dtype, tokens, nOut, nIn);
+    rt.dev.dispatch(l.spec, [x.binding, wGate.binding, wUp.binding, y.binding], l.workgroups, l.uniforms);
+    return y;
+  }
+  return swiglu(linear(x, wGate), linear(x, wUp));
 }

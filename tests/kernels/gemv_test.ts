@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { gemvKernel } from "../../kernels/gemv.ts";
-import { linear } from "../../runtime/ops/matmul.ts";
+import { gemvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
+import { linear, linearSwiglu } from "../../runtime/ops/matmul.ts";
 import {
   assertClose,
   dot,
@@ -136,3 +136,103 @@ Deno.test("linear rejects an input whose last dimension is not the weight's", gp
     assert.throws(() => linear(rt.empty([2, 5]), rt.empty([3, 4])), /expected \[\.\.\., 4\]/);
   });
 });
+
+/** silu(x Wg^T) * (x Wu^T) in float64. */
+function refSwiglu(x: Float64Array, wg: Float64Array, wu: Float64Array, rows: number, n: number, k: number) {
+  const g = refLinear(x, wg, rows, n, k), u = refLinear(x, wu, rows, n, k);
+  return g.map((v, i) => (v / (1 + Math.exp(-v))) * u[i]);
+}
+
+Deno.test(
+  "gemv swiglu kernel: silu(x Wg^T) * (x Wu^T) in one pass, 1..8 rows, scalar and vector K, f32 and f16",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("gemv-swiglu");
+    const n = 45;
+    for (const dtype of ["f32", "f16"] as DType[]) {
+      if (dtype === "f16" && !rt.dev.features.f16) continue;
+      const round = dtype === "f16" ? roundF16 : (v: Float64Array) => v;
+      for (const k of [67, 96, 1000]) {
+        for (const rows of [1, 3, 8]) {
+          const x = round(randn(rng, rows * k)), wg = round(randn(rng, n * k)), wu = round(randn(rng, n * k));
+          await rt.scope(async () => {
+            const tx = rt.tensor(x, [rows, k], dtype), y = rt.empty([rows, n], dtype);
+            const tg = rt.tensor(wg, [n, k], dtype), tu = rt.tensor(wu, [n, k], dtype);
+            const l = gemvSwigluKernel(dtype, rows, n, k, { threadsPerRow: k === 1000 ? 64 : 8 });
+            rt.dev.dispatch(
+              l.spec,
+              [tx.binding, tg.binding, tu.binding, y.binding],
+              l.workgroups,
+              l.uniforms,
+            );
+            // both dot products are f32 tree sums of K unit-size terms; f16 adds the output's rounding
+            const tol = dtype === "f32" ? { rtol: 1e-5, atol: 2e-6 * k } : { rtol: 1e-2, atol: 1e-3 * k };
+            assertClose(
+              await y.read(),
+              refSwiglu(x, wg, wu, rows, n, k),
+              tol,
+              `${dtype} k=${k} rows=${rows}`,
+            );
+          });
+        }
+      }
+    }
+    assert.throws(() => gemvSwigluKernel("f32", 9, 4, 4), /rows must be 1\.\.8/);
+  },
+);
+
+Deno.test(
+  "linearSwiglu: one fused dispatch when decoding, the differentiable composite when gradients are needed",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("linear-swiglu");
+    const [nIn, nOut] = [24, 19];
+    for (const tokens of [1, 5, 12]) {
+      const x = randn(rng, tokens * nIn), wg = randn(rng, nOut * nIn), wu = randn(rng, nOut * nIn);
+      const ref = () => refSwiglu(x, wg, wu, tokens, nOut, nIn);
+      await rt.scope(async () => {
+        const tx = rt.tensor(x, [tokens, nIn]),
+          tg = rt.tensor(wg, [nOut, nIn]),
+          tu = rt.tensor(wu, [nOut, nIn]);
+        const before = rt.dev.stats.dispatches;
+        const y = rt.noGrad(() => linearSwiglu(tx, tg, tu));
+        // one fused dispatch (+ the test runtime's poison fill of the output); 12 tokens exceed the fused
+        // kernel's 8 rows: two GEMVs and the combine (+ fills)
+        const used = rt.dev.stats.dispatches - before;
+        assert.ok(tokens <= 8 ? used <= 2 : used >= 3, `${used} dispatches for ${tokens} tokens`);
+        assertClose(await y.read(), ref(), { rtol: 1e-5, atol: 2e-6 * nIn }, `value, ${tokens} tokens`);
+      });
+    }
+    // with gradients: the composite path, checked against finite differences of sum(g * y)
+    const tokens = 2;
+    const x = randn(rng, tokens * nIn), wg = randn(rng, nOut * nIn), wu = randn(rng, nOut * nIn);
+    const g = randn(rng, tokens * nOut);
+    await rt.scope(async () => {
+      const tx = rt.tensor(x, [tokens, nIn]),
+        tg = rt.tensor(wg, [nOut, nIn]),
+        tu = rt.tensor(wu, [nOut, nIn]);
+      tx.requiresGrad = tg.requiresGrad = true;
+      const y = linearSwiglu(tx, tg, tu);
+      rt.backward(y, rt.tensor(g, y.shape));
+      const [gx, gg] = await Promise.all([tx.grad!.read(), tg.grad!.read()]);
+      const ix = sampleIndices(rng, x.length, 5), ig = sampleIndices(rng, wg.length, 5);
+      const tol = { rtol: 1e-3, atol: 1e-4 };
+      assertClose(
+        ix.map((i) => gx[i]),
+        finiteDifference(() => dot(refSwiglu(x, wg, wu, tokens, nOut, nIn), g), x, ix),
+        tol,
+        "dx",
+      );
+      assertClose(
+        ig.map((i) => gg[i]),
+        finiteDifference(() => dot(refSwiglu(x, wg, wu, tokens, nOut, nIn), g), wg, ig),
+        tol,
+        "dWg",
+      );
+      tx.grad!.dispose();
+      tg.grad!.dispose();
+    });
+  },
+);
