@@ -44,8 +44,11 @@ export function gemvKernel(dtype: DType, rows: number, n: number, k: number, opt
   if (rows < 1 || rows > GEMV_MAX_ROWS) {
     throw new Error(`gemv: rows must be 1..${GEMV_MAX_ROWS}, got ${rows}`);
   }
-  return gemvLaunch(dtype, rows, n, k, opts, false);
+  return gemvLaunch(dtype, rows, n, k, opts, "single");
 }
+
+/** What one GEMV dispatch computes: one product, the SwiGLU gate/up pair, or the q/k/v projections. */
+type GemvMode = "single" | "swiglu" | "qkv";
 
 function gemvLaunch(
   dtype: DType,
@@ -53,28 +56,33 @@ function gemvLaunch(
   n: number,
   k: number,
   opts: GemvOptions,
-  pair: boolean,
+  mode: GemvMode,
+  nq = 0,
 ): Launch {
   const tpr = opts.threadsPerRow ?? 32;
   if (tpr < 4 || tpr > GEMV_WORKGROUP || (tpr & (tpr - 1)) !== 0) {
     throw new Error(`gemv: threadsPerRow must be a power of two in 4..${GEMV_WORKGROUP}, got ${tpr}`);
   }
   const vec = k % gemvVectorWidth(dtype) === 0;
-  const key = `gemv${pair ? "_swiglu" : ""}_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}`;
+  const key = `gemv${mode === "single" ? "" : `_${mode}`}_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}`;
   let spec = specs.get(key);
   if (!spec) {
     spec = {
       key,
-      bindings: pair ? ["read", "read", "read", "rw"] : ["read", "read", "rw"],
+      bindings: mode === "single"
+        ? ["read", "read", "rw"]
+        : mode === "swiglu"
+        ? ["read", "read", "read", "rw"]
+        : ["read", "read", "read", "read", "rw", "rw", "rw"],
       uniformBytes: 16,
-      code: gemvWgsl(dtype, rows, tpr, vec, pair),
+      code: gemvWgsl(dtype, rows, tpr, vec, mode),
     };
     specs.set(key, spec);
   }
   const rowsPerWg = GEMV_WORKGROUP / tpr;
   return {
     spec,
-    uniforms: new Uniforms(16).u32(n).u32(k).f32(opts.alpha ?? 1).buffer,
+    uniforms: new Uniforms(16).u32(n).u32(k).f32(opts.alpha ?? 1).u32(nq).buffer,
     workgroups: grid2d(ceilDiv(n, rowsPerWg)),
   };
 }
@@ -98,10 +106,30 @@ export function gemvSwigluKernel(
   if (rows < 1 || rows > GEMV_SWIGLU_MAX_ROWS) {
     throw new Error(`gemvSwiglu: rows must be 1..${GEMV_SWIGLU_MAX_ROWS}, got ${rows}`);
   }
-  return gemvLaunch(dtype, rows, n, k, opts, true);
+  return gemvLaunch(dtype, rows, n, k, opts, "swiglu");
 }
 
-function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean, swigluPair = false): string {
+/**
+ * The attention projections in one dispatch: `q = alpha * x Wq^T`, `k = alpha * x Wk^T`, `v = alpha * x Wv^T` for
+ * `rows` rows of x [rows, K], Wq [nq, K], Wk and Wv [nkv, K]; q [rows, nq], k and v [rows, nkv]. Output rows are
+ * spread over the three weights, so one dispatch streams all of them. Bindings: x, Wq, Wk, Wv (read), q, k, v (rw).
+ */
+export function gemvQkvKernel(
+  dtype: DType,
+  rows: number,
+  nq: number,
+  nkv: number,
+  k: number,
+  opts: GemvOptions = {},
+): Launch {
+  if (rows < 1 || rows > GEMV_MAX_ROWS) {
+    throw new Error(`gemvQkv: rows must be 1..${GEMV_MAX_ROWS}, got ${rows}`);
+  }
+  return gemvLaunch(dtype, rows, nq + 2 * nkv, k, opts, "qkv", nq);
+}
+
+function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean, mode: GemvMode): string {
+  const swigluPair = mode === "swiglu", qkv = mode === "qkv";
   const T = wgslType(dtype);
   const rowsPerWg = GEMV_WORKGROUP / tpr;
   const f16vec = vec && dtype === "f16";
@@ -125,9 +153,10 @@ function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean, swigluP
   });
   const loads: string[] = [], load1: string[] = [];
   mats.forEach((w) => {
-    const buf = w.toUpperCase();
-    for (let u = 0; u < 4; u++) loads.push(`let ${w}${u} = ${buf}[wrow + i${u ? ` + ${u * tpr}u` : ""}];`);
-    load1.push(`let ${w} = ${buf}[wrow + i];`);
+    // q/k/v: the weight is picked per output row (uniform across the row's thread group)
+    const at = (idx: string) => qkv ? `wload(sel, ${idx})` : `${w.toUpperCase()}[${idx}]`;
+    for (let u = 0; u < 4; u++) loads.push(`let ${w}${u} = ${at(`wrow + i${u ? ` + ${u * tpr}u` : ""}`)};`);
+    load1.push(`let ${w} = ${at("wrow + i")};`);
   });
   const reduce: string[] = [], treeStep: string[] = [];
   for (let a = 0; a < slots; a++) {
@@ -140,10 +169,28 @@ function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean, swigluP
     writes.push(
       swigluPair
         ? `{ let g = ${sum(r)}; Y[${r}u * p.n + n] = ${T}(g / (1.0 + exp(-g)) * ${sum(rows + r)}); }`
+        : qkv
+        ? `if (sel == 0u) { Q[${r}u * p.nq + nl] = ${T}(${sum(r)}); } ` +
+          `else if (sel == 1u) { K[${r}u * nkv + nl] = ${T}(${sum(r)}); } ` +
+          `else { V[${r}u * nkv + nl] = ${T}(${sum(r)}); }`
         : `Y[${r}u * p.n + n] = ${T}(${sum(r)});`,
     );
   }
-  const decls = swigluPair
+  const decls = qkv
+    ? `@group(0) @binding(1) var<storage, read> WQ: array<${elem}>;
+@group(0) @binding(2) var<storage, read> WK: array<${elem}>;
+@group(0) @binding(3) var<storage, read> WV: array<${elem}>;
+@group(0) @binding(4) var<storage, read_write> Q: array<${T}>;
+@group(0) @binding(5) var<storage, read_write> K: array<${T}>;
+@group(0) @binding(6) var<storage, read_write> V: array<${T}>;
+@group(0) @binding(7) var<uniform> p: P;
+
+fn wload(sel: u32, idx: u32) -> ${elem} {
+  if (sel == 0u) { return WQ[idx]; }
+  if (sel == 1u) { return WK[idx]; }
+  return WV[idx];
+}`
+    : swigluPair
     ? `@group(0) @binding(1) var<storage, read> W: array<${elem}>;
 @group(0) @binding(2) var<storage, read> V: array<${elem}>;
 @group(0) @binding(3) var<storage, read_write> Y: array<${T}>;
@@ -152,7 +199,7 @@ function gemvWgsl(dtype: DType, rows: number, tpr: number, vec: boolean, swigluP
 @group(0) @binding(2) var<storage, read_write> Y: array<${T}>;
 @group(0) @binding(3) var<uniform> p: P;`;
   return `${wgslHeader(dtype)}
-struct P { n: u32, k: u32, alpha: f32, _a: u32 }
+struct P { n: u32, k: u32, alpha: f32, nq: u32 }
 @group(0) @binding(0) var<storage, read> X: array<${elem}>;
 ${decls}
 
@@ -172,8 +219,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let n = (wid.y * nwg.x + wid.x) * ${rowsPerWg}u + lid / ${tpr}u;
   let kv = p.k / ${width}u;                 // loaded items per row
   var acc: array<f32, ${slots}>;
+  ${
+    qkv
+      ? `let nkv = (p.n - p.nq) / 2u;
+  // which weight this output row reads (0 q, 1 k, 2 v) and its row inside that weight
+  let sel = select(select(2u, 1u, n < p.nq + nkv), 0u, n < p.nq);
+  let nl = select(select(n - p.nq - nkv, n - p.nq, n < p.nq + nkv), n, n < p.nq);`
+      : "let nl = n;"
+  }
   if (n < p.n) {
-    let wrow = n * kv;
+    let wrow = nl * kv;
     // consecutive threads read consecutive 16-byte items, so each warp streams a contiguous span of W; four
     // independent loads per iteration keep enough bytes in flight to cover memory latency
     var i = t;

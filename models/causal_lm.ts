@@ -17,7 +17,7 @@ import type { Runtime } from "../runtime/runtime.ts";
 import type { Tensor } from "../runtime/tensor.ts";
 import type { DType } from "../kernels/kernel.ts";
 import { embedding } from "../runtime/ops/embedding.ts";
-import { linear, linearSwiglu } from "../runtime/ops/matmul.ts";
+import { linear, linearQkv, linearSwiglu } from "../runtime/ops/matmul.ts";
 import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
 import { rope } from "../runtime/ops/rope.ts";
 import { appendKv, attention, decodeAttention, KvCache } from "../runtime/ops/attention.ts";
@@ -221,9 +221,16 @@ export class CausalLM {
   /** q, k, v projections with RoPE applied to q and k, shaped [B, T, heads, hd]. */
   #qkv(p: string, u: Tensor, B: number, T: number, start: number): { q: Tensor; k: Tensor; v: Tensor } {
     const c = this.config;
-    const q = linear(u, this.param(`${p}self_attn.q_proj.weight`)).view([B, T, c.numHeads, c.headDim]);
-    const k = linear(u, this.param(`${p}self_attn.k_proj.weight`)).view([B, T, c.numKvHeads, c.headDim]);
-    const v = linear(u, this.param(`${p}self_attn.v_proj.weight`)).view([B, T, c.numKvHeads, c.headDim]);
+    const a = `${p}self_attn.`;
+    const proj = linearQkv(
+      u,
+      this.param(`${a}q_proj.weight`),
+      this.param(`${a}k_proj.weight`),
+      this.param(`${a}v_proj.weight`),
+    );
+    const q = proj.q.view([B, T, c.numHeads, c.headDim]);
+    const k = proj.k.view([B, T, c.numKvHeads, c.headDim]);
+    const v = proj.v.view([B, T, c.numKvHeads, c.headDim]);
     return { q: rope(q, this.invFreq, { start }), k: rope(k, this.invFreq, { start }), v };
   }
 

@@ -21,7 +21,13 @@ import {
   type MatmulShape,
   pickMatmulConfig,
 } from "../../kernels/matmul.ts";
-import { GEMV_MAX_ROWS, GEMV_SWIGLU_MAX_ROWS, gemvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
+import {
+  GEMV_MAX_ROWS,
+  GEMV_SWIGLU_MAX_ROWS,
+  gemvKernel,
+  gemvQkvKernel,
+  gemvSwigluKernel,
+} from "../../kernels/gemv.ts";
 import { swiglu } from "./elementwise.ts";
 import { dtypeBytes } from "../../kernels/kernel.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
@@ -454,4 +460,42 @@ export function linearSwiglu(x: Tensor, wGate: Tensor, wUp: Tensor): Tensor {
     return y;
   }
   return swiglu(linear(x, wGate), linear(x, wUp));
+}
+
+/**
+ * The attention input projections `x Wq^T`, `x Wk^T`, `x Wv^T` (x [..., in]; Wk and Wv of one shape). A few tokens
+ * outside autograd (decoding) take one GEMV dispatch for all three; otherwise three {@linkcode linear} calls.
+ */
+export function linearQkv(
+  x: Tensor,
+  wq: Tensor,
+  wk: Tensor,
+  wv: Tensor,
+): { q: Tensor; k: Tensor; v: Tensor } {
+  const rt = x.rt;
+  const nIn = x.dim(-1);
+  const tokens = x.size / nIn;
+  const [nq, nkv] = [wq.shape[0], wk.shape[0]];
+  const lead = x.shape.slice(0, -1);
+  const same = [wq, wk, wv].every((w) => w.shape.length === 2 && w.shape[1] === nIn && w.dtype === x.dtype) &&
+    wv.shape[0] === nkv;
+  const limit = bindingLimit(rt);
+  const fits = [wq, wk, wv, x].every((t) => t.byteLength <= limit) &&
+    rt.dev.limits.maxStorageBuffersPerShaderStage >= 7;
+  if (
+    same && fits && tokens >= 1 && tokens <= Math.min(LINEAR_GEMV_MAX_TOKENS, GEMV_MAX_ROWS) &&
+    !rt.needsGrad(x, wq, wk, wv)
+  ) {
+    const q = rt.empty([...lead, nq], x.dtype), k = rt.empty([...lead, nkv], x.dtype);
+    const v = rt.empty([...lead, nkv], x.dtype);
+    const l = gemvQkvKernel(x.dtype, tokens, nq, nkv, nIn);
+    rt.dev.dispatch(
+      l.spec,
+      [x.binding, wq.binding, wk.binding, wv.binding, q.binding, k.binding, v.binding],
+      l.workgroups,
+      l.uniforms,
+    );
+    return { q, k, v };
+  }
+  return { q: linear(x, wq), k: linear(x, wk), v: linear(x, wv) };
 }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { gemvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
-import { linear, linearSwiglu } from "../../runtime/ops/matmul.ts";
+import { gemvKernel, gemvQkvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
+import { linear, linearQkv, linearSwiglu } from "../../runtime/ops/matmul.ts";
 import {
   assertClose,
   dot,
@@ -233,6 +233,83 @@ Deno.test(
       );
       tx.grad!.dispose();
       tg.grad!.dispose();
+    });
+  },
+);
+
+Deno.test(
+  "gemv qkv kernel: three projections in one dispatch, every output row from its own weight, vs float64",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("gemv-qkv");
+    // nq = 37 and nkv = 11: the q/k and k/v boundaries fall inside workgroups (8 rows each at 32 threads/row)
+    const [nq, nkv] = [37, 11];
+    for (const k of [67, 96, 1000]) {
+      for (const rows of [1, 5, 16]) {
+        const x = randn(rng, rows * k),
+          wq = randn(rng, nq * k),
+          wk = randn(rng, nkv * k),
+          wv = randn(rng, nkv * k);
+        await rt.scope(async () => {
+          const tx = rt.tensor(x, [rows, k]);
+          const tq = rt.tensor(wq, [nq, k]), tk = rt.tensor(wk, [nkv, k]), tv = rt.tensor(wv, [nkv, k]);
+          const q = rt.empty([rows, nq]), kk = rt.empty([rows, nkv]), v = rt.empty([rows, nkv]);
+          const l = gemvQkvKernel("f32", rows, nq, nkv, k, { alpha: 0.5 });
+          rt.dev.dispatch(
+            l.spec,
+            [tx.binding, tq.binding, tk.binding, tv.binding, q.binding, kk.binding, v.binding],
+            l.workgroups,
+            l.uniforms,
+          );
+          const tol = { rtol: 1e-5, atol: 2e-6 * k };
+          const half = (r: Float64Array) => r.map((z) => 0.5 * z);
+          assertClose(await q.read(), half(refLinear(x, wq, rows, nq, k)), tol, `q k=${k} rows=${rows}`);
+          assertClose(await kk.read(), half(refLinear(x, wk, rows, nkv, k)), tol, `k k=${k} rows=${rows}`);
+          assertClose(await v.read(), half(refLinear(x, wv, rows, nkv, k)), tol, `v k=${k} rows=${rows}`);
+        });
+      }
+    }
+  },
+);
+
+Deno.test(
+  "linearQkv: fused when decoding, three linears (with gradients) otherwise",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("linear-qkv");
+    const [nIn, nq, nkv] = [24, 16, 8];
+    for (const tokens of [1, 7, 20]) {
+      const x = randn(rng, tokens * nIn), wq = randn(rng, nq * nIn), wk = randn(rng, nkv * nIn);
+      const wv = randn(rng, nkv * nIn);
+      await rt.scope(async () => {
+        const tx = rt.tensor(x, [tokens, nIn]);
+        const [tq, tk, tv] = [rt.tensor(wq, [nq, nIn]), rt.tensor(wk, [nkv, nIn]), rt.tensor(wv, [nkv, nIn])];
+        const before = rt.dev.stats.dispatches;
+        const out = rt.noGrad(() => linearQkv(tx, tq, tk, tv));
+        const used = rt.dev.stats.dispatches - before;
+        // one dispatch plus the test runtime's three poison fills; 20 tokens: three tiled matmuls (+ fills)
+        assert.ok(tokens <= 16 ? used <= 4 : used >= 6, `${used} dispatches for ${tokens} tokens`);
+        const tol = { rtol: 1e-5, atol: 2e-6 * nIn };
+        assertClose(await out.q.read(), refLinear(x, wq, tokens, nq, nIn), tol, `q ${tokens}`);
+        assertClose(await out.k.read(), refLinear(x, wk, tokens, nkv, nIn), tol, `k ${tokens}`);
+        assertClose(await out.v.read(), refLinear(x, wv, tokens, nkv, nIn), tol, `v ${tokens}`);
+      });
+    }
+    await rt.scope(async () => {
+      const x = rt.tensor(randn(rng, 2 * nIn), [2, nIn]);
+      const [tq, tk, tv] = [
+        rt.tensor(randn(rng, nq * nIn), [nq, nIn]),
+        rt.tensor(randn(rng, nkv * nIn), [nkv, nIn]),
+        rt.tensor(randn(rng, nkv * nIn), [nkv, nIn]),
+      ];
+      tk.requiresGrad = true;
+      const { k } = linearQkv(x, tq, tk, tv);
+      rt.backward(k, rt.tensor(randn(rng, 2 * nkv), k.shape));
+      const gk = await tk.grad!.read();
+      assert.ok(gk.some((g) => g !== 0), "gradients flow through the unfused path");
+      tk.grad!.dispose();
     });
   },
 );
