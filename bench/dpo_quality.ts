@@ -18,10 +18,10 @@
  * Overlap: the wrong endings of the fixture are sentences of other items, about half of them the true ending of
  * another item, drawn from the whole file. A naive split therefore trains "chosen = S" for sentences S that are
  * the *rejected* ending of a held-out pair (and the reverse) - about 80% of the held-out pairs share a sentence
- * with the train pairs in that conflicting way, and DPO's memorisation of the train sentences pushes held-out
- * reward accuracy below chance. `--overlap drop` (the default) drops every train pair whose chosen or rejected
- * ending is any ending of a held-out item, so the held-out split shares neither context nor completion with the
- * training data; `--overlap keep` trains on all train pairs (the naive split) for contrast.
+ * with the train pairs in that conflicting way, and memorising train sentences works against held-out reward
+ * accuracy (BENCHMARKS.md measures how much). `--overlap drop` (the default) drops every train pair whose
+ * chosen or rejected ending is any ending of a held-out item, so the held-out split shares neither context nor
+ * completion with the training data; `--overlap keep` trains on all train pairs (the naive split) for contrast.
  *
  * Pairs follow the evaluate stage's cloze convention: prompt = ctx, chosen/rejected = " " + ending, no EOS
  * after the ending (a cloze ending is the next sentence, not the end of the story); the tokenize stage prepends
