@@ -26,6 +26,7 @@
  *
  * @module
  */
+import { resolveStateDirs } from "../pipelines/paths.ts";
 import { parseArgs } from "node:util";
 import { join, resolve } from "node:path";
 import { main } from "../main.ts";
@@ -229,7 +230,7 @@ export async function calibrateSteps(o: DistillQualityOptions, dir: string): Pro
   await Deno.writeTextFile(recipe, text);
   const code = await main(["run", recipe, "--gpu", o.gpu, "--force", "d50"]);
   if (code !== 0) throw new Error(`calibration failed (exit ${code})`);
-  const run = listRuns(join(dir, ".distillery", "runs"))[0];
+  const run = listRuns(resolveStateDirs(recipe).runs)[0];
   const events = Deno.readTextFileSync(join(run.dir, "events.jsonl")).trim().split("\n").map((l) =>
     JSON.parse(l)
   );
@@ -284,7 +285,7 @@ export async function distillQuality(
     const t0 = performance.now();
     const code = await main(["run", recipe, v, "--gpu", o.gpu]);
     if (code !== 0) throw new Error(`variant ${v}: the recipe failed (exit ${code}); see the output above`);
-    const run = listRuns(join(dir, ".distillery", "runs"))[0].record!;
+    const run = listRuns(resolveStateDirs(recipe).runs)[0].record!;
     const s = run.stages.find((x) => x.stage === v);
     const path = s?.outputs.model?.path;
     if (!s || !path) throw new Error(`variant ${v}: no model output in run ${run.run_id}`);
