@@ -25,7 +25,7 @@ import { add, exp, scale } from "../runtime/ops/elementwise.ts";
 import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
 import { causalConv1d } from "../runtime/ops/conv1d.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
-import { type SsdDims, ssdHeadParams, ssdScan } from "../runtime/ops/ssd.ts";
+import { type SsdDims, ssdHeadParams, ssdScan, ssdStep } from "../runtime/ops/ssd.ts";
 import {
   acceptLayerTokens,
   beginLayerVerification,
@@ -85,6 +85,11 @@ export interface MambaState {
   state: Tensor;
   /** Conv inputs of the last three positions. */
   conv: Tensor;
+  /**
+   * Mamba2 per-head scalars [3, H] (A = -exp(A_log), D, dt_bias) for the one-token step kernel, built at the
+   * first single-token step and kept: weights do not change while a decoding state lives.
+   */
+  heads?: Tensor;
 }
 
 /** Outputs of {@linkcode CausalLM.forward}. */
@@ -252,6 +257,9 @@ export class CausalLM {
    * continue from it and are replaced by the states after these tokens.
    */
   #mamba2(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
+    if (state && T === 1 && !this.rt.needsGrad(u, this.param(`${p}mamba.in_proj.weight`))) {
+      return this.#mamba2Step(p, u, B, state);
+    }
     const m = this.mamba!;
     const convC = 2 * m.dXb + m.dInner;
     const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
@@ -287,6 +295,45 @@ export class CausalLM {
       eps: 1e-5,
     });
     return linear(g, this.param(`${p}mamba.out_proj.weight`));
+  }
+
+  /**
+   * One decoding token through the Mamba2 mixer: the same math as {@linkcode CausalLM.#mamba2} with T = 1, but
+   * the recurrence advances in one `ssdStep` kernel (in place) instead of the chunked scan's four, and A, D and
+   * dt_bias come from the state's cached head scalars instead of being recomputed every token.
+   */
+  #mamba2Step(p: string, u: Tensor, B: number, state: MambaState): Tensor {
+    const m = this.mamba!;
+    const convC = 2 * m.dXb + m.dInner;
+    const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
+    const [z, xBCraw, dt] = splitLastDim(zxbcdt, [m.dInner, convC, m.nHeads]);
+    const conv = causalConv1d(
+      xBCraw.view([B, 1, convC]),
+      this.param(`${p}mamba.conv1d.weight`).view([convC, m.dConv]),
+      this.param(`${p}mamba.conv1d.bias`),
+      { silu: true, initialState: state.conv, finalState: true },
+    );
+    state.heads ??= this.#mamba2Heads(p).keep();
+    const y = ssdStep({
+      state: state.state,
+      xBC: conv.out,
+      dt: dt.view([B, 1, m.nHeads]),
+      heads: state.heads,
+      dims: this.#ssdDims(),
+    });
+    state.conv.dispose();
+    state.conv = conv.finalState!.keep();
+    const g = gatedRmsNorm(y.view([B, m.dInner]), z, this.param(`${p}mamba.norm.weight`), {
+      group: m.headDim,
+      eps: 1e-5,
+    });
+    return linear(g, this.param(`${p}mamba.out_proj.weight`));
+  }
+
+  /** A Mamba2 layer's per-head scalars [3, H] for the step and verify kernels: A = -exp(A_log), D, dt_bias. */
+  #mamba2Heads(p: string): Tensor {
+    const A = scale(exp(this.param(`${p}mamba.A_log`)), -1);
+    return ssdHeadParams(A, this.param(`${p}mamba.D`), this.param(`${p}mamba.dt_bias`));
   }
 
   /**
@@ -411,6 +458,7 @@ export class CausalLM {
     for (const m of s.ssm.values()) {
       m.state.dispose();
       m.conv.dispose();
+      m.heads?.dispose();
     }
   }
 
@@ -507,8 +555,7 @@ export class CausalLM {
       rt.scope(() => {
         for (const [l, m] of base.ssm) {
           const p = layerPrefix(l);
-          const A = scale(exp(this.param(`${p}mamba.A_log`)), -1);
-          const heads = ssdHeadParams(A, this.param(`${p}mamba.D`), this.param(`${p}mamba.dt_bias`)).keep();
+          const heads = this.#mamba2Heads(p).keep();
           mamba.set(l, {
             state: m.state,
             conv: m.conv,
