@@ -71,6 +71,8 @@ export interface DeviceStats {
   reads: number;
   /** Pipelines compiled. */
   pipelines: number;
+  /** Bind groups created (cache misses); steady-state loops should create none per step. */
+  bindGroups: number;
 }
 
 const UNIFORM_ARENA_BYTES = 1 << 20;
@@ -104,7 +106,7 @@ export class GpuDevice {
   /** Limits the device was created with. */
   readonly limits: GPUSupportedLimits;
   /** Counters. */
-  readonly stats: DeviceStats = { dispatches: 0, submits: 0, reads: 0, pipelines: 0 };
+  readonly stats: DeviceStats = { dispatches: 0, submits: 0, reads: 0, pipelines: 0, bindGroups: 0 };
 
   #kernels = new Map<string, CompiledKernel>();
   #bindGroups = new Map<string, GPUBindGroup>();
@@ -262,6 +264,7 @@ export class GpuDevice {
       });
     }
     bg = this.gpu.createBindGroup({ layout: k.layout, entries });
+    this.stats.bindGroups++;
     // Pooled buffers recur, so the cache hits in steady state; a bound keeps one-off shapes from piling up.
     if (this.#bindGroups.size > 20000) this.#bindGroups.clear();
     this.#bindGroups.set(key, bg);

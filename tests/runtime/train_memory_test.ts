@@ -6,8 +6,10 @@ import { AdamW, warmupCosineSchedule } from "../../runtime/optim.ts";
 import { gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
 
 // Issue 3 acceptance: 1,000 training steps of a small MLP allocate no new GPU memory after warm-up, and learn.
+// The same loop also creates no bind groups after warm-up: the pool hands the same buffers to the same tensors in
+// every step, so each dispatch's bind group comes from the device's cache.
 Deno.test(
-  "1,000-step MLP training loop: pool memory flat after warm-up, loss decreases",
+  "1,000-step MLP training loop: pool memory and bind groups flat after warm-up, loss decreases",
   gpuTestOptions,
   async () => {
     const rt = await testRuntime();
@@ -29,6 +31,7 @@ Deno.test(
 
     const losses: number[] = [];
     let warm: { created: number; liveBytes: number; freeBytes: number } | null = null;
+    let warmBindGroups = 0;
     for (let step = 0; step < steps; step++) {
       const loss = rt.scope(() => {
         const y = linear(silu(linear(tx, w1)), w2);
@@ -40,12 +43,20 @@ Deno.test(
       });
       if (step % 100 === 0 || step === steps - 1) losses.push(await loss.item());
       loss.dispose();
-      if (step === 100) warm = { ...rt.pool.stats };
+      if (step === 100) {
+        warm = { ...rt.pool.stats };
+        warmBindGroups = rt.dev.stats.bindGroups;
+      }
     }
     const end = rt.pool.stats;
     assert.ok(warm);
     assert.equal(end.created, warm.created, `buffers created after warm-up: ${end.created - warm.created}`);
     assert.equal(end.liveBytes, warm.liveBytes, "live bytes stable");
+    assert.equal(
+      rt.dev.stats.bindGroups - warmBindGroups,
+      0,
+      "bind groups created after warm-up (the pool should reuse the same buffers for the same tensors)",
+    );
     assert.equal(end.liveBytes + end.freeBytes, warm.liveBytes + warm.freeBytes, "pooled bytes stable");
     assert.ok(losses.every(Number.isFinite), `losses ${losses}`);
     assert.ok(
