@@ -17,6 +17,9 @@
  * |              | newly converted layer attention-initialised (the paper's 50% -> 25%)     |
  * | `d50_random` | 50%, random mixer init (the paper's ablation)                            |
  * | `d50_mlp`    | 50%, attention init, Mamba layers and MLPs train (the frozen-MLP ablation) |
+ * | `d50_all`    | the trained d50 again for as many steps with every parameter training at `--lr2` |
+ * |              | (an end-to-end phase like the paper's SFT stage: the Mamba-only d50 plateaued |
+ * |              | at x1.07 on the H200)                                                    |
  *
  * Perplexity is computed here directly (lm-eval `loglikelihood_rolling` windows per validation paragraph,
  * first window conditioned on BOS) because the evaluate stage lives elsewhere; the table gives token
@@ -61,6 +64,8 @@ export interface DistillQualityOptions {
   seqLen: number;
   /** Peak learning rate. */
   lr: number;
+  /** Peak learning rate of the all-parameter phase (`d50_all`). */
+  lr2: number;
   /** Warm-up ratio. */
   warmup: number;
   /** Gradient clip. */
@@ -92,6 +97,7 @@ export const DEFAULTS: DistillQualityOptions = {
   batch: 32,
   seqLen: 256,
   lr: 1e-2,
+  lr2: 1e-3,
   warmup: 0.02,
   maxGradNorm: 1,
   ceWeight: 1,
@@ -107,9 +113,9 @@ export const DEFAULTS: DistillQualityOptions = {
 
 /** The recipe for the chosen variants. */
 export function qualityRecipe(o: DistillQualityOptions): string {
-  const train = (extra: string) =>
+  const train = (extra: string, lr = o.lr) =>
     `{ max_steps: ${o.steps}, per_device_train_batch_size: ${o.batch}, gradient_accumulation_steps: 1, ` +
-    `learning_rate: ${o.lr}, warmup_ratio: ${o.warmup}, max_grad_norm: ${o.maxGradNorm}, ` +
+    `learning_rate: ${lr}, warmup_ratio: ${o.warmup}, max_grad_norm: ${o.maxGradNorm}, ` +
     `ce_weight: ${o.ceWeight}, kl_weight: ${o.klWeight}, logging_steps: 25, save_steps: 500${extra} }`;
   const data = o.pseudo > 0 ? `[${TRAIN}, "\${labels.data}"]` : `[${TRAIN}]`;
   const stages: Record<string, string> = {
@@ -131,6 +137,9 @@ export function qualityRecipe(o: DistillQualityOptions): string {
     d50_mlp: `    kind: distill
     params: ${train(", attn_layers: [1, 3], trainable: mamba_mlp")}
     inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }`,
+    d50_all: `    kind: distill
+    params: ${train(", attn_layers: [1, 3], trainable: all", o.lr2)}
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}", student: "\${d50.model}" }`,
   };
   if (o.pseudo > 0) {
     stages.labels = `    kind: pseudo_label
@@ -139,11 +148,11 @@ export function qualityRecipe(o: DistillQualityOptions): string {
   }
   // d25 continues from d50, and d50_random starts from the random mapping
   const needed = new Set(o.variants);
-  if (needed.has("d25")) needed.add("d50");
+  if (needed.has("d25") || needed.has("d50_all")) needed.add("d50");
   if (needed.has("d50_random")) needed.add("random_init");
-  const names = ["labels", "tokens", "random_init", "d50", "d25", "d50_random", "d50_mlp"].filter((n) =>
-    n === "labels" || n === "tokens" || needed.has(n)
-  );
+  const names = ["labels", "tokens", "random_init", "d50", "d25", "d50_random", "d50_mlp", "d50_all"].filter((
+    n,
+  ) => n === "labels" || n === "tokens" || needed.has(n));
   const body = names.filter((n) => stages[n]).map((n) => `  ${n}:\n${stages[n]}`).join("\n");
   return `name: distill_quality
 description: distillation quality of stories260K hybrids (bench/distill_quality.ts)
@@ -322,6 +331,7 @@ if (import.meta.main) {
       batch: { type: "string" },
       "seq-len": { type: "string" },
       lr: { type: "string" },
+      lr2: { type: "string" },
       warmup: { type: "string" },
       "max-grad-norm": { type: "string" },
       "ce-weight": { type: "string" },
@@ -347,6 +357,7 @@ if (import.meta.main) {
     batch: num("batch", DEFAULTS.batch),
     seqLen: num("seq-len", DEFAULTS.seqLen),
     lr: num("lr", DEFAULTS.lr),
+    lr2: num("lr2", DEFAULTS.lr2),
     warmup: num("warmup", DEFAULTS.warmup),
     maxGradNorm: num("max-grad-norm", DEFAULTS.maxGradNorm),
     ceWeight: num("ce-weight", DEFAULTS.ceWeight),
