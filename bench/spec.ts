@@ -27,7 +27,13 @@ import { parseProviderPreference } from "../runtime/provider.ts";
 import { CausalLM } from "../models/causal_lm.ts";
 import { mapAttentionToMamba2 } from "../models/mapping.ts";
 import { buildDraftModel } from "../models/draft.ts";
-import { dampLayers, LLAMA_3_2_1B_CONFIG, llamaConfig, randomTransformer } from "../models/random_init.ts";
+import {
+  dampLayers,
+  LLAMA_3_2_1B_CONFIG,
+  llamaConfig,
+  randomTransformer,
+  TINY_LLAMA_CONFIG,
+} from "../models/random_init.ts";
 import { measureSpeculative } from "../models/spec_measure.ts";
 import { plainGenerate } from "../models/spec_decode.ts";
 import {
@@ -39,18 +45,6 @@ import {
 import { countParameters, type Model } from "../models/weights.ts";
 import { Rng } from "../util/rng.ts";
 import { flag } from "./harness.ts";
-
-const QUICK_CONFIG = {
-  hidden_size: 64,
-  intermediate_size: 128,
-  num_hidden_layers: 4,
-  num_attention_heads: 4,
-  num_key_value_heads: 2,
-  head_dim: 16,
-  vocab_size: 512,
-  tie_word_embeddings: true,
-  rms_norm_eps: 1e-5,
-};
 
 function log(row: Record<string, unknown>): void {
   console.log(JSON.stringify({ bench: "spec", ...row }));
@@ -146,7 +140,7 @@ export async function specBench(): Promise<void> {
   log({ row: "device", device: rt.dev.describe(), quick, date: new Date().toISOString().slice(0, 10) });
 
   const t0 = performance.now();
-  const cfg = llamaConfig(quick ? QUICK_CONFIG : { ...LLAMA_3_2_1B_CONFIG });
+  const cfg = llamaConfig(quick ? TINY_LLAMA_CONFIG : { ...LLAMA_3_2_1B_CONFIG });
   const L = cfg.numLayers;
   const attn = Array.from({ length: L }, (_, i) => i).filter((i) => i % 2 === 1);
   const rng = new Rng("bench-spec");

@@ -19,6 +19,22 @@ import {
   type WeightMap,
 } from "./weights.ts";
 
+/**
+ * config.json of a tiny Llama (hidden 64, 4 layers, 4/2 heads of 16, vocab 512, tied): the 1B shape's structure
+ * at sizes that run in milliseconds on the CPU adapter, for quick benchmark runs and structural tests.
+ */
+export const TINY_LLAMA_CONFIG: Readonly<Record<string, unknown>> = Object.freeze({
+  hidden_size: 64,
+  intermediate_size: 128,
+  num_hidden_layers: 4,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  head_dim: 16,
+  vocab_size: 512,
+  tie_word_embeddings: true,
+  rms_norm_eps: 1e-5,
+});
+
 /** config.json of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32/8 heads, vocab 128256, tied). */
 export const LLAMA_3_2_1B_CONFIG: Readonly<Record<string, unknown>> = Object.freeze({
   architectures: ["LlamaForCausalLM"],

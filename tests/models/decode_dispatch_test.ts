@@ -6,22 +6,10 @@
 import assert from "node:assert/strict";
 import { CausalLM } from "../../models/causal_lm.ts";
 import { mapAttentionToMamba2 } from "../../models/mapping.ts";
-import { llamaConfig, randomTransformer } from "../../models/random_init.ts";
+import { llamaConfig, randomTransformer, TINY_LLAMA_CONFIG } from "../../models/random_init.ts";
 import type { Model } from "../../models/weights.ts";
 import { Rng } from "../../util/rng.ts";
 import { assertClose, gpuTestOptions, testRuntime } from "../helpers/gpu.ts";
-
-const CONFIG = {
-  hidden_size: 64,
-  intermediate_size: 128,
-  num_hidden_layers: 4,
-  num_attention_heads: 4,
-  num_key_value_heads: 2,
-  head_dim: 16,
-  vocab_size: 512,
-  tie_word_embeddings: true,
-  rms_norm_eps: 1e-5,
-};
 
 // Per attention layer: input norm fused with the previous residual add, q/k/v in one GEMV, RoPE on q and k, KV
 // append, decode attention, o_proj, post-attention add+norm, gate/up/SiLU in one GEMV, down_proj. Per Mamba2
@@ -34,7 +22,7 @@ Deno.test(
   gpuTestOptions,
   async () => {
     const rt = await testRuntime();
-    const cfg = llamaConfig(CONFIG);
+    const cfg = llamaConfig(TINY_LLAMA_CONFIG);
     const rng = new Rng("decode-dispatch");
     const teacher = randomTransformer(cfg, rng.fork("teacher"));
     const hybrid: Model = mapAttentionToMamba2(teacher.weights, cfg, [1, 3], rng.fork("mamba"));
