@@ -20,7 +20,7 @@ import { embedding } from "../runtime/ops/embedding.ts";
 import { linear, linearQkv, linearSwiglu } from "../runtime/ops/matmul.ts";
 import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
 import { rope } from "../runtime/ops/rope.ts";
-import { appendKv, attention, decodeAttention, KvCache } from "../runtime/ops/attention.ts";
+import { attention, decodeAttention, KvCache, ropeAppendKv } from "../runtime/ops/attention.ts";
 import { add, exp, scale } from "../runtime/ops/elementwise.ts";
 import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
 import { causalConv1d } from "../runtime/ops/conv1d.ts";
@@ -225,6 +225,12 @@ export class CausalLM {
 
   /** q, k, v projections with RoPE applied to q and k, shaped [B, T, heads, hd]. */
   #qkv(p: string, u: Tensor, B: number, T: number, start: number): { q: Tensor; k: Tensor; v: Tensor } {
+    const { q, k, v } = this.#qkvProjections(p, u, B, T);
+    return { q: rope(q, this.invFreq, { start }), k: rope(k, this.invFreq, { start }), v };
+  }
+
+  /** q, k, v projections before RoPE, shaped [B, T, heads, hd] (one GEMV dispatch when decoding). */
+  #qkvProjections(p: string, u: Tensor, B: number, T: number): { q: Tensor; k: Tensor; v: Tensor } {
     const c = this.config;
     const a = `${p}self_attn.`;
     const proj = linearQkv(
@@ -233,10 +239,11 @@ export class CausalLM {
       this.param(`${a}k_proj.weight`),
       this.param(`${a}v_proj.weight`),
     );
-    const q = proj.q.view([B, T, c.numHeads, c.headDim]);
-    const k = proj.k.view([B, T, c.numKvHeads, c.headDim]);
-    const v = proj.v.view([B, T, c.numKvHeads, c.headDim]);
-    return { q: rope(q, this.invFreq, { start }), k: rope(k, this.invFreq, { start }), v };
+    return {
+      q: proj.q.view([B, T, c.numHeads, c.headDim]),
+      k: proj.k.view([B, T, c.numKvHeads, c.headDim]),
+      v: proj.v.view([B, T, c.numKvHeads, c.headDim]),
+    };
   }
 
   #attentionFull(p: string, u: Tensor, B: number, T: number): Tensor {
@@ -485,9 +492,10 @@ export class CausalLM {
       let mix: Tensor;
       if (this.isAttentionLayer(l)) {
         const cache = kv.get(l)!;
-        const { q, k, v } = this.#qkv(p, u, B, n, start);
-        appendKv(cache, k, v);
-        const o = decodeAttention(q, cache, { window: c.slidingWindow ?? 0 });
+        const { q, k, v } = this.#qkvProjections(p, u, B, n);
+        // RoPE on q and k and the cache append in one dispatch
+        const qRot = ropeAppendKv(q, k, v, this.invFreq, cache, start);
+        const o = decodeAttention(qRot, cache, { window: c.slidingWindow ?? 0 });
         mix = linear(o.view([B * n, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
       } else {
         mix = mamba(l, p, u);

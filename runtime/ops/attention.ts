@@ -31,7 +31,7 @@ import {
   chooseForwardTilesV2,
   type ForwardTilesV2,
 } from "../../kernels/attention_v2.ts";
-import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
+import { kvCacheAppend, planDecodeAttention, ropeKvAppend } from "../../kernels/attention_decode.ts";
 import type { Runtime } from "../runtime.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
 import type { DType } from "../../kernels/kernel.ts";
@@ -291,6 +291,59 @@ export function appendKv(cache: KvCache, k: Tensor, v: Tensor): void {
   const a = kvCacheAppend(k.dtype, B, n, Hkv * hd, cache.maxT, cache.length);
   rt.dev.dispatch(a.spec, [k.binding, v.binding, cache.k.binding, cache.v.binding], a.workgroups, a.uniforms);
   cache.length += n;
+}
+
+/**
+ * Decoding's RoPE and cache append in one dispatch: rotates q [B, n, H, hd] and k [B, n, Hkv, hd] by positions
+ * `start + t` (as the `rope` op with `start`), appends the rotated k and v to the cache, and returns the
+ * rotated q. The same result as `rope` on q and k followed by {@linkcode appendKv}. Inference only.
+ */
+export function ropeAppendKv(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  invFreq: Tensor,
+  cache: KvCache,
+  start: number,
+): Tensor {
+  const rt = q.rt;
+  const qs = q.shape.length === 3 ? [1, ...q.shape] : q.shape;
+  const ks = k.shape.length === 3 ? [1, ...k.shape] : k.shape;
+  const [B, n, H, hd] = qs;
+  if (
+    qs.length !== 4 || ks.length !== 4 || ks[0] !== B || ks[1] !== n || ks[2] !== cache.Hkv || ks[3] !== hd ||
+    hd !== cache.hd || B !== cache.B || v.shape.join() !== k.shape.join() ||
+    [q, k, v].some((t) => t.dtype !== cache.k.dtype) || invFreq.size !== hd / 2
+  ) {
+    throw new Error(
+      `ropeAppendKv: q ${shapeStr(q.shape)}, k ${shapeStr(k.shape)}, v ${
+        shapeStr(v.shape)
+      } ${q.dtype} do not fit ` +
+        `cache ${shapeStr(cache.k.shape)} ${cache.k.dtype}`,
+    );
+  }
+  if (cache.length + n > cache.maxT) {
+    throw new Error(`ropeAppendKv: ${cache.length} + ${n} positions exceed the cache capacity ${cache.maxT}`);
+  }
+  const out = rt.empty(q.shape, q.dtype);
+  const l = ropeKvAppend(q.dtype, {
+    B,
+    n,
+    H,
+    Hkv: cache.Hkv,
+    hd,
+    maxT: cache.maxT,
+    pos: cache.length,
+    start,
+  });
+  rt.dev.dispatch(
+    l.spec,
+    [q.binding, k.binding, v.binding, invFreq.binding, out.binding, cache.k.binding, cache.v.binding],
+    l.workgroups,
+    l.uniforms,
+  );
+  cache.length += n;
+  return out;
 }
 
 /** Options of {@linkcode decodeAttention}. */

@@ -1,5 +1,7 @@
 import assert from "node:assert/strict";
-import { appendKv, attention, decodeAttention, KvCache } from "../../runtime/ops/attention.ts";
+import { appendKv, attention, decodeAttention, KvCache, ropeAppendKv } from "../../runtime/ops/attention.ts";
+import { rope, ropeInverseFrequencies } from "../../runtime/ops/rope.ts";
+import { refRope } from "../reference/dense.ts";
 import { assertClose, gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
 import { noGpuErrors } from "../helpers/gpu_errors.ts";
 import { refAttention } from "../reference/attention.ts";
@@ -236,3 +238,82 @@ Deno.test("KV cache: capacity, truncation and shape errors", gpuTestOptions, asy
     cache.dispose();
   }
 });
+
+Deno.test(
+  "ropeAppendKv: RoPE on q and k plus the cache append in one dispatch equals float64 RoPE and the unfused ops",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("rope-append");
+    const [H, Hkv, hd, maxT] = [4, 2, 12, 24];
+    const invFreq = ropeInverseFrequencies(hd, 10000);
+    // f32 angle as the kernel forms it: one rounding of position x inv_freq
+    const angleAt = (start: number, n: number) => (t: number, i: number) =>
+      Math.fround(Math.fround(start + (t % n)) * invFreq[i]);
+    for (const [B, prefill, n] of [[1, 5, 1], [2, 3, 4], [1, 0, 7]]) {
+      await rt.scope(async () => {
+        const freq = rt.tensor(invFreq, [hd / 2]);
+        const fused = new KvCache(rt, B, maxT, Hkv, hd), plain = new KvCache(rt, B, maxT, Hkv, hd);
+        const fill = randn(rng, B * prefill * Hkv * hd);
+        if (prefill > 0) {
+          for (const c of [fused, plain]) {
+            const t = rt.tensor(fill, [B, prefill, Hkv, hd]);
+            appendKv(c, t, t);
+          }
+        }
+        const q = randn(rng, B * n * H * hd),
+          k = randn(rng, B * n * Hkv * hd),
+          v = randn(rng, B * n * Hkv * hd);
+        const tq = rt.tensor(q, [B, n, H, hd]), tk = rt.tensor(k, [B, n, Hkv, hd]);
+        const tv = rt.tensor(v, [B, n, Hkv, hd]);
+        const before = rt.dev.stats.dispatches;
+        const qRot = ropeAppendKv(tq, tk, tv, freq, fused, prefill);
+        assert.ok(rt.dev.stats.dispatches - before <= 2, "one dispatch (+ the poison fill of q_out)");
+        assert.equal(fused.length, prefill + n);
+        appendKv(plain, rope(tk, freq, { start: prefill }), tv);
+        const qPlain = rope(tq, freq, { start: prefill });
+        const [gotQ, gotK, gotV, wantQ, plainK, plainV] = await Promise.all([
+          qRot.read(),
+          fused.k.read(),
+          fused.v.read(),
+          qPlain.read(),
+          plain.k.read(),
+          plain.v.read(),
+        ]);
+        const angle = angleAt(prefill, n);
+        // sincos_accurate is within about 1e-7 of cos/sin of the f32 angle; the rotation adds f32 rounding
+        const tol = { rtol: 1e-6, atol: 1e-6 };
+        assertClose(gotQ, refRope(q, B * n, H, hd, angle), tol, `q B=${B} n=${n}`);
+        assertClose(gotQ, wantQ, { rtol: 1e-7, atol: 1e-7 }, `q vs rope B=${B} n=${n}`);
+        const refK = refRope(k, B * n, Hkv, hd, angle);
+        const row = Hkv * hd;
+        for (let b = 0; b < B; b++) {
+          const at = (b * maxT + prefill) * row, len = n * row;
+          assertClose(gotK.subarray(at, at + len), refK.subarray(b * len, (b + 1) * len), tol, `k b=${b}`);
+          assert.deepEqual([...gotV.subarray(at, at + len)], [
+            ...Float32Array.from(v.subarray(b * len, (b + 1) * len)),
+          ]);
+          // the earlier positions keep what was there
+          assertClose(gotK.subarray(b * maxT * row, at), plainK.subarray(b * maxT * row, at), {
+            rtol: 0,
+            atol: 0,
+          }, "prefix");
+        }
+        assertClose(
+          gotK.subarray(0, B * maxT * row).filter((_, i) => (i % (maxT * row)) < (prefill + n) * row),
+          plainK.filter((_, i) => i < B * maxT * row && (i % (maxT * row)) < (prefill + n) * row),
+          { rtol: 1e-7, atol: 1e-7 },
+          "k vs unfused",
+        );
+        assertClose(
+          gotV.filter((_, i) => (i % (maxT * row)) < (prefill + n) * row),
+          plainV.filter((_, i) => (i % (maxT * row)) < (prefill + n) * row),
+          { rtol: 0, atol: 0 },
+          "v vs unfused",
+        );
+        fused.dispose();
+        plain.dispose();
+      });
+    }
+  },
+);

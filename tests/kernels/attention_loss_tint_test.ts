@@ -1,12 +1,14 @@
 /**
- * Compiles every WGSL variant of the attention, decode, loss and log-prob kernels with Dawn's compiler (Tint),
+ * Compiles every WGSL variant of the attention, decode, loss and log-prob kernels, and the fused decode GEMVs,
+ * with Dawn's compiler (Tint),
  * the compiler of the H200 provider, through Dawn's null backend (no GPU needed). Tint is stricter than the
  * built-in provider's compiler in places the CPU tests cannot see: e.g. a constant expression that evaluates to
  * NaN is a shader-creation error there and compiles fine here.
  */
 import * as attn from "../../kernels/attention.ts";
 import * as attn2 from "../../kernels/attention_v2.ts";
-import { kvCacheAppend, planDecodeAttention } from "../../kernels/attention_decode.ts";
+import { kvCacheAppend, planDecodeAttention, ropeKvAppend } from "../../kernels/attention_decode.ts";
+import { gemvKernel, gemvQkvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
 import * as ce from "../../kernels/cross_entropy.ts";
 import * as lp from "../../kernels/logprobs.ts";
 import * as hl from "../../kernels/head_loss.ts";
@@ -45,6 +47,12 @@ function allSpecs(): KernelSpec[] {
     specs.push(attn.attentionCombineSplits(dtype, 4, 16, 2).spec);
     specs.push(attn.attentionBackwardDelta(dtype, 4, 16).spec);
     specs.push(kvCacheAppend(dtype, 1, 1, 16, 8, 0).spec);
+    specs.push(ropeKvAppend(dtype, { B: 1, n: 2, H: 4, Hkv: 2, hd: 16, maxT: 8, pos: 3, start: 3 }).spec);
+    // the decode GEMVs: vector and scalar K, the most rows each takes
+    for (const k of [64, 66]) {
+      specs.push(gemvKernel(dtype, 16, 8, k).spec, gemvSwigluKernel(dtype, 8, 8, k).spec);
+      specs.push(gemvQkvKernel(dtype, 16, 8, 4, k).spec);
+    }
     for (const teacherDtype of [null, "f32", "f16"] as (DType | null)[]) {
       const v = { dtype, teacherDtype };
       specs.push(ce.distillLossForward(v, 1, 0, 10, 1, true, true).spec);
