@@ -53,6 +53,41 @@ export function gatherColumns(dtype: DType, rows: number, wide: number, c0: numb
 }
 
 /**
+ * Splits a [rows, wide] matrix into its column ranges [0, c1), [c1, c2) and [c2, wide) in one pass (three
+ * outputs, e.g. Mamba2's z | xBC | dt), instead of one gather per part. Bindings: wide (read), three parts (rw).
+ */
+export function splitColumns3(dtype: DType, rows: number, wide: number, c1: number, c2: number): Launch {
+  if (!(0 < c1 && c1 < c2 && c2 < wide)) throw new Error(`splitColumns3: need 0 < ${c1} < ${c2} < ${wide}`);
+  const key = `columns_split3_${dtype}`;
+  let spec = specs.get(key);
+  if (!spec) {
+    const T = wgslType(dtype);
+    spec = linearKernelSpec(
+      key,
+      dtype,
+      [["src", "read", T], ["d0", "rw", T], ["d1", "rw", T], ["d2", "rw", T]],
+      "rows: u32, wide: u32, c1: u32, c2: u32",
+      `if (i >= p.rows * p.wide) { return; }
+  let r = i / p.wide;
+  let c = i % p.wide;
+  if (c < p.c1) {
+    d0[r * p.c1 + c] = src[i];
+  } else if (c < p.c2) {
+    d1[r * (p.c2 - p.c1) + c - p.c1] = src[i];
+  } else {
+    d2[r * (p.wide - p.c2) + c - p.c2] = src[i];
+  }`,
+    );
+    specs.set(key, spec);
+  }
+  return {
+    spec,
+    uniforms: new Uniforms(16).u32(rows).u32(wide).u32(c1).u32(c2).buffer,
+    workgroups: linearWorkgroups(rows * wide),
+  };
+}
+
+/**
  * Writes a [rows, width] matrix into columns [c0, c0 + width) of a [rows, wide] one (other columns untouched).
  * Bindings: narrow (read), wide (rw).
  */

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { gatherColumns, repeatGroups, scatterColumns } from "../../kernels/columns.ts";
+import { gatherColumns, repeatGroups, scatterColumns, splitColumns3 } from "../../kernels/columns.ts";
 import { biasColumnSums, biasForward } from "../../kernels/bias.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
 
@@ -20,13 +20,20 @@ export function splitLastDim(x: Tensor, widths: readonly number[]): Tensor[] {
   const rows = x.size / wide;
   const lead = x.shape.slice(0, -1);
   const outs: Tensor[] = [];
-  let c0 = 0;
-  for (const w of widths) {
-    const o = rt.empty([...lead, w], x.dtype);
-    const l = gatherColumns(x.dtype, rows, wide, c0, w);
-    rt.dev.dispatch(l.spec, [x.binding, o.binding], l.workgroups, l.uniforms);
-    outs.push(o);
-    c0 += w;
+  if (widths.length === 3 && widths.every((w) => w > 0)) {
+    // one pass for three parts (Mamba2's z | xBC | dt in every layer and decoding step)
+    for (const w of widths) outs.push(rt.empty([...lead, w], x.dtype));
+    const l = splitColumns3(x.dtype, rows, wide, widths[0], widths[0] + widths[1]);
+    rt.dev.dispatch(l.spec, [x.binding, ...outs.map((o) => o.binding)], l.workgroups, l.uniforms);
+  } else {
+    let c0 = 0;
+    for (const w of widths) {
+      const o = rt.empty([...lead, w], x.dtype);
+      const l = gatherColumns(x.dtype, rows, wide, c0, w);
+      rt.dev.dispatch(l.spec, [x.binding, o.binding], l.workgroups, l.uniforms);
+      outs.push(o);
+      c0 += w;
+    }
   }
   rt.record("splitLastDim", [x], outs, (gs) => {
     // parts without a gradient contribute zeros

@@ -115,3 +115,30 @@ Deno.test(
     });
   },
 );
+
+Deno.test(
+  "columns: splits into 2, 3 (one-pass kernel) and 4 parts copy exactly",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("columns-split-n");
+    const rows = 9;
+    for (const widths of [[7, 14], [5, 13, 3], [1, 1, 30], [2, 4, 6, 9]]) {
+      const W = widths.reduce((a, b) => a + b, 0);
+      const x = randn(rng, rows * W);
+      await rt.scope(async () => {
+        const parts = splitLastDim(rt.tensor(x, [rows, W]), widths);
+        const got = await Promise.all(parts.map((p) => p.read()));
+        let c0 = 0;
+        widths.forEach((wd, i) => {
+          const ref = Float64Array.from(
+            { length: rows * wd },
+            (_, k) => x[Math.floor(k / wd) * W + c0 + (k % wd)],
+          );
+          assertClose(got[i], ref, EXACT, `widths ${widths} part ${i}`);
+          c0 += wd;
+        });
+      });
+    }
+  },
+);
