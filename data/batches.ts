@@ -136,8 +136,14 @@ export interface BatchOptions {
   gradAccumSteps?: number;
   /** `padded` (default) or `padding_free`. */
   layout?: BatchLayout;
-  /** Padded width; default the longest sequence in the source. */
+  /** Largest padded width; default the longest sequence in the source. */
   seqLen?: number;
+  /**
+   * `padded` layout: each micro-batch is padded to its own longest sequence rounded up to a multiple of this
+   * (TRL's `pad_to_multiple_of`), at most `seqLen`; 0 pads every micro-batch to `seqLen`. Default 8. Padding
+   * is masked and every layer is causal, so this changes the work done, not the result.
+   */
+  padToMultipleOf?: number;
   /** Id used for padding (default 0; masked out either way). */
   padId?: number;
   /** Seed of the data order. */
@@ -252,6 +258,10 @@ export class BatchIterator {
     }
     const layout = opts.layout ?? "padded";
     if (layout !== "padded" && layout !== "padding_free") throw new UserError(`layout: unknown "${layout}"`);
+    const multiple = opts.padToMultipleOf;
+    if (multiple !== undefined && !(Number.isInteger(multiple) && multiple >= 0)) {
+      throw new UserError(`pad_to_multiple_of: expected a non-negative integer, found ${multiple}`);
+    }
     this.#src = source;
     this.#opts = { ...opts, gradAccumSteps: accum, layout, padId: opts.padId ?? 0 };
     if (opts.pairs && source.numSequences % 2 !== 0) {
@@ -355,7 +365,10 @@ export class BatchIterator {
   }
 
   #padded(seqIdx: number[], seqs: SequenceData[]): MicroBatch {
-    const rows = seqs.length, T = this.#seqLen;
+    const rows = seqs.length;
+    const m = this.#opts.padToMultipleOf ?? 8;
+    const longest = seqs.reduce((a, sq) => Math.max(a, sq.ids.length), 1);
+    const T = m > 0 ? Math.min(this.#seqLen, Math.ceil(longest / m) * m) : this.#seqLen;
     const ids = new Int32Array(rows * T).fill(this.#opts.padId);
     const mask = new Uint8Array(rows * T);
     const positions = new Int32Array(rows * T);

@@ -117,6 +117,14 @@ export function trainingParams(d: TrainingDefaults) {
       doc: "Cut longer sequences to this many tokens (keeping the start); null: the tokenized length.",
     },
     shuffle: { type: "boolean", default: true, doc: "Shuffle the data each epoch (seeded)." },
+    pad_to_multiple_of: {
+      type: "number",
+      integer: true,
+      min: 0,
+      default: 8,
+      doc: "Pad each micro-batch to its longest sequence rounded up to this multiple (0: every batch to the " +
+        "longest sequence of the data). Padding is masked, so only the work changes.",
+    },
     seed: {
       type: "number",
       integer: true,
@@ -161,6 +169,7 @@ export interface TrainingParamValues {
   max_steps: number | null;
   max_length: number | null;
   shuffle: boolean;
+  pad_to_multiple_of: number;
   seed: number | null;
   logging_steps: number;
   save_steps: number;
@@ -202,6 +211,7 @@ export function batchOptions(
     gradAccumSteps: p.gradient_accumulation_steps,
     seed,
     shuffle: p.shuffle,
+    padToMultipleOf: p.pad_to_multiple_of,
     ...extra,
   };
   if (extra.maxSteps === undefined && extra.maxTokens === undefined) {

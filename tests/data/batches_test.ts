@@ -57,7 +57,10 @@ Deno.test("batches: padded micro-batches carry ids, masks (0 on padding and firs
   assert.equal(steps.length, 3);
   assert.deepEqual(steps.map((s) => s.micro[0].rows), [3, 3, 1]);
   const m = steps[0].micro[0];
-  assert.equal(m.seqLen, Math.max(...data.map((d) => d.ids.length)));
+  // padded to this micro-batch's longest sequence, rounded up to a multiple of 8, at most the source's longest
+  const batchLongest = Math.max(...m.sequences.map((i) => data[i].ids.length));
+  const sourceLongest = Math.max(...data.map((d) => d.ids.length));
+  assert.equal(m.seqLen, Math.min(sourceLongest, Math.ceil(batchLongest / 8) * 8));
   for (let r = 0; r < 3; r++) {
     const d = data[m.sequences[r]];
     const row = (a: Int32Array | Uint8Array) => Array.from(a.subarray(r * m.seqLen, (r + 1) * m.seqLen));
@@ -160,4 +163,23 @@ Deno.test("batches: reading from a token file gives the same batches as from mem
       b.map((s) => s.micro.map((m) => Array.from(m.ids))),
     );
   });
+});
+
+Deno.test("batches: each padded micro-batch is as wide as its longest sequence (pad_to_multiple_of), or fixed with 0", () => {
+  // lengths 3, 3, 3, 3, 30, 30: the short items share micro-batches without the long ones' padding
+  const data = [3, 3, 3, 3, 30, 30].map((len, i) => ({
+    ids: Array.from({ length: len }, (_, t) => 100 * i + t + 1),
+    mask: Array.from({ length: len }, () => 1),
+  }));
+  const widths = (opts: { padToMultipleOf?: number }) =>
+    drain(new BatchIterator(memorySource(data), { batchSize: 2, seed: 0, shuffle: false, ...opts }))
+      .map((s) => s.micro[0].seqLen);
+  assert.deepEqual(widths({}), [8, 8, 30]);
+  assert.deepEqual(widths({ padToMultipleOf: 4 }), [4, 4, 30]);
+  assert.deepEqual(widths({ padToMultipleOf: 64 }), [30, 30, 30]);
+  assert.deepEqual(widths({ padToMultipleOf: 0 }), [30, 30, 30]);
+  assert.throws(
+    () => new BatchIterator(memorySource(data), { batchSize: 2, seed: 0, padToMultipleOf: -1 }),
+    /pad_to_multiple_of: expected a non-negative integer/,
+  );
 });
