@@ -52,8 +52,6 @@ export interface DpoQualityOptions {
   lr: number;
   /** DPO beta. */
   beta: number;
-  /** Weight of the NLL term on the chosen completion (TRL's rpo_alpha); 0: plain DPO. */
-  rpoAlpha: number;
   /** Passes over the train pairs (when `steps` is 0). */
   epochs: number;
   /** Optimizer steps; 0: `epochs` passes. */
@@ -93,7 +91,6 @@ export interface DpoQualityOptions {
 export const DEFAULTS: DpoQualityOptions = {
   lr: 5e-4,
   beta: 0.1,
-  rpoAlpha: 0,
   epochs: 1,
   steps: 0,
   batch: 16,
@@ -220,7 +217,6 @@ export function dpoRecipe(o: DpoQualityOptions, data: string): string {
     params: { format: preference, template: none, add_eos: false, max_length: ${o.maxLength}, max_prompt_length: ${o.maxPromptLength} }
     inputs: { tokenizer: ${TEACHER}, data: [${join(data, file)}] }`;
   const budget = o.steps > 0 ? `max_steps: ${o.steps}` : `num_train_epochs: ${o.epochs}`;
-  const rpo = o.rpoAlpha > 0 ? `, rpo_alpha: ${o.rpoAlpha}` : "";
   const evaluate = (model: string, name: string) =>
     `    kind: evaluate
     params: { model_name: ${name}, batch_size: 64 }
@@ -245,7 +241,7 @@ ${pairs("heldout_pairs_no_context.jsonl")}
 ${scores(TEACHER, "train_pairs")}
   dpo:
     kind: dpo
-    params: { beta: ${o.beta}, learning_rate: ${o.lr}, warmup_ratio: ${o.warmup}, ${budget}, per_device_train_batch_size: ${o.batch}, gradient_accumulation_steps: 1, logging_steps: 10, save_steps: 1000${rpo} }
+    params: { beta: ${o.beta}, learning_rate: ${o.lr}, warmup_ratio: ${o.warmup}, ${budget}, per_device_train_batch_size: ${o.batch}, gradient_accumulation_steps: 1, logging_steps: 10, save_steps: 1000 }
     inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}", ref: "\${ref_train.ref}" }
   ref_held:
 ${scores(TEACHER, "held_pairs")}
@@ -553,7 +549,6 @@ if (import.meta.main) {
     options: {
       lr: { type: "string" },
       beta: { type: "string" },
-      "rpo-alpha": { type: "string" },
       epochs: { type: "string" },
       steps: { type: "string" },
       batch: { type: "string" },
@@ -586,7 +581,6 @@ if (import.meta.main) {
   const o: DpoQualityOptions = {
     lr: num("lr", base.lr),
     beta: num("beta", base.beta),
-    rpoAlpha: num("rpo-alpha", base.rpoAlpha),
     epochs: num("epochs", base.epochs),
     steps: num("steps", base.steps),
     batch: num("batch", base.batch),
