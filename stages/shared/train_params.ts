@@ -122,7 +122,8 @@ export function trainingParams(d: TrainingDefaults) {
       integer: true,
       min: 0,
       default: 8,
-      doc: "Pad each micro-batch to its longest sequence rounded up to this multiple (0: every batch to the " +
+      doc:
+        "Pad each micro-batch to its longest sequence rounded up to this multiple (0: every batch to the " +
         "longest sequence of the data). Padding is masked, so only the work changes.",
     },
     seed: {
