@@ -1,7 +1,8 @@
 /**
  * Text generation with a {@linkcode CausalLM}: prompts are grouped by length and decoded in lockstep batches
  * (one KV/SSM state per batch), sampling on the CPU from the logits read after each step, so a batch of B
- * sequences costs one GPU->CPU read per generated position.
+ * sequences costs one GPU->CPU read per generated position. Greedy decoding (temperature 0) keeps the loop on
+ * the GPU instead and reads the batch's ids once per 32 positions.
  *
  * Each sequence draws from its own {@linkcode Rng} stream (seeded from the run seed and the prompt's index), so a
  * prompt's completion does not depend on which other prompts share its batch.
@@ -69,6 +70,7 @@ async function generateGroup(
   indices: number[],
   opts: GenerateOptions,
 ): Promise<number[][]> {
+  if (opts.sampling.temperature <= 0) return await greedyGroup(lm, prompts, len, opts);
   const rt = lm.rt;
   const B = prompts.length;
   const V = lm.config.vocabSize;
@@ -104,6 +106,80 @@ async function generateGroup(
   }
   return completions;
 }
+
+/**
+ * Greedy lockstep decoding of a batch with the loop on the GPU: each step's argmax ids [B] feed the next step's
+ * embedding, and `GREEDY_CHUNK` steps are recorded per submit and read back together (B ids per step instead of
+ * B x V logits). Rows that ended keep decoding until the whole batch has ended; their extra tokens are dropped,
+ * and rows do not interact, so the completions equal the CPU path's (both take the lowest index of a tie).
+ */
+async function greedyGroup(
+  lm: CausalLM,
+  prompts: readonly (readonly number[])[],
+  len: number,
+  opts: GenerateOptions,
+): Promise<number[][]> {
+  const rt = lm.rt;
+  const B = prompts.length;
+  const eos = new Set(opts.eosIds ?? []);
+  const done = new Array(B).fill(false);
+  const completions: number[][] = prompts.map(() => []);
+  const state: DecodeState = lm.newDecodeState(B, len + opts.maxNewTokens);
+  let prev: Tensor | null = null;
+  try {
+    if (opts.maxNewTokens <= 0) return completions;
+    prev = rt.noGrad(() =>
+      greedyArgmax(lm.step(state, Int32Array.from(prompts.flat()), len, { lastOnly: true })).ids
+    ).keep();
+    let unread = 1, produced = 0;
+    while (true) {
+      if (opts.signal?.aborted) throw opts.signal.reason;
+      const steps = Math.min(GREEDY_CHUNK, opts.maxNewTokens - produced - unread);
+      const last: Tensor = prev;
+      const { next, finished } = await rt.scope(async () => {
+        const chain: Tensor[] = unread ? [last] : [];
+        let cur = last;
+        for (let j = 0; j < steps; j++) {
+          cur = greedyArgmax(lm.step(state, cur, 1)).ids;
+          chain.push(cur);
+        }
+        const reads = await rt.dev.readMany(chain.map((t) => ({ buffer: t.buffer, offset: 0, size: 4 * B })));
+        let finished = false;
+        for (const bytes of reads) {
+          const ids = new Int32Array(bytes);
+          for (let b = 0; b < B; b++) {
+            if (done[b]) continue;
+            if (eos.has(ids[b])) {
+              done[b] = true;
+              if (!opts.dropEos) completions[b].push(ids[b]);
+            } else {
+              completions[b].push(ids[b]);
+            }
+          }
+          produced++;
+          if (done.every(Boolean) || produced >= opts.maxNewTokens) {
+            finished = true;
+            break;
+          }
+        }
+        return { next: cur === last ? null : cur.keep(), finished };
+      });
+      unread = 0;
+      if (next) {
+        prev.dispose();
+        prev = next;
+      }
+      if (finished) break;
+    }
+  } finally {
+    prev?.dispose();
+    lm.disposeState(state);
+  }
+  return completions;
+}
+
+/** Greedy decoding steps recorded per submit by {@linkcode generate}'s batched GPU loop. */
+const GREEDY_CHUNK = 32;
 
 /** Options of {@linkcode greedyResident}. */
 export interface ResidentOptions {

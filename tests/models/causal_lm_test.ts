@@ -127,6 +127,28 @@ Deno.test(
       assert.deepEqual(greedy[0], gen);
       assert.deepEqual(greedy[1], gen);
       assert.deepEqual(greedy[3], gen);
+      // the GPU loop with an end-of-sequence id: a row that ends is cut there (EOS kept, or dropped), while the
+      // other rows of its batch go on exactly as they would alone
+      const other = [...prompt.slice(0, -1), gen[0]];
+      const eos = gen[6];
+      const alone = await generate(lm, [other], { maxNewTokens: 20, sampling: { temperature: 0 }, seed: 1 });
+      const both = await generate(lm, [prompt, other], {
+        maxNewTokens: 20,
+        sampling: { temperature: 0 },
+        seed: 1,
+        eosIds: [eos],
+      });
+      assert.deepEqual(both[0], gen.slice(0, gen.indexOf(eos) + 1));
+      const cut = alone[0].indexOf(eos);
+      assert.deepEqual(both[1], cut >= 0 ? alone[0].slice(0, cut + 1) : alone[0]);
+      const dropped = await generate(lm, [prompt], {
+        maxNewTokens: 20,
+        sampling: { temperature: 0 },
+        seed: 1,
+        eosIds: [eos],
+        dropEos: true,
+      });
+      assert.deepEqual(dropped[0], gen.slice(0, gen.indexOf(eos)));
       const opts = { maxNewTokens: 12, sampling: { temperature: 0.8, topK: 10, topP: 0.95 }, seed: 5 };
       const a = await generate(lm, prompts, { ...opts, batchSize: 4 });
       const b = await generate(lm, prompts, { ...opts, batchSize: 1 });
