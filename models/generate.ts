@@ -107,9 +107,12 @@ async function generateGroup(
   return completions;
 }
 
+/** Greedy decoding steps recorded per submit by {@linkcode generate}'s batched GPU loop. */
+const GREEDY_CHUNK = 32;
+
 /**
  * Greedy lockstep decoding of a batch with the loop on the GPU: each step's argmax ids [B] feed the next step's
- * embedding, and `GREEDY_CHUNK` steps are recorded per submit and read back together (B ids per step instead of
+ * embedding, and `chunk` steps are recorded per submit and read back together (B ids per step instead of
  * B x V logits). Rows that ended keep decoding until the whole batch has ended; their extra tokens are dropped,
  * and rows do not interact, so the completions equal the CPU path's (both take the lowest index of a tie).
  */
@@ -117,7 +120,8 @@ async function greedyGroup(
   lm: CausalLM,
   prompts: readonly (readonly number[])[],
   len: number,
-  opts: GenerateOptions,
+  opts: Pick<GenerateOptions, "maxNewTokens" | "eosIds" | "dropEos" | "signal">,
+  chunk = GREEDY_CHUNK,
 ): Promise<number[][]> {
   const rt = lm.rt;
   const B = prompts.length;
@@ -134,7 +138,7 @@ async function greedyGroup(
     let unread = 1, produced = 0;
     while (true) {
       if (opts.signal?.aborted) throw opts.signal.reason;
-      const steps = Math.min(GREEDY_CHUNK, opts.maxNewTokens - produced - unread);
+      const steps = Math.min(chunk, opts.maxNewTokens - produced - unread);
       const last: Tensor = prev;
       const { next, finished } = await rt.scope(async () => {
         const chain: Tensor[] = unread ? [last] : [];
@@ -178,9 +182,6 @@ async function greedyGroup(
   return completions;
 }
 
-/** Greedy decoding steps recorded per submit by {@linkcode generate}'s batched GPU loop. */
-const GREEDY_CHUNK = 32;
-
 /** Options of {@linkcode greedyResident}. */
 export interface ResidentOptions {
   /** Tokens to generate at most. */
@@ -202,48 +203,6 @@ export async function greedyResident(
   prompt: Int32Array,
   opts: ResidentOptions,
 ): Promise<number[]> {
-  const rt = lm.rt;
-  const chunk = Math.max(1, opts.chunk ?? 32);
-  const eos = new Set(opts.eosIds ?? []);
-  const tokens: number[] = [];
-  const state = lm.newDecodeState(1, prompt.length + opts.maxNewTokens);
-  // `prev` holds the id of the newest token on the GPU; it is the next step's input
-  let prev: Tensor = rt.noGrad(() =>
-    greedyArgmax(lm.step(state, prompt, prompt.length, { lastOnly: true })).ids
-  )
-    .keep();
-  let unread: Tensor[] = [prev];
-  try {
-    let done = opts.maxNewTokens <= 0;
-    while (!done) {
-      const steps = Math.min(chunk, opts.maxNewTokens - tokens.length - unread.length);
-      const next = await rt.scope(async () => {
-        let cur = prev;
-        const chain = [...unread];
-        for (let j = 0; j < steps; j++) {
-          cur = greedyArgmax(lm.step(state, cur, 1)).ids;
-          chain.push(cur);
-        }
-        const reads = await rt.dev.readMany(chain.map((t) => ({ buffer: t.buffer, offset: 0, size: 4 })));
-        for (const b of reads) {
-          const id = new Int32Array(b)[0];
-          tokens.push(id);
-          if (eos.has(id) || tokens.length >= opts.maxNewTokens) {
-            done = true;
-            break;
-          }
-        }
-        return cur === prev ? null : cur.keep();
-      });
-      unread = [];
-      if (next) {
-        prev.dispose();
-        prev = next;
-      }
-    }
-  } finally {
-    prev.dispose();
-    lm.disposeState(state);
-  }
+  const [tokens] = await greedyGroup(lm, [[...prompt]], prompt.length, opts, Math.max(1, opts.chunk ?? 32));
   return tokens;
 }
