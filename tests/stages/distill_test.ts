@@ -5,6 +5,7 @@ import { loadModel } from "../../models/checkpoint.ts";
 import type { HybridModel } from "../../models/weights.ts";
 import { lastRun, spawnCli, startCli, tempProject, waitFor } from "../pipelines/helpers.ts";
 import {
+  assertResumesToSameOutput,
   checkpointSteps,
   outputDigest,
   outputPath,
@@ -70,24 +71,12 @@ Deno.test(
   "distill: interrupted after a checkpoint, the rerun resumes and ends with the uninterrupted digest",
   stageTestOptions,
   async () => {
-    const ref = tempProject(), p = tempProject();
-    try {
-      const text = recipe(`${BASE}, max_steps: 6, save_steps: 2`);
-      assert.equal((await runRecipe(ref.write("r.yaml", text))).code, 0);
-      const expected = outputDigest(ref, "distill", "model");
-      const path = p.write("r.yaml", text);
-      const r1 = await runAndInterrupt(p, path);
-      assert.equal(r1.code, 130, r1.stderr);
-      assert.ok(checkpointSteps(p).length > 0);
-      const r2 = await runRecipe(path);
-      assert.equal(r2.code, 0, r2.stderr);
-      assert.match(r2.stderr + r2.stdout, /distill: resuming from step \d+ \(phase 1 of 1\)/);
-      assert.equal(outputDigest(p, "distill", "model"), expected);
-      assert.deepEqual(checkpointSteps(p), [], "checkpoints are removed once the model is stored");
-    } finally {
-      await ref.cleanup();
-      await p.cleanup();
-    }
+    await assertResumesToSameOutput({
+      text: recipe(`${BASE}, max_steps: 6, save_steps: 2`),
+      stage: "distill",
+      port: "model",
+      resumed: /distill: resuming from step \d+ \(phase 1 of 1\)/,
+    }, (p) => assert.deepEqual(checkpointSteps(p), [], "checkpoints are removed once the model is stored"));
   },
 );
 

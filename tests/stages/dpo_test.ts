@@ -4,9 +4,8 @@
 import assert from "node:assert/strict";
 import { tempProject } from "../pipelines/helpers.ts";
 import {
+  assertResumesToSameOutput,
   CLOZE,
-  outputDigest,
-  runAndInterrupt,
   runRecipe,
   stageMetrics,
   stageTestOptions,
@@ -84,24 +83,16 @@ Deno.test(
   "dpo: interrupted after a checkpoint, resumes to the same bytes; a reference of other pairs is refused",
   stageTestOptions,
   async () => {
-    const ref = tempProject(), p = tempProject();
-    try {
-      const text = recipe("max_steps: 4, learning_rate: 1.0e-3, save_steps: 2");
-      assert.equal((await runRecipe(ref.write("r.yaml", text), ["dpo"])).code, 0);
-      const path = p.write("r.yaml", text);
-      assert.equal((await runAndInterrupt(p, path)).code, 130);
-      const r = await runRecipe(path, ["dpo"]);
-      assert.equal(r.code, 0, r.stderr);
-      assert.match(r.stderr + r.stdout, /dpo: resuming from step \d+/);
-      assert.equal(outputDigest(p, "dpo", "model"), outputDigest(ref, "dpo", "model"));
-      const wrong = text.replace(`ref: "\${ref_train.ref}"`, `ref: "\${ref_held.ref}"`);
-      const w = await runRecipe(p.write("w.yaml", wrong), ["dpo"]);
-      assert.equal(w.code, 2);
-      assert.match(w.stderr, /was computed on other pairs/);
-    } finally {
-      await ref.cleanup();
-      await p.cleanup();
-    }
+    const text = recipe("max_steps: 4, learning_rate: 1.0e-3, save_steps: 2");
+    await assertResumesToSameOutput(
+      { text, stage: "dpo", port: "model", resumed: /dpo: resuming from step \d+/, targets: ["dpo"] },
+      async (p) => {
+        const wrong = text.replace(`ref: "\${ref_train.ref}"`, `ref: "\${ref_held.ref}"`);
+        const w = await runRecipe(p.write("w.yaml", wrong), ["dpo"]);
+        assert.equal(w.code, 2);
+        assert.match(w.stderr, /was computed on other pairs/);
+      },
+    );
   },
 );
 
@@ -109,23 +100,17 @@ Deno.test(
   "ref_logprobs: interrupted part-way, the rerun resumes after the scored pairs and writes the same bytes",
   stageTestOptions,
   async () => {
-    const ref = tempProject(), p = tempProject();
-    try {
-      const text = recipe("max_steps: 1").replace(
-        `kind: ref_logprobs\n    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }`,
-        `kind: ref_logprobs\n    params: { per_device_batch_size: 4, save_steps: 1 }\n    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }`,
-      );
-      assert.match(text, /save_steps: 1/);
-      assert.equal((await runRecipe(ref.write("r.yaml", text), ["ref_train"])).code, 0);
-      const path = p.write("r.yaml", text);
-      assert.equal((await runAndInterrupt(p, path)).code, 130);
-      const r = await runRecipe(path, ["ref_train"]);
-      assert.equal(r.code, 0, r.stderr);
-      assert.match(r.stderr + r.stdout, /ref_train: resuming after \d+ of 16 pairs/);
-      assert.equal(outputDigest(p, "ref_train", "ref"), outputDigest(ref, "ref_train", "ref"));
-    } finally {
-      await ref.cleanup();
-      await p.cleanup();
-    }
+    const text = recipe("max_steps: 1").replace(
+      `kind: ref_logprobs\n    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }`,
+      `kind: ref_logprobs\n    params: { per_device_batch_size: 4, save_steps: 1 }\n    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}" }`,
+    );
+    assert.match(text, /save_steps: 1/);
+    await assertResumesToSameOutput({
+      text,
+      stage: "ref_train",
+      port: "ref",
+      resumed: /ref_train: resuming after \d+ of 16 pairs/,
+      targets: ["ref_train"],
+    });
   },
 );

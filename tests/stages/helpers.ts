@@ -6,7 +6,8 @@
  */
 import { join } from "node:path";
 import { listCheckpoints } from "../../pipelines/checkpoints.ts";
-import { lastEvents, lastRun, runCli, type TempProject } from "../pipelines/helpers.ts";
+import { lastEvents, lastRun, runCli, type TempProject, tempProject } from "../pipelines/helpers.ts";
+import assert from "node:assert/strict";
 import type { CliResult } from "../pipelines/helpers.ts";
 
 /** Absolute path of a fixture file. */
@@ -56,6 +57,48 @@ export async function runAndInterrupt(p: TempProject, recipe: string): Promise<C
     return await runRecipe(recipe, [], ctl.signal);
   } finally {
     clearInterval(timer);
+  }
+}
+
+/** What {@linkcode assertResumesToSameOutput} runs and compares. */
+export interface ResumeCheck {
+  /** The recipe YAML. */
+  text: string;
+  /** The stage and output port whose digest must match. */
+  stage: string;
+  port: string;
+  /** What the resumed run prints. */
+  resumed: RegExp;
+  /** Targets of the reference and resumed runs (default: the whole recipe). */
+  targets?: string[];
+}
+
+/**
+ * The resume check of every resumable stage: a reference run of the recipe in one project; in another, a run
+ * interrupted at its first checkpoint (exit 130), then the rerun, which must say it resumed and end with the
+ * reference's output digest. `then` makes further checks on the resumed project before both are removed.
+ */
+export async function assertResumesToSameOutput(
+  c: ResumeCheck,
+  then?: (p: TempProject, recipe: string) => void | Promise<void>,
+): Promise<void> {
+  const ref = tempProject(), p = tempProject();
+  try {
+    const targets = c.targets ?? [];
+    const r0 = await runRecipe(ref.write("r.yaml", c.text), targets);
+    assert.equal(r0.code, 0, r0.stderr);
+    const path = p.write("r.yaml", c.text);
+    const r1 = await runAndInterrupt(p, path);
+    assert.equal(r1.code, 130, r1.stderr);
+    assert.ok(checkpointSteps(p).length > 0);
+    const r2 = await runRecipe(path, targets);
+    assert.equal(r2.code, 0, r2.stderr);
+    assert.match(r2.stderr + r2.stdout, c.resumed);
+    assert.equal(outputDigest(p, c.stage, c.port), outputDigest(ref, c.stage, c.port));
+    await then?.(p, path);
+  } finally {
+    await ref.cleanup();
+    await p.cleanup();
   }
 }
 

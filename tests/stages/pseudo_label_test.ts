@@ -5,10 +5,8 @@ import { join } from "node:path";
 import { Tokenizer } from "../../models/tokenizer.ts";
 import { tempProject } from "../pipelines/helpers.ts";
 import {
-  checkpointSteps,
-  outputDigest,
+  assertResumesToSameOutput,
   outputPath,
-  runAndInterrupt,
   runRecipe,
   stageTestOptions,
   TEACHER,
@@ -72,20 +70,11 @@ Deno.test(
   "pseudo_label: interrupted after a checkpoint, the rerun resumes and writes the same bytes",
   stageTestOptions,
   async () => {
-    const ref = tempProject(), p = tempProject();
-    try {
-      const text = recipe("limit: 8, save_every: 2");
-      assert.equal((await runRecipe(ref.write("r.yaml", text))).code, 0);
-      const path = p.write("r.yaml", text);
-      assert.equal((await runAndInterrupt(p, path)).code, 130);
-      assert.ok(checkpointSteps(p).length > 0);
-      const r = await runRecipe(path);
-      assert.equal(r.code, 0, r.stderr);
-      assert.match(r.stderr + r.stdout, /labels: resuming after \d+ of 8 prompts/);
-      assert.equal(outputDigest(p, "labels", "data"), outputDigest(ref, "labels", "data"));
-    } finally {
-      await ref.cleanup();
-      await p.cleanup();
-    }
+    await assertResumesToSameOutput({
+      text: recipe("limit: 8, save_every: 2"),
+      stage: "labels",
+      port: "data",
+      resumed: /labels: resuming after \d+ of 8 prompts/,
+    });
   },
 );

@@ -4,11 +4,9 @@ import assert from "node:assert/strict";
 import { loadModel } from "../../models/checkpoint.ts";
 import { tempProject } from "../pipelines/helpers.ts";
 import {
-  checkpointSteps,
+  assertResumesToSameOutput,
   fixture,
-  outputDigest,
   outputPath,
-  runAndInterrupt,
   runRecipe,
   stageMetrics,
   stageTestOptions,
@@ -72,21 +70,12 @@ Deno.test(
   "sft: interrupted after a checkpoint, the rerun resumes to the uninterrupted bytes",
   stageTestOptions,
   async () => {
-    const ref = tempProject(), p = tempProject();
-    try {
-      const text = recipe("max_steps: 5, learning_rate: 1.0e-3, save_steps: 2");
-      assert.equal((await runRecipe(ref.write("r.yaml", text))).code, 0);
-      const path = p.write("r.yaml", text);
-      assert.equal((await runAndInterrupt(p, path)).code, 130);
-      assert.ok(checkpointSteps(p).length > 0);
-      const r = await runRecipe(path);
-      assert.equal(r.code, 0, r.stderr);
-      assert.match(r.stderr + r.stdout, /sft: resuming from step \d+/);
-      assert.equal(outputDigest(p, "sft", "model"), outputDigest(ref, "sft", "model"));
-    } finally {
-      await ref.cleanup();
-      await p.cleanup();
-    }
+    await assertResumesToSameOutput({
+      text: recipe("max_steps: 5, learning_rate: 1.0e-3, save_steps: 2"),
+      stage: "sft",
+      port: "model",
+      resumed: /sft: resuming from step \d+/,
+    });
   },
 );
 
