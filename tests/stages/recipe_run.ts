@@ -6,15 +6,13 @@
  */
 import { dirname, join } from "node:path";
 import { repoFolderName } from "../../models/hub.ts";
+import { fixture, TEACHER } from "./helpers.ts";
 import { type CliResult, lastRun, runCli, type TempProject, tempProject } from "../pipelines/helpers.ts";
 
-/** Absolute path of a file or folder under the repository's fixtures/. */
-export function fixture(rel: string): string {
-  return new URL(`../../fixtures/${rel}`, import.meta.url).pathname;
-}
+export { fixture } from "./helpers.ts";
 
-/** The fixture teacher (stories260K) and the fixture Mamba2 hybrid built from it. */
-export const TEACHER_DIR = fixture("models/stories260K-hf");
+/** The fixture teacher (stories260K). */
+export const TEACHER_DIR = TEACHER;
 /** The fixture hybrid (official MambaInLlama layout, no tokenizer files). */
 export const HYBRID_DIR = fixture("reference/hybrid_mamba2_stories260k/model");
 
