@@ -107,6 +107,22 @@ function bindingLimit(rt: Runtime, maxBindingBytes?: number): number {
   return Math.min(rt.dev.limits.maxStorageBufferBindingSize, maxBindingBytes ?? Infinity);
 }
 
+/**
+ * Whether a product over `tokens` rows takes a GEMV kernel (of at most `maxRows` rows) instead of the tiled
+ * matmul: few tokens, and every operand within one storage binding, since GEMV binds each whole (a larger
+ * weight takes the matmul path, which splits it or explains why it cannot).
+ */
+function takesGemv(
+  rt: Runtime,
+  tokens: number,
+  maxRows: number,
+  operandBytes: readonly number[],
+  maxBindingBytes?: number,
+): boolean {
+  return tokens >= 1 && tokens <= Math.min(LINEAR_GEMV_MAX_TOKENS, maxRows) &&
+    Math.max(...operandBytes) <= bindingLimit(rt, maxBindingBytes);
+}
+
 /** Bytes `row0 .. row0 + rows` of a row-major tensor with `rowElems` elements per row, as a binding. */
 function rowSlice(t: Tensor, rowElems: number, row0: number, rows: number): BufferSlice {
   const rb = rowElems * dtypeBytes(t.dtype);
@@ -392,9 +408,7 @@ export function linear(x: Tensor, w: Tensor, opts: LinearOptions = {}): Tensor {
   const outShape = [...x.shape.slice(0, -1), nOut];
   const y = rt.empty(outShape, x.dtype);
   const mb = opts.maxBindingBytes;
-  // GEMV binds W whole; a weight beyond one storage binding takes the matmul path, which splits or explains
-  const gemvFits = Math.max(w.byteLength, x.byteLength, y.byteLength) <= bindingLimit(rt, mb);
-  if (tokens <= Math.min(LINEAR_GEMV_MAX_TOKENS, GEMV_MAX_ROWS) && tokens >= 1 && gemvFits) {
+  if (takesGemv(rt, tokens, GEMV_MAX_ROWS, [w.byteLength, x.byteLength, y.byteLength], mb)) {
     const l = gemvKernel(x.dtype, tokens, nOut, nIn);
     rt.dev.dispatch(l.spec, [x.binding, w.binding, y.binding], l.workgroups, l.uniforms);
   } else {
@@ -448,11 +462,10 @@ export function linearSwiglu(x: Tensor, wGate: Tensor, wUp: Tensor): Tensor {
   }
   const [nOut, nIn] = wGate.shape;
   const tokens = x.size / nIn;
-  const limit = bindingLimit(rt);
-  const fits = Math.max(wGate.byteLength, x.byteLength, (tokens * nOut * x.byteLength) / x.size) <= limit;
+  const bytes = [wGate.byteLength, x.byteLength, tokens * nOut * dtypeBytes(x.dtype)];
   if (
-    tokens >= 1 && tokens <= GEMV_SWIGLU_MAX_ROWS && tokens <= LINEAR_GEMV_MAX_TOKENS && fits &&
-    x.dim(-1) === nIn && x.dtype === wGate.dtype && !rt.needsGrad(x, wGate, wUp)
+    x.dim(-1) === nIn && x.dtype === wGate.dtype && !rt.needsGrad(x, wGate, wUp) &&
+    takesGemv(rt, tokens, GEMV_SWIGLU_MAX_ROWS, bytes)
   ) {
     const y = rt.empty([...x.shape.slice(0, -1), nOut], x.dtype);
     const l = gemvSwigluKernel(x.dtype, tokens, nOut, nIn);
@@ -479,12 +492,10 @@ export function linearQkv(
   const lead = x.shape.slice(0, -1);
   const same = [wq, wk, wv].every((w) => w.shape.length === 2 && w.shape[1] === nIn && w.dtype === x.dtype) &&
     wv.shape[0] === nkv;
-  const limit = bindingLimit(rt);
-  const fits = [wq, wk, wv, x].every((t) => t.byteLength <= limit) &&
-    rt.dev.limits.maxStorageBuffersPerShaderStage >= 7;
+  const bytes = [wq.byteLength, wk.byteLength, x.byteLength, tokens * nq * dtypeBytes(x.dtype)];
   if (
-    same && fits && tokens >= 1 && tokens <= Math.min(LINEAR_GEMV_MAX_TOKENS, GEMV_MAX_ROWS) &&
-    !rt.needsGrad(x, wq, wk, wv)
+    same && rt.dev.limits.maxStorageBuffersPerShaderStage >= 7 && !rt.needsGrad(x, wq, wk, wv) &&
+    takesGemv(rt, tokens, GEMV_MAX_ROWS, bytes)
   ) {
     const q = rt.empty([...lead, nq], x.dtype), k = rt.empty([...lead, nkv], x.dtype);
     const v = rt.empty([...lead, nkv], x.dtype);
