@@ -259,82 +259,74 @@ export class CausalLM {
     return { headsX: m.dXb / hd, headsB: m.dXb / hd, headsC: m.nHeads, dimP: hd, dimN: m.dState };
   }
 
-  /**
-   * The Mamba2 mixer on a normalised input u [B*T, D] (method.md 1.1). With `state`, the conv and SSM states
-   * continue from it and are replaced by the states after these tokens.
-   */
-  #mamba2(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
-    if (state && T === 1 && !this.rt.needsGrad(u, this.param(`${p}mamba.in_proj.weight`))) {
-      return this.#mamba2Step(p, u, B, state);
-    }
+  /** Mamba2's input projection split into z [rows, d_inner], the conv input xBC and dt [rows, H]. */
+  #mamba2InProj(p: string, u: Tensor): Tensor[] {
     const m = this.mamba!;
-    const convC = 2 * m.dXb + m.dInner;
     const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
-    const [z, xBCraw, dt] = splitLastDim(zxbcdt, [m.dInner, convC, m.nHeads]);
-    const conv = causalConv1d(
-      xBCraw.view([B, T, convC]),
-      this.param(`${p}mamba.conv1d.weight`).view([convC, m.dConv]),
-      this.param(`${p}mamba.conv1d.bias`),
-      { silu: true, initialState: state?.conv ?? null, finalState: state !== undefined },
-    );
-    // A = -exp(A_log), recomputed per call so A_log trains
-    const A = scale(exp(this.param(`${p}mamba.A_log`)), -1);
-    const scan = ssdScan(
-      {
-        xBC: conv.out,
-        dims: this.#ssdDims(),
-        dt: dt.view([B, T, m.nHeads]),
-        dtBias: this.param(`${p}mamba.dt_bias`),
-        A,
-        D: this.param(`${p}mamba.D`),
-        initialState: state?.state,
-      },
-      { chunkSize: this.#chunkSize },
-    );
-    if (state) {
-      state.conv.dispose();
-      state.state.dispose();
-      state.conv = conv.finalState!.keep();
-      state.state = scan.finalState.keep();
-    }
-    const g = gatedRmsNorm(scan.y.view([B * T, m.dInner]), z, this.param(`${p}mamba.norm.weight`), {
-      group: m.headDim,
+    return splitLastDim(zxbcdt, [m.dInner, 2 * m.dXb + m.dInner, m.nHeads]);
+  }
+
+  /** Mamba2's output: the z-gated grouped RMSNorm of the scan output y [rows, d_inner], then out_proj. */
+  #mamba2Out(p: string, y: Tensor, z: Tensor): Tensor {
+    const g = gatedRmsNorm(y, z, this.param(`${p}mamba.norm.weight`), {
+      group: this.mamba!.headDim,
       eps: 1e-5,
     });
     return linear(g, this.param(`${p}mamba.out_proj.weight`));
   }
 
   /**
-   * One decoding token through the Mamba2 mixer: the same math as {@linkcode CausalLM.#mamba2} with T = 1, but
-   * the recurrence advances in one `ssdStep` kernel (in place) instead of the chunked scan's four, and A, D and
-   * dt_bias come from the state's cached head scalars instead of being recomputed every token.
+   * The Mamba2 mixer on a normalised input u [B*T, D] (method.md 1.1). With `state`, the conv and SSM states
+   * continue from it and are replaced by the states after these tokens. A single decoding token (no gradients)
+   * advances the SSM state in place with the one-kernel `ssdStep` and the state's cached head scalars instead of
+   * the chunked scan's four kernels and a fresh -exp(A_log).
    */
-  #mamba2Step(p: string, u: Tensor, B: number, state: MambaState): Tensor {
+  #mamba2(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
     const m = this.mamba!;
     const convC = 2 * m.dXb + m.dInner;
-    const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
-    const [z, xBCraw, dt] = splitLastDim(zxbcdt, [m.dInner, convC, m.nHeads]);
+    const [z, xBCraw, dt] = this.#mamba2InProj(p, u);
     const conv = causalConv1d(
-      xBCraw.view([B, 1, convC]),
+      xBCraw.view([B, T, convC]),
       this.param(`${p}mamba.conv1d.weight`).view([convC, m.dConv]),
       this.param(`${p}mamba.conv1d.bias`),
-      { silu: true, initialState: state.conv, finalState: true },
+      { silu: true, initialState: state?.conv ?? null, finalState: state !== undefined },
     );
-    state.heads ??= this.#mamba2Heads(p).keep();
-    const y = ssdStep({
-      state: state.state,
-      xBC: conv.out,
-      dt: dt.view([B, 1, m.nHeads]),
-      heads: state.heads,
-      dims: this.#ssdDims(),
-    });
-    state.conv.dispose();
-    state.conv = conv.finalState!.keep();
-    const g = gatedRmsNorm(y.view([B, m.dInner]), z, this.param(`${p}mamba.norm.weight`), {
-      group: m.headDim,
-      eps: 1e-5,
-    });
-    return linear(g, this.param(`${p}mamba.out_proj.weight`));
+    let y: Tensor;
+    if (state && T === 1 && !this.rt.needsGrad(u, this.param(`${p}mamba.in_proj.weight`))) {
+      state.heads ??= this.#mamba2Heads(p).keep();
+      y = ssdStep({
+        state: state.state,
+        xBC: conv.out,
+        dt: dt.view([B, 1, m.nHeads]),
+        heads: state.heads,
+        dims: this.#ssdDims(),
+      });
+    } else {
+      // A = -exp(A_log), recomputed per call so A_log trains
+      const A = scale(exp(this.param(`${p}mamba.A_log`)), -1);
+      const scan = ssdScan(
+        {
+          xBC: conv.out,
+          dims: this.#ssdDims(),
+          dt: dt.view([B, T, m.nHeads]),
+          dtBias: this.param(`${p}mamba.dt_bias`),
+          A,
+          D: this.param(`${p}mamba.D`),
+          initialState: state?.state,
+        },
+        { chunkSize: this.#chunkSize },
+      );
+      if (state) {
+        state.state.dispose();
+        state.state = scan.finalState.keep();
+      }
+      y = scan.y;
+    }
+    if (state) {
+      state.conv.dispose();
+      state.conv = conv.finalState!.keep();
+    }
+    return this.#mamba2Out(p, y.view([B * T, m.dInner]), z);
   }
 
   /** A Mamba2 layer's per-head scalars [3, H] for the step and verify kernels: A = -exp(A_log), D, dt_bias. */
@@ -660,8 +652,7 @@ export class CausalLM {
     const convC = 2 * m.dXb + m.dInner;
     const dims = this.#ssdDims();
     beginLayerVerification(this.rt, layer, s, dims);
-    const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
-    const [z, xBCraw, dt] = splitLastDim(zxbcdt, [m.dInner, convC, m.nHeads]);
+    const [z, xBCraw, dt] = this.#mamba2InProj(p, u);
     const y = mamba2VerifyScan(
       layer,
       s,
@@ -671,11 +662,7 @@ export class CausalLM {
       this.param(`${p}mamba.conv1d.bias`),
       dims,
     );
-    const g = gatedRmsNorm(y.view([n, m.dInner]), z, this.param(`${p}mamba.norm.weight`), {
-      group: m.headDim,
-      eps: 1e-5,
-    });
-    return linear(g, this.param(`${p}mamba.out_proj.weight`));
+    return this.#mamba2Out(p, y.view([n, m.dInner]), z);
   }
 
   /** Downloads the parameters into a CPU weight map (HF names; the tied lm_head aliases the embedding). */
