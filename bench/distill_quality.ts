@@ -66,6 +66,9 @@ export interface DistillQualityOptions {
   lr: number;
   /** Peak learning rate of the all-parameter phase (`d50_all`). */
   lr2: number;
+  /** CE and KL weights of the all-parameter phase (method.md's later recipe is KL only: 0 and 1). */
+  ce2: number;
+  kl2: number;
   /** Warm-up ratio. */
   warmup: number;
   /** Gradient clip. */
@@ -98,6 +101,8 @@ export const DEFAULTS: DistillQualityOptions = {
   seqLen: 256,
   lr: 1e-2,
   lr2: 1e-3,
+  ce2: 1,
+  kl2: 1,
   warmup: 0.02,
   maxGradNorm: 1,
   ceWeight: 1,
@@ -113,10 +118,10 @@ export const DEFAULTS: DistillQualityOptions = {
 
 /** The recipe for the chosen variants. */
 export function qualityRecipe(o: DistillQualityOptions): string {
-  const train = (extra: string, lr = o.lr) =>
+  const train = (extra: string, lr = o.lr, ce = o.ceWeight, kl = o.klWeight) =>
     `{ max_steps: ${o.steps}, per_device_train_batch_size: ${o.batch}, gradient_accumulation_steps: 1, ` +
     `learning_rate: ${lr}, warmup_ratio: ${o.warmup}, max_grad_norm: ${o.maxGradNorm}, ` +
-    `ce_weight: ${o.ceWeight}, kl_weight: ${o.klWeight}, logging_steps: 25, save_steps: 500${extra} }`;
+    `ce_weight: ${ce}, kl_weight: ${kl}, logging_steps: 25, save_steps: 500${extra} }`;
   const data = o.pseudo > 0 ? `[${TRAIN}, "\${labels.data}"]` : `[${TRAIN}]`;
   const stages: Record<string, string> = {
     tokens: `    kind: tokenize
@@ -138,7 +143,7 @@ export function qualityRecipe(o: DistillQualityOptions): string {
     params: ${train(", attn_layers: [1, 3], trainable: mamba_mlp")}
     inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }`,
     d50_all: `    kind: distill
-    params: ${train(", attn_layers: [1, 3], trainable: all", o.lr2)}
+    params: ${train(", attn_layers: [1, 3], trainable: all", o.lr2, o.ce2, o.kl2)}
     inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}", student: "\${d50.model}" }`,
   };
   if (o.pseudo > 0) {
@@ -332,6 +337,8 @@ if (import.meta.main) {
       "seq-len": { type: "string" },
       lr: { type: "string" },
       lr2: { type: "string" },
+      ce2: { type: "string" },
+      kl2: { type: "string" },
       warmup: { type: "string" },
       "max-grad-norm": { type: "string" },
       "ce-weight": { type: "string" },
@@ -358,6 +365,8 @@ if (import.meta.main) {
     seqLen: num("seq-len", DEFAULTS.seqLen),
     lr: num("lr", DEFAULTS.lr),
     lr2: num("lr2", DEFAULTS.lr2),
+    ce2: num("ce2", num("ce-weight", DEFAULTS.ce2)),
+    kl2: num("kl2", num("kl-weight", DEFAULTS.kl2)),
     warmup: num("warmup", DEFAULTS.warmup),
     maxGradNorm: num("max-grad-norm", DEFAULTS.maxGradNorm),
     ceWeight: num("ce-weight", DEFAULTS.ceWeight),
