@@ -23,7 +23,16 @@
  *
  * @module
  */
-import { ceilDiv, type DType, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import {
+  ceilDiv,
+  type DType,
+  type KernelSpec,
+  linearKernelSpec,
+  linearWorkgroups,
+  Uniforms,
+  wgslHeader,
+  wgslType,
+} from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 
 /** Tile configuration of the register-tiled matmul. */
@@ -199,6 +208,62 @@ export function matmulKernel(
     uniforms: new Uniforms(48).u32(m).u32(n).u32(k).u32(strideA).u32(strideB).u32(strideC)
       .u32(offA).u32(offB).u32(offC).f32(shape.alpha ?? 1).buffer,
     workgroups: [ceilDiv(n, config.bn), ceilDiv(m, config.bm), batch],
+  };
+}
+
+/** Workgroups a split-K product aims for: about two per streaming multiprocessor of a large GPU. */
+export const SPLIT_K_TARGET_WORKGROUPS = 256;
+/** Shortest K slice worth a workgroup of its own (shorter slices spend more on the partial sums). */
+export const SPLIT_K_MIN_SLICE = 256;
+
+/**
+ * How many K slices a product should be cut into, 1 for none. A weight gradient `dW = dY^T X` of a narrow layer
+ * has a tiny output (a few blocks of C) and a long reduction over every token of the batch; one workgroup per
+ * block would then walk all of K alone while the rest of the GPU idles. Slicing K gives each slice its own
+ * workgroups; {@linkcode splitKSumKernel} adds the partial products. `maxPartialBytes` bounds the f32 partials.
+ */
+export function splitKSlices(
+  m: number,
+  n: number,
+  k: number,
+  config: MatmulConfig,
+  maxPartialBytes: number,
+): number {
+  const blocks = ceilDiv(m, config.bm) * ceilDiv(n, config.bn);
+  if (blocks * 4 >= SPLIT_K_TARGET_WORKGROUPS) return 1;
+  const byWork = ceilDiv(SPLIT_K_TARGET_WORKGROUPS, blocks);
+  const byLength = Math.floor(k / SPLIT_K_MIN_SLICE);
+  const byMemory = Math.floor(maxPartialBytes / (m * n * 4));
+  const slices = Math.min(byWork, byLength, byMemory);
+  return slices >= 2 ? slices : 1;
+}
+
+const sumSpecs = new Map<string, KernelSpec>();
+
+/**
+ * Sums split-K partials: `C[i] (+)= sum_s P[s * mn + i]` over `slices` f32 partial products of `mn` elements
+ * (the partials already carry alpha). Bindings: P (read), C (rw).
+ */
+export function splitKSumKernel(mn: number, slices: number, accumulate: boolean): Launch {
+  const key = `matmul_splitk_sum${accumulate ? "_acc" : ""}`;
+  let spec = sumSpecs.get(key);
+  if (!spec) {
+    spec = linearKernelSpec(
+      key,
+      "f32",
+      [["parts", "read", "f32"], ["c", "rw", "f32"]],
+      "n: u32, slices: u32, _a: u32, _b: u32",
+      `if (i >= p.n) { return; }
+  var acc = ${accumulate ? "c[i]" : "0.0"};
+  for (var s = 0u; s < p.slices; s++) { acc += parts[s * p.n + i]; }
+  c[i] = acc;`,
+    );
+    sumSpecs.set(key, spec);
+  }
+  return {
+    spec,
+    uniforms: new Uniforms(16).u32(mn).u32(slices).u32(0).u32(0).buffer,
+    workgroups: linearWorkgroups(mn),
   };
 }
 

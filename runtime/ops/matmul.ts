@@ -20,6 +20,8 @@ import {
   type MatmulLayout,
   type MatmulShape,
   pickMatmulConfig,
+  splitKSlices,
+  splitKSumKernel,
 } from "../../kernels/matmul.ts";
 import {
   GEMV_MAX_ROWS,
@@ -205,6 +207,11 @@ function dispatchMatmul(
   const limit = bindingLimit(rt, maxBindingBytes);
   const fits = (t: Tensor) => t.paddedByteLength <= limit;
   if (fits(a) && fits(b) && fits(c)) {
+    if (batch === 1 && layout.transA && !layout.transB && c.dtype === "f32" && !config) {
+      const cfg = pickMatmulConfig(m, n, 1);
+      const slices = splitKSlices(m, n, k, cfg, limit);
+      if (slices > 1) return dispatchSplitK(rt, a, b, c, m, n, k, slices, layout.accumulate, alpha, cfg);
+    }
     const shape: MatmulShape = { m, n, k, batch, strideA, strideB, strideC, alpha };
     const l = matmulKernel(shape, { ...layout, dtype: c.dtype }, config ?? pickMatmulConfig(m, n, batch));
     rt.dev.dispatch(l.spec, [a.binding, b.binding, c.binding], l.workgroups, l.uniforms);
@@ -256,6 +263,61 @@ function dispatchMatmul(
       l.uniforms,
     );
   });
+}
+
+/**
+ * Records `C (+)= alpha A^T B` for A stored [K, M] and B [K, N] (a weight gradient) as `slices` products over
+ * consecutive row blocks of K: the rows of both operands are steps of K, so slice s is the batch entry at
+ * element offset s * kSlice * M (and * N) of the same bindings, written to its own f32 partial. The K % slices
+ * leftover rows accumulate into the first partial; one more dispatch sums the partials into C.
+ */
+function dispatchSplitK(
+  rt: Runtime,
+  a: Tensor,
+  b: Tensor,
+  c: Tensor,
+  m: number,
+  n: number,
+  k: number,
+  slices: number,
+  accumulate: boolean,
+  alpha: number,
+  config: MatmulConfig,
+): void {
+  const kSlice = Math.floor(k / slices), rest = k - kSlice * slices;
+  const parts = rt.empty([slices, m, n], "f32");
+  const layout: MatmulLayout = { dtype: "f32", transA: true, transB: false, accumulate: false };
+  const sliced: MatmulShape = {
+    m,
+    n,
+    k: kSlice,
+    batch: slices,
+    strideA: kSlice * m,
+    strideB: kSlice * n,
+    strideC: m * n,
+    alpha,
+  };
+  const l = matmulKernel(sliced, layout, config);
+  rt.dev.dispatch(l.spec, [a.binding, b.binding, parts.binding], l.workgroups, l.uniforms);
+  if (rest > 0) {
+    const tail: MatmulShape = {
+      m,
+      n,
+      k: rest,
+      batch: 1,
+      strideA: 0,
+      strideB: 0,
+      strideC: 0,
+      offsetA: slices * kSlice * m,
+      offsetB: slices * kSlice * n,
+      alpha,
+    };
+    const t = matmulKernel(tail, { ...layout, accumulate: true }, config);
+    rt.dev.dispatch(t.spec, [a.binding, b.binding, parts.binding], t.workgroups, t.uniforms);
+  }
+  const sum = splitKSumKernel(m * n, slices, accumulate);
+  rt.dev.dispatch(sum.spec, [parts.binding, c.binding], sum.workgroups, sum.uniforms);
+  parts.dispose();
 }
 
 /**

@@ -17,6 +17,7 @@ import {
   type MatmulConfig,
   matmulKernel,
   matmulSharedBytes,
+  splitKSumKernel,
 } from "../../kernels/matmul.ts";
 import { gemvKernel } from "../../kernels/gemv.ts";
 import { reduceBackwardKernel, reducePass, reduceRowsKernel } from "../../kernels/reduce.ts";
@@ -48,6 +49,7 @@ function allVariants(f16: boolean): { spec: KernelSpec; sharedBytes: number }[] 
       }
     }
     for (const rows of [1, 3, 8]) for (const k of [64, 67]) add(gemvKernel(dtype, rows, 10, k));
+    for (const accumulate of [false, true]) add(splitKSumKernel(10, 3, accumulate));
     for (const op of ["sum", "sumsq", "max"] as const) {
       add(reducePass(op, dtype, 10, 1));
       add(reduceRowsKernel(op, dtype, 2, 5));

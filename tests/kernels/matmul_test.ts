@@ -6,6 +6,7 @@ import {
   type MatmulConfig,
   matmulConfigName,
   matmulSharedBytes,
+  splitKSlices,
 } from "../../kernels/matmul.ts";
 import {
   assertClose,
@@ -382,6 +383,83 @@ Deno.test(
       // B (the weight) alone exceeds the limit: it is always bound whole
       const x = rt.zeros([8, 64]), w = rt.zeros([64, 64]);
       assert.throws(() => linear(x, w, { maxBindingBytes: 4096 }), /4096-byte storage binding limit/);
+    });
+  },
+);
+
+Deno.test("splitKSlices cuts K only for few output blocks, long K and room for the partials", () => {
+  const big = 1 << 30;
+  assert.equal(splitKSlices(20, 12, 1301, MATMUL_SMALL, big), 5, "1 block, K 1301: 5 slices of >= 256");
+  assert.equal(splitKSlices(20, 12, 8192, MATMUL_SMALL, big), 32, "1 block, K 8192: 32 slices");
+  assert.equal(splitKSlices(64, 172, 8192, MATMUL_SMALL, big), 22, "12 blocks: ceil(256 / 12) slices");
+  assert.equal(splitKSlices(20, 12, 400, MATMUL_SMALL, big), 1, "K too short for two slices");
+  assert.equal(splitKSlices(2048, 2048, 8192, MATMUL_SMALL, big), 1, "the output alone fills the GPU");
+  assert.equal(splitKSlices(20, 12, 8192, MATMUL_SMALL, 3 * 20 * 12 * 4), 3, "partials capped by memory");
+});
+
+Deno.test(
+  "matmul split-K (A^T B with few output blocks and long K): forward, alpha, accumulate, and a linear weight grad",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const limit = rt.dev.limits.maxStorageBufferBindingSize;
+    // K = 1301 is not a multiple of the slice count: the leftover row goes into the first partial
+    assert.ok(splitKSlices(20, 12, 1301, MATMUL_SMALL, limit) > 1, "this case must take the split-K path");
+    await checkCase(
+      {
+        name: "splitk_20x12x1301",
+        batch: 0,
+        aBatched: false,
+        bBatched: false,
+        m: 20,
+        n: 12,
+        k: 1301,
+        transA: true,
+        transB: false,
+        alpha: 0.5,
+      },
+      false,
+    );
+    const rng = testRng("matmul-splitk");
+    const [m, n, k] = [20, 12, 1301];
+    const a = randn(rng, k * m), b = randn(rng, k * n), c0 = randn(rng, m * n);
+    const atb = refMatmul(
+      { data: a, batched: false, trans: true },
+      { data: b, batched: false, trans: false },
+      1,
+      m,
+      n,
+      k,
+    );
+    await rt.scope(async () => {
+      const tc = rt.tensor(c0, [m, n]);
+      matmulInto(tc, rt.tensor(a, [k, m]), rt.tensor(b, [k, n]), {
+        transA: true,
+        accumulate: true,
+        alpha: -1.5,
+      });
+      assertClose(await tc.read(), c0.map((v, i) => v - 1.5 * atb[i]), tolF32(k), "C += -1.5 A^T B");
+    });
+    // linear: y = x W^T over 1100 tokens; dW = dY^T X (K = 1100 tokens) accumulates into W.grad twice
+    const tokens = 1100, din = 12, dout = 20;
+    assert.ok(splitKSlices(dout, din, tokens, MATMUL_SMALL, limit) > 1, "the weight grad must split");
+    const x = randn(rng, tokens * din), wt = randn(rng, dout * din), gy = randn(rng, tokens * dout);
+    const dW = refMatmul(
+      { data: gy, batched: false, trans: true },
+      { data: x, batched: false, trans: false },
+      1,
+      dout,
+      din,
+      tokens,
+    );
+    await rt.scope(async () => {
+      const tw = rt.tensor(wt, [dout, din]);
+      tw.requiresGrad = true;
+      for (let i = 0; i < 2; i++) {
+        rt.scope(() => rt.backward(linear(rt.tensor(x, [tokens, din]), tw), rt.tensor(gy, [tokens, dout])));
+      }
+      assertClose(await tw.grad!.read(), dW.map((v) => 2 * v), tolF32(tokens), "W.grad after two passes");
+      tw.grad!.dispose();
     });
   },
 );
