@@ -453,7 +453,7 @@ export interface DistillFitResult {
   allocatedBytes: number;
   /** Every step run. */
   steps: FitStep[];
-  /** The pool's high-water mark at the end, bytes. */
+  /** The pool's high-water mark over the run (reset at its start, so it includes what the pool held then). */
   peakBytes: number;
   /** Median wall time of the timed steps, ms (null when none ran). */
   medianStepMs: number | null;
@@ -575,6 +575,7 @@ export async function runDistillFit(rt: Runtime, o: DistillFitOptions): Promise<
     if (cause !== undefined) throw cause;
   };
   const live0 = rt.pool.stats.liveBytes;
+  rt.pool.resetPeak();
   let teacher: CausalLM | null = null, student: CausalLM | null = null;
   let optimizer: AdamW | null = null;
   try {
