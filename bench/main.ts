@@ -7,6 +7,7 @@
  * | `noop`   | no-op re-run of a recipe with 1 GiB of artifacts (bench/noop_rerun.ts)            |
  * | `gpu`    | every kernel family: matmul, GEMV, copy, attention, loss, SSD, scans (gpu_suite)  |
  * | `model`  | 1B-shape teacher and 50% hybrid: prefill, decode, train step (bench/model.ts)     |
+ * | `fit`    | Zephyr-7B-shape distill step: memory plan, peak memory, tokens/s (distill_fit.ts) |
  * | `decode` | per-op profile of a batch-1 decode step (bench/decode_profile.ts)                  |
  * | `stress` | Dawn stability: thousands of training steps through a sync pattern               |
  * | `probe`  | what each WebGPU provider offers here (bench/probe.ts)                            |
@@ -45,6 +46,11 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   model: {
     doc: "1B-shape teacher/hybrid prefill, decode and train step (--gpu, --train, --quick)",
     run: script("./model.ts"),
+  },
+  fit: {
+    doc:
+      "7B-shape teacher + 50% hybrid distill step at 2048 tokens: memory and tokens/s (--gpu, --shape, --out)",
+    run: script("./distill_fit.ts"),
   },
   decode: {
     doc: "per-op profile of one batch-1 decode step (--gpu, --quick)",

@@ -64,6 +64,32 @@ export const LLAMA_3_2_1B_CONFIG: Readonly<Record<string, unknown>> = Object.fre
   torch_dtype: "float32",
 });
 
+/**
+ * config.json of Zephyr-7B-beta (HuggingFaceH4/zephyr-7b-beta, Mistral-7B-v0.1 shapes: hidden 4096, 32 layers,
+ * 32/8 heads of 128, intermediate 14336, vocab 32000, untied lm_head, sliding window 4096), the paper's main
+ * teacher, for benchmarks at its real size without the checkpoint.
+ */
+export const ZEPHYR_7B_CONFIG: Readonly<Record<string, unknown>> = Object.freeze({
+  architectures: ["MistralForCausalLM"],
+  model_type: "mistral",
+  hidden_size: 4096,
+  intermediate_size: 14336,
+  num_hidden_layers: 32,
+  num_attention_heads: 32,
+  num_key_value_heads: 8,
+  vocab_size: 32000,
+  max_position_embeddings: 32768,
+  rms_norm_eps: 1e-5,
+  rope_theta: 10000.0,
+  sliding_window: 4096,
+  hidden_act: "silu",
+  tie_word_embeddings: false,
+  bos_token_id: 1,
+  eos_token_id: 2,
+  initializer_range: 0.02,
+  torch_dtype: "bfloat16",
+});
+
 /** A Llama config from config.json fields (validated like a file's). */
 export function llamaConfig(fields: Record<string, unknown>): TransformerConfig {
   return parseTransformerConfig(

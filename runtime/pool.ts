@@ -93,6 +93,14 @@ export class BufferPool {
     list.splice(lo, 0, buf);
   }
 
+  /**
+   * Starts a new high-water mark at the bytes held now (live and free), so `stats.peakBytes` afterwards is the
+   * peak of what follows (one benchmark of several in a process).
+   */
+  resetPeak(): void {
+    this.stats.peakBytes = this.stats.liveBytes + this.stats.freeBytes;
+  }
+
   /** Destroys every free buffer (e.g. after a phase with different shapes). */
   trim(): void {
     // a buffer named by recorded-but-unsubmitted commands must not be destroyed before they are submitted

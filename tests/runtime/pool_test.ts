@@ -29,3 +29,30 @@ Deno.test(
     assert.ok(a.every((buf) => buf.size === sizeClass(bytes)));
   },
 );
+
+Deno.test(
+  "buffer pool: peakBytes is the high-water mark of live + free bytes; resetPeak starts a new one",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const pool = rt.pool;
+    const bytes = 5000; // a size class no other test of this runtime holds
+    pool.resetPeak();
+    const held = pool.stats.liveBytes + pool.stats.freeBytes;
+    assert.equal(pool.stats.peakBytes, held);
+    const a = pool.acquire(bytes), b = pool.acquire(bytes);
+    assert.equal(pool.stats.peakBytes, held + 2 * sizeClass(bytes));
+    pool.release(a);
+    pool.release(b);
+    // released buffers stay in the pool: still device memory, still in the mark
+    assert.equal(pool.stats.peakBytes, held + 2 * sizeClass(bytes));
+    const c = pool.acquire(bytes); // reuses a free buffer: no new memory, no new peak
+    assert.equal(pool.stats.peakBytes, held + 2 * sizeClass(bytes));
+    pool.release(c);
+    pool.trim(); // destroys the free buffers; the old mark stands until reset
+    assert.equal(pool.stats.peakBytes, held + 2 * sizeClass(bytes));
+    pool.resetPeak();
+    assert.equal(pool.stats.peakBytes, pool.stats.liveBytes + pool.stats.freeBytes);
+    assert.ok(pool.stats.peakBytes < held + 2 * sizeClass(bytes));
+  },
+);
