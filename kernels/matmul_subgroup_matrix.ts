@@ -327,6 +327,7 @@ export const SGM_SMALL: SgmConfig = {
  */
 export const SGM_SWEEP: readonly SgmConfig[] = [
   SGM_LARGE,
+  { ...SGM_LARGE, sgM: 4, sgN: 2 }, // 8 subgroups of 32x64 (2x4 fragments)
   { ...SGM_LARGE, sgM: 2, sgN: 2 }, // 4 subgroups of 64x64 (4x4 fragments)
   { ...SGM_LARGE, bn: 256, bk: 16 }, // 128x256, 8 subgroups of 64x64
   { ...SGM_LARGE, bm: 256, bk: 16, sgM: 4, sgN: 2 }, // 256x128, 8 subgroups of 64x64

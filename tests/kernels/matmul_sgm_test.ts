@@ -69,7 +69,7 @@ Deno.test("every subgroup-matrix matmul variant compiles under Dawn's WGSL compi
     console.warn(`subgroup-matrix Tint check skipped: ${result.skipped}`);
     return;
   }
-  assert.ok(result.variants! > 300, `only ${result.variants} variants checked`);
+  assert.ok(result.variants! > 200, `only ${result.variants} variants checked`);
   assert.ok(result.pipelines! > 20, `only ${result.pipelines} pipelines built`);
   assert.deepEqual(result.failures, [], `variants failing under Tint:\n${result.failures!.join("\n")}`);
 });
@@ -298,6 +298,9 @@ const LAYOUTS = [[false, false], [false, true], [true, false], [true, true]] as 
 Deno.test("subgroup-matrix index maps: float64 emulation of every swept config matches a float64 matmul", () => {
   const rng = testRng("sgm-emulation");
   const configs = [...SGM_SWEEP, SGM_TINY, { ...SGM_TINY, bk: 32, stage: "fragments" as const }];
+  // every layout of every config on whole blocks; partial blocks for every threads-staged config in one layout,
+  // and in all four for the op's configs
+  const op = new Set([SGM_LARGE, SGM_SMALL].map(sgmConfigName));
   let cases = 0;
   for (const c of configs) {
     for (const [transA, transB] of LAYOUTS) {
@@ -306,7 +309,7 @@ Deno.test("subgroup-matrix index maps: float64 emulation of every swept config m
       checkEmulation(c, { transA, transB, out: "f32", accumulate: false }, exact, rng);
       checkEmulation(c, { transA, transB, out: "f16", accumulate: true }, { ...exact, alpha: 0.75 }, rng);
       cases += 2;
-      if (c.stage === "threads") {
+      if (c.stage === "threads" && (op.has(sgmConfigName(c)) || (!transA && transB))) {
         // partial blocks in M, N and K (multiples of the load width), batched with padded strides
         const ragged: EmuCase = { m: c.bm + 24, n: c.bn + 40, k: c.bk + c.vec, batch: 2, alpha: -0.5 };
         checkEmulation(c, { transA, transB, out: "f32", accumulate: true }, ragged, rng);
@@ -315,7 +318,7 @@ Deno.test("subgroup-matrix index maps: float64 emulation of every swept config m
       }
     }
   }
-  assert.ok(cases > 100);
+  assert.ok(cases > 80, `${cases} cases`);
 });
 
 // ---- the generated WGSL itself, run by a CPU interpreter ----------------------------------------------------

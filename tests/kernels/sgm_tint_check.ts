@@ -16,6 +16,8 @@
  */
 import {
   pickSgmConfig,
+  SGM_LARGE,
+  SGM_SMALL,
   SGM_SWEEP,
   type SgmConfig,
   sgmConfigName,
@@ -59,11 +61,17 @@ function allVariants(): Variant[] {
     });
     if (c) configs.push(c);
   }
+  // Layouts and outputs are generated per operand, independently of the config: every combination for the op's
+  // configs and the tiny ones, and for the rest of the sweep what the benchmark runs (A B^T, plus the other
+  // layouts with an f16 C).
+  const full = new Set([SGM_LARGE, SGM_SMALL, SGM_TINY].map(sgmConfigName));
   for (const c of configs) {
+    const all = full.has(sgmConfigName(c)) || c.bm === SGM_TINY.bm;
     for (const transA of [false, true]) {
       for (const transB of [false, true]) {
         for (const out of ["f32", "f16"] as const) {
           for (const accumulate of [false, true]) {
+            if (!all && (accumulate || ((transA || !transB) && out === "f32"))) continue;
             const layout: SgmLayout = { transA, transB, out, accumulate };
             const shapes: [boolean, boolean][] = c.stage === "threads"
               ? [[true, false], [false, false]]
