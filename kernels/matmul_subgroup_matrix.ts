@@ -546,7 +546,7 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
   }
 
   // Issues the global loads of the slice starting at K offset `k0` into the staging registers.
-  const loadSlice = (k0: string): string => {
+  const loadSlice = (k0: string, indent: string): string => {
     const out: string[] = [];
     for (const o of ops) {
       if (stage === "threads") {
@@ -572,11 +572,11 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
         }
       }
     }
-    return out.join("\n    ");
+    return out.join(`\n${indent}`);
   };
 
   // Writes the staging registers into buffer `buf` (an element offset expression per operand).
-  const storeSlice = (bufA: string, bufB: string): string => {
+  const storeSlice = (bufA: string, bufB: string, indent: string): string => {
     const out: string[] = [];
     for (const o of ops) {
       const buf = o.X === "A" ? bufA : bufB;
@@ -602,7 +602,7 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
         }
       }
     }
-    return out.join("\n    ");
+    return out.join(`\n${indent}`);
   };
 
   // The multiply-accumulates of one slice, reading fragments from staging buffers (or global memory).
@@ -657,29 +657,29 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
     ${computeSlice("", "", "k0")}
   }`;
   } else if (c.buffers === 2) {
-    loop = `${loadSlice("0u")}
-  ${storeSlice("0u", "0u")}
+    loop = `${loadSlice("0u", "  ")}
+  ${storeSlice("0u", "0u", "  ")}
   workgroupBarrier();
   for (var t = 0u; t < ntiles; t++) {
     let more = t + 1u < ntiles;
     if (more) {
       let kn = (t + 1u) * ${c.bk}u;
-      ${loadSlice("kn")}
+      ${loadSlice("kn", "      ")}
     }
     ${computeSlice(bufA("t"), bufB("t"), "")}
     if (more) {
-      ${storeSlice(bufA("(t + 1u)"), bufB("(t + 1u)"))}
+      ${storeSlice(bufA("(t + 1u)"), bufB("(t + 1u)"), "      ")}
     }
     workgroupBarrier();
   }`;
   } else {
-    loop = `${loadSlice("0u")}
+    loop = `${loadSlice("0u", "  ")}
   for (var t = 0u; t < ntiles; t++) {
-    ${storeSlice("0u", "0u")}
+    ${storeSlice("0u", "0u", "    ")}
     workgroupBarrier();
     if (t + 1u < ntiles) {
       let kn = (t + 1u) * ${c.bk}u;
-      ${loadSlice("kn")}
+      ${loadSlice("kn", "      ")}
     }
     ${computeSlice("0u", "0u", "")}
     workgroupBarrier();
