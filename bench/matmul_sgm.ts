@@ -4,7 +4,7 @@
  * PyTorch's bf16 at 8192^3 (`bench/pytorch/kernels.py` prints it; 778.3 TFLOP/s on the H200). One JSON row per
  * check or measurement on stdout (and appended to `--out`).
  *
- *   deno run -A bench/matmul_sgm.ts --gpu dawn [--out sgm.jsonl] [--budget-s 300] [--compare-robustness]
+ *   deno run -A bench/matmul_sgm.ts --gpu dawn [--out sgm.jsonl] [--budget-s 420] [--compare-robustness]
  *     [--sizes 4096,8192] [--configs NAME,NAME] [--no-checks] [--torch-tflops 778.3] [--quick]
  *
  * Phases:
@@ -27,8 +27,8 @@
  *
  * `--compare-robustness` then reruns the timing of the 4 best configs at the largest size in a child process with
  * Dawn's `disable_robustness` toggle (`DISTILLERY_DAWN_TOGGLES`), to show what Dawn's bounds checks on every
- * shared-memory and fragment access cost. Every phase watches `--budget-s` (default 300 s, 150 s for the child):
- * what does not fit is logged as skipped, so the run ends in time however slow the kernels are.
+ * shared-memory and fragment access cost. Every phase watches `--budget-s` (default 420 s; 270 s with the child,
+ * which gets 120 s): what does not fit is logged as skipped, so the run ends in time however slow the kernels are.
  *
  * @module
  */
@@ -569,7 +569,7 @@ if (import.meta.main) {
   const gpu = parseProviderPreference(flag("gpu") ?? "dawn", "--gpu");
   const quick = Deno.args.includes("--quick");
   const sizes = (flag("sizes") ?? (quick ? "256" : "4096,8192")).split(",").map(Number);
-  const budgetS = Number(flag("budget-s") ?? (Deno.args.includes("--compare-robustness") ? 300 : 420));
+  const budgetS = Number(flag("budget-s") ?? (Deno.args.includes("--compare-robustness") ? 270 : 420));
   const only = flag("configs")?.split(",");
   let candidates = defaultCandidates(quick);
   if (only) candidates = candidates.filter((c) => only.includes(c.name));
@@ -618,7 +618,7 @@ if (import.meta.main) {
         "--sizes",
         String(largest),
       ];
-      args.push("--configs", names.join(","), "--budget-s", "150");
+      args.push("--configs", names.join(","), "--budget-s", "120");
       if (outPath) args.push("--out", outPath);
       await new Deno.Command(Deno.execPath(), {
         args,
