@@ -39,7 +39,7 @@ export interface BenchOptions {
 // ---- GPU-side inputs: a hash of the index, reproducible on the CPU for spot checks -------------------------
 
 /** The value at index i of a hashed input (the WGSL below computes the same), before rounding to the dtype. */
-function hashValue(i: number, seed: number): number {
+export function hashValue(i: number, seed: number): number {
   let h = (Math.imul(i, 0x9e3779b1) ^ seed) >>> 0;
   h = Math.imul(h ^ (h >>> 16), 0x85ebca6b) >>> 0;
   h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35) >>> 0;
@@ -78,7 +78,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   return { spec, uniforms: new Uniforms(16).u32(n).u32(seed).buffer, workgroups: grid2d(Math.ceil(n / 256)) };
 }
 
-function hashed(rt: Runtime, shape: number[], dtype: DType, seed: number): Tensor {
+/** A tensor filled on the GPU with {@linkcode hashValue} of each index (rounded to the dtype): no upload. */
+export function hashed(rt: Runtime, shape: number[], dtype: DType, seed: number): Tensor {
   const t = rt.empty(shape, dtype);
   const f = hashFill(dtype, t.size, seed);
   rt.dev.dispatch(f.spec, [t.binding], f.workgroups, f.uniforms);

@@ -14,6 +14,7 @@
  * | `spec`   | speculative decoding on a 1B-shape hybrid: fused vs unfused verify, speedup        |
  * | `rows`   | few-row kernels (decode, verification): GEMV vs matmul, decode-attention tiles    |
  * | `latency`| GPU->CPU round-trip latency of a provider                                         |
+ * | `sgm`    | f16 matmul on the matrix units (subgroup matrices): checks, sweep, vs PyTorch bf16 |
  *
  * GPU benchmarks take `--gpu dawn|builtin|auto`; the PyTorch twins are under bench/pytorch/.
  *
@@ -75,6 +76,10 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   latency: {
     doc: "GPU->CPU round trip: device read, raw mapAsync, onSubmittedWorkDone (--gpu, --n)",
     run: script("./read_latency.ts"),
+  },
+  sgm: {
+    doc: "subgroup-matrix f16 matmul: checks, config sweep at 4096/8192, vs PyTorch bf16 (--gpu dawn, --out)",
+    run: script("./matmul_sgm.ts"),
   },
 };
 

@@ -41,6 +41,20 @@ export interface DeviceFeatures {
   timestamps: boolean;
 }
 
+/** One matrix shape the adapter's subgroup-matrix units support (`GPUAdapterInfo.subgroupMatrixConfigs`). */
+export interface SubgroupMatrixConfig {
+  /** Element type of the left and right operands, e.g. `f16`. */
+  componentType: string;
+  /** Element type of the result, e.g. `f32`. */
+  resultComponentType: string;
+  /** Rows of the left operand and the result. */
+  M: number;
+  /** Columns of the right operand and the result. */
+  N: number;
+  /** Columns of the left operand, rows of the right. */
+  K: number;
+}
+
 /** A buffer range bound to a kernel's storage binding. */
 export interface BufferSlice {
   /** The buffer. */
@@ -105,6 +119,12 @@ export class GpuDevice {
   readonly features: DeviceFeatures;
   /** Limits the device was created with. */
   readonly limits: GPUSupportedLimits;
+  /** Subgroup-matrix shapes of the adapter (empty without the feature). */
+  readonly subgroupMatrixConfigs: readonly SubgroupMatrixConfig[];
+  /** Smallest subgroup size of the adapter (0 when the provider does not say). */
+  readonly subgroupMinSize: number;
+  /** Largest subgroup size of the adapter (0 when the provider does not say). */
+  readonly subgroupMaxSize: number;
   /** Counters. */
   readonly stats: DeviceStats = { dispatches: 0, submits: 0, reads: 0, pipelines: 0, bindGroups: 0 };
 
@@ -136,6 +156,23 @@ export class GpuDevice {
     this.gpu = gpu;
     this.features = features;
     this.limits = gpu.limits;
+    // Dawn's config objects print as {} (their fields are getters): copy the fields out.
+    const info = adapterInfo as GPUAdapterInfo & {
+      subgroupMatrixConfigs?: readonly SubgroupMatrixConfig[];
+      subgroupMinSize?: number;
+      subgroupMaxSize?: number;
+    };
+    this.subgroupMatrixConfigs = features.subgroupMatrix
+      ? (info.subgroupMatrixConfigs ?? []).map((c) => ({
+        componentType: String(c.componentType),
+        resultComponentType: String(c.resultComponentType),
+        M: Number(c.M),
+        N: Number(c.N),
+        K: Number(c.K),
+      }))
+      : [];
+    this.subgroupMinSize = Number(info.subgroupMinSize ?? 0);
+    this.subgroupMaxSize = Number(info.subgroupMaxSize ?? 0);
     this.#uniformAlign = Math.max(UNIFORM_SLOT_BYTES, gpu.limits.minUniformBufferOffsetAlignment);
     this.#uniformArena = gpu.createBuffer({
       label: "uniform-arena",

@@ -30,7 +30,23 @@ export interface ProviderAdapter {
 export const GPU_ENV_VAR = "DISTILLERY_GPU";
 
 /** Dawn toggles: expose `shader-f16` on NVIDIA's Vulkan driver, and the experimental subgroup-matrix feature. */
-const DAWN_FLAGS = ["enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia"];
+const DAWN_TOGGLES = ["allow_unsafe_apis", "vulkan_enable_f16_on_nvidia"];
+
+/**
+ * Environment variable with extra comma-separated Dawn toggles, for benchmarks (e.g. `disable_robustness`, to
+ * measure what Dawn's bounds checks cost a kernel). Not for production runs.
+ */
+export const DAWN_TOGGLES_ENV_VAR = "DISTILLERY_DAWN_TOGGLES";
+
+function dawnFlags(): string[] {
+  let extra: string[] = [];
+  try {
+    extra = (Deno.env.get(DAWN_TOGGLES_ENV_VAR) ?? "").split(",").map((t) => t.trim()).filter((t) => t);
+  } catch {
+    // no env permission: the default toggles
+  }
+  return [`enable-dawn-features=${[...DAWN_TOGGLES, ...extra].join(",")}`];
+}
 
 const INSTALL_HINT = "On a machine without a GPU, install Mesa's Vulkan driver (software adapter): " +
   "`sudo apt-get install -y mesa-vulkan-drivers`.";
@@ -74,7 +90,7 @@ async function dawnAdapter(): Promise<{ adapter: GPUAdapter | null; error?: stri
       for (const [k, v] of Object.entries(mod.globals as Record<string, unknown>)) {
         if (!(k in globalThis)) (globalThis as Record<string, unknown>)[k] = v;
       }
-      dawnGpu = mod.create(DAWN_FLAGS);
+      dawnGpu = mod.create(dawnFlags());
     }
     const adapter = await dawnGpu!.requestAdapter({ powerPreference: "high-performance" });
     return { adapter };

@@ -12,6 +12,10 @@
  * `op(A) = A` (the forward of `linear` and its dX), blocks of K with accumulation when A is stored transposed
  * (the weight gradient `dW = dY^T X`). See {@linkcode splitRows}.
  *
+ * f16 products run on the GPU's matrix units (`kernels/matmul_subgroup_matrix.ts`) when the device has Dawn's
+ * subgroup-matrix feature and the shape qualifies ({@linkcode matmulLaunch} says which); everything else takes
+ * the portable register-tiled kernel. `DISTILLERY_SGM=0` forces the portable kernel (for A/B comparisons).
+ *
  * @module
  */
 import {
@@ -30,6 +34,13 @@ import {
   gemvQkvKernel,
   gemvSwigluKernel,
 } from "../../kernels/gemv.ts";
+import {
+  pickSgmConfig,
+  type SgmDeviceInfo,
+  sgmLaunch,
+  sgmSupported,
+} from "../../kernels/matmul_subgroup_matrix.ts";
+import type { Launch } from "../../kernels/fill.ts";
 import { swiglu } from "./elementwise.ts";
 import { dtypeBytes } from "../../kernels/kernel.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
@@ -138,6 +149,46 @@ function rowSlice(t: Tensor, rowElems: number, row0: number, rows: number): Buff
  */
 export const LINEAR_GEMV_MAX_TOKENS = 16;
 
+/** Environment variable that, set to `0`, keeps f16 products off the subgroup-matrix kernel. */
+export const SGM_ENV_VAR = "DISTILLERY_SGM";
+
+let sgmAllowed: boolean | undefined;
+function sgmEnabled(): boolean {
+  if (sgmAllowed === undefined) {
+    try {
+      sgmAllowed = Deno.env.get(SGM_ENV_VAR) !== "0";
+    } catch {
+      sgmAllowed = true;
+    }
+  }
+  return sgmAllowed;
+}
+
+/**
+ * The dispatch for one product: an explicit `config` always takes the register-tiled kernel; otherwise f16
+ * operands take the subgroup-matrix kernel when the device supports it ({@linkcode sgmSupported}) and the shape
+ * qualifies ({@linkcode pickSgmConfig}: 2-half aligned contiguous dimensions, strides and offsets, M, N >= 32,
+ * K >= 16), and everything else takes the register-tiled kernel with a config chosen by size.
+ */
+export function matmulLaunch(
+  dev: SgmDeviceInfo,
+  shape: MatmulShape,
+  layout: MatmulLayout,
+  config?: MatmulConfig,
+): Launch {
+  if (!config && layout.dtype === "f16" && sgmEnabled() && sgmSupported(dev)) {
+    const sgmLayout = {
+      transA: layout.transA,
+      transB: layout.transB,
+      out: "f16",
+      accumulate: layout.accumulate,
+    } as const;
+    const sgm = pickSgmConfig(shape, sgmLayout);
+    if (sgm) return sgmLaunch(shape, sgmLayout, sgm);
+  }
+  return matmulKernel(shape, layout, config ?? pickMatmulConfig(shape.m, shape.n, shape.batch));
+}
+
 /** Geometry of `op(A) op(B)` derived from stored shapes. */
 interface Geometry {
   m: number;
@@ -213,7 +264,7 @@ function dispatchMatmul(
       if (slices > 1) return dispatchSplitK(rt, a, b, c, m, n, k, slices, layout.accumulate, alpha, cfg);
     }
     const shape: MatmulShape = { m, n, k, batch, strideA, strideB, strideC, alpha };
-    const l = matmulKernel(shape, { ...layout, dtype: c.dtype }, config ?? pickMatmulConfig(m, n, batch));
+    const l = matmulLaunch(rt.dev, shape, { ...layout, dtype: c.dtype }, config);
     rt.dev.dispatch(l.spec, [a.binding, b.binding, c.binding], l.workgroups, l.uniforms);
     return;
   }
@@ -235,11 +286,7 @@ function dispatchMatmul(
     if (!fits(b)) throw too();
     for (const blk of splitRows(m, [k * el, n * el], limit, align)) {
       const shape: MatmulShape = { m: blk.rows, n, k, batch: 1, strideA: 0, strideB: 0, strideC: 0, alpha };
-      const l = matmulKernel(
-        shape,
-        { ...layout, dtype: c.dtype },
-        config ?? pickMatmulConfig(blk.rows, n, 1),
-      );
+      const l = matmulLaunch(rt.dev, shape, { ...layout, dtype: c.dtype }, config);
       rt.dev.dispatch(
         l.spec,
         [rowSlice(a, k, blk.row0, blk.rows), b.binding, rowSlice(c, n, blk.row0, blk.rows)],
@@ -252,10 +299,14 @@ function dispatchMatmul(
   // A stored [K, M] and B [K, N]: rows of both are steps of K, so C (bound whole) accumulates blocks of K
   if (layout.transB || !fits(c)) throw too();
   const blocks = splitRows(k, [m * el, n * el], limit, align);
-  const cfg = config ?? pickMatmulConfig(m, n, 1);
   blocks.forEach((blk, i) => {
     const shape: MatmulShape = { m, n, k: blk.rows, batch: 1, strideA: 0, strideB: 0, strideC: 0, alpha };
-    const l = matmulKernel(shape, { ...layout, accumulate: layout.accumulate || i > 0, dtype: c.dtype }, cfg);
+    const l = matmulLaunch(
+      rt.dev,
+      shape,
+      { ...layout, accumulate: layout.accumulate || i > 0, dtype: c.dtype },
+      config,
+    );
     rt.dev.dispatch(
       l.spec,
       [rowSlice(a, m, blk.row0, blk.rows), rowSlice(b, n, blk.row0, blk.rows), c.binding],
@@ -335,7 +386,6 @@ function dispatchBatchSum(
   accumulate: boolean,
 ): void {
   const { m, n, k, batch } = g;
-  const config = pickMatmulConfig(m, n, 1);
   for (let i = 0; i < batch; i++) {
     const shape: MatmulShape = {
       m,
@@ -349,7 +399,7 @@ function dispatchBatchSum(
       offsetB: g.bBatched ? i * k * n : 0,
       alpha,
     };
-    const l = matmulKernel(shape, { ...layout, accumulate: accumulate || i > 0, dtype: c.dtype }, config);
+    const l = matmulLaunch(rt.dev, shape, { ...layout, accumulate: accumulate || i > 0, dtype: c.dtype });
     rt.dev.dispatch(l.spec, [a.binding, b.binding, c.binding], l.workgroups, l.uniforms);
   }
 }

@@ -1,0 +1,791 @@
+/**
+ * f16 matrix multiplication on the GPU's matrix units through Dawn's `chromium-experimental-subgroup-matrix`
+ * (Vulkan cooperative matrices, i.e. tensor cores on NVIDIA): `C[b] = alpha * op(A[b]) op(B[b])` (or `C += ...`)
+ * with f16 operands, f32 accumulation and an f32 or f16 C. Same shapes, transposes, batch strides and uniforms
+ * as the plain kernel in `matmul.ts`, which stays the portable fallback.
+ *
+ * WGSL facts this relies on (Dawn's subgroup-matrix proposal and Tint, as shipped in `npm:webgpu` 0.6.2):
+ * - `subgroup_matrix_left<f16, K, M>` is M x K, `subgroup_matrix_right<f16, N, K>` is K x N,
+ *   `subgroup_matrix_result<f32, N, M>` is M x N; each must match an adapter config (f16 -> f32 16x16x16 here);
+ * - `subgroupMatrixLoad<T, row_major|col_major>(&arr, offset, stride)` and
+ *   `subgroupMatrixStore<row_major|col_major>(&arr, offset, value, stride)` read and write an `array<f16>` (or
+ *   `array<f32>`) in storage or workgroup memory; element [r][c] sits at `offset + r*stride + c` (row major) or
+ *   `offset + c*stride + r` (column major); offsets and strides count elements, and Vulkan wants pointers and
+ *   strides 16-byte aligned, hence multiples of 8 halves everywhere below;
+ * - the workgroup's x size must be a multiple of the adapter's largest subgroup size, and every call must be in
+ *   subgroup-uniform control flow with subgroup-uniform operands. WGSL can only prove workgroup uniformity, so
+ *   offsets computed from `subgroup_id` need `diagnostic(off, chromium.subgroup_matrix_uniformity)`.
+ *
+ * The kernel (one variant per {@linkcode SgmConfig}, {@linkcode SgmLayout} and shape class):
+ * - a workgroup computes a BM x BN block of C with `sgM * sgN` subgroups of 32, each owning a
+ *   (BM/sgM) x (BN/sgN) sub-block as a grid of 16x16 f32 result fragments (register accumulators);
+ * - K advances in BK steps. Each operand's BK slice is staged in workgroup memory in its stored orientation
+ *   (rows padded by `pad` halves against bank conflicts), so a transpose is only a column-major fragment load;
+ *   staging is either by all threads with 4/8/16-byte global loads (`threads`), or by subgroups copying 16x16
+ *   fragments (`fragments`); `global` skips staging and loads fragments straight from global memory (the first
+ *   kernel of issue 9, kept as a control);
+ * - with two buffers, the next slice's global loads are issued before the current slice's multiplies and stored
+ *   to the other buffer after them, so one barrier per step suffices;
+ * - the epilogue stores fragments straight into an f32 C when the block is whole and nothing is accumulated, or
+ *   stages each fragment through a small f32 scratch so that threads can apply alpha, accumulate, convert to
+ *   f16 and check bounds element by element.
+ *
+ * Shapes: `threads` staging handles any M, N, K (loads are bounds-checked and zero-filled, stores checked) as
+ * long as each operand's contiguous dimension, batch stride and offset are multiples of the load width `vec`;
+ * `fragments` and `global` need M, N, K multiples of BM, BN, BK and 8-aligned offsets. {@linkcode sgmLaunch}
+ * throws on anything else; {@linkcode pickSgmConfig} returns null for shapes the op should leave to the plain
+ * kernel.
+ *
+ * The index maps (which thread loads which element into which shared slot, where each fragment starts) are pure
+ * functions ({@linkcode sgmOperandPlan}, {@linkcode sgmThreadSlot}, ...) shared by the generator and the CPU
+ * emulation in the tests.
+ *
+ * @module
+ */
+import { ceilDiv, type KernelSpec, Uniforms } from "./kernel.ts";
+import type { Launch } from "./fill.ts";
+import type { MatmulShape } from "./matmul.ts";
+
+/** Fragment edge: the 16x16x16 f16 -> f32 subgroup-matrix configuration. */
+export const SGM_FRAG = 16;
+
+/** Subgroup size the kernel is generated for (NVIDIA's warp; the op checks the adapter's min and max). */
+export const SGM_SUBGROUP = 32;
+
+/** How operand tiles reach the fragments. */
+export type SgmStaging = "threads" | "fragments" | "global";
+
+/** Tile configuration of the subgroup-matrix matmul. */
+export interface SgmConfig {
+  /** Rows of C per workgroup. */
+  bm: number;
+  /** Columns of C per workgroup. */
+  bn: number;
+  /** K step per staged slice (multiple of 16). */
+  bk: number;
+  /** Subgroups along M. */
+  sgM: number;
+  /** Subgroups along N. */
+  sgN: number;
+  /** How tiles are staged (see the module comment). */
+  stage: SgmStaging;
+  /** Halves per thread global load when `stage` is `threads`: 2 (u32), 4 (vec2<u32>) or 8 (vec4<u32>). */
+  vec: 2 | 4 | 8;
+  /** Halves of padding after each staged row (multiple of 8; 8 keeps fragment loads free of bank conflicts). */
+  pad: number;
+  /** Staging buffers: 2 overlaps the next slice's loads with this slice's multiplies (one barrier a step). */
+  buffers: 1 | 2;
+  /** Workgroups walk C in groups of this many block rows (L2 reuse of B); 1 is plain row-major order. */
+  swizzle: number;
+}
+
+/** Layout and output of one variant. */
+export interface SgmLayout {
+  /** A is stored [K, M]. */
+  transA: boolean;
+  /** B is stored [N, K] (the `linear` weight layout). */
+  transB: boolean;
+  /** Storage type of C (A and B are always f16; accumulation is always f32). */
+  out: "f32" | "f16";
+  /** C += alpha * A B instead of C = alpha * A B. */
+  accumulate: boolean;
+}
+
+/** Threads per workgroup of a config. */
+export function sgmThreads(c: SgmConfig): number {
+  return c.sgM * c.sgN * SGM_SUBGROUP;
+}
+
+/** Short name of a config, e.g. `128x128x32_2x4_threads_v8_p8_b2_s8`. */
+export function sgmConfigName(c: SgmConfig): string {
+  const stage = c.stage === "threads" ? `threads_v${c.vec}` : c.stage;
+  return `${c.bm}x${c.bn}x${c.bk}_${c.sgM}x${c.sgN}_${stage}_p${c.pad}_b${c.buffers}_s${c.swizzle}`;
+}
+
+// ---- the index maps (pure; shared by the WGSL generator and the CPU emulation) ------------------------------
+
+/** How one operand's BK slice is laid out in workgroup memory and read as fragments. */
+export interface SgmOperandPlan {
+  /** "A" (left fragments, M side) or "B" (right fragments, N side). */
+  name: "A" | "B";
+  /** The stored matrix runs along K (A not transposed, or B transposed). */
+  kContiguous: boolean;
+  /** Rows of the staged tile in stored orientation (BM/BN if `kContiguous`, else BK). */
+  rows: number;
+  /** Contiguous columns of the staged tile (BK if `kContiguous`, else BM/BN). */
+  cols: number;
+  /** Elements between staged rows (`cols + pad`). */
+  stride: number;
+  /** Elements of one staging buffer. */
+  bufferElems: number;
+  /** Fragment loads are column major (an operand stored across its fragment's natural rows). */
+  colMajor: boolean;
+  /** Rows (A) or columns (B) of C owned by one subgroup. */
+  warpTile: number;
+  /** Fragments per subgroup along M (A) or N (B). */
+  frags: number;
+}
+
+/** The staging plan of operand A or B under a config and layout. */
+export function sgmOperandPlan(c: SgmConfig, layout: SgmLayout, name: "A" | "B"): SgmOperandPlan {
+  const outer = name === "A" ? c.bm : c.bn;
+  const kContiguous = name === "A" ? !layout.transA : layout.transB;
+  const rows = kContiguous ? outer : c.bk, cols = kContiguous ? c.bk : outer;
+  const stride = cols + c.pad;
+  const warpTile = name === "A" ? c.bm / c.sgM : c.bn / c.sgN;
+  return {
+    name,
+    kContiguous,
+    rows,
+    cols,
+    stride,
+    bufferElems: rows * stride,
+    // left [m][k]: row major when k is contiguous; right [k][n]: row major when n is contiguous
+    colMajor: name === "A" ? !kContiguous : kContiguous,
+    warpTile,
+    frags: warpTile / SGM_FRAG,
+  };
+}
+
+/** Row and column of a point in a staged tile (stored orientation). */
+export interface TileCoord {
+  /** Row. */
+  row: number;
+  /** Column (contiguous dimension). */
+  col: number;
+}
+
+/**
+ * Top-left corner, in the staged tile, of fragment `i` of subgroup index `w` (along M for A, N for B) at k-step
+ * `kk` (16 elements of K each). Its element offset is `row * stride + col`.
+ */
+export function sgmFragmentOrigin(plan: SgmOperandPlan, w: number, i: number, kk: number): TileCoord {
+  const outer = w * plan.warpTile + i * SGM_FRAG, k = kk * SGM_FRAG;
+  return plan.kContiguous ? { row: outer, col: k } : { row: k, col: outer };
+}
+
+/** Global-to-shared vectors each thread moves per slice (`threads` staging). */
+export function sgmThreadSlots(c: SgmConfig, plan: SgmOperandPlan): number {
+  return (plan.rows * plan.cols) / c.vec / sgmThreads(c);
+}
+
+/** The first element of the `vec` halves thread `lid` loads in slot `s` (`threads` staging). */
+export function sgmThreadSlot(c: SgmConfig, plan: SgmOperandPlan, lid: number, s: number): TileCoord {
+  const perRow = plan.cols / c.vec, v = lid + s * sgmThreads(c);
+  return { row: Math.floor(v / perRow), col: (v % perRow) * c.vec };
+}
+
+/** 16x16 blocks each subgroup copies per slice (`fragments` staging). */
+export function sgmCopySlots(c: SgmConfig, plan: SgmOperandPlan): number {
+  return (plan.rows / SGM_FRAG) * (plan.cols / SGM_FRAG) / (c.sgM * c.sgN);
+}
+
+/** Top-left corner of the 16x16 block subgroup `sg` copies in slot `s` (`fragments` staging). */
+export function sgmCopySlot(c: SgmConfig, plan: SgmOperandPlan, sg: number, s: number): TileCoord {
+  const perRow = plan.cols / SGM_FRAG, b = sg + s * c.sgM * c.sgN;
+  return { row: Math.floor(b / perRow) * SGM_FRAG, col: (b % perRow) * SGM_FRAG };
+}
+
+/** Which sub-block of the workgroup's block subgroup `sg` owns: index along M and along N. */
+export function sgmSubgroupTile(c: SgmConfig, sg: number): { wm: number; wn: number } {
+  return { wm: sg % c.sgM, wn: Math.floor(sg / c.sgM) };
+}
+
+/**
+ * The block of C (row and column of blocks) workgroup (x, y) computes for `nx` x `ny` blocks: groups of
+ * `swizzle` block rows are walked column by column, so that concurrently running workgroups share columns of B
+ * and rows of A in L2.
+ */
+export function sgmBlockOf(
+  swizzle: number,
+  nx: number,
+  ny: number,
+  x: number,
+  y: number,
+): { bm: number; bn: number } {
+  if (swizzle <= 1) return { bm: y, bn: x };
+  const l = y * nx + x, per = swizzle * nx;
+  const g = Math.floor(l / per), first = g * swizzle;
+  const size = Math.min(ny - first, swizzle), r = l % per;
+  return { bm: first + (r % size), bn: Math.floor(r / size) };
+}
+
+/**
+ * The element a thread writes in epilogue pass `e` when fragments are staged through the scratch: the scratch
+ * index, whose subgroup slot it is, and its row and column inside that 16x16 fragment.
+ */
+export function sgmEpilogueElement(
+  c: SgmConfig,
+  lid: number,
+  e: number,
+): { index: number; slot: number; row: number; col: number } {
+  const index = lid + e * sgmThreads(c);
+  const inFrag = index % (SGM_FRAG * SGM_FRAG);
+  return {
+    index,
+    slot: Math.floor(index / (SGM_FRAG * SGM_FRAG)),
+    row: Math.floor(inFrag / SGM_FRAG),
+    col: inFrag % SGM_FRAG,
+  };
+}
+
+/** Epilogue passes per fragment (each thread writes one scratch element per pass). */
+export function sgmEpiloguePasses(c: SgmConfig): number {
+  return (c.sgM * c.sgN * SGM_FRAG * SGM_FRAG) / sgmThreads(c);
+}
+
+/** Workgroup-memory bytes of a config: staged tiles, plus the epilogue scratch when `staged`. */
+export function sgmSharedBytes(c: SgmConfig, layout: SgmLayout, staged: boolean): number {
+  const tiles = c.stage === "global"
+    ? 0
+    : c.buffers * (sgmOperandPlan(c, layout, "A").bufferElems + sgmOperandPlan(c, layout, "B").bufferElems) *
+      2;
+  return tiles + (staged ? c.sgM * c.sgN * SGM_FRAG * SGM_FRAG * 4 : 0);
+}
+
+/** Throws if a config is malformed, or does not fit `limits` (when given). */
+export function validateSgmConfig(
+  c: SgmConfig,
+  limits?: { maxComputeWorkgroupStorageSize: number; maxComputeInvocationsPerWorkgroup: number },
+): void {
+  const name = sgmConfigName(c);
+  const fail = (why: string) => {
+    throw new Error(`subgroup-matrix config ${name}: ${why}`);
+  };
+  if (c.bm % (c.sgM * SGM_FRAG) || c.bn % (c.sgN * SGM_FRAG)) {
+    fail("bm (bn) must be a multiple of 16 * sgM (16 * sgN)");
+  }
+  if (c.bk % SGM_FRAG || c.bk <= 0) fail("bk must be a positive multiple of 16");
+  if (c.pad % 8 || c.pad < 0) fail("pad must be a multiple of 8 halves (16-byte aligned fragment rows)");
+  if (![1, 2].includes(c.buffers)) fail("buffers must be 1 or 2");
+  if (![2, 4, 8].includes(c.vec)) fail("vec must be 2, 4 or 8");
+  if (!(c.swizzle >= 1) || !Number.isInteger(c.swizzle)) fail("swizzle must be a positive integer");
+  for (const transA of [false, true]) {
+    for (const transB of [false, true]) {
+      const layout: SgmLayout = { transA, transB, out: "f32", accumulate: false };
+      for (const name of ["A", "B"] as const) {
+        const plan = sgmOperandPlan(c, layout, name);
+        if (c.stage === "threads" && !Number.isInteger(sgmThreadSlots(c, plan))) {
+          fail(`the ${plan.rows}x${plan.cols} tile of ${name} is not a whole number of loads per thread`);
+        }
+        if (c.stage === "fragments" && !Number.isInteger(sgmCopySlots(c, plan))) {
+          fail(`the 16x16 blocks of ${name}'s tile do not split evenly over the subgroups`);
+        }
+      }
+      if (limits) {
+        const bytes = sgmSharedBytes(c, layout, true);
+        if (bytes > limits.maxComputeWorkgroupStorageSize) {
+          fail(
+            `${bytes} bytes of workgroup memory exceed the device's ${limits.maxComputeWorkgroupStorageSize}`,
+          );
+        }
+      }
+    }
+  }
+  if (limits && sgmThreads(c) > limits.maxComputeInvocationsPerWorkgroup) {
+    fail(`${sgmThreads(c)} threads exceed the device limit`);
+  }
+}
+
+// ---- configurations ----------------------------------------------------------------------------------------
+
+/**
+ * The default for large products: 128x128 blocks, 8 subgroups of 64x32 (4x2 fragments), K slices of 32 staged by
+ * 16-byte thread loads, double buffered. Exactly 48 KiB of workgroup memory with the epilogue scratch.
+ */
+export const SGM_LARGE: SgmConfig = {
+  bm: 128,
+  bn: 128,
+  bk: 32,
+  sgM: 2,
+  sgN: 4,
+  stage: "threads",
+  vec: 8,
+  pad: 8,
+  buffers: 2,
+  swizzle: 8,
+};
+
+/** 64x64 blocks of 4 subgroups (2x2 fragments each): products with too few 128x128 blocks to fill the GPU. */
+export const SGM_SMALL: SgmConfig = {
+  bm: 64,
+  bn: 64,
+  bk: 32,
+  sgM: 2,
+  sgN: 2,
+  stage: "threads",
+  vec: 8,
+  pad: 8,
+  buffers: 2,
+  swizzle: 8,
+};
+
+/**
+ * The benchmark's sweep: block shape, fragments per subgroup (register reuse), K slice, staging mode,
+ * buffering, load width, padding and block order, one or two changes from {@linkcode SGM_LARGE} each, plus the
+ * unstaged control. bench/matmul_sgm.ts runs them all.
+ */
+export const SGM_SWEEP: readonly SgmConfig[] = [
+  SGM_LARGE,
+  { ...SGM_LARGE, sgM: 4, sgN: 2 }, // 8 subgroups of 32x64 (2x4 fragments)
+  { ...SGM_LARGE, sgM: 2, sgN: 2 }, // 4 subgroups of 64x64 (4x4 fragments)
+  { ...SGM_LARGE, bn: 256, bk: 16 }, // 128x256, 8 subgroups of 64x64
+  { ...SGM_LARGE, bm: 256, bk: 16, sgM: 4, sgN: 2 }, // 256x128, 8 subgroups of 64x64
+  { ...SGM_LARGE, bn: 256, buffers: 1 }, // 128x256x32 single buffer
+  { ...SGM_LARGE, bk: 64, buffers: 1 }, // deeper K slice, single buffer
+  { ...SGM_LARGE, stage: "fragments" }, // subgroups copy 16x16 blocks through fragment registers
+  { ...SGM_LARGE, vec: 4 }, // 8-byte loads
+  { ...SGM_LARGE, pad: 0 }, // bank conflicts' cost
+  { ...SGM_LARGE, swizzle: 1 }, // plain block order
+  SGM_SMALL,
+  { ...SGM_SMALL, bk: 16, stage: "global", buffers: 1, pad: 0 }, // no staging: the 35 TFLOP/s starting point
+];
+
+// ---- choosing the kernel -------------------------------------------------------------------------------------
+
+/** What the op needs to know about the device (a subset of `GpuDevice`). */
+export interface SgmDeviceInfo {
+  /** Features of the device. */
+  features: { f16: boolean; subgroupMatrix: boolean };
+  /** The adapter's subgroup-matrix configurations. */
+  subgroupMatrixConfigs: readonly {
+    componentType: string;
+    resultComponentType: string;
+    M: number;
+    N: number;
+    K: number;
+  }[];
+  /** Smallest and largest subgroup size of the adapter (0 when unknown). */
+  subgroupMinSize: number;
+  /** Largest subgroup size of the adapter (0 when unknown). */
+  subgroupMaxSize: number;
+  /** Device limits. */
+  limits: { maxComputeWorkgroupStorageSize: number; maxComputeInvocationsPerWorkgroup: number };
+}
+
+/**
+ * Whether the device can run the subgroup-matrix kernel: the feature, f16, a 16x16x16 f16 -> f32 configuration,
+ * and subgroups of exactly 32 (the kernel assigns work by `subgroup_id`, assuming `threads / 32` subgroups).
+ */
+export function sgmSupported(dev: SgmDeviceInfo): boolean {
+  return dev.features.subgroupMatrix && dev.features.f16 &&
+    dev.subgroupMinSize === SGM_SUBGROUP && dev.subgroupMaxSize === SGM_SUBGROUP &&
+    dev.subgroupMatrixConfigs.some((c) =>
+      c.componentType === "f16" && c.resultComponentType === "f32" &&
+      c.M === SGM_FRAG && c.N === SGM_FRAG && c.K === SGM_FRAG
+    );
+}
+
+/** Whether a product is a whole number of blocks of a config in M, N and K (no bounds checks needed). */
+export function sgmExact(c: SgmConfig, m: number, n: number, k: number): boolean {
+  return m % c.bm === 0 && n % c.bn === 0 && k % c.bk === 0 && k > 0;
+}
+
+function aligned(v: number, ...xs: number[]): boolean {
+  return xs.every((x) => x % v === 0);
+}
+
+/** Contiguous dimension, batch stride and offset of A and B, which the global loads' width must divide. */
+function operandAlignment(shape: MatmulShape, layout: SgmLayout): number[] {
+  const { m, n, k } = shape;
+  return [
+    layout.transA ? m : k,
+    shape.strideA,
+    shape.offsetA ?? 0,
+    layout.transB ? k : n,
+    shape.strideB,
+    shape.offsetB ?? 0,
+  ];
+}
+
+/**
+ * The config the op uses for a product, or null when the plain kernel should run it. The rule: f16 operands
+ * whose contiguous dimensions, batch strides and offsets are multiples of 2 halves (4 bytes), and M, N >= 32,
+ * K >= 16; 128x128 blocks when there are at least 264 of them (two per H200 SM), else 64x64. Any M, N, K
+ * otherwise (partial blocks are bounds-checked).
+ */
+export function pickSgmConfig(shape: MatmulShape, layout: SgmLayout): SgmConfig | null {
+  const { m, n, k, batch } = shape;
+  if (m < 32 || n < 32 || k < 16) return null;
+  const align = operandAlignment(shape, layout);
+  const vec = ([8, 4, 2] as const).find((v) => aligned(v, ...align));
+  if (!vec) return null;
+  const blocks = ceilDiv(m, SGM_LARGE.bm) * ceilDiv(n, SGM_LARGE.bn) * batch;
+  const base = blocks >= 264 ? SGM_LARGE : SGM_SMALL;
+  return vec === base.vec ? base : { ...base, vec };
+}
+
+// ---- kernel variants -------------------------------------------------------------------------------------------
+
+const specs = new Map<string, KernelSpec>();
+
+/** The shape class a variant is specialised for. */
+interface Variant {
+  /** M, N, K are multiples of the block: no bounds checks. */
+  exact: boolean;
+  /** Fragments go straight to an f32 C (exact, f32, no accumulation, C rows 16-byte aligned). */
+  direct: boolean;
+}
+
+/**
+ * A subgroup-matrix matmul dispatch: workgroups (N blocks, M blocks, batch) and the plain kernel's 48-byte
+ * uniforms. Bindings: A (read), B (read), C (rw). Throws when the shape does not meet the config's requirements
+ * (see the module comment).
+ */
+export function sgmLaunch(shape: MatmulShape, layout: SgmLayout, config: SgmConfig): Launch {
+  const { m, n, k, batch, strideA, strideB, strideC } = shape;
+  const offA = shape.offsetA ?? 0, offB = shape.offsetB ?? 0, offC = shape.offsetC ?? 0;
+  const exact = sgmExact(config, m, n, k);
+  const name = sgmConfigName(config);
+  const align = operandAlignment(shape, layout);
+  if (config.stage === "threads") {
+    if (!aligned(config.vec, ...align)) {
+      throw new Error(
+        `subgroup-matrix matmul ${name}: contiguous dimensions, batch strides and offsets of A and B must be ` +
+          `multiples of ${config.vec} halves (got ${align.join(", ")})`,
+      );
+    }
+  } else if (!exact || !aligned(8, ...align)) {
+    throw new Error(
+      `subgroup-matrix matmul ${name}: ${config.stage} staging needs M, N, K multiples of ` +
+        `${config.bm}, ${config.bn}, ${config.bk} and 8-aligned strides and offsets (got ${m}x${n}x${k})`,
+    );
+  }
+  const direct = exact && layout.out === "f32" && !layout.accumulate && aligned(4, n, strideC, offC);
+  return {
+    spec: sgmSpec(config, layout, { exact, direct }),
+    uniforms: new Uniforms(48).u32(m).u32(n).u32(k).u32(strideA).u32(strideB).u32(strideC)
+      .u32(offA).u32(offB).u32(offC).f32(shape.alpha ?? 1).buffer,
+    workgroups: [ceilDiv(n, config.bn), ceilDiv(m, config.bm), batch],
+  };
+}
+
+/** The kernel variant for a config, layout and shape class (cached by key). */
+function sgmSpec(c: SgmConfig, layout: SgmLayout, v: Variant): KernelSpec {
+  const key = `sgm_${layout.transA ? "t" : "n"}${layout.transB ? "t" : "n"}_${layout.out}` +
+    `${layout.accumulate ? "_acc" : ""}_${v.exact ? "exact" : "checked"}${v.direct ? "_direct" : ""}_` +
+    sgmConfigName(c);
+  let spec = specs.get(key);
+  if (!spec) {
+    validateSgmConfig(c);
+    spec = { key, bindings: ["read", "read", "rw"], uniformBytes: 48, code: sgmWgsl(c, layout, v) };
+    specs.set(key, spec);
+  }
+  return spec;
+}
+
+/** WGSL source of a variant, for compile checks. */
+export function sgmVariantWgsl(c: SgmConfig, layout: SgmLayout, exact: boolean, direct: boolean): string {
+  return sgmSpec(c, layout, { exact, direct }).code;
+}
+
+// ---- WGSL generation ---------------------------------------------------------------------------------------
+
+const LEFT = `subgroup_matrix_left<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
+const RIGHT = `subgroup_matrix_right<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
+const RESULT = `subgroup_matrix_result<f32, ${SGM_FRAG}, ${SGM_FRAG}>`;
+const major = (colMajor: boolean) => (colMajor ? "col_major" : "row_major");
+
+/** Global word type of `threads` staging for a load width. */
+function wordType(vec: number): string {
+  return vec === 8 ? "vec4<u32>" : vec === 4 ? "vec2<u32>" : "u32";
+}
+
+function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
+  const T = sgmThreads(c), NSG = c.sgM * c.sgN;
+  const pa = sgmOperandPlan(c, L, "A"), pb = sgmOperandPlan(c, L, "B");
+  const staged = !v.direct;
+  const stage = c.stage;
+  const W = c.vec;
+  const words = W / 2; // u32 words per load
+
+  // Per operand: names and global geometry. "outer" is M for A and N for B.
+  const ops = [
+    { p: pa, X: "A", S: "SA", base: "baseA", ld: "ldA", outer0: "m0", outerSize: "p.m", w: "wmI" },
+    { p: pb, X: "B", S: "SB", base: "baseB", ld: "ldB", outer0: "n0", outerSize: "p.n", w: "wnI" },
+  ];
+  type Op = (typeof ops)[number];
+
+  // Global element offset of a staged-tile point (row, col given as WGSL expressions) in slice k0 = `k0`.
+  const globalOffset = (o: Op, row: string, col: string, k0: string) =>
+    o.p.kContiguous
+      ? `${o.base} + (${o.outer0} + ${row}) * ${o.ld} + ${k0} + ${col}`
+      : `${o.base} + (${k0} + ${row}) * ${o.ld} + ${o.outer0} + ${col}`;
+  // Bounds of a staged-tile point for `threads` staging (a load of W halves is wholly in or out: the
+  // contiguous dimension is a multiple of W).
+  const inBounds = (o: Op, row: string, col: string, k0: string) =>
+    o.p.kContiguous
+      ? `${o.outer0} + ${row} < ${o.outerSize} && ${k0} + ${col} < p.k`
+      : `${k0} + ${row} < p.k && ${o.outer0} + ${col} < ${o.outerSize}`;
+
+  // ---- declarations and per-thread constants of the staging ----
+  const decls: string[] = [];
+  const lets: string[] = [];
+  if (stage === "threads") {
+    for (const o of ops) {
+      const perRow = o.p.cols / W;
+      for (let s = 0; s < sgmThreadSlots(c, o.p); s++) {
+        const idx = `(lid + ${s * T}u)`;
+        lets.push(`let ${o.X}r${s} = ${idx} / ${perRow}u; let ${o.X}c${s} = (${idx} % ${perRow}u) * ${W}u;`);
+        lets.push(`let ${o.X}s${s} = ${o.X}r${s} * ${o.p.stride}u + ${o.X}c${s};`);
+        decls.push(`var ${o.X}g${s}: ${wordType(W)};`);
+      }
+    }
+  } else if (stage === "fragments") {
+    for (const o of ops) {
+      for (let s = 0; s < sgmCopySlots(c, o.p); s++) {
+        // the block's corner is a function of the subgroup index, computed in WGSL like sgmCopySlot
+        const perRow = o.p.cols / SGM_FRAG;
+        const b = `(sg + ${s * NSG}u)`;
+        lets.push(
+          `let ${o.X}r${s} = (${b} / ${perRow}u) * ${SGM_FRAG}u; let ${o.X}c${s} = (${b} % ${perRow}u) * ${SGM_FRAG}u;`,
+        );
+        decls.push(`var ${o.X}g${s}: ${LEFT};`);
+      }
+    }
+  }
+
+  // Issues the global loads of the slice starting at K offset `k0` into the staging registers.
+  const loadSlice = (k0: string, indent: string): string => {
+    const out: string[] = [];
+    for (const o of ops) {
+      if (stage === "threads") {
+        for (let s = 0; s < sgmThreadSlots(c, o.p); s++) {
+          const r = `${o.X}r${s}`, col = `${o.X}c${s}`;
+          const load = `${o.X}[(${globalOffset(o, r, col, k0)}) / ${W}u]`;
+          out.push(
+            v.exact
+              ? `${o.X}g${s} = ${load};`
+              : `if (${inBounds(o, r, col, k0)}) { ${o.X}g${s} = ${load}; } else { ${o.X}g${s} = ${
+                wordType(W)
+              }(); }`,
+          );
+        }
+      } else {
+        for (let s = 0; s < sgmCopySlots(c, o.p); s++) {
+          const r = `${o.X}r${s}`, col = `${o.X}c${s}`;
+          out.push(
+            `${o.X}g${s} = subgroupMatrixLoad<${LEFT}, row_major>(&${o.X}, ${
+              globalOffset(o, r, col, k0)
+            }, ${o.ld});`,
+          );
+        }
+      }
+    }
+    return out.join(`\n${indent}`);
+  };
+
+  // Writes the staging registers into buffer `buf` (an element offset expression per operand).
+  const storeSlice = (bufA: string, bufB: string, indent: string): string => {
+    const out: string[] = [];
+    for (const o of ops) {
+      const buf = o.X === "A" ? bufA : bufB;
+      if (stage === "threads") {
+        const comps = ["x", "y", "z", "w"];
+        for (let s = 0; s < sgmThreadSlots(c, o.p); s++) {
+          const parts = [`let o = ${buf} + ${o.X}s${s};`];
+          for (let w = 0; w < words; w++) {
+            const word = words === 1 ? `${o.X}g${s}` : `${o.X}g${s}.${comps[w]}`;
+            parts.push(
+              `let h${w} = bitcast<vec2<f16>>(${word}); ${o.S}[o + ${2 * w}u] = h${w}.x; ${o.S}[o + ${
+                2 * w + 1
+              }u] = h${w}.y;`,
+            );
+          }
+          out.push(`{ ${parts.join(" ")} }`);
+        }
+      } else {
+        for (let s = 0; s < sgmCopySlots(c, o.p); s++) {
+          out.push(
+            `subgroupMatrixStore<row_major>(&${o.S}, ${buf} + ${o.X}r${s} * ${o.p.stride}u + ${o.X}c${s}, ${o.X}g${s}, ${o.p.stride}u);`,
+          );
+        }
+      }
+    }
+    return out.join(`\n${indent}`);
+  };
+
+  // The multiply-accumulates of one slice, reading fragments from staging buffers (or global memory).
+  const computeSlice = (bufA: string, bufB: string, k0: string): string => {
+    const out: string[] = [];
+    for (let kk = 0; kk < c.bk / SGM_FRAG; kk++) {
+      const body: string[] = [];
+      for (const o of ops) {
+        const type = o.X === "A" ? LEFT : RIGHT;
+        const name = o.X === "A" ? "a" : "b";
+        for (let i = 0; i < o.p.frags; i++) {
+          // the fragment's corner, split into the subgroup's part (runtime) and constants
+          const at = sgmFragmentOrigin(o.p, 0, i, kk);
+          const warpRow = o.p.kContiguous ? `${o.w} * ${o.p.warpTile}u + ` : "";
+          const warpCol = o.p.kContiguous ? "" : `${o.w} * ${o.p.warpTile}u + `;
+          if (stage === "global") {
+            const off = globalOffset(o, `${warpRow}${at.row}u`, `${warpCol}${at.col}u`, k0);
+            body.push(
+              `let ${name}${i} = subgroupMatrixLoad<${type}, ${
+                major(o.p.colMajor)
+              }>(&${o.X}, ${off}, ${o.ld});`,
+            );
+          } else {
+            const buf = o.X === "A" ? bufA : bufB;
+            const warpOff = o.X === "A" ? "aw" : "bw";
+            const off = `${buf} + ${warpOff} + ${at.row * o.p.stride + at.col}u`;
+            body.push(
+              `let ${name}${i} = subgroupMatrixLoad<${type}, ${
+                major(o.p.colMajor)
+              }>(&${o.S}, ${off}, ${o.p.stride}u);`,
+            );
+          }
+        }
+      }
+      for (let i = 0; i < pa.frags; i++) {
+        for (let j = 0; j < pb.frags; j++) {
+          body.push(`acc${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}, b${j}, acc${i}_${j});`);
+        }
+      }
+      out.push(`{\n      ${body.join("\n      ")}\n    }`);
+    }
+    return out.join("\n    ");
+  };
+
+  // ---- the K loop ----
+  const bufA = (t: string) => (c.buffers === 2 ? `(${t} & 1u) * ${pa.bufferElems}u` : "0u");
+  const bufB = (t: string) => (c.buffers === 2 ? `(${t} & 1u) * ${pb.bufferElems}u` : "0u");
+  let loop: string;
+  if (stage === "global") {
+    loop = `for (var t = 0u; t < ntiles; t++) {
+    let k0 = t * ${c.bk}u;
+    ${computeSlice("", "", "k0")}
+  }`;
+  } else if (c.buffers === 2) {
+    loop = `${loadSlice("0u", "  ")}
+  ${storeSlice("0u", "0u", "  ")}
+  workgroupBarrier();
+  for (var t = 0u; t < ntiles; t++) {
+    let more = t + 1u < ntiles;
+    if (more) {
+      let kn = (t + 1u) * ${c.bk}u;
+      ${loadSlice("kn", "      ")}
+    }
+    ${computeSlice(bufA("t"), bufB("t"), "")}
+    if (more) {
+      ${storeSlice(bufA("(t + 1u)"), bufB("(t + 1u)"), "      ")}
+    }
+    workgroupBarrier();
+  }`;
+  } else {
+    loop = `${loadSlice("0u", "  ")}
+  for (var t = 0u; t < ntiles; t++) {
+    ${storeSlice("0u", "0u", "    ")}
+    workgroupBarrier();
+    if (t + 1u < ntiles) {
+      let kn = (t + 1u) * ${c.bk}u;
+      ${loadSlice("kn", "      ")}
+    }
+    ${computeSlice("0u", "0u", "")}
+    workgroupBarrier();
+  }`;
+  }
+
+  // ---- epilogue ----
+  const epi: string[] = [];
+  const outT = L.out;
+  for (let i = 0; i < pa.frags; i++) {
+    for (let j = 0; j < pb.frags; j++) {
+      const row0 = `m0 + wmI * ${pa.warpTile}u + ${i * SGM_FRAG}u`;
+      const col0 = `n0 + wnI * ${pb.warpTile}u + ${j * SGM_FRAG}u`;
+      if (!staged) {
+        epi.push(
+          `subgroupMatrixStore<row_major>(&C, baseC + (${row0}) * p.n + ${col0}, subgroupMatrixScalarMultiply(acc${i}_${j}, p.alpha), p.n);`,
+        );
+        continue;
+      }
+      const writes: string[] = [];
+      for (let e = 0; e < sgmEpiloguePasses(c); e++) {
+        const cur = L.accumulate ? ` + f32(C[ci])` : "";
+        // scratch index -> subgroup slot -> that subgroup's fragment (i, j) in C (as sgmEpilogueElement)
+        writes.push(`{
+      let idx = lid + ${e * T}u;
+      let slot = idx / ${SGM_FRAG * SGM_FRAG}u;
+      let row = m0 + (slot % ${c.sgM}u) * ${pa.warpTile}u + ${i * SGM_FRAG}u + (idx % ${
+          SGM_FRAG * SGM_FRAG
+        }u) / ${SGM_FRAG}u;
+      let col = n0 + (slot / ${c.sgM}u) * ${pb.warpTile}u + ${j * SGM_FRAG}u + idx % ${SGM_FRAG}u;
+      ${v.exact ? "" : "if (row < p.m && col < p.n) "}{
+        let ci = baseC + row * p.n + col;
+        C[ci] = ${outT}(p.alpha * SC[idx]${cur});
+      }
+    }`);
+      }
+      epi.push(`subgroupMatrixStore<row_major>(&SC, sg * ${SGM_FRAG * SGM_FRAG}u, acc${i}_${j}, ${SGM_FRAG}u);
+  workgroupBarrier();
+  ${writes.join("\n  ")}
+  workgroupBarrier();`);
+    }
+  }
+
+  // groups of `swizzle` block rows, walked column by column (sgmBlockOf)
+  const swizzle = c.swizzle > 1
+    ? `let l = wid.y * nx + wid.x;
+  let per = ${c.swizzle}u * nx;
+  let first = (l / per) * ${c.swizzle}u;
+  let size = min(ny - first, ${c.swizzle}u);
+  let blockM = first + (l % per) % size;
+  let blockN = (l % per) / size;`
+    : `let blockM = wid.y;
+  let blockN = wid.x;`;
+  const accDecls: string[] = [];
+  for (let i = 0; i < pa.frags; i++) {
+    for (let j = 0; j < pb.frags; j++) accDecls.push(`var acc${i}_${j} = ${RESULT}();`);
+  }
+  const globalType = stage === "threads" ? wordType(W) : "f16";
+  const shared = stage === "global" ? "" : `var<workgroup> SA: array<f16, ${c.buffers * pa.bufferElems}>;
+var<workgroup> SB: array<f16, ${c.buffers * pb.bufferElems}>;`;
+  const scratch = staged ? `var<workgroup> SC: array<f32, ${NSG * SGM_FRAG * SGM_FRAG}>;` : "";
+  const warpOffsets = stage === "global" ? "" : ["aw", "bw"].map((name, x) => {
+    const o = ops[x];
+    // offset of the subgroup's first fragment: its warp index times the warp tile, along rows or columns
+    const step = o.p.kContiguous ? o.p.warpTile * o.p.stride : o.p.warpTile;
+    return `let ${name} = ${o.w} * ${step}u;`;
+  }).join("\n  ");
+
+  return `enable f16;
+enable subgroups;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium.subgroup_matrix_uniformity);
+// subgroup-matrix matmul ${L.transA ? "A^T" : "A"} x ${L.transB ? "B^T" : "B"} -> ${L.out}${
+    L.accumulate ? " (accumulate)" : ""
+  }, ${v.exact ? "whole blocks" : "bounds-checked"}, config ${sgmConfigName(c)}
+struct P { m: u32, n: u32, k: u32, strideA: u32, strideB: u32, strideC: u32,
+           offA: u32, offB: u32, offC: u32, alpha: f32, _a: u32, _b: u32 }
+@group(0) @binding(0) var<storage, read> A: array<${globalType}>;
+@group(0) @binding(1) var<storage, read> B: array<${globalType}>;
+@group(0) @binding(2) var<storage, read_write> C: array<${outT}>;
+@group(0) @binding(3) var<uniform> p: P;
+${shared}
+${scratch}
+
+@compute @workgroup_size(${T})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_id) sg: u32) {
+  let nx = (p.n + ${c.bn - 1}u) / ${c.bn}u;
+  let ny = (p.m + ${c.bm - 1}u) / ${c.bm}u;
+  ${swizzle}
+  let m0 = blockM * ${c.bm}u;
+  let n0 = blockN * ${c.bn}u;
+  let baseA = p.offA + wid.z * p.strideA;
+  let baseB = p.offB + wid.z * p.strideB;
+  let baseC = p.offC + wid.z * p.strideC;
+  let ldA = ${L.transA ? "p.m" : "p.k"};
+  let ldB = ${L.transB ? "p.k" : "p.n"};
+  let wmI = sg % ${c.sgM}u;
+  let wnI = sg / ${c.sgM}u;
+  ${warpOffsets}
+  ${lets.join("\n  ")}
+  ${decls.join("\n  ")}
+  ${accDecls.join("\n  ")}
+  let ntiles = (p.k + ${c.bk - 1}u) / ${c.bk}u;
+  ${loop}
+  ${epi.join("\n  ")}
+}
+`;
+}

@@ -1,0 +1,179 @@
+/**
+ * Compiles every variant of the subgroup-matrix matmul (each config of the sweep, the op's configs, all four
+ * transpose layouts, f32 and f16 output, accumulate, whole-block and bounds-checked shapes, direct and staged
+ * epilogues) with Dawn's WGSL compiler (Tint) on Dawn's null backend, which offers
+ * `chromium-experimental-subgroup-matrix` (though no matrix configurations) and executes nothing.
+ *
+ * Every variant must create a shader module without errors or warnings (Tint parses, resolves and validates the
+ * types, builtins, template arguments and uniformity there). A pipeline is also created where the null adapter's
+ * limits allow it (16 KiB of workgroup memory, workgroup x size a multiple of its largest subgroup size, 128),
+ * which adds Dawn's pipeline-level checks of the subgroup-matrix rules. Prints one JSON line:
+ * `{ variants, pipelines, failures: string[] }`, or `{ skipped: reason }`.
+ *
+ * Run by `matmul_sgm_test.ts` in a subprocess (like dense_tint_check.ts, for the same reasons).
+ *
+ * @module
+ */
+import {
+  pickSgmConfig,
+  SGM_LARGE,
+  SGM_SMALL,
+  SGM_SWEEP,
+  type SgmConfig,
+  sgmConfigName,
+  type SgmLayout,
+  sgmSharedBytes,
+  sgmThreads,
+  sgmVariantWgsl,
+} from "../../kernels/matmul_subgroup_matrix.ts";
+
+/** A config small enough for the null adapter's limits, so that one variant family also builds a pipeline. */
+export const SGM_TINY: SgmConfig = {
+  bm: 32,
+  bn: 32,
+  bk: 16,
+  sgM: 2,
+  sgN: 2,
+  stage: "threads",
+  vec: 4,
+  pad: 8,
+  buffers: 2,
+  swizzle: 2,
+};
+
+interface Variant {
+  name: string;
+  code: string;
+  sharedBytes: number;
+  threads: number;
+}
+
+function allVariants(): Variant[] {
+  const variants = new Map<string, Variant>();
+  const configs: SgmConfig[] = [...SGM_SWEEP, SGM_TINY, { ...SGM_TINY, bk: 32, stage: "fragments" }];
+  // the op's picks for unaligned widths
+  for (const k of [4104, 4098]) {
+    const c = pickSgmConfig({ m: 4096, n: 4096, k, batch: 1, strideA: 0, strideB: 0, strideC: 0 }, {
+      transA: false,
+      transB: true,
+      out: "f16",
+      accumulate: false,
+    });
+    if (c) configs.push(c);
+  }
+  // Layouts and outputs are generated per operand, independently of the config: every combination for the op's
+  // configs and the tiny ones, and for the rest of the sweep what the benchmark runs (A B^T, plus the other
+  // layouts with an f16 C).
+  const full = new Set([SGM_LARGE, SGM_SMALL, SGM_TINY].map(sgmConfigName));
+  for (const c of configs) {
+    const all = full.has(sgmConfigName(c)) || c.bm === SGM_TINY.bm;
+    for (const transA of [false, true]) {
+      for (const transB of [false, true]) {
+        for (const out of ["f32", "f16"] as const) {
+          for (const accumulate of [false, true]) {
+            if (!all && (accumulate || ((transA || !transB) && out === "f32"))) continue;
+            const layout: SgmLayout = { transA, transB, out, accumulate };
+            const shapes: [boolean, boolean][] = c.stage === "threads"
+              ? [[true, false], [false, false]]
+              : [[true, false]];
+            if (out === "f32" && !accumulate) shapes.push([true, true]);
+            for (const [exact, direct] of shapes) {
+              const code = sgmVariantWgsl(c, layout, exact, direct);
+              const name = `${sgmConfigName(c)} ${transA ? "t" : "n"}${transB ? "t" : "n"} ${out}` +
+                `${accumulate ? " acc" : ""} ${exact ? "exact" : "checked"}${direct ? " direct" : ""}`;
+              variants.set(name, {
+                name,
+                code,
+                sharedBytes: sgmSharedBytes(c, layout, !direct),
+                threads: sgmThreads(c),
+              });
+            }
+          }
+        }
+      }
+    }
+  }
+  return [...variants.values()];
+}
+
+// Dawn's GPU object must stay referenced while the device lives (see dense_tint_check.ts).
+let dawnGpu: GPU | null = null;
+
+async function dawnNullDevice(): Promise<{ device: GPUDevice; maxSubgroup: number } | string> {
+  try {
+    if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", "/tmp");
+    const mod = await import("webgpu");
+    for (const [k, v] of Object.entries(mod.globals as Record<string, unknown>)) {
+      if (!(k in globalThis)) (globalThis as Record<string, unknown>)[k] = v;
+    }
+    dawnGpu = mod.create(["enable-dawn-features=allow_unsafe_apis", "backend=null"]);
+    const adapter = await dawnGpu.requestAdapter();
+    if (!adapter) return "Dawn's null backend offers no adapter";
+    const wanted = ["shader-f16", "subgroups", "chromium-experimental-subgroup-matrix"] as GPUFeatureName[];
+    const missing = wanted.filter((f) => !adapter.features.has(f));
+    if (missing.length) return `Dawn's null adapter lacks ${missing.join(", ")}`;
+    const device = await adapter.requestDevice({
+      requiredFeatures: wanted,
+      requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize },
+    });
+    const info = adapter.info as GPUAdapterInfo & { subgroupMaxSize?: number };
+    return { device, maxSubgroup: info.subgroupMaxSize ?? 128 };
+  } catch (e) {
+    return `Dawn (npm:webgpu) unavailable: ${e}`;
+  }
+}
+
+async function check(
+  device: GPUDevice,
+  maxSubgroup: number,
+): Promise<{ variants: number; pipelines: number; failures: string[] }> {
+  const failures: string[] = [];
+  const variants = allVariants();
+  let pipelines = 0;
+  const entries: GPUBindGroupLayoutEntry[] = [
+    ...(["read-only-storage", "read-only-storage", "storage"] as const).map((type, binding) => ({
+      binding,
+      visibility: GPUShaderStage.COMPUTE,
+      buffer: { type },
+    })),
+    {
+      binding: 3,
+      visibility: GPUShaderStage.COMPUTE,
+      buffer: { type: "uniform", hasDynamicOffset: true, minBindingSize: 48 },
+    },
+  ];
+  for (const v of variants) {
+    device.pushErrorScope("validation");
+    const module = device.createShaderModule({ code: v.code });
+    if (
+      v.sharedBytes <= device.limits.maxComputeWorkgroupStorageSize && v.threads % maxSubgroup === 0 &&
+      v.threads <= device.limits.maxComputeInvocationsPerWorkgroup
+    ) {
+      const layout = device.createBindGroupLayout({ entries });
+      device.createComputePipeline({
+        layout: device.createPipelineLayout({ bindGroupLayouts: [layout] }),
+        compute: { module, entryPoint: "main" },
+      });
+      pipelines++;
+    }
+    const err = await device.popErrorScope();
+    const info = await module.getCompilationInfo();
+    const msgs = info.messages.filter((m) => m.type !== "info");
+    if (err || msgs.length > 0) {
+      failures.push(
+        `${v.name}: ${err?.message ?? ""}\n${
+          msgs.map((m) => `  ${m.lineNum}:${m.linePos} ${m.message}`).join("\n")
+        }`,
+      );
+    }
+  }
+  return { variants: variants.length, pipelines, failures };
+}
+
+if (import.meta.main) {
+  const dev = await dawnNullDevice();
+  console.log(
+    JSON.stringify(typeof dev === "string" ? { skipped: dev } : await check(dev.device, dev.maxSubgroup)),
+  );
+  Deno.exit(0); // skip Dawn's teardown
+}
