@@ -5,6 +5,7 @@
  * @module
  */
 import { dirname, join } from "node:path";
+import { tmpdir } from "node:os";
 import { repoFolderName } from "../../models/hub.ts";
 import { fixture, TEACHER } from "./helpers.ts";
 import { type CliResult, lastRun, runCli, type TempProject, tempProject } from "../pipelines/helpers.ts";
@@ -81,13 +82,22 @@ export async function writeHubSnapshot(
   return snapshot;
 }
 
-/** Runs `fn` with environment variables set (e.g. HF_HUB_CACHE, HF_HUB_OFFLINE), restoring them after. */
+/**
+ * Runs `fn` with environment variables set (e.g. HF_HUB_CACHE, HF_HUB_OFFLINE), restoring them after.
+ * `deno test --parallel` runs test files on threads of one process, which share one environment: without the
+ * lock, one file's restore could pull another's HF_HUB_CACHE away mid-run. An exclusive file lock (each call
+ * opens the file anew, so threads exclude each other) lets one such section run at a time.
+ */
 export async function withEnv<T>(vars: Record<string, string>, fn: () => Promise<T>): Promise<T> {
+  const lock = await Deno.open(join(tmpdir(), "distillery-tests-env.lock"), { create: true, write: true });
+  await lock.lock(true);
   const old = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
   for (const [k, v] of Object.entries(vars)) Deno.env.set(k, v);
   try {
     return await fn();
   } finally {
     for (const [k, v] of Object.entries(old)) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
+    await lock.unlock();
+    lock.close();
   }
 }
