@@ -9,6 +9,7 @@
  * | `model`  | 1B-shape teacher and 50% hybrid: prefill, decode, train step (bench/model.ts)     |
  * | `fit`    | Zephyr-7B-shape distill step: memory plan, peak memory, tokens/s (distill_fit.ts) |
  * | `decode` | per-op profile of a batch-1 decode step (bench/decode_profile.ts)                  |
+ * | `prefill`| per-op profile of a 2048-token hybrid prefill (bench/prefill_profile.ts)          |
  * | `stress` | Dawn stability: thousands of training steps through a sync pattern               |
  * | `probe`  | what each WebGPU provider offers here (bench/probe.ts)                            |
  * | `spec`   | speculative decoding on a 1B-shape hybrid: fused vs unfused verify, speedup        |
@@ -56,6 +57,10 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   decode: {
     doc: "per-op profile of one batch-1 decode step (--gpu, --quick)",
     run: script("./decode_profile.ts"),
+  },
+  prefill: {
+    doc: "per-op profile of a 2048-token prefill of the 1B-shape hybrid, and whole forwards (--gpu, --quick)",
+    run: script("./prefill_profile.ts"),
   },
   stress: {
     doc: "Dawn stability: --step train --steps 20000 --sync-every 10",

@@ -290,10 +290,10 @@ export function validateSgmConfig(
 // ---- configurations ----------------------------------------------------------------------------------------
 
 /**
- * The default for large products: 128x128 blocks, 8 subgroups of 64x32 (4x2 fragments), K slices of 32 staged by
- * 16-byte thread loads, double buffered. Exactly 48 KiB of workgroup memory with the epilogue scratch.
+ * The double-buffered 128x128 design the sweep varies: 8 subgroups of 64x32 (4x2 fragments), K slices of 32
+ * staged by 16-byte thread loads into two buffers. Exactly 48 KiB of workgroup memory with the epilogue scratch.
  */
-export const SGM_LARGE: SgmConfig = {
+export const SGM_DOUBLE_BUFFERED: SgmConfig = {
   bm: 128,
   bn: 128,
   bk: 32,
@@ -305,6 +305,13 @@ export const SGM_LARGE: SgmConfig = {
   buffers: 2,
   swizzle: 8,
 };
+
+/**
+ * The default for large products: {@linkcode SGM_DOUBLE_BUFFERED} with K slices of 64 in one buffer, the fastest
+ * config of the first H200 sweep (197 TFLOP/s at 4096^3 against 76 for the double-buffered one, BENCHMARKS.md):
+ * the prefetch registers of double buffering cost more occupancy than the overlap gains.
+ */
+export const SGM_LARGE: SgmConfig = { ...SGM_DOUBLE_BUFFERED, bk: 64, buffers: 1 };
 
 /** 64x64 blocks of 4 subgroups (2x2 fragments each): products with too few 128x128 blocks to fill the GPU. */
 export const SGM_SMALL: SgmConfig = {
@@ -322,21 +329,23 @@ export const SGM_SMALL: SgmConfig = {
 
 /**
  * The benchmark's sweep: block shape, fragments per subgroup (register reuse), K slice, staging mode,
- * buffering, load width, padding and block order, one or two changes from {@linkcode SGM_LARGE} each, plus the
+ * buffering, load width, padding and block order, one or two changes from {@linkcode SGM_LARGE} or
+ * {@linkcode SGM_DOUBLE_BUFFERED} each, plus the
  * unstaged control. bench/matmul_sgm.ts runs them all.
  */
 export const SGM_SWEEP: readonly SgmConfig[] = [
   SGM_LARGE,
-  { ...SGM_LARGE, sgM: 4, sgN: 2 }, // 8 subgroups of 32x64 (2x4 fragments)
-  { ...SGM_LARGE, sgM: 2, sgN: 2 }, // 4 subgroups of 64x64 (4x4 fragments)
-  { ...SGM_LARGE, bn: 256, bk: 16 }, // 128x256, 8 subgroups of 64x64
-  { ...SGM_LARGE, bm: 256, bk: 16, sgM: 4, sgN: 2 }, // 256x128, 8 subgroups of 64x64
-  { ...SGM_LARGE, bn: 256, buffers: 1 }, // 128x256x32 single buffer
-  { ...SGM_LARGE, bk: 64, buffers: 1 }, // deeper K slice, single buffer
-  { ...SGM_LARGE, stage: "fragments" }, // subgroups copy 16x16 blocks through fragment registers
-  { ...SGM_LARGE, vec: 4 }, // 8-byte loads
-  { ...SGM_LARGE, pad: 0 }, // bank conflicts' cost
-  { ...SGM_LARGE, swizzle: 1 }, // plain block order
+  { ...SGM_LARGE, sgM: 4, sgN: 2 }, // the default with 8 subgroups of 32x64
+  { ...SGM_LARGE, bn: 256, bk: 32 }, // 128x256x32 single buffer (176 TFLOP/s at 4096^3 in the first sweep)
+  SGM_DOUBLE_BUFFERED,
+  { ...SGM_DOUBLE_BUFFERED, sgM: 4, sgN: 2 }, // 8 subgroups of 32x64 (2x4 fragments)
+  { ...SGM_DOUBLE_BUFFERED, sgM: 2, sgN: 2 }, // 4 subgroups of 64x64 (4x4 fragments)
+  { ...SGM_DOUBLE_BUFFERED, bn: 256, bk: 16 }, // 128x256, 8 subgroups of 64x64
+  { ...SGM_DOUBLE_BUFFERED, bm: 256, bk: 16, sgM: 4, sgN: 2 }, // 256x128, 8 subgroups of 64x64
+  { ...SGM_DOUBLE_BUFFERED, stage: "fragments" }, // subgroups copy 16x16 blocks through fragment registers
+  { ...SGM_DOUBLE_BUFFERED, vec: 4 }, // 8-byte loads
+  { ...SGM_DOUBLE_BUFFERED, pad: 0 }, // bank conflicts' cost
+  { ...SGM_DOUBLE_BUFFERED, swizzle: 1 }, // plain block order
   SGM_SMALL,
   { ...SGM_SMALL, bk: 16, stage: "global", buffers: 1, pad: 0 }, // no staging: the 35 TFLOP/s starting point
 ];

@@ -460,7 +460,7 @@ Deno.test("subgroup-matrix configs: the sweep fits the H200's limits; malformed 
   assert.throws(() => validateSgmConfig({ ...SGM_LARGE, bk: 24 }), /bk must be/);
   assert.throws(() => validateSgmConfig({ ...SGM_LARGE, pad: 4 }), /pad must be/);
   assert.throws(() => validateSgmConfig({ ...SGM_LARGE, bm: 80 }), /multiple of 16 \* sgM/);
-  assert.throws(() => validateSgmConfig({ ...SGM_LARGE, bk: 64 }, h200), /bytes of workgroup memory/);
+  assert.throws(() => validateSgmConfig({ ...SGM_LARGE, buffers: 2 }, h200), /bytes of workgroup memory/);
   assert.throws(() => validateSgmConfig({ ...SGM_SMALL, bm: 32, bn: 32, bk: 16 }), /loads per thread/);
   // fragment origins stay 16-byte aligned (multiples of 8 halves), as Vulkan's cooperative matrix loads need
   for (const c of SGM_SWEEP) {
@@ -522,7 +522,7 @@ Deno.test("matmul op: f16 products take the subgroup-matrix kernel exactly when 
     new RegExp(`^sgm_nt_f16_exact_${sgmConfigName(SGM_LARGE)}$`),
   );
   assert.match(key(H200_LIKE, shape(512, 512, 4096)), new RegExp(`_${sgmConfigName(SGM_SMALL)}$`));
-  assert.match(key(H200_LIKE, shape(4096, 4096, 4100)), /^sgm_nt_f16_checked_128x128x32_2x4_threads_v4_/);
+  assert.match(key(H200_LIKE, shape(4096, 4096, 4100)), /^sgm_nt_f16_checked_128x128x64_2x4_threads_v4_/);
   assert.match(key(H200_LIKE, shape(4096, 4096, 4098)), /_threads_v2_/);
   // every transpose and accumulation (backward passes) also qualify
   assert.match(
