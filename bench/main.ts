@@ -10,6 +10,7 @@
  * | `fit`    | Zephyr-7B-shape distill step: memory plan, peak memory, tokens/s (distill_fit.ts) |
  * | `decode` | per-op profile of a batch-1 decode step (bench/decode_profile.ts)                  |
  * | `prefill`| per-op profile of a 2048-token hybrid prefill (bench/prefill_profile.ts)          |
+ * | `overhead`| CPU cost per dispatch of a decode step (tiny widths; bench/decode_overhead.ts)   |
  * | `stress` | Dawn stability: thousands of training steps through a sync pattern               |
  * | `probe`  | what each WebGPU provider offers here (bench/probe.ts)                            |
  * | `spec`   | speculative decoding on a 1B-shape hybrid: fused vs unfused verify, speedup        |
@@ -61,6 +62,10 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   prefill: {
     doc: "per-op profile of a 2048-token prefill of the 1B-shape hybrid, and whole forwards (--gpu, --quick)",
     run: script("./prefill_profile.ts"),
+  },
+  overhead: {
+    doc: "CPU cost per dispatch of the GPU-resident decode loop, tiny widths (--gpu, --tokens)",
+    run: script("./decode_overhead.ts"),
   },
   stress: {
     doc: "Dawn stability: --step train --steps 20000 --sync-every 10",

@@ -38,6 +38,14 @@ const DAWN_TOGGLES = ["allow_unsafe_apis", "vulkan_enable_f16_on_nvidia"];
  */
 export const DAWN_TOGGLES_ENV_VAR = "DISTILLERY_DAWN_TOGGLES";
 
+/**
+ * Environment variable naming Dawn's backend (`vulkan`, `null`, ...). `null` executes nothing but records,
+ * validates and submits like a real one, so a decode loop under it measures what our code and Dawn's binding
+ * cost on the CPU per dispatch on a machine without a GPU. Diagnostics only: reads return garbage, and kernels
+ * needing more than 16 KiB of workgroup memory fail there.
+ */
+export const DAWN_BACKEND_ENV_VAR = "DISTILLERY_DAWN_BACKEND";
+
 function dawnFlags(): string[] {
   let extra: string[] = [];
   try {
@@ -45,7 +53,15 @@ function dawnFlags(): string[] {
   } catch {
     // no env permission: the default toggles
   }
-  return [`enable-dawn-features=${[...DAWN_TOGGLES, ...extra].join(",")}`];
+  const flags = [`enable-dawn-features=${[...DAWN_TOGGLES, ...extra].join(",")}`];
+  let backend: string | undefined;
+  try {
+    backend = Deno.env.get(DAWN_BACKEND_ENV_VAR);
+  } catch {
+    // no env permission: Dawn picks its backend
+  }
+  if (backend) flags.push(`backend=${backend}`);
+  return flags;
 }
 
 const INSTALL_HINT = "On a machine without a GPU, install Mesa's Vulkan driver (software adapter): " +

@@ -1,0 +1,80 @@
+/**
+ * The CPU cost of a decode step per dispatch: the 16-layer 1B-shape teacher and its 50% hybrid with tiny widths
+ * (hidden 64, vocab 256), so the GPU's own work is negligible and the GPU-resident greedy loop's time per token
+ * is what recording, submitting and the provider's per-dispatch work cost. Also splits out the time spent inside
+ * `GpuDevice.dispatch` (our bookkeeping plus the binding's setPipeline/setBindGroup/dispatchWorkgroups).
+ *
+ *   deno run -A bench/decode_overhead.ts --gpu dawn
+ *   DISTILLERY_DAWN_BACKEND=null deno run -A bench/decode_overhead.ts --gpu dawn   # no GPU needed
+ *
+ * On the H200 the 1B teacher decodes at about 25 ms per token with 131 dispatches per token; this benchmark says
+ * how much of that the CPU side alone costs.
+ *
+ * @module
+ */
+import { Runtime } from "../runtime/runtime.ts";
+import { createDevice } from "../runtime/device.ts";
+import { parseProviderPreference } from "../runtime/provider.ts";
+import { CausalLM } from "../models/causal_lm.ts";
+import { makeMamba2Config } from "../models/config.ts";
+import { greedyResident } from "../models/generate.ts";
+import { llama32OneB } from "./model.ts";
+import { flag } from "./harness.ts";
+
+const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
+const rt = new Runtime(await createDevice({ gpu }));
+const cfg = {
+  ...llama32OneB(false),
+  hiddenSize: 64,
+  numHeads: 4,
+  numKvHeads: 2,
+  headDim: 16,
+  intermediateSize: 128,
+  vocabSize: 256,
+};
+const newTokens = Number(flag("tokens") ?? 128);
+const dev = rt.dev;
+const dispatch = dev.dispatch.bind(dev);
+let inDispatch = 0;
+dev.dispatch = (...args: Parameters<typeof dispatch>) => {
+  const t = performance.now();
+  dispatch(...args);
+  inDispatch += performance.now() - t;
+};
+for (const which of ["teacher", "hybrid"]) {
+  const attn = Array.from({ length: cfg.numLayers / 2 }, (_, i) => 2 * i + 1);
+  const lm = CausalLM.random(rt, cfg, which === "hybrid" ? makeMamba2Config(cfg, attn) : null, {
+    seed: 1,
+    chunkSize: 16,
+  });
+  const prompt = new Int32Array(16).map((_, i) => i + 3);
+  try {
+    await greedyResident(lm, prompt, { maxNewTokens: 32, chunk: 32 }); // compiles every pipeline
+  } catch (e) {
+    // e.g. Dawn's null backend, whose 16 KiB of workgroup memory the chunked SSD scan exceeds
+    console.log(
+      JSON.stringify({ bench: "decode_overhead", provider: dev.provider, model: which, error: String(e) }),
+    );
+    lm.dispose();
+    continue;
+  }
+  const d0 = dev.stats.dispatches;
+  inDispatch = 0;
+  const t0 = performance.now();
+  await greedyResident(lm, prompt, { maxNewTokens: newTokens, chunk: 32 });
+  const ms = performance.now() - t0;
+  const dispatches = (dev.stats.dispatches - d0) / newTokens;
+  console.log(JSON.stringify({
+    bench: "decode_overhead",
+    provider: dev.provider,
+    device: dev.describe(),
+    model: which,
+    layers: cfg.numLayers,
+    new_tokens: newTokens,
+    ms_per_token: +(ms / newTokens).toFixed(3),
+    dispatches_per_token: +dispatches.toFixed(1),
+    us_per_dispatch: +((ms * 1000) / newTokens / dispatches).toFixed(1),
+    us_in_dispatch_call: +((inDispatch * 1000) / newTokens / dispatches).toFixed(1),
+  }));
+  lm.dispose();
+}
