@@ -17,6 +17,8 @@
  * |              | newly converted layer attention-initialised (the paper's 50% -> 25%)     |
  * | `d50_random` | 50%, random mixer init (the paper's ablation)                            |
  * | `d50_mlp`    | 50%, attention init, Mamba layers and MLPs train (the frozen-MLP ablation) |
+ * | `d50_prog`   | 50% reached progressively (method.md): layer 2 converted first (attn [0, 1, 3, 4]) for half |
+ * |              | the steps, then layers 0 and 4 attention-initialised (attn [1, 3]) for the other half     |
  * | `d50_all`    | the trained d50 again for as many steps with every parameter training at `--lr2` |
  * |              | (an end-to-end phase like the paper's SFT stage: the Mamba-only d50 plateaued |
  * |              | at x1.07 on the H200)                                                    |
@@ -142,6 +144,14 @@ export function qualityRecipe(o: DistillQualityOptions): string {
     d50_mlp: `    kind: distill
     params: ${train(", attn_layers: [1, 3], trainable: mamba_mlp")}
     inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }`,
+    d50_prog: `    kind: distill
+    params: ${
+      train(
+        `, schedule: [{ attn_layers: [0, 1, 3, 4], steps: ${Math.floor(o.steps / 2)} }, ` +
+          `{ attn_layers: [1, 3], steps: ${o.steps - Math.floor(o.steps / 2)} }]`,
+      )
+    }
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }`,
     d50_all: `    kind: distill
     params: ${train(", attn_layers: [1, 3], trainable: all", o.lr2, o.ce2, o.kl2)}
     inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}", student: "\${d50.model}" }`,
@@ -155,7 +165,17 @@ export function qualityRecipe(o: DistillQualityOptions): string {
   const needed = new Set(o.variants);
   if (needed.has("d25") || needed.has("d50_all")) needed.add("d50");
   if (needed.has("d50_random")) needed.add("random_init");
-  const names = ["labels", "tokens", "random_init", "d50", "d25", "d50_random", "d50_mlp", "d50_all"].filter((
+  const names = [
+    "labels",
+    "tokens",
+    "random_init",
+    "d50",
+    "d25",
+    "d50_random",
+    "d50_mlp",
+    "d50_prog",
+    "d50_all",
+  ].filter((
     n,
   ) => n === "labels" || n === "tokens" || needed.has(n));
   const body = names.filter((n) => stages[n]).map((n) => `  ${n}:\n${stages[n]}`).join("\n");
