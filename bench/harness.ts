@@ -52,3 +52,61 @@ export function randomTensor(rt: Runtime, shape: number[], lo: number, hi: numbe
   }
   return rt.tensor(data, shape).keep();
 }
+
+/** One kernel's share of a recorded workload: GPU time summed over its dispatches. */
+export interface KernelTime {
+  /** Kernel key (the WGSL variant). */
+  kernel: string;
+  /** Dispatches of it in the workload. */
+  dispatches: number;
+  /** Summed GPU milliseconds of those dispatches. */
+  ms: number;
+  /** The largest dispatch's workgroup count. */
+  maxWorkgroups: number;
+}
+
+/**
+ * Times every dispatch that `record` makes, one at a time with timestamp queries (`GpuDevice.timeDispatch`, each
+ * repeated `iters` times in its own pass), and sums them per kernel, slowest first. The dispatches still run
+ * normally once; their buffers stay alive while they are timed, so call this inside a scope. Undefined without
+ * `timestamp-query`. Each timed dispatch reruns on the inputs it last saw, which is fine for timing and wrong
+ * for values: the workload's outputs are garbage afterwards.
+ */
+export async function profileDispatches(
+  rt: Runtime,
+  record: () => void,
+  iters = 3,
+): Promise<KernelTime[] | undefined> {
+  const dev = rt.dev;
+  if (!dev.features.timestamps) return undefined;
+  const seen: Parameters<typeof dev.dispatch>[] = [];
+  const dispatch = dev.dispatch;
+  dev.dispatch = (spec, buffers, workgroups, uniforms) => {
+    const u = uniforms === undefined
+      ? undefined
+      : uniforms instanceof ArrayBuffer
+      ? uniforms.slice(0)
+      : uniforms.buffer.slice(uniforms.byteOffset, uniforms.byteOffset + uniforms.byteLength);
+    seen.push([spec, [...buffers], workgroups, u as ArrayBuffer | undefined]);
+    dispatch.call(dev, spec, buffers, workgroups, uniforms);
+  };
+  try {
+    record();
+  } finally {
+    dev.dispatch = dispatch;
+  }
+  await dev.sync();
+  const byKernel = new Map<string, KernelTime>();
+  for (const [spec, buffers, workgroups, uniforms] of seen) {
+    // undefined: below the timer's resolution (or timestamps refused inside a pass), counted as 0
+    const ms =
+      await dev.timeDispatch(spec, buffers, workgroups, uniforms as ArrayBuffer | undefined, iters) ?? 0;
+    const wg = workgroups.reduce<number>((a, b) => a * (b ?? 1), 1);
+    const row = byKernel.get(spec.key) ?? { kernel: spec.key, dispatches: 0, ms: 0, maxWorkgroups: 0 };
+    row.dispatches++;
+    row.ms += ms;
+    row.maxWorkgroups = Math.max(row.maxWorkgroups, wg);
+    byKernel.set(spec.key, row);
+  }
+  return [...byKernel.values()].sort((a, b) => b.ms - a.ms);
+}

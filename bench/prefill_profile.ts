@@ -1,7 +1,8 @@
 /**
  * Where the time of a 2048-token prefill of the 1B-shape 50% hybrid goes: each op of one Mamba2 layer timed alone
  * at its prefill shape (copies recorded back to back, one read at the end), next to whole forward passes of the
- * hybrid and its teacher.
+ * hybrid and its teacher, and every dispatch of one forward of each timed alone with timestamp queries (GPU
+ * milliseconds summed per kernel, slowest first).
  *
  *   deno run -A bench/prefill_profile.ts --gpu dawn [--quick]
  *
@@ -19,7 +20,7 @@ import { causalConv1d } from "../runtime/ops/conv1d.ts";
 import { ssdScan } from "../runtime/ops/ssd.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
 import type { Tensor } from "../runtime/tensor.ts";
-import { flag, randomTensor } from "./harness.ts";
+import { flag, profileDispatches, randomTensor } from "./harness.ts";
 
 const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
 const quick = Deno.args.includes("--quick");
@@ -93,6 +94,18 @@ await rt.noGrad(async () => {
     });
     const ids = new Int32Array(T).map((_, i) => (i * 7919) % cfg.vocabSize);
     await time(`${which} forward, full logits`, () => lm.forward(ids, 1, T).logits, 3);
+    // every dispatch of one forward timed alone: which kernel the time goes to
+    const kernels = await rt.scope(() => profileDispatches(rt, () => void lm.forward(ids, 1, T).logits));
+    for (const k of kernels ?? []) {
+      console.log(JSON.stringify({
+        bench: "prefill_profile",
+        provider: rt.dev.provider,
+        model: which,
+        tokens: T,
+        ...k,
+        ms: +k.ms.toFixed(3),
+      }));
+    }
     lm.dispose();
   }
 });
