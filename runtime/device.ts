@@ -90,6 +90,22 @@ export interface DeviceStats {
 }
 
 const UNIFORM_ARENA_BYTES = 1 << 20;
+/**
+ * Environment variable: submit after every N dispatches (0 or unset: only when a read, a write or a full uniform
+ * arena needs it, about 4,096 dispatches). Submitting early lets the GPU start on a long recording while the CPU
+ * records the rest; whether that pays on Dawn is measured in BENCHMARKS.md (on llvmpipe it does not).
+ */
+export const FLUSH_EVERY_ENV_VAR = "DISTILLERY_FLUSH_EVERY";
+
+function flushEvery(): number {
+  try {
+    const n = Number(Deno.env.get(FLUSH_EVERY_ENV_VAR) ?? 0);
+    return Number.isInteger(n) && n > 0 ? n : 0;
+  } catch {
+    return 0; // no env permission: the default
+  }
+}
+const FLUSH_EVERY = flushEvery();
 const UNIFORM_SLOT_BYTES = 256;
 
 let bufferIds = new WeakMap<GPUBuffer, number>();
@@ -135,6 +151,7 @@ export class GpuDevice {
   #uniformArena: GPUBuffer;
   #uniformMirror = new ArrayBuffer(UNIFORM_ARENA_BYTES);
   #uniformUsed = 0;
+  #sinceFlush = 0;
   #uniformAlign: number;
   #staging: GPUBuffer[] = [];
   #lost = false;
@@ -283,6 +300,7 @@ export class GpuDevice {
     else pass.setBindGroup(0, bg);
     pass.dispatchWorkgroups(x, y, z);
     this.stats.dispatches++;
+    if (FLUSH_EVERY > 0 && ++this.#sinceFlush >= FLUSH_EVERY) this.flush();
   }
 
   #bindGroup(k: CompiledKernel, buffers: readonly BufferSlice[]): GPUBindGroup {
@@ -350,6 +368,7 @@ export class GpuDevice {
     }
     this.gpu.queue.submit([enc.finish()]);
     this.#encoder = null;
+    this.#sinceFlush = 0;
     this.stats.submits++;
   }
 

@@ -70,3 +70,32 @@ Deno.test(
     });
   },
 );
+
+Deno.test(
+  "runtime: DISTILLERY_FLUSH_EVERY submits every N dispatches, and results stay in program order",
+  async () => {
+    // the setting is read once per process, so the check runs in a child process
+    const script = `
+      import { testRuntime } from "${new URL("../helpers/gpu.ts", import.meta.url).href}";
+      const rt = await testRuntime();
+      await rt.scope(async () => {
+        const t = rt.zeros([64]);
+        const s0 = rt.dev.stats.submits;
+        // uniforms differ per dispatch, so an early submit that lost or reordered them shows in the sum
+        for (let i = 1; i <= 50; i++) rt.axpyInPlace(t, rt.full([64], 1), i);
+        const v = await t.read();
+        console.log(JSON.stringify({ sum: v[0], submits: rt.dev.stats.submits - s0 }));
+      });`;
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--ext=ts", script],
+      env: { DISTILLERY_FLUSH_EVERY: "3" },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout);
+    assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+    const { sum, submits } = JSON.parse(text.trim().split("\n").at(-1)!);
+    assert.equal(sum, (50 * 51) / 2);
+    assert.ok(submits >= 30, `100 dispatches at 3 per submit made only ${submits} submits`);
+  },
+);
