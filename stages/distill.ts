@@ -249,8 +249,9 @@ export const distillStage = defineStage({
           ctx.log.info(`phase ${k + 1}/${phases.length}: attention layers [${phases[k].attn}]`);
         }
         // The student borrows the teacher's frozen tensors it holds unchanged (CausalLM's ShareFrom): they are
-        // views of the teacher's storage, so the student disposed at the end of each phase never frees them, and
-        // the teacher, disposed after every phase, is never trained or written while a student lives.
+        // views of the teacher's storage, so disposing the student at the end of each phase never frees them.
+        // The teacher outlives every student (disposed in the outer finally, after the last phase's student) and
+        // is never trained or written; the output model is read from the student while it lives (fromGpu).
         const student: CausalLM = toGpu(rt, start, ctx.settings, { trainable: isTrainable, share });
         if (student.borrowed.size > 0) {
           const bytes = [...student.borrowed].reduce((a, n) => a + student.params.get(n)!.byteLength, 0);
