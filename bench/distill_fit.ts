@@ -14,18 +14,21 @@
  * printed row is one step's wall time with its GPU work.
  *
  * Memory budget on paper (f32, batch 1 x 2048; GiB = 2^30 bytes of pool buffers, i.e. rounded up to the pool's
- * size classes; `memoryPlan` computes it and the run prints it before allocating):
+ * size classes; `memoryPlan` computes it and the run prints it before allocating). As in the distill stage, the
+ * student borrows the teacher's frozen tensors (`CausalLM`'s `ShareFrom`: views of the teacher's buffers, group
+ * `shared` in the plan); `--share false` gives it copies, the last column:
  *
- * | what                                                                              | params  | GiB  |
- * | --------------------------------------------------------------------------------- | ------- | ---- |
- * | teacher: embed 0.5, lm_head 0.5, attention 5.0, MLP 21.0, norms                    | 7.242 B | 27.0 |
- * | student: embed, lm_head, MLP, norms 22.0; 16 attention layers 2.5; 16 Mamba2 4.0   | 7.513 B | 28.5 |
- * | gradients of the Mamba parameters (f32)                                            | 0.942 B | 4.0  |
- * | AdamW m and v (f32)                                                                | 1.884 B | 8.0  |
- * | static total                                                                       |         | 67.5 |
- * | teacher forward activations, logits included (back to the pool before the student) |         | 20.6 |
- * | student forward activations, logits included (live until the step ends)            |         | 23.2 |
- * | estimated peak: static + teacher logits + student activations + one layer's grads  |         | 91.8 |
+ * | what                                                                              | params  | GiB  | unshared |
+ * | --------------------------------------------------------------------------------- | ------- | ---- | -------- |
+ * | teacher: embed 0.5, lm_head 0.5, attention 5.0, MLP 21.0, norms                    | 7.242 B | 27.0 | 27.0     |
+ * | student, shared with the teacher: embed, lm_head, MLP, norms, 16 attention layers  | 6.571 B | 0    | 24.5     |
+ * | student, its own: 16 Mamba2 layers                                                 | 0.942 B | 4.0  | 4.0      |
+ * | gradients of the Mamba parameters (f32)                                            | 0.942 B | 4.0  | 4.0      |
+ * | AdamW m and v (f32)                                                                | 1.884 B | 8.0  | 8.0      |
+ * | static total                                                                       |         | 43.0 | 67.5     |
+ * | teacher forward activations, logits included (back to the pool before the student) |         | 20.6 | 20.6     |
+ * | student forward activations, logits included (live until the step ends)            |         | 23.2 | 23.2     |
+ * | estimated peak: static + teacher logits + student activations + one layer's grads  |         | 67.3 | 91.8     |
  *
  * (A Mamba2 in_proj is 160.5 MiB and takes a 192 MiB size class: 0.5 GiB of the Mamba row, and as much again in
  * its gradient and in each moment.) An attention layer's forward keeps 6D + 3 H hd + 3 Hkv hd + 3I = 82,944 values
@@ -33,24 +36,24 @@
  * MiB). The estimate counts those tensors and was within 2.5% of the measured pool high-water mark at the
  * software adapter's shapes (hidden 64-512, 2-4 layers, 32-512 tokens, head_dim 128 included). Until
  * `lmMicroStep` ran the teacher's forward in its own scope, the teacher's 20 GiB of activations stayed live through
- * the student's forward and backward (peak about 112 GiB). So an f32 teacher, an f32 student and AdamW fit the
- * H200's 139 GiB with about 45 GiB to spare, and need neither sharing nor f16. Two savings for later:
+ * the student's forward and backward (peak about 112 GiB). Unshared, an f32 teacher, an f32 student and AdamW
+ * fit the H200's 139 GiB with about 45 GiB to spare (measured 2026-11-29: 92.3 GiB at the peak); sharing the
+ * 6.57 B frozen parameters, which with `trainable: mamba` stay bit-identical to the teacher's for the whole stage,
+ * takes 24.5 GiB off the static memory and the peak. With `trainable: mamba_mlp` only the norms, embeddings,
+ * lm_head and kept attention are shared (3.5 GiB); with `all` nothing.
  *
- * - The student could share the teacher's frozen tensors (embeddings, lm_head, MLPs, norms, kept attention: 6.57
- *   B parameters, 24.5 GiB), which with `trainable: mamba` stay bit-identical to the teacher's for the whole
- *   stage. `CausalLM` holds parameters by name in a map, so a student built around the teacher's `Tensor`s would
- *   share storage without a copy; what is missing is a constructor that takes them, a `dispose` that leaves
- *   borrowed tensors alone, and the distill stage building its student that way (it uploads its own copy from
- *   the CPU model today).
- * - `--teacher-dtype f16` stores the frozen teacher and its activations in f16 (13.5 GiB less static; peak
- *   estimated 88.3 GiB because the freed f16 buffers mostly do not fit the f32 student's sizes). The student
- *   stays f32: an f16 hybrid does not run yet (`ssdScan` takes f32 inputs only).
+ * `--teacher-dtype f16` stores the frozen teacher and its activations in f16 (13.5 GiB less than an unshared f32
+ * teacher; peak estimated 88.3 GiB because the freed f16 buffers mostly do not fit the f32 student's sizes). The
+ * f32 student cannot borrow f16 tensors, so with sharing an f16 teacher costs memory (88.3 against 67.3 GiB) and
+ * is kept only for comparison. The student stays f32: an f16 hybrid does not run yet (`ssdScan` takes f32 inputs
+ * only).
  *
  * Run on one H200 (one call; Dawn through npm:webgpu):
  *
  * ```sh
  * deno run -A bench/distill_fit.ts --gpu dawn --shape zephyr-7b --out $OUT/distill_fit.jsonl
- * # optional, in a second process: the f16 teacher
+ * # optional, in a second process each: two full copies (as measured on 2026-11-29), the f16 teacher
+ * deno run -A bench/distill_fit.ts --gpu dawn --shape zephyr-7b --share false --out $OUT/distill_fit.jsonl
  * deno run -A bench/distill_fit.ts --gpu dawn --shape zephyr-7b --teacher-dtype f16 --out $OUT/distill_fit.jsonl
  * ```
  *
@@ -63,13 +66,14 @@
  * still leaves rows behind; every row is appended to `--out` as soon as it is known.
  *
  * Rows (JSON lines, `bench: "distill_fit"`): `device` (adapter and buffer limits), `tensor_group` (parameters and
- * pool bytes per holder and group, before anything is allocated), `plan` (static bytes, activation estimates,
- * estimated peak), `allocated` (pool bytes after both models and the optimizer, against the plan), `step` (per
- * step: ms, tokens/s, loss, ce, kl, grad_norm, pool high-water mark), `distill_step` (the summary: median of the
- * timed steps, tokens/s, pool high-water mark), `driver_memory` (nvidia-smi's used MiB at the start and at its
- * highest, where nvidia-smi exists: the pool's figure plus what Dawn and the driver hold). A tensor larger than
- * the device's maxBufferSize, or a parameter, gradient or moment larger than one storage binding, stops the run
- * before anything is allocated, naming the tensor; an out-of-memory error is reported with the phase and the plan.
+ * pool bytes per holder and group, before anything is allocated; the student's `shared` group holds none), `plan`
+ * (static bytes, shared bytes, activation estimates, estimated peak), `allocated` (pool bytes after both models
+ * and the optimizer, against the plan), `step` (per step: ms, tokens/s, loss, ce, kl, grad_norm, pool high-water
+ * mark), `distill_step` (the summary: median of the timed steps, tokens/s, pool high-water mark), `driver_memory`
+ * (nvidia-smi's used MiB at the start and at its highest, where nvidia-smi exists: the pool's figure plus what
+ * Dawn and the driver hold). A tensor larger than the device's maxBufferSize, or a parameter, gradient or moment
+ * larger than one storage binding, stops the run before anything is allocated, naming the tensor; an
+ * out-of-memory error is reported with the phase and the plan.
  *
  * No PyTorch twin: the official-layout hybrid needs `mamba_ssm`, which the H200 machine does not have, and a
  * plain-PyTorch Mamba2 stand-in would be another model, untestable here (no torch on the development machine).
@@ -202,6 +206,10 @@ export interface MemoryPlan {
   staticBytes: number;
   /** Trainable parameters. */
   trainableParams: number;
+  /** Student parameters borrowed from the teacher (group `shared`: counted in elements, not in pool bytes). */
+  sharedParams: number;
+  /** Pool bytes the shared parameters would take as the student's own copies: what sharing saves. */
+  sharedBytes: number;
   /** Estimated live activation bytes of the teacher's forward, which `lmMicroStep` frees before the student's. */
   teacherActivationBytes: number;
   /** Estimated activation bytes of the student's forward, live until the step ends (logits included). */
@@ -274,15 +282,25 @@ function layerBytes(acts: [string, number, boolean][], tokens: number, dtype: DT
 /**
  * The memory plan of a distill step of `shape` at `batch` x `seqLen` tokens: every parameter of the teacher and
  * the student, the trainable ones' gradients and AdamW moments (f32), per group; and an estimate of the
- * activations (see the module comment for the per-layer count).
+ * activations (see the module comment for the per-layer count). With `share` (default true, as the distill stage
+ * does) the student's frozen parameters are the teacher's tensors and take no pool bytes of their own; an f16
+ * teacher shares nothing with the f32 student.
  */
 export function memoryPlan(
   shape: FitShape,
-  o: { teacherDtype?: DType; batch: number; seqLen: number; trainable: (name: string) => boolean },
+  o: {
+    teacherDtype?: DType;
+    batch: number;
+    seqLen: number;
+    trainable: (name: string) => boolean;
+    share?: boolean;
+  },
 ): MemoryPlan {
   const c = shape.teacher;
   // the student trains in f32 (the project's training storage); the frozen teacher may be stored in f16
   const tDtype = o.teacherDtype ?? "f32";
+  // the student borrows the teacher's frozen tensors (CausalLM's ShareFrom) when both store the same dtype
+  const share = (o.share ?? true) && tDtype === "f32";
   const elOf = (owner: TensorOwner) => owner === "teacher" ? elementBytes(tDtype) : 4;
   const tensors: PlannedTensor[] = [];
   const add = (
@@ -304,15 +322,33 @@ export function memoryPlan(
       wholeBinding: whole,
     });
   };
-  let trainableParams = 0;
+  let trainableParams = 0, sharedParams = 0, sharedBytes = 0;
+  const teacherShapes = transformerWeightShapes(c);
   const models: [TensorOwner, Map<string, number[]>][] = [
-    ["teacher", transformerWeightShapes(c)],
+    ["teacher", teacherShapes],
     ["student", hybridWeightShapes({ teacher: c, mamba: shape.mamba })],
   ];
   for (const [owner, shapes] of models) {
     for (const [name, s] of shapes) {
       if (name === LM_HEAD && c.tieWordEmbeddings) continue;
       const n = s.reduce((a, b) => a * b, 1);
+      if (
+        owner === "student" && share && !o.trainable(name) && teacherShapes.get(name)?.join() === s.join()
+      ) {
+        // a view of the teacher's tensor: no buffer of its own (the teacher's was checked against the limits)
+        sharedParams += n;
+        sharedBytes += sizeClass(Math.max(4, n * 4));
+        tensors.push({
+          owner,
+          name,
+          group: "shared",
+          elements: n,
+          bytes: 0,
+          poolBytes: 0,
+          wholeBinding: false,
+        });
+        continue;
+      }
       add(owner, name, groupOf(name), n, elOf(owner));
       if (owner === "student" && o.trainable(name)) {
         trainableParams += n;
@@ -365,6 +401,8 @@ export function memoryPlan(
     momentBytes,
     staticBytes: paramBytes + gradBytes + momentBytes,
     trainableParams,
+    sharedParams,
+    sharedBytes,
     teacherActivationBytes,
     studentActivationBytes,
     estimatedPeakBytes,
@@ -421,6 +459,11 @@ export interface DistillFitOptions {
   lr?: number;
   /** What trains (default: the distill stage's, `mamba`). */
   trainable?: TrainableSet;
+  /**
+   * Let the student borrow the teacher's frozen tensors, as the distill stage does (default true; only with an
+   * f32 teacher, the student's dtype). False measures two full copies.
+   */
+  share?: boolean;
   /** Don't start a step expected to end later than this many ms after the call started (default: no limit). */
   budgetMs?: number;
   /** Seed of the weights and tokens (default 7). */
@@ -526,7 +569,8 @@ export async function runDistillFit(rt: Runtime, o: DistillFitOptions): Promise<
   const { teacher: cfg, mamba } = o.shape;
   const gib = (b: number) => +(b / GIB).toFixed(3);
 
-  const plan = memoryPlan(o.shape, { teacherDtype, batch: B, seqLen: T, trainable });
+  const share = (o.share ?? true) && teacherDtype === "f32";
+  const plan = memoryPlan(o.shape, { teacherDtype, batch: B, seqLen: T, trainable, share });
   for (const g of plan.groups) {
     log({
       what: "tensor_group",
@@ -546,6 +590,9 @@ export async function runDistillFit(rt: Runtime, o: DistillFitOptions): Promise<
     seq: T,
     attn_layers: mamba.attnLayers,
     trainable_params: plan.trainableParams,
+    share,
+    shared_params: plan.sharedParams,
+    shared_gib: gib(plan.sharedBytes),
     params_gib: gib(plan.paramBytes),
     grads_gib: gib(plan.gradBytes),
     adam_gib: gib(plan.momentBytes),
@@ -582,7 +629,14 @@ export async function runDistillFit(rt: Runtime, o: DistillFitOptions): Promise<
     gpu.pushErrorScope("out-of-memory");
     try {
       teacher = CausalLM.random(rt, cfg, null, { seed, dtype: teacherDtype });
-      student = CausalLM.random(rt, cfg, mamba, { seed: seed + 1000, trainable });
+      student = CausalLM.random(rt, cfg, mamba, {
+        seed: seed + 1000,
+        trainable,
+        share: share ? { owner: teacher } : undefined,
+      });
+      if (share && student.borrowed.size !== plan.tensors.filter((t) => t.group === "shared").length) {
+        throw new Error(`the student borrowed ${student.borrowed.size} tensors, the plan shares others`);
+      }
       optimizer = new AdamW(rt, student.trainableParams(), { ...d.adamw, lr: o.lr ?? d.adamw.lr });
       await rt.dev.sync();
     } catch (e) {
@@ -719,6 +773,10 @@ if (import.meta.main) {
       return v;
     };
     const trainable = flag("trainable", distillDefaults().trainable);
+    const share = flag("share", "true");
+    if (share !== "true" && share !== "false") {
+      throw new UserError(`--share: expected true or false, found ${share}`);
+    }
     if (!["mamba", "mamba_mlp", "all"].includes(trainable)) {
       throw new UserError(`--trainable: expected mamba, mamba_mlp or all, found ${trainable}`);
     }
@@ -741,6 +799,7 @@ if (import.meta.main) {
       warmupSteps: int("warmup", 1),
       steps,
       trainable: trainable as TrainableSet,
+      share: share === "true",
       budgetMs: int("budget-s", 300) * 1000,
       log,
     });
@@ -748,6 +807,7 @@ if (import.meta.main) {
       what: "distill_step",
       shape: shape.name,
       teacher_dtype: teacherDtype,
+      share: share === "true" && teacherDtype === "f32",
       batch,
       seq: seqLen,
       timed_steps: r.steps.filter((s) => !s.warmup).length,

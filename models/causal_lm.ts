@@ -60,6 +60,36 @@ export interface CausalLMOptions {
   trainable?: (name: string) => boolean;
   /** Mamba2 scan chunk length (default: the model's `chunk_size`, else 64). Changes rounding only. */
   chunkSize?: number;
+  /** Frozen parameters to borrow from another model instead of uploading copies (see {@linkcode ShareFrom}). */
+  share?: ShareFrom;
+}
+
+/**
+ * Another model whose frozen GPU tensors a new model may borrow (a distillation student and its teacher: with
+ * only the Mamba mixers training, the student's embeddings, lm_head, norms, MLPs and kept attention are the
+ * teacher's, bit for bit, for the whole run).
+ *
+ * A parameter is borrowed only when the new model does not train it, the owner holds a frozen tensor of that
+ * name (an untied `lm_head.weight` may borrow a tied owner's embedding) with the same shape and storage dtype,
+ * and - for {@linkcode CausalLM.fromModel} - its CPU values give the same bytes in that dtype as the owner's
+ * CPU values under that name. The caller vouches for one thing only: `ownerWeights` are what the owner was
+ * uploaded from and the owner has not written its frozen tensors since.
+ *
+ * Lifetime: a borrowed parameter is a view of the owner's tensor, so it holds a reference to the owner's GPU
+ * storage; disposing the borrower drops that reference and never frees the owner's tensor, and the storage goes
+ * back to the pool once both models are disposed, whichever goes first. Borrowed tensors never require
+ * gradients, so no optimizer or checkpoint of the borrower sees them. While a borrower lives the owner must not
+ * write the shared tensors (train them, load weights into them): the borrower would see the writes.
+ */
+export interface ShareFrom {
+  /** The model that owns the tensors, on the same runtime. */
+  owner: CausalLM;
+  /**
+   * The CPU weights `owner` was uploaded from, by Hugging Face name: {@linkcode CausalLM.fromModel} borrows a
+   * tensor only when the new model's CPU values give the same bytes as these (required there).
+   * {@linkcode CausalLM.random} ignores them: a borrowed tensor replaces its random initialisation.
+   */
+  ownerWeights?: WeightMap;
 }
 
 /** Decoding state of one batch of sequences: per-layer caches and the number of tokens consumed. */
@@ -117,6 +147,8 @@ export class CausalLM {
   readonly dtype: DType;
   /** RoPE inverse frequencies [hd/2], f32. */
   readonly invFreq: Tensor;
+  /** Names of the parameters borrowed from another model (see {@linkcode ShareFrom}); empty for most models. */
+  readonly borrowed: ReadonlySet<string>;
   readonly #attn: Set<number>;
   readonly #chunkSize: number;
 
@@ -127,6 +159,7 @@ export class CausalLM {
     params: Map<string, Tensor>,
     dtype: DType,
     chunkSize: number,
+    borrowed: ReadonlySet<string>,
   ) {
     this.rt = rt;
     this.config = config;
@@ -134,30 +167,47 @@ export class CausalLM {
     this.params = params;
     this.dtype = dtype;
     this.#chunkSize = chunkSize;
+    this.borrowed = borrowed;
     this.invFreq = rt.tensor(ropeInverseFrequencies(config), [config.headDim / 2]).keep();
     const n = config.numLayers;
     this.#attn = new Set(mamba ? mamba.attnLayers : Array.from({ length: n }, (_, i) => i));
   }
 
-  /** Uploads a model (CPU weights) to the GPU. Tied embeddings share one tensor. */
+  /**
+   * Uploads a model (CPU weights) to the GPU. Tied embeddings share one tensor. With `opts.share`, frozen
+   * parameters whose values match the owner's are borrowed from it instead of uploaded ({@linkcode ShareFrom}).
+   */
   static fromModel(rt: Runtime, model: Model, opts: CausalLMOptions = {}): CausalLM {
     const dtype = opts.dtype ?? "f32";
     const trainable = opts.trainable ?? (() => false);
+    const share = opts.share ?? null;
+    if (share) checkShareOwner(rt, share, dtype, true);
     const params = new Map<string, Tensor>();
+    const borrowed = new Set<string>();
     const tied = model.weights.get(LM_HEAD) === model.weights.get(EMBED) || !model.weights.has(LM_HEAD);
     for (const [name, t] of model.weights) {
       if (name === LM_HEAD && tied) continue;
-      params.set(name, uploadParam(rt, name, t, dtype, trainable(name)));
+      const train = trainable(name);
+      const src = share && !train ? shareableTensor(share, name, t.shape, dtype) : null;
+      if (src && sameStoredValues(t, ownerHostTensor(share!.ownerWeights!, name), dtype)) {
+        params.set(name, borrowTensor(src, name));
+        borrowed.add(name);
+      } else {
+        params.set(name, uploadParam(rt, name, t, dtype, train));
+      }
     }
     const mamba = model.kind === "hybrid" ? model.mamba : null;
     const chunk = opts.chunkSize ?? (mamba?.chunkSize || 64);
-    return new CausalLM(rt, model.config, mamba, params, dtype, Math.min(chunk, 256));
+    return new CausalLM(rt, model.config, mamba, params, dtype, Math.min(chunk, 256), borrowed);
   }
 
   /**
    * A randomly initialised model built on the GPU (no host copy of the weights), for benchmarks of large shapes:
    * linear weights U(+-1/sqrt(fan_in)), embeddings U(+-0.05), norms and D ones, Mamba2 A_log U(0, ln 16),
-   * dt_bias U(ln(expm1(1e-3)), ln(expm1(0.1))), conv U(+-0.5). Shapes come from models/weights.ts.
+   * dt_bias U(ln(expm1(1e-3)), ln(expm1(0.1))), conv U(+-0.5). Shapes come from models/weights.ts. With
+   * `opts.share`, every frozen parameter the owner holds frozen with the same shape and dtype is borrowed
+   * instead (a hybrid of a random teacher, as the attention-initialising mapping builds it); the others get the
+   * values they would get without sharing.
    */
   static random(
     rt: Runtime,
@@ -167,21 +217,32 @@ export class CausalLM {
   ): CausalLM {
     const dtype = opts.dtype ?? "f32";
     const trainable = opts.trainable ?? (() => false);
+    const share = opts.share ?? null;
+    if (share) checkShareOwner(rt, share, dtype, false);
     const shapes = mamba ? hybridWeightShapes({ teacher: config, mamba }) : transformerWeightShapes(config);
     const params = new Map<string, Tensor>();
+    const borrowed = new Set<string>();
     let seed = opts.seed ?? 1;
     for (const [name, shape] of shapes) {
       if (name === LM_HEAD && config.tieWordEmbeddings) continue;
+      const train = trainable(name);
+      const src = share && !train ? shareableTensor(share, name, shape, dtype) : null;
+      if (src) {
+        seed++; // the other tensors get the values they get without sharing
+        params.set(name, borrowTensor(src, name));
+        borrowed.add(name);
+        continue;
+      }
       const t = rt.empty(shape, dtype).keep();
       t.name = name;
-      t.requiresGrad = trainable(name);
+      t.requiresGrad = train;
       const [lo, hi] = randomRange(name, shape);
       const f = uniformFill(dtype, t.size, lo, hi, (seed++ * 0x9e3779b9) >>> 0);
       rt.dev.dispatch(f.spec, [t.binding], f.workgroups, f.uniforms);
       params.set(name, t);
     }
     const chunk = opts.chunkSize ?? (mamba?.chunkSize || 64);
-    return new CausalLM(rt, config, mamba, params, dtype, Math.min(chunk, 256));
+    return new CausalLM(rt, config, mamba, params, dtype, Math.min(chunk, 256), borrowed);
   }
 
   /** True when layer i keeps attention. */
@@ -687,7 +748,10 @@ export class CausalLM {
     return out;
   }
 
-  /** Releases every parameter. */
+  /**
+   * Releases every parameter. A borrowed one is a view: disposing it drops this model's reference to the
+   * owner's storage and leaves the owner's tensor valid.
+   */
   dispose(): void {
     for (const t of this.params.values()) {
       t.grad?.dispose();
@@ -695,6 +759,72 @@ export class CausalLM {
     }
     this.invFreq.dispose();
   }
+}
+
+/** Throws when `share.owner` cannot lend to a model on `rt` in `dtype` (programming errors, not user input). */
+function checkShareOwner(rt: Runtime, share: ShareFrom, dtype: DType, needWeights: boolean): void {
+  if (share.owner.rt !== rt) throw new Error("share: the owner lives on another runtime");
+  if (needWeights && !share.ownerWeights) {
+    throw new Error("share: fromModel needs ownerWeights, the CPU weights the owner was uploaded from");
+  }
+  // an owner in another dtype could lend nothing; say so instead of silently sharing nothing
+  if (share.owner.dtype !== dtype) {
+    throw new Error(`share: the owner stores ${share.owner.dtype}, the new model ${dtype}`);
+  }
+}
+
+/** The owner's tensor a parameter may borrow: frozen there, same shape and dtype; else null. */
+function shareableTensor(
+  share: ShareFrom,
+  name: string,
+  shape: readonly number[],
+  dtype: DType,
+): Tensor | null {
+  const o = share.owner.params;
+  const t = o.get(name) ?? (name === LM_HEAD ? o.get(EMBED) : undefined);
+  if (!t || t.requiresGrad || t.dtype !== dtype || t.disposed) return null;
+  if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) return null;
+  return t;
+}
+
+/** The owner's CPU tensor of a name (a tied `lm_head.weight` is the embedding). */
+function ownerHostTensor(w: WeightMap, name: string): HostTensor | undefined {
+  return w.get(name) ?? (name === LM_HEAD ? w.get(EMBED) : undefined);
+}
+
+/**
+ * True when `a` and `b` upload to the same bytes in `dtype`: the same object or array, or equal bits (f32) or
+ * equal bits after the upload's own f16 rounding (so a model read back from f16 storage still matches the f32
+ * values it was uploaded from). NaN payloads and signed zeros count as they are stored.
+ */
+export function sameStoredValues(a: HostTensor, b: HostTensor | undefined, dtype: DType): boolean {
+  if (!b) return false;
+  if (a.shape.length !== b.shape.length || a.shape.some((d, i) => d !== b.shape[i])) return false;
+  if (a === b || a.data === b.data) return true;
+  const n = a.data.length;
+  if (b.data.length !== n) return false;
+  if (dtype === "f16") {
+    const chunk = 1 << 16;
+    for (let s = 0; s < n; s += chunk) {
+      const e = Math.min(n, s + chunk);
+      const x = new Uint16Array(Float16Array.from(a.data.subarray(s, e)).buffer);
+      const y = new Uint16Array(Float16Array.from(b.data.subarray(s, e)).buffer);
+      for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
+    }
+    return true;
+  }
+  const x = new Uint32Array(a.data.buffer, a.data.byteOffset, n);
+  const y = new Uint32Array(b.data.buffer, b.data.byteOffset, n);
+  for (let i = 0; i < n; i++) if (x[i] !== y[i]) return false;
+  return true;
+}
+
+/** A borrowed parameter: a kept, frozen view of the owner's tensor under this model's name. */
+function borrowTensor(src: Tensor, name: string): Tensor {
+  const v = src.view(src.shape).keep();
+  v.name = name;
+  v.requiresGrad = false;
+  return v;
 }
 
 function randomRange(name: string, shape: readonly number[]): [number, number] {

@@ -114,6 +114,16 @@ export const distillStage = defineStage({
       default: 1,
       doc: "Softmax temperature of the KL term, scaled by temperature^2 (paper: 1).",
     },
+    share_frozen: {
+      type: "boolean",
+      default: true,
+      inKey: false,
+      doc:
+        "Let the student use the teacher's GPU tensors for the parameters it does not train and holds with " +
+        "the teacher's exact values (embeddings, lm_head, norms, MLPs, kept attention with trainable: mamba: " +
+        "24.5 GiB at a 7B shape) instead of a copy. Needs the KL teacher on the GPU (kl_weight > 0). The " +
+        "result is bit-identical either way; false only to measure or debug.",
+    },
     ...trainingParams({
       learningRate: [8e-5, "paper: 8e-5"],
       warmupRatio: [0.01, "paper: warm-up then cosine; the ratio of its SFT stage, 0.01"],
@@ -203,6 +213,10 @@ export const distillStage = defineStage({
     const withKl = p.kl_weight !== 0;
     // without a KL term the teacher is only the source of the initial student
     const teacher = withKl ? toGpu(rt, teacherCpu, ctx.settings) : null;
+    // teacherCpu.weights are what the teacher was uploaded from, and the frozen teacher is never written
+    const share = teacher && p.share_frozen
+      ? { owner: teacher, ownerWeights: teacherCpu.weights }
+      : undefined;
     const data = await openTrainingData(ctx.inputs.data, {
       port: "data",
       layout: "sequences",
@@ -234,7 +248,19 @@ export const distillStage = defineStage({
         if (phases.length > 1) {
           ctx.log.info(`phase ${k + 1}/${phases.length}: attention layers [${phases[k].attn}]`);
         }
-        const student: CausalLM = toGpu(rt, start, ctx.settings, { trainable: isTrainable });
+        // The student borrows the teacher's frozen tensors it holds unchanged (CausalLM's ShareFrom): they are
+        // views of the teacher's storage, so disposing the student at the end of each phase never frees them.
+        // The teacher outlives every student (disposed in the outer finally, after the last phase's student) and
+        // is never trained or written; the output model is read from the student while it lives (fromGpu).
+        const student: CausalLM = toGpu(rt, start, ctx.settings, { trainable: isTrainable, share });
+        if (student.borrowed.size > 0) {
+          const bytes = [...student.borrowed].reduce((a, n) => a + student.params.get(n)!.byteLength, 0);
+          ctx.log.info(
+            `the student shares ${student.borrowed.size} frozen tensors (${
+              (bytes / 2 ** 20).toFixed(1)
+            } MiB) with the teacher`,
+          );
+        }
         try {
           const r = await runPhase({
             ctx,

@@ -34,16 +34,36 @@ Deno.test("distill_fit: the Zephyr-7B shape and its 50% hybrid have the publishe
   assert.equal(params("student"), 7_241_732_096 - 16 * 4096 * 10240 + 16 * perLayer);
   assert.equal(plan.momentBytes, 2 * plan.gradBytes, "f32 gradients, two f32 moments");
   assert.equal(plan.staticBytes, plan.paramBytes + plan.gradBytes + plan.momentBytes);
+  // everything the student does not train is the teacher's: 16 attention layers fewer than the teacher's 7.24 B
+  assert.equal(plan.sharedParams, 7_241_732_096 - 16 * 4096 * 10240);
+  const unshared = memoryPlan(shape, { batch: 1, seqLen: 2048, trainable: mamba, share: false });
+  assert.equal(unshared.sharedParams, 0);
+  assert.equal(
+    plan.paramBytes,
+    unshared.paramBytes - plan.sharedBytes,
+    "the static plan drops by the shared bytes",
+  );
+  assert.equal(plan.estimatedPeakBytes, unshared.estimatedPeakBytes - plan.sharedBytes);
   // the paper budget of the module comment
   const gib = (b: number) => Math.round((b / 2 ** 30) * 10) / 10;
   assert.deepEqual(
-    [gib(plan.paramBytes), gib(plan.staticBytes), gib(plan.estimatedPeakBytes)],
+    [gib(plan.paramBytes), gib(plan.staticBytes), gib(plan.estimatedPeakBytes), gib(plan.sharedBytes)],
+    [31.0, 43.0, 67.3, 24.5],
+  );
+  assert.deepEqual(
+    [gib(unshared.paramBytes), gib(unshared.staticBytes), gib(unshared.estimatedPeakBytes)],
     [55.5, 67.5, 91.8],
   );
+  // trainable sets: mamba_mlp still shares norms, embeddings, lm_head and kept attention; all shares nothing
+  const mlp = memoryPlan(shape, { batch: 1, seqLen: 2048, trainable: trainablePredicate("mamba_mlp") });
+  assert.equal(mlp.sharedParams, 2 * 32000 * 4096 + 65 * 4096 + 16 * 4096 * 10240);
+  const all = memoryPlan(shape, { batch: 1, seqLen: 2048, trainable: trainablePredicate("all") });
+  assert.equal(all.sharedParams, 0);
   const f16 = memoryPlan(shape, { teacherDtype: "f16", batch: 1, seqLen: 2048, trainable: mamba });
+  assert.equal(f16.sharedParams, 0, "the f32 student cannot borrow f16 tensors");
   // the teacher's matrices halve (13.5 GiB) and so do its 65 norm vectors (8 KiB each)
   assert.equal(
-    plan.paramBytes - f16.paramBytes,
+    unshared.paramBytes - f16.paramBytes,
     13.5 * 2 ** 30 + 65 * 8192,
     "an f16 teacher halves its 27 GiB",
   );
@@ -74,45 +94,63 @@ Deno.test("distill_fit: a tensor over the device's buffer or binding limit stops
 });
 
 Deno.test(
-  "distill_fit: distill steps of a tiny hybrid run end to end; loss finite and falling, memory as planned",
+  "distill_fit: distill steps of a tiny hybrid run end to end, with and without sharing; memory as planned",
   gpuTestOptions,
   async () => {
     const rt = await testRuntime();
     const shape = fitShape("tiny");
-    const live0 = rt.pool.stats.liveBytes, held0 = live0 + rt.pool.stats.freeBytes;
-    const rows: Record<string, unknown>[] = [];
-    const r = await runDistillFit(rt, {
-      shape,
-      seqLen: 32,
-      warmupSteps: 1,
-      steps: 2,
-      lr: 1e-3,
-      log: (row) => rows.push(row),
-    });
-    assert.equal(r.steps.length, 3);
-    assert.equal(r.stoppedEarly, false);
-    assert.deepEqual(r.steps.map((s) => s.warmup), [true, false, false]);
-    const losses = r.steps.map((s) => s.metrics.loss);
-    assert.ok(losses.every(Number.isFinite) && r.steps.every((s) => s.metrics.kl > 0), `losses ${losses}`);
-    assert.ok(losses[1] < losses[0] && losses[2] < losses[1], `loss did not fall: ${losses}`);
-    assert.ok(r.medianStepMs! > 0 && r.tokensPerS! > 0);
-    // the models and the optimizer took what the plan says, plus the optimizer's and RoPE's few small buffers
-    const planned = r.plan.paramBytes + r.plan.momentBytes;
-    assert.ok(
-      r.allocatedBytes >= planned && r.allocatedBytes - planned <= 8 * 256,
-      `allocated ${r.allocatedBytes}, planned ${planned}`,
-    );
-    // at the peak every gradient existed beside the parameters and moments, plus the step's activations
-    assert.ok(r.peakBytes >= held0 + r.plan.staticBytes, `peak ${r.peakBytes}, static ${r.plan.staticBytes}`);
-    const measured = r.peakBytes - held0 - r.plan.staticBytes;
-    const estimated = r.plan.estimatedPeakBytes - r.plan.staticBytes;
-    assert.ok(
-      Math.abs(measured - estimated) <= 0.1 * estimated,
-      `activations at peak: measured ${measured} bytes, estimated ${estimated}`,
-    );
-    assert.equal(rt.pool.stats.liveBytes, live0, "everything released");
-    assert.ok(rows.some((x) => x.what === "tensor_group" && x.group === "mamba"));
-    assert.equal(rows.filter((x) => x.what === "step").length, 3);
+    const allocated: number[] = [];
+    let sharedBytes = 0;
+    for (const share of [true, false]) {
+      // no free buffers from an earlier run, so the high-water mark counts this run's allocations
+      rt.pool.trim();
+      const live0 = rt.pool.stats.liveBytes, held0 = live0 + rt.pool.stats.freeBytes;
+      const rows: Record<string, unknown>[] = [];
+      const r = await runDistillFit(rt, {
+        shape,
+        seqLen: 32,
+        warmupSteps: 1,
+        steps: 2,
+        lr: 1e-3,
+        share,
+        log: (row) => rows.push(row),
+      });
+      const what = share ? "shared" : "unshared";
+      assert.equal(r.steps.length, 3);
+      assert.equal(r.stoppedEarly, false);
+      assert.deepEqual(r.steps.map((s) => s.warmup), [true, false, false]);
+      const losses = r.steps.map((s) => s.metrics.loss);
+      assert.ok(losses.every(Number.isFinite) && r.steps.every((s) => s.metrics.kl > 0), `losses ${losses}`);
+      assert.ok(losses[1] < losses[0] && losses[2] < losses[1], `${what}: loss did not fall: ${losses}`);
+      assert.ok(r.medianStepMs! > 0 && r.tokensPerS! > 0);
+      // the models and the optimizer took what the plan says, plus the optimizer's and RoPE's few small buffers
+      const planned = r.plan.paramBytes + r.plan.momentBytes;
+      assert.ok(
+        r.allocatedBytes >= planned && r.allocatedBytes - planned <= 8 * 256,
+        `${what}: allocated ${r.allocatedBytes}, planned ${planned}`,
+      );
+      allocated.push(r.allocatedBytes);
+      if (share) sharedBytes = r.plan.sharedBytes;
+      else assert.equal(r.plan.sharedBytes, 0);
+      // at the peak every gradient existed beside the parameters and moments, plus the step's activations
+      assert.ok(
+        r.peakBytes >= held0 + r.plan.staticBytes,
+        `peak ${r.peakBytes}, static ${r.plan.staticBytes}`,
+      );
+      const measured = r.peakBytes - held0 - r.plan.staticBytes;
+      const estimated = r.plan.estimatedPeakBytes - r.plan.staticBytes;
+      assert.ok(
+        Math.abs(measured - estimated) <= 0.1 * estimated,
+        `${what}: activations at peak: measured ${measured} bytes, estimated ${estimated}`,
+      );
+      assert.equal(rt.pool.stats.liveBytes, live0, "everything released");
+      assert.ok(rows.some((x) => x.what === "tensor_group" && x.group === "mamba"));
+      assert.equal(rows.some((x) => x.what === "tensor_group" && x.group === "shared"), share);
+      assert.equal(rows.filter((x) => x.what === "step").length, 3);
+    }
+    // the student's frozen tensors (embeddings, lm_head, norms, MLPs, the kept attention layer) are the teacher's
+    assert.ok(sharedBytes > 0);
+    assert.equal(allocated[1] - allocated[0], sharedBytes, "sharing saves exactly the planned shared bytes");
   },
 );
 

@@ -218,3 +218,55 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "distill: the student sharing the teacher's frozen GPU tensors ends with the digests of unshared runs",
+  stageTestOptions,
+  async () => {
+    // distill: progressive, MLPs training, so phase 2 borrows again from its downloaded phase-1 weights and
+    // trainable tensors must stay unshared; post: a student whose frozen tensors all differ from the teacher's
+    // (pre trained everything), so nothing may be shared.
+    const text = (share: boolean) => {
+      const common =
+        "per_device_train_batch_size: 4, gradient_accumulation_steps: 1, learning_rate: 3.0e-3, " +
+        `kl_weight: 1, logging_steps: 1, share_frozen: ${share}`;
+      return `name: share_test
+description: distill with and without sharing
+settings: { seed: 5 }
+stages:
+${textTokensStage("tokens", 24, 32)}  pre:
+    kind: distill
+    params: { attn_layers: [1, 3], trainable: all, max_steps: 2, ${common} }
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }
+  distill:
+    kind: distill
+    params: { schedule: [{ attn_layers: [1, 3], steps: 2 }, { attn_layers: [3], steps: 2 }], ${common}, trainable: mamba_mlp }
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}" }
+  post:
+    kind: distill
+    params: { max_steps: 2, ${common} }
+    inputs: { teacher: ${TEACHER}, data: "\${tokens.tokens}", student: "\${pre.model}" }
+`;
+    };
+    const shared = tempProject(), plain = tempProject();
+    try {
+      const r = await runRecipe(shared.write("r.yaml", text(true)));
+      assert.equal(r.code, 0, r.stderr);
+      const out = r.stderr + r.stdout;
+      // both phases of distill share (norms, embedding, kept attention: everything but Mamba and MLPs)
+      assert.equal([...out.matchAll(/distill: the student shares \d+ frozen tensors/g)].length, 2, out);
+      assert.doesNotMatch(out, /(pre|post): the student shares/);
+      const r0 = await runRecipe(plain.write("r.yaml", text(false)));
+      assert.equal(r0.code, 0, r0.stderr);
+      assert.doesNotMatch(r0.stderr + r0.stdout, /the student shares/);
+      for (const stage of ["pre", "distill", "post"]) {
+        assert.equal(outputDigest(shared, stage, "model"), outputDigest(plain, stage, "model"), stage);
+      }
+      const m = stageMetrics(shared, "distill").map((x) => x.values.loss);
+      assert.deepEqual(m, stageMetrics(plain, "distill").map((x) => x.values.loss));
+    } finally {
+      await shared.cleanup();
+      await plain.cleanup();
+    }
+  },
+);
