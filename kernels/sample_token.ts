@@ -83,7 +83,7 @@ fn philox4x32_10(counter: vec4<u32>, key: vec2<u32>) -> vec4<u32> {
 
 /** The sampling settings of one dispatch. */
 export interface SampleParams {
-  /** Softmax temperature; 0 (or less) is greedy. */
+  /** Softmax temperature; 0 (or less, or below about 3e-39) is greedy. */
   temperature: number;
   /** Keep the k most likely tokens; 0, or k >= V: no limit. */
   topK: number;
@@ -120,7 +120,8 @@ export function sampleTokensKernel(
     uniformBytes: 48,
     code: sampleSource(dtype, WG, withProbs),
   }));
-  const greedy = !(s.temperature > 0);
+  // a temperature whose inverse overflows f32 is greedy in effect (and would give inf * 0 = NaN at the max)
+  const greedy = !(s.temperature > 0) || !Number.isFinite(Math.fround(1 / s.temperature));
   const topK = s.topK > 0 && s.topK < V ? s.topK : 0;
   const topP = s.topP < 1 ? Math.max(0, s.topP) : 1;
   return {
