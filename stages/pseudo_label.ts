@@ -65,7 +65,7 @@ async function stopIds(dir: string, tok: Tokenizer): Promise<number[]> {
 /** The pseudo_label stage kind. */
 export const pseudoLabelStage = defineStage({
   kind: "pseudo_label",
-  version: 1,
+  version: 2, // 2: sampling on the GPU (Philox streams): samples differ from version 1's
   doc: "The teacher generates a completion for every prompt of a dataset (temperature / top-p / top-k " +
     "sampling, seeded per prompt), in batches, resumable part-way. Writes train.jsonl with prompt, " +
     "completion and text (= prompt + completion, for plain-text training) per record.",
