@@ -17,6 +17,7 @@ import { rope } from "../runtime/ops/rope.ts";
 import { appendKv, decodeAttention, KvCache } from "../runtime/ops/attention.ts";
 import { embedding } from "../runtime/ops/embedding.ts";
 import { greedyArgmax } from "../runtime/ops/loss.ts";
+import { sampleTokens } from "../runtime/ops/sampling.ts";
 import { add, swiglu } from "../runtime/ops/elementwise.ts";
 import type { Tensor } from "../runtime/tensor.ts";
 import { flag } from "./harness.ts";
@@ -70,6 +71,21 @@ await time("linear 8192->2048 (gemv)", () => linear(h8, Wdown));
 await time("lm_head 2048->vocab (gemv)", () => linear(x, lm.param("model.embed_tokens.weight")));
 const logits = rt.full([1, cfg.vocabSize], 0.5).keep();
 await time("greedyArgmax over vocab", () => greedyArgmax(logits).ids);
+// sampling sees untied, spread logits (equal ones would send every select through the index digits too)
+const spread = rt.tensor(Float32Array.from({ length: cfg.vocabSize }, (_, i) => 4 * Math.sin(i * 12.9898)), [
+  1,
+  cfg.vocabSize,
+]).keep();
+const streams = rt.tensor([0], [1], "u32").keep();
+const sampled = { temperature: 0.7, topK: 50, topP: 0.9 };
+await time(
+  "sampleTokens over vocab (top-k 50, top-p 0.9)",
+  () => sampleTokens(spread, sampled, { seed: 1, streams, step: 0 }),
+);
+await time(
+  "sampleTokens over vocab (top-p 0.95 alone)",
+  () => sampleTokens(spread, { temperature: 1, topP: 0.95 }, { seed: 1, streams, step: 0 }),
+);
 await time("rmsNorm 1x2048", () => rmsNorm(x, norm, 1e-5));
 const q = rt.full([1, 1, H, hd], 0.1).keep();
 await time("rope q", () => rope(q, lm.invFreq, { start: 300 }));
@@ -86,4 +102,8 @@ const cur = rt.tensor([7], [1], "i32").keep();
 await time(
   "whole decode step (argmax fed back)",
   () => rt.copyInto(cur, greedyArgmax(lm.step(st, cur, 1)).ids),
+);
+await time(
+  "whole decode step (top-k 50 / top-p 0.9 sample fed back)",
+  () => rt.copyInto(cur, sampleTokens(lm.step(st, cur, 1), sampled, { seed: 1, streams, step: 0 })),
 );

@@ -13,16 +13,17 @@
  * override them, and `--temperature 0` is greedy. The prompt is encoded with the tokenizer's special tokens
  * (BOS), so `--prompt ""` starts from BOS alone; `--chat` wraps it in the chat template with the generation
  * prompt. Decoding stops at an end-of-sequence token (config and generation_config ids, and the tokenizer's
- * EOS) or after `--max-new-tokens`. The random stream is the one `models/generate.ts` gives prompt 0 of a
- * batch for the same seed, so a sample here equals the evaluate stage's for its first prompt.
+ * EOS) or after `--max-new-tokens`. Tokens are sampled on the GPU (`runtime/ops/sampling.ts`) from random
+ * stream 0 of the seed, the stream `models/generate.ts` gives prompt 0, so a sample here equals the evaluate
+ * stage's for its first prompt; only the token id is read back per step.
  *
  * @module
  */
 import { join } from "node:path";
 import type { Command } from "commander";
 import { UserError } from "../util/errors.ts";
-import { Rng } from "../util/rng.ts";
-import { sampleToken, type SamplingOptions } from "../models/sampling.ts";
+import type { SamplingOptions } from "../models/sampling.ts";
+import { sampleTokens } from "../runtime/ops/sampling.ts";
 import type { Output } from "../pipelines/progress.ts";
 import { addModelOptions, type ModelOptions, openModel, openTokenizer } from "./model.ts";
 
@@ -135,9 +136,9 @@ export async function runGenerate(o: GenerateOptions, out: Output, signal?: Abor
     throw new UserError(`the tokenizer gives ids beyond the model's vocabulary (${V})`);
   }
   const eos = new Set([...lm.config.eosTokenIds, ...(tok.eosTokenId !== null ? [tok.eosTokenId] : [])]);
-  const rng = new Rng(`${o.seed ?? 0}/prompt/0`);
   const rt = lm.rt;
   const state = lm.newDecodeState(1, ids.length + maxNew);
+  const streams = rt.tensor(Uint32Array.of(0), [1], "u32").keep();
   const decoder = tok.streamDecoder();
   let generated = 0, steps = 0, stop = "length";
   const t0 = performance.now();
@@ -149,12 +150,12 @@ export async function runGenerate(o: GenerateOptions, out: Output, signal?: Abor
         stop = "interrupted";
         break;
       }
-      const logits = await rt.scope(async () =>
-        await lm.step(state, input, input.length, { lastOnly: true }).read()
-      );
+      const [next] = await rt.scope(async () => {
+        const logits = lm.step(state, input, input.length, { lastOnly: true });
+        return await sampleTokens(logits, sampling, { seed: o.seed ?? 0, streams, step }).read();
+      });
       steps++;
       if (step === 0) tDecode = performance.now();
-      const next = sampleToken(logits, sampling, rng, 0, V);
       if (eos.has(next)) {
         stop = "eos";
         break;
@@ -164,6 +165,7 @@ export async function runGenerate(o: GenerateOptions, out: Output, signal?: Abor
       input = Int32Array.of(next);
     }
   } finally {
+    streams.dispose();
     lm.disposeState(state);
     lm.dispose();
   }

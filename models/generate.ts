@@ -1,19 +1,22 @@
 /**
  * Text generation with a {@linkcode CausalLM}: prompts are grouped by length and decoded in lockstep batches
- * (one KV/SSM state per batch), sampling on the CPU from the logits read after each step, so a batch of B
- * sequences costs one GPU->CPU read per generated position. Greedy decoding (temperature 0) keeps the loop on
- * the GPU instead and reads the batch's ids once per 32 positions.
+ * (one KV/SSM state per batch) with the loop on the GPU. Each step's next tokens are chosen on the GPU
+ * (`runtime/ops/sampling.ts`: argmax when greedy, else temperature / top-k / top-p with a counter-based
+ * generator) into an id buffer that the next step's embedding reads, so {@linkcode DECODE_CHUNK} steps are
+ * recorded per submit and the batch's ids are read back together: B ids per step instead of B x V logits, and
+ * no GPU->CPU round trip per token. A row that ends (EOS) is noticed at the next read and its surplus tokens
+ * dropped.
  *
- * Each sequence draws from its own {@linkcode Rng} stream (seeded from the run seed and the prompt's index), so a
- * prompt's completion does not depend on which other prompts share its batch.
+ * Determinism: the draw of prompt i at completion position t depends only on (seed, stream of i, t), the
+ * stream being i's index (or `streams[i]`), so a prompt's completion does not depend on which other prompts
+ * share its batch, on the batch size or on the chunk size.
  *
  * @module
  */
 import type { CausalLM, DecodeState } from "./causal_lm.ts";
 import type { Tensor } from "../runtime/tensor.ts";
-import { greedyArgmax } from "../runtime/ops/loss.ts";
-import { sampleToken, type SamplingOptions } from "./sampling.ts";
-import { Rng } from "../util/rng.ts";
+import { sampleTokens } from "../runtime/ops/sampling.ts";
+import { GREEDY, type SamplingOptions } from "./sampling.ts";
 
 /** Options of {@linkcode generate}. */
 export interface GenerateOptions {
@@ -21,19 +24,29 @@ export interface GenerateOptions {
   maxNewTokens: number;
   /** Sampling (temperature 0 = greedy). */
   sampling: SamplingOptions;
-  /** Seed of the per-prompt random streams. */
+  /** Seed of the per-prompt random streams (an integer, |seed| < 2^53). */
   seed: number;
+  /**
+   * Random stream of each prompt (u32; default: the prompt's index). A caller that generates a long list in
+   * parts passes each prompt's index in the whole list, so its sample does not depend on the partition.
+   */
+  streams?: readonly number[];
   /** Token ids that end a sequence (included in the output unless `dropEos`). */
   eosIds?: readonly number[];
   /** Leave the end-of-sequence token out of the completion. */
   dropEos?: boolean;
   /** Sequences decoded together at most (default 16). */
   batchSize?: number;
+  /** Decode steps recorded per submit, their ids read back together (default {@linkcode DECODE_CHUNK}). */
+  chunk?: number;
   /** Called after each finished prompt with its index and completion (progress, streaming to disk). */
   onCompletion?: (index: number, completion: number[]) => void | Promise<void>;
-  /** Stops between steps when aborted. */
+  /** Stops between chunks when aborted. */
   signal?: AbortSignal;
 }
+
+/** Decode steps recorded per submit by {@linkcode generate}'s GPU loop unless told otherwise. */
+export const DECODE_CHUNK = 32;
 
 /** Generates a completion for every prompt. Results are in prompt order. */
 export async function generate(
@@ -41,6 +54,13 @@ export async function generate(
   prompts: readonly (readonly number[])[],
   opts: GenerateOptions,
 ): Promise<number[][]> {
+  if (opts.streams && opts.streams.length !== prompts.length) {
+    throw new Error(`generate: ${opts.streams.length} streams for ${prompts.length} prompts`);
+  }
+  const badStream = opts.streams?.find((s) => !Number.isInteger(s) || s < 0 || s >= 2 ** 32);
+  if (badStream !== undefined) {
+    throw new Error(`generate: stream ${badStream} is not an integer in [0, 2^32)`);
+  }
   const out: number[][] = new Array(prompts.length);
   const byLength = new Map<number, number[]>();
   prompts.forEach((p, i) => {
@@ -53,7 +73,8 @@ export async function generate(
   for (const [len, indices] of [...byLength].sort((a, b) => a[0] - b[0])) {
     for (let s = 0; s < indices.length; s += B) {
       const group = indices.slice(s, s + B);
-      const completions = await generateGroup(lm, group.map((i) => prompts[i]), len, group, opts);
+      const streams = group.map((i) => opts.streams?.[i] ?? i);
+      const completions = await decodeGroup(lm, group.map((i) => prompts[i]), len, streams, opts);
       for (let j = 0; j < group.length; j++) {
         out[group[j]] = completions[j];
         await opts.onCompletion?.(group[j], completions[j]);
@@ -63,88 +84,50 @@ export async function generate(
   return out;
 }
 
-async function generateGroup(
-  lm: CausalLM,
-  prompts: readonly (readonly number[])[],
-  len: number,
-  indices: number[],
-  opts: GenerateOptions,
-): Promise<number[][]> {
-  if (opts.sampling.temperature <= 0) return await greedyGroup(lm, prompts, len, opts);
-  const rt = lm.rt;
-  const B = prompts.length;
-  const V = lm.config.vocabSize;
-  const eos = new Set(opts.eosIds ?? []);
-  const rngs = indices.map((i) => new Rng(`${opts.seed}/prompt/${i}`));
-  const done = new Array(B).fill(false);
-  const completions: number[][] = prompts.map(() => []);
-  const state: DecodeState = lm.newDecodeState(B, len + opts.maxNewTokens);
-  try {
-    let ids = Int32Array.from(prompts.flat());
-    let n = len;
-    for (let step = 0; step < opts.maxNewTokens; step++) {
-      if (opts.signal?.aborted) throw opts.signal.reason;
-      const logits = await rt.scope(async () => await lm.step(state, ids, n, { lastOnly: true }).read());
-      const next = new Int32Array(B);
-      for (let b = 0; b < B; b++) {
-        if (done[b]) continue;
-        const tok = sampleToken(logits, opts.sampling, rngs[b], b * V, V);
-        next[b] = tok;
-        if (eos.has(tok)) {
-          done[b] = true;
-          if (!opts.dropEos) completions[b].push(tok);
-        } else {
-          completions[b].push(tok);
-        }
-      }
-      if (done.every(Boolean)) break;
-      ids = next;
-      n = 1;
-    }
-  } finally {
-    lm.disposeState(state);
-  }
-  return completions;
-}
-
-/** Greedy decoding steps recorded per submit by {@linkcode generate}'s batched GPU loop. */
-const GREEDY_CHUNK = 32;
-
 /**
- * Greedy lockstep decoding of a batch with the loop on the GPU: each step's argmax ids [B] feed the next step's
- * embedding, and `chunk` steps are recorded per submit and read back together (B ids per step instead of
- * B x V logits). Rows that ended keep decoding until the whole batch has ended; their extra tokens are dropped,
- * and rows do not interact, so the completions equal the CPU path's (both take the lowest index of a tie).
+ * Lockstep decoding of a batch of equal-length prompts with the loop on the GPU: each step's ids [B] (sampled
+ * on the GPU, row b from stream `streams[b]` at its completion position) feed the next step's embedding, and
+ * `chunk` steps are recorded per submit and read back together. Rows that ended keep decoding until the whole
+ * batch has ended; their extra tokens are dropped, and rows do not interact, so every row's completion is the
+ * one it would have alone.
  */
-async function greedyGroup(
+async function decodeGroup(
   lm: CausalLM,
   prompts: readonly (readonly number[])[],
   len: number,
-  opts: Pick<GenerateOptions, "maxNewTokens" | "eosIds" | "dropEos" | "signal">,
-  chunk = GREEDY_CHUNK,
+  streams: readonly number[],
+  opts: Pick<
+    GenerateOptions,
+    "maxNewTokens" | "sampling" | "seed" | "eosIds" | "dropEos" | "chunk" | "signal"
+  >,
 ): Promise<number[][]> {
   const rt = lm.rt;
   const B = prompts.length;
+  const chunk = Math.max(1, opts.chunk ?? DECODE_CHUNK);
   const eos = new Set(opts.eosIds ?? []);
   const done = new Array(B).fill(false);
   const completions: number[][] = prompts.map(() => []);
+  if (opts.maxNewTokens <= 0) return completions;
   const state: DecodeState = lm.newDecodeState(B, len + opts.maxNewTokens);
+  const streamIds = rt.tensor(Uint32Array.from(streams), [B], "u32").keep();
+  // completion position t of every row is drawn at step t of its stream
+  const next = (logits: Tensor, step: number): Tensor =>
+    sampleTokens(logits, opts.sampling, { seed: opts.seed, streams: streamIds, step });
   let prev: Tensor | null = null;
   try {
-    if (opts.maxNewTokens <= 0) return completions;
-    prev = rt.noGrad(() =>
-      greedyArgmax(lm.step(state, Int32Array.from(prompts.flat()), len, { lastOnly: true })).ids
+    prev = rt.scope(() =>
+      rt.noGrad(() => next(lm.step(state, Int32Array.from(prompts.flat()), len, { lastOnly: true }), 0))
     ).keep();
-    let unread = 1, produced = 0;
+    let unread = 1, produced = 0, recorded = 1;
     while (true) {
       if (opts.signal?.aborted) throw opts.signal.reason;
       const steps = Math.min(chunk, opts.maxNewTokens - produced - unread);
       const last: Tensor = prev;
-      const { next, finished } = await rt.scope(async () => {
+      const { ids, finished } = await rt.scope(async () => {
         const chain: Tensor[] = unread ? [last] : [];
         let cur = last;
         for (let j = 0; j < steps; j++) {
-          cur = greedyArgmax(lm.step(state, cur, 1)).ids;
+          cur = next(lm.step(state, cur, 1), recorded++);
           chain.push(cur);
         }
         const reads = await rt.dev.readMany(chain.map((t) => ({ buffer: t.buffer, offset: 0, size: 4 * B })));
@@ -166,17 +149,18 @@ async function greedyGroup(
             break;
           }
         }
-        return { next: cur === last ? null : cur.keep(), finished };
+        return { ids: cur === last ? null : cur.keep(), finished };
       });
       unread = 0;
-      if (next) {
+      if (ids) {
         prev.dispose();
-        prev = next;
+        prev = ids;
       }
       if (finished) break;
     }
   } finally {
     prev?.dispose();
+    streamIds.dispose();
     lm.disposeState(state);
   }
   return completions;
@@ -186,23 +170,27 @@ async function greedyGroup(
 export interface ResidentOptions {
   /** Tokens to generate at most. */
   maxNewTokens: number;
-  /** Decode steps recorded per submit; their ids are read back together (default 32). */
+  /** Decode steps recorded per submit; their ids are read back together (default {@linkcode DECODE_CHUNK}). */
   chunk?: number;
   /** Ids that end the sequence (the output stops there, EOS included). */
   eosIds?: readonly number[];
 }
 
 /**
- * Greedy decoding of one prompt with the loop on the GPU: each step's argmax is written to a GPU buffer that the
- * next step's embedding reads, so `chunk` tokens are recorded into one submit and read back together. This
- * removes the per-token GPU->CPU round trip (about 12 ms on Deno's built-in WebGPU); an end-of-sequence token is
- * noticed up to `chunk - 1` steps late and the surplus is trimmed.
+ * Greedy decoding of one prompt with the loop on the GPU ({@linkcode generate}'s loop for a batch of one): each
+ * step's argmax is written to a GPU buffer that the next step's embedding reads, so `chunk` tokens are recorded
+ * into one submit and read back together. This removes the per-token GPU->CPU round trip (about 12 ms on Deno's
+ * built-in WebGPU); an end-of-sequence token is noticed up to `chunk - 1` steps late and the surplus is trimmed.
  */
 export async function greedyResident(
   lm: CausalLM,
   prompt: Int32Array,
   opts: ResidentOptions,
 ): Promise<number[]> {
-  const [tokens] = await greedyGroup(lm, [[...prompt]], prompt.length, opts, Math.max(1, opts.chunk ?? 32));
+  const [tokens] = await decodeGroup(lm, [[...prompt]], prompt.length, [0], {
+    ...opts,
+    sampling: GREEDY,
+    seed: 0,
+  });
   return tokens;
 }

@@ -248,7 +248,7 @@ interface Prompt {
 /** The evaluate stage kind. */
 export const evaluateStage = defineStage({
   kind: "evaluate",
-  version: 1,
+  version: 2, // 2: generations sample on the GPU (Philox streams): sampled text differs from version 1's
   doc: "Evaluates one model: perplexity (token, word, byte, bits per byte) over text datasets, accuracy on " +
     "multiple-choice tasks (lm-eval conventions: acc, acc_norm, stderr) and sample generations, written as an " +
     "lm-evaluation-harness style results.json for the run report.",

@@ -7,10 +7,12 @@
  * whole text, or with `prompt_tokens` its first N tokens, which gives prompts of equal length that batch
  * without waste).
  *
- * Determinism: completion j (prompt i's k-th of n is j = i * n + k) samples from its own generator seeded by
- * `(seed, j)`, so it does not depend on the other prompts. Prompts are processed in chunks of `save_every` in index order (grouped by
- * length into batches inside a chunk), and a checkpoint after each chunk holds every completion so far; a
- * resumed run redoes only the chunks after it and writes the same bytes as an uninterrupted one.
+ * Decoding is `models/generate.ts`'s GPU-resident loop (tokens sampled on the GPU, ids read once per chunk of
+ * steps). Determinism: completion j (prompt i's k-th of n is j = i * n + k) draws from random stream j of the
+ * seed, so it does not depend on the other prompts or on the batching. Prompts are processed in chunks of
+ * `save_every` in index order (grouped by length into batches inside a chunk), and a checkpoint after each chunk
+ * holds every completion so far; a resumed run redoes only the chunks after it and writes the same bytes as an
+ * uninterrupted one.
  *
  * @module
  */
@@ -20,10 +22,9 @@ import { type Example, normalizeRecords } from "../data/formats.ts";
 import { formatProblem } from "../data/problems.ts";
 import { iterateRecords, resolveDataset, TEXT_MODES, type TextMode } from "../data/records.ts";
 import type { ChatMessage } from "../data/tokenizer.ts";
-import type { CausalLM } from "../models/causal_lm.ts";
-import { sampleToken, type SamplingOptions } from "../models/sampling.ts";
+import { generate } from "../models/generate.ts";
+import type { SamplingOptions } from "../models/sampling.ts";
 import type { Tokenizer } from "../models/tokenizer.ts";
-import { Rng } from "../util/rng.ts";
 import { UserError } from "../util/errors.ts";
 import { loadModelInput, loadTokenizerInput, modelDir, stageRuntime, toGpu } from "./shared/models.ts";
 import { datasetSpecOf } from "./shared/datasets.ts";
@@ -64,7 +65,7 @@ async function stopIds(dir: string, tok: Tokenizer): Promise<number[]> {
 /** The pseudo_label stage kind. */
 export const pseudoLabelStage = defineStage({
   kind: "pseudo_label",
-  version: 1,
+  version: 2, // 2: sampling on the GPU (Philox streams): samples differ from version 1's
   doc: "The teacher generates a completion for every prompt of a dataset (temperature / top-p / top-k " +
     "sampling, seeded per prompt), in batches, resumable part-way. Writes train.jsonl with prompt, " +
     "completion and text (= prompt + completion, for plain-text training) per record.",
@@ -218,26 +219,23 @@ export const pseudoLabelStage = defineStage({
     let tokens = 0;
     try {
       for (let c0 = out.length; c0 < prompts.length; c0 += p.save_every) {
-        const chunk = prompts.slice(c0, c0 + p.save_every).map((q, j) => ({ q, index: c0 + j }));
-        const done = new Map<number, { ids: number[]; finished: boolean }>();
-        const byLength = new Map<number, typeof chunk>();
-        for (const x of chunk) byLength.set(x.q.ids.length, [...(byLength.get(x.q.ids.length) ?? []), x]);
-        for (const [len, group] of [...byLength].sort((a, b) => a[0] - b[0])) {
-          for (let s = 0; s < group.length; s += p.batch_size) {
-            const batch = group.slice(s, s + p.batch_size);
-            const res = await generateBatch(lm, batch.map((x) => x.q.ids), len, batch.map((x) => x.index), {
-              maxNewTokens: p.max_new_tokens,
-              sampling,
-              seed,
-              stops,
-              signal: ctx.signal,
-            });
-            batch.forEach((x, j) => done.set(x.index, res[j]));
-            tokens += res.reduce((a, r) => a + r.ids.length, 0);
-            ctx.progress.update(out.length + done.size, { tokens });
-          }
-        }
-        for (const x of chunk) out.push(labelled(tok, x.q, done.get(x.index)!));
+        const chunk = prompts.slice(c0, c0 + p.save_every);
+        // generate batches equal lengths; stream c0 + j keeps a completion independent of the chunking
+        let finishedInChunk = 0;
+        const completions = await generate(lm, chunk.map((q) => q.ids), {
+          maxNewTokens: p.max_new_tokens,
+          sampling,
+          seed,
+          streams: chunk.map((_, j) => c0 + j),
+          eosIds: stops,
+          batchSize: p.batch_size,
+          signal: ctx.signal,
+          onCompletion: (_, ids) => {
+            tokens += endAtStop(ids, stops).ids.length;
+            ctx.progress.update(out.length + ++finishedInChunk, { tokens });
+          },
+        });
+        chunk.forEach((q, j) => out.push(labelled(tok, q, endAtStop(completions[j], stops))));
         if (out.length < prompts.length) {
           const lines = out.map((r) => JSON.stringify(r)).join("\n") + "\n";
           await ctx.checkpoints.save(
@@ -410,40 +408,8 @@ function promptOf(ex: Example, tok: Tokenizer, template: string, promptTokens: n
   }
 }
 
-/** Generates completions for prompts of equal length `len`, each with its own seeded stream. */
-async function generateBatch(
-  lm: CausalLM,
-  prompts: number[][],
-  len: number,
-  indices: number[],
-  o: { maxNewTokens: number; sampling: SamplingOptions; seed: number; stops: number[]; signal: AbortSignal },
-): Promise<{ ids: number[]; finished: boolean }[]> {
-  const rt = lm.rt;
-  const B = prompts.length, V = lm.config.vocabSize;
-  const stop = new Set(o.stops);
-  const rngs = indices.map((i) => new Rng(`${o.seed}/prompt/${i}`));
-  const res = prompts.map(() => ({ ids: [] as number[], finished: false }));
-  const state = lm.newDecodeState(B, len + o.maxNewTokens);
-  try {
-    let ids = Int32Array.from(prompts.flat());
-    let n = len;
-    for (let step = 0; step < o.maxNewTokens; step++) {
-      if (o.signal.aborted) throw o.signal.reason;
-      const logits = await rt.scope(async () => await lm.step(state, ids, n, { lastOnly: true }).read());
-      const next = new Int32Array(B);
-      for (let b = 0; b < B; b++) {
-        if (res[b].finished) continue;
-        const t = sampleToken(logits, o.sampling, rngs[b], b * V, V);
-        next[b] = t;
-        if (stop.has(t)) res[b].finished = true;
-        else res[b].ids.push(t);
-      }
-      if (res.every((r) => r.finished)) break;
-      ids = next;
-      n = 1;
-    }
-  } finally {
-    lm.disposeState(state);
-  }
-  return res;
+/** A completion with its stop token (if it reached one) taken off, and whether it did. */
+function endAtStop(ids: number[], stops: readonly number[]): { ids: number[]; finished: boolean } {
+  const finished = ids.length > 0 && stops.includes(ids[ids.length - 1]);
+  return { ids: finished ? ids.slice(0, -1) : ids, finished };
 }

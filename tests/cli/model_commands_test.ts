@@ -1,13 +1,18 @@
 /**
  * The model commands as a user runs them (real subprocesses): `forward` reproduces the reference fixtures'
  * logits, layer outputs and greedy continuations for the teacher and the hybrid; `generate` streams the known
- * greedy start; bad models and bad ids files exit with code 2 and a clear message.
+ * greedy start, and samples what models/generate samples for the same seed; bad models and bad ids files exit
+ * with code 2 and a clear message.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { openSafetensors } from "../../models/safetensors.ts";
 import { FIXTURE_MODELS, fixturePath, openOracle } from "../reference/fixtures.ts";
-import { maxAbsDiff } from "../helpers/gpu.ts";
+import { gpuTestOptions, maxAbsDiff, testRuntime } from "../helpers/gpu.ts";
+import { CausalLM } from "../../models/causal_lm.ts";
+import { loadModel } from "../../models/checkpoint.ts";
+import { generate } from "../../models/generate.ts";
+import { Tokenizer } from "../../models/tokenizer.ts";
 import { spawnCli } from "../pipelines/helpers.ts";
 
 // Tolerances of issue 4 (fixtures/reference/README.md): Llama logits and layer outputs 2e-4 max abs; the
@@ -75,6 +80,49 @@ Deno.test("generate CLI: greedy from BOS alone streams the teacher's known story
   assert.ok(r.stdout.startsWith("Once upon a time, there was a little girl named Lily."), r.stdout);
   assert.match(r.stderr, /24 tokens \(length\) in [\d.]+ s: [\d.]+ tokens\/s decoding/);
 });
+
+Deno.test(
+  "generate CLI: a sampled continuation equals models/generate's for prompt 0 with the same seed",
+  gpuTestOptions,
+  async () => {
+    const dir = fixturePath(FIXTURE_MODELS.llama.dir);
+    const sampling = { temperature: 1.2, topK: 20, topP: 0.95 };
+    const r = await spawnCli([
+      "generate",
+      "--model",
+      dir,
+      "--prompt",
+      "Once upon a time",
+      "--temperature",
+      String(sampling.temperature),
+      "--top-k",
+      String(sampling.topK),
+      "--top-p",
+      String(sampling.topP),
+      "--seed",
+      "3",
+      "--max-new-tokens",
+      "16",
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    const tok = await Tokenizer.fromDir(dir);
+    const lm = CausalLM.fromModel(await testRuntime(), await loadModel(dir));
+    try {
+      const eosIds = [...lm.config.eosTokenIds, ...(tok.eosTokenId !== null ? [tok.eosTokenId] : [])];
+      const [c] = await generate(lm, [tok.encode("Once upon a time")], {
+        maxNewTokens: 16,
+        sampling,
+        seed: 3,
+        eosIds,
+        dropEos: true,
+      });
+      assert.match(r.stderr, new RegExp(`^${c.length} tokens \\((eos|length)\\)`, "m"));
+      assert.equal(r.stdout.trim(), tok.decode(c, { skipSpecialTokens: true }).trim());
+    } finally {
+      lm.dispose();
+    }
+  },
+);
 
 Deno.test("model commands: a bad model directory or ids file exits with code 2 and says what is wrong", async () => {
   const dir = await Deno.makeTempDir({ prefix: "forward-bad-" });

@@ -1,9 +1,9 @@
 /**
- * Compiles every WGSL variant of the attention, decode, loss and log-prob kernels, and the fused decode GEMVs,
- * with Dawn's compiler (Tint),
- * the compiler of the H200 provider, through Dawn's null backend (no GPU needed). Tint is stricter than the
- * built-in provider's compiler in places the CPU tests cannot see: e.g. a constant expression that evaluates to
- * NaN is a shader-creation error there and compiles fine here.
+ * Compiles every WGSL variant of the attention, decode, loss, log-prob and sampling kernels, and the fused decode
+ * GEMVs, with Dawn's compiler (Tint), the compiler of the H200 provider, through Dawn's null backend (no GPU
+ * needed). Tint is stricter than the built-in provider's compiler in places the CPU tests cannot see: e.g. a
+ * constant expression that evaluates to NaN is a shader-creation error there and compiles fine here, and a
+ * barrier after a branch on a workgroup variable read without workgroupUniformLoad is rejected there only.
  */
 import * as attn from "../../kernels/attention.ts";
 import * as attn2 from "../../kernels/attention_v2.ts";
@@ -13,6 +13,7 @@ import { splitColumns3 } from "../../kernels/columns.ts";
 import * as ce from "../../kernels/cross_entropy.ts";
 import * as lp from "../../kernels/logprobs.ts";
 import * as hl from "../../kernels/head_loss.ts";
+import { philoxKernel, sampleTokensKernel } from "../../kernels/sample_token.ts";
 import type { DType, KernelSpec } from "../../kernels/kernel.ts";
 import { gpuTestOptions } from "../helpers/gpu.ts";
 
@@ -65,6 +66,12 @@ function allSpecs(): KernelSpec[] {
     specs.push(lp.tokenLogprobForward(dtype, 1, 0, 10).spec);
     specs.push(lp.tokenLogprobBackward(dtype, 1, 0, 10).spec);
     specs.push(lp.argmaxRows(dtype, 1, 0, 10).spec);
+    const sampling = { temperature: 0.7, topK: 5, topP: 0.9, key: [1, 2] as [number, number], step: 0 };
+    for (const V of [10, 128256]) {
+      for (const withProbs of [false, true]) {
+        specs.push(sampleTokensKernel(dtype, 1, 0, V, sampling, withProbs).spec);
+      }
+    }
     specs.push(hl.scaleByScalar(dtype, 10, false).spec, hl.scaleByScalar(dtype, 10, true).spec);
   }
   specs.push(
@@ -72,6 +79,7 @@ function allSpecs(): KernelSpec[] {
     lp.maskedRowSum(1, 4).spec,
     lp.maskedRowSumBackward(1, 4).spec,
     hl.tokenWeightTotal(4, true, true).spec,
+    philoxKernel(4).spec,
   );
   return [...new Map(specs.map((s) => [s.key, s])).values()];
 }
