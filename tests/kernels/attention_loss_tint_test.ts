@@ -16,6 +16,7 @@ import * as hl from "../../kernels/head_loss.ts";
 import { philoxKernel, sampleTokensKernel } from "../../kernels/sample_token.ts";
 import type { DType, KernelSpec } from "../../kernels/kernel.ts";
 import { gpuTestOptions } from "../helpers/gpu.ts";
+import { dawnNullDevice } from "../helpers/tint.ts";
 
 function allSpecs(): KernelSpec[] {
   const specs: KernelSpec[] = [];
@@ -84,29 +85,16 @@ function allSpecs(): KernelSpec[] {
   return [...new Map(specs.map((s) => [s.key, s])).values()];
 }
 
-let dawnGpu: GPU | null = null;
-
 Deno.test(
   "attention/loss kernels: every WGSL variant compiles with Dawn's Tint",
   gpuTestOptions,
   async () => {
-    let device: GPUDevice;
-    try {
-      const mod = await import("webgpu");
-      for (const [k, v] of Object.entries(mod.globals as Record<string, unknown>)) {
-        if (!(k in globalThis)) (globalThis as Record<string, unknown>)[k] = v;
-      }
-      // keep Dawn's GPU object referenced while the device lives: collecting it crashes the binding
-      dawnGpu = mod.create(["backend=null"]);
-      const adapter = await dawnGpu.requestAdapter();
-      if (!adapter) throw new Error("no null adapter");
-      device = await adapter.requestDevice({
-        requiredFeatures: adapter.features.has("shader-f16") ? ["shader-f16"] : [],
-      });
-    } catch (e) {
-      console.warn(`Tint check skipped: Dawn's null backend is not available here (${e})`);
+    const dev = await dawnNullDevice({ optional: ["shader-f16"] });
+    if (typeof dev === "string") {
+      console.warn(`Tint check skipped: ${dev}`);
       return;
     }
+    const device = dev.device;
     // One error scope per module, all awaited together: awaiting Dawn after every call has crashed its binding
     // (see the Dawn stability notes of issue 3), batching the waits has not.
     const checks: Promise<string | null>[] = [];

@@ -10,6 +10,7 @@
  * @module
  */
 import type { KernelSpec } from "../../kernels/kernel.ts";
+import { compileFailure, dawnNullDevice } from "../helpers/tint.ts";
 import {
   MATMUL_MEDIUM,
   MATMUL_SMALL,
@@ -74,29 +75,6 @@ function allVariants(f16: boolean): { spec: KernelSpec; sharedBytes: number }[] 
   return [...out.values()];
 }
 
-// Dawn's GPU object must stay referenced: if it is garbage-collected while the device lives, the binding crashes.
-let dawnGpu: GPU | null = null;
-
-async function dawnNullDevice(): Promise<GPUDevice | string> {
-  try {
-    if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", "/tmp");
-    const mod = await import("webgpu");
-    for (const [k, v] of Object.entries(mod.globals as Record<string, unknown>)) {
-      if (!(k in globalThis)) (globalThis as Record<string, unknown>)[k] = v;
-    }
-    dawnGpu = mod.create(["enable-dawn-features=allow_unsafe_apis", "backend=null"]);
-    const adapter = await dawnGpu.requestAdapter();
-    if (!adapter) return "Dawn's null backend offers no adapter";
-    const requiredFeatures = (["shader-f16"] as const).filter((f) => adapter.features.has(f));
-    return await adapter.requestDevice({
-      requiredFeatures,
-      requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize },
-    });
-  } catch (e) {
-    return `Dawn (npm:webgpu) unavailable: ${e}`;
-  }
-}
-
 async function check(device: GPUDevice): Promise<{ variants: number; failures: string[] }> {
   const failures: string[] = [];
   const variants = allVariants(device.features.has("shader-f16"));
@@ -124,22 +102,14 @@ async function check(device: GPUDevice): Promise<{ variants: number; failures: s
         compute: { module, entryPoint: spec.entryPoint ?? "main", constants: spec.constants },
       });
     }
-    const err = await device.popErrorScope();
-    const info = await module.getCompilationInfo();
-    const msgs = info.messages.filter((m) => m.type !== "info");
-    if (err || msgs.length > 0) {
-      failures.push(
-        `${spec.key}: ${err?.message ?? ""}\n${
-          msgs.map((m) => `  ${m.lineNum}:${m.linePos} ${m.message}`).join("\n")
-        }`,
-      );
-    }
+    const failure = await compileFailure(spec.key, await device.popErrorScope(), module);
+    if (failure) failures.push(failure);
   }
   return { variants: variants.length, failures };
 }
 
 if (import.meta.main) {
-  const device = await dawnNullDevice();
-  console.log(JSON.stringify(typeof device === "string" ? { skipped: device } : await check(device)));
+  const dev = await dawnNullDevice({ optional: ["shader-f16"] });
+  console.log(JSON.stringify(typeof dev === "string" ? { skipped: dev } : await check(dev.device)));
   Deno.exit(0); // skip Dawn's teardown
 }

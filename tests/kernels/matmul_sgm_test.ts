@@ -42,24 +42,12 @@ import { refMatmul } from "../reference/dense.ts";
 import type { Rng } from "../../util/rng.ts";
 import { SGM_TINY } from "./sgm_tint_check.ts";
 import { packF16, parseWgsl, runWgsl } from "../helpers/wgsl_interp.ts";
+import { runTintCheck } from "../helpers/tint.ts";
 
 // ---- Tint ---------------------------------------------------------------------------------------------------
 
 Deno.test("every subgroup-matrix matmul variant compiles under Dawn's WGSL compiler (Tint, null backend)", async () => {
-  const script = new URL("./sgm_tint_check.ts", import.meta.url);
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", script.pathname],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = new TextDecoder().decode(out.stdout).trim();
-  const line = text.split("\n").findLast((l) => l.startsWith("{"));
-  if (!line) {
-    throw new Error(
-      `Tint check printed no result (exit ${out.code}):\n${new TextDecoder().decode(out.stderr)}`,
-    );
-  }
-  const result = JSON.parse(line) as {
+  const result = await runTintCheck(new URL("./sgm_tint_check.ts", import.meta.url)) as {
     skipped?: string;
     variants?: number;
     pipelines?: number;

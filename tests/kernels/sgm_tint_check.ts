@@ -26,6 +26,7 @@ import {
   sgmThreads,
   sgmVariantWgsl,
 } from "../../kernels/matmul_subgroup_matrix.ts";
+import { compileFailure, dawnNullDevice } from "../helpers/tint.ts";
 
 /** A config small enough for the null adapter's limits, so that one variant family also builds a pipeline. */
 export const SGM_TINY: SgmConfig = {
@@ -96,33 +97,6 @@ function allVariants(): Variant[] {
   return [...variants.values()];
 }
 
-// Dawn's GPU object must stay referenced while the device lives (see dense_tint_check.ts).
-let dawnGpu: GPU | null = null;
-
-async function dawnNullDevice(): Promise<{ device: GPUDevice; maxSubgroup: number } | string> {
-  try {
-    if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", "/tmp");
-    const mod = await import("webgpu");
-    for (const [k, v] of Object.entries(mod.globals as Record<string, unknown>)) {
-      if (!(k in globalThis)) (globalThis as Record<string, unknown>)[k] = v;
-    }
-    dawnGpu = mod.create(["enable-dawn-features=allow_unsafe_apis", "backend=null"]);
-    const adapter = await dawnGpu.requestAdapter();
-    if (!adapter) return "Dawn's null backend offers no adapter";
-    const wanted = ["shader-f16", "subgroups", "chromium-experimental-subgroup-matrix"] as GPUFeatureName[];
-    const missing = wanted.filter((f) => !adapter.features.has(f));
-    if (missing.length) return `Dawn's null adapter lacks ${missing.join(", ")}`;
-    const device = await adapter.requestDevice({
-      requiredFeatures: wanted,
-      requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize },
-    });
-    const info = adapter.info as GPUAdapterInfo & { subgroupMaxSize?: number };
-    return { device, maxSubgroup: info.subgroupMaxSize ?? 128 };
-  } catch (e) {
-    return `Dawn (npm:webgpu) unavailable: ${e}`;
-  }
-}
-
 async function check(
   device: GPUDevice,
   maxSubgroup: number,
@@ -156,24 +130,20 @@ async function check(
       });
       pipelines++;
     }
-    const err = await device.popErrorScope();
-    const info = await module.getCompilationInfo();
-    const msgs = info.messages.filter((m) => m.type !== "info");
-    if (err || msgs.length > 0) {
-      failures.push(
-        `${v.name}: ${err?.message ?? ""}\n${
-          msgs.map((m) => `  ${m.lineNum}:${m.linePos} ${m.message}`).join("\n")
-        }`,
-      );
-    }
+    const failure = await compileFailure(v.name, await device.popErrorScope(), module);
+    if (failure) failures.push(failure);
   }
   return { variants: variants.length, pipelines, failures };
 }
 
 if (import.meta.main) {
-  const dev = await dawnNullDevice();
-  console.log(
-    JSON.stringify(typeof dev === "string" ? { skipped: dev } : await check(dev.device, dev.maxSubgroup)),
-  );
+  const dev = await dawnNullDevice({
+    required: ["shader-f16", "subgroups", "chromium-experimental-subgroup-matrix"] as GPUFeatureName[],
+  });
+  if (typeof dev === "string") console.log(JSON.stringify({ skipped: dev }));
+  else {
+    const info = dev.adapter.info as GPUAdapterInfo & { subgroupMaxSize?: number };
+    console.log(JSON.stringify(await check(dev.device, info.subgroupMaxSize ?? 128)));
+  }
   Deno.exit(0); // skip Dawn's teardown
 }
