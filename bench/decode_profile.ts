@@ -20,7 +20,7 @@ import { greedyArgmax } from "../runtime/ops/loss.ts";
 import { sampleTokens } from "../runtime/ops/sampling.ts";
 import { add, swiglu } from "../runtime/ops/elementwise.ts";
 import type { Tensor } from "../runtime/tensor.ts";
-import { flag } from "./harness.ts";
+import { flag, timeRecorded } from "./harness.ts";
 
 const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
 const quick = Deno.args.includes("--quick");
@@ -31,27 +31,14 @@ const D = cfg.hiddenSize, H = cfg.numHeads, Hkv = cfg.numKvHeads, hd = cfg.headD
 const reps = quick ? 4 : 200;
 
 async function time(name: string, record: () => Tensor | void): Promise<void> {
-  for (let w = 0; w < 3; w++) {
-    await rt.scope(async () => {
-      record();
-      await rt.dev.sync();
-    });
-  }
-  const t0 = performance.now();
-  let recMs = 0;
-  await rt.scope(async () => {
-    for (let i = 0; i < reps; i++) record();
-    recMs = performance.now() - t0;
-    await rt.dev.sync();
-  });
-  const ms = (performance.now() - t0) / reps;
+  const { ms, recordMs } = await timeRecorded(rt, record, reps, { warmup: 3 });
   console.log(
     JSON.stringify({
       bench: "decode_profile",
       provider: rt.dev.provider,
       op: name,
       us: +(ms * 1000).toFixed(1),
-      record_us: +(recMs * 1000 / reps).toFixed(1),
+      record_us: +(recordMs * 1000).toFixed(1),
     }),
   );
 }

@@ -110,3 +110,30 @@ export async function profileDispatches(
   }
   return [...byKernel.values()].sort((a, b) => b.ms - a.ms);
 }
+
+/**
+ * Wall milliseconds per copy of `record` when `reps` copies are recorded back to back and synced once (after
+ * `warmup` synced copies), and the CPU milliseconds per copy spent recording. Each copy runs in its own scope
+ * when `scoped` (its tensors go back to the pool at once, as in a real loop); otherwise all live until the end.
+ */
+export async function timeRecorded(
+  rt: Runtime,
+  record: () => unknown,
+  reps: number,
+  opts: { warmup?: number; scoped?: boolean } = {},
+): Promise<{ ms: number; recordMs: number }> {
+  for (let w = 0; w < (opts.warmup ?? 2); w++) {
+    await rt.scope(async () => {
+      record();
+      await rt.dev.sync();
+    });
+  }
+  const t0 = performance.now();
+  let recordMs = 0;
+  await rt.scope(async () => {
+    for (let i = 0; i < reps; i++) opts.scoped ? rt.scope(() => void record()) : record();
+    recordMs = performance.now() - t0;
+    await rt.dev.sync();
+  });
+  return { ms: (performance.now() - t0) / reps, recordMs: recordMs / reps };
+}

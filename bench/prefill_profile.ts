@@ -20,7 +20,7 @@ import { causalConv1d } from "../runtime/ops/conv1d.ts";
 import { ssdScan } from "../runtime/ops/ssd.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
 import type { Tensor } from "../runtime/tensor.ts";
-import { flag, profileDispatches, randomTensor } from "./harness.ts";
+import { flag, profileDispatches, randomTensor, timeRecorded } from "./harness.ts";
 
 const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
 const quick = Deno.args.includes("--quick");
@@ -30,27 +30,14 @@ const T = quick ? 64 : 2048;
 const reps = quick ? 2 : 10;
 
 async function time(name: string, record: () => Tensor | Tensor[] | void, n = reps): Promise<void> {
-  for (let w = 0; w < 2; w++) {
-    await rt.scope(async () => {
-      record();
-      await rt.dev.sync();
-    });
-  }
-  const t0 = performance.now();
-  let recMs = 0;
-  await rt.scope(async () => {
-    for (let i = 0; i < n; i++) rt.scope(() => void record());
-    recMs = performance.now() - t0;
-    await rt.dev.sync();
-  });
-  const ms = (performance.now() - t0) / n;
+  const { ms, recordMs } = await timeRecorded(rt, record, n, { scoped: true });
   console.log(JSON.stringify({
     bench: "prefill_profile",
     provider: rt.dev.provider,
     op: name,
     tokens: T,
     ms: +ms.toFixed(3),
-    record_ms: +(recMs / n).toFixed(3),
+    record_ms: +recordMs.toFixed(3),
   }));
 }
 
