@@ -37,7 +37,14 @@ import {
 } from "../../kernels/matmul_subgroup_matrix.ts";
 import type { MatmulLayout, MatmulShape } from "../../kernels/matmul.ts";
 import { matmul, matmulLaunch } from "../../runtime/ops/matmul.ts";
-import { assertClose, F16_TOL, gpuTestOptions, testRng, testRuntime } from "../helpers/gpu.ts";
+import {
+  assertClose,
+  F16_TOL,
+  gpuTestOptions,
+  testRng,
+  testRuntime,
+  type Tolerance,
+} from "../helpers/gpu.ts";
 import { refMatmul } from "../reference/dense.ts";
 import type { Rng } from "../../util/rng.ts";
 import { SGM_TINY } from "./sgm_tint_check.ts";
@@ -257,27 +264,55 @@ function checkEmulation(c: SgmConfig, L: SgmLayout, e: EmuCase, rng: Rng): void 
   const got = emulate(c, L, e, a, b, c0, offs, { a: sa, b: sb, c: sc });
   const name = `${sgmConfigName(c)} ${L.transA ? "t" : "n"}${L.transB ? "t" : "n"} ${L.out}` +
     `${L.accumulate ? " acc" : ""} ${m}x${n}x${k}x${batch}`;
-  for (let z = 0; z < batch; z++) {
-    const ref = refMatmul(
-      { data: a.subarray(offs.a + z * sa, offs.a + z * sa + m * k), batched: false, trans: L.transA },
-      { data: b.subarray(offs.b + z * sb, offs.b + z * sb + k * n), batched: false, trans: L.transB },
-      1,
-      m,
-      n,
-      k,
-      e.alpha,
-    );
-    const cz = offs.c + z * sc;
-    if (L.accumulate) { for (let i = 0; i < m * n; i++) ref[i] += c0[cz + i]; }
-    // float64 sums of the same products: only the output rounding differs
-    const tol = L.out === "f16" ? { rtol: 2 ** -10, atol: 2 ** -20 } : { rtol: 2 ** -22, atol: 1e-12 };
-    assertClose(got.subarray(cz, cz + m * n), ref, tol, `${name} batch ${z}`);
-  }
+  // float64 sums of the same products: only the output rounding differs
+  const tol = L.out === "f16" ? { rtol: 2 ** -10, atol: 2 ** -20 } : { rtol: 2 ** -22, atol: 1e-12 };
+  assertBatches(got, a, b, c0, offs, { a: sa, b: sb, c: sc }, [m, n, k, batch], L, e.alpha, tol, name);
   // the padding between batches is never written
   for (let z = 0; z < batch; z++) {
     for (let i = offs.c + z * sc + m * n; i < offs.c + (z + 1) * sc; i++) {
       assert.equal(got[i], c0[i], `${name}: C padding at ${i} was written`);
     }
+  }
+}
+
+/**
+ * Checks every batch entry of a computed C (at `offs.c + z * strides.c`) against the float64 product of the same
+ * f16 inputs, plus the old C when accumulating.
+ */
+function assertBatches(
+  got: ArrayLike<number> & { subarray(a: number, b: number): ArrayLike<number> },
+  a: Float64Array,
+  b: Float64Array,
+  c0: Float64Array,
+  offs: { a: number; b: number; c: number },
+  strides: { a: number; b: number; c: number },
+  [m, n, k, batch]: number[],
+  L: SgmLayout,
+  alpha: number,
+  tol: Tolerance,
+  name: string,
+): void {
+  for (let z = 0; z < batch; z++) {
+    const ref = refMatmul(
+      {
+        data: a.subarray(offs.a + z * strides.a, offs.a + z * strides.a + m * k),
+        batched: false,
+        trans: L.transA,
+      },
+      {
+        data: b.subarray(offs.b + z * strides.b, offs.b + z * strides.b + k * n),
+        batched: false,
+        trans: L.transB,
+      },
+      1,
+      m,
+      n,
+      k,
+      alpha,
+    );
+    const cz = offs.c + z * strides.c;
+    if (L.accumulate) { for (let i = 0; i < m * n; i++) ref[i] += c0[cz + i]; }
+    assertClose(got.subarray(cz, cz + m * n), ref, tol, `${name} batch ${z}`);
   }
 }
 
@@ -365,22 +400,9 @@ function checkGenerated(c: SgmConfig, L: SgmLayout, e: EmuCase, rng: Rng): void 
     throw new Error(`${name}: ${err}`);
   }
   assert.ok(stats.mmas > 0, `${name}: no matrix products ran`);
-  for (let z = 0; z < batch; z++) {
-    const ref = refMatmul(
-      { data: a.subarray(offs.a + z * sa, offs.a + z * sa + m * k), batched: false, trans: L.transA },
-      { data: b.subarray(offs.b + z * sb, offs.b + z * sb + k * n), batched: false, trans: L.transB },
-      1,
-      m,
-      n,
-      k,
-      e.alpha,
-    );
-    const cz = offs.c + z * sc;
-    if (L.accumulate) { for (let i = 0; i < m * n; i++) ref[i] += c0[cz + i]; }
-    // f32 accumulation rounded after every 16-deep product; then the output type
-    const tol = L.out === "f16" ? { rtol: 2 ** -10, atol: 1e-6 } : { rtol: 1e-6, atol: 1e-6 };
-    assertClose(C.subarray(cz, cz + m * n), ref, tol, `${name} batch ${z}`);
-  }
+  // f32 accumulation rounded after every 16-deep product; then the output type
+  const tol2 = L.out === "f16" ? { rtol: 2 ** -10, atol: 1e-6 } : { rtol: 1e-6, atol: 1e-6 };
+  assertBatches(C, a, b, c0, offs, { a: sa, b: sb, c: sc }, [m, n, k, batch], L, e.alpha, tol2, name);
   for (let i = 0; i < C.length; i++) {
     const inside = Array.from({ length: batch }, (_, z) => offs.c + z * sc).some((cz) =>
       i >= cz && i < cz + m * n
