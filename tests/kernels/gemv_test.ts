@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { gemvKernel, gemvQkvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
+import { GEMV_SWIGLU_MAX_ROWS, gemvKernel, gemvQkvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
 import { linear, linearQkv, linearSwiglu } from "../../runtime/ops/matmul.ts";
 import {
   assertClose,
@@ -313,3 +313,169 @@ Deno.test(
     });
   },
 );
+
+// ---- fused prologue (RMSNorm of x) and epilogue (residual add) -----------------------------------------------
+
+/**
+ * HF RMSNorm of each row of x [rows, K] with weight w [K] in float64; with `round` (f16 storage), the normalised
+ * value and its product with w are rounded to the storage type, as kernels/rmsnorm.ts stores them.
+ */
+function refNormRows(
+  x: Float64Array,
+  w: Float64Array,
+  rows: number,
+  k: number,
+  eps: number,
+  round: (v: Float64Array) => Float64Array,
+): Float64Array {
+  const out = new Float64Array(rows * k);
+  for (let r = 0; r < rows; r++) {
+    let ss = 0;
+    for (let j = 0; j < k; j++) ss += x[r * k + j] ** 2;
+    const inv = 1 / Math.sqrt(ss / k + eps);
+    const h = round(x.subarray(r * k, (r + 1) * k).map((v) => v * inv));
+    out.set(round(h.map((v, j) => v * w[j])), r * k);
+  }
+  return out;
+}
+
+const identity = (v: Float64Array) => v;
+
+// Inputs of a fused-GEMV case: x of scale 0.4 and a norm eps of 0.05 (a third of mean(x^2)), so a kernel that
+// skipped the norm, the eps or the weight would be far off; a norm weight of random sign.
+function fusedInputs(rng: ReturnType<typeof testRng>, rows: number, k: number) {
+  return { x: randn(rng, rows * k, 0.4), nw: randn(rng, k), eps: 0.05 };
+}
+
+// (rows, K) pairs: every row count the decode path uses, each K path (67: scalar loads; 96: vector loads, the
+// tail loop only; 1000 at 16 threads per row: the unrolled loop and its tail) - not the whole cross product, since
+// every pair is a pipeline compile (up to a second each on llvmpipe)
+const FUSED_CASES: [number, number][] = [[1, 1000], [3, 67], [8, 96], [16, 1000]];
+// f16 with the norm prologue: 16 rows on the scalar path only; the 16-row vector variants take 3-4 s each to
+// compile on llvmpipe (the same code as f32's apart from the item type, which FUSED_CASES covers at 16 rows)
+const fusedCases = (dtype: DType, norm: boolean): [number, number][] =>
+  dtype === "f16" && norm ? [[1, 1000], [3, 67], [8, 96], [16, 67]] : FUSED_CASES;
+const fusedTpr = (k: number) => (k === 1000 ? 16 : 8);
+const fusedTol = (dtype: DType, k: number) =>
+  // f32: a tree-summed dot product of K unit-scale terms; f16: the output's rounding (2^-11) and the
+  // normalised x's two roundings, on f32 accumulation
+  dtype === "f32" ? { rtol: 1e-5, atol: 2e-6 * k } : { rtol: 2e-3, atol: 2e-3 * Math.sqrt(k) };
+
+for (const dtype of ["f32", "f16"] as DType[]) {
+  Deno.test(
+    `gemv normIn / residual kernels (${dtype}): norm prologue, residual epilogue, both, vs float64`,
+    gpuTestOptions,
+    async () => {
+      const rt = await testRuntime();
+      if (dtype === "f16" && !rt.dev.features.f16) return console.warn("gemv fused f16: no shader-f16");
+      const rng = testRng(`gemv-fused-${dtype}`);
+      const round = dtype === "f16" ? roundF16 : identity;
+      const n = 45; // not a multiple of any rows-per-workgroup
+      const variants: [boolean, boolean, [number, number][]][] = [
+        [true, false, fusedCases(dtype, true)],
+        [false, true, fusedCases(dtype, false)],
+        [true, true, [[3, 96], [16, 67]]],
+      ];
+      for (const [norm, residual, cases] of variants) {
+        for (const [rows, k] of cases) {
+          const { x: x0, nw: nw0, eps } = fusedInputs(rng, rows, k);
+          const x = round(x0),
+            nw = round(nw0),
+            w = round(randn(rng, n * k)),
+            res = round(randn(rng, rows * n));
+          const alpha = 0.75;
+          await rt.scope(async () => {
+            const tx = rt.tensor(x, [rows, k], dtype), tw = rt.tensor(w, [n, k], dtype);
+            const tnw = rt.tensor(nw, [k], dtype), tr = rt.tensor(res, [rows, n], dtype);
+            const y = rt.empty([rows, n], dtype);
+            const l = gemvKernel(dtype, rows, n, k, {
+              threadsPerRow: fusedTpr(k),
+              alpha,
+              residual,
+              normIn: norm ? { eps } : undefined,
+            });
+            const ins = [
+              tx.binding,
+              ...(norm ? [tnw.binding] : []),
+              tw.binding,
+              ...(residual ? [tr.binding] : []),
+            ];
+            rt.dev.dispatch(l.spec, [...ins, y.binding], l.workgroups, l.uniforms);
+            const xin = norm ? refNormRows(x, nw, rows, k, eps, round) : x;
+            let ref = refLinear(xin, w, rows, n, k).map((v) => alpha * v);
+            if (residual) ref = round(ref).map((v, i) => v + res[i]);
+            assertClose(
+              await y.read(),
+              ref,
+              fusedTol(dtype, k),
+              `${dtype} k=${k} rows=${rows} norm=${norm} residual=${residual}`,
+            );
+          });
+        }
+      }
+    },
+  );
+
+  Deno.test(
+    `gemv swiglu and qkv kernels with normIn (${dtype}): 1, 3, 8 (and 16 for qkv) rows, vs float64`,
+    gpuTestOptions,
+    async () => {
+      const rt = await testRuntime();
+      if (dtype === "f16" && !rt.dev.features.f16) return console.warn("gemv fused f16: no shader-f16");
+      const rng = testRng(`gemv-fused-pairs-${dtype}`);
+      const round = dtype === "f16" ? roundF16 : identity;
+      for (const [rows, k] of fusedCases(dtype, true)) {
+        const tpr = fusedTpr(k), tol = fusedTol(dtype, k);
+        const { x: x0, nw: nw0, eps } = fusedInputs(rng, rows, k);
+        const x = round(x0), nw = round(nw0);
+        const xin = refNormRows(x, nw, rows, k, eps, round);
+        if (rows <= GEMV_SWIGLU_MAX_ROWS) {
+          const n = 45;
+          const wg = round(randn(rng, n * k)), wu = round(randn(rng, n * k));
+          await rt.scope(async () => {
+            const tx = rt.tensor(x, [rows, k], dtype), tnw = rt.tensor(nw, [k], dtype);
+            const tg = rt.tensor(wg, [n, k], dtype), tu = rt.tensor(wu, [n, k], dtype);
+            const y = rt.empty([rows, n], dtype);
+            const l = gemvSwigluKernel(dtype, rows, n, k, { threadsPerRow: tpr, normIn: { eps } });
+            rt.dev.dispatch(
+              l.spec,
+              [tx.binding, tnw.binding, tg.binding, tu.binding, y.binding],
+              l.workgroups,
+              l.uniforms,
+            );
+            // the SiLU product of two unit-scale dot products: its absolute error is up to twice theirs
+            assertClose(
+              await y.read(),
+              refSwiglu(xin, wg, wu, rows, n, k),
+              { rtol: 2 * tol.rtol, atol: 2 * tol.atol },
+              `swiglu ${dtype} k=${k} rows=${rows}`,
+            );
+          });
+        }
+        // nq = 37, nkv = 11: the q/k and k/v boundaries fall inside workgroups
+        const [nq, nkv] = [37, 11];
+        const wq = round(randn(rng, nq * k)),
+          wk = round(randn(rng, nkv * k)),
+          wv = round(randn(rng, nkv * k));
+        await rt.scope(async () => {
+          const tx = rt.tensor(x, [rows, k], dtype), tnw = rt.tensor(nw, [k], dtype);
+          const tq = rt.tensor(wq, [nq, k], dtype), tk = rt.tensor(wk, [nkv, k], dtype);
+          const tv = rt.tensor(wv, [nkv, k], dtype);
+          const q = rt.empty([rows, nq], dtype), kk = rt.empty([rows, nkv], dtype);
+          const v = rt.empty([rows, nkv], dtype);
+          const l = gemvQkvKernel(dtype, rows, nq, nkv, k, { threadsPerRow: tpr, normIn: { eps } });
+          rt.dev.dispatch(
+            l.spec,
+            [tx.binding, tnw.binding, tq.binding, tk.binding, tv.binding, q.binding, kk.binding, v.binding],
+            l.workgroups,
+            l.uniforms,
+          );
+          const what = `${dtype} k=${k} rows=${rows}`;
+          assertClose(await q.read(), refLinear(xin, wq, rows, nq, k), tol, `q ${what}`);
+          assertClose(await kk.read(), refLinear(xin, wk, rows, nkv, k), tol, `k ${what}`);
+          assertClose(await v.read(), refLinear(xin, wv, rows, nkv, k), tol, `v ${what}`);
+        });
+      }
+    },
+  );
+}
