@@ -1,6 +1,19 @@
 import assert from "node:assert/strict";
-import { GEMV_SWIGLU_MAX_ROWS, gemvKernel, gemvQkvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
+import {
+  GEMV_MAX_ROWS,
+  GEMV_SWIGLU_MAX_ROWS,
+  gemvKernel,
+  gemvQkvKernel,
+  gemvSwigluKernel,
+} from "../../kernels/gemv.ts";
 import { linear, linearQkv, linearSwiglu } from "../../runtime/ops/matmul.ts";
+import {
+  linearAddResidual,
+  linearNormed,
+  linearQkvNormed,
+  linearSwigluNormed,
+} from "../../runtime/ops/linear_fused.ts";
+import type { Runtime } from "../../runtime/runtime.ts";
 import {
   assertClose,
   dot,
@@ -479,3 +492,105 @@ for (const dtype of ["f32", "f16"] as DType[]) {
     },
   );
 }
+
+/** The kernel keys `fn` dispatches, without the test runtime's poison fills of new tensors. */
+function kernelsOf<T>(rt: Runtime, fn: () => T): { out: T; keys: string[] } {
+  const keys: string[] = [];
+  const dev = rt.dev;
+  const orig = dev.dispatch;
+  dev.dispatch = function (spec, ...rest) {
+    keys.push(spec.key);
+    return orig.call(this, spec, ...rest);
+  };
+  try {
+    const out = fn();
+    return { out, keys: keys.filter((k) => !k.startsWith("fill")) };
+  } finally {
+    dev.dispatch = orig;
+  }
+}
+
+Deno.test(
+  "fused decode ops: one GEMV with the norm or the residual up to the row limits, the unfused ops above, vs float64",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("linear-fused");
+    const eps = 0.05;
+    // D = 37: scalar loads; D = 40: vector loads. 20 tokens: above every GEMV limit; 12: above the SwiGLU one
+    for (const [tokens, d] of [[1, 40], [3, 37], [8, 40], [12, 37], [16, 37], [20, 40]]) {
+      const [nq, nkv, nOut] = [24, 8, 29];
+      const x = randn(rng, tokens * d, 0.4), nw = randn(rng, d);
+      const wq = randn(rng, nq * d), wk = randn(rng, nkv * d), wv = randn(rng, nkv * d);
+      const wo = randn(rng, nOut * d), wg = randn(rng, nOut * d), wu = randn(rng, nOut * d);
+      const res = randn(rng, tokens * nOut);
+      const xn = refNormRows(x, nw, tokens, d, eps, identity);
+      const tol = { rtol: 1e-5, atol: 2e-6 * d };
+      await rt.scope(async () => {
+        const tx = rt.tensor(x, [tokens, d]), tnw = rt.tensor(nw, [d]);
+        const [tq, tk, tv] = [rt.tensor(wq, [nq, d]), rt.tensor(wk, [nkv, d]), rt.tensor(wv, [nkv, d])];
+        const [to, tg, tu] = [rt.tensor(wo, [nOut, d]), rt.tensor(wg, [nOut, d]), rt.tensor(wu, [nOut, d])];
+        const tr = rt.tensor(res, [tokens, nOut]);
+        const what = `${tokens} tokens, D = ${d}`;
+        const lin = kernelsOf(rt, () => linearNormed(tx, tnw, eps, to));
+        const qkv = kernelsOf(rt, () => linearQkvNormed(tx, tnw, eps, tq, tk, tv));
+        const sw = kernelsOf(rt, () => linearSwigluNormed(tx, tnw, eps, tg, tu));
+        const ar = kernelsOf(rt, () => linearAddResidual(tx, to, tr));
+        const gemv = tokens <= GEMV_MAX_ROWS, swGemv = tokens <= GEMV_SWIGLU_MAX_ROWS;
+        assert.ok(lin.keys[0].startsWith(gemv ? "gemv_norm_" : "rmsnorm"), `${what}: ${lin.keys}`);
+        assert.equal(lin.keys.length, gemv ? 1 : 2, `linearNormed ${what}: ${lin.keys}`);
+        assert.equal(qkv.keys.length, gemv ? 1 : 4, `linearQkvNormed ${what}: ${qkv.keys}`);
+        assert.ok(qkv.keys[0].startsWith(gemv ? "gemv_qkv_norm_" : "rmsnorm"), `${what}: ${qkv.keys}`);
+        // above 8 rows: the norm, then the unfused SwiGLU (two GEMVs or matmuls and the combine)
+        assert.equal(sw.keys.length, swGemv ? 1 : 4, `linearSwigluNormed ${what}: ${sw.keys}`);
+        assert.ok(sw.keys[0].startsWith(swGemv ? "gemv_swiglu_norm_" : "rmsnorm"), `${what}: ${sw.keys}`);
+        assert.equal(ar.keys.length, gemv ? 1 : 2, `linearAddResidual ${what}: ${ar.keys}`);
+        assert.ok(ar.keys[0].startsWith(gemv ? "gemv_res_" : "matmul"), `${what}: ${ar.keys}`);
+        assertClose(await lin.out.read(), refLinear(xn, wo, tokens, nOut, d), tol, `linearNormed ${what}`);
+        assertClose(await qkv.out.q.read(), refLinear(xn, wq, tokens, nq, d), tol, `q ${what}`);
+        assertClose(await qkv.out.k.read(), refLinear(xn, wk, tokens, nkv, d), tol, `k ${what}`);
+        assertClose(await qkv.out.v.read(), refLinear(xn, wv, tokens, nkv, d), tol, `v ${what}`);
+        assertClose(
+          await sw.out.read(),
+          refSwiglu(xn, wg, wu, tokens, nOut, d),
+          { rtol: 2e-5, atol: 4e-6 * d },
+          `linearSwigluNormed ${what}`,
+        );
+        assertClose(
+          await ar.out.read(),
+          refLinear(x, wo, tokens, nOut, d).map((v, i) => v + res[i]),
+          tol,
+          `linearAddResidual ${what}`,
+        );
+      });
+    }
+  },
+);
+
+Deno.test("fused decode ops refuse gradients and mismatched operands", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  const rng = testRng("linear-fused-errors");
+  rt.scope(() => {
+    const x = rt.tensor(randn(rng, 2 * 8), [2, 8]), nw = rt.tensor(randn(rng, 8), [8]);
+    const w = rt.tensor(randn(rng, 4 * 8), [4, 8]), r = rt.tensor(randn(rng, 2 * 4), [2, 4]);
+    w.requiresGrad = true;
+    w.name = "proj.weight";
+    assert.throws(
+      () => linearNormed(x, nw, 1e-5, w),
+      /linearNormed is a decoding op.*proj\.weight requires them/,
+    );
+    assert.throws(() => linearAddResidual(x, w, r), /linearAddResidual is a decoding op/);
+    assert.throws(() => linearSwigluNormed(x, nw, 1e-5, w, w), /decoding op/);
+    assert.throws(() => linearQkvNormed(x, nw, 1e-5, w, w, w), /decoding op/);
+    // inside noGrad the same call is inference
+    rt.noGrad(() => linearNormed(x, nw, 1e-5, w));
+    w.requiresGrad = false;
+    assert.throws(
+      () => linearNormed(x, rt.tensor(randn(rng, 7), [7]), 1e-5, w),
+      /norm weight .* \(expected \[8\]/,
+    );
+    assert.throws(() => linearNormed(x, nw, -1, w), /eps must be >= 0/);
+    assert.throws(() => linearAddResidual(x, w, rt.tensor(randn(rng, 6), [6])), /does not hold 2 rows of 4/);
+    assert.throws(() => linearQkvNormed(x, nw, 1e-5, w, w, rt.tensor(randn(rng, 3 * 8), [3, 8])), /differ/);
+  });
+});
