@@ -23,6 +23,7 @@ import {
   sampleIndices,
   testRng,
   testRuntime,
+  withKernelKeys,
 } from "../helpers/gpu.ts";
 import { refMatmul } from "../reference/dense.ts";
 import type { DType } from "../../kernels/kernel.ts";
@@ -493,21 +494,10 @@ for (const dtype of ["f32", "f16"] as DType[]) {
   );
 }
 
-/** The kernel keys `fn` dispatches, without the test runtime's poison fills of new tensors. */
-function kernelsOf<T>(rt: Runtime, fn: () => T): { out: T; keys: string[] } {
-  const keys: string[] = [];
-  const dev = rt.dev;
-  const orig = dev.dispatch;
-  dev.dispatch = function (spec, ...rest) {
-    keys.push(spec.key);
-    return orig.call(this, spec, ...rest);
-  };
-  try {
-    const out = fn();
-    return { out, keys: keys.filter((k) => !k.startsWith("fill")) };
-  } finally {
-    dev.dispatch = orig;
-  }
+/** The kernel keys of `fn`'s dispatches, without the test runtime's poison fills of new tensors. */
+async function kernelsOf<T>(rt: Runtime, fn: () => T): Promise<{ out: T; keys: string[] }> {
+  const { out, keys } = await withKernelKeys(rt, fn);
+  return { out, keys: keys.filter((k) => !k.startsWith("fill_")) };
 }
 
 Deno.test(
@@ -532,10 +522,10 @@ Deno.test(
         const [to, tg, tu] = [rt.tensor(wo, [nOut, d]), rt.tensor(wg, [nOut, d]), rt.tensor(wu, [nOut, d])];
         const tr = rt.tensor(res, [tokens, nOut]);
         const what = `${tokens} tokens, D = ${d}`;
-        const lin = kernelsOf(rt, () => linearNormed(tx, tnw, eps, to));
-        const qkv = kernelsOf(rt, () => linearQkvNormed(tx, tnw, eps, tq, tk, tv));
-        const sw = kernelsOf(rt, () => linearSwigluNormed(tx, tnw, eps, tg, tu));
-        const ar = kernelsOf(rt, () => linearAddResidual(tx, to, tr));
+        const lin = await kernelsOf(rt, () => linearNormed(tx, tnw, eps, to));
+        const qkv = await kernelsOf(rt, () => linearQkvNormed(tx, tnw, eps, tq, tk, tv));
+        const sw = await kernelsOf(rt, () => linearSwigluNormed(tx, tnw, eps, tg, tu));
+        const ar = await kernelsOf(rt, () => linearAddResidual(tx, to, tr));
         const gemv = tokens <= GEMV_MAX_ROWS, swGemv = tokens <= GEMV_SWIGLU_MAX_ROWS;
         assert.ok(lin.keys[0].startsWith(gemv ? "gemv_norm_" : "rmsnorm"), `${what}: ${lin.keys}`);
         assert.equal(lin.keys.length, gemv ? 1 : 2, `linearNormed ${what}: ${lin.keys}`);
