@@ -116,3 +116,48 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "decode step in f16: the fused GEMVs keep the unfused roundings, logits equal the f16 full forward",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16) return console.warn("decode f16: adapter has no shader-f16");
+    const cfg = llamaConfig(TINY_LLAMA_CONFIG);
+    const rng = new Rng("decode-f16");
+    // the teacher only: the Mamba2 scan kernels take f32 inputs
+    const teacher = randomTransformer(cfg, rng.fork("teacher"));
+    const ids = [1, 17, 33, 250, 7, 91, 402, 5, 64, 300];
+    const V = cfg.vocabSize;
+    for (const [name, model] of [["teacher", teacher]] as const) {
+      const lm = CausalLM.fromModel(rt, model, { dtype: "f16" });
+      const s = lm.newDecodeState(1, ids.length);
+      try {
+        await rt.scope(async () => {
+          const { out: steps, keys } = await withKernelKeys(rt, () => {
+            const out = [lm.step(s, Int32Array.from(ids.slice(0, 5)), 5)];
+            for (let pos = 5; pos < ids.length; pos++) out.push(lm.step(s, Int32Array.of(ids[pos]), 1));
+            return out;
+          });
+          for (const k of ["gemv_qkv_norm_f16", "gemv_swiglu_norm_f16", "gemv_res_f16", "gemv_norm_f16"]) {
+            assert.ok(keys.some((key) => key.startsWith(k)), `${name}: no ${k} in ${keys}`);
+          }
+          const full = rt.noGrad(() => lm.forward(Int32Array.from(ids), 1, ids.length)).logits;
+          const [f, ...got] = await Promise.all([full.read(), ...steps.map((t) => t.read())]);
+          const dec = new Float32Array(ids.length * V);
+          let off = 0;
+          for (const g of got) {
+            dec.set(g, off);
+            off += g.length;
+          }
+          // the same f16 roundings in both paths; sums in another order can move a stored value by one f16 ulp
+          // (2^-11 relative), which the later layers carry into the logits (|logits| < 1 here; 5e-4 seen)
+          assertClose(dec, f, { rtol: 4e-3, atol: 2e-3 }, `${name} f16 decode`);
+        });
+      } finally {
+        lm.disposeState(s);
+        lm.dispose();
+      }
+    }
+  },
+);
