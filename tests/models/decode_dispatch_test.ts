@@ -161,3 +161,51 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "decode of two sequences: the fused path's last-position logits (lastOnly) and steps equal the full forward",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const cfg = llamaConfig(TINY_LLAMA_CONFIG);
+    const rng = new Rng("decode-batch");
+    const teacher = randomTransformer(cfg, rng.fork("teacher"));
+    const hybrid: Model = mapAttentionToMamba2(teacher.weights, cfg, [1, 3], rng.fork("mamba"));
+    // [B = 2, T = 6]: a 4-token prefill of both (8 rows: fused), then two single steps (2 rows each)
+    const ids = [[5, 99, 310, 42, 7, 250], [1, 64, 33, 480, 12, 3]];
+    const V = cfg.vocabSize, T = ids[0].length;
+    for (const [name, model] of [["teacher", teacher], ["hybrid", hybrid]] as const) {
+      const lm = CausalLM.fromModel(rt, model);
+      const s = lm.newDecodeState(2, T);
+      try {
+        await rt.scope(async () => {
+          const { out: steps, keys } = await withKernelKeys(rt, () => [
+            lm.step(s, Int32Array.from([...ids[0].slice(0, 4), ...ids[1].slice(0, 4)]), 4, {
+              lastOnly: true,
+            }),
+            lm.step(s, Int32Array.of(ids[0][4], ids[1][4]), 1),
+            lm.step(s, Int32Array.of(ids[0][5], ids[1][5]), 1),
+          ]);
+          assert.ok(!keys.some((k) => k.startsWith("rmsnorm_fwd") || k.startsWith("add_rmsnorm")), `${keys}`);
+          const full = rt.noGrad(() => lm.forward(Int32Array.from(ids.flat()), 2, T)).logits;
+          const [f, ...got] = await Promise.all([full.read(), ...steps.map((t) => t.read())]);
+          // each step gives [2, V]: sequence b's row at position 3, 4 and 5
+          got.forEach((g, i) => {
+            for (let b = 0; b < 2; b++) {
+              const at = (b * T + 3 + i) * V;
+              assertClose(
+                g.subarray(b * V, (b + 1) * V),
+                f.subarray(at, at + V),
+                { rtol: 1e-4, atol: 1e-4 },
+                `${name} sequence ${b} position ${3 + i}`,
+              );
+            }
+          });
+        });
+      } finally {
+        lm.disposeState(s);
+        lm.dispose();
+      }
+    }
+  },
+);
