@@ -537,7 +537,7 @@ export class CausalLM {
       throw new Error(`decode: ${s.length} + ${n} tokens exceed the state's capacity ${s.maxLength}`);
     }
     return rt.noGrad(() => {
-      const x = this.#decodeLayers(
+      const stream = this.#decodeLayers(
         ids,
         B,
         n,
@@ -548,10 +548,10 @@ export class CausalLM {
       s.length += n;
       if (opts.lastOnly && n > 1) {
         const D = c.hiddenSize;
-        x.keepRows((t) => B === 1 ? takeRows(t, n - 1, 1, D) : lastRows(t, B, n, D));
+        stream.keepRows((t) => B === 1 ? takeRows(t, n - 1, 1, D) : lastRows(t, B, n, D));
       }
       // the final norm and lm_head (one GEMV for a few rows)
-      return x.project(this.param(LM_HEAD));
+      return stream.project(this.param(LM_HEAD));
     });
   }
 
