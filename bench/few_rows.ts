@@ -5,6 +5,9 @@
  * - `linear`: GEMV against the tiled matmul for M = 1..16 rows of x and the 1B model's projection shapes. The
  *   H200 run of bench/spec.ts showed whole verification passes jumping from 4 ms (K <= 3) to 36-66 ms (K >= 4),
  *   exactly where `linear` switched from GEMV to the tiled matmul (then at 5 tokens).
+ * - `gemv_fused`: the GEMV with the RMSNorm of x in its prologue, and with the residual add in its epilogue,
+ *   against the plain GEMV and a separate norm (what the decode fusions of runtime/ops/linear_fused.ts cost on
+ *   the GPU clock, against the dispatch each saves).
  * - `decode_attention`: the KV-cache attention kernels (forward + split-K combine) for 1..9 query tokens
  *   against a cache, for every row-tile candidate (H=32, Hkv=8, hd=64); `chosen` marks the heuristic's pick.
  *
@@ -24,6 +27,9 @@ import {
 import { planDecodeAttention } from "../kernels/attention_decode.ts";
 import { GEMV_MAX_ROWS, gemvKernel } from "../kernels/gemv.ts";
 import { matmulKernel } from "../kernels/matmul.ts";
+import { rmsNormForward } from "../kernels/rmsnorm.ts";
+import type { KernelSpec } from "../kernels/kernel.ts";
+import type { BufferSlice } from "../runtime/device.ts";
 import { LINEAR_GEMV_MAX_TOKENS } from "../runtime/ops/matmul.ts";
 import { flag, randomTensor } from "./harness.ts";
 
@@ -93,6 +99,51 @@ if (import.meta.main) {
       y.dispose();
     }
     w.dispose();
+  }
+  // The decode fusions (kernels/gemv.ts): the GEMV with the RMSNorm of x in its prologue against the plain GEMV
+  // plus a separate norm dispatch, and with the residual add in its epilogue against the plain GEMV. GPU time
+  // only: the fusions' main gain, one dispatch fewer to record and launch, is not on this clock.
+  for (const [n, k] of shapes) {
+    const w = randomTensor(rt, [n, k], -1, 1).keep();
+    const nw = randomTensor(rt, [k], 0.5, 1.5).keep();
+    for (const m of quick ? [1, 5] : [1, 4, 8, 16]) {
+      const x = randomTensor(rt, [m, k], -1, 1).keep();
+      const u = rt.empty([m, k], "f32").keep(), rstd = rt.empty([m], "f32").keep();
+      const r = randomTensor(rt, [m, n], -1, 1).keep();
+      const y = rt.empty([m, n], "f32").keep();
+      const time = (
+        l: { spec: KernelSpec; workgroups: [number, number?, number?]; uniforms: ArrayBuffer },
+        b: BufferSlice[],
+      ) => dev.timeDispatch(l.spec, b, l.workgroups, l.uniforms, iters);
+      const plain = await time(gemvKernel("f32", m, n, k), [x.binding, w.binding, y.binding]);
+      const norm = await time(rmsNormForward("f32", m, k, 1e-5), [
+        x.binding,
+        nw.binding,
+        u.binding,
+        rstd.binding,
+      ]);
+      const normIn = await time(
+        gemvKernel("f32", m, n, k, { normIn: { eps: 1e-5 } }),
+        [x.binding, nw.binding, w.binding, y.binding],
+      );
+      const residual = await time(
+        gemvKernel("f32", m, n, k, { residual: true }),
+        [x.binding, w.binding, r.binding, y.binding],
+      );
+      console.log(JSON.stringify({
+        row: "gemv_fused",
+        m,
+        n,
+        k,
+        gemv_us: us(plain),
+        rmsnorm_us: us(norm),
+        gemv_norm_in_us: us(normIn),
+        gemv_residual_us: us(residual),
+      }));
+      for (const t of [x, u, rstd, r, y]) t.dispose();
+    }
+    w.dispose();
+    nw.dispose();
   }
   const limit = dev.limits.maxComputeWorkgroupStorageSize;
   for (const cacheLen of quick ? [40] : [257, 1024]) {

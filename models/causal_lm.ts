@@ -17,7 +17,7 @@ import type { Runtime } from "../runtime/runtime.ts";
 import type { Tensor } from "../runtime/tensor.ts";
 import type { DType } from "../kernels/kernel.ts";
 import { embedding } from "../runtime/ops/embedding.ts";
-import { linear, linearQkv, linearSwiglu } from "../runtime/ops/matmul.ts";
+import { linear } from "../runtime/ops/matmul.ts";
 import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
 import { rope } from "../runtime/ops/rope.ts";
 import { attention, decodeAttention, KvCache, ropeAppendKv } from "../runtime/ops/attention.ts";
@@ -47,6 +47,7 @@ import {
   transformerWeightShapes,
   type WeightMap,
 } from "./weights.ts";
+import { type BlockInput, normalisedInput, type OutProjection, ResidualStream } from "./residual_stream.ts";
 import { uniformFill } from "../kernels/random.ts";
 import { selectiveScan } from "../runtime/ops/selective_scan.ts";
 import { addBias, repeatGroupsLastDim } from "../runtime/ops/columns.ts";
@@ -277,25 +278,24 @@ export class CausalLM {
     return linear(normed, this.param(LM_HEAD));
   }
 
-  /** The SwiGLU MLP on a normalised input. */
-  #mlp(p: string, u: Tensor): Tensor {
+  /** The SwiGLU MLP on a block input; its down projection is returned unapplied. */
+  #mlp(p: string, u: BlockInput): OutProjection {
     // decoding fuses gate, up and the SiLU product into one GEMV; training takes the differentiable composite
-    const act = linearSwiglu(u, this.param(`${p}mlp.gate_proj.weight`), this.param(`${p}mlp.up_proj.weight`));
-    return linear(act, this.param(`${p}mlp.down_proj.weight`));
+    const act = u.projectSwiglu(this.param(`${p}mlp.gate_proj.weight`), this.param(`${p}mlp.up_proj.weight`));
+    return { input: act, weight: this.param(`${p}mlp.down_proj.weight`) };
   }
 
   /** q, k, v projections with RoPE applied to q and k, shaped [B, T, heads, hd]. */
-  #qkv(p: string, u: Tensor, B: number, T: number, start: number): { q: Tensor; k: Tensor; v: Tensor } {
+  #qkv(p: string, u: BlockInput, B: number, T: number, start: number): { q: Tensor; k: Tensor; v: Tensor } {
     const { q, k, v } = this.#qkvProjections(p, u, B, T);
     return { q: rope(q, this.invFreq, { start }), k: rope(k, this.invFreq, { start }), v };
   }
 
   /** q, k, v projections before RoPE, shaped [B, T, heads, hd] (one GEMV dispatch when decoding). */
-  #qkvProjections(p: string, u: Tensor, B: number, T: number): { q: Tensor; k: Tensor; v: Tensor } {
+  #qkvProjections(p: string, u: BlockInput, B: number, T: number): { q: Tensor; k: Tensor; v: Tensor } {
     const c = this.config;
     const a = `${p}self_attn.`;
-    const proj = linearQkv(
-      u,
+    const proj = u.projectQkv(
       this.param(`${a}q_proj.weight`),
       this.param(`${a}k_proj.weight`),
       this.param(`${a}v_proj.weight`),
@@ -307,11 +307,34 @@ export class CausalLM {
     };
   }
 
-  #attentionFull(p: string, u: Tensor, B: number, T: number): Tensor {
+  #attentionFull(p: string, u: BlockInput, B: number, T: number): OutProjection {
     const c = this.config;
     const { q, k, v } = this.#qkv(p, u, B, T, 0);
     const o = attention(q, k, v, { window: c.slidingWindow ?? 0 });
-    return linear(o.view([B * T, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
+    return {
+      input: o.view([B * T, c.numHeads * c.headDim]),
+      weight: this.param(`${p}self_attn.o_proj.weight`),
+    };
+  }
+
+  /** Attention over a KV cache for `n` new tokens per sequence at position `start`, appending their keys. */
+  #attentionDecode(
+    p: string,
+    u: BlockInput,
+    B: number,
+    n: number,
+    cache: KvCache,
+    start: number,
+  ): OutProjection {
+    const c = this.config;
+    const { q, k, v } = this.#qkvProjections(p, u, B, n);
+    // RoPE on q and k and the cache append in one dispatch
+    const qRot = ropeAppendKv(q, k, v, this.invFreq, cache, start);
+    const o = decodeAttention(qRot, cache, { window: c.slidingWindow ?? 0 });
+    return {
+      input: o.view([B * n, c.numHeads * c.headDim]),
+      weight: this.param(`${p}self_attn.o_proj.weight`),
+    };
   }
 
   #ssdDims(): SsdDims {
@@ -321,19 +344,19 @@ export class CausalLM {
   }
 
   /** Mamba2's input projection split into z [rows, d_inner], the conv input xBC and dt [rows, H]. */
-  #mamba2InProj(p: string, u: Tensor): Tensor[] {
+  #mamba2InProj(p: string, u: BlockInput): Tensor[] {
     const m = this.mamba!;
-    const zxbcdt = linear(u, this.param(`${p}mamba.in_proj.weight`));
+    const zxbcdt = u.project(this.param(`${p}mamba.in_proj.weight`));
     return splitLastDim(zxbcdt, [m.dInner, 2 * m.dXb + m.dInner, m.nHeads]);
   }
 
   /** Mamba2's output: the z-gated grouped RMSNorm of the scan output y [rows, d_inner], then out_proj. */
-  #mamba2Out(p: string, y: Tensor, z: Tensor): Tensor {
+  #mamba2Out(p: string, y: Tensor, z: Tensor): OutProjection {
     const g = gatedRmsNorm(y, z, this.param(`${p}mamba.norm.weight`), {
       group: this.mamba!.headDim,
       eps: 1e-5,
     });
-    return linear(g, this.param(`${p}mamba.out_proj.weight`));
+    return { input: g, weight: this.param(`${p}mamba.out_proj.weight`) };
   }
 
   /**
@@ -342,7 +365,7 @@ export class CausalLM {
    * advances the SSM state in place with the one-kernel `ssdStep` and the state's cached head scalars instead of
    * the chunked scan's four kernels and a fresh -exp(A_log).
    */
-  #mamba2(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
+  #mamba2(p: string, u: BlockInput, B: number, T: number, state?: MambaState): OutProjection {
     const m = this.mamba!;
     const convC = 2 * m.dXb + m.dInner;
     const [z, xBCraw, dt] = this.#mamba2InProj(p, u);
@@ -353,7 +376,8 @@ export class CausalLM {
       { silu: true, initialState: state?.conv ?? null, finalState: state !== undefined },
     );
     let y: Tensor;
-    if (state && T === 1 && !this.rt.needsGrad(u, this.param(`${p}mamba.in_proj.weight`))) {
+    // (states are only advanced by `step`, which records no gradients)
+    if (state && T === 1 && !this.rt.gradEnabled) {
       state.heads ??= this.#mamba2Heads(p).keep();
       y = ssdStep({
         state: state.state,
@@ -401,8 +425,10 @@ export class CausalLM {
    * d_inner (x before the conv), delta = softplus(dt_proj(dt_proj_down(u)) + 2 dt_proj.bias) (the official code
    * adds the bias twice), a diagonal selective scan with d_state 16, and the z gate before out_proj.
    */
-  #mamba1(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
+  #mamba1(p: string, inp: BlockInput, B: number, T: number, state?: MambaState): OutProjection {
     const m = this.mamba!;
+    // five projections of the normalised input: one norm dispatch, then plain GEMVs
+    const u = inp.normalised();
     const N = m.dState, rep = m.dInner / m.dXb;
     const w = (n: string) => this.param(`${p}mamba.${n}`);
     const x = repeatGroupsLastDim(linear(u, w("in_proj_x.weight")), N, rep);
@@ -431,10 +457,10 @@ export class CausalLM {
       state.state = scan.finalState!.keep();
     }
     const gated = mul(scan.y.view([B * T, m.dInner]), silu(linear(u, w("in_proj_z.weight"))));
-    return linear(gated, w("out_proj.weight"));
+    return { input: gated, weight: w("out_proj.weight") };
   }
 
-  #mixer(p: string, u: Tensor, B: number, T: number, state?: MambaState): Tensor {
+  #mixer(p: string, u: BlockInput, B: number, T: number, state?: MambaState): OutProjection {
     return this.mamba!.mixer === "mamba1" ? this.#mamba1(p, u, B, T, state) : this.#mamba2(p, u, B, T, state);
   }
 
@@ -480,12 +506,14 @@ export class CausalLM {
     let x = this.#embed(ids);
     for (let l = 0; l < c.numLayers; l++) {
       const p = layerPrefix(l);
-      const u = rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps);
-      const mix = this.isAttentionLayer(l)
+      const u = normalisedInput(rmsNorm(x, this.param(`${p}input_layernorm.weight`), c.rmsNormEps));
+      const out = this.isAttentionLayer(l)
         ? this.#attentionFull(p, u, batch, seqLen)
         : this.#mixer(p, u, batch, seqLen);
+      const mix = linear(out.input, out.weight);
       const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
-      x = add(h, this.#mlp(p, y));
+      const mlp = this.#mlp(p, normalisedInput(y));
+      x = add(h, linear(mlp.input, mlp.weight));
       layerOut?.push(x);
     }
     return x;
@@ -525,8 +553,9 @@ export class CausalLM {
   /**
    * The decoder stack for `n` new tokens per sequence at position `start`: attention layers append to their KV
    * caches and attend over them; Mamba layers run `mamba(layer, prefix, input)` (a recurrent step, or the
-   * speculative verification kernels). Returns the last layer's output after the final norm [B*n, D], ready
-   * for {@linkcode CausalLM.#lmHead}.
+   * speculative verification kernels). Returns the residual stream after the last layer, normalised with the
+   * final norm for the lm_head ({@linkcode ResidualStream.project}). For a few tokens every norm runs inside the
+   * projection after it and every residual add inside the projection before it (see {@linkcode ResidualStream}).
    */
   #decodeLayers(
     ids: TokenIds,
@@ -534,34 +563,27 @@ export class CausalLM {
     n: number,
     kv: Map<number, KvCache>,
     start: number,
-    mamba: (l: number, p: string, u: Tensor) => Tensor,
-  ): Tensor {
+    mamba: (l: number, p: string, u: BlockInput) => OutProjection,
+  ): ResidualStream {
     const c = this.config;
-    const eps = c.rmsNormEps;
-    let x = this.#embed(ids);
-    let u = rmsNorm(x, this.param(`${layerPrefix(0)}input_layernorm.weight`), eps);
+    const s = new ResidualStream(
+      this.#embed(ids),
+      this.param(`${layerPrefix(0)}input_layernorm.weight`),
+      c.rmsNormEps,
+    );
     for (let l = 0; l < c.numLayers; l++) {
       const p = layerPrefix(l);
-      let mix: Tensor;
-      if (this.isAttentionLayer(l)) {
-        const cache = kv.get(l)!;
-        const { q, k, v } = this.#qkvProjections(p, u, B, n);
-        // RoPE on q and k and the cache append in one dispatch
-        const qRot = ropeAppendKv(q, k, v, this.invFreq, cache, start);
-        const o = decodeAttention(qRot, cache, { window: c.slidingWindow ?? 0 });
-        mix = linear(o.view([B * n, c.numHeads * c.headDim]), this.param(`${p}self_attn.o_proj.weight`));
-      } else {
-        mix = mamba(l, p, u);
-      }
-      const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), eps);
-      // the MLP's residual add runs fused with the norm that follows it: the next layer's input norm, or the
-      // final norm after the last layer (one dispatch fewer per layer in decoding, which is dispatch-bound)
+      const mix = this.isAttentionLayer(l)
+        ? this.#attentionDecode(p, s, B, n, kv.get(l)!, start)
+        : mamba(l, p, s);
+      s.close(mix, this.param(`${p}post_attention_layernorm.weight`));
+      // the MLP's residual add meets the norm that follows it: the next layer's input norm, or the final norm
       const next = l + 1 < c.numLayers
         ? this.param(`${layerPrefix(l + 1)}input_layernorm.weight`)
         : this.param(FINAL_NORM);
-      ({ h: x, y: u } = addRmsNorm(h, this.#mlp(p, y), next, eps));
+      s.close(this.#mlp(p, s), next);
     }
-    return u;
+    return s;
   }
 
   /**
@@ -576,7 +598,7 @@ export class CausalLM {
       throw new Error(`decode: ${s.length} + ${n} tokens exceed the state's capacity ${s.maxLength}`);
     }
     return rt.noGrad(() => {
-      const x = this.#decodeLayers(
+      const stream = this.#decodeLayers(
         ids,
         B,
         n,
@@ -587,10 +609,10 @@ export class CausalLM {
       s.length += n;
       if (opts.lastOnly && n > 1) {
         const D = c.hiddenSize;
-        const last = B === 1 ? takeRows(x, n - 1, 1, D) : lastRows(x, B, n, D);
-        return this.#lmHead(last);
+        stream.keepRows((t) => B === 1 ? takeRows(t, n - 1, 1, D) : lastRows(t, B, n, D));
       }
-      return this.#lmHead(x);
+      // the final norm and lm_head (one GEMV for a few rows)
+      return stream.project(this.param(LM_HEAD));
     });
   }
 
@@ -675,10 +697,15 @@ export class CausalLM {
     s.verifying = true;
     const B = 1;
     const out = rt.noGrad(() =>
-      this.#lmHead(
-        this.#decodeLayers(ids, B, n, s.kv, s.length, (l, p, u) =>
-          this.#mamba2Verify(p, u, n, s, s.mamba.get(l)!)),
+      this.#decodeLayers(
+        ids,
+        B,
+        n,
+        s.kv,
+        s.length,
+        (l, p, u) => this.#mamba2Verify(p, u, n, s, s.mamba.get(l)!),
       )
+        .project(this.param(LM_HEAD))
     );
     s.pending = n;
     return out;
@@ -708,7 +735,7 @@ export class CausalLM {
   }
 
   /** The Mamba2 mixer of one verification pass (see {@linkcode mamba2VerifyScan}). */
-  #mamba2Verify(p: string, u: Tensor, n: number, s: VerifyState, layer: MambaVerifyLayer): Tensor {
+  #mamba2Verify(p: string, u: BlockInput, n: number, s: VerifyState, layer: MambaVerifyLayer): OutProjection {
     const m = this.mamba!;
     const convC = 2 * m.dXb + m.dInner;
     const dims = this.#ssdDims();

@@ -123,9 +123,10 @@ function bindingLimit(rt: Runtime, maxBindingBytes?: number): number {
 /**
  * Whether a product over `tokens` rows takes a GEMV kernel (of at most `maxRows` rows) instead of the tiled
  * matmul: few tokens, and every operand within one storage binding, since GEMV binds each whole (a larger
- * weight takes the matmul path, which splits it or explains why it cannot).
+ * weight takes the matmul path, which splits it or explains why it cannot). Shared with the fused decode ops
+ * (`linear_fused.ts`).
  */
-function takesGemv(
+export function takesGemv(
   rt: Runtime,
   tokens: number,
   maxRows: number,

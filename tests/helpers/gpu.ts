@@ -142,3 +142,25 @@ export function sampleIndices(rng: Rng, n: number, k: number): number[] {
   while (set.size < k) set.add(rng.int(n));
   return [...set].sort((a, b) => a - b);
 }
+
+/**
+ * Runs `fn` and returns its result with the kernel keys of the dispatches it recorded, in order (the test
+ * runtime's poison fills of new tensors included, as `fill_*`): for tests that pin which kernels a path takes.
+ */
+export async function withKernelKeys<T>(
+  rt: Runtime,
+  fn: () => T | Promise<T>,
+): Promise<{ out: T; keys: string[] }> {
+  const keys: string[] = [];
+  const dev = rt.dev;
+  const orig = dev.dispatch;
+  dev.dispatch = function (spec, ...rest) {
+    keys.push(spec.key);
+    return orig.call(this, spec, ...rest);
+  };
+  try {
+    return { out: await fn(), keys };
+  } finally {
+    dev.dispatch = orig;
+  }
+}

@@ -20,7 +20,7 @@ import {
   matmulSharedBytes,
   splitKSumKernel,
 } from "../../kernels/matmul.ts";
-import { gemvKernel } from "../../kernels/gemv.ts";
+import { GEMV_SWIGLU_MAX_ROWS, gemvKernel, gemvQkvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
 import { reduceBackwardKernel, reducePass, reduceRowsKernel } from "../../kernels/reduce.ts";
 import * as rms from "../../kernels/rmsnorm.ts";
 import { ropeKernel } from "../../kernels/rope.ts";
@@ -50,6 +50,18 @@ function allVariants(f16: boolean): { spec: KernelSpec; sharedBytes: number }[] 
       }
     }
     for (const rows of [1, 3, 8]) for (const k of [64, 67]) add(gemvKernel(dtype, rows, 10, k));
+    // the decode fusions: norm prologue, residual epilogue, both; the SwiGLU and q/k/v GEMVs with the norm (the
+    // q/k/v one binds eight storage buffers); 16 rows where the kernel takes them
+    const normIn = { eps: 1e-5 };
+    for (const rows of [1, 3, 8, 16]) {
+      for (const k of [64, 67]) {
+        add(gemvKernel(dtype, rows, 10, k, { normIn }));
+        add(gemvKernel(dtype, rows, 10, k, { residual: true }));
+        add(gemvKernel(dtype, rows, 10, k, { normIn, residual: true }));
+        add(gemvQkvKernel(dtype, rows, 6, 2, k, { normIn }));
+        if (rows <= GEMV_SWIGLU_MAX_ROWS) add(gemvSwigluKernel(dtype, rows, 10, k, { normIn }));
+      }
+    }
     for (const accumulate of [false, true]) add(splitKSumKernel(10, 3, accumulate));
     for (const op of ["sum", "sumsq", "max"] as const) {
       add(reducePass(op, dtype, 10, 1));

@@ -1,6 +1,19 @@
 import assert from "node:assert/strict";
-import { gemvKernel, gemvQkvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
+import {
+  GEMV_MAX_ROWS,
+  GEMV_SWIGLU_MAX_ROWS,
+  gemvKernel,
+  gemvQkvKernel,
+  gemvSwigluKernel,
+} from "../../kernels/gemv.ts";
 import { linear, linearQkv, linearSwiglu } from "../../runtime/ops/matmul.ts";
+import {
+  linearAddResidual,
+  linearNormed,
+  linearQkvNormed,
+  linearSwigluNormed,
+} from "../../runtime/ops/linear_fused.ts";
+import type { Runtime } from "../../runtime/runtime.ts";
 import {
   assertClose,
   dot,
@@ -10,6 +23,7 @@ import {
   sampleIndices,
   testRng,
   testRuntime,
+  withKernelKeys,
 } from "../helpers/gpu.ts";
 import { refMatmul } from "../reference/dense.ts";
 import type { DType } from "../../kernels/kernel.ts";
@@ -313,3 +327,260 @@ Deno.test(
     });
   },
 );
+
+// ---- fused prologue (RMSNorm of x) and epilogue (residual add) -----------------------------------------------
+
+/**
+ * HF RMSNorm of each row of x [rows, K] with weight w [K] in float64; with `round` (f16 storage), the normalised
+ * value and its product with w are rounded to the storage type, as kernels/rmsnorm.ts stores them.
+ */
+function refNormRows(
+  x: Float64Array,
+  w: Float64Array,
+  rows: number,
+  k: number,
+  eps: number,
+  round: (v: Float64Array) => Float64Array,
+): Float64Array {
+  const out = new Float64Array(rows * k);
+  for (let r = 0; r < rows; r++) {
+    let ss = 0;
+    for (let j = 0; j < k; j++) ss += x[r * k + j] ** 2;
+    const inv = 1 / Math.sqrt(ss / k + eps);
+    const h = round(x.subarray(r * k, (r + 1) * k).map((v) => v * inv));
+    out.set(round(h.map((v, j) => v * w[j])), r * k);
+  }
+  return out;
+}
+
+const identity = (v: Float64Array) => v;
+
+// Inputs of a fused-GEMV case: x of scale 0.4 and a norm eps of 0.05 (a third of mean(x^2)), so a kernel that
+// skipped the norm, the eps or the weight would be far off; a norm weight of random sign.
+function fusedInputs(rng: ReturnType<typeof testRng>, rows: number, k: number) {
+  return { x: randn(rng, rows * k, 0.4), nw: randn(rng, k), eps: 0.05 };
+}
+
+// (rows, K) pairs: every row count the decode path uses, each K path (67: scalar loads; 96: vector loads, the
+// tail loop only; 1000 at 16 threads per row: the unrolled loop and its tail) - not the whole cross product, since
+// every pair is a pipeline compile (up to a second each on llvmpipe)
+const FUSED_CASES: [number, number][] = [[1, 1000], [3, 67], [8, 96], [16, 1000]];
+// f16 with the norm prologue: 16 rows on the scalar path only; the 16-row vector variants take 3-4 s each to
+// compile on llvmpipe (the same code as f32's apart from the item type, which FUSED_CASES covers at 16 rows)
+const fusedCases = (dtype: DType, norm: boolean): [number, number][] =>
+  dtype === "f16" && norm ? [[1, 1000], [3, 67], [8, 96], [16, 67]] : FUSED_CASES;
+const fusedTpr = (k: number) => (k === 1000 ? 16 : 8);
+const fusedTol = (dtype: DType, k: number) =>
+  // f32: a tree-summed dot product of K unit-scale terms; f16: the output's rounding (2^-11) and the
+  // normalised x's two roundings, on f32 accumulation
+  dtype === "f32" ? { rtol: 1e-5, atol: 2e-6 * k } : { rtol: 2e-3, atol: 2e-3 * Math.sqrt(k) };
+
+for (const dtype of ["f32", "f16"] as DType[]) {
+  Deno.test(
+    `gemv normIn / residual kernels (${dtype}): norm prologue, residual epilogue, both, vs float64`,
+    gpuTestOptions,
+    async () => {
+      const rt = await testRuntime();
+      if (dtype === "f16" && !rt.dev.features.f16) return console.warn("gemv fused f16: no shader-f16");
+      const rng = testRng(`gemv-fused-${dtype}`);
+      const round = dtype === "f16" ? roundF16 : identity;
+      const n = 45; // not a multiple of any rows-per-workgroup
+      const variants: [boolean, boolean, [number, number][]][] = [
+        [true, false, fusedCases(dtype, true)],
+        [false, true, fusedCases(dtype, false)],
+        [true, true, [[3, 96], [16, 67]]],
+      ];
+      for (const [norm, residual, cases] of variants) {
+        for (const [rows, k] of cases) {
+          const { x: x0, nw: nw0, eps } = fusedInputs(rng, rows, k);
+          const x = round(x0),
+            nw = round(nw0),
+            w = round(randn(rng, n * k)),
+            res = round(randn(rng, rows * n));
+          const alpha = 0.75;
+          await rt.scope(async () => {
+            const tx = rt.tensor(x, [rows, k], dtype), tw = rt.tensor(w, [n, k], dtype);
+            const tnw = rt.tensor(nw, [k], dtype), tr = rt.tensor(res, [rows, n], dtype);
+            const y = rt.empty([rows, n], dtype);
+            const l = gemvKernel(dtype, rows, n, k, {
+              threadsPerRow: fusedTpr(k),
+              alpha,
+              residual,
+              normIn: norm ? { eps } : undefined,
+            });
+            const ins = [
+              tx.binding,
+              ...(norm ? [tnw.binding] : []),
+              tw.binding,
+              ...(residual ? [tr.binding] : []),
+            ];
+            rt.dev.dispatch(l.spec, [...ins, y.binding], l.workgroups, l.uniforms);
+            const xin = norm ? refNormRows(x, nw, rows, k, eps, round) : x;
+            let ref = refLinear(xin, w, rows, n, k).map((v) => alpha * v);
+            if (residual) ref = round(ref).map((v, i) => v + res[i]);
+            assertClose(
+              await y.read(),
+              ref,
+              fusedTol(dtype, k),
+              `${dtype} k=${k} rows=${rows} norm=${norm} residual=${residual}`,
+            );
+          });
+        }
+      }
+    },
+  );
+
+  Deno.test(
+    `gemv swiglu and qkv kernels with normIn (${dtype}): 1, 3, 8 (and 16 for qkv) rows, vs float64`,
+    gpuTestOptions,
+    async () => {
+      const rt = await testRuntime();
+      if (dtype === "f16" && !rt.dev.features.f16) return console.warn("gemv fused f16: no shader-f16");
+      const rng = testRng(`gemv-fused-pairs-${dtype}`);
+      const round = dtype === "f16" ? roundF16 : identity;
+      for (const [rows, k] of fusedCases(dtype, true)) {
+        const tpr = fusedTpr(k), tol = fusedTol(dtype, k);
+        const { x: x0, nw: nw0, eps } = fusedInputs(rng, rows, k);
+        const x = round(x0), nw = round(nw0);
+        const xin = refNormRows(x, nw, rows, k, eps, round);
+        if (rows <= GEMV_SWIGLU_MAX_ROWS) {
+          const n = 45;
+          const wg = round(randn(rng, n * k)), wu = round(randn(rng, n * k));
+          await rt.scope(async () => {
+            const tx = rt.tensor(x, [rows, k], dtype), tnw = rt.tensor(nw, [k], dtype);
+            const tg = rt.tensor(wg, [n, k], dtype), tu = rt.tensor(wu, [n, k], dtype);
+            const y = rt.empty([rows, n], dtype);
+            const l = gemvSwigluKernel(dtype, rows, n, k, { threadsPerRow: tpr, normIn: { eps } });
+            rt.dev.dispatch(
+              l.spec,
+              [tx.binding, tnw.binding, tg.binding, tu.binding, y.binding],
+              l.workgroups,
+              l.uniforms,
+            );
+            // the SiLU product of two unit-scale dot products: its absolute error is up to twice theirs
+            assertClose(
+              await y.read(),
+              refSwiglu(xin, wg, wu, rows, n, k),
+              { rtol: 2 * tol.rtol, atol: 2 * tol.atol },
+              `swiglu ${dtype} k=${k} rows=${rows}`,
+            );
+          });
+        }
+        // nq = 37, nkv = 11: the q/k and k/v boundaries fall inside workgroups
+        const [nq, nkv] = [37, 11];
+        const wq = round(randn(rng, nq * k)),
+          wk = round(randn(rng, nkv * k)),
+          wv = round(randn(rng, nkv * k));
+        await rt.scope(async () => {
+          const tx = rt.tensor(x, [rows, k], dtype), tnw = rt.tensor(nw, [k], dtype);
+          const tq = rt.tensor(wq, [nq, k], dtype), tk = rt.tensor(wk, [nkv, k], dtype);
+          const tv = rt.tensor(wv, [nkv, k], dtype);
+          const q = rt.empty([rows, nq], dtype), kk = rt.empty([rows, nkv], dtype);
+          const v = rt.empty([rows, nkv], dtype);
+          const l = gemvQkvKernel(dtype, rows, nq, nkv, k, { threadsPerRow: tpr, normIn: { eps } });
+          rt.dev.dispatch(
+            l.spec,
+            [tx.binding, tnw.binding, tq.binding, tk.binding, tv.binding, q.binding, kk.binding, v.binding],
+            l.workgroups,
+            l.uniforms,
+          );
+          const what = `${dtype} k=${k} rows=${rows}`;
+          assertClose(await q.read(), refLinear(xin, wq, rows, nq, k), tol, `q ${what}`);
+          assertClose(await kk.read(), refLinear(xin, wk, rows, nkv, k), tol, `k ${what}`);
+          assertClose(await v.read(), refLinear(xin, wv, rows, nkv, k), tol, `v ${what}`);
+        });
+      }
+    },
+  );
+}
+
+/** The kernel keys of `fn`'s dispatches, without the test runtime's poison fills of new tensors. */
+async function kernelsOf<T>(rt: Runtime, fn: () => T): Promise<{ out: T; keys: string[] }> {
+  const { out, keys } = await withKernelKeys(rt, fn);
+  return { out, keys: keys.filter((k) => !k.startsWith("fill_")) };
+}
+
+Deno.test(
+  "fused decode ops: one GEMV with the norm or the residual up to the row limits, the unfused ops above, vs float64",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("linear-fused");
+    const eps = 0.05;
+    // D = 37: scalar loads; D = 40: vector loads. 20 tokens: above every GEMV limit; 12: above the SwiGLU one
+    for (const [tokens, d] of [[1, 40], [3, 37], [8, 40], [12, 37], [16, 37], [20, 40]]) {
+      const [nq, nkv, nOut] = [24, 8, 29];
+      const x = randn(rng, tokens * d, 0.4), nw = randn(rng, d);
+      const wq = randn(rng, nq * d), wk = randn(rng, nkv * d), wv = randn(rng, nkv * d);
+      const wo = randn(rng, nOut * d), wg = randn(rng, nOut * d), wu = randn(rng, nOut * d);
+      const res = randn(rng, tokens * nOut);
+      const xn = refNormRows(x, nw, tokens, d, eps, identity);
+      const tol = { rtol: 1e-5, atol: 2e-6 * d };
+      await rt.scope(async () => {
+        const tx = rt.tensor(x, [tokens, d]), tnw = rt.tensor(nw, [d]);
+        const [tq, tk, tv] = [rt.tensor(wq, [nq, d]), rt.tensor(wk, [nkv, d]), rt.tensor(wv, [nkv, d])];
+        const [to, tg, tu] = [rt.tensor(wo, [nOut, d]), rt.tensor(wg, [nOut, d]), rt.tensor(wu, [nOut, d])];
+        const tr = rt.tensor(res, [tokens, nOut]);
+        const what = `${tokens} tokens, D = ${d}`;
+        const lin = await kernelsOf(rt, () => linearNormed(tx, tnw, eps, to));
+        const qkv = await kernelsOf(rt, () => linearQkvNormed(tx, tnw, eps, tq, tk, tv));
+        const sw = await kernelsOf(rt, () => linearSwigluNormed(tx, tnw, eps, tg, tu));
+        const ar = await kernelsOf(rt, () => linearAddResidual(tx, to, tr));
+        const gemv = tokens <= GEMV_MAX_ROWS, swGemv = tokens <= GEMV_SWIGLU_MAX_ROWS;
+        assert.ok(lin.keys[0].startsWith(gemv ? "gemv_norm_" : "rmsnorm"), `${what}: ${lin.keys}`);
+        assert.equal(lin.keys.length, gemv ? 1 : 2, `linearNormed ${what}: ${lin.keys}`);
+        assert.equal(qkv.keys.length, gemv ? 1 : 4, `linearQkvNormed ${what}: ${qkv.keys}`);
+        assert.ok(qkv.keys[0].startsWith(gemv ? "gemv_qkv_norm_" : "rmsnorm"), `${what}: ${qkv.keys}`);
+        // above 8 rows: the norm, then the unfused SwiGLU (two GEMVs or matmuls and the combine)
+        assert.equal(sw.keys.length, swGemv ? 1 : 4, `linearSwigluNormed ${what}: ${sw.keys}`);
+        assert.ok(sw.keys[0].startsWith(swGemv ? "gemv_swiglu_norm_" : "rmsnorm"), `${what}: ${sw.keys}`);
+        assert.equal(ar.keys.length, gemv ? 1 : 2, `linearAddResidual ${what}: ${ar.keys}`);
+        assert.ok(ar.keys[0].startsWith(gemv ? "gemv_res_" : "matmul"), `${what}: ${ar.keys}`);
+        assertClose(await lin.out.read(), refLinear(xn, wo, tokens, nOut, d), tol, `linearNormed ${what}`);
+        assertClose(await qkv.out.q.read(), refLinear(xn, wq, tokens, nq, d), tol, `q ${what}`);
+        assertClose(await qkv.out.k.read(), refLinear(xn, wk, tokens, nkv, d), tol, `k ${what}`);
+        assertClose(await qkv.out.v.read(), refLinear(xn, wv, tokens, nkv, d), tol, `v ${what}`);
+        assertClose(
+          await sw.out.read(),
+          refSwiglu(xn, wg, wu, tokens, nOut, d),
+          { rtol: 2e-5, atol: 4e-6 * d },
+          `linearSwigluNormed ${what}`,
+        );
+        assertClose(
+          await ar.out.read(),
+          refLinear(x, wo, tokens, nOut, d).map((v, i) => v + res[i]),
+          tol,
+          `linearAddResidual ${what}`,
+        );
+      });
+    }
+  },
+);
+
+Deno.test("fused decode ops refuse gradients and mismatched operands", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  const rng = testRng("linear-fused-errors");
+  rt.scope(() => {
+    const x = rt.tensor(randn(rng, 2 * 8), [2, 8]), nw = rt.tensor(randn(rng, 8), [8]);
+    const w = rt.tensor(randn(rng, 4 * 8), [4, 8]), r = rt.tensor(randn(rng, 2 * 4), [2, 4]);
+    w.requiresGrad = true;
+    w.name = "proj.weight";
+    assert.throws(
+      () => linearNormed(x, nw, 1e-5, w),
+      /linearNormed is a decoding op.*proj\.weight requires them/,
+    );
+    assert.throws(() => linearAddResidual(x, w, r), /linearAddResidual is a decoding op/);
+    assert.throws(() => linearSwigluNormed(x, nw, 1e-5, w, w), /decoding op/);
+    assert.throws(() => linearQkvNormed(x, nw, 1e-5, w, w, w), /decoding op/);
+    // inside noGrad the same call is inference
+    rt.noGrad(() => linearNormed(x, nw, 1e-5, w));
+    w.requiresGrad = false;
+    assert.throws(
+      () => linearNormed(x, rt.tensor(randn(rng, 7), [7]), 1e-5, w),
+      /norm weight .* \(expected \[8\]/,
+    );
+    assert.throws(() => linearNormed(x, nw, -1, w), /eps must be >= 0/);
+    assert.throws(() => linearAddResidual(x, w, rt.tensor(randn(rng, 6), [6])), /does not hold 2 rows of 4/);
+    assert.throws(() => linearQkvNormed(x, nw, 1e-5, w, w, rt.tensor(randn(rng, 3 * 8), [3, 8])), /differ/);
+  });
+});

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { CausalLM } from "../../models/causal_lm.ts";
 import { loadModel } from "../../models/checkpoint.ts";
 import { FIXTURE_MODELS, fixturePath, openOracle } from "../reference/fixtures.ts";
-import { gpuTestOptions, maxAbsDiff, testRuntime } from "../helpers/gpu.ts";
+import { gpuTestOptions, maxAbsDiff, testRuntime, withKernelKeys } from "../helpers/gpu.ts";
 
 // Tolerances from issue 4 / fixtures/reference/README.md: Llama/Mistral logits and layer outputs within 2e-4
 // max abs; the hybrid's logits within 2e-3 and its layer outputs within 1e-3 of max |ref|.
@@ -92,6 +92,57 @@ for (const [name, idsKey, logitsKey, tol] of GREEDY) {
             assert.equal(best, gen[i], `${name}: greedy token ${i}: ${best} != reference ${gen[i]}`);
           });
           assert.ok(worst <= tol, `${name}: step logits max|diff| ${worst} > ${tol}`);
+        });
+      } finally {
+        lm.disposeState(state);
+        lm.dispose();
+      }
+    },
+  );
+}
+
+// A prompt decoded in steps of 1 to 8 tokens takes the fused decode path (every norm inside the projection after
+// it, every residual add inside the projection before it; the multi-token steps on several GEMV rows, the hybrid's
+// Mamba2 layers through the chunked scan from their state) and gives the reference's full-forward logits within
+// the full forward's tolerance.
+const CHUNKED: [keyof typeof FIXTURE_MODELS, number][] = [["llama", 2e-4], ["hybrid", 2e-3]];
+for (const [name, tol] of CHUNKED) {
+  Deno.test(
+    `GPU ${name}: a decode in steps of 1-8 tokens through the fused kernels matches the reference logits`,
+    gpuTestOptions,
+    async () => {
+      const rt = await testRuntime();
+      const lm = CausalLM.fromModel(rt, await loadModel(fixturePath(FIXTURE_MODELS[name].dir)));
+      const oracle = await openOracle(name);
+      const ids = await oracle.readInt32("p2.input_ids");
+      const ref = await oracle.readFloat32("p2.logits");
+      const chunks = [5, 1, 3, 8, 1, 1, 7];
+      assert.equal(chunks.reduce((a, b) => a + b), ids.length);
+      const state = lm.newDecodeState(1, ids.length);
+      try {
+        await rt.scope(async () => {
+          const { out: steps, keys } = await withKernelKeys(rt, () => {
+            let at = 0;
+            return chunks.map((n) => {
+              const t = lm.step(state, ids.subarray(at, at + n), n);
+              at += n;
+              return asRange(t);
+            });
+          });
+          const has = (prefix: string) => keys.some((k) => k.startsWith(prefix));
+          if (name === "llama") assert.ok(has("gemv_qkv_norm_"), "q/k/v with the input norm");
+          else assert.ok(has("gemv_norm_"), "Mamba2 in_proj and lm_head with the norm");
+          assert.ok(has("gemv_swiglu_norm_") && has("gemv_res_"), `fused MLP and residual GEMVs: ${keys}`);
+          assert.ok(!has("rmsnorm_fwd") && !has("add_rmsnorm_fwd"), `no separate norm dispatch: ${keys}`);
+          const reads = await rt.dev.readMany(steps);
+          const got = new Float32Array(ref.length);
+          let off = 0;
+          for (const b of reads) {
+            got.set(new Float32Array(b), off);
+            off += b.byteLength / 4;
+          }
+          const err = maxAbsDiff(got, ref);
+          assert.ok(err <= tol, `${name}: chunked decode logits max|diff| ${err} > ${tol}`);
         });
       } finally {
         lm.disposeState(state);

@@ -1,0 +1,181 @@
+/**
+ * Decoding's projections fused with their neighbours in a pre-norm decoder block (kernels/gemv.ts): the RMSNorm
+ * before a projection ({@linkcode linearNormed}, {@linkcode linearQkvNormed}, {@linkcode linearSwigluNormed}) and
+ * the residual add after one ({@linkcode linearAddResidual}). A batch-1 decode step is bound by its number of
+ * dispatches, and each of these saves one.
+ *
+ * They are inference ops: no gradients (an input that needs one is an error, not a silent detach). A few rows
+ * (up to the GEMV kernels' row limits, with every operand within one storage binding) take one fused GEMV;
+ * otherwise they compute the same values with the unfused ops (`rmsNorm` then the projection; the projection
+ * then `add`), so callers need not know the limits. A caller that can fuse the add with the next norm instead
+ * (`addRmsNorm`, one pass for many rows) should do so above {@linkcode FUSED_LINEAR_MAX_TOKENS}.
+ *
+ * @module
+ */
+import {
+  GEMV_MAX_ROWS,
+  GEMV_SWIGLU_MAX_ROWS,
+  gemvKernel,
+  gemvQkvKernel,
+  gemvSwigluKernel,
+} from "../../kernels/gemv.ts";
+import { dtypeBytes } from "../../kernels/kernel.ts";
+import { shapeStr, type Tensor } from "../tensor.ts";
+import { linear, LINEAR_GEMV_MAX_TOKENS, linearQkv, linearSwiglu, takesGemv } from "./matmul.ts";
+import { rmsNorm } from "./norm.ts";
+import { add } from "./elementwise.ts";
+
+/**
+ * Most rows (tokens) for which these ops fuse: the GEMV limit of `linear`. The SwiGLU pair fuses up to
+ * `GEMV_SWIGLU_MAX_ROWS` (8) and runs its norm as a separate dispatch above that.
+ */
+export const FUSED_LINEAR_MAX_TOKENS: number = LINEAR_GEMV_MAX_TOKENS;
+
+function decodingOnly(what: string, inputs: Tensor[]): void {
+  const rt = inputs[0].rt;
+  if (rt.needsGrad(...inputs)) {
+    const which = inputs.filter((t) => t.requiresGrad).map((t) => t.name ?? String(t)).join(", ");
+    throw new Error(
+      `${what} is a decoding op without gradients, but ${which} requires them; use the differentiable rmsNorm, ` +
+        `linear and add (or call it inside rt.noGrad)`,
+    );
+  }
+}
+
+/** Checks x [..., D] against a norm weight [D] and projection weights [*, D] of x's dtype; returns D. */
+function checkNormed(what: string, x: Tensor, normWeight: Tensor, eps: number, weights: Tensor[]): number {
+  const d = x.dim(-1);
+  if (normWeight.shape.length !== 1 || normWeight.shape[0] !== d || normWeight.dtype !== x.dtype) {
+    throw new Error(
+      `${what}: norm weight ${normWeight} does not match input ${x} (expected [${d}], ${x.dtype})`,
+    );
+  }
+  if (!(eps >= 0)) throw new Error(`${what}: eps must be >= 0, got ${eps}`);
+  for (const w of weights) {
+    if (w.shape.length !== 2 || w.shape[1] !== d || w.dtype !== x.dtype) {
+      throw new Error(
+        `${what}: input ${x} does not match weight ${w} (expected [..., ${w.shape[1]}], ${w.dtype})`,
+      );
+    }
+  }
+  return d;
+}
+
+/**
+ * `rmsNorm(x, normWeight, eps) W^T` (x [..., D], normWeight [D], W [out, D]; result [..., out]) with the norm
+ * inside the GEMV for a few rows. Decoding only (no gradients).
+ */
+export function linearNormed(x: Tensor, normWeight: Tensor, eps: number, w: Tensor): Tensor {
+  const rt = x.rt;
+  decodingOnly("linearNormed", [x, normWeight, w]);
+  const d = checkNormed("linearNormed", x, normWeight, eps, [w]);
+  const nOut = w.shape[0], tokens = x.size / d;
+  const outBytes = tokens * nOut * dtypeBytes(x.dtype);
+  if (!takesGemv(rt, tokens, GEMV_MAX_ROWS, [w.byteLength, x.byteLength, outBytes])) {
+    return linear(rmsNorm(x, normWeight, eps), w);
+  }
+  const y = rt.empty([...x.shape.slice(0, -1), nOut], x.dtype);
+  const l = gemvKernel(x.dtype, tokens, nOut, d, { normIn: { eps } });
+  rt.dev.dispatch(l.spec, [x.binding, normWeight.binding, w.binding, y.binding], l.workgroups, l.uniforms);
+  return y;
+}
+
+/**
+ * The attention input projections of `u = rmsNorm(x, normWeight, eps)`: `u Wq^T`, `u Wk^T`, `u Wv^T` (Wk and Wv of
+ * one shape), in one GEMV dispatch with the norm for a few rows. Decoding only (no gradients).
+ */
+export function linearQkvNormed(
+  x: Tensor,
+  normWeight: Tensor,
+  eps: number,
+  wq: Tensor,
+  wk: Tensor,
+  wv: Tensor,
+): { q: Tensor; k: Tensor; v: Tensor } {
+  const rt = x.rt;
+  decodingOnly("linearQkvNormed", [x, normWeight, wq, wk, wv]);
+  const d = checkNormed("linearQkvNormed", x, normWeight, eps, [wq, wk, wv]);
+  const [nq, nkv] = [wq.shape[0], wk.shape[0]];
+  if (wv.shape[0] !== nkv) throw new Error(`linearQkvNormed: k weight ${wk} and v weight ${wv} differ`);
+  const tokens = x.size / d;
+  const bytes = [wq.byteLength, wk.byteLength, x.byteLength, tokens * nq * dtypeBytes(x.dtype)];
+  // x, the norm weight, three weights and three outputs: eight storage buffers
+  if (rt.dev.limits.maxStorageBuffersPerShaderStage < 8 || !takesGemv(rt, tokens, GEMV_MAX_ROWS, bytes)) {
+    return linearQkv(rmsNorm(x, normWeight, eps), wq, wk, wv);
+  }
+  const lead = x.shape.slice(0, -1);
+  const q = rt.empty([...lead, nq], x.dtype), k = rt.empty([...lead, nkv], x.dtype);
+  const v = rt.empty([...lead, nkv], x.dtype);
+  const l = gemvQkvKernel(x.dtype, tokens, nq, nkv, d, { normIn: { eps } });
+  rt.dev.dispatch(
+    l.spec,
+    [x.binding, normWeight.binding, wq.binding, wk.binding, wv.binding, q.binding, k.binding, v.binding],
+    l.workgroups,
+    l.uniforms,
+  );
+  return { q, k, v };
+}
+
+/**
+ * The SwiGLU MLP's first half on `u = rmsNorm(x, normWeight, eps)`: `silu(u Wg^T) * (u Wu^T)`, in one GEMV
+ * dispatch with the norm for up to `GEMV_SWIGLU_MAX_ROWS` rows. Decoding only (no gradients).
+ */
+export function linearSwigluNormed(
+  x: Tensor,
+  normWeight: Tensor,
+  eps: number,
+  wGate: Tensor,
+  wUp: Tensor,
+): Tensor {
+  const rt = x.rt;
+  decodingOnly("linearSwigluNormed", [x, normWeight, wGate, wUp]);
+  const d = checkNormed("linearSwigluNormed", x, normWeight, eps, [wGate, wUp]);
+  if (wGate.shape[0] !== wUp.shape[0]) {
+    throw new Error(`linearSwigluNormed: gate ${wGate} and up ${wUp} weights differ`);
+  }
+  const nOut = wGate.shape[0], tokens = x.size / d;
+  const bytes = [wGate.byteLength, x.byteLength, tokens * nOut * dtypeBytes(x.dtype)];
+  if (!takesGemv(rt, tokens, GEMV_SWIGLU_MAX_ROWS, bytes)) {
+    return linearSwiglu(rmsNorm(x, normWeight, eps), wGate, wUp);
+  }
+  const y = rt.empty([...x.shape.slice(0, -1), nOut], x.dtype);
+  const l = gemvSwigluKernel(x.dtype, tokens, nOut, d, { normIn: { eps } });
+  rt.dev.dispatch(
+    l.spec,
+    [x.binding, normWeight.binding, wGate.binding, wUp.binding, y.binding],
+    l.workgroups,
+    l.uniforms,
+  );
+  return y;
+}
+
+/**
+ * `residual + x W^T` (x [..., in], W [out, in], residual of `x`'s rows times `out` elements; the result takes the
+ * residual's shape), the product rounded to the storage type before the add as `add(residual, linear(x, W))`
+ * rounds it. One GEMV dispatch for a few rows; a new tensor (the residual is not written). Decoding only (no
+ * gradients).
+ */
+export function linearAddResidual(x: Tensor, w: Tensor, residual: Tensor): Tensor {
+  const rt = x.rt;
+  decodingOnly("linearAddResidual", [x, w, residual]);
+  if (w.shape.length !== 2 || x.dim(-1) !== w.shape[1] || x.dtype !== w.dtype) {
+    throw new Error(
+      `linearAddResidual: input ${x} does not match weight ${w} (expected [..., ${w.shape[1]}])`,
+    );
+  }
+  const [nOut, nIn] = w.shape;
+  const tokens = x.size / nIn;
+  if (residual.size !== tokens * nOut || residual.dtype !== x.dtype) {
+    throw new Error(
+      `linearAddResidual: residual ${residual} does not hold ${tokens} rows of ${nOut} ${x.dtype} values ` +
+        `(${shapeStr(x.shape)} x ${shapeStr(w.shape)}^T)`,
+    );
+  }
+  if (!takesGemv(rt, tokens, GEMV_MAX_ROWS, [w.byteLength, x.byteLength, residual.byteLength])) {
+    return add(residual, linear(x, w).view(residual.shape));
+  }
+  const y = rt.empty(residual.shape, x.dtype);
+  const l = gemvKernel(x.dtype, tokens, nOut, nIn, { residual: true });
+  rt.dev.dispatch(l.spec, [x.binding, w.binding, residual.binding, y.binding], l.workgroups, l.uniforms);
+  return y;
+}
