@@ -25,6 +25,7 @@ import { add, exp, scale } from "../runtime/ops/elementwise.ts";
 import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
 import { causalConv1d } from "../runtime/ops/conv1d.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
+import { widen } from "../runtime/ops/cast.ts";
 import { type SsdDims, ssdHeadParams, ssdScan, ssdStep } from "../runtime/ops/ssd.ts";
 import {
   acceptLayerTokens,
@@ -387,8 +388,8 @@ export class CausalLM {
         dims: this.#ssdDims(),
       });
     } else {
-      // A = -exp(A_log), recomputed per call so A_log trains
-      const A = scale(exp(this.param(`${p}mamba.A_log`)), -1);
+      // A = -exp(A_log), recomputed per call so A_log trains; in f32 whatever the storage (the scan is f32)
+      const A = scale(exp(widen(this.param(`${p}mamba.A_log`))), -1);
       const scan = ssdScan(
         {
           xBC: conv.out,
@@ -416,7 +417,7 @@ export class CausalLM {
 
   /** A Mamba2 layer's per-head scalars [3, H] for the step and verify kernels: A = -exp(A_log), D, dt_bias. */
   #mamba2Heads(p: string): Tensor {
-    const A = scale(exp(this.param(`${p}mamba.A_log`)), -1);
+    const A = scale(exp(widen(this.param(`${p}mamba.A_log`))), -1);
     return ssdHeadParams(A, this.param(`${p}mamba.D`), this.param(`${p}mamba.dt_bias`));
   }
 

@@ -27,6 +27,7 @@ import {
   convRingFromState,
 } from "../runtime/ops/conv1d.ts";
 import { type SsdDims, ssdStep, ssdVerify, ssdVerifyCache } from "../runtime/ops/ssd.ts";
+import { cast, type FloatDType, widen } from "../runtime/ops/cast.ts";
 
 /** How Mamba2 layers verify: the fused multi-step kernel, or one kernel per step with state copies. */
 export type VerifyMode = "fused" | "unfused";
@@ -129,21 +130,23 @@ export function mamba2VerifyScan(
     layer.replay = 0;
     return y;
   }
-  // Unfused: one step kernel per token; the state is saved before the first and after every step.
+  // Unfused: one step kernel per token; the state is saved before the first and after every step. An f16 model's
+  // inputs are widened once here (not once per step) and y narrowed once at the end.
   if (B !== 1) throw new Error("unfused verification runs batch 1 only");
   const [, H, P] = layer.state.shape;
   const stateBytes = layer.state.byteLength;
   const yBytes = H * P * 4;
   const y = rt.empty([B, n, H, P]);
   const hist = layer.history!;
+  const xBC32 = widen(xBC), dt32 = widen(dt);
   rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, 0, stateBytes);
   for (let j = 0; j < n; j++) {
-    const yj = ssdStep({ state: layer.state, xBC, dt, heads: layer.heads, dims, token: j });
+    const yj = ssdStep({ state: layer.state, xBC: xBC32, dt: dt32, heads: layer.heads, dims, token: j });
     rt.dev.copyBuffer(yj.buffer, 0, y.buffer, j * yBytes, yBytes);
     yj.dispose();
     rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, (j + 1) * stateBytes, stateBytes);
   }
-  return y;
+  return cast(y, xBC.dtype as FloatDType);
 }
 
 /**

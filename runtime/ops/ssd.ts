@@ -14,6 +14,11 @@
  * kernel), with its input cache from {@linkcode ssdVerifyCache} and per-head scalars from
  * {@linkcode ssdHeadParams}. Both read x, B and C from the packed conv output [B, T, Hx P + Hb N + Hc N].
  *
+ * Precision: the kernels compute and store in f32 (the recurrence, its states and the dt/A math need it, as in the
+ * official code). f16 inputs of {@linkcode ssdScan}, {@linkcode ssdStep}, {@linkcode ssdVerify} and
+ * {@linkcode ssdHeadParams} are widened to f32 at the op's boundary (differentiable casts) and y is narrowed back
+ * to the input's dtype; states stay f32 whatever the inputs.
+ *
  * @module
  */
 import {
@@ -42,6 +47,7 @@ import {
 import type { Launch } from "../../kernels/fill.ts";
 import type { Runtime } from "../runtime.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
+import { cast, widen } from "./cast.ts";
 
 /** Group counts and dims of the x, B and C inputs. */
 export interface SsdDims {
@@ -209,6 +215,9 @@ function resolve(args: SsdScanArgs, chunk: number): Resolved {
  * Records GPU work only (no sync).
  */
 export function ssdScan(args: SsdScanArgs, opts: SsdScanOptions = {}): SsdScanResult {
+  if (scanTensors(args).some((t) => t.dtype === "f16")) {
+    return ssdScanWidened(args, opts, ("xBC" in args ? args.xBC : args.x).dtype === "f16" ? "f16" : "f32");
+  }
   const r = resolve(args, opts.chunkSize ?? SSD_DEFAULT_CHUNK);
   const rt = args.dt.rt;
   const saved = ssdScanForward(rt, r, args);
@@ -233,6 +242,28 @@ export function ssdScan(args: SsdScanArgs, opts: SsdScanOptions = {}): SsdScanRe
     return out;
   });
   return { y, finalState };
+}
+
+/** Every tensor input of a scan. */
+function scanTensors(args: SsdScanArgs): Tensor[] {
+  const xs = "xBC" in args ? [args.xBC] : [args.x, args.B, args.C];
+  return [...xs, args.dt, args.A, args.D, args.dtBias, args.initialState].filter((t) => t !== undefined);
+}
+
+/** The f32 island of a scan with f16 inputs: widen them all, scan in f32, narrow y to the x input's dtype. */
+function ssdScanWidened(args: SsdScanArgs, opts: SsdScanOptions, io: "f32" | "f16"): SsdScanResult {
+  const common = {
+    dt: widen(args.dt),
+    A: widen(args.A),
+    D: widen(args.D),
+    dtBias: args.dtBias && widen(args.dtBias),
+    initialState: args.initialState && widen(args.initialState),
+  };
+  const wide: SsdScanArgs = "xBC" in args
+    ? { ...common, xBC: widen(args.xBC), dims: args.dims }
+    : { ...common, x: widen(args.x), B: widen(args.B), C: widen(args.C) };
+  const r = ssdScan(wide, opts);
+  return { y: cast(r.y, io), finalState: r.finalState };
 }
 
 /** Forward kernels; returns the outputs and what the backward needs. */
@@ -414,7 +445,7 @@ export type SsdScanGrads = SsdGrads;
 /**
  * Forward and vector-Jacobian product in one call, outside the tape: the scan's outputs and the gradients of
  * `sum(y * gy) + sum(finalState * gFinal)` with respect to every input (either seed may be null = zero). For
- * custom training loops and tests that seed both outputs at once.
+ * custom training loops and tests that seed both outputs at once. f32 inputs only.
  */
 export function ssdScanVjp(
   args: SsdScanArgs,
@@ -443,6 +474,14 @@ export function ssdHeadParams(A: Tensor, D: Tensor, dtBias?: Tensor): Tensor {
   if (D.size !== H || (dtBias && dtBias.size !== H)) {
     throw new Error(`ssdHeadParams: A, D and dtBias must all have ${H} elements`);
   }
+  if (A.dtype === "f16" || D.dtype === "f16" || dtBias?.dtype === "f16") {
+    return ssdHeadParams(widen(A), widen(D), dtBias && widen(dtBias));
+  }
+  for (const [name, t] of [["A", A], ["D", D], ["dtBias", dtBias]] as const) {
+    if (t && t.dtype !== "f32") {
+      throw new Error(`ssdHeadParams: ${name} must be f32 or f16, found ${t.dtype}`);
+    }
+  }
   const t = rt.empty([3, H]);
   rt.dev.copyBuffer(A.buffer, 0, t.buffer, 0, 4 * H);
   rt.dev.copyBuffer(D.buffer, 0, t.buffer, 4 * H, 4 * H);
@@ -470,6 +509,7 @@ export interface SsdStepArgs {
 }
 
 function stepShape(state: Tensor, dims: SsdDims, fn: string): SsdStepShape {
+  if (state.dtype !== "f32") throw new Error(`${fn}: state must be f32, found ${state.dtype}`);
   if (state.shape.length !== 4 || state.shape[2] !== dims.dimP || state.shape[3] !== dims.dimN) {
     throw new Error(
       `${fn}: state has shape ${shapeStr(state.shape)}, expected [B, H, ${dims.dimP}, ${dims.dimN}]`,
@@ -516,10 +556,31 @@ function tokenLayout(
   };
 }
 
-/** One decode step of the recurrence: advances `state` in place and returns y [B, H, P]. Inference only. */
+/** The decode kernels' float inputs as f32 (f16 widened; anything else named in an error). */
+function stepInputs(
+  args: { xBC: Tensor; dt: Tensor; heads: Tensor },
+  fn: string,
+): { xBC: Tensor; dt: Tensor } {
+  for (const [name, t] of [["xBC", args.xBC], ["dt", args.dt]] as const) {
+    if (t.dtype !== "f32" && t.dtype !== "f16") {
+      throw new Error(`${fn}: ${name} must be f32 or f16, found ${t.dtype}`);
+    }
+  }
+  if (args.heads.dtype !== "f32") {
+    throw new Error(`${fn}: heads must be f32 (ssdHeadParams), found ${args.heads.dtype}`);
+  }
+  return { xBC: widen(args.xBC), dt: widen(args.dt) };
+}
+
+/**
+ * One decode step of the recurrence: advances `state` (f32) in place and returns y [B, H, P] in xBC's dtype.
+ * Inference only.
+ */
 export function ssdStep(args: SsdStepArgs): Tensor {
   const s = stepShape(args.state, args.dims, "ssdStep");
   const rt = args.state.rt;
+  const io = args.xBC.dtype as "f32" | "f16";
+  const { xBC, dt } = stepInputs(args, "ssdStep");
   const { tokens, layout } = tokenLayout(s, args.xBC, args.dt, "ssdStep");
   const j = args.token ?? 0;
   if (!(Number.isInteger(j) && j >= 0 && j < tokens)) {
@@ -534,11 +595,11 @@ export function ssdStep(args: SsdStepArgs): Tensor {
   const k = ssdStepKernel(s, l, !args.dtIsDelta);
   rt.dev.dispatch(
     k.spec,
-    [args.state.binding, args.xBC.binding, args.dt.binding, args.heads.binding, y.binding],
+    [args.state.binding, xBC.binding, dt.binding, args.heads.binding, y.binding],
     k.workgroups,
     k.uniforms,
   );
-  return y;
+  return cast(y, io);
 }
 
 /** Inputs of {@linkcode ssdVerify}. */
@@ -578,15 +639,18 @@ export function ssdVerifyCache(
  * The fused speculative-verification step of a Mamba2 layer: from the snapshot, re-apply `accepted[b]` cached
  * steps, store the new snapshot in `state`, then run the K+1 new tokens (caching their x, B and delta in the other
  * half of `cache`) and return their outputs y [B, K+1, H, P]. Equal to K+1 {@linkcode ssdStep} calls after
- * `accepted` re-applied ones, without writing intermediate states. Flip `parity` after each call; after a verify
+ * `accepted` re-applied ones, without writing intermediate states (y in xBC's dtype, state and cache f32). Flip `parity` after each call; after a verify
  * that accepted i drafts, the next call's `accepted` is i + 1 (the tokens whose states are kept).
  */
 export function ssdVerify(args: SsdVerifyArgs): Tensor {
   const s = stepShape(args.state, args.dims, "ssdVerify");
   const rt = args.state.rt;
+  const io = args.xBC.dtype as "f32" | "f16";
+  const { xBC, dt } = stepInputs(args, "ssdVerify");
   const { tokens, layout } = tokenLayout(s, args.xBC, args.dt, "ssdVerify");
   const wc = ssdCacheWidth(s);
   const c = args.cache;
+  if (c.dtype !== "f32") throw new Error(`ssdVerify: cache must be f32, found ${c.dtype}`);
   if (c.shape.length !== 4 || c.shape[0] !== 2 || c.shape[1] !== s.batch || c.shape[3] !== wc) {
     throw new Error(`ssdVerify: cache has shape ${shapeStr(c.shape)}, expected [2, ${s.batch}, Kc, ${wc}]`);
   }
@@ -605,13 +669,13 @@ export function ssdVerify(args: SsdVerifyArgs): Tensor {
       args.state.binding,
       c.binding,
       args.accepted.binding,
-      args.xBC.binding,
-      args.dt.binding,
+      xBC.binding,
+      dt.binding,
       args.heads.binding,
       y.binding,
     ],
     k.workgroups,
     k.uniforms,
   );
-  return y;
+  return cast(y, io);
 }
