@@ -125,7 +125,7 @@ Deno.test(
     if (!rt.dev.features.f16) return console.warn("decode f16: adapter has no shader-f16");
     const cfg = llamaConfig(TINY_LLAMA_CONFIG);
     const rng = new Rng("decode-f16");
-    // the teacher only: the Mamba2 scan kernels take f32 inputs
+    // the teacher only: f16 hybrids (the scan runs in f32 islands) are checked in causal_lm_f16_test.ts
     const teacher = randomTransformer(cfg, rng.fork("teacher"));
     const ids = [1, 17, 33, 250, 7, 91, 402, 5, 64, 300];
     const V = cfg.vocabSize;
