@@ -17,6 +17,8 @@
  * | `rows`   | few-row kernels (decode, verification): GEMV vs matmul, decode-attention tiles    |
  * | `latency`| GPU->CPU round-trip latency of a provider                                         |
  * | `sgm`    | f16 matmul on the matrix units (subgroup matrices): checks, sweep, vs PyTorch bf16 |
+ * | `distill`| distillation quality of stories260K hybrids vs the teacher (bench/distill_quality.ts) |
+ * | `dpo`    | DPO on cloze pairs: held-out reward accuracy and acc_norm (bench/dpo_quality.ts)   |
  *
  * GPU benchmarks take `--gpu dawn|builtin|auto`; the PyTorch twins are under bench/pytorch/.
  *
@@ -90,6 +92,15 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   sgm: {
     doc: "subgroup-matrix f16 matmul: checks, config sweep at 4096/8192, vs PyTorch bf16 (--gpu dawn, --out)",
     run: script("./matmul_sgm.ts"),
+  },
+  distill: {
+    doc:
+      "distillation quality of stories260K hybrids: perplexity vs the teacher (--gpu, --variants, --steps)",
+    run: script("./distill_quality.ts"),
+  },
+  dpo: {
+    doc: "DPO on cloze pairs: held-out reward accuracy and cloze acc_norm before/after (--gpu)",
+    run: script("./dpo_quality.ts"),
   },
 };
 
