@@ -9,7 +9,7 @@
 import { defineStage } from "../pipelines/stage.ts";
 import type { MicroBatch } from "../data/batches.ts";
 import { splitLastDim } from "../runtime/ops/columns.ts";
-import { scale, softplus, sub } from "../runtime/ops/elementwise.ts";
+import { add, scale, softplus, sub } from "../runtime/ops/elementwise.ts";
 import { mean } from "../runtime/ops/reduce.ts";
 import type { Tensor } from "../runtime/tensor.ts";
 import { UserError } from "../util/errors.ts";
@@ -23,7 +23,7 @@ import {
 } from "./shared/models.ts";
 import { batchOptions, trainableParam, trainingParams } from "./shared/train_params.ts";
 import { openTrainingData, phaseSteps, runPhase, trainablePredicate } from "./shared/training.ts";
-import { pairLogprobs, readRefLogprobs, type RefLogprobs } from "./shared/preference.ts";
+import { chosenTargetCount, pairLogprobs, readRefLogprobs, type RefLogprobs } from "./shared/preference.ts";
 
 /**
  * The DPO metrics of one step from its micro-batches' statistics `[loss, logp(chosen) x B, logp(rejected) x B]`
@@ -82,6 +82,16 @@ export const dpoStage = defineStage({
       exclusiveMin: 0,
       default: 0.01,
       doc: "Strength of the implicit KL to the reference (paper: 0.01 for 1 epoch, or 0.1 for 3 epochs).",
+    },
+    rpo_alpha: {
+      type: "number",
+      min: 0,
+      nullable: true,
+      default: null,
+      doc:
+        "TRL's rpo_alpha: adds rpo_alpha times the mean negative log-likelihood of the chosen completions' " +
+        "tokens to the loss (RPO; its paper recommends 1.0), which keeps the chosen log-probs from falling " +
+        "with the rejected ones. Null: the plain DPO loss.",
     },
     trainable: trainableParam("all", "What trains (paper: all parameters)."),
     ...trainingParams({
@@ -144,7 +154,12 @@ export const dpoStage = defineStage({
       const lp = pairLogprobs(lm, mb);
       const [pc, pr] = splitLastDim(lp.view([1, 2 * b]), [b, b]);
       const z = sub(sub(pc, pr), rt.tensor(refDiff, [1, b]));
-      const loss = mean(softplus(scale(z, -p.beta)));
+      let loss = mean(softplus(scale(z, -p.beta)));
+      if (p.rpo_alpha) {
+        // TRL: the cross-entropy of the chosen rows' target tokens, a mean over this micro-batch's tokens
+        const chosenTokens = chosenTargetCount(mb);
+        if (chosenTokens > 0) loss = add(loss, scale(mean(pc), (-p.rpo_alpha * b) / chosenTokens));
+      }
       rt.backward(loss, rt.tensor([gradScale], [1]));
       return [loss, lp];
     };

@@ -33,6 +33,15 @@ export function pairLogprobs(lm: CausalLM, mb: MicroBatch): Tensor {
   return sequenceLogprobs(logits.view([rows, T, lm.config.vocabSize]), targets, mask);
 }
 
+/** Target tokens of the chosen rows (the first half) of a pairs micro-batch: what RPO's NLL averages over. */
+export function chosenTargetCount(mb: MicroBatch): number {
+  const { seqLen: T, mask } = mb;
+  let n = 0;
+  // a token is a target when it is masked in and follows another token of its row (nextTokenLabels' rule)
+  for (let r = 0; r < mb.rows / 2; r++) for (let t = 1; t < T; t++) n += mask[r * T + t] ? 1 : 0;
+  return n;
+}
+
 /** Reference log-probabilities of every pair. */
 export interface RefLogprobs {
   /** Summed log p_ref(chosen | prompt) per pair. */

@@ -114,3 +114,39 @@ Deno.test(
     });
   },
 );
+
+Deno.test(
+  "dpo rpo_alpha: adds the chosen tokens' mean NLL to the loss and keeps the chosen log-probs higher",
+  stageTestOptions,
+  async () => {
+    const p = tempProject();
+    try {
+      const train = "max_steps: 8, learning_rate: 1.0e-3, warmup_ratio: 0";
+      const text = recipe(train) + `  dpo_rpo:
+    kind: dpo
+    params: { beta: ${BETA}, per_device_train_batch_size: 8, gradient_accumulation_steps: 1, logging_steps: 1, ${train}, rpo_alpha: 1.0 }
+    inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}", ref: "\${ref_train.ref}" }
+`;
+      const r = await runRecipe(p.write("r.yaml", text), ["dpo", "dpo_rpo"]);
+      assert.equal(r.code, 0, r.stderr);
+      const plain = stageMetrics(p, "dpo"), rpo = stageMetrics(p, "dpo_rpo");
+      // step 1 scores the reference itself, so the DPO part is ln 2 and the rest is the chosen tokens' mean NLL:
+      // loss - ln 2 = -(8 pairs x logps/chosen) / N, where N, the chosen target tokens, must be a whole number
+      const v = rpo[0].values;
+      const nll = v.loss - Math.log(2);
+      const n = (-8 * v["logps/chosen"]) / nll;
+      assert.ok(nll > 0.5, `rpo term ${nll}`);
+      assert.ok(Math.abs(n - Math.round(n)) < 0.02 && n >= 8 && n <= 8 * 40, `implied chosen tokens ${n}`);
+      assert.ok(Math.abs(plain[0].values.loss - Math.log(2)) < 1e-5, "the plain run is unchanged");
+      // the NLL term holds the chosen completions up while DPO pushes the pair apart
+      const last = (m: typeof rpo, k: string) => m[m.length - 1].values[k];
+      assert.ok(
+        last(rpo, "logps/chosen") > last(plain, "logps/chosen"),
+        `logps/chosen: rpo ${last(rpo, "logps/chosen")}, plain ${last(plain, "logps/chosen")}`,
+      );
+      assert.ok(last(rpo, "rewards/accuracies") >= 0.75, "still learns the preference");
+    } finally {
+      await p.cleanup();
+    }
+  },
+);
