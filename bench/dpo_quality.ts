@@ -9,6 +9,7 @@
  * deno run -A bench/dpo_quality.ts                  # the acceptance settings (sized for the H200)
  * deno run -A bench/dpo_quality.ts --quick          # a small run, about 7 minutes on a 2-core CPU (llvmpipe)
  * deno run -A bench/dpo_quality.ts --lr 3e-4 --beta 0.1 --epochs 2 --pairs-per-item 3 --json dpo.json
+ * deno run -A bench/dpo_quality.ts --quick --rpo-alpha 1     # with TRL's RPO term against the log-prob drift
  * ```
  *
  * Split: the cloze file's last `--held-out` items (default 400 of 1,600) are held out, the others are the train
@@ -52,6 +53,8 @@ export interface DpoQualityOptions {
   lr: number;
   /** DPO beta. */
   beta: number;
+  /** TRL's rpo_alpha (0: plain DPO): weight of the chosen tokens' NLL added to the loss. */
+  rpoAlpha: number;
   /** Passes over the train pairs (when `steps` is 0). */
   epochs: number;
   /** Optimizer steps; 0: `epochs` passes. */
@@ -91,6 +94,7 @@ export interface DpoQualityOptions {
 export const DEFAULTS: DpoQualityOptions = {
   lr: 5e-4,
   beta: 0.1,
+  rpoAlpha: 0,
   epochs: 1,
   steps: 0,
   batch: 16,
@@ -241,7 +245,9 @@ ${pairs("heldout_pairs_no_context.jsonl")}
 ${scores(TEACHER, "train_pairs")}
   dpo:
     kind: dpo
-    params: { beta: ${o.beta}, learning_rate: ${o.lr}, warmup_ratio: ${o.warmup}, ${budget}, per_device_train_batch_size: ${o.batch}, gradient_accumulation_steps: 1, logging_steps: 10, save_steps: 1000 }
+    params: { beta: ${o.beta},${
+    o.rpoAlpha > 0 ? ` rpo_alpha: ${o.rpoAlpha},` : ""
+  } learning_rate: ${o.lr}, warmup_ratio: ${o.warmup}, ${budget}, per_device_train_batch_size: ${o.batch}, gradient_accumulation_steps: 1, logging_steps: 10, save_steps: 1000 }
     inputs: { model: ${TEACHER}, pairs: "\${train_pairs.tokens}", ref: "\${ref_train.ref}" }
   ref_held:
 ${scores(TEACHER, "held_pairs")}
@@ -549,6 +555,7 @@ if (import.meta.main) {
     options: {
       lr: { type: "string" },
       beta: { type: "string" },
+      "rpo-alpha": { type: "string" },
       epochs: { type: "string" },
       steps: { type: "string" },
       batch: { type: "string" },
@@ -581,6 +588,7 @@ if (import.meta.main) {
   const o: DpoQualityOptions = {
     lr: num("lr", base.lr),
     beta: num("beta", base.beta),
+    rpoAlpha: num("rpo-alpha", base.rpoAlpha),
     epochs: num("epochs", base.epochs),
     steps: num("steps", base.steps),
     batch: num("batch", base.batch),
