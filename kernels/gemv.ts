@@ -17,11 +17,16 @@
  *   `256 / TPR` times per workgroup (once per output row), so this adds 1/8 at the default TPR of 32. A separate
  *   norm dispatch would instead cost its launch, a write of the normalised row and a read of it back, and a
  *   barrier between the two kernels - each larger than the redundant reduction.
+ * - `gatedNormIn` (single product only): Mamba2's z-gated grouped RMSNorm (kernels/gated_rmsnorm.ts) before its
+ *   out_proj. The input row is `T(SiLU-gated y, normalised per group of channels, times the norm weight)`,
+ *   built from y and z as each item is loaded; every workgroup first reduces each (row, group)'s sum of squares
+ *   of the gated values into workgroup memory, for the same reason as `normIn`.
  * - `residual` (single product only): `y = r + x W^T`, the projection that closes a block writing the next value
  *   of the residual stream, instead of a separate add.
  *
- * Both keep the unfused rounding in the storage type T: the normalised value is rounded to T before and after
- * the norm weight multiplies it (kernels/rmsnorm.ts), and the product is rounded to T before the residual add.
+ * All keep the unfused rounding in the storage type T: the normalised value is rounded to T before and after
+ * the norm weight multiplies it (kernels/rmsnorm.ts), the gated norm's output once (its kernel computes in f32
+ * and stores T), and the product is rounded to T before the residual add.
  *
  * @module
  */
@@ -61,6 +66,25 @@ export interface GemvOptions {
   normIn?: { eps: number };
 }
 
+/**
+ * Mamba2's gated grouped RMSNorm as the input transform of a GEMV (kernels/gated_rmsnorm.ts semantics): the
+ * product's input row is `T(g / sqrt(mean_group(g^2) + eps) * w)` with `g = y * SiLU(z)` in f32, the mean over
+ * each group of `group` consecutive channels. K must be a multiple of `group`, with at most
+ * {@linkcode GEMV_GATED_MAX_GROUPS} groups per row.
+ */
+export interface GemvGatedNorm {
+  /** Channels per normalised group (Mamba2: head_dim). */
+  group: number;
+  /** Epsilon inside the square root (Mamba2: 1e-5). */
+  eps: number;
+}
+
+/**
+ * Most groups per row of the gated-norm prologue: each workgroup keeps a 1/rms per (row, group) in its
+ * reduction memory (256 floats per row) while it streams W.
+ */
+export const GEMV_GATED_MAX_GROUPS = 256;
+
 /** The vector width the fast path of a dtype needs K to be a multiple of. */
 export function gemvVectorWidth(dtype: DType): number {
   return dtype === "f16" ? 8 : 4;
@@ -73,18 +97,36 @@ const specs = new Map<string, KernelSpec>();
  * (read) with `normIn`,] W (read), [residual (read) with `residual`,] y (rw). With `residual`, the output is
  * `y = r + T(alpha * x W^T)` for r [rows, N] (a residual add in the storage type T, as an unfused `add` of the
  * stored product): the projection that closes a decoder block writes the residual stream's next value.
+ *
+ * With `gatedNormIn` the input is `gatedRmsNorm(y, z, w)` instead of x. Bindings: y [rows, K], z [rows, K], norm
+ * weight w [K] (read), W (read), [residual (read),] out (rw).
  */
 export function gemvKernel(
   dtype: DType,
   rows: number,
   n: number,
   k: number,
-  opts: GemvOptions & { residual?: boolean } = {},
+  opts: GemvOptions & { residual?: boolean; gatedNormIn?: GemvGatedNorm } = {},
 ): Launch {
   if (rows < 1 || rows > GEMV_MAX_ROWS) {
     throw new Error(`gemv: rows must be 1..${GEMV_MAX_ROWS}, got ${rows}`);
   }
-  return gemvLaunch(dtype, rows, n, k, opts, { mode: "single", residual: opts.residual ?? false });
+  const gated = opts.gatedNormIn;
+  if (gated) {
+    if (opts.normIn) throw new Error("gemv: normIn and gatedNormIn exclude each other");
+    const { group, eps } = gated;
+    if (!(Number.isInteger(group) && group > 0 && k % group === 0 && k / group <= GEMV_GATED_MAX_GROUPS)) {
+      throw new Error(
+        `gemv: gatedNormIn.group ${group} must divide K = ${k} into at most ${GEMV_GATED_MAX_GROUPS} groups`,
+      );
+    }
+    if (!(eps >= 0)) throw new Error(`gemv: gatedNormIn.eps must be >= 0, got ${eps}`);
+  }
+  return gemvLaunch(dtype, rows, n, k, opts, {
+    mode: "single",
+    residual: opts.residual ?? false,
+    gated: gated ? { group: gated.group, groups: k / gated.group, eps: gated.eps } : null,
+  });
 }
 
 /** What one GEMV dispatch computes: one product, the SwiGLU gate/up pair, or the q/k/v projections. */
@@ -94,15 +136,31 @@ type GemvMode = "single" | "swiglu" | "qkv";
 interface GemvVariant {
   mode: GemvMode;
   residual: boolean;
+  /** The gated-norm input transform (single mode only): its shape and eps. */
+  gated?: (GatedShape & { eps: number }) | null;
 }
 
+/** The shape of a gated-norm prologue, fixed in the kernel: channels per group and groups per row. */
+interface GatedShape {
+  group: number;
+  groups: number;
+}
+
+/** The input transform of a GEMV: none, the RMSNorm of x, or the gated grouped norm of (y, z). */
+type GemvPrologue = "none" | "rms" | GatedShape;
+
 /** The storage bindings of a variant in order: name, access, and whether it holds vector items or scalars. */
-function gemvBindings(mode: GemvMode, norm: boolean, residual: boolean): [string, BindingAccess, boolean][] {
+function gemvBindings(
+  mode: GemvMode,
+  pro: GemvPrologue,
+  residual: boolean,
+): [string, BindingAccess, boolean][] {
   const weights = mode === "qkv" ? ["WQ", "WK", "WV"] : mode === "swiglu" ? ["W", "V"] : ["W"];
   const outs = mode === "qkv" ? ["Q", "K", "V"] : ["Y"];
   return [
     ["X", "read", true],
-    ...(norm ? [["NW", "read", true] as [string, BindingAccess, boolean]] : []),
+    ...(typeof pro === "object" ? [["Z", "read", true] as [string, BindingAccess, boolean]] : []),
+    ...(pro !== "none" ? [["NW", "read", true] as [string, BindingAccess, boolean]] : []),
     ...weights.map((w) => [w, "read", true] as [string, BindingAccess, boolean]),
     ...(residual ? [["R", "read", false] as [string, BindingAccess, boolean]] : []),
     ...outs.map((o) => [o, "rw", false] as [string, BindingAccess, boolean]),
@@ -123,28 +181,35 @@ function gemvLaunch(
     throw new Error(`gemv: threadsPerRow must be a power of two in 4..${GEMV_WORKGROUP}, got ${tpr}`);
   }
   const { mode, residual } = variant;
+  const gated = variant.gated ?? null;
   const norm = opts.normIn !== undefined;
   if (norm && !(opts.normIn!.eps >= 0)) {
     throw new Error(`gemv: normIn.eps must be >= 0, got ${opts.normIn!.eps}`);
   }
-  const vec = k % gemvVectorWidth(dtype) === 0;
-  const key = `gemv${mode === "single" ? "" : `_${mode}`}${norm ? "_norm" : ""}${
+  const pro: GemvPrologue = gated ? { group: gated.group, groups: gated.groups } : norm ? "rms" : "none";
+  // a vector item must not straddle two norm groups
+  const width = gemvVectorWidth(dtype);
+  const vec = k % width === 0 && (!gated || gated.group % width === 0);
+  const proKey = gated ? `_gnorm${gated.group}x${gated.groups}` : norm ? "_norm" : "";
+  const key = `gemv${mode === "single" ? "" : `_${mode}`}${proKey}${
     residual ? "_res" : ""
   }_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}`;
   let spec = specs.get(key);
   if (!spec) {
     spec = {
       key,
-      bindings: gemvBindings(mode, norm, residual).map(([, access]) => access),
+      bindings: gemvBindings(mode, pro, residual).map(([, access]) => access),
       uniformBytes: 32,
-      code: gemvWgsl(dtype, rows, tpr, vec, mode, norm, residual),
+      code: gemvWgsl(dtype, rows, tpr, vec, mode, pro, residual),
     };
     specs.set(key, spec);
   }
   const rowsPerWg = GEMV_WORKGROUP / tpr;
   return {
     spec,
-    uniforms: new Uniforms(32).u32(n).u32(k).f32(opts.alpha ?? 1).u32(nq).f32(opts.normIn?.eps ?? 0).buffer,
+    uniforms:
+      new Uniforms(32).u32(n).u32(k).f32(opts.alpha ?? 1).u32(nq).f32(gated?.eps ?? opts.normIn?.eps ?? 0)
+        .buffer,
     workgroups: grid2d(ceilDiv(n, rowsPerWg)),
   };
 }
@@ -197,10 +262,13 @@ function gemvWgsl(
   tpr: number,
   vec: boolean,
   mode: GemvMode,
-  norm: boolean,
+  pro: GemvPrologue,
   residual: boolean,
 ): string {
   const swigluPair = mode === "swiglu", qkv = mode === "qkv";
+  const gated = typeof pro === "object" ? pro : null;
+  // either norm scales the x items with a weight item loaded beside W's
+  const norm = pro !== "none";
   const T = wgslType(dtype);
   const rowsPerWg = GEMV_WORKGROUP / tpr;
   const f16vec = vec && dtype === "f16";
@@ -212,9 +280,16 @@ function gemvWgsl(
   // one weight matrix (W), or the gate/up pair (W, V): accumulator slot m * rows + r for matrix m, x row r
   const mats = swigluPair ? ["w", "v"] : ["w"];
   const slots = rows * mats.length;
-  // the x item of row r at item index idx, normalised in the prologue's variant with the norm weight item g
+  // the x item of row r at item index idx, normalised in the prologue's variant with the norm weight item g; the
+  // gated norm builds it from the y (X) and z items with its (row, group)'s 1/rms, kept in red by the prologue
   const xItem = (r: number, idx: string, g: string) =>
-    norm ? `nrm(X[${r}u * kv + ${idx}], ${g}, rs[${r}])` : `X[${r}u * kv + ${idx}]`;
+    gated
+      ? `gnrm(X[${r}u * kv + ${idx}], Z[${r}u * kv + ${idx}], ${g}, red[${
+        r * gated.groups
+      }u + (${idx}) / GI])`
+      : norm
+      ? `nrm(X[${r}u * kv + ${idx}], ${g}, rs[${r}])`
+      : `X[${r}u * kv + ${idx}]`;
   // one step of the loop over K: x items are read (and normalised) once and used for every weight matrix
   const step = (suffix: string, idx: string): string[] => {
     const out: string[] = [];
@@ -262,7 +337,7 @@ function gemvWgsl(
         : `Y[${r}u * p.n + n] = ${T}(${sum(r)});`,
     );
   }
-  const bindings = gemvBindings(mode, norm, residual);
+  const bindings = gemvBindings(mode, pro, residual);
   const decls = bindings.map(([name, access, item], i) =>
     `@group(0) @binding(${i}) var<storage, ${access === "read" ? "read" : "read_write"}> ${name}: array<${
       item ? elem : T
@@ -279,7 +354,7 @@ fn wload(sel: u32, idx: u32) -> ${elem} {
     : "";
   // the norm's helpers: the sum of squares of one item, and one item times rstd and the norm weight, rounded to
   // T after each product as kernels/rmsnorm.ts rounds (no-ops for f32)
-  const normFns = !norm ? "" : f16vec
+  const normFns = gated ? gatedNormFns(T, vec, f16vec) : !norm ? "" : f16vec
     ? `
 fn sq(a: vec4<u32>) -> f32 {
   var s = 0.0;
@@ -319,7 +394,7 @@ fn nrm(a: ${T}, g: ${T}, r: f32) -> ${T} { return ${T}(f32(g) * f32(${T}(f32(a) 
   }
   // Every workgroup reduces the rows' sums of squares over the whole workgroup before its product; all of them
   // read the same items in the same order, so every workgroup gets the same rstd.
-  const prologue = !norm ? "" : `
+  const prologue = gated ? gatedPrologue(rows, width, gated) : !norm ? "" : `
   var rs: array<f32, ${rows}>;
   {
     var ss: array<f32, ${rows}>;
@@ -380,6 +455,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       ${load1.join("\n      ")}
       ${accum.join("\n      ")}
     }
+  }${
+    gated ? "\n  // the gated prologue's 1/rms values in red are read up to here\n  workgroupBarrier();" : ""
   }
   ${reduce.join("\n  ")}
   for (var s = ${tpr / 2}u; s > 0u; s >>= 1u) {
@@ -393,4 +470,91 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
 }
 `;
+}
+
+/**
+ * The gated norm's helpers for one loaded item of y (a) and z (b): `gsq`, the sum of squares of the gated values
+ * g = y * SiLU(z); `gnrm`, T(g * r * w) as kernels/gated_rmsnorm.ts computes and stores it (f32 math, one rounding
+ * to T), in the form the product's dot takes (unpacked pairs for packed f16).
+ */
+function gatedNormFns(T: string, vec: boolean, f16vec: boolean): string {
+  if (f16vec) {
+    return `
+fn gate2(y: u32, z: u32) -> vec2<f32> {
+  let zz = unpack2x16float(z);
+  return unpack2x16float(y) * zz * (1.0 / (1.0 + exp(-zz)));
+}
+fn gsq(a: vec4<u32>, b: vec4<u32>) -> f32 {
+  var s = 0.0;
+  for (var j = 0u; j < 4u; j++) { let g = gate2(a[j], b[j]); s += dot(g, g); }
+  return s;
+}
+fn gnrm(a: vec4<u32>, b: vec4<u32>, w: vec4<u32>, r: f32) -> array<vec2<f32>, 4> {
+  var o: array<vec2<f32>, 4>;
+  for (var j = 0u; j < 4u; j++) { o[j] = vec2<f32>(vec2<f16>(gate2(a[j], b[j]) * r * unpack2x16float(w[j]))); }
+  return o;
+}
+// dot8 with the second operand already unpacked (a normalised x item)
+fn dot8n(a: vec4<u32>, b: array<vec2<f32>, 4>) -> f32 {
+  var s = 0.0;
+  for (var j = 0u; j < 4u; j++) { s += dot(unpack2x16float(a[j]), b[j]); }
+  return s;
+}
+`;
+  }
+  if (vec) {
+    return `
+fn gate(y: vec4<f32>, z: vec4<f32>) -> vec4<f32> { return y * z * (1.0 / (1.0 + exp(-z))); }
+fn gsq(a: vec4<f32>, b: vec4<f32>) -> f32 { let g = gate(a, b); return dot(g, g); }
+fn gnrm(a: vec4<f32>, b: vec4<f32>, w: vec4<f32>, r: f32) -> vec4<f32> { return gate(a, b) * r * w; }
+`;
+  }
+  return `
+fn gate(y: ${T}, z: ${T}) -> f32 { let zz = f32(z); return f32(y) * zz * (1.0 / (1.0 + exp(-zz))); }
+fn gsq(a: ${T}, b: ${T}) -> f32 { let g = gate(a, b); return g * g; }
+fn gnrm(a: ${T}, b: ${T}, w: ${T}, r: f32) -> ${T} { return ${T}(gate(a, b) * r * f32(w)); }
+`;
+}
+
+/**
+ * The gated norm's prologue: the 1/rms of every (row, group) unit u = row * groups + group into red[u], the same
+ * in every workgroup (same items, same order). S threads split a unit's items (strided, then summed in a fixed
+ * order) when the units leave threads for that; with 128 units or more one thread takes a whole unit, in passes
+ * of 256 units.
+ */
+function gatedPrologue(rows: number, width: number, g: GatedShape): string {
+  const units = rows * g.groups;
+  const gi = g.group / width; // items per group
+  let split = 1;
+  while (split < 64 && split < gi && units * split * 2 <= GEMV_WORKGROUP) split *= 2;
+  const unitSum = (u: string, first: string, step: string) => `
+      let base = (${u} / ${g.groups}u) * kv + (${u} % ${g.groups}u) * GI;
+      for (var e = ${first}; e < GI; e += ${step}) { ss += gsq(X[base + e], Z[base + e]); }`;
+  const rstd = (ss: string) => `inverseSqrt(${ss} / ${g.group}.0 + p.eps)`;
+  const body = split === 1
+    ? `
+  for (var u = lid; u < ${units}u; u += ${GEMV_WORKGROUP}u) {
+    var ss = 0.0;${unitSum("u", "0u", "1u")}
+    red[u] = ${rstd("ss")};
+  }`
+    : `
+  {
+    // ${split} threads per unit: partial sums, then each unit's thread adds its ${split} partials in order
+    let u = lid / ${split}u;
+    var ss = 0.0;
+    if (u < ${units}u) {${unitSum("u", `lid % ${split}u`, `${split}u`)}
+    }
+    red[lid] = ss;
+    workgroupBarrier();
+    var tot = 0.0;
+    if (lid < ${units}u) {
+      for (var j = 0u; j < ${split}u; j++) { tot += red[lid * ${split}u + j]; }
+    }
+    workgroupBarrier();
+    if (lid < ${units}u) { red[lid] = ${rstd("tot")}; }
+  }`;
+  return `
+  // items per norm group (a vector item never straddles two)
+  const GI = ${gi}u;${body}
+  workgroupBarrier();`;
 }

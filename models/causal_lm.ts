@@ -24,7 +24,6 @@ import { attention, decodeAttention, KvCache, ropeAppendKv } from "../runtime/op
 import { add, exp, scale } from "../runtime/ops/elementwise.ts";
 import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
 import { causalConv1d } from "../runtime/ops/conv1d.ts";
-import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
 import { widen } from "../runtime/ops/cast.ts";
 import { type SsdDims, ssdHeadParams, ssdScan, ssdStep } from "../runtime/ops/ssd.ts";
 import {
@@ -48,7 +47,13 @@ import {
   transformerWeightShapes,
   type WeightMap,
 } from "./weights.ts";
-import { type BlockInput, normalisedInput, type OutProjection, ResidualStream } from "./residual_stream.ts";
+import {
+  type BlockInput,
+  normalisedInput,
+  type OutProjection,
+  projectOut,
+  ResidualStream,
+} from "./residual_stream.ts";
 import { uniformFill } from "../kernels/random.ts";
 import { selectiveScan } from "../runtime/ops/selective_scan.ts";
 import { addBias, repeatGroupsLastDim } from "../runtime/ops/columns.ts";
@@ -351,13 +356,16 @@ export class CausalLM {
     return splitLastDim(zxbcdt, [m.dInner, 2 * m.dXb + m.dInner, m.nHeads]);
   }
 
-  /** Mamba2's output: the z-gated grouped RMSNorm of the scan output y [rows, d_inner], then out_proj. */
+  /**
+   * Mamba2's output: the z-gated grouped RMSNorm of the scan output y [rows, d_inner], then out_proj. The norm is
+   * left to whoever applies the projection (decoding runs it inside out_proj's GEMV).
+   */
   #mamba2Out(p: string, y: Tensor, z: Tensor): OutProjection {
-    const g = gatedRmsNorm(y, z, this.param(`${p}mamba.norm.weight`), {
-      group: this.mamba!.headDim,
-      eps: 1e-5,
-    });
-    return { input: g, weight: this.param(`${p}mamba.out_proj.weight`) };
+    return {
+      input: y,
+      weight: this.param(`${p}mamba.out_proj.weight`),
+      gatedNorm: { z, weight: this.param(`${p}mamba.norm.weight`), group: this.mamba!.headDim, eps: 1e-5 },
+    };
   }
 
   /**
@@ -511,10 +519,10 @@ export class CausalLM {
       const out = this.isAttentionLayer(l)
         ? this.#attentionFull(p, u, batch, seqLen)
         : this.#mixer(p, u, batch, seqLen);
-      const mix = linear(out.input, out.weight);
+      const mix = projectOut(out);
       const { h, y } = addRmsNorm(x, mix, this.param(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
       const mlp = this.#mlp(p, normalisedInput(y));
-      x = add(h, linear(mlp.input, mlp.weight));
+      x = add(h, projectOut(mlp));
       layerOut?.push(x);
     }
     return x;

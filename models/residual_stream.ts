@@ -9,7 +9,8 @@
  *   more rows (a long prefill) normalises once and fuses each residual add with the next norm (`addRmsNorm`).
  *
  * A block asks its {@linkcode BlockInput} for projections of the normalised input and returns its output
- * projection unapplied ({@linkcode OutProjection}), so that whoever holds the residual stream applies it.
+ * projection unapplied ({@linkcode OutProjection}), so that whoever holds the residual stream applies it; a
+ * Mamba2 block leaves its gated output norm unapplied too, so that decoding runs it inside the same GEMV.
  *
  * @module
  */
@@ -18,11 +19,13 @@ import { linear, linearQkv, linearSwiglu } from "../runtime/ops/matmul.ts";
 import {
   FUSED_LINEAR_MAX_TOKENS,
   linearAddResidual,
+  linearGatedNormed,
   linearNormed,
   linearQkvNormed,
   linearSwigluNormed,
 } from "../runtime/ops/linear_fused.ts";
 import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
+import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
 
 /** The normalised input `u` of a block, as the block reads it: projections of it, or `u` itself. */
 export interface BlockInput {
@@ -36,12 +39,39 @@ export interface BlockInput {
   normalised(): Tensor;
 }
 
-/** A block's output projection `input W^T`, not yet applied: the holder of the residual stream adds it. */
+/**
+ * A block's output projection `input W^T`, not yet applied: the holder of the residual stream adds it. With
+ * `gatedNorm`, the projection's input is `gatedRmsNorm(input, gatedNorm.z, gatedNorm.weight)` (Mamba2).
+ * Apply it with {@linkcode projectOut} or {@linkcode ResidualStream.close}, never from `input` alone.
+ */
 export interface OutProjection {
-  /** The projection's input [rows, in]. */
+  /** The projection's input [rows, in]; with `gatedNorm`, the input before that norm (Mamba2's scan output y). */
   input: Tensor;
   /** Its weight [D, in]. */
   weight: Tensor;
+  /** Mamba2's z-gated grouped RMSNorm of `input` before the projection (runtime/ops/gated_norm.ts). */
+  gatedNorm?: GatedOutNorm;
+}
+
+/** The gated grouped RMSNorm before a Mamba2 block's out_proj: `gatedRmsNorm(y, z, weight, { group, eps })`. */
+export interface GatedOutNorm {
+  /** The gate z [rows, in]. */
+  z: Tensor;
+  /** The norm weight [in]. */
+  weight: Tensor;
+  /** Channels per normalised group (head_dim). */
+  group: number;
+  /** Epsilon inside the square root. */
+  eps: number;
+}
+
+/** `out`'s projection as a (differentiable) tensor [rows, D]: its input, gated-normed if it says so, times W^T. */
+export function projectOut(out: OutProjection): Tensor {
+  const g = out.gatedNorm;
+  return linear(
+    g ? gatedRmsNorm(out.input, g.z, g.weight, { group: g.group, eps: g.eps }) : out.input,
+    out.weight,
+  );
 }
 
 /** A block input that is an already normalised tensor: plain (differentiable) projections of it. */
@@ -111,14 +141,20 @@ export class ResidualStream implements BlockInput {
     return this.#u ??= rmsNorm(this.#x, this.#norm, this.#eps);
   }
 
-  /** Closes a block: `x <- x + out.input out.weight^T`; the next block normalises x with `next` [D]. */
+  /**
+   * Closes a block: `x <- x + projectOut(out)` (a gated norm, if any, and the residual add inside the projection's
+   * GEMV when fused); the next block normalises x with `next` [D].
+   */
   close(out: OutProjection, next: Tensor): void {
     this.#live("close");
+    const g = out.gatedNorm;
     if (this.fused) {
-      this.#x = linearAddResidual(out.input, out.weight, this.#x);
+      this.#x = g
+        ? linearGatedNormed(out.input, g.z, g.weight, g.group, g.eps, out.weight, this.#x)
+        : linearAddResidual(out.input, out.weight, this.#x);
       this.#u = null;
     } else {
-      ({ h: this.#x, y: this.#u } = addRmsNorm(this.#x, linear(out.input, out.weight), next, this.#eps));
+      ({ h: this.#x, y: this.#u } = addRmsNorm(this.#x, projectOut(out), next, this.#eps));
     }
     this.#norm = next;
   }

@@ -1,7 +1,8 @@
 /**
  * Decoding's projections fused with their neighbours in a pre-norm decoder block (kernels/gemv.ts): the RMSNorm
- * before a projection ({@linkcode linearNormed}, {@linkcode linearQkvNormed}, {@linkcode linearSwigluNormed}) and
- * the residual add after one ({@linkcode linearAddResidual}). A batch-1 decode step is bound by its number of
+ * before a projection ({@linkcode linearNormed}, {@linkcode linearQkvNormed}, {@linkcode linearSwigluNormed}), the
+ * residual add after one ({@linkcode linearAddResidual}), and Mamba2's gated norm before its out_proj with the
+ * residual add after it ({@linkcode linearGatedNormed}). A batch-1 decode step is bound by its number of
  * dispatches, and each of these saves one.
  *
  * They are inference ops: no gradients (an input that needs one is an error, not a silent detach). A few rows
@@ -13,6 +14,7 @@
  * @module
  */
 import {
+  GEMV_GATED_MAX_GROUPS,
   GEMV_MAX_ROWS,
   GEMV_SWIGLU_MAX_ROWS,
   gemvKernel,
@@ -24,6 +26,7 @@ import { shapeStr, type Tensor } from "../tensor.ts";
 import { linear, LINEAR_GEMV_MAX_TOKENS, linearQkv, linearSwiglu, takesGemv } from "./matmul.ts";
 import { rmsNorm } from "./norm.ts";
 import { add } from "./elementwise.ts";
+import { gatedRmsNorm } from "./gated_norm.ts";
 
 /**
  * Most rows (tokens) for which these ops fuse: the GEMV limit of `linear`. The SwiGLU pair fuses up to
@@ -178,4 +181,67 @@ export function linearAddResidual(x: Tensor, w: Tensor, residual: Tensor): Tenso
   const l = gemvKernel(x.dtype, tokens, nOut, nIn, { residual: true });
   rt.dev.dispatch(l.spec, [x.binding, w.binding, residual.binding, y.binding], l.workgroups, l.uniforms);
   return y;
+}
+
+/**
+ * `gatedRmsNorm(y, z, normWeight, { group, eps }) W^T` (y and z [..., D], normWeight [D], W [out, D]; result
+ * [..., out]), plus `residual` when given (rows times `out` elements; the result then takes its shape, and the
+ * product is rounded to the storage type before the add as `add(residual, linear(...))` rounds it): Mamba2's
+ * output norm, out_proj and the block's residual add in one GEMV dispatch for a few rows. Decoding only (no
+ * gradients).
+ */
+export function linearGatedNormed(
+  y: Tensor,
+  z: Tensor,
+  normWeight: Tensor,
+  group: number,
+  eps: number,
+  w: Tensor,
+  residual?: Tensor,
+): Tensor {
+  const rt = y.rt;
+  const what = "linearGatedNormed";
+  decodingOnly(what, [y, z, normWeight, w, ...(residual ? [residual] : [])]);
+  const d = checkNormed(what, y, normWeight, eps, [w]);
+  if (z.dtype !== y.dtype || z.shape.length !== y.shape.length || z.shape.some((n, i) => n !== y.shape[i])) {
+    throw new Error(`${what}: gate ${z} does not match input ${y} (expected the same shape and dtype)`);
+  }
+  if (!(Number.isInteger(group) && group > 0 && d % group === 0)) {
+    throw new Error(`${what}: group ${group} must divide the row size ${d}`);
+  }
+  const nOut = w.shape[0], tokens = y.size / d;
+  if (residual && (residual.size !== tokens * nOut || residual.dtype !== y.dtype)) {
+    throw new Error(
+      `${what}: residual ${residual} does not hold ${tokens} rows of ${nOut} ${y.dtype} values ` +
+        `(${shapeStr(y.shape)} x ${shapeStr(w.shape)}^T)`,
+    );
+  }
+  const outBytes = tokens * nOut * dtypeBytes(y.dtype);
+  // y, z, the norm weight, W, the residual and the output: six storage buffers, within the default eight
+  if (
+    d / group > GEMV_GATED_MAX_GROUPS ||
+    !takesGemv(rt, tokens, GEMV_MAX_ROWS, [w.byteLength, y.byteLength, outBytes])
+  ) {
+    const p = linear(gatedRmsNorm(y, z, normWeight, { group, eps }), w);
+    return residual ? add(residual, p.view(residual.shape)) : p;
+  }
+  const out = rt.empty(residual ? residual.shape : [...y.shape.slice(0, -1), nOut], y.dtype);
+  const l = gemvKernel(y.dtype, tokens, nOut, d, {
+    gatedNormIn: { group, eps },
+    residual: residual !== undefined,
+  });
+  rt.dev.dispatch(
+    l.spec,
+    [
+      y.binding,
+      z.binding,
+      normWeight.binding,
+      w.binding,
+      ...(residual ? [residual.binding] : []),
+      out.binding,
+    ],
+    l.workgroups,
+    l.uniforms,
+  );
+  return out;
 }

@@ -50,7 +50,7 @@ function allVariants(f16: boolean): { spec: KernelSpec; sharedBytes: number }[] 
       }
     }
     for (const rows of [1, 3, 8]) for (const k of [64, 67]) add(gemvKernel(dtype, rows, 10, k));
-    // the decode fusions: norm prologue, residual epilogue, both; the SwiGLU and q/k/v GEMVs with the norm (the
+    // the decode fusions: norm prologue, gated norm prologue, residual epilogue, both; the SwiGLU and q/k/v GEMVs with the norm (the
     // q/k/v one binds eight storage buffers); 16 rows where the kernel takes them
     const normIn = { eps: 1e-5 };
     for (const rows of [1, 3, 8, 16]) {
@@ -60,6 +60,13 @@ function allVariants(f16: boolean): { spec: KernelSpec; sharedBytes: number }[] 
         add(gemvKernel(dtype, rows, 10, k, { normIn, residual: true }));
         add(gemvQkvKernel(dtype, rows, 6, 2, k, { normIn }));
         if (rows <= GEMV_SWIGLU_MAX_ROWS) add(gemvSwigluKernel(dtype, rows, 10, k, { normIn }));
+      }
+      // Mamba2's gated norm prologue, with and without the residual: vector and scalar items, the split per-group
+      // reduction (few units) and one thread per unit in several passes (16 rows x 64 groups)
+      for (const [k, group] of [[64, 16], [67, 67], [1024, 16]]) {
+        for (const residual of [false, true]) {
+          add(gemvKernel(dtype, rows, 10, k, { gatedNormIn: { group, eps: 1e-5 }, residual }));
+        }
       }
     }
     for (const accumulate of [false, true]) add(splitKSumKernel(10, 3, accumulate));

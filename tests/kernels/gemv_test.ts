@@ -9,6 +9,7 @@ import {
 import { linear, linearQkv, linearSwiglu } from "../../runtime/ops/matmul.ts";
 import {
   linearAddResidual,
+  linearGatedNormed,
   linearNormed,
   linearQkvNormed,
   linearSwigluNormed,
@@ -554,6 +555,161 @@ Deno.test(
         );
       });
     }
+  },
+);
+
+// ---- gated grouped RMSNorm prologue (Mamba2's output norm before out_proj) -----------------------------------
+
+/**
+ * Mamba2's gated grouped RMSNorm of y, z [rows, K] with weight w [K] in float64 (kernels/gated_rmsnorm.ts):
+ * g = y * SiLU(z), per group of `group` channels `g / sqrt(mean(g^2) + eps) * w`, rounded once to the storage
+ * type by `round`, as that kernel stores it.
+ */
+function refGatedNorm(
+  y: Float64Array,
+  z: Float64Array,
+  w: Float64Array,
+  rows: number,
+  k: number,
+  group: number,
+  eps: number,
+  round: (v: Float64Array) => Float64Array,
+): Float64Array {
+  const g = y.map((v, i) => v * z[i] / (1 + Math.exp(-z[i])));
+  const out = new Float64Array(rows * k);
+  for (let r = 0; r < rows; r++) {
+    for (let j0 = 0; j0 < k; j0 += group) {
+      let ss = 0;
+      for (let j = j0; j < j0 + group; j++) ss += g[r * k + j] ** 2;
+      const inv = 1 / Math.sqrt(ss / group + eps);
+      for (let j = j0; j < j0 + group; j++) out[r * k + j] = g[r * k + j] * inv * w[j];
+    }
+  }
+  return round(out);
+}
+
+// Inputs of a gated case: y scaled per group (0.5, 1.5, 2.5, ...) so a norm over the wrong span of channels is far
+// off; eps 0.1 against a mean(g^2) of about 0.36 at unit scale, so a kernel without it is off too.
+function gatedInputs(rng: ReturnType<typeof testRng>, rows: number, k: number, group: number) {
+  const y = randn(rng, rows * k).map((v, i) => v * (0.5 + Math.floor((i % k) / group)));
+  return { y, z: randn(rng, rows * k), nw: randn(rng, k), eps: 0.1 };
+}
+
+// [rows, K, group, residual]: 1 row, 16 groups, the unrolled loop (vector loads); odd K (scalar loads, odd
+// group) with and without the residual; 8 rows (the split per-group reduction); 16 rows with 25 groups (400
+// units: one thread per unit, two passes) - f16 takes an odd K at 16 rows (see fusedCases on compile times)
+const gatedCases = (dtype: DType): [number, number, number, boolean][] => [
+  [1, 1024, 64, true],
+  [1, 1024, 64, false],
+  [3, 39, 13, true],
+  [3, 39, 13, false],
+  [8, 96, 32, true],
+  dtype === "f16" ? [16, 75, 15, true] : [16, 1000, 40, true],
+];
+
+for (const dtype of ["f32", "f16"] as DType[]) {
+  Deno.test(
+    `gemv gatedNormIn kernel (${dtype}): Mamba2's gated grouped norm, out_proj and residual add, vs float64`,
+    gpuTestOptions,
+    async () => {
+      const rt = await testRuntime();
+      if (dtype === "f16" && !rt.dev.features.f16) return console.warn("gemv gated f16: no shader-f16");
+      const rng = testRng(`gemv-gated-${dtype}`);
+      const round = dtype === "f16" ? roundF16 : identity;
+      const n = 45, alpha = 0.75;
+      for (const [rows, k, group, residual] of gatedCases(dtype)) {
+        const inp = gatedInputs(rng, rows, k, group);
+        const y = round(inp.y), z = round(inp.z), nw = round(inp.nw), eps = inp.eps;
+        const w = round(randn(rng, n * k)), res = round(randn(rng, rows * n));
+        await rt.scope(async () => {
+          const [ty, tz] = [rt.tensor(y, [rows, k], dtype), rt.tensor(z, [rows, k], dtype)];
+          const tnw = rt.tensor(nw, [k], dtype), tw = rt.tensor(w, [n, k], dtype);
+          const tr = rt.tensor(res, [rows, n], dtype), out = rt.empty([rows, n], dtype);
+          const l = gemvKernel(dtype, rows, n, k, {
+            threadsPerRow: fusedTpr(k),
+            alpha,
+            residual,
+            gatedNormIn: { group, eps },
+          });
+          const ins = [ty.binding, tz.binding, tnw.binding, tw.binding, ...(residual ? [tr.binding] : [])];
+          rt.dev.dispatch(l.spec, [...ins, out.binding], l.workgroups, l.uniforms);
+          const xin = refGatedNorm(y, z, nw, rows, k, group, eps, round);
+          let ref = refLinear(xin, w, rows, n, k).map((v) => alpha * v);
+          if (residual) ref = round(ref).map((v, i) => v + res[i]);
+          // the normIn tolerances: f32, a tree-summed dot product of K unit-scale terms; f16, the output's
+          // rounding and the normalised input's one rounding on f32 accumulation
+          assertClose(
+            await out.read(),
+            ref,
+            fusedTol(dtype, k),
+            `${dtype} ${l.spec.key} k=${k} group=${group} rows=${rows} residual=${residual}`,
+          );
+        });
+      }
+      assert.throws(
+        () => gemvKernel(dtype, 1, 4, 40, { gatedNormIn: { group: 16, eps: 1e-5 } }),
+        /group 16 must divide K = 40/,
+      );
+      assert.throws(
+        () => gemvKernel(dtype, 1, 4, 257, { gatedNormIn: { group: 1, eps: 1e-5 } }),
+        /at most 256 groups/,
+      );
+    },
+  );
+}
+
+Deno.test(
+  "linearGatedNormed: one GEMV with the gated norm (and residual) up to 16 rows, the unfused ops above, vs float64",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("linear-gated");
+    const nOut = 29;
+    // D = 36 in groups of 12 (vector loads), D = 35 in groups of 7 (scalar); 20 tokens: above the GEMV limit
+    for (const [tokens, d, group] of [[1, 36, 12], [3, 35, 7], [16, 36, 12], [20, 35, 7]]) {
+      const { y, z, nw, eps } = gatedInputs(rng, tokens, d, group);
+      const w = randn(rng, nOut * d), res = randn(rng, tokens * nOut);
+      const ref = refLinear(refGatedNorm(y, z, nw, tokens, d, group, eps, identity), w, tokens, nOut, d);
+      const tol = { rtol: 1e-5, atol: 2e-6 * d };
+      await rt.scope(async () => {
+        const [ty, tz] = [rt.tensor(y, [tokens, d]), rt.tensor(z, [tokens, d])];
+        const tnw = rt.tensor(nw, [d]), tw = rt.tensor(w, [nOut, d]), tr = rt.tensor(res, [tokens, nOut]);
+        const what = `${tokens} tokens, D = ${d}, group ${group}`;
+        const plain = await kernelsOf(
+          rt,
+          () => rt.noGrad(() => linearGatedNormed(ty, tz, tnw, group, eps, tw)),
+        );
+        const withRes = await kernelsOf(rt, () => linearGatedNormed(ty, tz, tnw, group, eps, tw, tr));
+        const gemv = tokens <= GEMV_MAX_ROWS;
+        assert.equal(plain.keys.length, gemv ? 1 : 2, `${what}: ${plain.keys}`);
+        assert.ok(plain.keys[0].startsWith(gemv ? "gemv_gnorm" : "gated_rmsnorm"), `${what}: ${plain.keys}`);
+        // above 16 rows: the gated norm, the tiled matmul and the add
+        assert.equal(withRes.keys.length, gemv ? 1 : 3, `${what}: ${withRes.keys}`);
+        assert.ok(
+          withRes.keys[0].startsWith(gemv ? "gemv_gnorm" : "gated_rmsnorm"),
+          `${what}: ${withRes.keys}`,
+        );
+        assert.ok(!gemv || withRes.keys[0].includes("_res_"), `${what}: ${withRes.keys}`);
+        assert.deepEqual([...withRes.out.shape], [tokens, nOut]);
+        assertClose(await plain.out.read(), ref, tol, `linearGatedNormed ${what}`);
+        assertClose(await withRes.out.read(), ref.map((v, i) => v + res[i]), tol, `+ residual ${what}`);
+      });
+    }
+    await rt.scope(() => {
+      const y = rt.tensor(randn(rng, 2 * 8), [2, 8]), z = rt.tensor(randn(rng, 2 * 8), [2, 8]);
+      const nw = rt.tensor(randn(rng, 8), [8]), w = rt.tensor(randn(rng, 4 * 8), [4, 8]);
+      assert.throws(() => linearGatedNormed(y, z, nw, 3, 1e-5, w), /group 3 must divide the row size 8/);
+      assert.throws(
+        () => linearGatedNormed(y, rt.tensor(randn(rng, 8), [1, 8]), nw, 4, 1e-5, w),
+        /gate .* does not match input/,
+      );
+      assert.throws(
+        () => linearGatedNormed(y, z, nw, 4, 1e-5, w, rt.tensor(randn(rng, 6), [6])),
+        /residual .* does not hold 2 rows of 4/,
+      );
+      z.requiresGrad = true;
+      assert.throws(() => linearGatedNormed(y, z, nw, 4, 1e-5, w), /linearGatedNormed is a decoding op/);
+    });
   },
 );
 

@@ -102,8 +102,8 @@ for (const [name, idsKey, logitsKey, tol] of GREEDY) {
 }
 
 // A prompt decoded in steps of 1 to 8 tokens takes the fused decode path (every norm inside the projection after
-// it, every residual add inside the projection before it; the multi-token steps on several GEMV rows, the hybrid's
-// Mamba2 layers through the chunked scan from their state) and gives the reference's full-forward logits within
+// it, Mamba2's gated norm included, every residual add inside the projection before it; the multi-token steps on
+// several GEMV rows, the hybrid's Mamba2 layers through the chunked scan from their state) and gives the reference's full-forward logits within
 // the full forward's tolerance.
 const CHUNKED: [keyof typeof FIXTURE_MODELS, number][] = [["llama", 2e-4], ["hybrid", 2e-3]];
 for (const [name, tol] of CHUNKED) {
@@ -131,7 +131,11 @@ for (const [name, tol] of CHUNKED) {
           });
           const has = (prefix: string) => keys.some((k) => k.startsWith(prefix));
           if (name === "llama") assert.ok(has("gemv_qkv_norm_"), "q/k/v with the input norm");
-          else assert.ok(has("gemv_norm_"), "Mamba2 in_proj and lm_head with the norm");
+          else {
+            assert.ok(has("gemv_norm_"), "Mamba2 in_proj and lm_head with the norm");
+            // Mamba2's gated norm inside out_proj's GEMV with the residual add, never a separate dispatch
+            assert.ok(has("gemv_gnorm") && !has("gated_rmsnorm"), `fused gated norm: ${keys}`);
+          }
           assert.ok(has("gemv_swiglu_norm_") && has("gemv_res_"), `fused MLP and residual GEMVs: ${keys}`);
           assert.ok(!has("rmsnorm_fwd") && !has("add_rmsnorm_fwd"), `no separate norm dispatch: ${keys}`);
           const reads = await rt.dev.readMany(steps);

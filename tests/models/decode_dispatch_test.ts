@@ -15,10 +15,10 @@ import { assertClose, gpuTestOptions, testRuntime, withKernelKeys } from "../hel
 // Per attention layer: q/k/v in one GEMV with the input norm inside it, RoPE on q and k with the KV append,
 // decode attention, o_proj with the residual add inside it, gate/up/SiLU in one GEMV with the post-attention
 // norm inside it, down_proj with the residual add inside it. Per Mamba2 layer: the same two MLP GEMVs plus
-// in_proj (with the norm), the one-pass 3-way split, the conv step and its state (2), ssdStep, the gated norm
-// and out_proj (with the residual add). Plus the embedding gather and lm_head (with the final norm).
-// Before the norm/residual fusions: 8, 11 and 3.
-const PER_ATTENTION = 6, PER_MAMBA2 = 9, FIXED = 2;
+// in_proj (with the norm), the one-pass 3-way split, the conv step and its state (2), ssdStep, and out_proj with
+// the gated norm inside it and the residual add after it. Plus the embedding gather and lm_head (with the final
+// norm). Before the norm/residual fusions: 8, 11 and 3; before the gated norm's fusion, 9 per Mamba2 layer.
+const PER_ATTENTION = 6, PER_MAMBA2 = 8, FIXED = 2;
 
 const count = (keys: string[], prefix: string) => keys.filter((k) => k.startsWith(prefix)).length;
 
@@ -80,8 +80,16 @@ Deno.test(
         assert.equal(count(steady, "gemv_qkv_norm_"), attn, `${name}: ${steady}`);
         assert.equal(count(steady, "gemv_norm_"), 4 - attn + 1, `${name}: in_proj per Mamba2 layer, lm_head`);
         assert.equal(count(steady, "gemv_swiglu_norm_"), 4, `${name}: ${steady}`);
-        assert.equal(count(steady, "gemv_res_"), 8, `${name}: ${steady}`);
+        // the residual adds: both of every attention layer and the MLP's of every Mamba2 layer in plain GEMVs, the
+        // Mamba2 mixer's in the out_proj GEMV with the gated norm
+        assert.equal(count(steady, "gemv_res_"), 8 - (4 - attn), `${name}: ${steady}`);
+        assert.equal(count(steady, "gemv_gnorm"), 4 - attn, `${name}: ${steady}`);
+        assert.ok(
+          steady.filter((k) => k.startsWith("gemv_gnorm")).every((k) => k.includes("_res_")),
+          `${steady}`,
+        );
         assert.equal(count(steady, "rmsnorm") + count(steady, "add_rmsnorm") + count(steady, "binary"), 0);
+        assert.equal(count(steady, "gated_rmsnorm"), 0, `${name}: ${steady}`);
 
         // a 20-token prefill takes the unfused path (one norm up front, the residual adds fused with the norms)
         const pre = await withKernelKeys(
