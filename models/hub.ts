@@ -21,6 +21,7 @@ import { dirname, join, resolve } from "node:path";
 import { datasetInfo, downloadFileToCacheDir, listFiles, modelInfo } from "@huggingface/hub";
 import { UserError } from "../util/errors.ts";
 import { writeFileAtomic } from "../util/atomic.ts";
+import { readEnv } from "../util/env.ts";
 
 /** Kind of Hub repository. */
 export type RepoType = "model" | "dataset";
@@ -68,38 +69,32 @@ export interface ResolvedSource {
 const COMMIT = /^[0-9a-f]{40}$/;
 const REPO_ID = /^[A-Za-z0-9][A-Za-z0-9._-]*(\/[A-Za-z0-9][A-Za-z0-9._-]*)?$/;
 
-function env(name: string): string | undefined {
-  try {
-    const v = Deno.env.get(name);
-    return v === "" ? undefined : v;
-  } catch {
-    return undefined; // no --allow-env: behave as if unset
-  }
+function homeDir(): string {
+  return readEnv("HOME") ?? readEnv("USERPROFILE") ?? ".";
 }
 
-function homeDir(): string {
-  return env("HOME") ?? env("USERPROFILE") ?? ".";
+/** huggingface_hub's home: HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface. */
+function hfHome(): string {
+  return readEnv("HF_HOME") ?? join(readEnv("XDG_CACHE_HOME") ?? join(homeDir(), ".cache"), "huggingface");
 }
 
 /** The Hub cache directory the Python tools use (see the module documentation for the lookup order). */
 export function hubCacheDir(): string {
-  const explicit = env("HF_HUB_CACHE") ?? env("HUGGINGFACE_HUB_CACHE");
+  const explicit = readEnv("HF_HUB_CACHE") ?? readEnv("HUGGINGFACE_HUB_CACHE");
   if (explicit) return explicit;
-  const hfHome = env("HF_HOME") ?? join(env("XDG_CACHE_HOME") ?? join(homeDir(), ".cache"), "huggingface");
-  return join(hfHome, "hub");
+  return join(hfHome(), "hub");
 }
 
 /** True when `HF_HUB_OFFLINE` asks for offline mode. */
 export function offlineFromEnv(): boolean {
-  return ["1", "true", "yes", "on"].includes((env("HF_HUB_OFFLINE") ?? "").toLowerCase());
+  return ["1", "true", "yes", "on"].includes((readEnv("HF_HUB_OFFLINE") ?? "").toLowerCase());
 }
 
 /** The access token from the environment or Python's token file, or undefined. Never log it. */
 export function hubToken(): string | undefined {
-  const t = env("HF_TOKEN") ?? env("HUGGING_FACE_HUB_TOKEN");
+  const t = readEnv("HF_TOKEN") ?? readEnv("HUGGING_FACE_HUB_TOKEN");
   if (t) return t.trim();
-  const path = env("HF_TOKEN_PATH") ??
-    join(env("HF_HOME") ?? join(env("XDG_CACHE_HOME") ?? join(homeDir(), ".cache"), "huggingface"), "token");
+  const path = readEnv("HF_TOKEN_PATH") ?? join(hfHome(), "token");
   try {
     const s = Deno.readTextFileSync(path).trim();
     return s === "" ? undefined : s;
@@ -241,7 +236,7 @@ export function selectModelFiles(paths: readonly string[], indexWeightFiles?: re
 }
 
 function hubUrlOf(options: HubOptions): string {
-  return (options.hubUrl ?? env("HF_ENDPOINT") ?? "https://huggingface.co").replace(/\/+$/, "");
+  return (options.hubUrl ?? readEnv("HF_ENDPOINT") ?? "https://huggingface.co").replace(/\/+$/, "");
 }
 
 function isNetworkError(e: unknown): boolean {

@@ -13,6 +13,7 @@
  * @module
  */
 import type { KernelSpec } from "../kernels/kernel.ts";
+import { readEnv } from "../util/env.ts";
 import { UserError } from "../util/errors.ts";
 import {
   type ProviderName,
@@ -93,17 +94,13 @@ const UNIFORM_ARENA_BYTES = 1 << 20;
 /**
  * Environment variable: submit after every N dispatches (0 or unset: only when a read, a write or a full uniform
  * arena needs it, about 4,096 dispatches). Submitting early lets the GPU start on a long recording while the CPU
- * records the rest; whether that pays on Dawn is measured in BENCHMARKS.md (on llvmpipe it does not).
+ * records the rest; whether that pays on Dawn is still to be measured (on llvmpipe it does not).
  */
 export const FLUSH_EVERY_ENV_VAR = "DISTILLERY_FLUSH_EVERY";
 
 function flushEvery(): number {
-  try {
-    const n = Number(Deno.env.get(FLUSH_EVERY_ENV_VAR) ?? 0);
-    return Number.isInteger(n) && n > 0 ? n : 0;
-  } catch {
-    return 0; // no env permission: the default
-  }
+  const n = Number(readEnv(FLUSH_EVERY_ENV_VAR) ?? 0);
+  return Number.isInteger(n) && n > 0 ? n : 0;
 }
 const FLUSH_EVERY = flushEvery();
 const UNIFORM_SLOT_BYTES = 256;

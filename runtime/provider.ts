@@ -9,6 +9,7 @@
  * @module
  */
 import { UserError } from "../util/errors.ts";
+import { readEnv } from "../util/env.ts";
 
 /** Which WebGPU implementation runs the kernels. */
 export type ProviderName = "dawn" | "builtin";
@@ -47,19 +48,9 @@ export const DAWN_TOGGLES_ENV_VAR = "DISTILLERY_DAWN_TOGGLES";
 export const DAWN_BACKEND_ENV_VAR = "DISTILLERY_DAWN_BACKEND";
 
 function dawnFlags(): string[] {
-  let extra: string[] = [];
-  try {
-    extra = (Deno.env.get(DAWN_TOGGLES_ENV_VAR) ?? "").split(",").map((t) => t.trim()).filter((t) => t);
-  } catch {
-    // no env permission: the default toggles
-  }
+  const extra = (readEnv(DAWN_TOGGLES_ENV_VAR) ?? "").split(",").map((t) => t.trim()).filter((t) => t);
   const flags = [`enable-dawn-features=${[...DAWN_TOGGLES, ...extra].join(",")}`];
-  let backend: string | undefined;
-  try {
-    backend = Deno.env.get(DAWN_BACKEND_ENV_VAR);
-  } catch {
-    // no env permission: Dawn picks its backend
-  }
+  const backend = readEnv(DAWN_BACKEND_ENV_VAR);
   if (backend) flags.push(`backend=${backend}`);
   return flags;
 }

@@ -46,6 +46,7 @@ import { dtypeBytes } from "../../kernels/kernel.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
 import type { Runtime } from "../runtime.ts";
 import type { BufferSlice } from "../device.ts";
+import { readEnv } from "../../util/env.ts";
 
 /** Options of {@linkcode matmul}. */
 export interface MatmulOptions {
@@ -155,13 +156,7 @@ export const SGM_ENV_VAR = "DISTILLERY_SGM";
 
 let sgmAllowed: boolean | undefined;
 function sgmEnabled(): boolean {
-  if (sgmAllowed === undefined) {
-    try {
-      sgmAllowed = Deno.env.get(SGM_ENV_VAR) !== "0";
-    } catch {
-      sgmAllowed = true;
-    }
-  }
+  sgmAllowed ??= readEnv(SGM_ENV_VAR) !== "0";
   return sgmAllowed;
 }
 
