@@ -20,7 +20,7 @@ import { sequenceLogprobs } from "../../runtime/ops/loss.ts";
 import type { Tensor } from "../../runtime/tensor.ts";
 import type { Artifact } from "../../pipelines/stage.ts";
 import { UserError } from "../../util/errors.ts";
-import { nextTokenLabels, nextTokenMask } from "./tokens.ts";
+import { IGNORE_INDEX, nextTokenLabels, nextTokenMask } from "./tokens.ts";
 
 /** The summed target log-probabilities `[2B]` (chosen rows, then rejected rows) of a pairs micro-batch. */
 export function pairLogprobs(lm: CausalLM, mb: MicroBatch): Tensor {
@@ -35,10 +35,9 @@ export function pairLogprobs(lm: CausalLM, mb: MicroBatch): Tensor {
 
 /** Target tokens of the chosen rows (the first half) of a pairs micro-batch: what RPO's NLL averages over. */
 export function chosenTargetCount(mb: MicroBatch): number {
-  const { seqLen: T, mask } = mb;
+  const labels = nextTokenLabels(mb);
   let n = 0;
-  // a token is a target when it is masked in and follows another token of its row (nextTokenLabels' rule)
-  for (let r = 0; r < mb.rows / 2; r++) for (let t = 1; t < T; t++) n += mask[r * T + t] ? 1 : 0;
+  for (let i = 0; i < (mb.rows / 2) * mb.seqLen; i++) n += labels[i] === IGNORE_INDEX ? 0 : 1;
   return n;
 }
 
