@@ -10,7 +10,7 @@
  * Decoding is `models/generate.ts`'s GPU-resident loop (tokens sampled on the GPU, ids read once per chunk of
  * steps). Determinism: completion j (prompt i's k-th of n is j = i * n + k) draws from random stream j of the
  * seed, so it does not depend on the other prompts or on the batching. Prompts are processed in chunks of
- * `save_every` in index order (grouped by length into batches inside a chunk), and a checkpoint after each chunk
+ * `save_every` (at least `batch_size`) in index order (grouped by length into batches inside a chunk), and a checkpoint after each chunk
  * holds every completion so far; a resumed run redoes only the chunks after it and writes the same bytes as an
  * uninterrupted one.
  *
@@ -159,7 +159,7 @@ export const pseudoLabelStage = defineStage({
       min: 1,
       default: 256,
       inKey: false,
-      doc: "Checkpoint the completions every N prompts.",
+      doc: "Checkpoint the completions every N prompts (at least every batch_size prompts).",
     },
     split: { type: "string", default: "train", doc: "Split of a directory or Hub dataset." },
     subset: { type: "string", nullable: true, doc: "Subset (config) of a Hub dataset." },
@@ -218,8 +218,15 @@ export const pseudoLabelStage = defineStage({
     ctx.progress.start(prompts.length, "prompt", "pseudo_label");
     let tokens = 0;
     try {
-      for (let c0 = out.length; c0 < prompts.length; c0 += p.save_every) {
-        const chunk = prompts.slice(c0, c0 + p.save_every);
+      // a chunk is decoded in batches of batch_size, so a chunk smaller than a batch would cap the batch (a
+      // 256-prompt chunk ran batch_size 1024 at a quarter of its width)
+      const every = Math.max(p.save_every, p.batch_size);
+      ctx.log.info(
+        `${prompts.length - out.length} completions to write, in batches of up to ${p.batch_size}, ` +
+          `a checkpoint every ${every}`,
+      );
+      for (let c0 = out.length; c0 < prompts.length; c0 += every) {
+        const chunk = prompts.slice(c0, c0 + every);
         // generate batches equal lengths; stream c0 + j keeps a completion independent of the chunking
         let finishedInChunk = 0;
         const completions = await generate(lm, chunk.map((q) => q.ids), {

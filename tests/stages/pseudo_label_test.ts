@@ -41,8 +41,13 @@ Deno.test(
   async () => {
     const p = tempProject();
     try {
-      const r = await runRecipe(p.write("r.yaml", recipe("limit: 6")));
+      const r = await runRecipe(p.write("r.yaml", recipe("limit: 6, save_every: 2")));
       assert.equal(r.code, 0, r.stderr);
+      // a chunk narrower than batch_size (4) would cap the batch: chunks are at least one batch
+      assert.match(
+        r.stderr + r.stdout,
+        /6 completions to write, in batches of up to 4, a checkpoint every 4/,
+      );
       const recs = records(outputPath(p, "labels", "data"));
       assert.equal(recs.length, 6);
       const tok = await Tokenizer.fromDir(TEACHER);
@@ -71,10 +76,11 @@ Deno.test(
   stageTestOptions,
   async () => {
     await assertResumesToSameOutput({
-      text: recipe("limit: 8, save_every: 2"),
+      text: recipe("limit: 16, save_every: 2"),
       stage: "labels",
       port: "data",
-      resumed: /labels: resuming after \d+ of 8 prompts/,
+      // chunks are at least one batch (batch_size 4), so checkpoints fall on multiples of 4
+      resumed: /labels: resuming after (4|8|12) of 16 prompts/,
     });
   },
 );
