@@ -74,7 +74,7 @@ export interface KernelTime {
  */
 export async function profileDispatches(
   rt: Runtime,
-  record: () => void,
+  record: () => void | Promise<void>,
   iters = 3,
 ): Promise<KernelTime[] | undefined> {
   const dev = rt.dev;
@@ -91,7 +91,7 @@ export async function profileDispatches(
     dispatch.call(dev, spec, buffers, workgroups, uniforms);
   };
   try {
-    record();
+    await record();
   } finally {
     dev.dispatch = dispatch;
   }

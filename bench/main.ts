@@ -10,6 +10,7 @@
  * | `fit`    | Zephyr-7B-shape distill step: memory plan, peak memory, tokens/s (distill_fit.ts) |
  * | `decode` | per-op profile of a batch-1 decode step (bench/decode_profile.ts)                  |
  * | `prefill`| per-op profile of a 2048-token hybrid prefill (bench/prefill_profile.ts)          |
+ * | `generate`| batched generation of the fixture teacher: tokens/s per batch and sampling, per-kernel profile |
  * | `overhead`| CPU cost per dispatch of a decode step (tiny widths; bench/decode_overhead.ts)   |
  * | `stress` | Dawn stability: thousands of training steps through a sync pattern               |
  * | `probe`  | what each WebGPU provider offers here (bench/probe.ts)                            |
@@ -64,6 +65,11 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   prefill: {
     doc: "per-op profile of a 2048-token prefill of the 1B-shape hybrid, and whole forwards (--gpu, --quick)",
     run: script("./prefill_profile.ts"),
+  },
+  generate: {
+    doc: "batched generation of the fixture teacher (pseudo_label's workload), per-kernel profile " +
+      "(--gpu, --batches, --new, --text)",
+    run: script("./generate_throughput.ts"),
   },
   overhead: {
     doc: "CPU cost per dispatch of the GPU-resident decode loop, tiny widths (--gpu, --tokens)",

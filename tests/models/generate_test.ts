@@ -29,6 +29,12 @@ Deno.test(
       const a = await generate(lm, prompts, { ...opts, chunk: 8 });
       // 4 length groups, 16 tokens in chunks of 8 (the first step's ids ride with the first chunk): 2 reads each
       assert.ok(rt.dev.stats.reads - reads0 <= 4 * 2, `reads: ${rt.dev.stats.reads - reads0}`);
+      // a second identical call is steady state: it compiles nothing and creates no bind group or buffer (each
+      // is a call into the provider that a long pseudo-labelling run would pay per batch)
+      const created = () => [rt.dev.stats.pipelines, rt.dev.stats.bindGroups, rt.pool.stats.created];
+      const before = created();
+      assert.deepEqual(await generate(lm, prompts, { ...opts, chunk: 8 }), a, "the same call again");
+      assert.deepEqual(created(), before, "pipelines, bind groups and pool buffers created by the repeat");
       const b = await generate(lm, prompts, { ...opts, batchSize: 1, chunk: 5 });
       const c = await generate(lm, prompts, { ...opts, batchSize: 2, chunk: 1 });
       assert.deepEqual(b, a, "batch size 1, chunk 5");

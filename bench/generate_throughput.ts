@@ -1,0 +1,113 @@
+/**
+ * Batched generation throughput of the fixture teacher (stories260K), the workload of the `pseudo_label` stage:
+ * prompts of 16 tokens, 256 new tokens each, through `models/generate.ts`'s GPU-resident loop, for several
+ * batch sizes and sampling settings; then every dispatch of a short generation timed alone (timestamp queries),
+ * summed per kernel, to show where a decode step's GPU time goes. The PyTorch twin is
+ * `bench/pytorch/generate.py` (Hugging Face `generate` on the same model and shapes).
+ *
+ *   deno run -A bench/generate_throughput.ts --gpu dawn [--batches 16,256,1024] [--new 256] [--text FILE] [--quick]
+ *
+ * @module
+ */
+import { join } from "node:path";
+import { acquireRuntime } from "../runtime/runtime.ts";
+import { parseProviderPreference } from "../runtime/provider.ts";
+import { loadModel } from "../models/checkpoint.ts";
+import { CausalLM } from "../models/causal_lm.ts";
+import { generate } from "../models/generate.ts";
+import { Tokenizer } from "../models/tokenizer.ts";
+import { GREEDY, type SamplingOptions } from "../models/sampling.ts";
+import { flag, profileDispatches } from "./harness.ts";
+
+const TEACHER = new URL("../fixtures/models/stories260K-hf", import.meta.url).pathname;
+const SAMPLINGS: Record<string, SamplingOptions> = {
+  greedy: GREEDY,
+  t1: { temperature: 1 },
+  paper: { temperature: 0.7, topK: 10, topP: 0.95 },
+};
+
+const quick = Deno.args.includes("--quick");
+const rt = await acquireRuntime({ gpu: parseProviderPreference(flag("gpu") ?? "auto", "--gpu") });
+const lm = CausalLM.fromModel(rt, await loadModel(flag("model") ?? TEACHER));
+const newTokens = Number(flag("new") ?? (quick ? 8 : 256));
+const batches = (flag("batches") ?? (quick ? "4" : "16,256,1024")).split(",").map(Number);
+const promptLen = 16;
+const V = lm.config.vocabSize;
+const out = Deno.env.get("OUT");
+const rows: string[] = [];
+const log = (row: Record<string, unknown>) => {
+  const line = JSON.stringify({ bench: "generate", provider: rt.dev.provider, ...row });
+  console.log(line);
+  rows.push(line);
+};
+log({ device: rt.dev.describe(), date: new Date().toISOString(), model: flag("model") ?? "stories260K" });
+
+const textFile = flag("text");
+const textPrompts = textFile
+  ? (await Deno.readTextFile(textFile)).split(/\n\s*\n/).map((t) => t.trim()).filter(Boolean)
+  : [];
+const tok = textFile ? await Tokenizer.fromDir(flag("model") ?? TEACHER) : null;
+
+/**
+ * Prompts that differ per row: with `--text FILE`, the first 16 tokens of its paragraphs (as pseudo_label's
+ * `prompt_tokens: 16`), else ids spread over the vocabulary; BOS first.
+ */
+function prompts(B: number): number[][] {
+  if (tok) {
+    const out: number[][] = [];
+    for (let i = 0; out.length < B; i++) {
+      const ids = tok.encode(textPrompts[i % textPrompts.length], { addSpecialTokens: false });
+      if (ids.length >= promptLen - 1) out.push([1, ...ids.slice(0, promptLen - 1)]);
+    }
+    return out;
+  }
+  return Array.from(
+    { length: B },
+    (
+      _,
+      i,
+    ) => [1, ...Array.from({ length: promptLen - 1 }, (_, t) => 3 + ((i * 7919 + t * 104729) % (V - 3)))],
+  );
+}
+
+for (const B of batches) {
+  for (const [name, sampling] of Object.entries(SAMPLINGS)) {
+    const p = prompts(B);
+    const run = () => generate(lm, p, { maxNewTokens: newTokens, sampling, seed: 1, batchSize: B });
+    await generate(lm, p, { maxNewTokens: Math.min(newTokens, 33), sampling, seed: 1, batchSize: B });
+    const t0 = performance.now();
+    await run();
+    const ms = performance.now() - t0;
+    log({
+      batch: B,
+      sampling: name,
+      prompt: promptLen,
+      new_tokens: newTokens,
+      wall_ms: +ms.toFixed(1),
+      ms_per_step: +(ms / newTokens).toFixed(3),
+      tokens_per_s: Math.round((B * newTokens) / (ms / 1000)),
+    });
+  }
+}
+
+// where the GPU time goes, per sampling: a generation of `steps` tokens (prefill + steps - 1 decode steps),
+// each dispatch timed alone
+const B = batches[batches.length > 1 ? 1 : 0];
+profiles: for (const [name, sampling] of Object.entries(SAMPLINGS)) {
+  for (const steps of [1, 9]) {
+    const kernels = await rt.scope(() =>
+      profileDispatches(rt, async () => {
+        await generate(lm, prompts(B), { maxNewTokens: steps, sampling, seed: 1, batchSize: B });
+      })
+    );
+    if (!kernels) {
+      log({ profile: "skipped: no timestamp-query on this adapter" });
+      break profiles;
+    }
+    for (const k of kernels) {
+      log({ profile: `batch ${B}, ${name}, ${steps} token(s)`, ...k, ms: +k.ms.toFixed(4) });
+    }
+  }
+}
+lm.dispose();
+if (out) await Deno.writeTextFile(join(out, "generate.jsonl"), rows.join("\n") + "\n");
