@@ -46,3 +46,34 @@ Deno.test("distill_quality: d50_prog splits the step budget over two phases; d50
   assert.match(all, /ce_weight: 0, kl_weight: 1/);
   assert.match(all, /trainable: all/);
 });
+
+Deno.test("distill_quality: --pseudo-* options reach the pseudo_label stage", async () => {
+  const o = {
+    ...DEFAULTS,
+    steps: 10,
+    pseudo: 64,
+    pseudoReturn: 8,
+    pseudoTemperature: 1,
+    pseudoTopK: 0,
+    pseudoTopP: 1,
+    variants: ["d50"],
+  };
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = join(dir, "r.yaml");
+    await Deno.writeTextFile(path, qualityRecipe(o));
+    const labels = loadRecipe(path, defaultRegistry()).stages.get("labels")!;
+    assert.deepEqual(
+      [
+        labels.params.limit,
+        labels.params.num_return_sequences,
+        labels.params.temperature,
+        labels.params.top_k,
+        labels.params.top_p,
+      ],
+      [64, 8, 1, 0, 1],
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
