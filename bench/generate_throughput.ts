@@ -1,7 +1,7 @@
 /**
  * Batched generation throughput of the fixture teacher (stories260K), the workload of the `pseudo_label` stage:
  * prompts of 16 tokens, 256 new tokens each, through `models/generate.ts`'s GPU-resident loop, for several
- * batch sizes and sampling settings; then every dispatch of a short generation timed alone (timestamp queries),
+ * batch sizes and sampling settings, each with the GPU's busy time from pass timestamps next to its wall time; then every dispatch of a short generation timed alone (timestamp queries),
  * summed per kernel, to show where a decode step's GPU time goes. The PyTorch twin is
  * `bench/pytorch/generate.py` (Hugging Face `generate` on the same model and shapes).
  *
@@ -17,7 +17,7 @@ import { CausalLM } from "../models/causal_lm.ts";
 import { generate } from "../models/generate.ts";
 import { Tokenizer } from "../models/tokenizer.ts";
 import { GREEDY, type SamplingOptions } from "../models/sampling.ts";
-import { flag, profileDispatches } from "./harness.ts";
+import { flag, gpuTimeline, profileDispatches } from "./harness.ts";
 
 const TEACHER = new URL("../fixtures/models/stories260K-hf", import.meta.url).pathname;
 const SAMPLINGS: Record<string, SamplingOptions> = {
@@ -75,9 +75,17 @@ for (const B of batches) {
     const p = prompts(B);
     const run = () => generate(lm, p, { maxNewTokens: newTokens, sampling, seed: 1, batchSize: B });
     await generate(lm, p, { maxNewTokens: Math.min(newTokens, 33), sampling, seed: 1, batchSize: B });
-    const t0 = performance.now();
-    await run();
-    const ms = performance.now() - t0;
+    let ms = 0;
+    const tl = await gpuTimeline(rt, async () => {
+      const t0 = performance.now();
+      await run();
+      ms = performance.now() - t0;
+    });
+    if (!tl) {
+      const t0 = performance.now();
+      await run();
+      ms = performance.now() - t0;
+    }
     log({
       batch: B,
       sampling: name,
@@ -86,6 +94,9 @@ for (const B of batches) {
       wall_ms: +ms.toFixed(1),
       ms_per_step: +(ms / newTokens).toFixed(3),
       tokens_per_s: Math.round((B * newTokens) / (ms / 1000)),
+      ...(tl
+        ? { gpu_busy_ms: +tl.busyMs.toFixed(2), gpu_span_ms: +tl.spanMs.toFixed(2), passes: tl.passes }
+        : {}),
     });
   }
 }

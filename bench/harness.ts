@@ -111,6 +111,51 @@ export async function profileDispatches(
   return [...byKernel.values()].sort((a, b) => b.ms - a.ms);
 }
 
+/** Wall time of a workload next to what the GPU did in it (see {@linkcode gpuTimeline}). */
+export interface GpuTimeline {
+  /** Wall milliseconds from the call to the end of the workload's last GPU work. */
+  wallMs: number;
+  /** Milliseconds the GPU spent inside the workload's compute passes (summed, overlaps merged). */
+  busyMs: number;
+  /** Milliseconds from the first pass's beginning to the last pass's end. */
+  spanMs: number;
+  /** Compute passes timed, and passes beyond the query capacity (not timed). */
+  passes: number;
+  untimed: number;
+}
+
+/**
+ * Runs `work` with every compute pass timestamped (`GpuDevice.startPassTiming`) and compares wall time with
+ * GPU busy time: wall much above span means the GPU started late or the CPU waited after it; span much above
+ * busy means the GPU sat idle between passes (waiting for the CPU to record or submit). Undefined without
+ * `timestamp-query`.
+ */
+export async function gpuTimeline(rt: Runtime, work: () => Promise<void>): Promise<GpuTimeline | undefined> {
+  await rt.dev.sync();
+  if (!rt.dev.startPassTiming()) return undefined;
+  const t0 = performance.now();
+  let wallMs = 0;
+  let times;
+  try {
+    await work();
+    await rt.dev.sync();
+    wallMs = performance.now() - t0;
+  } finally {
+    times = await rt.dev.stopPassTiming();
+  }
+  if (!times) return undefined;
+  const order = times.begin.map((_, i) => i).sort((a, b) => times.begin[a] - times.begin[b]);
+  let busyMs = 0, reach = -Infinity, spanEnd = -Infinity;
+  for (const i of order) {
+    const b = Math.max(times.begin[i], reach), e = times.end[i];
+    if (e > b) busyMs += e - b;
+    reach = Math.max(reach, e);
+    spanEnd = Math.max(spanEnd, e);
+  }
+  const spanMs = order.length ? spanEnd - times.begin[order[0]] : 0;
+  return { wallMs, busyMs, spanMs, passes: order.length, untimed: times.untimed };
+}
+
 /**
  * Wall milliseconds per copy of `record` when `reps` copies are recorded back to back and synced once (after
  * `warmup` synced copies), and the CPU milliseconds per copy spent recording. Each copy runs in its own scope

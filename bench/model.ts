@@ -24,7 +24,7 @@ import { greedyResident } from "../models/generate.ts";
 import { headLoss } from "../runtime/ops/head_loss.ts";
 import { LM_HEAD } from "../models/weights.ts";
 import { AdamW } from "../runtime/optim.ts";
-import { flag } from "./harness.ts";
+import { flag, type GpuTimeline, gpuTimeline } from "./harness.ts";
 
 /** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
 export function llama32OneB(quick: boolean): TransformerConfig {
@@ -66,6 +66,17 @@ export function llama32OneB(quick: boolean): TransformerConfig {
       },
     "llama-3.2-1b-shape",
   );
+}
+
+/** A {@linkcode GpuTimeline} as benchmark row fields. */
+export function timelineRow(t: GpuTimeline): Record<string, number> {
+  return {
+    wall_ms: +t.wallMs.toFixed(2),
+    gpu_busy_ms: +t.busyMs.toFixed(2),
+    gpu_span_ms: +t.spanMs.toFixed(2),
+    passes: t.passes,
+    untimed_passes: t.untimed,
+  };
 }
 
 function median(xs: number[]): number {
@@ -175,6 +186,9 @@ if (import.meta.main) {
         tokens_per_s: Math.round(T / (median(pre) / 1000)),
         dtype: lm.dtype,
       });
+      // one more prefill with every compute pass timestamped: GPU busy time against wall time
+      const pt = await gpuTimeline(rt, async () => void await timePrefill(lm, T, 1));
+      if (pt) log({ model: which, what: "prefill_timeline", tokens: T, ...timelineRow(pt) });
       const n = quick ? 16 : 256;
       await timeDecode(lm, quick ? 8 : 128, quick ? 4 : 16, 32);
       for (const chunk of [1, 32]) {
@@ -189,6 +203,8 @@ if (import.meta.main) {
           tokens_per_s: +(n / (ms / 1000)).toFixed(1),
         });
       }
+      const dt = await gpuTimeline(rt, async () => void await timeDecode(lm, quick ? 8 : 128, n, 32));
+      if (dt) log({ model: which, what: "decode_timeline", new_tokens: n, chunk: 32, ...timelineRow(dt) });
       if (Deno.args.includes("--train") && which === "hybrid") {
         const B = quick ? 2 : 4;
         const reps = quick ? 2 : 4;

@@ -13,14 +13,14 @@ import { createDevice } from "../runtime/device.ts";
 import { parseProviderPreference } from "../runtime/provider.ts";
 import { CausalLM } from "../models/causal_lm.ts";
 import { makeMamba2Config } from "../models/config.ts";
-import { llama32OneB } from "./model.ts";
 import { linear } from "../runtime/ops/matmul.ts";
 import { splitLastDim } from "../runtime/ops/columns.ts";
 import { causalConv1d } from "../runtime/ops/conv1d.ts";
 import { ssdScan } from "../runtime/ops/ssd.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
 import type { Tensor } from "../runtime/tensor.ts";
-import { flag, profileDispatches, randomTensor, timeRecorded } from "./harness.ts";
+import { flag, gpuTimeline, profileDispatches, randomTensor, timeRecorded } from "./harness.ts";
+import { llama32OneB, timelineRow } from "./model.ts";
 
 const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
 const quick = Deno.args.includes("--quick");
@@ -80,7 +80,21 @@ await rt.noGrad(async () => {
       chunkSize: quick ? 16 : 64,
     });
     const ids = new Int32Array(T).map((_, i) => (i * 7919) % cfg.vocabSize);
-    await time(`${which} forward, full logits`, () => lm.forward(ids, 1, T).logits, 3);
+    await time(`${which} forward, full logits`, () => rt.noGrad(() => lm.forward(ids, 1, T).logits), 3);
+    // the same forward with its compute passes timestamped: GPU busy time against wall time
+    const tl = await gpuTimeline(rt, () =>
+      rt.scope(async () => {
+        await rt.noGrad(() => lm.forward(ids, 1, T).logits).read();
+      }));
+    if (tl) {
+      console.log(JSON.stringify({
+        bench: "prefill_profile",
+        provider: rt.dev.provider,
+        op: `${which} forward, timeline`,
+        tokens: T,
+        ...timelineRow(tl),
+      }));
+    }
     // every dispatch of one forward timed alone: which kernel the time goes to
     const kernels = await rt.scope(() => profileDispatches(rt, () => void lm.forward(ids, 1, T).logits));
     for (const k of kernels ?? []) {

@@ -90,6 +90,17 @@ export interface DeviceStats {
   bindGroups: number;
 }
 
+/**
+ * GPU timestamps of the compute passes recorded between {@linkcode GpuDevice.startPassTiming} and
+ * {@linkcode GpuDevice.stopPassTiming}: pass i ran from `begin[i]` to `end[i]`, milliseconds after the first
+ * pass began. Passes beyond the query capacity are counted in `untimed`.
+ */
+export interface PassTimes {
+  begin: number[];
+  end: number[];
+  untimed: number;
+}
+
 const UNIFORM_ARENA_BYTES = 1 << 20;
 /**
  * Environment variable: submit after every N dispatches (0 or unset: only when a read, a write or a full uniform
@@ -154,6 +165,7 @@ export class GpuDevice {
   #lost = false;
   #pendingErrors: Promise<GPUError | null>[] = [];
   #uncaptured: string[] = [];
+  #passTiming: { qs: GPUQuerySet; capacity: number; used: number; untimed: number } | null = null;
 
   constructor(
     provider: ProviderName,
@@ -334,9 +346,70 @@ export class GpuDevice {
   #computePass(): GPUComputePassEncoder {
     if (!this.#pass) {
       this.#encoder ??= this.gpu.createCommandEncoder();
-      this.#pass = this.#encoder.beginComputePass();
+      const t = this.#passTiming;
+      let desc: GPUComputePassDescriptor | undefined;
+      if (t && t.used + 2 <= t.capacity) {
+        desc = {
+          timestampWrites: {
+            querySet: t.qs,
+            beginningOfPassWriteIndex: t.used,
+            endOfPassWriteIndex: t.used + 1,
+          },
+        };
+        t.used += 2;
+      } else if (t) {
+        t.untimed++;
+      }
+      this.#pass = this.#encoder.beginComputePass(desc);
     }
     return this.#pass;
+  }
+
+  /**
+   * Writes a GPU timestamp at the beginning and the end of every compute pass recorded from now on, up to
+   * `maxPasses`, so a benchmark can tell time the GPU spent executing from time it sat idle waiting for work
+   * (see `bench/harness.ts` `gpuTimeline`). Pending work is submitted first. False without `timestamp-query`.
+   */
+  startPassTiming(maxPasses = 2048): boolean {
+    if (!this.features.timestamps || this.#passTiming) return false;
+    this.flush();
+    const capacity = 2 * Math.min(maxPasses, 2048); // WebGPU caps a query set at 4096 queries
+    this.#passTiming = {
+      qs: this.gpu.createQuerySet({ type: "timestamp", count: capacity }),
+      capacity,
+      used: 0,
+      untimed: 0,
+    };
+    return true;
+  }
+
+  /** Stops pass timing, waits for the GPU and returns the timed passes; undefined when timing was not on. */
+  async stopPassTiming(): Promise<PassTimes | undefined> {
+    const t = this.#passTiming;
+    if (!t) return undefined;
+    this.flush();
+    this.#passTiming = null;
+    try {
+      if (t.used === 0) return { begin: [], end: [], untimed: t.untimed };
+      const resolve = this.gpu.createBuffer({
+        size: t.used * 8,
+        usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+      });
+      this.encoder().resolveQuerySet(t.qs, 0, t.used, resolve, 0);
+      const [bytes] = await this.readMany([{ buffer: resolve, offset: 0, size: t.used * 8 }]);
+      resolve.destroy();
+      const ns = new BigUint64Array(bytes);
+      const t0 = ns[0];
+      const ms = (i: number) => Number(ns[i] - t0) / 1e6;
+      const begin: number[] = [], end: number[] = [];
+      for (let i = 0; i < t.used; i += 2) {
+        begin.push(ms(i));
+        end.push(ms(i + 1));
+      }
+      return { begin, end, untimed: t.untimed };
+    } finally {
+      t.qs.destroy();
+    }
   }
 
   /** The open command encoder (ending any compute pass), for copies between dispatches. */

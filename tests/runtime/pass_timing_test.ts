@@ -1,0 +1,61 @@
+// Pass timestamps for benchmarks (GpuDevice.startPassTiming / stopPassTiming, bench/harness.ts gpuTimeline):
+// one [begin, end] per compute pass in submission order, passes beyond the capacity counted, and the busy /
+// span / wall split ordered as it must be (busy <= span <= wall).
+import assert from "node:assert/strict";
+import { matmul } from "../../runtime/ops/matmul.ts";
+import { gpuTimeline } from "../../bench/harness.ts";
+import { gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
+
+Deno.test(
+  "pass timing: one timestamp pair per compute pass, in order; passes past the capacity counted",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.timestamps) {
+      console.log("skipped: this adapter has no timestamp-query");
+      return;
+    }
+    const rng = testRng("pass-timing");
+    const a = rt.tensor(Float32Array.from(randn(rng, 64 * 64)), [64, 64]).keep();
+    try {
+      assert.equal(await rt.dev.stopPassTiming(), undefined, "stop without start");
+      assert.ok(rt.dev.startPassTiming());
+      assert.equal(rt.dev.startPassTiming(), false, "a second start while timing");
+      // three submits of one pass each (a flush ends the pass), each with real work
+      for (let i = 0; i < 3; i++) {
+        rt.scope(() => void matmul(matmul(a, a), a));
+        rt.dev.flush();
+      }
+      const t = (await rt.dev.stopPassTiming())!;
+      assert.equal(t.begin.length, 3);
+      assert.equal(t.untimed, 0);
+      assert.equal(t.begin[0], 0, "times are relative to the first pass");
+      for (let i = 0; i < 3; i++) {
+        assert.ok(t.end[i] >= t.begin[i], `pass ${i}: ${t.begin[i]} -> ${t.end[i]}`);
+        if (i > 0) assert.ok(t.begin[i] >= t.end[i - 1] - 1e-3, `pass ${i} began before pass ${i - 1} ended`);
+      }
+      // capacity of one pass: the other two are counted, not timed
+      assert.ok(rt.dev.startPassTiming(1));
+      for (let i = 0; i < 3; i++) {
+        rt.scope(() => void matmul(a, a));
+        rt.dev.flush();
+      }
+      const capped = (await rt.dev.stopPassTiming())!;
+      assert.deepEqual([capped.begin.length, capped.untimed], [1, 2]);
+
+      const tl = (await gpuTimeline(rt, async () => {
+        for (let i = 0; i < 2; i++) {
+          rt.scope(() => void matmul(matmul(a, a), a));
+          await rt.dev.sync();
+        }
+      }))!;
+      assert.equal(tl.passes, 2);
+      assert.ok(tl.busyMs > 0, JSON.stringify(tl));
+      assert.ok(tl.busyMs <= tl.spanMs + 1e-6, JSON.stringify(tl));
+      // GPU and CPU clocks differ in resolution; the span cannot exceed the wall time by more than that
+      assert.ok(tl.spanMs <= tl.wallMs * 1.05 + 1, JSON.stringify(tl));
+    } finally {
+      a.dispose();
+    }
+  },
+);
