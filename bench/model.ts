@@ -8,7 +8,10 @@
  * 2). Both use the fused, chunked lm_head + loss (`runtime/ops/head_loss.ts`) on `CausalLM.hidden`, so the
  * [8192, 128256] logits (4.2 GB f32) are never materialised. `peak_gib` is the buffer pool's high-water mark.
  *
- *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train] [--quick] [--out rows.jsonl]
+ *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train] [--dtype f16] [--quick] [--out rows.jsonl]
+ *
+ * `--dtype f16` stores weights and activations in f16 (f32 accumulation; on Dawn with subgroup matrices the
+ * large matmuls run on the matrix units), the counterpart of the PyTorch bf16 rows.
  *
  * Decode uses the GPU-resident greedy loop (models/generate.ts greedyResident), so the CPU reads token ids once
  * per chunk. `bench/pytorch/model.py` measures the teacher with Hugging Face transformers on the same shapes.
@@ -155,6 +158,8 @@ if (import.meta.main) {
   const quick = Deno.args.includes("--quick");
   const models = (flag("models") ?? "teacher,hybrid").split(",");
   const outPath = flag("out");
+  const dtype = flag("dtype") ?? "f32";
+  if (dtype !== "f32" && dtype !== "f16") throw new Error(`--dtype must be f32 or f16, got ${dtype}`);
   const rows: string[] = [];
   const rt = new Runtime(await createDevice({ gpu }));
   const log = (row: Record<string, unknown>) => {
@@ -162,7 +167,7 @@ if (import.meta.main) {
     console.log(line);
     rows.push(line);
   };
-  log({ device: rt.dev.describe(), date: new Date().toISOString() });
+  log({ device: rt.dev.describe(), date: new Date().toISOString(), dtype });
   const cfg = llama32OneB(quick);
   const T = quick ? 64 : 2048;
   for (const which of models) {
@@ -171,6 +176,7 @@ if (import.meta.main) {
       : null;
     const lm = CausalLM.random(rt, cfg, mamba, {
       seed: 7,
+      dtype,
       chunkSize: quick ? 16 : 64,
       trainable: Deno.args.includes("--train") ? (n) => n.includes(".mamba.") : undefined,
     });
@@ -221,7 +227,7 @@ if (import.meta.main) {
           peak_gib: +(tr.peakBytes / 2 ** 30).toFixed(2),
         });
         // stage-2 distillation: the teacher (same shapes, all attention) runs inside the step without gradients
-        const teacher = CausalLM.random(rt, cfg, null, { seed: 11 });
+        const teacher = CausalLM.random(rt, cfg, null, { seed: 11, dtype });
         try {
           const ds = await timeTrainStep(lm, B, T, reps, teacher);
           const md = median(ds.times.slice(1));
