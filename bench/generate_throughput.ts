@@ -6,6 +6,7 @@
  * `bench/pytorch/generate.py` (Hugging Face `generate` on the same model and shapes).
  *
  *   deno run -A bench/generate_throughput.ts --gpu dawn [--batches 16,256,1024] [--new 256] [--text FILE] [--quick]
+ *     [--stage N]   # also N prompts through the pseudo_label stage (the runner in this process), timed the same way
  *
  * @module
  */
@@ -18,6 +19,10 @@ import { generate } from "../models/generate.ts";
 import { Tokenizer } from "../models/tokenizer.ts";
 import { GREEDY, type SamplingOptions } from "../models/sampling.ts";
 import { flag, gpuTimeline, profileDispatches } from "./harness.ts";
+import { timelineRow } from "./model.ts";
+import { main } from "../main.ts";
+import { listRuns } from "../pipelines/runs.ts";
+import { resolveStateDirs } from "../pipelines/paths.ts";
 
 const TEACHER = new URL("../fixtures/models/stories260K-hf", import.meta.url).pathname;
 const SAMPLINGS: Record<string, SamplingOptions> = {
@@ -118,6 +123,61 @@ profiles: for (const [name, sampling] of Object.entries(SAMPLINGS)) {
     for (const k of kernels) {
       log({ profile: `batch ${B}, ${name}, ${steps} token(s)`, ...k, ms: +k.ms.toFixed(4) });
     }
+  }
+}
+// the same workload through the pseudo_label stage (runner, chunks, checkpoints, output writing): on the H200
+// the stage ran at 16-18 k tokens/s where generate() alone ran at 142 k
+const stagePrompts = Number(flag("stage") ?? 0);
+if (stagePrompts > 0) {
+  const dir = await Deno.makeTempDir({ prefix: "generate-stage-" });
+  try {
+    const recipe = join(dir, "labels.yaml");
+    const prompts = flag("text") ??
+      new URL("../fixtures/text/tinystories_train.txt", import.meta.url).pathname;
+    await Deno.writeTextFile(
+      recipe,
+      `name: generate_stage
+description: pseudo_label throughput (bench/generate_throughput.ts --stage)
+settings: { seed: 0 }
+stages:
+  labels:
+    kind: pseudo_label
+    params: { format: text, prompt_tokens: ${
+        promptLen - 1
+      }, max_new_tokens: ${newTokens}, limit: ${stagePrompts},
+      batch_size: ${B}, temperature: 1, top_k: 0, top_p: 1 }
+    inputs: { teacher: ${flag("model") ?? TEACHER}, prompts: ${prompts} }
+`,
+    );
+    let code = -1;
+    const tl = await gpuTimeline(rt, async () => {
+      code = await main([
+        "run",
+        recipe,
+        "--gpu",
+        rt.dev.provider === "dawn" ? "dawn" : "builtin",
+        "--force",
+        "labels",
+      ]);
+    });
+    const run = listRuns(resolveStateDirs(recipe).runs)[0]?.record;
+    const tokens = Number(run?.stages.find((x) => x.stage === "labels")?.metrics.completion_tokens ?? 0);
+    log({
+      stage: "pseudo_label",
+      exit: code,
+      prompts: stagePrompts,
+      batch: B,
+      new_tokens: newTokens,
+      completion_tokens: tokens,
+      ...(tl
+        ? {
+          tokens_per_s: Math.round(tokens / (tl.wallMs / 1000)),
+          ...timelineRow(tl),
+        }
+        : {}),
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 }
 lm.dispose();
