@@ -17,6 +17,7 @@ const PAPER = [
   "llama3-8b-50.yaml",
   "llama3.2-3b-mamba2-50.yaml",
   "tiny.yaml",
+  "stories-hybrid.yaml",
 ];
 
 for (const r of PAPER) {
@@ -79,6 +80,44 @@ Deno.test(
       const toRun = plan.filter((s) => s.action === "run");
       assert.deepEqual(toRun.map((s) => s.stage), ["eval_hybrid_50"]);
       assert.ok(toRun.every((s) => s.kind === "evaluate"));
+    } finally {
+      await p.cleanup();
+    }
+  },
+);
+
+Deno.test(
+  "recipes/stories-hybrid.yaml runs end to end at tiny budgets: every student is trained and evaluated",
+  { sanitizeResources: false, sanitizeOps: false },
+  async () => {
+    const p = tempProject();
+    try {
+      let text = Deno.readTextFileSync(join(RECIPES, "stories-hybrid.yaml")).replaceAll(
+        "../fixtures/",
+        FIXTURES,
+      );
+      const shrink: [RegExp, string][] = [
+        [/max_new_tokens: 256/, "max_new_tokens: 8"],
+        [/batch_size: 1024/, "batch_size: 16\n      limit: 16"],
+        [/max_steps: 3000/, "max_steps: 2"],
+        [/per_device_train_batch_size: 32/, "per_device_train_batch_size: 2"],
+        [/save_steps: 500/, "save_steps: 1"],
+        [/limit: 300, batch_size: 64/g, "limit: 2, batch_size: 8"],
+      ];
+      for (const [re, by] of shrink) {
+        const before = text;
+        text = text.replace(re, by);
+        assert.notEqual(text, before, `stories-hybrid.yaml no longer contains ${re}: update this test`);
+      }
+      const res = await runCli(["run", p.write("stories.yaml", text)]);
+      assert.equal(res.code, 0, res.stderr + res.stdout);
+      const out = res.stdout + res.stderr;
+      for (
+        const e of ["teacher", "hybrid_50", "hybrid_25", "hybrid_50_e2e", "hybrid_50_random", "hybrid_50_mlp"]
+      ) {
+        const m = out.match(new RegExp(`eval_${e}: tinystories_valid: token_perplexity ([0-9.]+)`));
+        assert.ok(m && Number(m[1]) > 1, `eval_${e}: no perplexity in the output`);
+      }
     } finally {
       await p.cleanup();
     }
