@@ -39,6 +39,11 @@ export interface GenerateOptions {
   batchSize?: number;
   /** Decode steps recorded per submit, their ids read back together (default {@linkcode DECODE_CHUNK}). */
   chunk?: number;
+  /**
+   * Called after every read of a chunk of steps with a prompt's index and the tokens its completion gained in
+   * that chunk (EOS included unless `dropEos`), for streaming output as it is decoded.
+   */
+  onTokens?: (index: number, tokens: readonly number[]) => void | Promise<void>;
   /** Called after each finished prompt with its index and completion (progress, streaming to disk). */
   onCompletion?: (index: number, completion: number[]) => void | Promise<void>;
   /** Stops between chunks when aborted. */
@@ -74,7 +79,15 @@ export async function generate(
     for (let s = 0; s < indices.length; s += B) {
       const group = indices.slice(s, s + B);
       const streams = group.map((i) => opts.streams?.[i] ?? i);
-      const completions = await decodeGroup(lm, group.map((i) => prompts[i]), len, streams, opts);
+      const onTokens = opts.onTokens;
+      const completions = await decodeGroup(
+        lm,
+        group.map((i) => prompts[i]),
+        len,
+        streams,
+        opts,
+        onTokens && ((row, tokens) => onTokens(group[row], tokens)),
+      );
       for (let j = 0; j < group.length; j++) {
         out[group[j]] = completions[j];
         await opts.onCompletion?.(group[j], completions[j]);
@@ -100,6 +113,7 @@ async function decodeGroup(
     GenerateOptions,
     "maxNewTokens" | "sampling" | "seed" | "eosIds" | "dropEos" | "chunk" | "signal"
   >,
+  onRowTokens?: (row: number, tokens: readonly number[]) => void | Promise<void>,
 ): Promise<number[][]> {
   const rt = lm.rt;
   const B = prompts.length;
@@ -131,6 +145,7 @@ async function decodeGroup(
           chain.push(cur);
         }
         const reads = await rt.dev.readMany(chain.map((t) => ({ buffer: t.buffer, offset: 0, size: 4 * B })));
+        const had = completions.map((c) => c.length);
         let finished = false;
         for (const bytes of reads) {
           const ids = new Int32Array(bytes);
@@ -147,6 +162,11 @@ async function decodeGroup(
           if (done.every(Boolean) || produced >= opts.maxNewTokens) {
             finished = true;
             break;
+          }
+        }
+        if (onRowTokens) {
+          for (let b = 0; b < B; b++) {
+            if (completions[b].length > had[b]) await onRowTokens(b, completions[b].slice(had[b]));
           }
         }
         return { ids: cur === last ? null : cur.keep(), finished };

@@ -35,6 +35,23 @@ Deno.test(
       const before = created();
       assert.deepEqual(await generate(lm, prompts, { ...opts, chunk: 8 }), a, "the same call again");
       assert.deepEqual(created(), before, "pipelines, bind groups and pool buffers created by the repeat");
+      // streaming: each read hands every prompt the tokens it gained; together they are its completion
+      const streamed: number[][] = prompts.map(() => []);
+      const reads1 = rt.dev.stats.reads;
+      const viaStream = await generate(lm, prompts, {
+        ...opts,
+        chunk: 4,
+        onTokens: (i, tokens) => {
+          assert.ok(
+            tokens.length > 0 && tokens.length <= 5,
+            `prompt ${i}: ${tokens.length} tokens in one read`,
+          );
+          streamed[i].push(...tokens);
+        },
+      });
+      assert.deepEqual(viaStream, a);
+      assert.deepEqual(streamed, a, "the streamed pieces");
+      assert.ok(rt.dev.stats.reads - reads1 <= 4 * 4, "one read per chunk of 4");
       const b = await generate(lm, prompts, { ...opts, batchSize: 1, chunk: 5 });
       const c = await generate(lm, prompts, { ...opts, batchSize: 2, chunk: 1 });
       assert.deepEqual(b, a, "batch size 1, chunk 5");
