@@ -30,9 +30,9 @@
  * |              | (an end-to-end phase like the paper's SFT stage: the Mamba-only d50 plateaued |
  * |              | at x1.07 on the H200)                                                    |
  *
- * Perplexity is computed here directly (lm-eval `loglikelihood_rolling` windows per validation paragraph,
- * first window conditioned on BOS) because the evaluate stage lives elsewhere; the table gives token
- * perplexity and the ratio to the teacher. The project (cache, runs) lives in `--dir`, so a second invocation
+ * Perplexity is the evaluate stage's (its paragraph reader, lm-eval `loglikelihood_rolling` windows per
+ * validation paragraph, the first conditioned on BOS, and its scorer), computed in this process; the table
+ * gives token perplexity and the ratio to the teacher. The project (cache, runs) lives in `--dir`, so a second invocation
  * reuses finished variants; results are printed as a table and JSON (also written to `--json`, and to
  * `$OUT/distill_quality.json` when `$OUT` is set).
  *
@@ -46,10 +46,11 @@ import { listRuns } from "../pipelines/runs.ts";
 import { loadModel } from "../models/checkpoint.ts";
 import { CausalLM } from "../models/causal_lm.ts";
 import { Tokenizer } from "../models/tokenizer.ts";
-import { acquireRuntime, type Runtime } from "../runtime/runtime.ts";
-import { tokenLogprobs } from "../runtime/ops/loss.ts";
+import { acquireRuntime } from "../runtime/runtime.ts";
+import { scoreWindows } from "../models/loglikelihood.ts";
+import { iterateRecords, resolveDataset } from "../data/records.ts";
 import { parseProviderPreference } from "../runtime/provider.ts";
-import { type EvalWindow, rollingWindows } from "../data/text_windows.ts";
+import { type EvalWindow, evalWindows } from "../data/text_windows.ts";
 
 const FIXTURES = new URL("../fixtures/", import.meta.url).pathname;
 const TEACHER = join(FIXTURES, "models/stories260K-hf");
@@ -209,54 +210,37 @@ ${body}
 `;
 }
 
-/** Paragraphs of a text file, as the tokenize stage's `paragraphs` mode cuts them. */
-export function paragraphs(text: string): string[] {
-  return text.split(/\n\s*\n/).map((p) => p.split("\n").map((l) => l.trim()).join("\n").trim()).filter((p) =>
-    p.length > 0
-  );
-}
-
-/** Summed NLL and token count of a model over evaluation windows, in batches of `batch` windows. */
-export async function windowNll(
-  rt: Runtime,
-  lm: CausalLM,
-  windows: EvalWindow[],
-  batch = 64,
-): Promise<{ nll: number; tokens: number }> {
-  let nll = 0, tokens = 0;
-  const sorted = [...windows].sort((a, b) => a.input.length - b.input.length);
-  for (let s = 0; s < sorted.length; s += batch) {
-    const group = sorted.slice(s, s + batch);
-    const T = Math.max(...group.map((w) => w.input.length));
-    const B = group.length;
-    const ids = new Int32Array(B * T);
-    const targets = new Int32Array(B * T).fill(-100);
-    group.forEach((w, b) => {
-      w.input.forEach((id, t) => ids[b * T + t] = id);
-      w.targets.forEach((id, j) => targets[b * T + w.scoreFrom + j] = id);
-    });
-    const lp = await rt.scope(async () =>
-      await rt.noGrad(() => {
-        const logits = lm.forward(ids, B, T).logits;
-        return tokenLogprobs(logits, rt.tensor(targets, [B * T], "i32"));
-      }).read()
-    );
-    for (let i = 0; i < lp.length; i++) {
-      if (targets[i] !== -100) {
-        nll -= lp[i];
-        tokens++;
-      }
-    }
-  }
-  return { nll, tokens };
-}
-
-/** Validation windows (rolling, per paragraph). */
+/**
+ * Scoring windows of the validation text exactly as the evaluate stage builds them (its paragraph reader, lm-eval
+ * `loglikelihood_rolling` windows of `evalLen` tokens, the first after BOS), for its first `evalDocs` paragraphs
+ * (0: all), so the figures here are the evaluate stage's (`recipes/stories-hybrid.yaml` runs that stage).
+ */
 export async function validationWindows(evalDocs: number, evalLen: number): Promise<EvalWindow[]> {
   const tok = await Tokenizer.fromDir(TEACHER);
-  let docs = paragraphs(await Deno.readTextFile(VALID));
-  if (evalDocs > 0) docs = docs.slice(0, evalDocs);
-  return docs.flatMap((d) => rollingWindows(tok.encode(d, { addSpecialTokens: false }), evalLen, tok.bosId!));
+  const ds = await resolveDataset({ path: VALID, textMode: "paragraphs" });
+  const windows: EvalWindow[] = [];
+  let docs = 0;
+  for await (const rec of iterateRecords(ds, { textMode: "paragraphs" })) {
+    const text = (rec.value as { text?: unknown })?.text;
+    if (typeof text !== "string" || text === "") continue;
+    if (evalDocs > 0 && docs >= evalDocs) break;
+    docs++;
+    const ids = tok.encode(text, { addSpecialTokens: false });
+    windows.push(...evalWindows(ids, { mode: "rolling", maxLength: evalLen, prefixId: tok.bosId! }));
+  }
+  return windows;
+}
+
+/** Summed NLL and scored token count of a model over evaluation windows (the evaluate stage's scorer). */
+export async function windowNll(
+  lm: CausalLM,
+  windows: EvalWindow[],
+): Promise<{ nll: number; tokens: number }> {
+  const sums = await scoreWindows(lm, windows, { batchSize: 64 });
+  return {
+    nll: -sums.reduce((a, b) => a + b, 0),
+    tokens: windows.reduce((a, w) => a + w.targets.length, 0),
+  };
 }
 
 /** One row of the result table. */
@@ -323,7 +307,7 @@ export async function distillQuality(
   const evaluate = async (model: string, path: string, train_s: number, metrics: Record<string, unknown>) => {
     const t0 = performance.now();
     const lm = CausalLM.fromModel(rt, await loadModel(path));
-    const { nll, tokens } = await windowNll(rt, lm, windows);
+    const { nll, tokens } = await windowNll(lm, windows);
     lm.dispose();
     const perplexity = Math.exp(nll / tokens);
     const ratio = perplexity / (rows[0]?.perplexity ?? perplexity);

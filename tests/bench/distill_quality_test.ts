@@ -1,6 +1,10 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { DEFAULTS, qualityRecipe } from "../../bench/distill_quality.ts";
+import { DEFAULTS, qualityRecipe, validationWindows, windowNll } from "../../bench/distill_quality.ts";
+import { runCli, tempProject } from "../pipelines/helpers.ts";
+import { CausalLM } from "../../models/causal_lm.ts";
+import { loadModel } from "../../models/checkpoint.ts";
+import { gpuTestOptions, testRuntime } from "../helpers/gpu.ts";
 import { loadRecipe } from "../../pipelines/validate.ts";
 import { defaultRegistry } from "../../stages/registry.ts";
 
@@ -77,3 +81,43 @@ Deno.test("distill_quality: --pseudo-* options reach the pseudo_label stage", as
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test(
+  "distill_quality: its perplexity is the evaluate stage's (same documents, windows and scores)",
+  gpuTestOptions,
+  async () => {
+    const teacher = new URL("../../fixtures/models/stories260K-hf", import.meta.url).pathname;
+    const valid = new URL("../../fixtures/text/tinystories_valid.txt", import.meta.url).pathname;
+    const p = tempProject();
+    try {
+      const recipe = p.write(
+        "eval.yaml",
+        `name: eval
+description: teacher perplexity
+stages:
+  eval_teacher:
+    kind: evaluate
+    params: { max_length: 64, limit: 3, batch_size: 8 }
+    inputs: { model: ${teacher}, text: [${valid}] }
+`,
+      );
+      const r = await runCli(["run", recipe]);
+      assert.equal(r.code, 0, r.stderr);
+      const m = (r.stdout + r.stderr).match(/token_perplexity ([0-9.]+)/);
+      assert.ok(m, r.stdout + r.stderr);
+      const lm = CausalLM.fromModel(await testRuntime(), await loadModel(teacher));
+      try {
+        const { nll, tokens } = await windowNll(lm, await validationWindows(3, 64));
+        // the stage prints 4 decimals
+        assert.ok(
+          Math.abs(Math.exp(nll / tokens) - Number(m[1])) < 6e-5,
+          `${Math.exp(nll / tokens)} vs ${m[1]}`,
+        );
+      } finally {
+        lm.dispose();
+      }
+    } finally {
+      await p.cleanup();
+    }
+  },
+);
