@@ -10,14 +10,16 @@
  * Decoding is `models/generate.ts`'s GPU-resident loop (tokens sampled on the GPU, ids read once per chunk of
  * steps). Determinism: completion j (prompt i's k-th of n is j = i * n + k) draws from random stream j of the
  * seed, so it does not depend on the other prompts or on the batching. Prompts are processed in chunks of
- * `save_every` (at least `batch_size`) in index order (grouped by length into batches inside a chunk), and a checkpoint after each chunk
- * holds every completion so far; a resumed run redoes only the chunks after it and writes the same bytes as an
- * uninterrupted one.
+ * `save_every` (at least `batch_size`) in index order (grouped by length into batches inside a chunk), and a
+ * checkpoint after each chunk holds every completion so far; a resumed run redoes only the chunks after it
+ * and writes the same bytes as an uninterrupted one. A checkpoint stores its completions as one part file per
+ * chunk and hard-links the previous checkpoint's parts, so a save writes only the new chunk (rewriting
+ * everything each time was O(chunks^2) bytes: terabytes at paper scale).
  *
  * @module
  */
 import { join } from "node:path";
-import { type Artifact, defineStage, type StageLog } from "../pipelines/stage.ts";
+import { type Artifact, type Checkpoint, defineStage, type StageLog } from "../pipelines/stage.ts";
 import { type Example, normalizeRecords } from "../data/formats.ts";
 import { formatProblem } from "../data/problems.ts";
 import { iterateRecords, resolveDataset, TEXT_MODES, type TextMode } from "../data/records.ts";
@@ -41,7 +43,7 @@ interface Prompt {
 }
 
 /** One output record. */
-interface Labelled {
+export interface Labelled {
   prompt: string | ChatMessage[];
   completion: string | ChatMessage[];
   text: string;
@@ -206,11 +208,9 @@ export const pseudoLabelStage = defineStage({
     const { model: cpu } = await loadModelInput(ctx.inputs.teacher, "teacher");
     const stops = await stopIds(await modelDir(ctx.inputs.teacher, "teacher"), tok);
     const sampling: SamplingOptions = { temperature: p.temperature, topK: p.top_k, topP: p.top_p };
-    const out: Labelled[] = [];
     const latest = ctx.checkpoints.latest();
+    const out: Labelled[] = latest ? await readCompletions(latest) : [];
     if (latest) {
-      const text = await Deno.readTextFile(join(latest.dir, "completions.jsonl"));
-      for (const line of text.split("\n")) if (line) out.push(JSON.parse(line));
       ctx.log.info(`resuming after ${out.length} of ${prompts.length} prompts`);
     }
     const rt = await stageRuntime(ctx.settings);
@@ -244,10 +244,11 @@ export const pseudoLabelStage = defineStage({
         });
         chunk.forEach((q, j) => out.push(labelled(tok, q, endAtStop(completions[j], stops))));
         if (out.length < prompts.length) {
-          const lines = out.map((r) => JSON.stringify(r)).join("\n") + "\n";
+          // latest() inside the callback is still the previous checkpoint: the new one is renamed into place
+          // only after the callback resolves
           await ctx.checkpoints.save(
             out.length,
-            (dir) => Deno.writeTextFile(join(dir, "completions.jsonl"), lines),
+            (dir) => writeCompletions(dir, out, ctx.checkpoints.latest()),
           );
         }
       }
@@ -292,6 +293,98 @@ export const pseudoLabelStage = defineStage({
     });
   },
 });
+
+/** Folder of a checkpoint holding its completions, one JSONL part file per chunk. */
+const PARTS_DIR = "parts";
+/** A part file's name: the index of its first completion, zero-padded so names sort in index order. */
+const PART_FILE = /^(\d{12})\.jsonl$/;
+/** Completions of a checkpoint written before part files (all of them in one file). */
+const LEGACY_FILE = "completions.jsonl";
+
+/** The name of the part file whose first completion has index `start`. */
+export function partFileName(start: number): string {
+  return `${String(start).padStart(12, "0")}.jsonl`;
+}
+
+/** The part files of a checkpoint directory in index order (empty for a legacy or empty checkpoint). */
+async function partFiles(dir: string): Promise<{ name: string; start: number }[]> {
+  const parts: { name: string; start: number }[] = [];
+  try {
+    for await (const e of Deno.readDir(join(dir, PARTS_DIR))) {
+      const m = PART_FILE.exec(e.name);
+      if (m && e.isFile) parts.push({ name: e.name, start: Number(m[1]) });
+    }
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
+  return parts.sort((a, b) => a.start - b.start);
+}
+
+/**
+ * The completions a checkpoint holds, in index order: its part files, or the single `completions.jsonl` of a
+ * checkpoint written before part files. Throws when they are not exactly the `step` completions the
+ * checkpoint was saved at (a part missing or out of place would otherwise shift every later completion onto
+ * the wrong prompt).
+ */
+export async function readCompletions(cp: Checkpoint): Promise<Labelled[]> {
+  const out: Labelled[] = [];
+  const parse = (text: string) => {
+    for (const line of text.split("\n")) if (line) out.push(JSON.parse(line));
+  };
+  const parts = await partFiles(cp.dir);
+  if (parts.length === 0) parse(await Deno.readTextFile(join(cp.dir, LEGACY_FILE)));
+  for (const part of parts) {
+    if (part.start !== out.length) {
+      throw new Error(
+        `pseudo_label: checkpoint ${cp.dir}: part ${part.name} starts at completion ${part.start}, ` +
+          `expected ${out.length}`,
+      );
+    }
+    parse(await Deno.readTextFile(join(cp.dir, PARTS_DIR, part.name)));
+  }
+  if (out.length !== cp.step) {
+    throw new Error(`pseudo_label: checkpoint ${cp.dir} holds ${out.length} completions, not ${cp.step}`);
+  }
+  return out;
+}
+
+/**
+ * Fills a new checkpoint directory with the completions `out`: the part files of `prev` (the previous
+ * checkpoint, which holds `out`'s first `prev.step`) hard-linked, copied where linking fails, and the rest as
+ * one new part. A save so writes only the completions since `prev`, yet every checkpoint stands alone
+ * (pruning `prev` leaves the linked files in place). A legacy `prev` (one `completions.jsonl`) is not linked:
+ * its completions go into the new part, once.
+ */
+export async function writeCompletions(
+  dir: string,
+  out: readonly Labelled[],
+  prev: Checkpoint | null,
+): Promise<void> {
+  await Deno.mkdir(join(dir, PARTS_DIR));
+  let from = 0;
+  if (prev && prev.step <= out.length) {
+    const parts = await partFiles(prev.dir);
+    for (const part of parts) {
+      await linkOrCopy(join(prev.dir, PARTS_DIR, part.name), join(dir, PARTS_DIR, part.name));
+    }
+    if (parts.length > 0) from = prev.step;
+  }
+  if (from < out.length) {
+    const lines = out.slice(from).map((r) => JSON.stringify(r)).join("\n") + "\n";
+    // createNew: a name clash with a linked part must fail, not write through the link into older checkpoints
+    await Deno.writeTextFile(join(dir, PARTS_DIR, partFileName(from)), lines, { createNew: true });
+  }
+}
+
+/** Hard-links `from` to `to`, or copies it where a link is not possible. */
+async function linkOrCopy(from: string, to: string): Promise<void> {
+  try {
+    await Deno.link(from, to);
+  } catch {
+    // another filesystem, or links not permitted: a copy costs the bytes but keeps the checkpoint whole
+    await Deno.copyFile(from, to);
+  }
+}
 
 /** The output record of a prompt and its generated ids. */
 function labelled(tok: Tokenizer, q: Prompt, g: { ids: number[]; finished: boolean }): Labelled {

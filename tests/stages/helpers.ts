@@ -6,6 +6,7 @@
  */
 import { join } from "node:path";
 import { listCheckpoints } from "../../pipelines/checkpoints.ts";
+import type { Checkpoint } from "../../pipelines/stage.ts";
 import { lastEvents, lastRun, runCli, type TempProject, tempProject } from "../pipelines/helpers.ts";
 import assert from "node:assert/strict";
 import type { CliResult } from "../pipelines/helpers.ts";
@@ -30,28 +31,35 @@ export function runRecipe(recipe: string, extra: string[] = [], signal?: AbortSi
   return runCli(["run", recipe, "--gpu", Deno.env.get("DISTILLERY_GPU") ?? "builtin", ...extra], { signal });
 }
 
-/** Steps of the checkpoints currently stored in a project's cache. */
-export function checkpointSteps(p: TempProject): number[] {
+/** The checkpoints currently stored in a project's cache (of every stage key), oldest step first. */
+export function storedCheckpoints(p: TempProject): Checkpoint[] {
   const root = join(p.cacheDir, "checkpoints");
-  const steps: number[] = [];
+  const all: Checkpoint[] = [];
   try {
-    for (const d of Deno.readDirSync(root)) {
-      for (const cp of listCheckpoints(join(root, d.name))) steps.push(cp.step);
-    }
+    for (const d of Deno.readDirSync(root)) all.push(...listCheckpoints(join(root, d.name)));
   } catch {
     // none yet
   }
-  return steps.sort((a, b) => a - b);
+  return all.sort((a, b) => a.step - b.step);
+}
+
+/** Steps of the checkpoints currently stored in a project's cache. */
+export function checkpointSteps(p: TempProject): number[] {
+  return storedCheckpoints(p).map((cp) => cp.step);
 }
 
 /**
- * Runs a recipe and interrupts it (as Ctrl-C does) as soon as a first checkpoint exists; the stage saves what
- * it has and the run exits with 130.
+ * Runs a recipe and interrupts it (as Ctrl-C does) as soon as `until` holds for the stored checkpoint steps
+ * (by default: a first checkpoint exists); the stage saves what it has and the run exits with 130.
  */
-export async function runAndInterrupt(p: TempProject, recipe: string): Promise<CliResult> {
+export async function runAndInterrupt(
+  p: TempProject,
+  recipe: string,
+  until: (steps: number[]) => boolean = (steps) => steps.length > 0,
+): Promise<CliResult> {
   const ctl = new AbortController();
   const timer = setInterval(() => {
-    if (checkpointSteps(p).length > 0) ctl.abort(new DOMException("interrupted by the test", "AbortError"));
+    if (until(checkpointSteps(p))) ctl.abort(new DOMException("interrupted by the test", "AbortError"));
   }, 5);
   try {
     return await runRecipe(recipe, [], ctl.signal);
@@ -71,12 +79,15 @@ export interface ResumeCheck {
   resumed: RegExp;
   /** Targets of the reference and resumed runs (default: the whole recipe). */
   targets?: string[];
+  /** Runs between the interrupted run and the rerun (to inspect or rewrite the checkpoints left behind). */
+  beforeResume?: (p: TempProject, recipe: string) => void | Promise<void>;
 }
 
 /**
  * The resume check of every resumable stage: a reference run of the recipe in one project; in another, a run
- * interrupted at its first checkpoint (exit 130), then the rerun, which must say it resumed and end with the
- * reference's output digest. `then` makes further checks on the resumed project before both are removed.
+ * interrupted at its first checkpoint (exit 130), `beforeResume`, then the rerun, which must say it resumed
+ * and end with the reference's output digest. `then` makes further checks on the resumed project before both
+ * are removed.
  */
 export async function assertResumesToSameOutput(
   c: ResumeCheck,
@@ -91,6 +102,7 @@ export async function assertResumesToSameOutput(
     const r1 = await runAndInterrupt(p, path);
     assert.equal(r1.code, 130, r1.stderr);
     assert.ok(checkpointSteps(p).length > 0);
+    await c.beforeResume?.(p, path);
     const r2 = await runRecipe(path, targets);
     assert.equal(r2.code, 0, r2.stderr);
     assert.match(r2.stderr + r2.stdout, c.resumed);
