@@ -15,13 +15,22 @@
  * GPU->CPU traffic per pass:
  * - greedy: none while drafting (each draft argmax stays on the GPU and feeds the next draft step), then ONE read
  *   of the K draft tokens and the target's K+1 argmaxes;
- * - sampled: one read of the draft's logits row per draft token (its exact filtered distribution q_i is needed on
- *   the CPU to sample and to run the test), then one read of the target's K+1 logits rows.
+ * - sampled: the same, ONE read per pass: each draft token is drawn on the GPU and feeds the next draft step; the
+ *   distributions q_1..q_K it was drawn from and the target's p_1..p_{K+1} (same kernel, so the same
+ *   temperature / top-k / top-p) are read with the drafts, and the acceptance test runs on the CPU.
+ *
+ * Random numbers of a sampled run: the draft tokens come from the GPU's counter-based generator
+ * (`runtime/ops/sampling.ts`), whose seed {@linkcode speculativeSeed} draws from the caller's `rng` once, before
+ * anything else; draft token i (from 0) of pass n (from 0) is the draw at stream {@linkcode DRAFT_STREAM}, step
+ * `n * K + i`, so no two draft tokens of a run share a draw. The acceptance uniforms and the residual or bonus
+ * token then draw from `rng` in the order of `verifySampled`. A run is therefore reproducible from the rng's
+ * state (and K), and different rng states give unrelated draft draws.
  *
  * With temperature 0 the output is plain greedy decoding of the target, token for token (the verification pass
  * computes the same logits up to rounding: different kernels sum in a different order, so only exact ties within
  * float rounding could differ). With sampling, the output is distributed as the target's own sampling
- * distribution (temperature, top-k and top-p applied to both models' logits by {@linkcode samplingDistribution}).
+ * distribution (temperature, top-k and top-p applied to both models' logits by the GPU sampler, which follows
+ * {@linkcode samplingDistribution}).
  *
  * @module
  */
@@ -30,6 +39,7 @@ import type { VerifyMode } from "./verify_state.ts";
 import { sampleFrom, samplingDistribution, type SamplingOptions } from "./sampling.ts";
 import { verifyGreedy, type VerifyResult, verifySampled } from "./speculative.ts";
 import { greedyArgmax } from "../runtime/ops/loss.ts";
+import { samplingProbs } from "../runtime/ops/sampling.ts";
 import type { Tensor } from "../runtime/tensor.ts";
 import type { Rng } from "../util/rng.ts";
 
@@ -194,6 +204,28 @@ export async function plainGenerate(
   }
 }
 
+/** The GPU generator's stream for the draft tokens of a sampled speculative run (batch 1: one stream). */
+export const DRAFT_STREAM = 0;
+
+/**
+ * The seed of the GPU generator that draws a sampled speculative run's draft tokens: a uniform 53-bit integer
+ * from `rng` (one `rng.uniform()`). {@linkcode speculativeGenerate} calls it once, before any other use of the
+ * rng, so a caller (or a test's reference implementation) with the same rng state gets the same seed.
+ */
+export function speculativeSeed(rng: Rng): number {
+  // uniform() is k / 2^53 for an integer k, so this is exact
+  return rng.uniform() * 2 ** 53;
+}
+
+/** The GPU random streams of a sampled run (kept for the whole run). */
+interface GpuDraws {
+  seed: number;
+  /** `[DRAFT_STREAM]`, u32. */
+  draft: Tensor;
+  /** K+1 streams for the target's rows, u32: their draws are unused but the sampler needs one per row. */
+  target: Tensor;
+}
+
 /**
  * The draft side of speculative decoding: a decode state that has consumed every committed token except those
  * in `pending`, and the rollback after each verification.
@@ -318,7 +350,16 @@ export async function speculativeGenerate(
   const histogram = new Array(K + 1).fill(0);
   const tokens: number[] = [];
   let finished = false, passes = 0;
+  let gpu: GpuDraws | null = null;
   try {
+    if (!greedy) {
+      gpu = {
+        seed: speculativeSeed(opts.rng!),
+        draft: rt.tensor(Uint32Array.of(DRAFT_STREAM), [1], "u32").keep(),
+        target: rt.tensor(Uint32Array.from({ length: K + 1 }, (_, j) => DRAFT_STREAM + 1 + j), [K + 1], "u32")
+          .keep(),
+      };
+    }
     const t0 = performance.now();
     const head = prompt.slice(0, -1);
     if (head.length > 0) {
@@ -336,7 +377,7 @@ export async function speculativeGenerate(
       drafter.beginPass();
       const { drafts, result } = greedy
         ? await greedyPass(target, tv, drafter, K)
-        : await sampledPass(target, tv, drafter, K, opts.sampling, opts.rng!);
+        : await sampledPass(target, tv, drafter, K, opts.sampling, opts.rng!, gpu!, passes);
       passes++;
       histogram[result.accepted]++;
       target.verifyAccept(tv, result.accepted + 1);
@@ -358,6 +399,8 @@ export async function speculativeGenerate(
     const t2 = performance.now();
     return { tokens, finished, prefillMs: t1 - t0, decodeMs: t2 - t1, passes, histogram };
   } finally {
+    gpu?.draft.dispose();
+    gpu?.target.dispose();
     target.disposeVerifyState(tv);
     drafter.dispose();
   }
@@ -397,7 +440,13 @@ async function greedyPass(
   });
 }
 
-/** A sampled pass: one read per draft token (its distribution), then one read of the target's K+1 rows. */
+/**
+ * A sampled pass kept on the GPU until one read, like {@linkcode greedyPass}: each draft token is drawn on the GPU
+ * (Philox counter `(seed, DRAFT_STREAM, pass * K + i)`) and feeds the next draft step and the target's input
+ * [x0, d_1..d_K]; the distributions q_1..q_K it was drawn from and the target's p_1..p_{K+1} come from the same
+ * kernel, so temperature, top-k and top-p are applied identically to both models. One read brings back the
+ * drafts, q and p; the acceptance test, the residual and the bonus token then draw from the CPU `rng`.
+ */
 async function sampledPass(
   target: CausalLM,
   tv: ReturnType<CausalLM["newVerifyState"]>,
@@ -405,27 +454,41 @@ async function sampledPass(
   K: number,
   sampling: SamplingOptions,
   rng: Rng,
+  gpu: GpuDraws,
+  pass: number,
 ): Promise<{ drafts: number[]; result: VerifyResult }> {
   const rt = target.rt;
   const V = target.config.vocabSize;
-  const x0 = drafter.pending[drafter.pending.length - 1];
-  const drafts: number[] = [];
-  const q: Float64Array[] = [];
-  let feed = drafter.pending;
-  for (let i = 0; i < K; i++) {
-    const row = await rt.scope(async () =>
-      (await drafter.lm.step(drafter.state, Int32Array.from(feed), feed.length, { lastOnly: true })
-        .read()) as Float32Array
-    );
-    const dist = samplingDistribution(row, sampling);
-    const d = sampleFrom(dist, rng);
-    drafts.push(d);
-    q.push(dist);
-    feed = [d];
-  }
-  const rows = await rt.scope(async () =>
-    (await target.verifyStep(tv, Int32Array.from([x0, ...drafts]), K + 1).read()) as Float32Array
-  );
-  const p = Array.from({ length: K + 1 }, (_, j) => samplingDistribution(rows, sampling, j * V, V));
-  return { drafts, result: verifySampled(drafts, q, p, rng, null) };
+  return await rt.scope(async () => {
+    const opened = drafter.pending;
+    const feed = rt.tensor(opened, [opened.length], "i32");
+    const verifyIds = rt.empty([K + 1], "i32");
+    rt.dev.copyBuffer(feed.buffer, 4 * (opened.length - 1), verifyIds.buffer, 0, 4);
+    const q: Tensor[] = [];
+    let ids: Tensor = feed, n = opened.length;
+    for (let i = 0; i < K; i++) {
+      const logits = drafter.lm.step(drafter.state, ids, n, { lastOnly: true });
+      const s = samplingProbs(logits, sampling, { seed: gpu.seed, streams: gpu.draft, step: pass * K + i });
+      ids = s.ids;
+      n = 1;
+      q.push(s.probs);
+      rt.dev.copyBuffer(ids.buffer, 0, verifyIds.buffer, 4 * (i + 1), 4);
+    }
+    // the target's own draws are discarded: only its distributions enter the acceptance test
+    const p = samplingProbs(target.verifyStep(tv, verifyIds, K + 1), sampling, {
+      seed: gpu.seed,
+      streams: gpu.target,
+      step: pass,
+    }).probs;
+    const reads = await rt.dev.readMany([
+      { buffer: verifyIds.buffer, offset: 4, size: 4 * K },
+      ...q.map((t) => ({ buffer: t.buffer, offset: 0, size: 4 * V })),
+      { buffer: p.buffer, offset: 0, size: 4 * (K + 1) * V },
+    ]);
+    const drafts = [...new Int32Array(reads[0])];
+    const qRows = reads.slice(1, K + 1).map((b) => new Float32Array(b));
+    const pAll = new Float32Array(reads[K + 1]);
+    const pRows = Array.from({ length: K + 1 }, (_, j) => pAll.subarray(j * V, (j + 1) * V));
+    return { drafts, result: verifySampled(drafts, qRows, pRows, rng, null) };
+  });
 }
