@@ -30,6 +30,7 @@ import {
   acceptLayerTokens,
   beginLayerVerification,
   disposeLayer,
+  mamba1VerifyScan,
   mamba2VerifyScan,
   type MambaVerifyLayer,
   type VerifyMode,
@@ -436,37 +437,64 @@ export class CausalLM {
    */
   #mamba1(p: string, inp: BlockInput, B: number, T: number, state?: MambaState): OutProjection {
     const m = this.mamba!;
-    // five projections of the normalised input: one norm dispatch, then plain GEMVs
-    const u = inp.normalised();
-    const N = m.dState, rep = m.dInner / m.dXb;
     const w = (n: string) => this.param(`${p}mamba.${n}`);
-    const x = repeatGroupsLastDim(linear(u, w("in_proj_x.weight")), N, rep);
+    const { u, x, delta, Bm, Cm } = this.#mamba1InProj(p, inp, B, T);
     const conv = causalConv1d(
-      x.view([B, T, m.dInner]),
+      x,
       w("conv1d.weight").view([m.dInner, m.dConv]),
       w("conv1d.bias"),
       { silu: true, initialState: state?.conv ?? null, finalState: state !== undefined },
     );
-    const dt = linear(linear(u, w("dt_proj_down.weight")), w("dt_proj.weight"));
-    const delta = softplus(addBias(dt, w("dt_proj.bias"), 2));
-    const A = scale(exp(w("A_log")), -1);
-    const scan = selectiveScan(
-      conv.out,
-      delta.view([B, T, m.dInner]),
-      A,
-      linear(u, w("B_proj.weight")).view([B, T, m.dXb / N, N]),
-      linear(u, w("C_proj.weight")).view([B, T, m.dInner / N, N]),
-      w("D"),
-      { initialState: state?.state ?? null, finalState: state !== undefined },
-    );
+    const scan = selectiveScan(conv.out, delta, this.#mamba1A(p), Bm, Cm, w("D"), {
+      initialState: state?.state ?? null,
+      finalState: state !== undefined,
+    });
     if (state) {
       state.conv.dispose();
       state.state.dispose();
       state.conv = conv.finalState!.keep();
       state.state = scan.finalState!.keep();
     }
-    const gated = mul(scan.y.view([B * T, m.dInner]), silu(linear(u, w("in_proj_z.weight"))));
-    return { input: gated, weight: w("out_proj.weight") };
+    return this.#mamba1Out(p, u, scan.y.view([B * T, m.dInner]));
+  }
+
+  /**
+   * Mamba1's projections of a block input, shaped for the conv and the scan: the normalised input u [B*T, D] (for
+   * the z gate), x [B, T, d_inner] (repeated, before the conv), delta [B, T, d_inner], B [B, T, d_xb/N, N] and
+   * C [B, T, d_inner/N, N].
+   */
+  #mamba1InProj(
+    p: string,
+    inp: BlockInput,
+    B: number,
+    T: number,
+  ): { u: Tensor; x: Tensor; delta: Tensor; Bm: Tensor; Cm: Tensor } {
+    const m = this.mamba!;
+    // five projections of the normalised input: one norm dispatch, then plain GEMVs
+    const u = inp.normalised();
+    const N = m.dState, rep = m.dInner / m.dXb;
+    const w = (n: string) => this.param(`${p}mamba.${n}`);
+    const x = repeatGroupsLastDim(linear(u, w("in_proj_x.weight")), N, rep);
+    const dt = linear(linear(u, w("dt_proj_down.weight")), w("dt_proj.weight"));
+    const delta = softplus(addBias(dt, w("dt_proj.bias"), 2));
+    return {
+      u,
+      x: x.view([B, T, m.dInner]),
+      delta: delta.view([B, T, m.dInner]),
+      Bm: linear(u, w("B_proj.weight")).view([B, T, m.dXb / N, N]),
+      Cm: linear(u, w("C_proj.weight")).view([B, T, m.dInner / N, N]),
+    };
+  }
+
+  /** Mamba1's output: the scan output y [rows, d_inner] gated by SiLU(z) of the normalised input, then out_proj. */
+  #mamba1Out(p: string, u: Tensor, y: Tensor): OutProjection {
+    const gated = mul(y, silu(linear(u, this.param(`${p}mamba.in_proj_z.weight`))));
+    return { input: gated, weight: this.param(`${p}mamba.out_proj.weight`) };
+  }
+
+  /** A Mamba1 layer's A = -exp(A_log) [d_inner, N], in the storage dtype like the scan's other inputs. */
+  #mamba1A(p: string): Tensor {
+    return scale(exp(this.param(`${p}mamba.A_log`)), -1);
   }
 
   #mixer(p: string, u: BlockInput, B: number, T: number, state?: MambaState): OutProjection {
@@ -630,15 +658,18 @@ export class CausalLM {
   /**
    * A verification state for speculative decoding with up to `draftTokens` (K) drafts per pass: each
    * {@linkcode verifyStep} takes up to K+1 tokens and {@linkcode verifyAccept} drops the rejected ones. `mode`
-   * picks the fused Mamba2 verification kernel (default) or the unfused one-kernel-per-step baseline. Batch 1.
+   * picks the fused verification kernel of the Mamba layers (default; Mamba2 and Mamba1 alike) or the unfused
+   * one-kernel-per-step baseline. Batch 1.
    */
   newVerifyState(maxLength: number, draftTokens: number, opts: { mode?: VerifyMode } = {}): VerifyState {
     const rt = this.rt;
     if (!(Number.isInteger(draftTokens) && draftTokens >= 1)) {
       throw new Error(`newVerifyState: draftTokens must be an integer >= 1, got ${draftTokens}`);
     }
-    if (this.mamba && this.mamba.mixer !== "mamba2") {
-      throw new Error(`speculative verification supports Mamba2 layers only, not ${this.mamba.mixer}`);
+    const mixer = this.mamba?.mixer;
+    // a mixer added to MambaMixer later gets no verification kernels by default: refuse it by name
+    if (mixer !== undefined && mixer !== "mamba2" && mixer !== "mamba1") {
+      throw new Error(`speculative verification supports Mamba2 and Mamba1 layers, not ${String(mixer)}`);
     }
     const base = this.newDecodeState(1, maxLength);
     const maxTokens = draftTokens + 1;
@@ -647,13 +678,15 @@ export class CausalLM {
       rt.scope(() => {
         for (const [l, m] of base.ssm) {
           const p = layerPrefix(l);
-          const heads = this.#mamba2Heads(p).keep();
+          const heads = (mixer === "mamba1" ? this.#mamba1A(p) : this.#mamba2Heads(p)).keep();
           mamba.set(l, {
+            mixer: mixer!,
             state: m.state,
             conv: m.conv,
             ring: null,
             heads,
             cache: null,
+            steps: null,
             parity: 0,
             replay: 0,
             history: null,
@@ -712,7 +745,12 @@ export class CausalLM {
         n,
         s.kv,
         s.length,
-        (l, p, u) => this.#mamba2Verify(p, u, n, s, s.mamba.get(l)!),
+        (l, p, u) => {
+          const layer = s.mamba.get(l)!;
+          return layer.mixer === "mamba1"
+            ? this.#mamba1Verify(p, u, n, s, layer)
+            : this.#mamba2Verify(p, u, n, s, layer);
+        },
       )
         .project(this.param(LM_HEAD))
     );
@@ -722,8 +760,8 @@ export class CausalLM {
 
   /**
    * Keeps the first `keep` tokens (0..n) of the last {@linkcode verifyStep}'s n and drops the rest: KV caches are
-   * truncated, conv rings rewound, and Mamba2 states rolled back (fused: by replaying the kept cached steps inside
-   * the next pass's kernel; no recomputation either way).
+   * truncated, conv rings rewound, and Mamba states rolled back (fused: by replaying the kept cached steps inside
+   * the next pass's kernel; unfused: by restoring the saved state; no recomputation either way).
    */
   verifyAccept(s: VerifyState, keep: number): void {
     if (s.pending === 0) throw new Error("verifyAccept: no verification pass is pending");
@@ -760,6 +798,28 @@ export class CausalLM {
       dims,
     );
     return this.#mamba2Out(p, y.view([n, m.dInner]), z);
+  }
+
+  /** The Mamba1 mixer of one verification pass (see {@linkcode mamba1VerifyScan}). */
+  #mamba1Verify(
+    p: string,
+    inp: BlockInput,
+    n: number,
+    s: VerifyState,
+    layer: MambaVerifyLayer,
+  ): OutProjection {
+    const m = this.mamba!;
+    beginLayerVerification(this.rt, layer, s, null);
+    const { u, x, delta, Bm, Cm } = this.#mamba1InProj(p, inp, 1, n);
+    const y = mamba1VerifyScan(
+      layer,
+      s,
+      { x, delta, B: Bm, C: Cm },
+      this.param(`${p}mamba.conv1d.weight`).view([m.dInner, m.dConv]),
+      this.param(`${p}mamba.conv1d.bias`),
+      this.param(`${p}mamba.D`),
+    );
+    return this.#mamba1Out(p, u, y.view([n, m.dInner]));
   }
 
   /** Downloads the parameters into a CPU weight map (HF names; the tied lm_head aliases the embedding). */

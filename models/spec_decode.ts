@@ -6,7 +6,7 @@
  * drafts in one {@linkcode CausalLM.verifyStep} (K+1 positions); the acceptance rule of `speculative.ts` keeps a
  * prefix of the drafts and emits one more token of the target's own (the correction or the bonus token); both
  * models then drop what was rejected: the target through its verification state (KV truncation, conv ring index,
- * Mamba2 snapshot replay: no recomputation), the draft by truncating its KV caches (a Transformer draft) or by
+ * Mamba snapshot replay: no recomputation), the draft by truncating its KV caches (a Transformer draft) or by
  * restoring a state snapshot and re-running the kept tokens (a draft with Mamba layers).
  *
  * Both models have consumed every committed token except the last one, `x0`, which opens the next pass: the

@@ -33,7 +33,7 @@ export interface MeasureOptions {
   warmup?: number;
   /** End-of-sequence ids. */
   eosIds?: readonly number[];
-  /** Mamba2 verification mode (default fused). */
+  /** Mamba verification mode (default fused). */
   mode?: VerifyMode;
   /** Aborts between decodes. */
   signal?: AbortSignal;

@@ -94,6 +94,57 @@ stages:
   },
 );
 
+Deno.test(
+  "spec_bench on a Mamba1 hybrid from map_weights: fused and unfused verification, no greedy mismatch",
+  gpuTestOptions,
+  async () => {
+    const p = tempProject();
+    try {
+      const recipe = p.write(
+        "spec.yaml",
+        `name: spec-mamba1
+settings: { seed: 5, gpu: builtin }
+stages:
+  hybrid:
+    kind: map_weights
+    params: { attn_layers: [1, 3], mixer: mamba1 }
+    inputs: { teacher: ${TEACHER} }
+  draft:
+    kind: make_draft
+    params: { layers: [0, 4] }
+    inputs: { teacher: ${TEACHER} }
+  fused:
+    kind: spec_bench
+    params: { k: [2], max_new_tokens: 5, warmup: 0, ignore_eos: true, prompts: ["Once upon a time"] }
+    inputs: { target: "\${hybrid.model}", draft: "\${draft.model}" }
+  unfused:
+    kind: spec_bench
+    params: { k: [3], max_new_tokens: 5, warmup: 0, ignore_eos: true, verify: unfused, prompts: ["The cat"] }
+    inputs: { target: "\${hybrid.model}", draft: "\${draft.model}" }
+`,
+      );
+      const r = await runCli(["run", recipe]);
+      assert.equal(r.code, 0, r.stdout + r.stderr);
+      const hybrid = await loadModel(outputPath("hybrid", "model", p));
+      assert.ok(
+        hybrid.kind === "hybrid" && hybrid.mamba.mixer === "mamba1",
+        "map_weights made a Mamba1 hybrid",
+      );
+      for (const stage of ["fused", "unfused"]) {
+        const res = parseSpecBenchResults(
+          JSON.parse(await Deno.readTextFile(join(outputPath(stage, "results", p), "results.json"))),
+          `${stage} results.json`,
+        );
+        assert.deepEqual(res.greedy_mismatches, [], stage);
+        assert.equal(res.verify, stage);
+        assert.ok(res.results[0].acceptance_histogram.reduce((a, b) => a + b, 0) >= 1, `${stage}: passes`);
+      }
+    } finally {
+      await p.cleanup();
+    }
+  },
+);
+
 Deno.test("spec_bench without prompts is a user error naming the fix", gpuTestOptions, async () => {
   const p = tempProject();
   try {
