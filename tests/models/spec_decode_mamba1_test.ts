@@ -4,11 +4,11 @@ import { loadModel } from "../../models/checkpoint.ts";
 import { buildDraftModel } from "../../models/draft.ts";
 import { mapAttentionToMamba1 } from "../../models/mapping.ts";
 import { dampLayers } from "../../models/random_init.ts";
-import { plainGenerate, speculativeGenerate } from "../../models/spec_decode.ts";
 import { Tokenizer } from "../../models/tokenizer.ts";
 import type { HybridModel, Model } from "../../models/weights.ts";
 import { Rng } from "../../util/rng.ts";
 import { FIXTURE_MODELS, fixturePath } from "../reference/fixtures.ts";
+import { assertSpeculativeIsGreedy } from "../helpers/speculative.ts";
 import { gpuTestOptions, maxAbsDiff, testRuntime } from "../helpers/gpu.ts";
 
 // Speculative verification of a Mamba1 hybrid (method.md 1.2 and 3). Mamba1 has no official fixture, so the
@@ -49,7 +49,7 @@ function load(): Promise<Fixture> {
   return fixture;
 }
 
-const GREEDY = { temperature: 0 } as const;
+const K_ALL = [1, 2, 3, 4, 5, 6, 7, 8];
 const NEW_TOKENS = 12;
 
 function maxAbs(a: ArrayLike<number>): number {
@@ -159,27 +159,13 @@ Deno.test(
   gpuTestOptions,
   async () => {
     const { target, teacherDraft, prompt } = await load();
-    const ref = await plainGenerate(target, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
-    assert.equal(ref.tokens.length, NEW_TOKENS);
-    for (let k = 1; k <= 8; k++) {
-      const r = await speculativeGenerate(target, teacherDraft, prompt, {
-        k,
-        maxNewTokens: NEW_TOKENS,
-        sampling: GREEDY,
-      });
-      assert.deepEqual(r.tokens, ref.tokens, `K=${k}`);
-      assert.equal(r.histogram.reduce((a, b) => a + b), r.passes);
-    }
+    await assertSpeculativeIsGreedy(target, teacherDraft, prompt, { ks: K_ALL, maxNewTokens: NEW_TOKENS });
     // this pair rejects often, so it is the one whose tokens catch a broken unfused state restore
-    for (const k of [2, 5]) {
-      const r = await speculativeGenerate(target, teacherDraft, prompt, {
-        k,
-        maxNewTokens: NEW_TOKENS,
-        sampling: GREEDY,
-        mode: "unfused",
-      });
-      assert.deepEqual(r.tokens, ref.tokens, `unfused K=${k}`);
-    }
+    await assertSpeculativeIsGreedy(target, teacherDraft, prompt, {
+      ks: [2, 5],
+      mode: "unfused",
+      maxNewTokens: NEW_TOKENS,
+    });
   },
 );
 
@@ -188,28 +174,16 @@ Deno.test(
   gpuTestOptions,
   async () => {
     const { agreeTarget, agreeDraft, prompt } = await load();
-    const ref = await plainGenerate(agreeTarget, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
-    let full = 0, partial = 0;
-    for (let k = 1; k <= 8; k++) {
-      const r = await speculativeGenerate(agreeTarget, agreeDraft, prompt, {
-        k,
-        maxNewTokens: NEW_TOKENS,
-        sampling: GREEDY,
-      });
-      assert.deepEqual(r.tokens, ref.tokens, `K=${k}`);
-      full += r.histogram[k];
-      partial += r.passes - r.histogram[k];
-    }
+    const { full, partial } = await assertSpeculativeIsGreedy(agreeTarget, agreeDraft, prompt, {
+      ks: K_ALL,
+      maxNewTokens: NEW_TOKENS,
+    });
     // both rollback paths ran: passes accepting every draft and passes rejecting one
     assert.ok(full > 0 && partial > 0, `full ${full}, partial ${partial}`);
-    for (const k of [2, 5]) {
-      const r = await speculativeGenerate(agreeTarget, agreeDraft, prompt, {
-        k,
-        maxNewTokens: NEW_TOKENS,
-        sampling: GREEDY,
-        mode: "unfused",
-      });
-      assert.deepEqual(r.tokens, ref.tokens, `unfused K=${k}`);
-    }
+    await assertSpeculativeIsGreedy(agreeTarget, agreeDraft, prompt, {
+      ks: [2, 5],
+      mode: "unfused",
+      maxNewTokens: NEW_TOKENS,
+    });
   },
 );

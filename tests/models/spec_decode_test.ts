@@ -8,6 +8,7 @@ import { generate } from "../../models/generate.ts";
 import { Tokenizer } from "../../models/tokenizer.ts";
 import type { Model } from "../../models/weights.ts";
 import { FIXTURE_MODELS, fixturePath } from "../reference/fixtures.ts";
+import { assertSpeculativeIsGreedy } from "../helpers/speculative.ts";
 import { assertClose, gpuTestOptions, maxAbsDiff, testRuntime } from "../helpers/gpu.ts";
 
 // The fixture hybrid (Mamba2 on layers 0, 2, 4; attention on 1, 3) is the target throughout. Drafts:
@@ -49,6 +50,7 @@ function load(): Promise<Fixture> {
 
 const GREEDY = { temperature: 0 } as const;
 const NEW_TOKENS = 12;
+const K_ALL = [1, 2, 3, 4, 5, 6, 7, 8];
 
 Deno.test(
   "verify state: fused and unfused passes give the full forward's logits through partial, full and zero acceptance",
@@ -133,20 +135,12 @@ Deno.test(
   gpuTestOptions,
   async () => {
     const { target, teacherDraft, prompt } = await load();
-    const ref = await plainGenerate(target, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
-    for (let k = 1; k <= 8; k++) {
-      const reads = target.rt.dev.stats.reads;
-      const r = await speculativeGenerate(target, teacherDraft, prompt, {
-        k,
-        maxNewTokens: NEW_TOKENS,
-        sampling: GREEDY,
-      });
-      assert.deepEqual(r.tokens, ref.tokens, `K=${k}`);
-      assert.equal(r.histogram.length, k + 1);
-      assert.equal(r.histogram.reduce((a, b) => a + b), r.passes);
-      // one GPU->CPU read per pass (drafts and target argmaxes together), plus the wait after the prefill
-      assert.equal(target.rt.dev.stats.reads - reads, r.passes + 1, `K=${k}: reads`);
-    }
+    // one GPU->CPU read per pass: drafts and target argmaxes together
+    await assertSpeculativeIsGreedy(target, teacherDraft, prompt, {
+      ks: K_ALL,
+      maxNewTokens: NEW_TOKENS,
+      onePassOneRead: true,
+    });
   },
 );
 
@@ -155,18 +149,10 @@ Deno.test(
   gpuTestOptions,
   async () => {
     const { agreeTarget, agreeDraft, prompt } = await load();
-    const ref = await plainGenerate(agreeTarget, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
-    let full = 0, partial = 0;
-    for (let k = 1; k <= 8; k++) {
-      const r = await speculativeGenerate(agreeTarget, agreeDraft, prompt, {
-        k,
-        maxNewTokens: NEW_TOKENS,
-        sampling: GREEDY,
-      });
-      assert.deepEqual(r.tokens, ref.tokens, `K=${k}`);
-      full += r.histogram[k];
-      partial += r.passes - r.histogram[k];
-    }
+    const { full, partial } = await assertSpeculativeIsGreedy(agreeTarget, agreeDraft, prompt, {
+      ks: K_ALL,
+      maxNewTokens: NEW_TOKENS,
+    });
     // both rollback paths ran: passes accepting every draft and passes rejecting one
     assert.ok(full > 0 && partial > 0, `full ${full}, partial ${partial}`);
   },
@@ -178,16 +164,11 @@ Deno.test(
   async () => {
     const { agreeTarget, agreeDraft, target, teacherDraft, prompt } = await load();
     for (const [t, d] of [[agreeTarget, agreeDraft], [target, teacherDraft]]) {
-      const ref = await plainGenerate(t, prompt, { maxNewTokens: NEW_TOKENS, sampling: GREEDY });
-      for (const k of [2, 5]) {
-        const r = await speculativeGenerate(t, d, prompt, {
-          k,
-          maxNewTokens: NEW_TOKENS,
-          sampling: GREEDY,
-          mode: "unfused",
-        });
-        assert.deepEqual(r.tokens, ref.tokens, `unfused K=${k}`);
-      }
+      await assertSpeculativeIsGreedy(t, d, prompt, {
+        ks: [2, 5],
+        mode: "unfused",
+        maxNewTokens: NEW_TOKENS,
+      });
     }
   },
 );
