@@ -104,6 +104,39 @@ async function decodeLogits(lm: CausalLM, ids: Int32Array, prefill: number): Pro
   }
 }
 
+/** [start, tokens, keep] verification passes with K = 4: partial, full and zero acceptance. */
+const VERIFY_PLAN = [[3, 5, 2], [5, 5, 5], [10, 4, 0], [10, 5, 1], [11, 3, 3], [14, 2, 2]];
+
+/**
+ * Runs {@linkcode VERIFY_PLAN} on `lm` (prefill of the prompt's first 3 tokens, then verify and accept per pass)
+ * and checks each pass's logits against the full forward's `full` within `bound`; returns them.
+ */
+async function verifyAgainstForward(
+  lm: CausalLM,
+  full: Float32Array,
+  mode: "fused" | "unfused",
+  bound: { max: number; rms: number },
+): Promise<Float32Array[]> {
+  const rt = lm.rt, V = lm.config.vocabSize;
+  const out: Float32Array[] = [];
+  const s = lm.newVerifyState(32, 4, { mode });
+  try {
+    await rt.scope(async () => {
+      lm.verifyPrefill(s, PROMPT.slice(0, 3), 3);
+      for (const [start, n, keep] of VERIFY_PLAN) {
+        const v = (await lm.verifyStep(s, PROMPT.slice(start, start + n), n).read()) as Float32Array;
+        out.push(v);
+        const e = relErr(v, full.subarray(start * V, (start + n) * V));
+        assert.ok(e.max <= bound.max && e.rms <= bound.rms, `${mode} @${start}: ${JSON.stringify(e)}`);
+        lm.verifyAccept(s, keep);
+      }
+    });
+  } finally {
+    lm.disposeVerifyState(s);
+  }
+  return out;
+}
+
 // The decode paths round the same f16 activations as the full forward but sum in other orders (fused GEMVs,
 // the one-token scan step instead of the chunked scan), so a stored value can move by an f16 ulp that later
 // layers amplify; measured up to 4.0e-3 (max) / 1.0e-3 (rms) of max|logit|.
@@ -116,7 +149,6 @@ Deno.test(
     const rt = await testRuntime();
     if (skip(rt, "f16 hybrid decode")) return;
     const lm = CausalLM.fromModel(rt, await fixtureHybrid(), { dtype: "f16" });
-    const V = lm.config.vocabSize;
     try {
       const full = await logitsOf(lm, PROMPT);
       const dec = await decodeLogits(lm, PROMPT, 5);
@@ -125,26 +157,8 @@ Deno.test(
         e.max <= VS_FORWARD.max && e.rms <= VS_FORWARD.rms,
         `f16 decode vs forward: ${JSON.stringify(e)}`,
       );
-      // [start, tokens, keep] passes with K = 4: partial, full and zero acceptance
-      const plan = [[3, 5, 2], [5, 5, 5], [10, 4, 0], [10, 5, 1], [11, 3, 3], [14, 2, 2]];
       for (const mode of ["fused", "unfused"] as const) {
-        const s = lm.newVerifyState(32, 4, { mode });
-        try {
-          await rt.scope(async () => {
-            lm.verifyPrefill(s, PROMPT.slice(0, 3), 3);
-            for (const [start, n, keep] of plan) {
-              const got = await lm.verifyStep(s, PROMPT.slice(start, start + n), n).read();
-              const ev = relErr(got, full.subarray(start * V, (start + n) * V));
-              assert.ok(
-                ev.max <= VS_FORWARD.max && ev.rms <= VS_FORWARD.rms,
-                `${mode} @${start}: ${JSON.stringify(ev)}`,
-              );
-              lm.verifyAccept(s, keep);
-            }
-          });
-        } finally {
-          lm.disposeVerifyState(s);
-        }
+        await verifyAgainstForward(lm, full, mode, VS_FORWARD);
       }
     } finally {
       lm.dispose();
@@ -165,32 +179,12 @@ Deno.test(
     const rt = await testRuntime();
     if (skip(rt, "f16 mamba1 verify")) return;
     const lm = CausalLM.fromModel(rt, await mamba1Hybrid(), { dtype: "f16" });
-    const V = lm.config.vocabSize;
     try {
       const full = await logitsOf(lm, PROMPT);
-      // the same passes as the Mamba2 test above
-      const plan = [[3, 5, 2], [5, 5, 5], [10, 4, 0], [10, 5, 1], [11, 3, 3], [14, 2, 2]];
-      const got: Record<string, Float32Array[]> = { fused: [], unfused: [] };
-      for (const mode of ["fused", "unfused"] as const) {
-        const s = lm.newVerifyState(32, 4, { mode });
-        try {
-          await rt.scope(async () => {
-            lm.verifyPrefill(s, PROMPT.slice(0, 3), 3);
-            for (const [start, n, keep] of plan) {
-              const v = (await lm.verifyStep(s, PROMPT.slice(start, start + n), n).read()) as Float32Array;
-              got[mode].push(v);
-              const ev = relErr(v, full.subarray(start * V, (start + n) * V));
-              assert.ok(
-                ev.max <= M1_VERIFY.max && ev.rms <= M1_VERIFY.rms,
-                `mamba1 ${mode} @${start}: ${JSON.stringify(ev)}`,
-              );
-              lm.verifyAccept(s, keep);
-            }
-          });
-        } finally {
-          lm.disposeVerifyState(s);
-        }
-      }
+      const got = {
+        fused: await verifyAgainstForward(lm, full, "fused", M1_VERIFY),
+        unfused: await verifyAgainstForward(lm, full, "unfused", M1_VERIFY),
+      };
       // one step kernel per token and the fused kernel do the same arithmetic on the same f16 inputs
       got.fused.forEach((f, i) =>
         assert.equal(maxAbsDiff(f, got.unfused[i]), 0, `pass ${i}: fused != unfused`)
