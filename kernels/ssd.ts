@@ -56,6 +56,8 @@
  * columns interleaved by 16 so shared-memory reads are broadcasts or consecutive). The Q x Q intra-chunk block is
  * formed 64 x 64 at a time in workgroup memory (the "W" block), then multiplied into the accumulators, so the
  * workgroup memory stays at 29 KB for any chunk size, head dim or state dim (dims above 64 use more tiles).
+ * Devices that allow less (WebGPU's default is 16 KiB) get the `narrow` tiling of the row products: 64 x 32 W
+ * blocks and k slices of 8, 15 KB ({@linkcode SsdRowsTiling}). Every other scan kernel needs at most 8 KB.
  *
  * Working buffers (f32, allocated by the op): `csd` = [cs (B,H,L) | delta (B,H,L) | A (H) | D (H)];
  * `states` [B, nc, H, P, N]; row partials [4, B, L, H, CT]; dT partials [B, H, nc, E]; head partials
@@ -113,6 +115,31 @@ export interface SsdDtLayout {
 /** Rows and columns of one workgroup tile of the chunk products. */
 export const SSD_TILE = 64;
 const TK = 16;
+
+/**
+ * Workgroup tilings of {@linkcode ssdChunkRows}; both own 64 x 64 output tiles (so the launch grid and the row
+ * partials are the same) and differ in the intra-chunk block and the k slices:
+ * - `wide`: 64 x 64 blocks of positions, slices of 16; 29,760 bytes of workgroup memory. The fast path.
+ * - `narrow`: 64 x 32 blocks, slices of 8; 15,136 bytes, within WebGPU's default 16 KiB
+ *   `maxComputeWorkgroupStorageSize` (Dawn's null backend, many mobile GPUs), with twice the barriers per product.
+ */
+export type SsdRowsTiling = "wide" | "narrow";
+
+/** Positions per intra-chunk block and the depth of one k slice, per tiling. */
+const ROWS_TILES: Record<SsdRowsTiling, { block: number; slice: number }> = {
+  wide: { block: SSD_TILE, slice: 16 },
+  narrow: { block: 32, slice: 8 },
+};
+
+/** Bytes of workgroup memory one {@linkcode ssdChunkRows} workgroup declares with this tiling. */
+export function ssdRowsSharedBytes(tiling: SsdRowsTiling): number {
+  const { block, slice } = ROWS_TILES[tiling];
+  // sA, sB (rows padded by one), sW, sZ, then the per-row and per-position cs/delta
+  const floats = SSD_TILE * slice + (SSD_TILE + 1) * slice + SSD_TILE * block + slice * SSD_TILE +
+    2 * SSD_TILE + 2 * block;
+  return 4 * floats;
+}
+
 /** Elements of (p, n) one state-pass workgroup reduces (its dT partial). */
 export const SSD_STATE_BLOCK = 256;
 
@@ -545,7 +572,19 @@ const ROW_SLOTS: Record<SsdRowsVariant, string> = {
   dC: "3u",
 };
 
-function rowsCode(v: SsdRowsVariant): string {
+function rowsCode(v: SsdRowsVariant, tiling: SsdRowsTiling): string {
+  const { block, slice } = ROWS_TILES[tiling];
+  // The row-sum epilogue reuses sW for 2 x 64 rows x 16 threads of partials.
+  if (SSD_TILE * block < 2 * SSD_TILE * 16) {
+    throw new Error(`ssd rows: a ${block}-wide block cannot hold the row sums`);
+  }
+  // Each thread owns 4 rows x (block / 16) positions of the W block, interleaved by 16 like the output tile.
+  const wj = block / 16;
+  const wvec = `vec${wj}<f32>`;
+  const wcols = Array.from({ length: wj }, (_, j) => `sB[kk * SBS + tx${j ? ` + ${16 * j}u` : ""}]`).join(
+    ", ",
+  );
+  const wsum = Array.from({ length: 4 }, (_, i) => `wacc[${i}] += a.${"xyzw"[i]} * bv;`).join("\n        ");
   const lower = v === "y" || v === "dC";
   const transposedS = v === "y" || v === "dx";
   const hasE = v !== "y";
@@ -644,18 +683,18 @@ ${hasE ? "@group(0) @binding(7) var<storage, read_write> R: array<f32>;" : ""}
 ${CSD_HELPERS}
 const TR = ${SSD_TILE}u;
 const TC = ${SSD_TILE}u;
-const TB = ${SSD_TILE}u;
-const TK = ${TK}u;
+const TB = ${block}u;
+const TK = ${slice}u;
 const SBS = ${SSD_TILE + 1}u;
-var<workgroup> sA: array<f32, ${SSD_TILE * TK}>;
+var<workgroup> sA: array<f32, ${SSD_TILE * slice}>;
 // rows padded to 65: the transposing stores below would hit one bank 16 times with a stride of 64
-var<workgroup> sB: array<f32, ${(SSD_TILE + 1) * TK}>;
-var<workgroup> sW: array<f32, ${SSD_TILE * SSD_TILE}>;
-var<workgroup> sZ: array<f32, ${SSD_TILE * TK}>;
+var<workgroup> sB: array<f32, ${(SSD_TILE + 1) * slice}>;
+var<workgroup> sW: array<f32, ${SSD_TILE * block}>;
+var<workgroup> sZ: array<f32, ${SSD_TILE * slice}>;
 var<workgroup> sRowCs: array<f32, ${SSD_TILE}>;
 var<workgroup> sRowD: array<f32, ${SSD_TILE}>;
-var<workgroup> sKCs: array<f32, ${SSD_TILE}>;
-var<workgroup> sKD: array<f32, ${SSD_TILE}>;
+var<workgroup> sKCs: array<f32, ${block}>;
+var<workgroup> sKD: array<f32, ${block}>;
 
 // Group offsets of this workgroup's head, computed once (integer division is slow on GPUs).
 var<private> uBase: u32;
@@ -747,7 +786,7 @@ fn main(${ENTRY_ARGS}) {
     acc[i] *= ${rowScale};
   }
 
-  // Intra-chunk term, one 64 x 64 block of positions at a time: W = mask(U V^T) * decay, then acc += W Z.
+  // Intra-chunk term, one 64 x ${block} block of positions at a time: W = mask(U V^T) * decay, then acc += W Z.
   let kbEnd = ${lower ? "min(r0 + TR, clen)" : "clen"};
   for (var kb = ${lower ? "0u" : "r0"}; kb < kbEnd; kb += TB) {
     if (li < TB) {
@@ -761,8 +800,8 @@ fn main(${ENTRY_ARGS}) {
       sKD[li] = dk;
     }
     // zeroed by assignment each block: a loop-local declaration may be hoisted and initialised only once
-    var wacc: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) { wacc[i] = vec4<f32>(); }
+    var wacc: array<${wvec}, 4>;
+    for (var i = 0u; i < 4u; i++) { wacc[i] = ${wvec}(); }
     for (var k0 = 0u; k0 < kdim; k0 += TK) {
       load_rows(b, t0, r0, clen, k0, li);
       for (var e = li; e < TK * TB; e += 256u) {
@@ -775,11 +814,8 @@ fn main(${ENTRY_ARGS}) {
       workgroupBarrier();
       for (var kk = 0u; kk < TK; kk++) {
         let a = vec4<f32>(sA[ty * TK + kk], sA[(ty + 16u) * TK + kk], sA[(ty + 32u) * TK + kk], sA[(ty + 48u) * TK + kk]);
-        let bv = vec4<f32>(sB[kk * SBS + tx], sB[kk * SBS + tx + 16u], sB[kk * SBS + tx + 32u], sB[kk * SBS + tx + 48u]);
-        wacc[0] += a.x * bv;
-        wacc[1] += a.y * bv;
-        wacc[2] += a.z * bv;
-        wacc[3] += a.w * bv;
+        let bv = ${wvec}(${wcols});
+        ${wsum}
       }
       workgroupBarrier();
     }
@@ -788,7 +824,7 @@ fn main(${ENTRY_ARGS}) {
       let rl = ty + 16u * i;
       let row = r0 + rl;
       let cr = sRowCs[rl];
-      for (var j = 0u; j < 4u; j++) {
+      for (var j = 0u; j < ${wj}u; j++) {
         let pl = tx + 16u * j;
         let k = kb + pl;
         var val = 0.0;
@@ -829,7 +865,8 @@ ${epilogue}
  * One of the four row products (see {@linkcode SsdRowsVariant}). `U`, `V`, `Z` (and `E`, the operand of the
  * epilogue: x for `dx`, B for `dB`, C for `dC`; unused for `y`, whose skip term reads Z = x) are grouped
  * operands; `U` and `V` share a dim (the dot-product length), `Z` and `E` have the output's dim. `out` is written
- * per head h: `out.offset + (b L + t) out.stride + h Z.dim + col`.
+ * per head h: `out.offset + (b L + t) out.stride + h Z.dim + col`. `tiling` picks the workgroup memory footprint
+ * ({@linkcode SsdRowsTiling}; same results up to f32 summation order); each tiling has its own kernel key.
  * Bindings: U, V, Z, S [B, nc, H, P, N], csd, [E], out (rw), [row partials (rw) [4, B, L, H, CT]].
  */
 export function ssdChunkRows(
@@ -840,15 +877,16 @@ export function ssdChunkRows(
   Z: SsdOperand,
   E: SsdOperand | null,
   out: SsdOutputLayout,
+  tiling: SsdRowsTiling = "wide",
 ): Launch {
   if (U.dim !== V.dim) throw new Error(`ssdChunkRows: U dim ${U.dim} != V dim ${V.dim}`);
   const hasE = variant !== "y";
-  const spec = cached(`ssd_rows_${variant}`, () => ({
+  const spec = cached(`ssd_rows_${variant}${tiling === "wide" ? "" : `_${tiling}`}`, () => ({
     bindings: hasE
       ? ["read", "read", "read", "read", "read", "read", "rw", "rw"]
       : ["read", "read", "read", "read", "read", "rw"],
     uniformBytes: DIMS_BYTES,
-    code: rowsCode(variant),
+    code: rowsCode(variant, tiling),
   }));
   const colTiles = ceilDiv(Z.dim, SSD_TILE);
   const rowTiles = ceilDiv(s.chunk, SSD_TILE);

@@ -31,6 +31,8 @@ import {
   ssdHeadReduce,
   type SsdOperand,
   type SsdOutputLayout,
+  ssdRowsSharedBytes,
+  type SsdRowsTiling,
   type SsdShape,
   ssdStatePass,
   ssdStatePassBackward,
@@ -102,6 +104,25 @@ export type SsdScanArgs = SsdScanSeparate | SsdScanPacked;
 export interface SsdScanOptions {
   /** Chunk length Q (default 64). Changes only rounding. */
   chunkSize?: number;
+  /**
+   * Workgroup tiling of the row products (default: what {@linkcode ssdRowsTilingFor} picks for the device's
+   * limits). Changes only rounding; forcing one is for tests and benchmarks.
+   */
+  rowsTiling?: SsdRowsTiling;
+}
+
+/**
+ * The tiling of the row products for a device: `wide` (the fast path) where its workgroup memory fits, else
+ * `narrow`, which fits WebGPU's default 16 KiB; throws below that, naming both sizes.
+ */
+export function ssdRowsTilingFor(limits: { maxComputeWorkgroupStorageSize: number }): SsdRowsTiling {
+  const have = limits.maxComputeWorkgroupStorageSize;
+  for (const t of ["wide", "narrow"] as const) if (ssdRowsSharedBytes(t) <= have) return t;
+  throw new Error(
+    `ssdScan: the row products need ${
+      ssdRowsSharedBytes("narrow")
+    } bytes of workgroup memory, the device allows ${have}`,
+  );
 }
 
 /** Outputs of {@linkcode ssdScan}. */
@@ -128,6 +149,7 @@ function expectShape(name: string, t: Tensor, shape: number[]): void {
 
 interface Resolved {
   shape: SsdShape;
+  tiling: SsdRowsTiling;
   dims: SsdDims;
   x: SsdOperand;
   B: SsdOperand;
@@ -138,7 +160,9 @@ interface Resolved {
   packed: boolean;
 }
 
-function resolve(args: SsdScanArgs, chunk: number): Resolved {
+function resolve(args: SsdScanArgs, opts: SsdScanOptions): Resolved {
+  const chunk = opts.chunkSize ?? SSD_DEFAULT_CHUNK;
+  const tiling = opts.rowsTiling ?? ssdRowsTilingFor(args.dt.rt.dev.limits);
   const [batch, seqlen, heads] = args.dt.shape;
   if (args.dt.shape.length !== 3) {
     throw new Error(`ssdScan: dt must be [B, L, H], found ${shapeStr(args.dt.shape)}`);
@@ -198,6 +222,7 @@ function resolve(args: SsdScanArgs, chunk: number): Resolved {
   if (args.initialState) expectShape("initialState", args.initialState, [batch, heads, dims.dimP, dims.dimN]);
   return {
     shape: { batch, seqlen, heads, dimP: dims.dimP, dimN: dims.dimN, chunk },
+    tiling,
     dims,
     x,
     B,
@@ -218,7 +243,7 @@ export function ssdScan(args: SsdScanArgs, opts: SsdScanOptions = {}): SsdScanRe
   if (scanTensors(args).some((t) => t.dtype === "f16")) {
     return ssdScanWidened(args, opts, ("xBC" in args ? args.xBC : args.x).dtype === "f16" ? "f16" : "f32");
   }
-  const r = resolve(args, opts.chunkSize ?? SSD_DEFAULT_CHUNK);
+  const r = resolve(args, opts);
   const rt = args.dt.rt;
   const saved = ssdScanForward(rt, r, args);
   const { y, finalState } = saved;
@@ -286,7 +311,14 @@ function ssdScanForward(rt: Runtime, r: Resolved, args: SsdScanArgs): SsdSaved &
     finalState,
   ]);
   const yLayout: SsdOutputLayout = { offset: 0, stride: s.heads * s.dimP };
-  dispatch(rt, ssdChunkRows("y", s, r.C, r.B, r.x, null, yLayout), [r.CT, r.BT, r.xT, states, csd, y]);
+  dispatch(rt, ssdChunkRows("y", s, r.C, r.B, r.x, null, yLayout, r.tiling), [
+    r.CT,
+    r.BT,
+    r.xT,
+    states,
+    csd,
+    y,
+  ]);
   return { csd, states, finalState, y };
 }
 
@@ -375,7 +407,7 @@ function ssdScanBackward(
     };
   };
   const dx = perHead(r.x, gxT);
-  dispatch(rt, ssdChunkRows("dx", s, r.B, r.C, dyOp, r.x, dx.layout), [
+  dispatch(rt, ssdChunkRows("dx", s, r.B, r.C, dyOp, r.x, dx.layout, r.tiling), [
     r.BT,
     r.CT,
     gy,
@@ -387,7 +419,7 @@ function ssdScanBackward(
   ]);
   dx.finish();
   const dB = perHead(r.B, gBT);
-  dispatch(rt, ssdChunkRows("dB", s, r.x, dyOp, r.C, r.B, dB.layout), [
+  dispatch(rt, ssdChunkRows("dB", s, r.x, dyOp, r.C, r.B, dB.layout, r.tiling), [
     r.xT,
     gy,
     r.CT,
@@ -399,7 +431,7 @@ function ssdScanBackward(
   ]);
   dB.finish();
   const dC = perHead(r.C, gCT);
-  dispatch(rt, ssdChunkRows("dC", s, dyOp, r.x, r.B, r.C, dC.layout), [
+  dispatch(rt, ssdChunkRows("dC", s, dyOp, r.x, r.B, r.C, dC.layout, r.tiling), [
     gy,
     r.xT,
     r.BT,
@@ -454,7 +486,7 @@ export function ssdScanVjp(
   opts: SsdScanOptions = {},
 ): SsdScanResult & { grads: SsdScanGrads } {
   const rt = args.dt.rt;
-  const r = resolve(args, opts.chunkSize ?? SSD_DEFAULT_CHUNK);
+  const r = resolve(args, opts);
   const fwd = rt.noGrad(() => ssdScanForward(rt, r, args));
   const grads = rt.noGrad(() => ssdScanBackward(rt, r, args, fwd, gy, gFinal));
   fwd.csd.dispose();

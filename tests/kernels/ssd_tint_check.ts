@@ -1,0 +1,102 @@
+/**
+ * Builds a compute pipeline for every kernel of the Mamba2 scan (chunked forward and backward, both row-product
+ * tilings, decode step and verification) on a Dawn null-backend device, whose adapter offers only WebGPU's
+ * default 16 KiB of workgroup memory (the test checks the limit it ran under): the pipeline step is where Dawn
+ * enforces that limit, which the kernel tests on llvmpipe (32 KiB) cannot see. The `wide` row products must be refused there (the control that the limit is
+ * checked at all); everything else must compile. Prints one JSON line:
+ * `{ limit, kernels, failures: string[], wideRefused: string[] }`, or `{ skipped: reason }`.
+ *
+ * Run by `ssd_tint_test.ts` in a subprocess (like dense_tint_check.ts, for the same reasons).
+ *
+ * @module
+ */
+import type { KernelSpec } from "../../kernels/kernel.ts";
+import {
+  ssdChunkCumsum,
+  ssdChunkRows,
+  ssdChunkState,
+  ssdDecayGrad,
+  ssdGroupSum,
+  ssdHeadReduce,
+  type SsdOperand,
+  type SsdRowsTiling,
+  type SsdRowsVariant,
+  type SsdShape,
+  ssdStatePass,
+  ssdStatePassBackward,
+} from "../../kernels/ssd.ts";
+import { ssdStepContiguous, ssdStepKernel, ssdVerifyKernel } from "../../kernels/ssd_step.ts";
+import { compileFailure, dawnNullDevice } from "../helpers/tint.ts";
+
+function allSpecs(): { spec: KernelSpec; tiling?: SsdRowsTiling }[] {
+  const s: SsdShape = { batch: 1, seqlen: 37, heads: 4, dimP: 6, dimN: 10, chunk: 16 };
+  const op = (dim: number): SsdOperand => ({ offset: 0, stride: 4 * dim, heads: 4, dim });
+  const out = { offset: 0, stride: 24 };
+  const specs: { spec: KernelSpec; tiling?: SsdRowsTiling }[] = [];
+  for (const softplus of [false, true]) {
+    specs.push({ spec: ssdChunkCumsum(s, { offset: 0, stride: 4 }, softplus).spec });
+    specs.push({ spec: ssdDecayGrad(s, { offset: 0, stride: 4 }, softplus).spec });
+    specs.push({ spec: ssdHeadReduce(s, softplus).spec });
+  }
+  for (const mode of ["state", "output"] as const) {
+    specs.push({ spec: ssdChunkState(s, op(6), op(10), mode).spec });
+  }
+  specs.push({ spec: ssdStatePass(s, true).spec }, { spec: ssdStatePassBackward(s, true, true).spec });
+  specs.push({ spec: ssdGroupSum(s, 2, 6, out).spec });
+  for (const tiling of ["wide", "narrow"] as const) {
+    for (const v of ["y", "dx", "dB", "dC"] as SsdRowsVariant[]) {
+      const [U, V, Z] = v === "y" || v === "dB" ? [op(10), op(10), op(6)] : [op(6), op(6), op(10)];
+      specs.push({ spec: ssdChunkRows(v, s, U, V, Z, v === "y" ? null : Z, out, tiling).spec, tiling });
+    }
+  }
+  const step = { batch: 1, heads: 4, headsX: 4, headsB: 1, headsC: 1, dimP: 6, dimN: 10 };
+  for (const softplus of [false, true]) {
+    specs.push({ spec: ssdStepKernel(step, ssdStepContiguous(step, 1), softplus).spec });
+    specs.push({ spec: ssdVerifyKernel(step, ssdStepContiguous(step, 3), softplus, 3, 3, 0).spec });
+  }
+  return [...new Map(specs.map((e) => [e.spec.key, e])).values()];
+}
+
+async function check(device: GPUDevice) {
+  const failures: string[] = [];
+  const wideRefused: string[] = [];
+  const specs = allSpecs();
+  for (const { spec, tiling } of specs) {
+    const entries: GPUBindGroupLayoutEntry[] = spec.bindings.map((a, i) => ({
+      binding: i,
+      visibility: GPUShaderStage.COMPUTE,
+      buffer: { type: a === "read" ? "read-only-storage" : "storage" },
+    }));
+    if (spec.uniformBytes) {
+      entries.push({
+        binding: spec.bindings.length,
+        visibility: GPUShaderStage.COMPUTE,
+        buffer: { type: "uniform", hasDynamicOffset: true, minBindingSize: spec.uniformBytes },
+      });
+    }
+    device.pushErrorScope("validation");
+    const module = device.createShaderModule({ code: spec.code });
+    device.createComputePipeline({
+      layout: device.createPipelineLayout({ bindGroupLayouts: [device.createBindGroupLayout({ entries })] }),
+      compute: { module, entryPoint: spec.entryPoint ?? "main", constants: spec.constants },
+    });
+    const failure = await compileFailure(spec.key, await device.popErrorScope(), module);
+    if (tiling === "wide") {
+      if (failure?.includes("workgroup storage")) wideRefused.push(spec.key);
+      else failures.push(`${spec.key}: expected a workgroup storage error, got ${failure ?? "none"}`);
+    } else if (failure) failures.push(failure);
+  }
+  return {
+    limit: device.limits.maxComputeWorkgroupStorageSize,
+    kernels: specs.length,
+    failures,
+    wideRefused,
+  };
+}
+
+if (import.meta.main) {
+  const dev = await dawnNullDevice();
+  if (typeof dev === "string") console.log(JSON.stringify({ skipped: dev }));
+  else console.log(JSON.stringify(await check(dev.device)));
+  Deno.exit(0); // skip Dawn's teardown
+}
