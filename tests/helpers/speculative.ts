@@ -48,3 +48,53 @@ export async function assertSpeculativeIsGreedy(
   }
   return { full, partial };
 }
+
+/**
+ * [start, tokens, keep] verification passes with K = 4: each starts at the kept length of the previous one;
+ * partial (2 of 5), all (5 of 5), none (0 of 4), then short passes and one that keeps everything of 3.
+ */
+export const VERIFY_PLAN: readonly (readonly [number, number, number])[] = [
+  [3, 5, 2],
+  [5, 5, 5],
+  [10, 4, 0],
+  [10, 5, 1],
+  [11, 3, 3],
+  [14, 2, 2],
+];
+
+/** One verification pass's logits and where they sit in the sequence. */
+export interface VerifiedPass {
+  start: number;
+  tokens: number;
+  logits: Float32Array;
+}
+
+/**
+ * Runs `plan` on `lm` over `ids` in `mode`: a verification state of capacity 32 and K = 4, the prefill of the
+ * first `plan[0][0]` tokens, then per pass `verifyStep` and `verifyAccept(keep)`. Returns every pass's logits
+ * for the caller to compare with a full forward of `ids`.
+ */
+export async function runVerifyPlan(
+  lm: CausalLM,
+  ids: Int32Array,
+  mode: VerifyMode,
+  plan: readonly (readonly [number, number, number])[] = VERIFY_PLAN,
+): Promise<VerifiedPass[]> {
+  const rt = lm.rt;
+  const out: VerifiedPass[] = [];
+  const s = lm.newVerifyState(32, 4, { mode });
+  try {
+    await rt.scope(async () => {
+      lm.verifyPrefill(s, ids.slice(0, plan[0][0]), plan[0][0]);
+      for (const [start, n, keep] of plan) {
+        assert.equal(s.length, start, `${mode}: the pass at ${start} starts after the kept tokens`);
+        const logits = (await lm.verifyStep(s, ids.slice(start, start + n), n).read()) as Float32Array;
+        out.push({ start, tokens: n, logits });
+        lm.verifyAccept(s, keep);
+      }
+    });
+  } finally {
+    lm.disposeVerifyState(s);
+  }
+  return out;
+}

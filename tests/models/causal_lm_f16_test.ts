@@ -8,6 +8,7 @@ import type { Runtime } from "../../runtime/runtime.ts";
 import { Rng } from "../../util/rng.ts";
 import { FIXTURE_MODELS, fixturePath, openOracle } from "../reference/fixtures.ts";
 import { gpuTestOptions, maxAbsDiff, testRuntime } from "../helpers/gpu.ts";
+import { runVerifyPlan } from "../helpers/speculative.ts";
 
 // Hybrids in f16 storage: weights and activations f16, the Mamba2 scan and its decode kernels on f32 islands
 // (widened inputs, f32 states). Reference points: the same model in f32 (itself within 2e-3 of the fixture
@@ -104,12 +105,9 @@ async function decodeLogits(lm: CausalLM, ids: Int32Array, prefill: number): Pro
   }
 }
 
-/** [start, tokens, keep] verification passes with K = 4: partial, full and zero acceptance. */
-const VERIFY_PLAN = [[3, 5, 2], [5, 5, 5], [10, 4, 0], [10, 5, 1], [11, 3, 3], [14, 2, 2]];
-
 /**
- * Runs {@linkcode VERIFY_PLAN} on `lm` (prefill of the prompt's first 3 tokens, then verify and accept per pass)
- * and checks each pass's logits against the full forward's `full` within `bound`; returns them.
+ * Runs the shared verification plan on `lm` and checks each pass's logits against the full forward's `full`
+ * within `bound`; returns them.
  */
 async function verifyAgainstForward(
   lm: CausalLM,
@@ -117,24 +115,13 @@ async function verifyAgainstForward(
   mode: "fused" | "unfused",
   bound: { max: number; rms: number },
 ): Promise<Float32Array[]> {
-  const rt = lm.rt, V = lm.config.vocabSize;
-  const out: Float32Array[] = [];
-  const s = lm.newVerifyState(32, 4, { mode });
-  try {
-    await rt.scope(async () => {
-      lm.verifyPrefill(s, PROMPT.slice(0, 3), 3);
-      for (const [start, n, keep] of VERIFY_PLAN) {
-        const v = (await lm.verifyStep(s, PROMPT.slice(start, start + n), n).read()) as Float32Array;
-        out.push(v);
-        const e = relErr(v, full.subarray(start * V, (start + n) * V));
-        assert.ok(e.max <= bound.max && e.rms <= bound.rms, `${mode} @${start}: ${JSON.stringify(e)}`);
-        lm.verifyAccept(s, keep);
-      }
-    });
-  } finally {
-    lm.disposeVerifyState(s);
+  const V = lm.config.vocabSize;
+  const passes = await runVerifyPlan(lm, PROMPT, mode);
+  for (const { start, tokens: n, logits } of passes) {
+    const e = relErr(logits, full.subarray(start * V, (start + n) * V));
+    assert.ok(e.max <= bound.max && e.rms <= bound.rms, `${mode} @${start}: ${JSON.stringify(e)}`);
   }
-  return out;
+  return passes.map((p) => p.logits);
 }
 
 // The decode paths round the same f16 activations as the full forward but sum in other orders (fused GEMVs,

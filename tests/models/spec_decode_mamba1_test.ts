@@ -8,7 +8,7 @@ import { Tokenizer } from "../../models/tokenizer.ts";
 import type { HybridModel, Model } from "../../models/weights.ts";
 import { Rng } from "../../util/rng.ts";
 import { FIXTURE_MODELS, fixturePath } from "../reference/fixtures.ts";
-import { assertSpeculativeIsGreedy } from "../helpers/speculative.ts";
+import { assertSpeculativeIsGreedy, runVerifyPlan } from "../helpers/speculative.ts";
 import { gpuTestOptions, maxAbsDiff, testRuntime } from "../helpers/gpu.ts";
 
 // Speculative verification of a Mamba1 hybrid (method.md 1.2 and 3). Mamba1 has no official fixture, so the
@@ -77,27 +77,13 @@ Deno.test(
     const ids = Int32Array.from([1, 20, 33, 45, 100, 7, 9, 300, 12, 40, 41, 42, 43, 44, 45, 46]);
     const full = await rt.scope(async () => await lm.forward(ids, 1, ids.length).logits.read());
     const scale = maxAbs(full);
-    // [start, tokens, keep]: each pass starts at the kept length of the previous one (K = 4: passes of <= 5);
-    // partial (2 of 5), all (5 of 5), none (0 of 4), then short passes and one that keeps everything of 3
-    const plan = [[3, 5, 2], [5, 5, 5], [10, 4, 0], [10, 5, 1], [11, 3, 3], [14, 2, 2]];
     const got: Record<string, Float32Array[]> = {};
     for (const mode of ["fused", "unfused"] as const) {
-      const s = lm.newVerifyState(32, 4, { mode });
-      got[mode] = [];
-      try {
-        await rt.scope(async () => {
-          lm.verifyPrefill(s, ids.slice(0, 3), 3);
-          for (const [start, n, keep] of plan) {
-            assert.equal(s.length, start);
-            const logits = (await lm.verifyStep(s, ids.slice(start, start + n), n).read()) as Float32Array;
-            got[mode].push(logits);
-            const err = maxAbsDiff(logits, full.slice(start * V, (start + n) * V)) / scale;
-            assert.ok(err <= REL_TOL, `${mode} @${start}: max|diff| ${err} of max|logit| ${scale}`);
-            lm.verifyAccept(s, keep);
-          }
-        });
-      } finally {
-        lm.disposeVerifyState(s);
+      const passes = await runVerifyPlan(lm, ids, mode);
+      got[mode] = passes.map((p) => p.logits);
+      for (const { start, tokens: n, logits } of passes) {
+        const err = maxAbsDiff(logits, full.slice(start * V, (start + n) * V)) / scale;
+        assert.ok(err <= REL_TOL, `${mode} @${start}: max|diff| ${err} of max|logit| ${scale}`);
       }
     }
     // both modes run the same scan_step arithmetic on the same inputs with an f32 state in between (measured 0)

@@ -8,7 +8,7 @@ import { generate } from "../../models/generate.ts";
 import { Tokenizer } from "../../models/tokenizer.ts";
 import type { Model } from "../../models/weights.ts";
 import { FIXTURE_MODELS, fixturePath } from "../reference/fixtures.ts";
-import { assertSpeculativeIsGreedy } from "../helpers/speculative.ts";
+import { assertSpeculativeIsGreedy, runVerifyPlan } from "../helpers/speculative.ts";
 import { assertClose, gpuTestOptions, maxAbsDiff, testRuntime } from "../helpers/gpu.ts";
 
 // The fixture hybrid (Mamba2 on layers 0, 2, 4; attention on 1, 3) is the target throughout. Drafts:
@@ -61,31 +61,18 @@ Deno.test(
     const V = lm.config.vocabSize;
     const ids = Int32Array.from([1, 20, 33, 45, 100, 7, 9, 300, 12, 40, 41, 42, 43, 44, 45, 46]);
     const full = await rt.scope(async () => await lm.forward(ids, 1, ids.length).logits.read());
-    // [start, tokens, keep]: each pass starts at the kept length of the previous one (K = 4: passes of <= 5)
-    const plan = [[3, 5, 2], [5, 5, 5], [10, 4, 0], [10, 5, 1], [11, 3, 3], [14, 2, 2]];
     const got: Record<string, Float32Array[]> = {};
     for (const mode of ["fused", "unfused"] as const) {
-      const s = lm.newVerifyState(32, 4, { mode });
-      got[mode] = [];
-      try {
-        await rt.scope(async () => {
-          lm.verifyPrefill(s, ids.slice(0, 3), 3);
-          for (const [start, n, keep] of plan) {
-            assert.equal(s.length, start);
-            const logits = (await lm.verifyStep(s, ids.slice(start, start + n), n).read()) as Float32Array;
-            got[mode].push(logits);
-            // the f32 paths sum in different orders: 1e-4 is about 10x the observed difference
-            assertClose(
-              logits,
-              full.slice(start * V, (start + n) * V),
-              { rtol: 0, atol: 1e-4 },
-              `${mode} @${start}`,
-            );
-            lm.verifyAccept(s, keep);
-          }
-        });
-      } finally {
-        lm.disposeVerifyState(s);
+      const passes = await runVerifyPlan(lm, ids, mode);
+      got[mode] = passes.map((p) => p.logits);
+      for (const { start, tokens: n, logits } of passes) {
+        // the f32 paths sum in different orders: 1e-4 is about 10x the observed difference
+        assertClose(
+          logits,
+          full.slice(start * V, (start + n) * V),
+          { rtol: 0, atol: 1e-4 },
+          `${mode} @${start}`,
+        );
       }
     }
     // the fused kernel does the step kernel's arithmetic in the same order
