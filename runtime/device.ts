@@ -101,6 +101,26 @@ export interface PassTimes {
   untimed: number;
 }
 
+/**
+ * The bind group layout of a kernel spec: its storage buffers in order (read-only or read-write), then, when it
+ * has uniforms, one uniform buffer with a dynamic offset into the device's uniform arena.
+ */
+export function bindGroupLayoutEntries(spec: KernelSpec): GPUBindGroupLayoutEntry[] {
+  const entries: GPUBindGroupLayoutEntry[] = spec.bindings.map((access, i) => ({
+    binding: i,
+    visibility: GPUShaderStage.COMPUTE,
+    buffer: { type: access === "read" ? "read-only-storage" : "storage" },
+  }));
+  if (spec.uniformBytes) {
+    entries.push({
+      binding: spec.bindings.length,
+      visibility: GPUShaderStage.COMPUTE,
+      buffer: { type: "uniform", hasDynamicOffset: true, minBindingSize: spec.uniformBytes },
+    });
+  }
+  return entries;
+}
+
 const UNIFORM_ARENA_BYTES = 1 << 20;
 /**
  * Environment variable: submit after every N dispatches (0 or unset: only when a read, a write or a full uniform
@@ -230,18 +250,7 @@ export class GpuDevice {
   kernel(spec: KernelSpec): CompiledKernel {
     const hit = this.#kernels.get(spec.key);
     if (hit) return hit;
-    const entries: GPUBindGroupLayoutEntry[] = spec.bindings.map((access, i) => ({
-      binding: i,
-      visibility: GPUShaderStage.COMPUTE,
-      buffer: { type: access === "read" ? "read-only-storage" : "storage" },
-    }));
-    if (spec.uniformBytes) {
-      entries.push({
-        binding: spec.bindings.length,
-        visibility: GPUShaderStage.COMPUTE,
-        buffer: { type: "uniform", hasDynamicOffset: true, minBindingSize: spec.uniformBytes },
-      });
-    }
+    const entries = bindGroupLayoutEntries(spec);
     this.gpu.pushErrorScope("validation");
     const module = this.gpu.createShaderModule({ label: spec.key, code: spec.code });
     const layout = this.gpu.createBindGroupLayout({ label: spec.key, entries });

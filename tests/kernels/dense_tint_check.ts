@@ -11,6 +11,7 @@
  */
 import type { KernelSpec } from "../../kernels/kernel.ts";
 import { compileFailure, dawnNullDevice } from "../helpers/tint.ts";
+import { bindGroupLayoutEntries } from "../../runtime/device.ts";
 import {
   MATMUL_MEDIUM,
   MATMUL_SMALL,
@@ -98,18 +99,7 @@ async function check(device: GPUDevice): Promise<{ variants: number; failures: s
   const failures: string[] = [];
   const variants = allVariants(device.features.has("shader-f16"));
   for (const { spec, sharedBytes } of variants) {
-    const entries: GPUBindGroupLayoutEntry[] = spec.bindings.map((a, i) => ({
-      binding: i,
-      visibility: GPUShaderStage.COMPUTE,
-      buffer: { type: a === "read" ? "read-only-storage" : "storage" },
-    }));
-    if (spec.uniformBytes) {
-      entries.push({
-        binding: spec.bindings.length,
-        visibility: GPUShaderStage.COMPUTE,
-        buffer: { type: "uniform", hasDynamicOffset: true, minBindingSize: spec.uniformBytes },
-      });
-    }
+    const entries = bindGroupLayoutEntries(spec);
     device.pushErrorScope("validation");
     const module = device.createShaderModule({ code: spec.code });
     // the null adapter allows 16 KB of workgroup storage: larger tiles are checked as modules only (the pipeline

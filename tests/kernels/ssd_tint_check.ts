@@ -27,6 +27,7 @@ import {
 } from "../../kernels/ssd.ts";
 import { ssdStepContiguous, ssdStepKernel, ssdVerifyKernel } from "../../kernels/ssd_step.ts";
 import { compileFailure, dawnNullDevice } from "../helpers/tint.ts";
+import { bindGroupLayoutEntries } from "../../runtime/device.ts";
 
 function allSpecs(): { spec: KernelSpec; tiling?: SsdRowsTiling }[] {
   const s: SsdShape = { batch: 1, seqlen: 37, heads: 4, dimP: 6, dimN: 10, chunk: 16 };
@@ -62,18 +63,7 @@ async function check(device: GPUDevice) {
   const wideRefused: string[] = [];
   const specs = allSpecs();
   for (const { spec, tiling } of specs) {
-    const entries: GPUBindGroupLayoutEntry[] = spec.bindings.map((a, i) => ({
-      binding: i,
-      visibility: GPUShaderStage.COMPUTE,
-      buffer: { type: a === "read" ? "read-only-storage" : "storage" },
-    }));
-    if (spec.uniformBytes) {
-      entries.push({
-        binding: spec.bindings.length,
-        visibility: GPUShaderStage.COMPUTE,
-        buffer: { type: "uniform", hasDynamicOffset: true, minBindingSize: spec.uniformBytes },
-      });
-    }
+    const entries = bindGroupLayoutEntries(spec);
     device.pushErrorScope("validation");
     const module = device.createShaderModule({ code: spec.code });
     device.createComputePipeline({
