@@ -1,8 +1,9 @@
 /**
  * Batched generation throughput of the fixture teacher (stories260K), the workload of the `pseudo_label` stage:
  * prompts of 16 tokens, 256 new tokens each, through `models/generate.ts`'s GPU-resident loop, for several
- * batch sizes and sampling settings, each with the GPU's busy time from pass timestamps next to its wall time; then every dispatch of a short generation timed alone (timestamp queries),
- * summed per kernel, to show where a decode step's GPU time goes. The PyTorch twin is
+ * batch sizes and sampling settings, each with the GPU's busy time from pass timestamps next to its wall time;
+ * then every dispatch of a short generation timed alone (timestamp queries), summed per kernel, to show where a
+ * decode step's GPU time goes. The PyTorch twin is
  * `bench/pytorch/generate.py` (Hugging Face `generate` on the same model and shapes).
  *
  *   deno run -A bench/generate_throughput.ts --gpu dawn [--batches 16,256,1024] [--new 256] [--text FILE] [--quick]
@@ -10,7 +11,7 @@
  *
  * @module
  */
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { acquireRuntime } from "../runtime/runtime.ts";
 import { parseProviderPreference } from "../runtime/provider.ts";
 import { loadModel } from "../models/checkpoint.ts";
@@ -18,13 +19,13 @@ import { CausalLM } from "../models/causal_lm.ts";
 import { generate } from "../models/generate.ts";
 import { Tokenizer } from "../models/tokenizer.ts";
 import { GREEDY, type SamplingOptions } from "../models/sampling.ts";
-import { flag, gpuTimeline, profileDispatches } from "./harness.ts";
-import { timelineRow } from "./model.ts";
+import { flag, gpuTimeline, profileDispatches, timelineRow } from "./harness.ts";
+import { iterateRecords, resolveDataset } from "../data/records.ts";
 import { main } from "../main.ts";
 import { listRuns } from "../pipelines/runs.ts";
 import { resolveStateDirs } from "../pipelines/paths.ts";
 
-const TEACHER = new URL("../fixtures/models/stories260K-hf", import.meta.url).pathname;
+const MODEL = flag("model") ?? new URL("../fixtures/models/stories260K-hf", import.meta.url).pathname;
 const SAMPLINGS: Record<string, SamplingOptions> = {
   greedy: GREEDY,
   t1: { temperature: 1 },
@@ -33,7 +34,7 @@ const SAMPLINGS: Record<string, SamplingOptions> = {
 
 const quick = Deno.args.includes("--quick");
 const rt = await acquireRuntime({ gpu: parseProviderPreference(flag("gpu") ?? "auto", "--gpu") });
-const lm = CausalLM.fromModel(rt, await loadModel(flag("model") ?? TEACHER));
+const lm = CausalLM.fromModel(rt, await loadModel(MODEL));
 const newTokens = Number(flag("new") ?? (quick ? 8 : 256));
 const batches = (flag("batches") ?? (quick ? "4" : "16,256,1024")).split(",").map(Number);
 const promptLen = 16;
@@ -47,25 +48,27 @@ const log = (row: Record<string, unknown>) => {
 };
 log({ device: rt.dev.describe(), date: new Date().toISOString(), model: flag("model") ?? "stories260K" });
 
-const textFile = flag("text");
-const textPrompts = textFile
-  ? (await Deno.readTextFile(textFile)).split(/\n\s*\n/).map((t) => t.trim()).filter(Boolean)
-  : [];
-const tok = textFile ? await Tokenizer.fromDir(flag("model") ?? TEACHER) : null;
+/** With `--text FILE`: the first 15 tokens of each of its paragraphs (read as the stages read text) after BOS. */
+async function textPrompts(file: string): Promise<number[][]> {
+  const tok = await Tokenizer.fromDir(MODEL);
+  const out: number[][] = [];
+  for await (const rec of iterateRecords(await resolveDataset({ path: file }))) {
+    const text = (rec.value as { text?: unknown })?.text;
+    if (typeof text !== "string") continue;
+    const ids = tok.encode(text, { addSpecialTokens: false });
+    if (ids.length >= promptLen - 1) out.push([1, ...ids.slice(0, promptLen - 1)]);
+  }
+  if (out.length === 0) throw new Error(`--text ${file}: no paragraph of ${promptLen - 1} tokens`);
+  return out;
+}
+const fromText = flag("text") ? await textPrompts(flag("text")!) : null;
 
 /**
- * Prompts that differ per row: with `--text FILE`, the first 16 tokens of its paragraphs (as pseudo_label's
- * `prompt_tokens: 16`), else ids spread over the vocabulary; BOS first.
+ * Prompts that differ per row: with `--text FILE`, its paragraphs' first tokens (as pseudo_label's
+ * `prompt_tokens: 15` with BOS), cycled; else ids spread over the vocabulary; BOS first.
  */
 function prompts(B: number): number[][] {
-  if (tok) {
-    const out: number[][] = [];
-    for (let i = 0; out.length < B; i++) {
-      const ids = tok.encode(textPrompts[i % textPrompts.length], { addSpecialTokens: false });
-      if (ids.length >= promptLen - 1) out.push([1, ...ids.slice(0, promptLen - 1)]);
-    }
-    return out;
-  }
+  if (fromText) return Array.from({ length: B }, (_, i) => fromText[i % fromText.length]);
   return Array.from(
     { length: B },
     (
@@ -81,27 +84,24 @@ for (const B of batches) {
     const run = () => generate(lm, p, { maxNewTokens: newTokens, sampling, seed: 1, batchSize: B });
     await generate(lm, p, { maxNewTokens: Math.min(newTokens, 33), sampling, seed: 1, batchSize: B });
     let ms = 0;
-    const tl = await gpuTimeline(rt, async () => {
+    const timed = async () => {
       const t0 = performance.now();
       await run();
       ms = performance.now() - t0;
-    });
-    if (!tl) {
-      const t0 = performance.now();
-      await run();
-      ms = performance.now() - t0;
-    }
+    };
+    // with pass timestamps when the adapter offers them, else the run alone
+    const tl = await gpuTimeline(rt, timed);
+    if (!tl) await timed();
     log({
       batch: B,
       sampling: name,
       prompt: promptLen,
       new_tokens: newTokens,
+      ...(tl ? timelineRow(tl) : {}),
+      // the generation's own wall time (the timeline's also holds the syncs around it)
       wall_ms: +ms.toFixed(1),
       ms_per_step: +(ms / newTokens).toFixed(3),
       tokens_per_s: Math.round((B * newTokens) / (ms / 1000)),
-      ...(tl
-        ? { gpu_busy_ms: +tl.busyMs.toFixed(2), gpu_span_ms: +tl.spanMs.toFixed(2), passes: tl.passes }
-        : {}),
     });
   }
 }
@@ -132,8 +132,10 @@ if (stagePrompts > 0) {
   const dir = await Deno.makeTempDir({ prefix: "generate-stage-" });
   try {
     const recipe = join(dir, "labels.yaml");
-    const prompts = flag("text") ??
-      new URL("../fixtures/text/tinystories_train.txt", import.meta.url).pathname;
+    // absolute: the recipe lives in a temporary directory, and recipe paths are relative to it
+    const promptFile = resolve(
+      flag("text") ?? new URL("../fixtures/text/tinystories_train.txt", import.meta.url).pathname,
+    );
     await Deno.writeTextFile(
       recipe,
       `name: generate_stage
@@ -146,7 +148,7 @@ stages:
         promptLen - 1
       }, max_new_tokens: ${newTokens}, limit: ${stagePrompts},
       batch_size: ${B}, temperature: 1, top_k: 0, top_p: 1 }
-    inputs: { teacher: ${flag("model") ?? TEACHER}, prompts: ${prompts} }
+    inputs: { teacher: ${MODEL}, prompts: ${promptFile} }
 `,
     );
     let code = -1;

@@ -156,6 +156,17 @@ export async function gpuTimeline(rt: Runtime, work: () => Promise<void>): Promi
   return { wallMs, busyMs, spanMs, passes: order.length, untimed: times.untimed };
 }
 
+/** A {@linkcode GpuTimeline} as benchmark row fields. */
+export function timelineRow(t: GpuTimeline): Record<string, number> {
+  return {
+    wall_ms: +t.wallMs.toFixed(2),
+    gpu_busy_ms: +t.busyMs.toFixed(2),
+    gpu_span_ms: +t.spanMs.toFixed(2),
+    passes: t.passes,
+    untimed_passes: t.untimed,
+  };
+}
+
 /**
  * Wall milliseconds per copy of `record` when `reps` copies are recorded back to back and synced once (after
  * `warmup` synced copies), and the CPU milliseconds per copy spent recording. Each copy runs in its own scope

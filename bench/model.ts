@@ -27,7 +27,7 @@ import { greedyResident } from "../models/generate.ts";
 import { headLoss } from "../runtime/ops/head_loss.ts";
 import { LM_HEAD } from "../models/weights.ts";
 import { AdamW } from "../runtime/optim.ts";
-import { flag, type GpuTimeline, gpuTimeline } from "./harness.ts";
+import { flag, gpuTimeline, timelineRow } from "./harness.ts";
 
 /** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
 export function llama32OneB(quick: boolean): TransformerConfig {
@@ -69,17 +69,6 @@ export function llama32OneB(quick: boolean): TransformerConfig {
       },
     "llama-3.2-1b-shape",
   );
-}
-
-/** A {@linkcode GpuTimeline} as benchmark row fields. */
-export function timelineRow(t: GpuTimeline): Record<string, number> {
-  return {
-    wall_ms: +t.wallMs.toFixed(2),
-    gpu_busy_ms: +t.busyMs.toFixed(2),
-    gpu_span_ms: +t.spanMs.toFixed(2),
-    passes: t.passes,
-    untimed_passes: t.untimed,
-  };
 }
 
 function median(xs: number[]): number {

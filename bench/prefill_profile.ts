@@ -19,8 +19,8 @@ import { causalConv1d } from "../runtime/ops/conv1d.ts";
 import { ssdScan } from "../runtime/ops/ssd.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
 import type { Tensor } from "../runtime/tensor.ts";
-import { flag, gpuTimeline, profileDispatches, randomTensor, timeRecorded } from "./harness.ts";
-import { llama32OneB, timelineRow } from "./model.ts";
+import { flag, gpuTimeline, profileDispatches, randomTensor, timelineRow, timeRecorded } from "./harness.ts";
+import { llama32OneB } from "./model.ts";
 
 const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
 const quick = Deno.args.includes("--quick");
