@@ -407,6 +407,26 @@ export async function speculativeGenerate(
 }
 
 /**
+ * The draft's K steps on the GPU, inside the caller's scope: the pending tokens open the draft, and each step's
+ * token, chosen from its last-position logits by `next` (step i from 0), feeds the next step and lands in the
+ * target's verification input [x0, d_1..d_K], which is returned.
+ */
+function draftChain(drafter: Drafter, K: number, next: (logits: Tensor, i: number) => Tensor): Tensor {
+  const rt = drafter.lm.rt;
+  const opened = drafter.pending;
+  const feed = rt.tensor(opened, [opened.length], "i32");
+  const verifyIds = rt.empty([K + 1], "i32");
+  rt.dev.copyBuffer(feed.buffer, 4 * (opened.length - 1), verifyIds.buffer, 0, 4);
+  let ids: Tensor = feed, n = opened.length;
+  for (let i = 0; i < K; i++) {
+    ids = next(drafter.lm.step(drafter.state, ids, n, { lastOnly: true }), i);
+    n = 1;
+    rt.dev.copyBuffer(ids.buffer, 0, verifyIds.buffer, 4 * (i + 1), 4);
+  }
+  return verifyIds;
+}
+
+/**
  * A greedy pass kept on the GPU until one read: the pending tokens open the draft, each draft argmax feeds the
  * next draft step and lands in the target's input [x0, d_1..d_K]; then the target's argmaxes and the drafts are
  * read together.
@@ -419,17 +439,7 @@ async function greedyPass(
 ): Promise<{ drafts: number[]; result: VerifyResult }> {
   const rt = target.rt;
   return await rt.scope(async () => {
-    const opened = drafter.pending;
-    const feed = rt.tensor(opened, [opened.length], "i32");
-    const verifyIds = rt.empty([K + 1], "i32");
-    rt.dev.copyBuffer(feed.buffer, 4 * (opened.length - 1), verifyIds.buffer, 0, 4);
-    let ids: Tensor = feed, n = opened.length;
-    for (let i = 0; i < K; i++) {
-      const logits = drafter.lm.step(drafter.state, ids, n, { lastOnly: true });
-      ids = greedyArgmax(logits).ids;
-      n = 1;
-      rt.dev.copyBuffer(ids.buffer, 0, verifyIds.buffer, 4 * (i + 1), 4);
-    }
+    const verifyIds = draftChain(drafter, K, (logits) => greedyArgmax(logits).ids);
     const am = greedyArgmax(target.verifyStep(tv, verifyIds, K + 1));
     const [d, t] = await rt.dev.readMany([
       { buffer: verifyIds.buffer, offset: 4, size: 4 * K },
@@ -460,20 +470,12 @@ async function sampledPass(
   const rt = target.rt;
   const V = target.config.vocabSize;
   return await rt.scope(async () => {
-    const opened = drafter.pending;
-    const feed = rt.tensor(opened, [opened.length], "i32");
-    const verifyIds = rt.empty([K + 1], "i32");
-    rt.dev.copyBuffer(feed.buffer, 4 * (opened.length - 1), verifyIds.buffer, 0, 4);
     const q: Tensor[] = [];
-    let ids: Tensor = feed, n = opened.length;
-    for (let i = 0; i < K; i++) {
-      const logits = drafter.lm.step(drafter.state, ids, n, { lastOnly: true });
+    const verifyIds = draftChain(drafter, K, (logits, i) => {
       const s = samplingProbs(logits, sampling, { seed: gpu.seed, streams: gpu.draft, step: pass * K + i });
-      ids = s.ids;
-      n = 1;
       q.push(s.probs);
-      rt.dev.copyBuffer(ids.buffer, 0, verifyIds.buffer, 4 * (i + 1), 4);
-    }
+      return s.ids;
+    });
     // the target's own draws are discarded: only its distributions enter the acceptance test
     const p = samplingProbs(target.verifyStep(tv, verifyIds, K + 1), sampling, {
       seed: gpu.seed,
