@@ -160,18 +160,14 @@ export function mamba2VerifyScan(
   // inputs are widened once here (not once per step) and y narrowed once at the end.
   if (B !== 1) throw new Error("unfused verification runs batch 1 only");
   const [, H, P] = layer.state.shape;
-  const stateBytes = layer.state.byteLength;
-  const yBytes = H * P * 4;
   const y = rt.empty([B, n, H, P]);
-  const hist = layer.history!;
   const xBC32 = widen(xBC), dt32 = widen(dt);
-  rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, 0, stateBytes);
-  for (let j = 0; j < n; j++) {
-    const yj = ssdStep({ state: layer.state, xBC: xBC32, dt: dt32, heads: layer.heads, dims, token: j });
-    rt.dev.copyBuffer(yj.buffer, 0, y.buffer, j * yBytes, yBytes);
-    yj.dispose();
-    rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, (j + 1) * stateBytes, stateBytes);
-  }
+  stepsWithHistory(
+    layer,
+    y,
+    n,
+    (j) => ssdStep({ state: layer.state, xBC: xBC32, dt: dt32, heads: layer.heads, dims, token: j }),
+  );
   return cast(y, xBC.dtype as FloatDType);
 }
 
@@ -224,13 +220,9 @@ export function mamba1VerifyScan(
   if (batch !== 1) throw new Error("unfused verification runs batch 1 only");
   const N = A.shape[1];
   const gB = inputs.B.size / (n * N), gC = inputs.C.size / (n * N);
-  const stateBytes = layer.state.byteLength;
-  const yBytes = Dn * (x.dtype === "f16" ? 2 : 4);
   const y = rt.empty([batch, n, Dn], x.dtype);
-  const hist = layer.history!;
-  rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, 0, stateBytes);
-  for (let j = 0; j < n; j++) {
-    const yj = selectiveScanStep(
+  stepsWithHistory(layer, y, n, (j) =>
+    selectiveScanStep(
       takeRows(x, j, 1, Dn),
       takeRows(inputs.delta, j, 1, Dn),
       A,
@@ -238,12 +230,27 @@ export function mamba1VerifyScan(
       takeRows(inputs.C, j, 1, gC * N).view([1, gC, N]),
       D,
       layer.state,
-    );
-    rt.dev.copyBuffer(yj.buffer, 0, y.buffer, j * yBytes, yBytes);
+    ));
+  return y;
+}
+
+/**
+ * The unfused verification loop of either mixer: `n` single-token steps (`step(j)` advances `layer.state` by
+ * token j and returns its output row), each row copied into row j of `y` ([1, n, ...]), and the state saved into
+ * `layer.history` before the first step and after every step, so that a rejection can restore the state after
+ * the last kept token.
+ */
+function stepsWithHistory(layer: MambaVerifyLayer, y: Tensor, n: number, step: (j: number) => Tensor): void {
+  const rt = layer.state.rt;
+  const stateBytes = layer.state.byteLength, rowBytes = y.byteLength / n;
+  const hist = layer.history!;
+  rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, 0, stateBytes);
+  for (let j = 0; j < n; j++) {
+    const yj = step(j);
+    rt.dev.copyBuffer(yj.buffer, 0, y.buffer, j * rowBytes, rowBytes);
     yj.dispose();
     rt.dev.copyBuffer(layer.state.buffer, 0, hist.buffer, (j + 1) * stateBytes, stateBytes);
   }
-  return y;
 }
 
 /** Releases a fused Mamba1 layer's cached inputs of the last pass. */
