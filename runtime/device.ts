@@ -14,6 +14,7 @@
  */
 import type { KernelSpec } from "../kernels/kernel.ts";
 import { readEnv } from "../util/env.ts";
+import { installDawnSpinPacing } from "./dawn_spin.ts";
 import { UserError } from "../util/errors.ts";
 import {
   type ProviderName,
@@ -648,6 +649,11 @@ export async function createDevice(opts: DeviceOptions = {}): Promise<GpuDevice>
     subgroupMatrix: offered.has("chromium-experimental-subgroup-matrix"),
     timestamps: offered.has("timestamp-query"),
   });
+  // Dawn's binding polls with a native setImmediate callback per microsecond while it waits; under Deno each
+  // one leaves a finalizer that costs O(n) to collect (runtime/dawn_spin.ts).
+  if (provider === "dawn" && typeof (globalThis as { Deno?: unknown }).Deno !== "undefined") {
+    installDawnSpinPacing();
+  }
   if (opts.announce ?? true) console.error(`distillery: GPU: ${dev.describe()} (${reason})`);
   return dev;
 }
