@@ -8,7 +8,11 @@
  * 2). Both use the fused, chunked lm_head + loss (`runtime/ops/head_loss.ts`) on `CausalLM.hidden`, so the
  * [8192, 128256] logits (4.2 GB f32) are never materialised. `peak_gib` is the buffer pool's high-water mark.
  *
- *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train] [--dtype f16] [--quick] [--out rows.jsonl]
+ *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train [--profile]] [--dtype f16] [--quick]
+ *     [--out rows.jsonl]
+ *
+ * `--profile` (with `--train`) adds a GPU timeline of one distill step and its 20 most expensive kernels, each
+ * dispatch timed alone.
  *
  * `--dtype f16` stores weights and activations in f16 (f32 accumulation; on Dawn with subgroup matrices the
  * large matmuls run on the matrix units), the counterpart of the PyTorch bf16 rows.
@@ -27,7 +31,7 @@ import { greedyResident } from "../models/generate.ts";
 import { headLoss } from "../runtime/ops/head_loss.ts";
 import { LM_HEAD } from "../models/weights.ts";
 import { AdamW } from "../runtime/optim.ts";
-import { flag, gpuTimeline, timelineRow } from "./harness.ts";
+import { flag, gpuTimeline, profileDispatches, timelineRow } from "./harness.ts";
 
 /** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
 export function llama32OneB(quick: boolean): TransformerConfig {
@@ -100,26 +104,23 @@ async function timeDecode(lm: CausalLM, promptLen: number, n: number, chunk: num
 }
 
 /**
- * Median-able times of `reps` training steps of `lm` on B x T tokens: hidden states, fused head + loss (CE, plus
- * KL to `teacher`'s distribution when given; the teacher runs without gradients inside the step), backward,
- * AdamW. Returns the step times and the pool's peak bytes.
+ * One training step of `lm` on B x T tokens, as a closure: hidden states, fused head + loss (CE, plus KL to
+ * `teacher`'s distribution when given; the teacher runs without gradients inside the step), backward, AdamW,
+ * and a read of the loss (the step's one wait). `dispose` frees the labels and the optimizer.
  */
-async function timeTrainStep(
+function makeTrainStep(
   lm: CausalLM,
   B: number,
   T: number,
-  reps: number,
   teacher: CausalLM | null,
-): Promise<{ times: number[]; peakBytes: number }> {
+): { step: () => Promise<void>; dispose: () => void } {
   const rt = lm.rt;
   const params = lm.trainableParams();
   const opt = new AdamW(rt, params, { lr: 1e-5, betas: [0.9, 0.98], weightDecay: 0, maxGradNorm: 0.1 });
   const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 7919 + 13) % lm.config.vocabSize);
   const labels = rt.tensor(Int32Array.from(ids, (_, i) => ids[(i + 1) % ids.length]), [B * T], "i32").keep();
-  const times: number[] = [];
-  for (let r = 0; r < reps; r++) {
-    const t0 = performance.now();
-    await rt.scope(async () => {
+  const step = () =>
+    rt.scope(async () => {
       const th = teacher ? rt.noGrad(() => teacher.hidden(ids, B, T)) : undefined;
       const h = lm.hidden(ids, B, T);
       const { loss } = headLoss(h, lm.param(LM_HEAD), {
@@ -135,11 +136,63 @@ async function timeTrainStep(
       opt.zeroGrad();
       await rt.dev.read(loss.buffer, 0, 4);
     });
-    times.push(performance.now() - t0);
+  return {
+    step,
+    dispose: () => {
+      labels.dispose();
+      opt.dispose();
+    },
+  };
+}
+
+/** Wall times of `reps` training steps (see {@linkcode makeTrainStep}) and the pool's peak bytes. */
+async function timeTrainStep(
+  lm: CausalLM,
+  B: number,
+  T: number,
+  reps: number,
+  teacher: CausalLM | null,
+): Promise<{ times: number[]; peakBytes: number }> {
+  const { step, dispose } = makeTrainStep(lm, B, T, teacher);
+  const times: number[] = [];
+  try {
+    for (let r = 0; r < reps; r++) {
+      const t0 = performance.now();
+      await step();
+      times.push(performance.now() - t0);
+    }
+  } finally {
+    dispose();
   }
-  labels.dispose();
-  opt.dispose();
-  return { times, peakBytes: rt.pool.stats.peakBytes };
+  return { times, peakBytes: lm.rt.pool.stats.peakBytes };
+}
+
+/**
+ * `--profile`: where one distill step's time goes. A timeline row (GPU busy time and span against wall time),
+ * then the kernels that take the most GPU time when every dispatch of the step is timed alone.
+ */
+async function profileTrainStep(
+  lm: CausalLM,
+  B: number,
+  T: number,
+  teacher: CausalLM,
+  log: (row: Record<string, unknown>) => void,
+): Promise<void> {
+  const rt = lm.rt;
+  const { step, dispose } = makeTrainStep(lm, B, T, teacher);
+  try {
+    await step(); // warm: the same buffers and bind groups as the timed steps
+    const tl = await gpuTimeline(rt, step);
+    if (tl) log({ model: "hybrid", what: "distill_step_timeline", batch: B, seq: T, ...timelineRow(tl) });
+    const kernels = await profileDispatches(rt, step);
+    const total = (kernels ?? []).reduce((a, k) => a + k.ms, 0);
+    log({ model: "hybrid", what: "distill_step_kernels", kernel_ms_total: +total.toFixed(2) });
+    for (const k of (kernels ?? []).slice(0, 20)) {
+      log({ model: "hybrid", what: "distill_step_kernel", ...k, ms: +k.ms.toFixed(3) });
+    }
+  } finally {
+    dispose();
+  }
 }
 
 if (import.meta.main) {
@@ -230,6 +283,7 @@ if (import.meta.main) {
             tokens_per_s: Math.round(B * T / (md / 1000)),
             peak_gib: +(ds.peakBytes / 2 ** 30).toFixed(2),
           });
+          if (Deno.args.includes("--profile")) await profileTrainStep(lm, B, T, teacher, log);
         } finally {
           teacher.dispose();
         }
