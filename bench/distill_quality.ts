@@ -48,7 +48,8 @@ import { CausalLM } from "../models/causal_lm.ts";
 import { Tokenizer } from "../models/tokenizer.ts";
 import { acquireRuntime } from "../runtime/runtime.ts";
 import { scoreWindows } from "../models/loglikelihood.ts";
-import { iterateRecords, resolveDataset } from "../data/records.ts";
+import { resolveDataset } from "../data/records.ts";
+import { readTextDocuments } from "../data/documents.ts";
 import { parseProviderPreference } from "../runtime/provider.ts";
 import { type EvalWindow, evalWindows } from "../data/text_windows.ts";
 
@@ -211,24 +212,21 @@ ${body}
 }
 
 /**
- * Scoring windows of the validation text exactly as the evaluate stage builds them (its paragraph reader, lm-eval
- * `loglikelihood_rolling` windows of `evalLen` tokens, the first after BOS), for its first `evalDocs` paragraphs
- * (0: all), so the figures here are the evaluate stage's (`recipes/stories-hybrid.yaml` runs that stage).
+ * Scoring windows of the validation text exactly as the evaluate stage builds them (its document reader,
+ * data/documents.ts, then lm-eval `loglikelihood_rolling` windows of `evalLen` tokens, the first after BOS), for
+ * its first `evalDocs` paragraphs (0: all), so the figures here are the evaluate stage's
+ * (`recipes/stories-hybrid.yaml` runs that stage).
  */
 export async function validationWindows(evalDocs: number, evalLen: number): Promise<EvalWindow[]> {
   const tok = await Tokenizer.fromDir(TEACHER);
-  const ds = await resolveDataset({ path: VALID, textMode: "paragraphs" });
-  const windows: EvalWindow[] = [];
-  let docs = 0;
-  for await (const rec of iterateRecords(ds, { textMode: "paragraphs" })) {
-    const text = (rec.value as { text?: unknown })?.text;
-    if (typeof text !== "string" || text === "") continue;
-    if (evalDocs > 0 && docs >= evalDocs) break;
-    docs++;
-    const ids = tok.encode(text, { addSpecialTokens: false });
-    windows.push(...evalWindows(ids, { mode: "rolling", maxLength: evalLen, prefixId: tok.bosId! }));
-  }
-  return windows;
+  const spec = { path: VALID, textMode: "paragraphs" } as const;
+  const { docs } = await readTextDocuments(await resolveDataset(spec), spec, tok, {
+    textField: "text",
+    limit: evalDocs > 0 ? evalDocs : null,
+  });
+  return docs.flatMap((d) =>
+    evalWindows(d.ids, { mode: "rolling", maxLength: evalLen, prefixId: tok.bosId! })
+  );
 }
 
 /** Summed NLL and scored token count of a model over evaluation windows (the evaluate stage's scorer). */

@@ -31,6 +31,7 @@ import type { Artifact } from "../pipelines/stage.ts";
 import type { HubDatasetResolver } from "../data/data_files.ts";
 import { type DatasetSpec, iterateRecords, resolveDataset, type TextMode } from "../data/records.ts";
 import { formatSource } from "../data/problems.ts";
+import { readTextDocuments, type TextDocument } from "../data/documents.ts";
 import { type LoadedTask, loadTaskFile, loadTaskItems, type MultipleChoiceTask } from "../data/task_file.ts";
 import {
   countBytes,
@@ -520,7 +521,7 @@ async function readPrompts(a: Artifact, hub: HubDatasetResolver): Promise<Prompt
 /** A text input read, tokenised and cut into windows (before the model is loaded). */
 interface PreparedText {
   task: TextTask;
-  docs: { text: string; source: string; ids: number[] }[];
+  docs: TextDocument[];
   original: number;
   windows: EvalWindow[][];
 }
@@ -536,23 +537,10 @@ async function prepareText(
   if (prefixId === null) throw new UserError("perplexity: the tokenizer has neither a BOS nor an EOS token");
   const mode = p.window_mode as WindowMode;
   const ds = await resolveDataset(t.spec, { hub });
-  const docs: { text: string; source: string; ids: number[] }[] = [];
-  let original = 0;
-  // count every document (for n-samples.original), keep the first `limit`
-  for await (const rec of iterateRecords(ds, t.spec)) {
-    const where = formatSource(rec.source);
-    if (rec.error) throw new UserError(`${where}: ${rec.error}`);
-    const v = rec.value as Record<string, unknown>;
-    const text = typeof v === "string" ? v : v?.[p.text_field];
-    if (typeof text !== "string") {
-      throw new UserError(`${where}: field "${p.text_field}": expected the document text (a string)`);
-    }
-    // a document without tokens has nothing to score (and would add a phantom word): not a sample
-    if (text === "") continue;
-    original++;
-    if (p.limit !== null && docs.length >= p.limit) continue;
-    docs.push({ text, source: where, ids: tok.encode(text, { addSpecialTokens: false }) });
-  }
+  const { docs, original } = await readTextDocuments(ds, t.spec, tok, {
+    textField: p.text_field,
+    limit: p.limit,
+  });
   const windows = docs.map((d) => evalWindows(d.ids, { mode, maxLength, prefixId }));
   if (windows.every((w) => w.length === 0)) {
     throw new UserError(
