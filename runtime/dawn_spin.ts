@@ -53,11 +53,12 @@ function isNative(fn: unknown): boolean {
 }
 
 /**
- * Installs the pacing `setImmediate` once per process (later calls do nothing). Returns false where there is
- * no `setImmediate` to wrap.
+ * Installs the pacing `setImmediate` once per process (later calls do nothing). Returns false outside Deno
+ * (Node's finalizer list is a linked list: nothing to pace) or where there is no `setImmediate` to wrap.
  */
 export function installDawnSpinPacing(): boolean {
   if (installed) return true;
+  if (typeof (globalThis as { Deno?: unknown }).Deno === "undefined") return false;
   const g = globalThis as unknown as { setImmediate?: SetImmediate };
   const original = g.setImmediate;
   if (typeof original !== "function") return false;

@@ -651,9 +651,7 @@ export async function createDevice(opts: DeviceOptions = {}): Promise<GpuDevice>
   });
   // Dawn's binding polls with a native setImmediate callback per microsecond while it waits; under Deno each
   // one leaves a finalizer that costs O(n) to collect (runtime/dawn_spin.ts).
-  if (provider === "dawn" && typeof (globalThis as { Deno?: unknown }).Deno !== "undefined") {
-    installDawnSpinPacing();
-  }
+  if (provider === "dawn") installDawnSpinPacing();
   if (opts.announce ?? true) console.error(`distillery: GPU: ${dev.describe()} (${reason})`);
   return dev;
 }
