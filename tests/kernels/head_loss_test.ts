@@ -25,6 +25,15 @@ import type { Rng } from "../../util/rng.ts";
 // multiple of 4, so the matmuls take their scalar paths).
 const N = 37, D = 12, Dt = 8, V = 50;
 
+/** Token count, student and teacher widths, and vocabulary of one case. */
+interface Dims {
+  N: number;
+  D: number;
+  Dt: number;
+  V: number;
+}
+const DIMS: Dims = { N, D, Dt, V };
+
 interface Data {
   h: Float64Array;
   w: Float64Array;
@@ -34,7 +43,7 @@ interface Data {
   mask: Float64Array;
 }
 
-function data(rng: Rng): Data {
+function data(rng: Rng, { N, D, Dt, V }: Dims = DIMS): Data {
   const labels = new Int32Array(N).map(() => rng.int(V));
   for (const r of [0, 6, 7, 20, 36]) labels[r] = -100; // ignored tokens in several chunks
   const mask = new Float64Array(N).fill(1);
@@ -60,7 +69,7 @@ interface Variant {
 }
 
 /** Float64 loss and gradients of `distillLoss(h W^T)` for a variant. */
-function reference(x: Data, v: Variant) {
+function reference(x: Data, v: Variant, { N, D, Dt, V }: Dims = DIMS) {
   const input = (h: Float64Array, w: Float64Array): RefLossInput => ({
     s: refHeadLogits(h, w, N, D, V),
     t: v.teacher ? refHeadLogits(x.th, x.tw, N, Dt, V) : null,
@@ -264,18 +273,23 @@ Deno.test(
   },
 );
 
-Deno.test("headLoss on f16 storage stays within f16 tolerance", gpuTestOptions, async () => {
+/**
+ * f16 headLoss against float64 at `dims`: with M, N >= 32 and K >= 16 every product qualifies for the
+ * subgroup-matrix kernel, so on a device with matrix units (the H200 under Dawn) this checks that path.
+ */
+async function checkF16HeadLoss(dims: Dims, chunkRows: number, seed: string): Promise<void> {
   const rt = await testRuntime();
   if (!rt.dev.features.f16) {
     console.warn("headLoss f16: adapter has no shader-f16");
     return;
   }
-  const rng = testRng("head-loss-f16");
-  const x = data(rng);
+  const { N, D, Dt, V } = dims;
+  const rng = testRng(seed);
+  const x = data(rng, dims);
   const r16 = (a: Float64Array) => a.map((v) => Float16Array.of(v)[0]);
   const x16 = { ...x, h: r16(x.h), w: r16(x.w), th: r16(x.th), tw: r16(x.tw) };
   const v = VARIANTS[1];
-  const ref = reference(x16, v);
+  const ref = reference(x16, v, dims);
   await rt.scope(async () => {
     const h = rt.tensor(x16.h, [N, D], "f16"), w = rt.tensor(x16.w, [V, D], "f16");
     h.requiresGrad = w.requiresGrad = true;
@@ -287,7 +301,7 @@ Deno.test("headLoss on f16 storage stays within f16 tolerance", gpuTestOptions, 
       alpha: v.alpha,
       beta: v.beta,
       temperature: v.tau,
-      chunkRows: 9,
+      chunkRows,
     });
     rt.backward(res.loss);
     const [loss, dh, dw] = await Promise.all([res.loss.read(), h.grad!.read(), w.grad!.read()]);
@@ -298,6 +312,14 @@ Deno.test("headLoss on f16 storage stays within f16 tolerance", gpuTestOptions, 
     h.grad!.dispose();
     w.grad!.dispose();
   });
+}
+
+Deno.test("headLoss on f16 storage stays within f16 tolerance", gpuTestOptions, async () => {
+  await checkF16HeadLoss(DIMS, 9, "head-loss-f16");
+});
+
+Deno.test("headLoss on f16 storage at matrix-unit shapes (2 chunks of 40 rows)", gpuTestOptions, async () => {
+  await checkF16HeadLoss({ N: 80, D: 32, Dt: 48, V: 136 }, 40, "head-loss-f16-sgm");
 });
 
 Deno.test("headLoss: shape and option errors name what was expected", gpuTestOptions, async () => {
