@@ -335,6 +335,10 @@ export const SGM_SMALL: SgmConfig = {
  */
 export const SGM_SWEEP: readonly SgmConfig[] = [
   SGM_LARGE,
+  { ...SGM_LARGE, sgM: 2, sgN: 2 }, // 4 subgroups of 64x64 (4x4 fragments): more reuse per fragment load
+  { ...SGM_LARGE, bm: 256, bk: 32, sgM: 4, sgN: 2 }, // 256x128x32 single buffer, 8 subgroups of 64x64
+  { ...SGM_LARGE, bk: 48 }, // a shallower slice: less workgroup memory, more workgroups per SM
+  { ...SGM_LARGE, swizzle: 16 }, // wider block groups: L2 reuse at 8192^3
   { ...SGM_LARGE, sgM: 4, sgN: 2 }, // the default with 8 subgroups of 32x64
   { ...SGM_LARGE, bn: 256, bk: 32 }, // 128x256x32 single buffer (176 TFLOP/s at 4096^3 in the first sweep)
   SGM_DOUBLE_BUFFERED,
