@@ -30,6 +30,12 @@ import type { DType } from "../kernels/kernel.ts";
 import type { BufferSlice } from "../runtime/device.ts";
 import type { Launch } from "../kernels/fill.ts";
 import {
+  attentionForwardSgm,
+  chooseSgmAttentionKeyTile,
+  sgmAttentionApplies,
+} from "../kernels/attention_sgm.ts";
+import { useSubgroupMatrices } from "../runtime/ops/matmul.ts";
+import {
   attentionBackwardDelta,
   attentionBackwardDkv,
   attentionBackwardDq,
@@ -230,7 +236,12 @@ export async function bench(
       const k = randomTensor(rt, [B, T, Hkv, hd], dtype);
       const v = randomTensor(rt, [B, T, Hkv, hd], dtype);
       const flopsFwd = (4 * B * H * T * T * hd) / 2;
-      for (const variant of ["v2", "v1"] as const) {
+      const sgm = dtype === "f16" && useSubgroupMatrices(rt.dev) &&
+        sgmAttentionApplies(
+          { B, T, H, Hkv, hd, qoff: 0, kvLen: T, kvBatchStride: T * Hkv * hd, window: 0, scale: 1 / 8 },
+          limit,
+        );
+      for (const variant of sgm ? ["sgm", "v2", "v1"] as const : ["v2", "v1"] as const) {
         const fwdMs = await timeSteps(
           rt,
           () => {
@@ -269,7 +280,7 @@ export async function bench(
         window: 0,
         scale: 1 / 8,
       };
-      for (const variant of ["v2", "v1"] as const) {
+      for (const variant of sgm ? ["sgm", "v2", "v1"] as const : ["v2", "v1"] as const) {
         const bwdMs = await timeSteps(
           rt,
           () => {
@@ -377,6 +388,15 @@ async function timeBackwardKernels(
       bindings: BufferSlice[];
       flops: number;
     }[] = [
+      ...(dtype === "f16" && useSubgroupMatrices(rt.dev) && sgmAttentionApplies(shape, limit)
+        ? [{
+          kernel: "fwd_sgm",
+          tiles: { bc: chooseSgmAttentionKeyTile(hd, limit) },
+          launch: attentionForwardSgm(shape, chooseSgmAttentionKeyTile(hd, limit)),
+          bindings: [t.q, t.k, t.v, fwdOut, fwdLse].map((x) => x.binding),
+          flops: flopsFwd,
+        }]
+        : []),
       {
         kernel: "fwd_v2",
         tiles: chooseForwardTilesV2(hd, limit),

@@ -32,6 +32,16 @@ import {
   type ForwardTilesV2,
 } from "../../kernels/attention_v2.ts";
 import { kvCacheAppend, planDecodeAttention, ropeKvAppend } from "../../kernels/attention_decode.ts";
+import {
+  attentionBackwardDkvSgm,
+  attentionBackwardDqSgm,
+  attentionForwardSgm,
+  chooseSgmAttentionBackwardTiles,
+  chooseSgmAttentionKeyTile,
+  sgmAttentionApplies,
+} from "../../kernels/attention_sgm.ts";
+import type { Launch } from "../../kernels/fill.ts";
+import { useSubgroupMatrices } from "./matmul.ts";
 import type { Runtime } from "../runtime.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
 import type { DType } from "../../kernels/kernel.ts";
@@ -54,17 +64,19 @@ export interface AttentionOptions {
     backward?: BackwardTiles;
   };
   /**
-   * Forward kernel: "v1" (default; `kernels/attention.ts`, also used by decoding for its key-split partials) or
-   * "v2" (`kernels/attention_v2.ts`). v1 stays the default because it is the one measured on the H200 (7.7 ms
-   * at B=1, T=2048, H=32/8, hd=64); the only H200 run with v2 as the default showed a slower hybrid prefill
-   * (379 ms against 221 ms), see BENCHMARKS.md.
+   * Forward kernel: "sgm" (`kernels/attention_sgm.ts`, f16 on the matrix units: the default where the device
+   * and the geometry allow it), "v1" (the default otherwise; `kernels/attention.ts`, also used by decoding for its
+   * key-split partials) or "v2" (`kernels/attention_v2.ts`). v1 stays the portable default because it is the one
+   * measured on the H200 (7.7 ms at B=1, T=2048, H=32/8, hd=64); the only H200 run with v2 as the default showed
+   * a slower hybrid prefill (379 ms against 221 ms), see BENCHMARKS.md.
    */
-  forwardKernels?: AttentionBackwardKernels;
+  forwardKernels?: AttentionBackwardKernels | "sgm";
   /**
-   * Backward kernels: "v2" (default; `kernels/attention_v2.ts`, register-resident micro-tiles) or "v1"
-   * (`kernels/attention.ts`, kept so benchmarks can compare both in one run).
+   * Backward kernels: "sgm" (`kernels/attention_sgm.ts`, f16 on the matrix units: the default where the device
+   * and the geometry allow it), "v2" (the default otherwise; `kernels/attention_v2.ts`, register-resident
+   * micro-tiles) or "v1" (`kernels/attention.ts`, kept so benchmarks can compare them in one run).
    */
-  backwardKernels?: AttentionBackwardKernels;
+  backwardKernels?: AttentionBackwardKernels | "sgm";
 }
 
 /**
@@ -137,9 +149,7 @@ export function attentionWithLse(
   };
   const out = rt.empty(q.shape, q.dtype);
   const lse = rt.empty([B, T, H], "f32");
-  const f = (opts.forwardKernels ?? "v1") === "v2"
-    ? attentionForwardV2(q.dtype, shape, opts.tiles?.forwardV2 ?? chooseForwardTilesV2(hd, storageLimit(rt)))
-    : attentionForward(q.dtype, shape, opts.tiles?.forward ?? chooseForwardTiles(hd, storageLimit(rt)));
+  const f = forwardLaunch(rt, q.dtype, shape, opts);
   rt.dev.dispatch(
     f.spec,
     [q.binding, k.binding, v.binding, out.binding, lse.binding],
@@ -154,6 +164,21 @@ export function attentionWithLse(
     return [g.dq, g.dk, g.dv];
   });
   return { out, lse };
+}
+
+/**
+ * The forward kernel for a call: the one `opts.forwardKernels` names, else the matrix-unit kernel for f16 where
+ * the device has it and the geometry fits ({@linkcode sgmAttentionApplies}), else v1.
+ */
+function forwardLaunch(rt: Runtime, dtype: DType, shape: AttentionShape, opts: AttentionOptions): Launch {
+  const limit = storageLimit(rt);
+  const which = opts.forwardKernels ??
+    (dtype === "f16" && useSubgroupMatrices(rt.dev) && sgmAttentionApplies(shape, limit) ? "sgm" : "v1");
+  if (which === "sgm") return attentionForwardSgm(shape, chooseSgmAttentionKeyTile(shape.hd, limit));
+  if (which === "v2") {
+    return attentionForwardV2(dtype, shape, opts.tiles?.forwardV2 ?? chooseForwardTilesV2(shape.hd, limit));
+  }
+  return attentionForward(dtype, shape, opts.tiles?.forward ?? chooseForwardTiles(shape.hd, limit));
 }
 
 /** Causal GQA attention: `softmax(q k^T * scale + causal/window mask) v` per head. Differentiable. */
@@ -184,12 +209,21 @@ export function attentionBackwardRaw(
   const dl = attentionBackwardDelta(dtype, B * T * H, hd);
   rt.dev.dispatch(dl.spec, [out.binding, gOut.binding, delta.binding], dl.workgroups, dl.uniforms);
   const limit = storageLimit(rt);
-  const v2 = (opts.backwardKernels ?? "v2") === "v2";
+  const sgmTiles = dtype === "f16" && useSubgroupMatrices(rt.dev) && sgmAttentionApplies(shape, limit)
+    ? chooseSgmAttentionBackwardTiles(hd, limit)
+    : null;
+  const which = opts.backwardKernels ?? (sgmTiles ? "sgm" : "v2");
+  if (which === "sgm" && !sgmTiles) {
+    throw new Error("attention: the sgm backward needs f16, subgroup matrices and causal self-attention");
+  }
+  const v2 = which === "v2";
   const v2Tiles = opts.tiles?.backward ?? chooseBackwardTiles(hd, limit);
   let dq: Tensor | null = null, dk: Tensor | null = null, dv: Tensor | null = null;
   if (need.dq) {
     dq = rt.empty(q.shape, dtype);
-    const a = v2
+    const a = which === "sgm"
+      ? attentionBackwardDqSgm(shape, sgmTiles!.bc)
+      : v2
       ? attentionBackwardDqV2(dtype, shape, v2Tiles)
       : attentionBackwardDq(dtype, shape, opts.tiles?.dq ?? chooseDqTiles(hd, limit));
     rt.dev.dispatch(
@@ -202,7 +236,9 @@ export function attentionBackwardRaw(
   if (need.dkv) {
     dk = rt.empty(k.shape, dtype);
     dv = rt.empty(v.shape, dtype);
-    const c = v2
+    const c = which === "sgm"
+      ? attentionBackwardDkvSgm(shape, sgmTiles!.br)
+      : v2
       ? attentionBackwardDkvV2(dtype, shape, v2Tiles)
       : attentionBackwardDkv(dtype, shape, opts.tiles?.dkv ?? chooseDkvTiles(hd, limit));
     rt.dev.dispatch(

@@ -161,6 +161,14 @@ function sgmEnabled(): boolean {
 }
 
 /**
+ * Whether f16 work may run on the device's matrix units: the device supports the subgroup-matrix kernels
+ * ({@linkcode sgmSupported}) and {@linkcode SGM_ENV_VAR} does not turn them off.
+ */
+export function useSubgroupMatrices(dev: SgmDeviceInfo): boolean {
+  return sgmEnabled() && sgmSupported(dev);
+}
+
+/**
  * The dispatch for one product: an explicit `config` always takes the register-tiled kernel; otherwise f16
  * operands take the subgroup-matrix kernel when the device supports it ({@linkcode sgmSupported}) and the shape
  * qualifies ({@linkcode pickSgmConfig}: 2-half aligned contiguous dimensions, strides and offsets, M, N >= 32,
@@ -172,7 +180,7 @@ export function matmulLaunch(
   layout: MatmulLayout,
   config?: MatmulConfig,
 ): Launch {
-  if (!config && layout.dtype === "f16" && sgmEnabled() && sgmSupported(dev)) {
+  if (!config && layout.dtype === "f16" && useSubgroupMatrices(dev)) {
     const sgmLayout = {
       transA: layout.transA,
       transB: layout.transB,

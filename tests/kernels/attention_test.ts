@@ -267,41 +267,65 @@ Deno.test("attention backward: finite differences of the float64 forward", gpuTe
   });
 });
 
-Deno.test("attention on f16 storage (f32 math) stays within f16 tolerance", gpuTestOptions, async () => {
+/**
+ * f16 attention forward and backward against float64 on f16-rounded inputs. hd a multiple of 16 and no window
+ * take the matrix-unit forward (`kernels/attention_sgm.ts`) where the device has subgroup matrices (the H200
+ * under Dawn), the FMA kernels elsewhere; either must meet the same f16 tolerance.
+ */
+async function checkF16Attention(c: Case, seed: string): Promise<void> {
   const rt = await testRuntime();
   if (!rt.dev.features.f16) {
     console.warn("attention f16: adapter has no shader-f16");
     return;
   }
-  const rng = testRng("attn-f16");
-  const c = { B: 1, T: 19, H: 4, Hkv: 2, hd: 16 };
+  const rng = testRng(seed);
   const s = refShape(c);
   const r16 = (a: Float64Array) => a.map((x) => Float16Array.of(x)[0]);
-  const q = r16(randn(rng, c.T * c.H * c.hd)), k = r16(randn(rng, c.T * c.Hkv * c.hd));
-  const v = r16(randn(rng, c.T * c.Hkv * c.hd)), g = r16(randn(rng, q.length));
+  const nq = c.B * c.T * c.H * c.hd, nk = c.B * c.T * c.Hkv * c.hd;
+  const q = r16(randn(rng, nq)), k = r16(randn(rng, nk));
+  const v = r16(randn(rng, nk)), g = r16(randn(rng, nq));
   await rt.scope(async () => {
-    const tq = rt.tensor(q, [1, c.T, c.H, c.hd], "f16");
-    const tk = rt.tensor(k, [1, c.T, c.Hkv, c.hd], "f16");
-    const tv = rt.tensor(v, [1, c.T, c.Hkv, c.hd], "f16");
+    const tq = rt.tensor(q, [c.B, c.T, c.H, c.hd], "f16");
+    const tk = rt.tensor(k, [c.B, c.T, c.Hkv, c.hd], "f16");
+    const tv = rt.tensor(v, [c.B, c.T, c.Hkv, c.hd], "f16");
     tq.requiresGrad = tk.requiresGrad = tv.requiresGrad = true;
-    const out = attention(tq, tk, tv);
+    const { out, lse } = attentionWithLse(tq, tk, tv, { window: c.window });
     rt.backward(out, rt.tensor(g, out.shape, "f16"));
-    const [o, dq, dk, dv] = await Promise.all([
+    const [o, l, dq, dk, dv] = await Promise.all([
       out.read(),
+      lse.read(),
       tq.grad!.read(),
       tk.grad!.read(),
       tv.grad!.read(),
     ]);
     const ref = refAttention(s, q, k, v);
     const rb = refAttentionBackward(s, q, k, v, g);
+    // outputs are f16 (half an ulp 5e-4 relative) and the matrix units multiply P rounded to f16
     const tol = { rtol: 1e-2, atol: 5e-3 };
-    assertClose(o, ref.out, tol, "f16 out");
-    assertClose(dq, rb.dq, { rtol: 2e-2, atol: 2e-2 }, "f16 dq");
-    assertClose(dk, rb.dk, { rtol: 2e-2, atol: 2e-2 }, "f16 dk");
-    assertClose(dv, rb.dv, { rtol: 2e-2, atol: 2e-2 }, "f16 dv");
+    assertClose(o, ref.out, tol, `f16 out ${label(c)}`);
+    // lse is f32 from f32 sums of exp: only the f16 inputs' rounding, already in the reference
+    assertClose(l, ref.lse, { rtol: 1e-4, atol: 1e-4 }, `f16 lse ${label(c)}`);
+    assertClose(dq, rb.dq, { rtol: 2e-2, atol: 2e-2 }, `f16 dq ${label(c)}`);
+    assertClose(dk, rb.dk, { rtol: 2e-2, atol: 2e-2 }, `f16 dk ${label(c)}`);
+    assertClose(dv, rb.dv, { rtol: 2e-2, atol: 2e-2 }, `f16 dv ${label(c)}`);
     for (const t of [tq, tk, tv]) t.grad!.dispose();
   });
+}
+
+Deno.test("attention on f16 storage (f32 math) stays within f16 tolerance", gpuTestOptions, async () => {
+  await checkF16Attention({ B: 1, T: 19, H: 4, Hkv: 2, hd: 16 }, "attn-f16");
 });
+
+Deno.test(
+  "attention on f16 storage: several key tiles, GQA 4 and 1, hd 64 and 128, a partial last row block",
+  gpuTestOptions,
+  async () => {
+    await checkF16Attention({ B: 2, T: 130, H: 4, Hkv: 1, hd: 64 }, "attn-f16-hd64");
+    await checkF16Attention({ B: 1, T: 70, H: 8, Hkv: 2, hd: 64 }, "attn-f16-gqa4");
+    await checkF16Attention({ B: 1, T: 70, H: 2, Hkv: 2, hd: 128 }, "attn-f16-hd128");
+    await checkF16Attention({ B: 1, T: 45, H: 3, Hkv: 1, hd: 32, window: 9 }, "attn-f16-window");
+  },
+);
 
 Deno.test("attention: shape errors name what was expected", gpuTestOptions, async () => {
   const rt = await testRuntime();

@@ -1,5 +1,5 @@
 /**
- * Compiles every variant of the subgroup-matrix matmul (each config of the sweep, the op's configs, all four
+ * Compiles every variant of the subgroup-matrix matmul, and of the matrix-unit attention forward, (each config of the sweep, the op's configs, all four
  * transpose layouts, f32 and f16 output, accumulate, whole-block and bounds-checked shapes, direct and staged
  * epilogues) with Dawn's WGSL compiler (Tint) on Dawn's null backend, which offers
  * `chromium-experimental-subgroup-matrix` (though no matrix configurations) and executes nothing.
@@ -26,6 +26,12 @@ import {
   sgmThreads,
   sgmVariantWgsl,
 } from "../../kernels/matmul_subgroup_matrix.ts";
+import {
+  sgmAttentionBackwardWgslFor,
+  sgmAttentionSharedBytes,
+  sgmAttentionWgslFor,
+  sgmDkvSharedBytes,
+} from "../../kernels/attention_sgm.ts";
 import { compileFailure, dawnNullDevice } from "../helpers/tint.ts";
 
 /** A config small enough for the null adapter's limits, so that one variant family also builds a pipeline. */
@@ -47,6 +53,8 @@ interface Variant {
   code: string;
   sharedBytes: number;
   threads: number;
+  /** Compile the module only (its bindings are not the matmul's). */
+  moduleOnly?: boolean;
 }
 
 function allVariants(): Variant[] {
@@ -94,6 +102,29 @@ function allVariants(): Variant[] {
       }
     }
   }
+  // the matrix-unit attention forward: every head dim and key tile it accepts
+  for (const hd of [16, 32, 48, 64, 80, 96, 112, 128]) {
+    for (const bc of [32, 64]) {
+      const name = `attention hd${hd} bc${bc}`;
+      variants.set(name, {
+        name,
+        code: sgmAttentionWgslFor(hd, bc),
+        sharedBytes: sgmAttentionSharedBytes(hd, bc),
+        threads: 128,
+        moduleOnly: true,
+      });
+      for (const kind of ["dq", "dkv"] as const) {
+        const name = `attention ${kind} hd${hd} tile${bc}`;
+        variants.set(name, {
+          name,
+          code: sgmAttentionBackwardWgslFor(kind, hd, bc),
+          sharedBytes: kind === "dq" ? sgmAttentionSharedBytes(hd, bc) : sgmDkvSharedBytes(hd, bc),
+          threads: 128,
+          moduleOnly: true,
+        });
+      }
+    }
+  }
   return [...variants.values()];
 }
 
@@ -120,7 +151,8 @@ async function check(
     device.pushErrorScope("validation");
     const module = device.createShaderModule({ code: v.code });
     if (
-      v.sharedBytes <= device.limits.maxComputeWorkgroupStorageSize && v.threads % maxSubgroup === 0 &&
+      !v.moduleOnly && v.sharedBytes <= device.limits.maxComputeWorkgroupStorageSize &&
+      v.threads % maxSubgroup === 0 &&
       v.threads <= device.limits.maxComputeInvocationsPerWorkgroup
     ) {
       const layout = device.createBindGroupLayout({ entries });

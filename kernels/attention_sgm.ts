@@ -1,0 +1,702 @@
+/**
+ * Causal GQA attention forward on the matrix units (Dawn's `chromium-experimental-subgroup-matrix`: tensor cores
+ * on NVIDIA), for f16 q, k, v with f32 softmax statistics and accumulation. Same layouts, packed rows and outputs
+ * (o, and the natural-log `lse` the backward kernels read) as `attention.ts`, whose kernels stay the portable path
+ * and the one for sliding windows, decoding offsets and head dims the tiles below do not fit.
+ *
+ * Why: on the H200 the FMA forward ran at about 10 TFLOP/s, 162 ms of a 1,162 ms 1B-shape distill step
+ * (BENCHMARKS.md); the QK^T and PV products are exactly what the matrix units do.
+ *
+ * One workgroup per (block of 64 packed rows, batch * kv head): 4 subgroups of 32, each owning 16 rows.
+ * - Q's 64 x hd block is staged once through workgroup memory into hd/16 left fragments per subgroup, kept in
+ *   registers for the whole key loop.
+ * - Per key tile of BC keys: all threads stage K and V (16-byte loads, zero past the sequence); each subgroup
+ *   computes its 16 x BC scores as BC/16 result fragments and stores them (f32) to workgroup memory; then the two
+ *   threads of each row (lanes 2r, 2r+1 of the row's subgroup, combined with one shuffle) apply scale and causal
+ *   mask, update the running max m and sum l (online softmax), and write P = exp(s - m) as f16; each subgroup
+ *   multiplies its P rows by V (result fragments, stored f32 again), and the two threads of each row fold that
+ *   into the output they hold in registers: O = O * exp(m_old - m_new) + P V. WGSL gives no per-row access to a
+ *   result fragment, which is why O lives in threads and P V makes a trip through workgroup memory.
+ * - Row blocks are walked longest first (the causal last blocks see the most keys), so the tail of the dispatch is
+ *   short blocks.
+ *
+ * Workgroup memory: K and V tiles (BC x (hd + 8) halves each; Q is staged in the same space before the loop),
+ * P (64 x (BC + 8) halves) and one f32 scratch of 64 x (max(BC, chunk) + 4) for scores and P V, where P V runs
+ * in column chunks (the widest multiple of 16 up to 64 dividing hd), so hd 128 fits with BC = 32.
+ *
+ * @module
+ */
+import { ceilDiv, type KernelSpec, Uniforms } from "./kernel.ts";
+import type { Launch } from "./fill.ts";
+import type { AttentionShape } from "./attention.ts";
+import { SGM_FRAG, SGM_SUBGROUP } from "./matmul_subgroup_matrix.ts";
+
+/** Packed rows per workgroup: 4 subgroups of 16 rows. */
+export const SGM_ATTN_ROWS = 64;
+const SUBGROUPS = SGM_ATTN_ROWS / SGM_FRAG;
+const THREADS = SUBGROUPS * SGM_SUBGROUP;
+/** Halves of padding after each staged row (16-byte aligned fragment rows, fewer bank conflicts). */
+const PAD = 8;
+/** Widest column chunk of one P V pass. */
+const PV_CHUNK = 64;
+
+/** Bytes of workgroup memory the kernel needs for head dim `hd` and key tile `bc`. */
+export function sgmAttentionSharedBytes(hd: number, bc: number): number {
+  const hdp = hd + PAD;
+  const kv = Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp) * 2;
+  const p = SGM_ATTN_ROWS * (bc + PAD) * 2;
+  const s = SGM_ATTN_ROWS * scratchStride(hd, bc) * 4;
+  return kv + p + s;
+}
+
+/** Columns of one P V pass: the widest multiple of 16 up to 64 that divides hd. */
+function pvChunk(hd: number): number {
+  for (let c = Math.min(hd, PV_CHUNK); c >= SGM_FRAG; c -= SGM_FRAG) if (hd % c === 0) return c;
+  throw new Error(`subgroup-matrix attention: hd ${hd} is not a multiple of ${SGM_FRAG}`);
+}
+
+function scratchStride(hd: number, bc: number): number {
+  return Math.max(bc, pvChunk(hd)) + 4;
+}
+
+/**
+ * The key tile for a head dim under a workgroup-memory limit (64 keys when they fit, else 32), or 0 when the
+ * kernel does not apply: hd must be a multiple of 16 up to 128.
+ */
+export function chooseSgmAttentionKeyTile(hd: number, limitBytes: number): number {
+  if (hd % SGM_FRAG !== 0 || hd > 128 || hd <= 0) return 0;
+  for (const bc of [64, 32]) if (sgmAttentionSharedBytes(hd, bc) <= limitBytes) return bc;
+  return 0;
+}
+
+/**
+ * Whether an attention call is one this kernel runs: f16, training/prefill geometry (queries at positions 0..T-1
+ * over their own T keys), no sliding window, and a head dim with a key tile.
+ */
+export function sgmAttentionApplies(s: AttentionShape, limitBytes: number): boolean {
+  return s.qoff === 0 && s.kvLen === s.T && s.window === 0 && s.H % s.Hkv === 0 &&
+    chooseSgmAttentionKeyTile(s.hd, limitBytes) > 0;
+}
+
+const specs = new Map<string, KernelSpec>();
+
+function sgmAttentionSpec(hd: number, bc: number): KernelSpec {
+  const key = `attn_sgm_fwd_f16_hd${hd}_bc${bc}`;
+  let spec = specs.get(key);
+  if (!spec) {
+    spec = {
+      key,
+      bindings: ["read", "read", "read", "rw", "rw"],
+      uniformBytes: 48,
+      code: sgmAttentionWgsl(hd, bc),
+    };
+    specs.set(key, spec);
+  }
+  return spec;
+}
+
+/**
+ * The forward dispatch. Bindings: q, k, v (f16, read; 16-byte aligned rows: hd a multiple of 8), o (f16, rw),
+ * lse (f32, rw). Throws when {@linkcode sgmAttentionApplies} does not hold for `bc`.
+ */
+export function attentionForwardSgm(s: AttentionShape, bc: number): Launch {
+  checkSgmShape(s, bc);
+  const rowBlocks = ceilDiv(s.T * (s.H / s.Hkv), SGM_ATTN_ROWS);
+  return {
+    spec: sgmAttentionSpec(s.hd, bc),
+    uniforms: sgmUniforms(s, rowBlocks),
+    workgroups: [rowBlocks, s.B * s.Hkv],
+  };
+}
+
+function checkSgmShape(s: AttentionShape, bc: number): void {
+  if (s.qoff !== 0 || s.kvLen !== s.T || s.window !== 0) {
+    throw new Error("subgroup-matrix attention: only causal self-attention over 0..T-1 without a window");
+  }
+  if (s.hd % SGM_FRAG || s.hd > 128 || (bc !== 32 && bc !== 64) || s.H % s.Hkv) {
+    throw new Error(
+      `subgroup-matrix attention: hd ${s.hd} (multiple of 16 up to 128), key tile ${bc} (32, 64)`,
+    );
+  }
+}
+
+const LEFT = `subgroup_matrix_left<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
+const RIGHT = `subgroup_matrix_right<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
+const RESULT = `subgroup_matrix_result<f32, ${SGM_FRAG}, ${SGM_FRAG}>`;
+
+function range(n: number): number[] {
+  return Array.from({ length: n }, (_, i) => i);
+}
+
+function sgmAttentionWgsl(hd: number, bc: number): string {
+  const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
+  const kvElems = Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp);
+  const kFrags = bc / SGM_FRAG;
+  const chunk = pvChunk(hd), chunks = hd / chunk;
+  const half = bc / 2; // scores per thread (two threads per row)
+  const ohalf = chunk / 2; // output columns per thread and chunk
+
+  // P V for one column chunk: P's fragments (loaded once per chunk) times V's, into the scratch
+  const pv = (c: number) =>
+    `{
+      ${
+      range(kFrags).map((kk) =>
+        `let p${kk} = subgroupMatrixLoad<${LEFT}, row_major>(&PS, prow + ${kk * SGM_FRAG}u, ${pstr}u);`
+      ).join("\n      ")
+    }
+      ${
+      range(chunk / SGM_FRAG).map((f) =>
+        `{
+        var acc = ${RESULT}();
+        ${
+          range(kFrags).map((kk) =>
+            `acc = subgroupMatrixMultiplyAccumulate(p${kk}, subgroupMatrixLoad<${RIGHT}, row_major>(&KV, ${
+              bc * hdp + kk * SGM_FRAG * hdp + c * chunk + f * SGM_FRAG
+            }u, ${hdp}u), acc);`
+          ).join("\n        ")
+        }
+        subgroupMatrixStore<row_major>(&SS, srow + ${f * SGM_FRAG}u, acc, ${sstr}u);
+      }`
+      ).join("\n      ")
+    }
+    }
+    workgroupBarrier();
+    ${
+      range(ohalf).map((e) =>
+        `o${c * ohalf + e} = o${c * ohalf + e} * alpha + SS[r * ${sstr}u + hh * ${ohalf}u + ${e}u];`
+      ).join("\n    ")
+    }
+    ${c + 1 < chunks ? "workgroupBarrier();" : ""}`;
+
+  const outWords = range(ohalf / 8).flatMap((w) => range(chunks).map((c) => ({ w, c })));
+  const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
+  const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
+  return `${commonWgsl(hd)}
+// causal GQA attention forward on subgroup matrices, hd ${hd}, key tile ${bc}
+@group(0) @binding(0) var<storage, read> Q: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> K: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> V: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read_write> O: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read_write> LSE: array<f32>;
+@group(0) @binding(5) var<uniform> p: P;
+var<workgroup> KV: array<f16, ${kvElems}>;
+var<workgroup> PS: array<f16, ${SGM_ATTN_ROWS * pstr}>;
+var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
+
+@compute @workgroup_size(${THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+  let block = p.row_blocks - 1u - wid.x; // longest blocks first
+  let b = wid.y / p.Hkv;
+  let hk = wid.y % p.Hkv;
+  let R0 = block * ${SGM_ATTN_ROWS}u;
+  let rLast = min(R0 + ${SGM_ATTN_ROWS - 1}u, p.rows - 1u);
+  let ntiles = min(rLast / p.G / ${bc}u + 1u, (p.kv_len + ${bc - 1}u) / ${bc}u);
+  let kvBase = b * p.kv_bstride + hk * ${hd}u;
+
+  // Q block -> workgroup memory -> fragments in registers
+  ${stageRows("KV", "0u", SGM_ATTN_ROWS, hd, "Q", packedRow, (row) => `R0 + ${row} < p.rows`)}
+  workgroupBarrier();
+  let srow = sg * ${SGM_FRAG * sstr}u;
+  let prow = sg * ${SGM_FRAG * pstr}u;
+  ${leftFragments("q", "KV", "0u", hd)}
+  workgroupBarrier();
+
+  // this thread's row and half of it
+  let r = sg * ${SGM_FRAG}u + lane / 2u;
+  let hh = lane & 1u;
+  let R = R0 + r;
+  let pos = R / p.G;
+  var m = NEG;
+  var l = 0.0;
+  ${range(hd / 2).map((e) => `var o${e} = 0.0;`).join(" ")}
+
+  for (var kt = 0u; kt < ntiles; kt++) {
+    let k0 = kt * ${bc}u;
+    ${stageRows("KV", "0u", bc, hd, "K", keyRow, (row) => `k0 + ${row} < p.kv_len`)}
+    ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRow, (row) => `k0 + ${row} < p.kv_len`)}
+    workgroupBarrier();
+    ${productOverHd("q", "KV", 0, bc, hd, sstr)}
+    workgroupBarrier();
+
+    // online softmax of this thread's half row; P as f16
+    let c0 = hh * ${half}u;
+    var mx = NEG;
+    for (var i = 0u; i < ${half}u; i++) {
+      let j = k0 + c0 + i;
+      if (j <= pos && j < p.kv_len) { mx = max(mx, SS[r * ${sstr}u + c0 + i] * p.scale); }
+    }
+    mx = max(mx, subgroupShuffleXor(mx, 1u));
+    let mNew = max(m, mx);
+    let alpha = exp(m - mNew);
+    var sum = 0.0;
+    for (var i = 0u; i < ${half}u; i++) {
+      let j = k0 + c0 + i;
+      var pv = 0.0;
+      if (j <= pos && j < p.kv_len) { pv = exp(SS[r * ${sstr}u + c0 + i] * p.scale - mNew); }
+      PS[r * ${pstr}u + c0 + i] = f16(pv);
+      sum += pv;
+    }
+    sum += subgroupShuffleXor(sum, 1u);
+    l = l * alpha + sum;
+    m = mNew;
+    workgroupBarrier();
+
+    ${range(chunks).map(pv).join("\n    ")}
+  }
+
+  if (R < p.rows) {
+    let inv = 1.0 / l;
+    let base = row_addr(b, hk, R) / 8u;
+    ${
+    outWords.map(({ w, c }) => {
+      const e = c * ohalf + w * 8;
+      const pair = (x: number) => `pack2x16float(vec2<f32>(o${e + x} * inv, o${e + x + 1} * inv))`;
+      return `O[base + (${c * chunk}u + hh * ${ohalf}u + ${w * 8}u) / 8u] = vec4<u32>(${pair(0)}, ${
+        pair(2)
+      }, ${pair(4)}, ${pair(6)});`;
+    }).join("\n    ")
+  }
+    if (hh == 0u) { LSE[(R / p.G + b * p.T) * p.H + hk * p.G + R % p.G] = m + log(l); }
+  }
+}
+`;
+}
+
+/** WGSL source for a head dim and key tile, for compile checks. */
+export function sgmAttentionWgslFor(hd: number, bc: number): string {
+  return sgmAttentionSpec(hd, bc).code;
+}
+
+// ---- backward --------------------------------------------------------------------------------------------
+//
+// FlashAttention-2's split, on the matrix units, for the same geometry as the forward (delta = rowsum(dO * O) comes
+// from `attentionBackwardDelta` in attention.ts):
+// - dQ: one workgroup per 64 packed rows (4 subgroups of 16), Q and dO held as left fragments; per key tile it
+//   recomputes S = Q K^T and P = exp(S * scale - lse), computes dP = dO V^T, dS = P (dP - delta) scale (f16 in
+//   workgroup memory) and accumulates dQ += dS K in result fragments;
+// - dK, dV: one workgroup per 64 keys (4 subgroups of 16), K and V held as left fragments; per tile of packed rows
+//   that can see those keys it computes S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T and dK += dS^T Q.
+// As in the forward, every elementwise step runs in threads (two per row of a subgroup's 16 x N block) on f32
+// scores that the subgroups stored to workgroup memory; results leave through the same scratch, converted to f16.
+
+/** Rows of Q and dO per tile of the dK/dV kernel for a head dim (64 when the workgroup memory allows, else 32). */
+function dkvRowTile(hd: number, limitBytes: number): number {
+  for (const br of [64, 32]) if (sgmDkvSharedBytes(hd, br) <= limitBytes) return br;
+  return 0;
+}
+
+/** Workgroup memory of the dK/dV kernel with row tiles of `br`. */
+export function sgmDkvSharedBytes(hd: number, br: number): number {
+  const hdp = hd + PAD;
+  const qd = Math.max(2 * br * hdp, SGM_ATTN_ROWS * hdp) * 2;
+  return qd + SGM_ATTN_ROWS * scratchStride(hd, br) * 4 + SGM_ATTN_ROWS * (br + PAD) * 2 + 2 * br * 4;
+}
+
+/** The tiles of both backward kernels for a head dim, or null when the backward does not apply. */
+export function chooseSgmAttentionBackwardTiles(
+  hd: number,
+  limitBytes: number,
+): { bc: number; br: number } | null {
+  const bc = chooseSgmAttentionKeyTile(hd, limitBytes);
+  const br = bc ? dkvRowTile(hd, limitBytes) : 0;
+  return bc && br ? { bc, br } : null;
+}
+
+/** WGSL shared by the kernels: uniforms, the bindings' packed-row addressing. */
+function commonWgsl(hd: number): string {
+  return `enable f16;
+enable subgroups;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium.subgroup_matrix_uniformity);
+struct P { T: u32, H: u32, Hkv: u32, G: u32, kv_len: u32, kv_bstride: u32, kv_pstride: u32, row_blocks: u32,
+           scale: f32, rows: u32, _a: u32, _b: u32 }
+const NEG: f32 = -1.0e30;
+// first element of packed row R (token R / G, head hk * G + R % G) of a [B, T, H, hd] tensor
+fn row_addr(b: u32, hk: u32, R: u32) -> u32 {
+  return ((b * p.T + R / p.G) * p.H + hk * p.G + R % p.G) * ${hd}u;
+}
+fn row_stat(b: u32, hk: u32, R: u32) -> u32 {
+  return (b * p.T + R / p.G) * p.H + hk * p.G + R % p.G;
+}`;
+}
+
+/**
+ * Statements that stage `rows` rows of `hd` halves into workgroup array `dst` (row stride hd + 8, from element
+ * `dstOff`) with 16-byte loads by all threads from the vec4<u32> binding `src`; `word(row)` is the index of a
+ * row's first 8 halves there and `valid(row)` says whether the row exists (else zeros).
+ */
+function stageRows(
+  dst: string,
+  dstOff: string,
+  rows: number,
+  hd: number,
+  src: string,
+  word: (row: string) => string,
+  valid: (row: string) => string,
+): string {
+  const loads = (rows * hd) / 8, perRow = hd / 8, hdp = hd + PAD;
+  return `for (var s = 0u; s < ${ceilDiv(loads, THREADS)}u; s++) {
+    let idx = lid + s * ${THREADS}u;
+    if (idx < ${loads}u) {
+      let row = idx / ${perRow}u;
+      let ch = idx % ${perRow}u;
+      var w = vec4<u32>();
+      if (${valid("row")}) { w = ${src}[${word("row")} + ch]; }
+      let d = ${dstOff} + row * ${hdp}u + ch * 8u;
+      let h0 = bitcast<vec2<f16>>(w.x); let h1 = bitcast<vec2<f16>>(w.y);
+      let h2 = bitcast<vec2<f16>>(w.z); let h3 = bitcast<vec2<f16>>(w.w);
+      ${dst}[d] = h0.x; ${dst}[d + 1u] = h0.y; ${dst}[d + 2u] = h1.x; ${dst}[d + 3u] = h1.y;
+      ${dst}[d + 4u] = h2.x; ${dst}[d + 5u] = h2.y; ${dst}[d + 6u] = h3.x; ${dst}[d + 7u] = h3.y;
+    }
+  }`;
+}
+
+/** `let name{i} = <hd/16 left fragments of this subgroup's 16 rows>` from a staged block at element `off`. */
+function leftFragments(name: string, src: string, off: string, hd: number): string {
+  const hdp = hd + PAD;
+  return range(hd / SGM_FRAG).map((i) =>
+    `let ${name}${i} = subgroupMatrixLoad<${LEFT}, row_major>(&${src}, ${off} + sg * ${SGM_FRAG * hdp}u + ${
+      i * SGM_FRAG
+    }u, ${hdp}u);`
+  ).join("\n  ");
+}
+
+/**
+ * The subgroup's 16 x n product `left{0..} x B^T` (B: n staged rows of hd halves at element `off` of `src`),
+ * stored f32 into the scratch at `srow`: scores-like products over the head dim.
+ */
+function productOverHd(left: string, src: string, off: number | string, n: number, hd: number, sstr: number) {
+  const hdp = hd + PAD;
+  return range(n / SGM_FRAG).map((f) =>
+    `{
+      var acc = ${RESULT}();
+      ${
+      range(hd / SGM_FRAG).map((i) =>
+        `acc = subgroupMatrixMultiplyAccumulate(${left}${i}, subgroupMatrixLoad<${RIGHT}, col_major>(&${src}, ${off} + ${
+          f * SGM_FRAG * hdp + i * SGM_FRAG
+        }u, ${hdp}u), acc);`
+      ).join("\n      ")
+    }
+      subgroupMatrixStore<row_major>(&SS, srow + ${f * SGM_FRAG}u, acc, ${sstr}u);
+    }`
+  ).join("\n    ");
+}
+
+/**
+ * `acc{f} += L (16 x n, f16 rows of the subgroup in workgroup array `lsrc` at `lrow`, stride `lstr`) x B (n staged
+ * rows of hd halves at element `off` of `src`)`, for the hd/16 result fragments `acc{f}`.
+ */
+function accumulateOverRows(
+  acc: string,
+  lsrc: string,
+  lstr: number,
+  src: string,
+  off: number | string,
+  n: number,
+  hd: number,
+): string {
+  const hdp = hd + PAD;
+  return `{
+      ${
+    range(n / SGM_FRAG).map((kk) =>
+      `let l${kk} = subgroupMatrixLoad<${LEFT}, row_major>(&${lsrc}, ${lsrc === "PS" ? "prow" : "trow"} + ${
+        kk * SGM_FRAG
+      }u, ${lstr}u);`
+    ).join("\n      ")
+  }
+      ${
+    range(hd / SGM_FRAG).flatMap((f) =>
+      range(n / SGM_FRAG).map((kk) =>
+        `${acc}${f} = subgroupMatrixMultiplyAccumulate(l${kk}, subgroupMatrixLoad<${RIGHT}, row_major>(&${src}, ${off} + ${
+          kk * SGM_FRAG * hdp + f * SGM_FRAG
+        }u, ${hdp}u), ${acc}${f});`
+      )
+    ).join("\n      ")
+  }
+    }`;
+}
+
+/**
+ * Writes result fragments `acc{0..hd/16}` (16 rows per subgroup) to global f16 rows through the scratch, in column
+ * chunks: each thread packs its half of its row. `dst(row)` is the WGSL word index of a row's first 8 halves (the
+ * row is this thread's `r`), `valid` whether it exists.
+ */
+function storeRows(acc: string, out: string, hd: number, sstr: number, dst: string, valid: string): string {
+  const chunk = pvChunk(hd), ohalf = chunk / 2;
+  return range(hd / chunk).map((c) =>
+    `${
+      range(chunk / SGM_FRAG).map((f) =>
+        `subgroupMatrixStore<row_major>(&SS, srow + ${f * SGM_FRAG}u, ${acc}${
+          c * (chunk / SGM_FRAG) + f
+        }, ${sstr}u);`
+      ).join("\n  ")
+    }
+  workgroupBarrier();
+  if (${valid}) {
+    ${
+      range(ohalf / 8).map((w) => {
+        const pair = (x: number) =>
+          `pack2x16float(vec2<f32>(SS[r * ${sstr}u + hh * ${ohalf}u + ${
+            w * 8 + x
+          }u], SS[r * ${sstr}u + hh * ${ohalf}u + ${w * 8 + x + 1}u]))`;
+        return `${out}[${dst} + (${c * chunk}u + hh * ${ohalf}u + ${w * 8}u) / 8u] = vec4<u32>(${pair(0)}, ${
+          pair(2)
+        }, ${pair(4)}, ${pair(6)});`;
+      }).join("\n    ")
+    }
+  }
+  workgroupBarrier();`
+  ).join("\n  ");
+}
+
+function resultDecls(name: string, hd: number): string {
+  return range(hd / SGM_FRAG).map((f) => `var ${name}${f} = ${RESULT}();`).join("\n  ");
+}
+
+function dqWgsl(hd: number, bc: number): string {
+  const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
+  const kvElems = Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp);
+  const half = bc / 2;
+  const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
+  const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
+  const keyOk = (row: string) => `k0 + ${row} < p.kv_len`;
+  const rowOk = (row: string) => `R0 + ${row} < p.rows`;
+  return `${commonWgsl(hd)}
+// causal GQA attention dQ on subgroup matrices, hd ${hd}, key tile ${bc}
+@group(0) @binding(0) var<storage, read> Q: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> K: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> V: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> DO: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> LSE: array<f32>;
+@group(0) @binding(5) var<storage, read> DELTA: array<f32>;
+@group(0) @binding(6) var<storage, read_write> DQ: array<vec4<u32>>;
+@group(0) @binding(7) var<uniform> p: P;
+var<workgroup> KV: array<f16, ${kvElems}>;
+var<workgroup> PS: array<f16, ${SGM_ATTN_ROWS * pstr}>;
+var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
+
+@compute @workgroup_size(${THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+  let block = p.row_blocks - 1u - wid.x; // longest blocks first
+  let b = wid.y / p.Hkv;
+  let hk = wid.y % p.Hkv;
+  let R0 = block * ${SGM_ATTN_ROWS}u;
+  let rLast = min(R0 + ${SGM_ATTN_ROWS - 1}u, p.rows - 1u);
+  let ntiles = min(rLast / p.G / ${bc}u + 1u, (p.kv_len + ${bc - 1}u) / ${bc}u);
+  let kvBase = b * p.kv_bstride + hk * ${hd}u;
+  let srow = sg * ${SGM_FRAG * sstr}u;
+  let prow = sg * ${SGM_FRAG * pstr}u;
+
+  ${stageRows("KV", "0u", SGM_ATTN_ROWS, hd, "Q", packedRow, rowOk)}
+  workgroupBarrier();
+  ${leftFragments("q", "KV", "0u", hd)}
+  workgroupBarrier();
+  ${stageRows("KV", "0u", SGM_ATTN_ROWS, hd, "DO", packedRow, rowOk)}
+  workgroupBarrier();
+  ${leftFragments("g", "KV", "0u", hd)}
+  workgroupBarrier();
+
+  let r = sg * ${SGM_FRAG}u + lane / 2u;
+  let hh = lane & 1u;
+  let R = R0 + r;
+  let pos = R / p.G;
+  var lse = 0.0;
+  var delta = 0.0;
+  if (R < p.rows) {
+    lse = LSE[row_stat(b, hk, R)];
+    delta = DELTA[row_stat(b, hk, R)];
+  }
+  let c0 = hh * ${half}u;
+  ${resultDecls("dq", hd)}
+
+  for (var kt = 0u; kt < ntiles; kt++) {
+    let k0 = kt * ${bc}u;
+    ${stageRows("KV", "0u", bc, hd, "K", keyRow, keyOk)}
+    ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRow, keyOk)}
+    workgroupBarrier();
+    ${productOverHd("q", "KV", 0, bc, hd, sstr)}
+    workgroupBarrier();
+    ${
+    range(half).map((i) =>
+      `var p${i} = 0.0;
+    if (k0 + c0 + ${i}u <= pos && k0 + c0 + ${i}u < p.kv_len) { p${i} = exp(SS[r * ${sstr}u + c0 + ${i}u] * p.scale - lse); }`
+    ).join("\n    ")
+  }
+    workgroupBarrier();
+    ${productOverHd("g", "KV", bc * hdp, bc, hd, sstr)}
+    workgroupBarrier();
+    ${
+    range(half).map((i) =>
+      `PS[r * ${pstr}u + c0 + ${i}u] = f16(p${i} * (SS[r * ${sstr}u + c0 + ${i}u] - delta) * p.scale);`
+    ).join("\n    ")
+  }
+    workgroupBarrier();
+    ${accumulateOverRows("dq", "PS", pstr, "KV", 0, bc, hd)}
+    workgroupBarrier();
+  }
+  ${storeRows("dq", "DQ", hd, sstr, "row_addr(b, hk, R) / 8u", "R < p.rows")}
+}
+`;
+}
+
+function dkvWgsl(hd: number, br: number): string {
+  const hdp = hd + PAD, tstr = br + PAD, sstr = scratchStride(hd, br);
+  const qdElems = Math.max(2 * br * hdp, SGM_ATTN_ROWS * hdp);
+  const half = br / 2;
+  const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
+  const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
+  const keyOk = (row: string) => `k0 + ${row} < p.kv_len`;
+  const rowOk = (row: string) => `R0 + ${row} < p.rows`;
+  return `${commonWgsl(hd)}
+// causal GQA attention dK, dV on subgroup matrices, hd ${hd}, row tile ${br}
+@group(0) @binding(0) var<storage, read> Q: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> K: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> V: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> DO: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> LSE: array<f32>;
+@group(0) @binding(5) var<storage, read> DELTA: array<f32>;
+@group(0) @binding(6) var<storage, read_write> DK: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read_write> DV: array<vec4<u32>>;
+@group(0) @binding(8) var<uniform> p: P;
+var<workgroup> QD: array<f16, ${qdElems}>;
+var<workgroup> PT: array<f16, ${SGM_ATTN_ROWS * tstr}>;
+var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
+var<workgroup> LD: array<f32, ${2 * br}>;
+
+@compute @workgroup_size(${THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+  let b = wid.y / p.Hkv;
+  let hk = wid.y % p.Hkv;
+  let k0 = wid.x * ${SGM_ATTN_ROWS}u;
+  let kvBase = b * p.kv_bstride + hk * ${hd}u;
+  let srow = sg * ${SGM_FRAG * sstr}u;
+  let trow = sg * ${SGM_FRAG * tstr}u;
+
+  ${stageRows("QD", "0u", SGM_ATTN_ROWS, hd, "K", keyRow, keyOk)}
+  workgroupBarrier();
+  ${leftFragments("kf", "QD", "0u", hd)}
+  workgroupBarrier();
+  ${stageRows("QD", "0u", SGM_ATTN_ROWS, hd, "V", keyRow, keyOk)}
+  workgroupBarrier();
+  ${leftFragments("vf", "QD", "0u", hd)}
+  workgroupBarrier();
+
+  // this thread's key and half of each row tile
+  let r = sg * ${SGM_FRAG}u + lane / 2u;
+  let hh = lane & 1u;
+  let j = k0 + r;
+  let c0 = hh * ${half}u;
+  ${resultDecls("dk", hd)}
+  ${resultDecls("dv", hd)}
+  // packed rows R see key j iff R / G >= j: tiles from the first row of the block's first key
+  let t0 = (k0 * p.G) / ${br}u;
+  let t1 = (p.rows + ${br - 1}u) / ${br}u;
+  for (var t = t0; t < t1; t++) {
+    let R0 = t * ${br}u;
+    ${stageRows("QD", "0u", br, hd, "Q", packedRow, rowOk)}
+    ${stageRows("QD", `${br * hdp}u`, br, hd, "DO", packedRow, rowOk)}
+    if (lid < ${br}u) {
+      var l = 0.0;
+      var d = 0.0;
+      if (R0 + lid < p.rows) {
+        l = LSE[row_stat(b, hk, R0 + lid)];
+        d = DELTA[row_stat(b, hk, R0 + lid)];
+      }
+      LD[lid] = l;
+      LD[${br}u + lid] = d;
+    }
+    workgroupBarrier();
+    ${productOverHd("kf", "QD", 0, br, hd, sstr)}
+    workgroupBarrier();
+    ${
+    range(half).map((i) =>
+      `var p${i} = 0.0;
+    if (j <= (R0 + c0 + ${i}u) / p.G && j < p.kv_len && R0 + c0 + ${i}u < p.rows) { p${i} = exp(SS[r * ${sstr}u + c0 + ${i}u] * p.scale - LD[c0 + ${i}u]); }
+    PT[r * ${tstr}u + c0 + ${i}u] = f16(p${i});`
+    ).join("\n    ")
+  }
+    workgroupBarrier();
+    ${accumulateOverRows("dv", "PT", tstr, "QD", br * hdp, br, hd)}
+    ${productOverHd("vf", "QD", br * hdp, br, hd, sstr)}
+    workgroupBarrier();
+    ${
+    range(half).map((i) =>
+      `PT[r * ${tstr}u + c0 + ${i}u] = f16(p${i} * (SS[r * ${sstr}u + c0 + ${i}u] - LD[${br}u + c0 + ${i}u]) * p.scale);`
+    ).join("\n    ")
+  }
+    workgroupBarrier();
+    ${accumulateOverRows("dk", "PT", tstr, "QD", 0, br, hd)}
+    workgroupBarrier();
+  }
+  ${storeRows("dk", "DK", hd, sstr, "(kvBase + j * p.kv_pstride) / 8u", "j < p.kv_len")}
+  ${storeRows("dv", "DV", hd, sstr, "(kvBase + j * p.kv_pstride) / 8u", "j < p.kv_len")}
+}
+`;
+}
+
+function backwardSpec(kind: "dq" | "dkv", hd: number, tile: number): KernelSpec {
+  const key = `attn_sgm_${kind}_f16_hd${hd}_${kind === "dq" ? "bc" : "br"}${tile}`;
+  let spec = specs.get(key);
+  if (!spec) {
+    spec = kind === "dq"
+      ? {
+        key,
+        bindings: ["read", "read", "read", "read", "read", "read", "rw"],
+        uniformBytes: 48,
+        code: dqWgsl(hd, tile),
+      }
+      : {
+        key,
+        bindings: ["read", "read", "read", "read", "read", "read", "rw", "rw"],
+        uniformBytes: 48,
+        code: dkvWgsl(hd, tile),
+      };
+    specs.set(key, spec);
+  }
+  return spec;
+}
+
+function sgmUniforms(s: AttentionShape, rowBlocks: number): ArrayBuffer {
+  const G = s.H / s.Hkv;
+  return new Uniforms(48)
+    .u32(s.T).u32(s.H).u32(s.Hkv).u32(G)
+    .u32(s.kvLen).u32(s.kvBatchStride).u32(s.Hkv * s.hd).u32(rowBlocks)
+    .f32(s.scale).u32(s.T * G).buffer;
+}
+
+/**
+ * dQ. Bindings: q, k, v, dO (f16), lse, delta (f32) (read), dq (f16, rw). `bc` from
+ * {@linkcode chooseSgmAttentionBackwardTiles}.
+ */
+export function attentionBackwardDqSgm(s: AttentionShape, bc: number): Launch {
+  checkSgmShape(s, bc);
+  const rowBlocks = ceilDiv(s.T * (s.H / s.Hkv), SGM_ATTN_ROWS);
+  return {
+    spec: backwardSpec("dq", s.hd, bc),
+    uniforms: sgmUniforms(s, rowBlocks),
+    workgroups: [rowBlocks, s.B * s.Hkv],
+  };
+}
+
+/**
+ * dK and dV. Bindings: q, k, v, dO (f16), lse, delta (f32) (read), dk, dv (f16, rw). `br` from
+ * {@linkcode chooseSgmAttentionBackwardTiles}.
+ */
+export function attentionBackwardDkvSgm(s: AttentionShape, br: number): Launch {
+  checkSgmShape(s, 64);
+  if (br !== 32 && br !== 64) throw new Error(`subgroup-matrix attention: row tile ${br} (32, 64)`);
+  const rowBlocks = ceilDiv(s.T * (s.H / s.Hkv), SGM_ATTN_ROWS);
+  return {
+    spec: backwardSpec("dkv", s.hd, br),
+    uniforms: sgmUniforms(s, rowBlocks),
+    workgroups: [ceilDiv(s.kvLen, SGM_ATTN_ROWS), s.B * s.Hkv],
+  };
+}
+
+/** WGSL of a backward kernel, for compile checks. */
+export function sgmAttentionBackwardWgslFor(kind: "dq" | "dkv", hd: number, tile: number): string {
+  return backwardSpec(kind, hd, tile).code;
+}
