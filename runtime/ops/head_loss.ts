@@ -64,9 +64,14 @@ export interface HeadLossOptions {
 // with K = 128,256, too few blocks to fill an H200 (69 ms of a 747 ms distill step); 4,096 rows fill it.
 const DEFAULT_CHUNK_BYTES = 1024 * 1024 * 1024;
 
-/** The default `chunkRows` for a vocabulary of `V` (a multiple of 64 when that fits). */
+/**
+ * The default `chunkRows` for a vocabulary of `V`: a multiple of 128 when that fits (whole 128-row blocks of the
+ * matrix-unit matmul, which then skips its bounds checks: 4,160 rows ran the logits products at 130 TFLOP/s
+ * on the H200 against 200 for whole blocks), else of 64.
+ */
 export function defaultHeadLossChunkRows(V: number, elementBytes: number, bindingLimit: number): number {
   const rows = Math.floor(Math.min(DEFAULT_CHUNK_BYTES, bindingLimit) / (V * elementBytes));
+  if (rows >= 128) return rows - (rows % 128);
   return rows >= 64 ? rows - (rows % 64) : Math.max(1, rows);
 }
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { headLoss, type HeadLossOptions } from "../../runtime/ops/head_loss.ts";
+import { defaultHeadLossChunkRows, headLoss, type HeadLossOptions } from "../../runtime/ops/head_loss.ts";
 import { distillLoss } from "../../runtime/ops/loss.ts";
 import { linear } from "../../runtime/ops/matmul.ts";
 import {
@@ -335,4 +335,15 @@ Deno.test("headLoss: shape and option errors name what was expected", gpuTestOpt
       /do not give \[4, 10\] logits/,
     );
   });
+});
+
+Deno.test("headLoss default chunk: whole 128-row blocks within 1 GiB and the binding limit", () => {
+  const GiB = 1024 ** 3;
+  // Llama-3 vocabulary in f16: 4,186 rows fit 1 GiB, 4,096 are whole blocks of the matrix-unit matmul
+  assert.equal(defaultHeadLossChunkRows(128256, 2, 4 * GiB), 4096);
+  assert.equal(defaultHeadLossChunkRows(128256, 4, 4 * GiB), 2048);
+  assert.equal(defaultHeadLossChunkRows(128256, 4, 128 * 1024 ** 2), 256); // a 128 MiB binding limit
+  assert.equal(defaultHeadLossChunkRows(32000, 4, 48 * 1024 ** 2), 384); // 393 rows fit
+  assert.equal(defaultHeadLossChunkRows(1_000_000, 4, 400 * 1024 ** 2), 64); // 104 fit: a multiple of 64
+  assert.equal(defaultHeadLossChunkRows(1_000_000, 4, 200 * 1024 ** 2), 52); // fewer than 64: all of them
 });
