@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { assertClose, F32_TOL, gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
+import { DAWN_FLUSH_EVERY, FLUSH_EVERY_ENV_VAR, flushEveryFor } from "../../runtime/device.ts";
 
 Deno.test("runtime: upload, read back, fill, axpy and clone on f32/i32/f16", gpuTestOptions, async () => {
   const rt = await testRuntime();
@@ -99,3 +100,21 @@ Deno.test(
     assert.ok(submits >= 30, `100 dispatches at 3 per submit made only ${submits} submits`);
   },
 );
+
+Deno.test("runtime: early submits are on by default on Dawn only; the environment overrides both", () => {
+  const saved = Deno.env.get(FLUSH_EVERY_ENV_VAR);
+  try {
+    Deno.env.delete(FLUSH_EVERY_ENV_VAR);
+    assert.equal(flushEveryFor("dawn"), DAWN_FLUSH_EVERY);
+    assert.equal(flushEveryFor("builtin"), 0);
+    Deno.env.set(FLUSH_EVERY_ENV_VAR, "0");
+    assert.equal(flushEveryFor("dawn"), 0);
+    Deno.env.set(FLUSH_EVERY_ENV_VAR, "40");
+    assert.equal(flushEveryFor("builtin"), 40);
+    Deno.env.set(FLUSH_EVERY_ENV_VAR, "many");
+    assert.equal(flushEveryFor("dawn"), 0);
+  } finally {
+    if (saved === undefined) Deno.env.delete(FLUSH_EVERY_ENV_VAR);
+    else Deno.env.set(FLUSH_EVERY_ENV_VAR, saved);
+  }
+});
