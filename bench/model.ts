@@ -1,7 +1,7 @@
 /**
  * Model-level throughput: prefill tokens/s (batch 1, 2048 tokens, full logits) and batch-1 greedy decode
  * tokens/s (128-token prompt, 256 new tokens, wall time of the whole generation including the prefill, as in
- * fixtures/reference/perf_baselines.md), for a random-init Llama-3.2-1B-shape teacher and its 50% Mamba2 hybrid;
+ * fixtures/reference/perf_baselines.md; median of 3), for a random-init Llama-3.2-1B-shape teacher and its 50% Mamba2 hybrid;
  * optionally training steps of the hybrid (forward + backward + AdamW, Mamba parameters trainable, batch 4 x
  * 2048): `train_step` with the cross-entropy loss only (the PyTorch baseline's step), and `distill_step` which also
  * runs the teacher forward (no gradients) and adds the KL term (alpha 1, beta 0.1, temperature 1: method.md stage
@@ -239,8 +239,11 @@ if (import.meta.main) {
       if (pt) log({ model: which, what: "prefill_timeline", tokens: T, ...timelineRow(pt) });
       const n = quick ? 16 : 256;
       await timeDecode(lm, quick ? 8 : 128, quick ? 4 : 16, 32);
+      // three runs each: single runs of the same decode differed up to 2x on the H200 (BENCHMARKS.md)
       for (const chunk of [1, 32]) {
-        const ms = await timeDecode(lm, quick ? 8 : 128, n, chunk);
+        const runs: number[] = [];
+        for (let r = 0; r < 3; r++) runs.push(await timeDecode(lm, quick ? 8 : 128, n, chunk));
+        const ms = median(runs);
         log({
           model: which,
           what: "decode",
@@ -249,6 +252,7 @@ if (import.meta.main) {
           chunk,
           wall_ms: +ms.toFixed(1),
           tokens_per_s: +(n / (ms / 1000)).toFixed(1),
+          runs_ms: runs.map((x) => +x.toFixed(1)),
         });
       }
       const dt = await gpuTimeline(rt, async () => void await timeDecode(lm, quick ? 8 : 128, n, 32));
