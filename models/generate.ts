@@ -124,6 +124,12 @@ async function decodeGroup(
   if (opts.maxNewTokens <= 0) return completions;
   const state: DecodeState = lm.newDecodeState(B, len + opts.maxNewTokens);
   const streamIds = rt.tensor(Uint32Array.from(streams), [B], "u32").keep();
+  // The token ids of a chunk are copied here and read back at once. Each step runs in its own scope and only
+  // its token survives it (until the next step has read it): the steps then see the same free buffers and bind
+  // the same ones, so their bind groups come from the cache. Keeping a chunk's tokens and intermediates alive
+  // instead shifted the pool's hand-out order every step, and up to 40% of a decode step's dispatches
+  // created a bind group (tens of microseconds each on Dawn).
+  const ring = rt.empty([chunk + 1, B], "i32").keep();
   // completion position t of every row is drawn at step t of its stream
   const next = (logits: Tensor, step: number): Tensor =>
     sampleTokens(logits, opts.sampling, { seed: opts.seed, streams: streamIds, step });
@@ -138,13 +144,18 @@ async function decodeGroup(
       const steps = Math.min(chunk, opts.maxNewTokens - produced - unread);
       const last: Tensor = prev;
       const { ids, finished } = await rt.scope(async () => {
-        const chain: Tensor[] = unread ? [last] : [];
+        let filled = 0;
+        const record = (t: Tensor) => rt.dev.copyBuffer(t.buffer, 0, ring.buffer, 4 * B * filled++, 4 * B);
+        if (unread) record(last);
         let cur = last;
         for (let j = 0; j < steps; j++) {
-          cur = next(lm.step(state, cur, 1), recorded++);
-          chain.push(cur);
+          const token = rt.scope(() => next(lm.step(state, cur, 1), recorded++));
+          record(token);
+          if (cur !== last) cur.dispose();
+          cur = token;
         }
-        const reads = await rt.dev.readMany(chain.map((t) => ({ buffer: t.buffer, offset: 0, size: 4 * B })));
+        const [all] = await rt.dev.readMany([{ buffer: ring.buffer, offset: 0, size: 4 * B * filled }]);
+        const reads = Array.from({ length: filled }, (_, i) => all.slice(4 * B * i, 4 * B * (i + 1)));
         const had = completions.map((c) => c.length);
         let finished = false;
         for (const bytes of reads) {
@@ -180,6 +191,7 @@ async function decodeGroup(
     }
   } finally {
     prev?.dispose();
+    ring.dispose();
     streamIds.dispose();
     lm.disposeState(state);
   }
