@@ -4,7 +4,7 @@
  * is what recording, submitting and the provider's per-dispatch work cost. Also splits out the time spent inside
  * `GpuDevice.dispatch` (our bookkeeping plus the binding's setPipeline/setBindGroup/dispatchWorkgroups).
  *
- *   deno run -A bench/decode_overhead.ts --gpu dawn
+ *   deno run -A bench/decode_overhead.ts --gpu dawn [--tokens 128] [--dtype f16]
  *   DISTILLERY_DAWN_BACKEND=null deno run -A bench/decode_overhead.ts --gpu dawn   # no GPU needed
  *
  * On the H200 the 1B teacher decodes at about 25 ms per token with 131 dispatches per token; this benchmark says
@@ -33,6 +33,7 @@ const cfg = {
   vocabSize: 256,
 };
 const newTokens = Number(flag("tokens") ?? 128);
+const dtype = (flag("dtype") ?? "f32") as "f32" | "f16";
 const dev = rt.dev;
 const dispatch = dev.dispatch.bind(dev);
 let inDispatch = 0;
@@ -46,6 +47,7 @@ for (const which of ["teacher", "hybrid"]) {
   const lm = CausalLM.random(rt, cfg, which === "hybrid" ? makeMamba2Config(cfg, attn) : null, {
     seed: 1,
     chunkSize: 16,
+    dtype,
   });
   const prompt = new Int32Array(16).map((_, i) => i + 3);
   try {
@@ -69,6 +71,7 @@ for (const which of ["teacher", "hybrid"]) {
     provider: dev.provider,
     device: dev.describe(),
     model: which,
+    dtype,
     layers: cfg.numLayers,
     new_tokens: newTokens,
     ms_per_token: +(ms / newTokens).toFixed(3),

@@ -139,7 +139,7 @@ function pack(s: SsdStepShape, l: SsdStepLayout, extra: Partial<Record<Field, nu
 
 const specs = new Map<string, KernelSpec>();
 
-function code(verify: boolean, npt: number): string {
+function code(verify: boolean, npt: number, io: "f32" | "f16"): string {
   const bindings = verify
     ? `@group(0) @binding(0) var<storage, read_write> state: array<f32>;
 @group(0) @binding(1) var<storage, read_write> cache: array<f32>;
@@ -150,10 +150,10 @@ function code(verify: boolean, npt: number): string {
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<uniform> d: Dims;`
     : `@group(0) @binding(0) var<storage, read_write> state: array<f32>;
-@group(0) @binding(1) var<storage, read> xbc: array<f32>;
-@group(0) @binding(2) var<storage, read> dt: array<f32>;
+@group(0) @binding(1) var<storage, read> xbc: array<${io}>;
+@group(0) @binding(2) var<storage, read> dt: array<${io}>;
 @group(0) @binding(3) var<storage, read> hp: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<${io}>;
 @group(0) @binding(5) var<uniform> d: Dims;`;
   const replay = verify
     ? `
@@ -201,7 +201,7 @@ function code(verify: boolean, npt: number): string {
       if (n < d.dim_n) { state[sbase + n] = s[k]; }
     }
   }`;
-  return `struct Dims { ${FIELDS.map((f) => `${f}: u32`).join(", ")} }
+  return `${io === "f16" ? "enable f16;\n" : ""}struct Dims { ${FIELDS.map((f) => `${f}: u32`).join(", ")} }
 ${bindings}
 ${WGSL_SOFTPLUS}
 const NPT = ${npt}u;
@@ -235,19 +235,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 ${replay}
   for (var j = 0u; j < d.steps; j++) {
     let tok = b * d.xbc_bstride + j * d.xbc_tstride;
-    var v = dt[d.dt_off + b * d.dt_bstride + j * d.dt_tstride + h];
+    var v = f32(dt[d.dt_off + b * d.dt_bstride + j * d.dt_tstride + h]);
     if ((d.flags & 1u) != 0u) { v = softplus(v + hp[2u * d.heads + h]); }
     let a = exp(v * A);
     var xp = 0.0;
-    if (pv) { xp = xbc[d.x_off + tok + gx * d.dim_p + p]; }
+    if (pv) { xp = f32(xbc[d.x_off + tok + gx * d.dim_p + p]); }
     let vx = v * xp;
     var part = 0.0;
     for (var k = 0u; k < NPT; k++) {
       let n = lane + ${LANES}u * k;
       if (pv && n < d.dim_n) {
-        let sv = a * s[k] + vx * xbc[d.b_off + tok + gb * d.dim_n + n];
+        let sv = a * s[k] + vx * f32(xbc[d.b_off + tok + gb * d.dim_n + n]);
         s[k] = sv;
-        part += sv * xbc[d.c_off + tok + gc * d.dim_n + n];
+        part += sv * f32(xbc[d.c_off + tok + gc * d.dim_n + n]);
       }
     }
     red[li] = part;
@@ -255,7 +255,7 @@ ${replay}
     if (pv && lane == 0u) {
       var sum = 0.0;
       for (var q = 0u; q < ${LANES}u; q++) { sum += red[row * ${LANES}u + q]; }
-      y[((b * d.steps + j) * d.heads + h) * d.dim_p + p] = sum + Dh * xp;
+      y[((b * d.steps + j) * d.heads + h) * d.dim_p + p] = ${io}(sum + Dh * xp);
     }
 ${cacheWrite}
     workgroupBarrier();
@@ -265,9 +265,9 @@ ${writeBack}
 `;
 }
 
-function spec(verify: boolean, dimN: number): KernelSpec {
+function spec(verify: boolean, dimN: number, io: "f32" | "f16" = "f32"): KernelSpec {
   const npt = Math.max(1, ceilDiv(dimN, LANES));
-  const key = `ssd_${verify ? "verify" : "step"}_npt${npt}`;
+  const key = `ssd_${verify ? "verify" : "step"}_npt${npt}${io === "f16" ? "_f16" : ""}`;
   let sp = specs.get(key);
   if (!sp) {
     sp = {
@@ -276,7 +276,7 @@ function spec(verify: boolean, dimN: number): KernelSpec {
         ? ["rw", "rw", "read", "read", "read", "read", "rw"]
         : ["rw", "read", "read", "read", "rw"],
       uniformBytes: UNIFORM_BYTES,
-      code: code(verify, npt),
+      code: code(verify, npt, io),
     };
     specs.set(key, sp);
   }
@@ -289,11 +289,17 @@ function workgroups(s: SsdStepShape): [number, number] {
 
 /**
  * One decode step, state updated in place. `softplus`: dt is raw and delta = softplus(dt + dt_bias).
- * Bindings: state (rw) [B, H, P, N], xBC, dt, heads [3, H], y (rw) [B, H, P].
+ * Bindings: state (rw, f32) [B, H, P, N], xBC, dt (`io`), heads [3, H] (f32), y (rw, `io`) [B, H, P]: f16
+ * inputs and output are read and written as they are (math in f32), saving an f16 decode three casts per layer.
  */
-export function ssdStepKernel(s: SsdStepShape, layout: SsdStepLayout, softplus: boolean): Launch {
+export function ssdStepKernel(
+  s: SsdStepShape,
+  layout: SsdStepLayout,
+  softplus: boolean,
+  io: "f32" | "f16" = "f32",
+): Launch {
   return {
-    spec: spec(false, s.dimN),
+    spec: spec(false, s.dimN, io),
     uniforms: pack(s, layout, { flags: softplus ? 1 : 0, steps: 1 }),
     workgroups: workgroups(s),
   };

@@ -588,11 +588,8 @@ function tokenLayout(
   };
 }
 
-/** The decode kernels' float inputs as f32 (f16 widened; anything else named in an error). */
-function stepInputs(
-  args: { xBC: Tensor; dt: Tensor; heads: Tensor },
-  fn: string,
-): { xBC: Tensor; dt: Tensor } {
+/** Throws unless xBC and dt are f32 or f16 and heads is f32. */
+function checkStepInputs(args: { xBC: Tensor; dt: Tensor; heads: Tensor }, fn: string): void {
   for (const [name, t] of [["xBC", args.xBC], ["dt", args.dt]] as const) {
     if (t.dtype !== "f32" && t.dtype !== "f16") {
       throw new Error(`${fn}: ${name} must be f32 or f16, found ${t.dtype}`);
@@ -601,6 +598,14 @@ function stepInputs(
   if (args.heads.dtype !== "f32") {
     throw new Error(`${fn}: heads must be f32 (ssdHeadParams), found ${args.heads.dtype}`);
   }
+}
+
+/** The verification kernel's float inputs as f32 (f16 widened; anything else named in an error). */
+function stepInputs(
+  args: { xBC: Tensor; dt: Tensor; heads: Tensor },
+  fn: string,
+): { xBC: Tensor; dt: Tensor } {
+  checkStepInputs(args, fn);
   return { xBC: widen(args.xBC), dt: widen(args.dt) };
 }
 
@@ -612,7 +617,11 @@ export function ssdStep(args: SsdStepArgs): Tensor {
   const s = stepShape(args.state, args.dims, "ssdStep");
   const rt = args.state.rt;
   const io = args.xBC.dtype as "f32" | "f16";
-  const { xBC, dt } = stepInputs(args, "ssdStep");
+  checkStepInputs(args, "ssdStep"); // the kernel reads f16 as it is
+  if (args.dt.dtype !== io) {
+    throw new Error(`ssdStep: dt (${args.dt.dtype}) must have xBC's dtype (${io})`);
+  }
+  const { xBC, dt } = args;
   const { tokens, layout } = tokenLayout(s, args.xBC, args.dt, "ssdStep");
   const j = args.token ?? 0;
   if (!(Number.isInteger(j) && j >= 0 && j < tokens)) {
@@ -623,15 +632,15 @@ export function ssdStep(args: SsdStepArgs): Tensor {
     xbcOffset: j * layout.xbcTokenStride,
     dtOffset: j * layout.dtTokenStride,
   };
-  const y = rt.empty([s.batch, s.heads, s.dimP]);
-  const k = ssdStepKernel(s, l, !args.dtIsDelta);
+  const y = rt.empty([s.batch, s.heads, s.dimP], io);
+  const k = ssdStepKernel(s, l, !args.dtIsDelta, io);
   rt.dev.dispatch(
     k.spec,
     [args.state.binding, xBC.binding, dt.binding, args.heads.binding, y.binding],
     k.workgroups,
     k.uniforms,
   );
-  return cast(y, io);
+  return y;
 }
 
 /** Inputs of {@linkcode ssdVerify}. */

@@ -1,3 +1,4 @@
+import assert from "node:assert/strict";
 import {
   type SsdDims,
   ssdHeadParams,
@@ -293,3 +294,52 @@ function expectedCache(
   }
   return out;
 }
+
+Deno.test(
+  "ssd decode on f16 storage: f16 xBC and dt read as they are, f32 state, f16 y, against float64",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16) {
+      console.warn("ssd decode f16: adapter has no shader-f16");
+      return;
+    }
+    const rng = testRng("ssd-step-f16");
+    const batch = 2, L = 5;
+    const A = randu(rng, HEADS, -2, -0.5), D = randu(rng, HEADS, 0.5, 1.5), bias = randu(rng, HEADS, -1, 0.5);
+    const r16 = (a: Float64Array) => a.map((v) => Float16Array.of(v)[0]);
+    const raw = tokens(rng, batch, L);
+    const t = { ...raw, xbc: r16(raw.xbc), dtRaw: r16(raw.dtRaw) }; // the reference sees the f16 values
+    const u = unpack(t, bias);
+    const S0 = randn(rng, batch * HEADS * DIMS.dimP * DIMS.dimN);
+    const perState = HEADS * DIMS.dimP * DIMS.dimN;
+    await rt.scope(async () => {
+      const heads = ssdHeadParams(rt.tensor(A, [HEADS]), rt.tensor(D, [HEADS]), rt.tensor(bias, [HEADS]));
+      const xbc = rt.tensor(t.xbc, [batch, L, W], "f16"), dt = rt.tensor(t.dtRaw, [batch, L, HEADS], "f16");
+      const state = rt.tensor(S0, [batch, HEADS, DIMS.dimP, DIMS.dimN]);
+      const ys: Tensor[] = [];
+      for (let j = 0; j < L; j++) ys.push(ssdStep({ state, xBC: xbc, dt, heads, dims: DIMS, token: j }));
+      for (const y of ys) assert.equal(y.dtype, "f16");
+      const [s32, ...y16] = await rt.dev.readMany(
+        [state, ...ys].map((x) => ({ buffer: x.buffer, offset: 0, size: x.paddedByteLength })),
+      );
+      const gotS = new Float32Array(s32);
+      for (let b = 0; b < batch; b++) {
+        const ref = refRun(u, L, b, 0, L, S0.slice(b * perState, (b + 1) * perState), A, D);
+        assertClose(
+          gotS.subarray(b * perState, (b + 1) * perState),
+          ref.final,
+          scaled(ref.final),
+          `state ${b}`,
+        );
+        const py = HEADS * DIMS.dimP;
+        for (let j = 0; j < L; j++) {
+          const got = new Float16Array(y16[j], b * py * 2, py);
+          const want = ref.y.subarray(j * py, (j + 1) * py);
+          // y is stored in f16: half an ulp is 2^-11 relative
+          assertClose(got, want, scaled(want, 2e-3), `y ${b} step ${j}`);
+        }
+      }
+    });
+  },
+);

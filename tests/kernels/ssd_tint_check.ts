@@ -53,6 +53,7 @@ function allSpecs(): { spec: KernelSpec; tiling?: SsdRowsTiling }[] {
   const step = { batch: 1, heads: 4, headsX: 4, headsB: 1, headsC: 1, dimP: 6, dimN: 10 };
   for (const softplus of [false, true]) {
     specs.push({ spec: ssdStepKernel(step, ssdStepContiguous(step, 1), softplus).spec });
+    specs.push({ spec: ssdStepKernel(step, ssdStepContiguous(step, 1), softplus, "f16").spec });
     specs.push({ spec: ssdVerifyKernel(step, ssdStepContiguous(step, 3), softplus, 3, 3, 0).spec });
   }
   return [...new Map(specs.map((e) => [e.spec.key, e])).values()];
@@ -85,7 +86,7 @@ async function check(device: GPUDevice) {
 }
 
 if (import.meta.main) {
-  const dev = await dawnNullDevice();
+  const dev = await dawnNullDevice({ optional: ["shader-f16"] });
   if (typeof dev === "string") console.log(JSON.stringify({ skipped: dev }));
   else console.log(JSON.stringify(await check(dev.device)));
   Deno.exit(0); // skip Dawn's teardown

@@ -217,3 +217,46 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "decode step on f16 storage: the same fused count as f32 (no casts around the Mamba2 step)",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16) {
+      console.warn("decode f16: adapter has no shader-f16");
+      return;
+    }
+    const cfg = llamaConfig(TINY_LLAMA_CONFIG);
+    const rng = new Rng("decode-dispatch-f16");
+    const teacher = randomTransformer(cfg, rng.fork("teacher"));
+    const hybrid: Model = mapAttentionToMamba2(teacher.weights, cfg, [1, 3], rng.fork("mamba"));
+    const lm = CausalLM.fromModel(rt, hybrid, { dtype: "f16" });
+    const poison = rt.poisonNewTensors;
+    rt.poisonNewTensors = false;
+    const s = lm.newDecodeState(1, 8);
+    try {
+      await rt.scope(async () =>
+        void await lm.step(s, Int32Array.of(1, 17, 33), 3, { lastOnly: true }).read()
+      );
+      const counts: number[] = [];
+      let keys: string[] = [];
+      for (const id of [250, 7]) {
+        const before = rt.dev.stats.dispatches;
+        const r = await withKernelKeys(
+          rt,
+          () => rt.scope(async () => void await lm.step(s, Int32Array.of(id), 1).read()),
+        );
+        counts.push(rt.dev.stats.dispatches - before);
+        keys = r.keys;
+      }
+      // 2 attention and 2 Mamba2 layers; the second step is steady state (the first builds the head scalars)
+      assert.equal(counts[1], FIXED + PER_ATTENTION * 2 + PER_MAMBA2 * 2, keys.join(" "));
+      assert.equal(count(keys, "cast_"), 0, keys.join(" "));
+    } finally {
+      rt.poisonNewTensors = poison;
+      lm.disposeState(s);
+      lm.dispose();
+    }
+  },
+);
