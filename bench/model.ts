@@ -11,8 +11,8 @@
  *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train [--profile]] [--dtype f16] [--quick]
  *     [--out rows.jsonl]
  *
- * `--profile` (with `--train`) adds a GPU timeline of one distill step and its 20 most expensive kernels, each
- * dispatch timed alone.
+ * `--profile` adds the kernels of one decode step, and (with `--train`) a GPU timeline of one distill step and its
+ * 20 most expensive kernels, each dispatch timed alone.
  *
  * `--dtype f16` stores weights and activations in f16 (f32 accumulation; on Dawn with subgroup matrices the
  * large matmuls run on the matrix units), the counterpart of the PyTorch bf16 rows.
@@ -195,6 +195,34 @@ async function profileTrainStep(
   }
 }
 
+/**
+ * `--profile`: the kernels of one batch-1 decode step after a 128-token prompt, each dispatch timed alone. Their
+ * sum against the step's GPU busy time in `decode_timeline` tells slow kernels from gaps between dispatches.
+ */
+async function profileDecodeStep(
+  lm: CausalLM,
+  which: string,
+  log: (row: Record<string, unknown>) => void,
+): Promise<void> {
+  const rt = lm.rt;
+  const s = lm.newDecodeState(1, 160);
+  try {
+    const prompt = Int32Array.from({ length: 128 }, (_, i) => (i * 104729 + 7) % lm.config.vocabSize);
+    await rt.scope(async () => void await lm.step(s, prompt, 128, { lastOnly: true }).read());
+    const tok = Int32Array.of(11);
+    for (let i = 0; i < 2; i++) await rt.scope(async () => void await lm.step(s, tok, 1).read()); // warm
+    const kernels = await profileDispatches(rt, () => rt.scope(() => void lm.step(s, tok, 1)));
+    const total = (kernels ?? []).reduce((a, k) => a + k.ms, 0);
+    const dispatches = (kernels ?? []).reduce((a, k) => a + k.dispatches, 0);
+    log({ model: which, what: "decode_step_kernels", dispatches, kernel_ms_total: +total.toFixed(3) });
+    for (const k of (kernels ?? []).slice(0, 12)) {
+      log({ model: which, what: "decode_step_kernel", ...k, ms: +k.ms.toFixed(4) });
+    }
+  } finally {
+    lm.disposeState(s);
+  }
+}
+
 if (import.meta.main) {
   const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
   const quick = Deno.args.includes("--quick");
@@ -257,6 +285,7 @@ if (import.meta.main) {
       }
       const dt = await gpuTimeline(rt, async () => void await timeDecode(lm, quick ? 8 : 128, n, 32));
       if (dt) log({ model: which, what: "decode_timeline", new_tokens: n, chunk: 32, ...timelineRow(dt) });
+      if (Deno.args.includes("--profile")) await profileDecodeStep(lm, which, log);
       if (Deno.args.includes("--train") && which === "hybrid") {
         const B = quick ? 2 : 4;
         const reps = quick ? 2 : 4;

@@ -58,7 +58,7 @@ Deno.test(
     // K = 67: scalar path; K = 96: vec4 path; K = 1000: the 4-way unrolled loop plus its tail. N = 45 is not a multiple of any rows-per-workgroup.
     for (const k of [67, 96, 1000]) {
       for (const rows of [1, 2, 5, 16]) {
-        for (const tpr of [4, 32, 256]) {
+        for (const tpr of [4, 32, 128, 256]) {
           const n = 45;
           const x = randn(rng, rows * k), w = randn(rng, n * k);
           await rt.scope(async () => {
@@ -370,7 +370,8 @@ const FUSED_CASES: [number, number][] = [[1, 1000], [3, 67], [8, 96], [16, 1000]
 // compile on llvmpipe (the same code as f32's apart from the item type, which FUSED_CASES covers at 16 rows)
 const fusedCases = (dtype: DType, norm: boolean): [number, number][] =>
   dtype === "f16" && norm ? [[1, 1000], [3, 67], [8, 96], [16, 67]] : FUSED_CASES;
-const fusedTpr = (k: number) => (k === 1000 ? 16 : 8);
+// 128 threads per row (few rows per workgroup, long rows) and 8 (many rows per workgroup)
+const fusedTpr = (k: number) => (k === 1000 ? 128 : 8);
 const fusedTol = (dtype: DType, k: number) =>
   // f32: a tree-summed dot product of K unit-scale terms; f16: the output's rounding (2^-11) and the
   // normalised x's two roundings, on f32 accumulation
