@@ -40,6 +40,11 @@ const PAD = 8;
 /** Widest column chunk of one P V pass. */
 const PV_CHUNK = 64;
 
+/** The entry point's signature, shared by the three kernels. */
+const MAIN = `@compute @workgroup_size(${THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {`;
+
 /** Bytes of workgroup memory the kernel needs for head dim `hd` and key tile `bc`. */
 export function sgmAttentionSharedBytes(hd: number, bc: number): number {
   const hdp = hd + PAD;
@@ -183,9 +188,7 @@ var<workgroup> KV: array<f16, ${kvElems}>;
 var<workgroup> PS: array<f16, ${SGM_ATTN_ROWS * pstr}>;
 var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
 
-@compute @workgroup_size(${THREADS})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+${MAIN}
   let block = p.row_blocks - 1u - wid.x; // longest blocks first
   let b = wid.y / p.Hkv;
   let hk = wid.y % p.Hkv;
@@ -195,12 +198,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let kvBase = b * p.kv_bstride + hk * ${hd}u;
 
   // Q block -> workgroup memory -> fragments in registers
-  ${stageRows("KV", "0u", SGM_ATTN_ROWS, hd, "Q", packedRow, (row) => `R0 + ${row} < p.rows`)}
-  workgroupBarrier();
+  ${stagedLeftFragments("q", "KV", "Q", packedRow, (row) => `R0 + ${row} < p.rows`, hd)}
   let srow = sg * ${SGM_FRAG * sstr}u;
   let prow = sg * ${SGM_FRAG * pstr}u;
-  ${leftFragments("q", "KV", "0u", hd)}
-  workgroupBarrier();
 
   // this thread's row and half of it
   let r = sg * ${SGM_FRAG}u + lane / 2u;
@@ -363,6 +363,24 @@ function leftFragments(name: string, src: string, off: string, hd: number): stri
 }
 
 /**
+ * A 64-row block of `src` (see {@linkcode stageRows}) through workgroup array `shared` into this subgroup's
+ * left fragments `name{0..hd/16}`, with the barriers on both sides (the array is reused right after).
+ */
+function stagedLeftFragments(
+  name: string,
+  shared: string,
+  src: string,
+  word: (row: string) => string,
+  valid: (row: string) => string,
+  hd: number,
+): string {
+  return `${stageRows(shared, "0u", SGM_ATTN_ROWS, hd, src, word, valid)}
+  workgroupBarrier();
+  ${leftFragments(name, shared, "0u", hd)}
+  workgroupBarrier();`;
+}
+
+/**
  * The subgroup's 16 x n product `left{0..} x B^T` (B: n staged rows of hd halves at element `off` of `src`),
  * stored f32 into the scratch at `srow`: scores-like products over the head dim.
  */
@@ -476,9 +494,7 @@ var<workgroup> KV: array<f16, ${kvElems}>;
 var<workgroup> PS: array<f16, ${SGM_ATTN_ROWS * pstr}>;
 var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
 
-@compute @workgroup_size(${THREADS})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+${MAIN}
   let block = p.row_blocks - 1u - wid.x; // longest blocks first
   let b = wid.y / p.Hkv;
   let hk = wid.y % p.Hkv;
@@ -489,14 +505,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let srow = sg * ${SGM_FRAG * sstr}u;
   let prow = sg * ${SGM_FRAG * pstr}u;
 
-  ${stageRows("KV", "0u", SGM_ATTN_ROWS, hd, "Q", packedRow, rowOk)}
-  workgroupBarrier();
-  ${leftFragments("q", "KV", "0u", hd)}
-  workgroupBarrier();
-  ${stageRows("KV", "0u", SGM_ATTN_ROWS, hd, "DO", packedRow, rowOk)}
-  workgroupBarrier();
-  ${leftFragments("g", "KV", "0u", hd)}
-  workgroupBarrier();
+  ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd)}
+  ${stagedLeftFragments("g", "KV", "DO", packedRow, rowOk, hd)}
 
   let r = sg * ${SGM_FRAG}u + lane / 2u;
   let hh = lane & 1u;
@@ -565,9 +575,7 @@ var<workgroup> PT: array<f16, ${SGM_ATTN_ROWS * tstr}>;
 var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
 var<workgroup> LD: array<f32, ${2 * br}>;
 
-@compute @workgroup_size(${THREADS})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+${MAIN}
   let b = wid.y / p.Hkv;
   let hk = wid.y % p.Hkv;
   let k0 = wid.x * ${SGM_ATTN_ROWS}u;
@@ -575,14 +583,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let srow = sg * ${SGM_FRAG * sstr}u;
   let trow = sg * ${SGM_FRAG * tstr}u;
 
-  ${stageRows("QD", "0u", SGM_ATTN_ROWS, hd, "K", keyRow, keyOk)}
-  workgroupBarrier();
-  ${leftFragments("kf", "QD", "0u", hd)}
-  workgroupBarrier();
-  ${stageRows("QD", "0u", SGM_ATTN_ROWS, hd, "V", keyRow, keyOk)}
-  workgroupBarrier();
-  ${leftFragments("vf", "QD", "0u", hd)}
-  workgroupBarrier();
+  ${stagedLeftFragments("kf", "QD", "K", keyRow, keyOk, hd)}
+  ${stagedLeftFragments("vf", "QD", "V", keyRow, keyOk, hd)}
 
   // this thread's key and half of each row tile
   let r = sg * ${SGM_FRAG}u + lane / 2u;
