@@ -125,6 +125,28 @@ function checkSgmShape(s: AttentionShape, bc: number): void {
   }
 }
 
+/**
+ * WGSL shared by the row-block kernels (forward, dQ): the block this workgroup takes (longest first: the causal
+ * last blocks see the most keys), its batch and kv head, and how many key tiles its rows can see.
+ */
+function rowBlockStart(hd: number, bc: number): string {
+  return `let block = p.row_blocks - 1u - wid.x;
+  let b = wid.y / p.Hkv;
+  let hk = wid.y % p.Hkv;
+  let R0 = block * ${SGM_ATTN_ROWS}u;
+  let rLast = min(R0 + ${SGM_ATTN_ROWS - 1}u, p.rows - 1u);
+  let ntiles = min(rLast / p.G / ${bc}u + 1u, (p.kv_len + ${bc - 1}u) / ${bc}u);
+  let kvBase = b * p.kv_bstride + hk * ${hd}u;`;
+}
+
+/** The row-block kernels' workgroup memory: K and V tiles (Q staged there first), P, and the f32 scratch. */
+function rowBlockMemory(hd: number, bc: number): string {
+  const hdp = hd + PAD;
+  return `var<workgroup> KV: array<f16, ${Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp)}>;
+var<workgroup> PS: array<f16, ${SGM_ATTN_ROWS * (bc + PAD)}>;
+var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * scratchStride(hd, bc)}>;`;
+}
+
 const LEFT = `subgroup_matrix_left<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
 const RIGHT = `subgroup_matrix_right<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
 const RESULT = `subgroup_matrix_result<f32, ${SGM_FRAG}, ${SGM_FRAG}>`;
@@ -133,9 +155,15 @@ function range(n: number): number[] {
   return Array.from({ length: n }, (_, i) => i);
 }
 
+// Word indices and bounds of staged rows, for stageRows: packed query rows of the block or tile at R0, and keys
+// of the tile at k0 (both names are WGSL lets of the kernels).
+const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
+const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
+const keyOk = (row: string) => `k0 + ${row} < p.kv_len`;
+const rowOk = (row: string) => `R0 + ${row} < p.rows`;
+
 function sgmAttentionWgsl(hd: number, bc: number): string {
   const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
-  const kvElems = Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp);
   const kFrags = bc / SGM_FRAG;
   const chunk = pvChunk(hd), chunks = hd / chunk;
   const half = bc / 2; // scores per thread (two threads per row)
@@ -174,8 +202,6 @@ function sgmAttentionWgsl(hd: number, bc: number): string {
     ${c + 1 < chunks ? "workgroupBarrier();" : ""}`;
 
   const outWords = range(ohalf / 8).flatMap((w) => range(chunks).map((c) => ({ w, c })));
-  const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
-  const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
   return `${commonWgsl(hd)}
 // causal GQA attention forward on subgroup matrices, hd ${hd}, key tile ${bc}
 @group(0) @binding(0) var<storage, read> Q: array<vec4<u32>>;
@@ -184,21 +210,13 @@ function sgmAttentionWgsl(hd: number, bc: number): string {
 @group(0) @binding(3) var<storage, read_write> O: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read_write> LSE: array<f32>;
 @group(0) @binding(5) var<uniform> p: P;
-var<workgroup> KV: array<f16, ${kvElems}>;
-var<workgroup> PS: array<f16, ${SGM_ATTN_ROWS * pstr}>;
-var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
+${rowBlockMemory(hd, bc)}
 
 ${MAIN}
-  let block = p.row_blocks - 1u - wid.x; // longest blocks first
-  let b = wid.y / p.Hkv;
-  let hk = wid.y % p.Hkv;
-  let R0 = block * ${SGM_ATTN_ROWS}u;
-  let rLast = min(R0 + ${SGM_ATTN_ROWS - 1}u, p.rows - 1u);
-  let ntiles = min(rLast / p.G / ${bc}u + 1u, (p.kv_len + ${bc - 1}u) / ${bc}u);
-  let kvBase = b * p.kv_bstride + hk * ${hd}u;
+${rowBlockStart(hd, bc)}
 
   // Q block -> workgroup memory -> fragments in registers
-  ${stagedLeftFragments("q", "KV", "Q", packedRow, (row) => `R0 + ${row} < p.rows`, hd)}
+  ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd)}
   let srow = sg * ${SGM_FRAG * sstr}u;
   let prow = sg * ${SGM_FRAG * pstr}u;
 
@@ -213,8 +231,8 @@ ${MAIN}
 
   for (var kt = 0u; kt < ntiles; kt++) {
     let k0 = kt * ${bc}u;
-    ${stageRows("KV", "0u", bc, hd, "K", keyRow, (row) => `k0 + ${row} < p.kv_len`)}
-    ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRow, (row) => `k0 + ${row} < p.kv_len`)}
+    ${stageRows("KV", "0u", bc, hd, "K", keyRow, keyOk)}
+    ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRow, keyOk)}
     workgroupBarrier();
     ${productOverHd("q", "KV", 0, bc, hd, sstr)}
     workgroupBarrier();
@@ -472,36 +490,26 @@ function resultDecls(name: string, hd: number): string {
   return range(hd / SGM_FRAG).map((f) => `var ${name}${f} = ${RESULT}();`).join("\n  ");
 }
 
-function dqWgsl(hd: number, bc: number): string {
-  const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
-  const kvElems = Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp);
-  const half = bc / 2;
-  const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
-  const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
-  const keyOk = (row: string) => `k0 + ${row} < p.kv_len`;
-  const rowOk = (row: string) => `R0 + ${row} < p.rows`;
-  return `${commonWgsl(hd)}
-// causal GQA attention dQ on subgroup matrices, hd ${hd}, key tile ${bc}
-@group(0) @binding(0) var<storage, read> Q: array<vec4<u32>>;
+/** The backward kernels' inputs: q, k, v, dO (f16 as 16-byte words), lse and delta (f32). */
+const BACKWARD_INPUTS = `@group(0) @binding(0) var<storage, read> Q: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> K: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> V: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> DO: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read> LSE: array<f32>;
-@group(0) @binding(5) var<storage, read> DELTA: array<f32>;
+@group(0) @binding(5) var<storage, read> DELTA: array<f32>;`;
+
+function dqWgsl(hd: number, bc: number): string {
+  const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
+  const half = bc / 2;
+  return `${commonWgsl(hd)}
+// causal GQA attention dQ on subgroup matrices, hd ${hd}, key tile ${bc}
+${BACKWARD_INPUTS}
 @group(0) @binding(6) var<storage, read_write> DQ: array<vec4<u32>>;
 @group(0) @binding(7) var<uniform> p: P;
-var<workgroup> KV: array<f16, ${kvElems}>;
-var<workgroup> PS: array<f16, ${SGM_ATTN_ROWS * pstr}>;
-var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
+${rowBlockMemory(hd, bc)}
 
 ${MAIN}
-  let block = p.row_blocks - 1u - wid.x; // longest blocks first
-  let b = wid.y / p.Hkv;
-  let hk = wid.y % p.Hkv;
-  let R0 = block * ${SGM_ATTN_ROWS}u;
-  let rLast = min(R0 + ${SGM_ATTN_ROWS - 1}u, p.rows - 1u);
-  let ntiles = min(rLast / p.G / ${bc}u + 1u, (p.kv_len + ${bc - 1}u) / ${bc}u);
-  let kvBase = b * p.kv_bstride + hk * ${hd}u;
+${rowBlockStart(hd, bc)}
   let srow = sg * ${SGM_FRAG * sstr}u;
   let prow = sg * ${SGM_FRAG * pstr}u;
 
@@ -555,18 +563,9 @@ function dkvWgsl(hd: number, br: number): string {
   const hdp = hd + PAD, tstr = br + PAD, sstr = scratchStride(hd, br);
   const qdElems = Math.max(2 * br * hdp, SGM_ATTN_ROWS * hdp);
   const half = br / 2;
-  const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
-  const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
-  const keyOk = (row: string) => `k0 + ${row} < p.kv_len`;
-  const rowOk = (row: string) => `R0 + ${row} < p.rows`;
   return `${commonWgsl(hd)}
 // causal GQA attention dK, dV on subgroup matrices, hd ${hd}, row tile ${br}
-@group(0) @binding(0) var<storage, read> Q: array<vec4<u32>>;
-@group(0) @binding(1) var<storage, read> K: array<vec4<u32>>;
-@group(0) @binding(2) var<storage, read> V: array<vec4<u32>>;
-@group(0) @binding(3) var<storage, read> DO: array<vec4<u32>>;
-@group(0) @binding(4) var<storage, read> LSE: array<f32>;
-@group(0) @binding(5) var<storage, read> DELTA: array<f32>;
+${BACKWARD_INPUTS}
 @group(0) @binding(6) var<storage, read_write> DK: array<vec4<u32>>;
 @group(0) @binding(7) var<storage, read_write> DV: array<vec4<u32>>;
 @group(0) @binding(8) var<uniform> p: P;
