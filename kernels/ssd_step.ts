@@ -144,10 +144,10 @@ function code(verify: boolean, npt: number, io: "f32" | "f16"): string {
     ? `@group(0) @binding(0) var<storage, read_write> state: array<f32>;
 @group(0) @binding(1) var<storage, read_write> cache: array<f32>;
 @group(0) @binding(2) var<storage, read> accepted: array<u32>;
-@group(0) @binding(3) var<storage, read> xbc: array<f32>;
-@group(0) @binding(4) var<storage, read> dt: array<f32>;
+@group(0) @binding(3) var<storage, read> xbc: array<${io}>;
+@group(0) @binding(4) var<storage, read> dt: array<${io}>;
 @group(0) @binding(5) var<storage, read> hp: array<f32>;
-@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<${io}>;
 @group(0) @binding(7) var<uniform> d: Dims;`
     : `@group(0) @binding(0) var<storage, read_write> state: array<f32>;
 @group(0) @binding(1) var<storage, read> xbc: array<${io}>;
@@ -189,7 +189,7 @@ function code(verify: boolean, npt: number, io: "f32" | "f16"): string {
     if (pb == 0u && row == 0u && h % (d.heads / d.heads_b) == 0u) {
       for (var k = 0u; k < NPT; k++) {
         let n = lane + ${LANES}u * k;
-        if (n < d.dim_n) { cache[cb + d.heads_x * d.dim_p + gb * d.dim_n + n] = xbc[d.b_off + tok + gb * d.dim_n + n]; }
+        if (n < d.dim_n) { cache[cb + d.heads_x * d.dim_p + gb * d.dim_n + n] = f32(xbc[d.b_off + tok + gb * d.dim_n + n]); }
       }
     }
     if (pb == 0u && li == 0u) { cache[cb + d.heads_x * d.dim_p + d.heads_b * d.dim_n + h] = v; }`
@@ -308,7 +308,7 @@ export function ssdStepKernel(
 /**
  * The fused verification pass over `steps` new tokens (K + 1), with a cache of `cacheSteps` steps per half
  * (>= steps). Bindings: state (rw; snapshot in, new snapshot out) [B, H, P, N], cache (rw) [2, B, Kc, Wc],
- * accepted (u32) [B], xBC, dt, heads [3, H], y (rw) [B, steps, H, P].
+ * accepted (u32) [B], xBC, dt (`io`), heads [3, H], y (rw, `io`) [B, steps, H, P]; state and cache are f32.
  */
 export function ssdVerifyKernel(
   s: SsdStepShape,
@@ -317,12 +317,13 @@ export function ssdVerifyKernel(
   steps: number,
   cacheSteps: number,
   parity: 0 | 1,
+  io: "f32" | "f16" = "f32",
 ): Launch {
   if (steps > cacheSteps) {
     throw new Error(`ssdVerifyKernel: ${steps} new steps do not fit a cache of ${cacheSteps}`);
   }
   return {
-    spec: spec(true, s.dimN),
+    spec: spec(true, s.dimN, io),
     uniforms: pack(s, layout, { flags: softplus ? 1 : 0, steps, cache_steps: cacheSteps, parity }),
     workgroups: workgroups(s),
   };

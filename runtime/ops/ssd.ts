@@ -600,15 +600,6 @@ function checkStepInputs(args: { xBC: Tensor; dt: Tensor; heads: Tensor }, fn: s
   }
 }
 
-/** The verification kernel's float inputs as f32 (f16 widened; anything else named in an error). */
-function stepInputs(
-  args: { xBC: Tensor; dt: Tensor; heads: Tensor },
-  fn: string,
-): { xBC: Tensor; dt: Tensor } {
-  checkStepInputs(args, fn);
-  return { xBC: widen(args.xBC), dt: widen(args.dt) };
-}
-
 /**
  * One decode step of the recurrence: advances `state` (f32) in place and returns y [B, H, P] in xBC's dtype.
  * Inference only.
@@ -687,7 +678,11 @@ export function ssdVerify(args: SsdVerifyArgs): Tensor {
   const s = stepShape(args.state, args.dims, "ssdVerify");
   const rt = args.state.rt;
   const io = args.xBC.dtype as "f32" | "f16";
-  const { xBC, dt } = stepInputs(args, "ssdVerify");
+  checkStepInputs(args, "ssdVerify"); // the kernel reads f16 as it is
+  if (args.dt.dtype !== io) {
+    throw new Error(`ssdVerify: dt (${args.dt.dtype}) must have xBC's dtype (${io})`);
+  }
+  const { xBC, dt } = args;
   const { tokens, layout } = tokenLayout(s, args.xBC, args.dt, "ssdVerify");
   const wc = ssdCacheWidth(s);
   const c = args.cache;
@@ -702,8 +697,8 @@ export function ssdVerify(args: SsdVerifyArgs): Tensor {
       }`,
     );
   }
-  const y = rt.empty([s.batch, tokens, s.heads, s.dimP]);
-  const k = ssdVerifyKernel(s, layout, !args.dtIsDelta, tokens, c.shape[2], args.parity);
+  const y = rt.empty([s.batch, tokens, s.heads, s.dimP], io);
+  const k = ssdVerifyKernel(s, layout, !args.dtIsDelta, tokens, c.shape[2], args.parity, io);
   rt.dev.dispatch(
     k.spec,
     [
@@ -718,5 +713,5 @@ export function ssdVerify(args: SsdVerifyArgs): Tensor {
     k.workgroups,
     k.uniforms,
   );
-  return cast(y, io);
+  return y;
 }

@@ -343,3 +343,56 @@ Deno.test(
     });
   },
 );
+
+Deno.test(
+  "ssd verify on f16 storage: reads f16 as it is; state and cache as with f32 inputs, y their f16 rounding",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16) {
+      console.warn("ssd verify f16: adapter has no shader-f16");
+      return;
+    }
+    const rng = testRng("ssd-verify-f16");
+    const batch = 2, K1 = 4;
+    const A = randu(rng, HEADS, -2, -0.5), D = randu(rng, HEADS, 0.5, 1.5), bias = randu(rng, HEADS, -1, 0.5);
+    const r16 = (a: Float64Array) => a.map((v) => Float16Array.of(v)[0]);
+    const old = tokens(rng, batch, K1), cur = tokens(rng, batch, K1);
+    const S0 = randn(rng, batch * HEADS * DIMS.dimP * DIMS.dimN);
+    await rt.scope(async () => {
+      const heads = ssdHeadParams(rt.tensor(A, [HEADS]), rt.tensor(D, [HEADS]), rt.tensor(bias, [HEADS]));
+      // the same f16-representable values as f32 and as f16 tensors: the kernel's f32 math sees equal inputs
+      const run = (dtype: "f32" | "f16") => {
+        const state = rt.tensor(S0, [batch, HEADS, DIMS.dimP, DIMS.dimN]);
+        const cache = ssdVerifyCache(rt, batch, HEADS, K1, DIMS);
+        const pass = (t: ReturnType<typeof tokens>, parity: 0 | 1, accepted: number[]) =>
+          ssdVerify({
+            state,
+            cache,
+            parity,
+            accepted: rt.tensor(accepted, [batch], "u32"),
+            xBC: rt.tensor(r16(t.xbc), [batch, K1, W], dtype),
+            dt: rt.tensor(r16(t.dtRaw), [batch, K1, HEADS], dtype),
+            heads,
+            dims: DIMS,
+          });
+        pass(old, 0, [0, 0]);
+        const y = pass(cur, 1, [3, 1]);
+        return { y, state, cache };
+      };
+      const a = run("f32"), b = run("f16");
+      assert.equal(b.y.dtype, "f16");
+      const [y32, s32, c32, y16, s16, c16] = await rt.dev.readMany(
+        [a.y, a.state, a.cache, b.y, b.state, b.cache].map((t) => ({
+          buffer: t.buffer,
+          offset: 0,
+          size: t.paddedByteLength,
+        })),
+      );
+      assert.deepEqual(new Float32Array(s16), new Float32Array(s32), "new snapshot");
+      assert.deepEqual(new Float32Array(c16), new Float32Array(c32), "cache");
+      const want = Float16Array.from(new Float32Array(y32));
+      assert.deepEqual(new Float16Array(y16, 0, want.length), want, "y: the f32 result rounded to f16");
+    });
+  },
+);

@@ -55,6 +55,7 @@ function allSpecs(): { spec: KernelSpec; tiling?: SsdRowsTiling }[] {
     specs.push({ spec: ssdStepKernel(step, ssdStepContiguous(step, 1), softplus).spec });
     specs.push({ spec: ssdStepKernel(step, ssdStepContiguous(step, 1), softplus, "f16").spec });
     specs.push({ spec: ssdVerifyKernel(step, ssdStepContiguous(step, 3), softplus, 3, 3, 0).spec });
+    specs.push({ spec: ssdVerifyKernel(step, ssdStepContiguous(step, 3), softplus, 3, 3, 0, "f16").spec });
   }
   return [...new Map(specs.map((e) => [e.spec.key, e])).values()];
 }
