@@ -19,7 +19,7 @@ import { CausalLM } from "../models/causal_lm.ts";
 import { makeMamba2Config } from "../models/config.ts";
 import { greedyResident } from "../models/generate.ts";
 import { llama32OneB } from "./model.ts";
-import { flag } from "./harness.ts";
+import { flag, hostCpu } from "./harness.ts";
 
 const gpu = parseProviderPreference(flag("gpu") ?? "auto", "--gpu");
 const rt = new Runtime(await createDevice({ gpu }));
@@ -70,6 +70,7 @@ for (const which of ["teacher", "hybrid"]) {
     bench: "decode_overhead",
     provider: dev.provider,
     device: dev.describe(),
+    host: hostCpu(),
     model: which,
     dtype,
     layers: cfg.numLayers,

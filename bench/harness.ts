@@ -41,6 +41,20 @@ export async function timeLoop(rt: Runtime, body: () => void, opts: { quick: boo
   return (performance.now() - t0) / runs;
 }
 
+/**
+ * The host CPU (model name and logical cores, from /proc/cpuinfo where readable): the same GPU decoded 20-25%
+ * slower on another H200 host, because batch-1 decode records its dispatches on the CPU (BENCHMARKS.md).
+ */
+export function hostCpu(): string {
+  try {
+    const info = Deno.readTextFileSync("/proc/cpuinfo");
+    const model = info.match(/^model name\s*:\s*(.+)$/m)?.[1]?.trim() ?? "unknown CPU";
+    return `${model}, ${navigator.hardwareConcurrency} logical cores`;
+  } catch {
+    return `unknown CPU, ${navigator.hardwareConcurrency} logical cores`;
+  }
+}
+
 /** A kept f32 tensor of uniform values in [lo, hi) from a fixed linear congruential sequence. */
 export function randomTensor(rt: Runtime, shape: number[], lo: number, hi: number): Tensor {
   const n = shape.reduce((a, b) => a * b, 1);

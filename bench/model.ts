@@ -31,7 +31,7 @@ import { greedyResident } from "../models/generate.ts";
 import { headLoss } from "../runtime/ops/head_loss.ts";
 import { LM_HEAD } from "../models/weights.ts";
 import { AdamW } from "../runtime/optim.ts";
-import { flag, gpuTimeline, profileDispatches, timelineRow } from "./harness.ts";
+import { flag, gpuTimeline, hostCpu, profileDispatches, timelineRow } from "./harness.ts";
 
 /** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
 export function llama32OneB(quick: boolean): TransformerConfig {
@@ -237,7 +237,7 @@ if (import.meta.main) {
     console.log(line);
     rows.push(line);
   };
-  log({ device: rt.dev.describe(), date: new Date().toISOString(), dtype });
+  log({ device: rt.dev.describe(), host: hostCpu(), date: new Date().toISOString(), dtype });
   const cfg = llama32OneB(quick);
   const T = quick ? 64 : 2048;
   for (const which of models) {
