@@ -23,7 +23,7 @@ import { rope } from "../runtime/ops/rope.ts";
 import { attention, decodeAttention, KvCache, ropeAppendKv } from "../runtime/ops/attention.ts";
 import { add, exp, scale } from "../runtime/ops/elementwise.ts";
 import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
-import { causalConv1d } from "../runtime/ops/conv1d.ts";
+import { causalConv1d, causalConv1dStep } from "../runtime/ops/conv1d.ts";
 import { widen } from "../runtime/ops/cast.ts";
 import { type SsdDims, ssdHeadParams, ssdScan, ssdStep } from "../runtime/ops/ssd.ts";
 import {
@@ -379,19 +379,30 @@ export class CausalLM {
     const m = this.mamba!;
     const convC = 2 * m.dXb + m.dInner;
     const [z, xBCraw, dt] = this.#mamba2InProj(p, u);
-    const conv = causalConv1d(
-      xBCraw.view([B, T, convC]),
-      this.param(`${p}mamba.conv1d.weight`).view([convC, m.dConv]),
-      this.param(`${p}mamba.conv1d.bias`),
-      { silu: true, initialState: state?.conv ?? null, finalState: state !== undefined },
-    );
-    let y: Tensor;
+    const convWeight = this.param(`${p}mamba.conv1d.weight`).view([convC, m.dConv]);
+    const convBias = this.param(`${p}mamba.conv1d.bias`);
     // (states are only advanced by `step`, which records no gradients)
-    if (state && T === 1 && !this.rt.gradEnabled) {
+    const decoding = state !== undefined && T === 1 && !this.rt.gradEnabled;
+    let xBC: Tensor, convFinal: Tensor | null = null;
+    if (decoding && m.dConv === 4) {
+      // one kernel that also shifts the conv state in place, instead of the conv and a new state tensor
+      xBC = causalConv1dStep(xBCraw.view([B, convC]), convWeight, convBias, state.conv, { silu: true })
+        .view([B, 1, convC]);
+    } else {
+      const conv = causalConv1d(xBCraw.view([B, T, convC]), convWeight, convBias, {
+        silu: true,
+        initialState: state?.conv ?? null,
+        finalState: state !== undefined,
+      });
+      xBC = conv.out;
+      convFinal = conv.finalState;
+    }
+    let y: Tensor;
+    if (decoding) {
       state.heads ??= this.#mamba2Heads(p).keep();
       y = ssdStep({
         state: state.state,
-        xBC: conv.out,
+        xBC,
         dt: dt.view([B, 1, m.nHeads]),
         heads: state.heads,
         dims: this.#ssdDims(),
@@ -401,7 +412,7 @@ export class CausalLM {
       const A = scale(exp(widen(this.param(`${p}mamba.A_log`))), -1);
       const scan = ssdScan(
         {
-          xBC: conv.out,
+          xBC,
           dims: this.#ssdDims(),
           dt: dt.view([B, T, m.nHeads]),
           dtBias: this.param(`${p}mamba.dt_bias`),
@@ -417,9 +428,9 @@ export class CausalLM {
       }
       y = scan.y;
     }
-    if (state) {
+    if (state && convFinal) {
       state.conv.dispose();
-      state.conv = conv.finalState!.keep();
+      state.conv = convFinal.keep();
     }
     return this.#mamba2Out(p, y.view([B * T, m.dInner]), z);
   }

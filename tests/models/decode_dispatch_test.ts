@@ -15,10 +15,11 @@ import { assertClose, gpuTestOptions, testRuntime, withKernelKeys } from "../hel
 // Per attention layer: q/k/v in one GEMV with the input norm inside it, RoPE on q and k with the KV append,
 // decode attention, o_proj with the residual add inside it, gate/up/SiLU in one GEMV with the post-attention
 // norm inside it, down_proj with the residual add inside it. Per Mamba2 layer: the same two MLP GEMVs plus
-// in_proj (with the norm), the one-pass 3-way split, the conv step and its state (2), ssdStep, and out_proj with
-// the gated norm inside it and the residual add after it. Plus the embedding gather and lm_head (with the final
-// norm). Before the norm/residual fusions: 8, 11 and 3; before the gated norm's fusion, 9 per Mamba2 layer.
-const PER_ATTENTION = 6, PER_MAMBA2 = 8, FIXED = 2;
+// in_proj (with the norm), the one-pass 3-way split, the conv step (which shifts its state in place), ssdStep,
+// and out_proj with the gated norm inside it and the residual add after it. Plus the embedding gather and lm_head
+// (with the final norm). Before the norm/residual fusions: 8, 11 and 3; before the gated norm's fusion, 9 per
+// Mamba2 layer; before the in-place conv step, 8.
+const PER_ATTENTION = 6, PER_MAMBA2 = 7, FIXED = 2;
 
 const count = (keys: string[], prefix: string) => keys.filter((k) => k.startsWith(prefix)).length;
 
