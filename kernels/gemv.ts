@@ -130,7 +130,7 @@ export function gemvKernel(
 }
 
 /** What one GEMV dispatch computes: one product, the SwiGLU gate/up pair, or the q/k/v projections. */
-type GemvMode = "single" | "swiglu" | "qkv";
+type GemvMode = "single" | "swiglu" | "qkv" | "split3";
 
 /** A GEMV variant: the mode, and the fused prologue (norm of x) and epilogue (residual add). */
 interface GemvVariant {
@@ -156,7 +156,7 @@ function gemvBindings(
   residual: boolean,
 ): [string, BindingAccess, boolean][] {
   const weights = mode === "qkv" ? ["WQ", "WK", "WV"] : mode === "swiglu" ? ["W", "V"] : ["W"];
-  const outs = mode === "qkv" ? ["Q", "K", "V"] : ["Y"];
+  const outs = mode === "qkv" ? ["Q", "K", "V"] : mode === "split3" ? ["A", "B", "C"] : ["Y"];
   return [
     ["X", "read", true],
     ...(typeof pro === "object" ? [["Z", "read", true] as [string, BindingAccess, boolean]] : []),
@@ -175,6 +175,7 @@ function gemvLaunch(
   opts: GemvOptions,
   variant: GemvVariant,
   nq = 0,
+  n1 = 0,
 ): Launch {
   const tpr = opts.threadsPerRow ?? 32;
   if (tpr < 4 || tpr > GEMV_WORKGROUP || (tpr & (tpr - 1)) !== 0) {
@@ -209,7 +210,7 @@ function gemvLaunch(
     spec,
     uniforms:
       new Uniforms(32).u32(n).u32(k).f32(opts.alpha ?? 1).u32(nq).f32(gated?.eps ?? opts.normIn?.eps ?? 0)
-        .buffer,
+        .u32(n1).buffer,
     workgroups: grid2d(ceilDiv(n, rowsPerWg)),
   };
 }
@@ -256,6 +257,26 @@ export function gemvQkvKernel(
   return gemvLaunch(dtype, rows, nq + 2 * nkv, k, opts, { mode: "qkv", residual: false }, nq);
 }
 
+/**
+ * One weight W [n0 + n1 + n2, K] whose output columns go to three tensors: a [rows, n0], b [rows, n1] and
+ * c [rows, n2] hold `alpha * x W^T` split along its last dimension (Mamba2's in_proj output z | xBC | dt), without
+ * a split dispatch after the product. Bindings: x, [norm weight with `normIn`,] W (read), a, b, c (rw).
+ */
+export function gemvSplit3Kernel(
+  dtype: DType,
+  rows: number,
+  widths: readonly [number, number, number],
+  k: number,
+  opts: GemvOptions = {},
+): Launch {
+  if (rows < 1 || rows > GEMV_MAX_ROWS) {
+    throw new Error(`gemvSplit3: rows must be 1..${GEMV_MAX_ROWS}, got ${rows}`);
+  }
+  const [n0, n1, n2] = widths;
+  if (!(n0 > 0 && n1 > 0 && n2 > 0)) throw new Error(`gemvSplit3: widths must be positive, got ${widths}`);
+  return gemvLaunch(dtype, rows, n0 + n1 + n2, k, opts, { mode: "split3", residual: false }, n0, n1);
+}
+
 function gemvWgsl(
   dtype: DType,
   rows: number,
@@ -265,7 +286,7 @@ function gemvWgsl(
   pro: GemvPrologue,
   residual: boolean,
 ): string {
-  const swigluPair = mode === "swiglu", qkv = mode === "qkv";
+  const swigluPair = mode === "swiglu", qkv = mode === "qkv", split3 = mode === "split3";
   const gated = typeof pro === "object" ? pro : null;
   // either norm scales the x items with a weight item loaded beside W's
   const norm = pro !== "none";
@@ -331,6 +352,10 @@ function gemvWgsl(
         ? `if (sel == 0u) { Q[${r}u * p.nq + nl] = ${T}(${sum(r)}); } ` +
           `else if (sel == 1u) { K[${r}u * nkv + nl] = ${T}(${sum(r)}); } ` +
           `else { V[${r}u * nkv + nl] = ${T}(${sum(r)}); }`
+        : split3
+        ? `if (sel == 0u) { A[${r}u * p.nq + col] = ${T}(${sum(r)}); } ` +
+          `else if (sel == 1u) { B[${r}u * p.n1 + col] = ${T}(${sum(r)}); } ` +
+          `else { C[${r}u * (p.n - p.nq - p.n1) + col] = ${T}(${sum(r)}); }`
         : residual
         // the product rounds to T first, as the unfused path stores it before the add
         ? `Y[${r}u * p.n + n] = ${T}(f32(R[${r}u * p.n + n]) + f32(${T}(${sum(r)})));`
@@ -414,7 +439,7 @@ fn nrm(a: ${T}, g: ${T}, r: f32) -> ${T} { return ${T}(f32(g) * f32(${T}(f32(a) 
     workgroupBarrier();
   }`;
   return `${wgslHeader(dtype)}
-struct P { n: u32, k: u32, alpha: f32, nq: u32, eps: f32, _a: u32, _b: u32, _c: u32 }
+struct P { n: u32, k: u32, alpha: f32, nq: u32, eps: f32, n1: u32, _b: u32, _c: u32 }
 ${decls}
 @group(0) @binding(${bindings.length}) var<uniform> p: P;
 ${wload}
@@ -440,6 +465,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   // which weight this output row reads (0 q, 1 k, 2 v) and its row inside that weight
   let sel = select(select(2u, 1u, n < p.nq + nkv), 0u, n < p.nq);
   let nl = select(select(n - p.nq - nkv, n - p.nq, n < p.nq + nkv), n, n < p.nq);`
+      : split3
+      ? `let nl = n;
+  // which output this column goes to (0 a, 1 b, 2 c) and its column there
+  let sel = select(select(2u, 1u, n < p.nq + p.n1), 0u, n < p.nq);
+  let col = select(select(n - p.nq - p.n1, n - p.nq, n < p.nq + p.n1), n, n < p.nq);`
       : "let nl = n;"
   }
   if (n < p.n) {

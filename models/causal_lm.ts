@@ -22,7 +22,7 @@ import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
 import { rope } from "../runtime/ops/rope.ts";
 import { attention, decodeAttention, KvCache, ropeAppendKv } from "../runtime/ops/attention.ts";
 import { add, exp, scale } from "../runtime/ops/elementwise.ts";
-import { splitLastDim, takeRows } from "../runtime/ops/columns.ts";
+import { takeRows } from "../runtime/ops/columns.ts";
 import { causalConv1d, causalConv1dStep } from "../runtime/ops/conv1d.ts";
 import { widen } from "../runtime/ops/cast.ts";
 import { type SsdDims, ssdHeadParams, ssdScan, ssdStep } from "../runtime/ops/ssd.ts";
@@ -353,8 +353,7 @@ export class CausalLM {
   /** Mamba2's input projection split into z [rows, d_inner], the conv input xBC and dt [rows, H]. */
   #mamba2InProj(p: string, u: BlockInput): Tensor[] {
     const m = this.mamba!;
-    const zxbcdt = u.project(this.param(`${p}mamba.in_proj.weight`));
-    return splitLastDim(zxbcdt, [m.dInner, 2 * m.dXb + m.dInner, m.nHeads]);
+    return u.projectSplit(this.param(`${p}mamba.in_proj.weight`), [m.dInner, 2 * m.dXb + m.dInner, m.nHeads]);
   }
 
   /**

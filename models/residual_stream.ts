@@ -22,8 +22,10 @@ import {
   linearGatedNormed,
   linearNormed,
   linearQkvNormed,
+  linearSplitNormed,
   linearSwigluNormed,
 } from "../runtime/ops/linear_fused.ts";
+import { splitLastDim } from "../runtime/ops/columns.ts";
 import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
 import { gatedRmsNorm } from "../runtime/ops/gated_norm.ts";
 
@@ -33,6 +35,8 @@ export interface BlockInput {
   project(w: Tensor): Tensor;
   /** The attention input projections `u Wq^T`, `u Wk^T`, `u Wv^T`. */
   projectQkv(wq: Tensor, wk: Tensor, wv: Tensor): { q: Tensor; k: Tensor; v: Tensor };
+  /** `u W^T` split along its last dimension into three `widths` (Mamba2's in_proj: z, xBC, dt). */
+  projectSplit(w: Tensor, widths: readonly [number, number, number]): Tensor[];
   /** The SwiGLU MLP's first half `silu(u Wg^T) * (u Wu^T)`. */
   projectSwiglu(wGate: Tensor, wUp: Tensor): Tensor;
   /** `u` itself, for blocks that use it beyond a few projections (Mamba1 projects it five times). */
@@ -79,6 +83,7 @@ export function normalisedInput(u: Tensor): BlockInput {
   return {
     project: (w) => linear(u, w),
     projectQkv: (wq, wk, wv) => linearQkv(u, wq, wk, wv),
+    projectSplit: (w, widths) => splitLastDim(linear(u, w), widths),
     projectSwiglu: (wg, wu) => linearSwiglu(u, wg, wu),
     normalised: () => u,
   };
@@ -127,6 +132,13 @@ export class ResidualStream implements BlockInput {
     return this.#u
       ? linearQkv(this.#u, wq, wk, wv)
       : linearQkvNormed(this.#x, this.#norm, this.#eps, wq, wk, wv);
+  }
+
+  /** `rmsNorm(x) W^T` in three parts along its last dimension. */
+  projectSplit(w: Tensor, widths: readonly [number, number, number]): Tensor[] {
+    return this.#u
+      ? splitLastDim(linear(this.#u, w), widths)
+      : linearSplitNormed(this.#x, this.#norm, this.#eps, w, widths);
   }
 
   /** The SwiGLU MLP's first half on `rmsNorm(x)`. */

@@ -19,6 +19,7 @@ import {
   GEMV_SWIGLU_MAX_ROWS,
   gemvKernel,
   gemvQkvKernel,
+  gemvSplit3Kernel,
   gemvSwigluKernel,
 } from "../../kernels/gemv.ts";
 import { dtypeBytes } from "../../kernels/kernel.ts";
@@ -27,6 +28,7 @@ import { linear, LINEAR_GEMV_MAX_TOKENS, linearQkv, linearSwiglu, takesGemv } fr
 import { rmsNorm } from "./norm.ts";
 import { add } from "./elementwise.ts";
 import { gatedRmsNorm } from "./gated_norm.ts";
+import { splitLastDim } from "./columns.ts";
 
 /**
  * Most rows (tokens) for which these ops fuse: the GEMV limit of `linear`. The SwiGLU pair fuses up to
@@ -81,6 +83,41 @@ export function linearNormed(x: Tensor, normWeight: Tensor, eps: number, w: Tens
   const l = gemvKernel(x.dtype, tokens, nOut, d, { normIn: { eps } });
   rt.dev.dispatch(l.spec, [x.binding, normWeight.binding, w.binding, y.binding], l.workgroups, l.uniforms);
   return y;
+}
+
+/**
+ * `rmsNorm(x, normWeight, eps) W^T` split along its last dimension into `widths` (three parts), with the norm and
+ * the split inside one GEMV for a few rows: Mamba2's in_proj output z | xBC | dt without a split dispatch.
+ * Decoding only (no gradients).
+ */
+export function linearSplitNormed(
+  x: Tensor,
+  normWeight: Tensor,
+  eps: number,
+  w: Tensor,
+  widths: readonly [number, number, number],
+): Tensor[] {
+  const rt = x.rt;
+  decodingOnly("linearSplitNormed", [x, normWeight, w]);
+  const d = checkNormed("linearSplitNormed", x, normWeight, eps, [w]);
+  const nOut = w.shape[0], tokens = x.size / d;
+  if (widths[0] + widths[1] + widths[2] !== nOut) {
+    throw new Error(`linearSplitNormed: widths ${widths.join("+")} do not sum to the weight's ${nOut} rows`);
+  }
+  const outBytes = tokens * nOut * dtypeBytes(x.dtype);
+  if (!takesGemv(rt, tokens, GEMV_MAX_ROWS, [w.byteLength, x.byteLength, outBytes])) {
+    return splitLastDim(linear(rmsNorm(x, normWeight, eps), w), widths);
+  }
+  const lead = x.shape.slice(0, -1);
+  const outs = widths.map((n) => rt.empty([...lead, n], x.dtype));
+  const l = gemvSplit3Kernel(x.dtype, tokens, widths, d, { normIn: { eps } });
+  rt.dev.dispatch(
+    l.spec,
+    [x.binding, normWeight.binding, w.binding, ...outs.map((t) => t.binding)],
+    l.workgroups,
+    l.uniforms,
+  );
+  return outs;
 }
 
 /**

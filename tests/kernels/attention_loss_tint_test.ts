@@ -8,7 +8,7 @@
 import * as attn from "../../kernels/attention.ts";
 import * as attn2 from "../../kernels/attention_v2.ts";
 import { kvCacheAppend, planDecodeAttention, ropeKvAppend } from "../../kernels/attention_decode.ts";
-import { gemvKernel, gemvQkvKernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
+import { gemvKernel, gemvQkvKernel, gemvSplit3Kernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
 import { splitColumns3 } from "../../kernels/columns.ts";
 import * as ce from "../../kernels/cross_entropy.ts";
 import * as lp from "../../kernels/logprobs.ts";
@@ -55,6 +55,7 @@ function allSpecs(): KernelSpec[] {
     for (const k of [64, 66]) {
       specs.push(gemvKernel(dtype, 16, 8, k).spec, gemvSwigluKernel(dtype, 8, 8, k).spec);
       specs.push(gemvQkvKernel(dtype, 16, 8, 4, k).spec);
+      specs.push(gemvSplit3Kernel(dtype, 16, [8, 12, 4], k, { normIn: { eps: 1e-5 } }).spec);
     }
     specs.push(splitColumns3(dtype, 2, 10, 3, 7).spec);
     for (const teacherDtype of [null, "f32", "f16"] as (DType | null)[]) {

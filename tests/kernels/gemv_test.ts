@@ -4,6 +4,7 @@ import {
   GEMV_SWIGLU_MAX_ROWS,
   gemvKernel,
   gemvQkvKernel,
+  gemvSplit3Kernel,
   gemvSwigluKernel,
 } from "../../kernels/gemv.ts";
 import { linear, linearQkv, linearSwiglu } from "../../runtime/ops/matmul.ts";
@@ -433,7 +434,7 @@ for (const dtype of ["f32", "f16"] as DType[]) {
   );
 
   Deno.test(
-    `gemv swiglu and qkv kernels with normIn (${dtype}): 1, 3, 8 (and 16 for qkv) rows, vs float64`,
+    `gemv swiglu, qkv and split3 kernels with normIn (${dtype}): 1, 3, 8 (and 16 for qkv, split3) rows, vs float64`,
     gpuTestOptions,
     async () => {
       const rt = await testRuntime();
@@ -490,6 +491,31 @@ for (const dtype of ["f32", "f16"] as DType[]) {
           assertClose(await q.read(), refLinear(xin, wq, rows, nq, k), tol, `q ${what}`);
           assertClose(await kk.read(), refLinear(xin, wk, rows, nkv, k), tol, `k ${what}`);
           assertClose(await v.read(), refLinear(xin, wv, rows, nkv, k), tol, `v ${what}`);
+        });
+        // one weight split three ways (Mamba2's in_proj: z | xBC | dt), boundaries inside workgroups
+        const widths = [29, 45, 11] as const, nAll = 29 + 45 + 11;
+        const w3 = round(randn(rng, nAll * k));
+        await rt.scope(async () => {
+          const tx = rt.tensor(x, [rows, k], dtype), tnw = rt.tensor(nw, [k], dtype);
+          const tw = rt.tensor(w3, [nAll, k], dtype);
+          const outs = widths.map((n) => rt.empty([rows, n], dtype));
+          const l = gemvSplit3Kernel(dtype, rows, widths, k, { threadsPerRow: tpr, normIn: { eps } });
+          rt.dev.dispatch(
+            l.spec,
+            [tx.binding, tnw.binding, tw.binding, ...outs.map((t) => t.binding)],
+            l.workgroups,
+            l.uniforms,
+          );
+          const full = refLinear(xin, w3, rows, nAll, k);
+          let c0 = 0;
+          for (let i = 0; i < 3; i++) {
+            const want = new Float64Array(rows * widths[i]);
+            for (let r = 0; r < rows; r++) {
+              want.set(full.subarray(r * nAll + c0, r * nAll + c0 + widths[i]), r * widths[i]);
+            }
+            assertClose(await outs[i].read(), want, tol, `split part ${i} ${dtype} k=${k} rows=${rows}`);
+            c0 += widths[i];
+          }
         });
       }
     },
