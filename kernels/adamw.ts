@@ -12,7 +12,7 @@
  *
  * @module
  */
-import { ceilDiv, type DType, grid2d, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import { cachedSpec, ceilDiv, type DType, grid2d, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 
 /** Threads per workgroup of the optimizer kernels. */
@@ -34,20 +34,13 @@ export interface AdamWStep {
   step: number;
 }
 
-const specs = new Map<string, KernelSpec>();
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
-}
-
 /**
  * The fused update of one parameter of `n` elements. Bindings: param (rw), grad (read, param dtype),
  * m (rw, f32), v (rw, f32), clip (read, f32 [2]: global norm, factor; element 1 is used).
  */
 export function adamwKernel(dtype: DType, n: number, s: AdamWStep): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`adamw_${dtype}`, () => ({
+  const spec = cachedSpec(`adamw_${dtype}`, () => ({
     bindings: ["rw", "read", "rw", "rw", "read"],
     uniformBytes: 32,
     code: `${wgslHeader(dtype)}
@@ -91,7 +84,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  * a fixed order. Bindings: sumsq (read, f32 [count]), out (rw, f32 [2]).
  */
 export function gradNormKernel(count: number, maxNorm: number): Launch {
-  const spec = cached("grad_norm_finalize", () => ({
+  const spec = cachedSpec("grad_norm_finalize", () => ({
     bindings: ["read", "rw"],
     uniformBytes: 16,
     code: `

@@ -21,8 +21,8 @@
  */
 import {
   type BindingAccess,
+  cachedSpec,
   type DType,
-  type KernelSpec,
   LINEAR_WORKGROUP,
   linearWorkgroups,
   Uniforms,
@@ -53,13 +53,6 @@ export interface Conv1dFlags {
   silu: boolean;
   /** An initial state `[B, C, 3]` supplies the inputs before time 0 (else zeros). */
   initialState: boolean;
-}
-
-const specs = new Map<string, KernelSpec>();
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
 }
 
 const HELPERS = `
@@ -181,7 +174,7 @@ export function conv1dForward(
   const key = `conv1d_fwd_${dtype}_v${V}_${flags.silu ? "silu" : "id"}_${
     flags.initialState ? "init" : "zero"
   }`;
-  const spec = cached(key, () => {
+  const spec = cachedSpec(key, () => {
     const vp = vectorPieces(T, V);
     const bindings: BindingAccess[] = flags.initialState
       ? ["read", "read", "read", "read", "rw"]
@@ -234,7 +227,7 @@ ${SEQ_THREAD}
  */
 export function conv1dFinalState(dtype: DType, shape: Conv1dShape, initialState: boolean): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`conv1d_final_state_${dtype}_${initialState ? "init" : "zero"}`, () => {
+  const spec = cachedSpec(`conv1d_final_state_${dtype}_${initialState ? "init" : "zero"}`, () => {
     let n = 0;
     return {
       bindings: initialState ? ["read", "read", "rw"] : ["read", "rw"],
@@ -290,7 +283,7 @@ export function conv1dBackward(
   const key = `conv1d_bwd_${dtype}_v${V}_${flags.silu ? "silu" : "id"}_${
     flags.initialState ? "init" : "zero"
   }_${flags.finalStateGrad ? "gfin" : "nofin"}`;
-  const spec = cached(key, () => {
+  const spec = cachedSpec(key, () => {
     const vp = vectorPieces(T, V);
     const bindings: BindingAccess[] = ["read", "read", "read", "read"];
     if (flags.initialState) bindings.push("read");
@@ -410,7 +403,7 @@ ${SEQ_THREAD}
  */
 export function conv1dReduceParams(dtype: DType, rows: number, channels: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`conv1d_reduce_params_${dtype}`, () => ({
+  const spec = cachedSpec(`conv1d_reduce_params_${dtype}`, () => ({
     bindings: ["read", "rw", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -443,7 +436,7 @@ ${ENTRY}
  */
 export function conv1dStep(dtype: DType, batch: number, channels: number, silu: boolean): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`conv1d_step_${dtype}_${silu ? "silu" : "id"}`, () => ({
+  const spec = cachedSpec(`conv1d_step_${dtype}_${silu ? "silu" : "id"}`, () => ({
     bindings: ["read", "read", "read", "rw", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -498,7 +491,7 @@ export interface Conv1dRingShape {
  */
 export function conv1dRing(dtype: DType, shape: Conv1dRingShape, silu: boolean): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`conv1d_ring_${dtype}_${silu ? "silu" : "id"}`, () => ({
+  const spec = cachedSpec(`conv1d_ring_${dtype}_${silu ? "silu" : "id"}`, () => ({
     bindings: ["read", "read", "read", "rw", "read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -547,7 +540,7 @@ ${ENTRY}
  */
 export function conv1dRingAdvance(batch: number, slots: number, by: number | "counts"): Launch {
   const counts = by === "counts";
-  const spec = cached(`conv1d_ring_advance_${counts ? "counts" : "const"}`, () => ({
+  const spec = cachedSpec(`conv1d_ring_advance_${counts ? "counts" : "const"}`, () => ({
     bindings: counts ? ["rw", "read"] : ["rw"],
     uniformBytes: 16,
     code: `struct P { B: u32, S: u32, by: u32, _a: u32 }
@@ -583,7 +576,7 @@ export function conv1dRingConvert(
 ): Launch {
   const T = wgslType(dtype);
   const toRing = direction === "toRing";
-  const spec = cached(`conv1d_ring_${direction}_${dtype}`, () => ({
+  const spec = cachedSpec(`conv1d_ring_${direction}_${dtype}`, () => ({
     bindings: toRing ? ["read", "rw", "rw"] : ["read", "read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}

@@ -11,7 +11,7 @@
  *
  * @module
  */
-import { ceilDiv, type DType, grid2d, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import { cachedSpec, ceilDiv, type DType, grid2d, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 
 /** Threads per workgroup of the embedding kernels. */
@@ -52,20 +52,13 @@ export function buildEmbeddingCsr(ids: ArrayLike<number>, vocab: number): Embedd
   return { data, unique };
 }
 
-const specs = new Map<string, KernelSpec>();
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
-}
-
 /**
  * Gather: `out[t, j] = table[ids[t], j]`; an id outside [0, vocab) yields a zero row (the op validates ids it
  * can see on the CPU). Bindings: ids (read, i32), table (read), out (rw).
  */
 export function embeddingForward(dtype: DType, n: number, d: number, vocab: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`embedding_fwd_${dtype}`, () => ({
+  const spec = cachedSpec(`embedding_fwd_${dtype}`, () => ({
     bindings: ["read", "read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -102,7 +95,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  */
 export function embeddingBackward(dtype: DType, unique: number, d: number, accumulate: boolean): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`embedding_bwd_${dtype}${accumulate ? "_acc" : ""}`, () => ({
+  const spec = cachedSpec(`embedding_bwd_${dtype}${accumulate ? "_acc" : ""}`, () => ({
     bindings: ["read", "read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}

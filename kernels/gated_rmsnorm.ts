@@ -14,7 +14,7 @@
  *
  * @module
  */
-import { ceilDiv, type DType, grid2d, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import { cachedSpec, ceilDiv, type DType, grid2d, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 
 /** Default epsilon of the gated norm, as hard-coded in the reference. */
@@ -38,13 +38,6 @@ export function gatedNormLanes(group: number): number {
   let l = 1;
   while (l < group && l < 64) l *= 2;
   return l;
-}
-
-const specs = new Map<string, KernelSpec>();
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
 }
 
 /**
@@ -120,7 +113,7 @@ export function gatedRmsNormForward(dtype: DType, shape: GatedRmsNormShape, eps 
   const T = wgslType(dtype);
   const V = gatedNormVectorWidth(shape.group);
   const lanes = unitLanes(shape.group);
-  const spec = cached(`gated_rmsnorm_fwd_${dtype}_v${V}_l${lanes}`, () => {
+  const spec = cachedSpec(`gated_rmsnorm_fwd_${dtype}_v${V}_l${lanes}`, () => {
     const { VS, defs } = vectorPieces(T, V);
     return {
       bindings: ["read", "read", "read", "rw"],
@@ -169,7 +162,7 @@ export function gatedRmsNormBackward(
   const T = wgslType(dtype);
   const V = gatedNormVectorWidth(shape.group);
   const lanes = unitLanes(shape.group);
-  const spec = cached(`gated_rmsnorm_bwd_${dtype}_v${V}_l${lanes}`, () => {
+  const spec = cachedSpec(`gated_rmsnorm_bwd_${dtype}_v${V}_l${lanes}`, () => {
     const { VS, defs } = vectorPieces(T, V);
     return {
       bindings: ["read", "read", "read", "read", "rw", "rw", "rw"],
@@ -238,7 +231,7 @@ export function gatedRmsNormWeightPartial(
   const T = wgslType(dtype);
   const V = gatedNormVectorWidth(shape.group);
   const blocks = gatedNormWeightBlocks(shape);
-  const spec = cached(`gated_rmsnorm_wpart_${dtype}_v${V}`, () => {
+  const spec = cachedSpec(`gated_rmsnorm_wpart_${dtype}_v${V}`, () => {
     const { VS, VF, defs } = vectorPieces(T, V);
     return {
       bindings: ["read", "read", "read", "read", "rw"],
@@ -284,7 +277,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 /** Backward, last stage: `gw[j] = sum_blk part[blk, j]`. Bindings: part `[blocks, D]` f32 (read), gw `[D]` (rw). */
 export function gatedRmsNormWeightReduce(dtype: DType, blocks: number, dim: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`gated_rmsnorm_wreduce_${dtype}`, () => ({
+  const spec = cachedSpec(`gated_rmsnorm_wreduce_${dtype}`, () => ({
     bindings: ["read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}

@@ -31,6 +31,18 @@ export interface KernelSpec {
   constants?: Record<string, number>;
 }
 
+const specCache = new Map<string, KernelSpec>();
+
+/**
+ * The spec of `key`, built by `make` the first time it is asked for. Keys are unique across all kernels (the
+ * device caches pipelines by them), so one cache serves every kernel module.
+ */
+export function cachedSpec(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
+  let s = specCache.get(key);
+  if (!s) specCache.set(key, s = { key, ...make() });
+  return s;
+}
+
 /** Element types a tensor can be stored in. */
 export type DType = "f32" | "f16" | "i32" | "u32";
 

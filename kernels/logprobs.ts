@@ -11,17 +11,9 @@
  *
  * @module
  */
-import { type DType, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import { cachedSpec, type DType, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 import { IGNORE_INDEX, ROW_WORKGROUP, rowGrid, WGSL_ONLINE_LSE, WGSL_ROW_INDEX } from "./cross_entropy.ts";
-
-const specs = new Map<string, KernelSpec>();
-
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
-}
 
 /**
  * Forward log-prob gather for a block of rows. Bindings: logits (read, `[rows, V]`, maybe a slice), targets
@@ -29,7 +21,7 @@ function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
  * `row0 + r`.
  */
 export function tokenLogprobForward(dtype: DType, rows: number, row0: number, V: number): Launch {
-  const spec = cached(`logprob_fwd_${dtype}`, () => ({
+  const spec = cachedSpec(`logprob_fwd_${dtype}`, () => ({
     bindings: ["read", "read", "rw", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -86,7 +78,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  */
 export function tokenLogprobBackward(dtype: DType, rows: number, row0: number, V: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`logprob_bwd_${dtype}`, () => ({
+  const spec = cachedSpec(`logprob_bwd_${dtype}`, () => ({
     bindings: ["read", "read", "read", "read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -124,7 +116,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  * out (rw, f32 `[B]`). One workgroup per row.
  */
 export function maskedRowSum(B: number, L: number): Launch {
-  const spec = cached("masked_row_sum", () => ({
+  const spec = cachedSpec("masked_row_sum", () => ({
     bindings: ["read", "read", "rw"],
     uniformBytes: 16,
     code: `
@@ -162,7 +154,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
 /** Backward of {@linkcode maskedRowSum}: `gx[b, t] = g[b] * mask[b, t]`. Bindings: mask, g (read), gx (rw). */
 export function maskedRowSumBackward(B: number, L: number): Launch {
-  const spec = cached("masked_row_sum_bwd", () => ({
+  const spec = cachedSpec("masked_row_sum_bwd", () => ({
     bindings: ["read", "read", "rw"],
     uniformBytes: 16,
     code: `
@@ -194,7 +186,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  * margin (rw, f32 `[N]`). Row r is token `row0 + r`.
  */
 export function argmaxRows(dtype: DType, rows: number, row0: number, V: number): Launch {
-  const spec = cached(`argmax_${dtype}`, () => ({
+  const spec = cachedSpec(`argmax_${dtype}`, () => ({
     bindings: ["read", "rw", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}

@@ -10,7 +10,7 @@
  *
  * @module
  */
-import { ceilDiv, type DType, grid2d, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import { cachedSpec, ceilDiv, type DType, grid2d, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 
 /** Threads per workgroup of the reduction kernels. */
@@ -43,14 +43,6 @@ export function reducePartials(n: number): number {
   return Math.max(1, Math.min(REDUCE_MAX_PARTIALS, ceilDiv(n, REDUCE_WORKGROUP * ITEMS_PER_THREAD)));
 }
 
-const specs = new Map<string, KernelSpec>();
-
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
-}
-
 const TREE = (op: ReduceOp) => `
   red[lid] = acc;
   for (var s = ${REDUCE_WORKGROUP / 2}u; s > 0u; s >>= 1u) {
@@ -72,7 +64,7 @@ export function reducePass(
   scale = 1,
 ): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`reduce_all_${op}_${dtype}`, () => ({
+  const spec = cachedSpec(`reduce_all_${op}_${dtype}`, () => ({
     bindings: ["read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -137,7 +129,7 @@ export function reducePlan(
  */
 export function reduceRowsKernel(op: ReduceOp, dtype: DType, rows: number, d: number, scale = 1): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`reduce_rows_${op}_${dtype}`, () => ({
+  const spec = cachedSpec(`reduce_rows_${op}_${dtype}`, () => ({
     bindings: ["read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -182,7 +174,7 @@ export function reduceBackwardKernel(
   scale = 1,
 ): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`reduce_bwd_${op}_${dtype}`, () => ({
+  const spec = cachedSpec(`reduce_bwd_${op}_${dtype}`, () => ({
     bindings: ["read", "read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}

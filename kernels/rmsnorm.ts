@@ -13,20 +13,13 @@
  *
  * @module
  */
-import { ceilDiv, type DType, grid2d, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import { cachedSpec, ceilDiv, type DType, grid2d, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 
 /** Threads per workgroup of the RMSNorm kernels. */
 export const RMSNORM_WORKGROUP = 256;
 /** Rows one workgroup of the weight-gradient pass sums into one partial. */
 export const RMSNORM_ROWS_PER_PARTIAL = 64;
-
-const specs = new Map<string, KernelSpec>();
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
-}
 
 const WG = RMSNORM_WORKGROUP;
 
@@ -48,7 +41,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 /** Forward. Bindings: x (read), w (read), y (rw), rstd (rw, f32 [rows]). */
 export function rmsNormForward(dtype: DType, rows: number, d: number, eps: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`rmsnorm_fwd_${dtype}`, () => ({
+  const spec = cachedSpec(`rmsnorm_fwd_${dtype}`, () => ({
     bindings: ["read", "read", "rw", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -83,7 +76,7 @@ ${ROW_ENTRY}
  */
 export function addRmsNormForward(dtype: DType, rows: number, d: number, eps: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`add_rmsnorm_fwd_${dtype}`, () => ({
+  const spec = cachedSpec(`add_rmsnorm_fwd_${dtype}`, () => ({
     bindings: ["read", "read", "read", "rw", "rw", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -125,7 +118,7 @@ ${ROW_ENTRY}
  */
 export function rmsNormBackwardInput(dtype: DType, rows: number, d: number, addGrad = false): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`rmsnorm_bwd_x_${dtype}${addGrad ? "_add" : ""}`, () => ({
+  const spec = cachedSpec(`rmsnorm_bwd_x_${dtype}${addGrad ? "_add" : ""}`, () => ({
     bindings: addGrad
       ? ["read", "read", "read", "read", "read", "rw"]
       : ["read", "read", "read", "read", "rw"],
@@ -175,7 +168,7 @@ export function rmsNormPartials(rows: number): number {
  */
 export function rmsNormBackwardWeightPartial(dtype: DType, rows: number, d: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`rmsnorm_bwd_wpart_${dtype}`, () => ({
+  const spec = cachedSpec(`rmsnorm_bwd_wpart_${dtype}`, () => ({
     bindings: ["read", "read", "read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -217,7 +210,7 @@ export function rmsNormBackwardWeightSum(
   accumulate: boolean,
 ): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`rmsnorm_bwd_wsum_${dtype}${accumulate ? "_acc" : ""}`, () => ({
+  const spec = cachedSpec(`rmsnorm_bwd_wsum_${dtype}${accumulate ? "_acc" : ""}`, () => ({
     bindings: ["read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}

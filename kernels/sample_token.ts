@@ -36,17 +36,9 @@
  *
  * @module
  */
-import { type DType, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import { cachedSpec, type DType, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 import { rowGrid, WGSL_ROW_INDEX } from "./cross_entropy.ts";
-
-const specs = new Map<string, KernelSpec>();
-
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
-}
 
 /** Threads per row of {@linkcode sampleTokensKernel}: 256 for large vocabularies, 64 for small ones. */
 export function sampleWorkgroup(V: number): number {
@@ -115,7 +107,7 @@ export function sampleTokensKernel(
   withProbs = false,
 ): Launch {
   const WG = sampleWorkgroup(V);
-  const spec = cached(`sample_token_${dtype}_${WG}${withProbs ? "_probs" : ""}`, () => ({
+  const spec = cachedSpec(`sample_token_${dtype}_${WG}${withProbs ? "_probs" : ""}`, () => ({
     bindings: withProbs ? ["read", "read", "rw", "rw"] : ["read", "read", "rw"],
     uniformBytes: 48,
     code: sampleSource(dtype, WG, withProbs),
@@ -408,7 +400,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  * (read, u32 `[n, 6]`: four counter words, two key words), out (rw, u32 `[n, 4]`).
  */
 export function philoxKernel(n: number): Launch {
-  const spec = cached("philox4x32_10", () => ({
+  const spec = cachedSpec("philox4x32_10", () => ({
     bindings: ["read", "rw"],
     uniformBytes: 16,
     code: `struct P { n: u32, _a: u32, _b: u32, _c: u32 }

@@ -33,7 +33,7 @@
  *
  * @module
  */
-import { ceilDiv, type DType, grid2d, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import { cachedSpec, ceilDiv, type DType, grid2d, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 
 /** Shape of a selective scan. */
@@ -95,13 +95,6 @@ export function scanGroupWidth(shape: ScanShape): number {
   const fits = (w: number, g: number) => w % g === 0 || g % w === 0;
   for (let w = 64; w > 1; w--) if (fits(w, cpgB) && fits(w, cpgC)) return w;
   return 1;
-}
-
-const specs = new Map<string, KernelSpec>();
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
 }
 
 const UNIFORMS = `struct P {
@@ -190,7 +183,7 @@ export function scanForward(
   const key = `scan_fwd_${dtype}_n${N}_${mode}${init ? "_h0" : ""}${writeCk ? "_ck" : ""}${
     writeHL ? "_hl" : ""
   }`;
-  const spec = cached(key, () => {
+  const spec = cachedSpec(key, () => {
     const extra: [string, "read" | "rw", string][] = [];
     if (init) extra.push(["h0", "read", "f32"]);
     if (mode !== "local") extra.push(["ys", "rw", T]);
@@ -292,7 +285,7 @@ export function scanChain(
 ): Launch {
   const T = wgslType(dtype);
   const N = shape.states;
-  const spec = cached(
+  const spec = cachedSpec(
     `scan_chain_${dtype}_n${N}${initialState ? "_h0" : ""}${finalState ? "_hl" : ""}`,
     () => {
       let n = 0;
@@ -350,7 +343,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 export function scanAdjointLocal(dtype: DType, shape: ScanShape, ch: ScanChunking): Launch {
   const T = wgslType(dtype);
   const N = shape.states;
-  const spec = cached(`scan_adj_local_${dtype}_n${N}`, () => ({
+  const spec = cachedSpec(`scan_adj_local_${dtype}_n${N}`, () => ({
     bindings: ["read", "read", "read", "read", "rw", "rw"],
     uniformBytes: UNIFORM_BYTES,
     code: `${wgslHeader(dtype)}
@@ -409,7 +402,7 @@ export function scanAdjointChain(
 ): Launch {
   const T = wgslType(dtype);
   const N = shape.states;
-  const spec = cached(`scan_adj_chain_${dtype}_n${N}${finalGrad ? "_gfin" : ""}`, () => ({
+  const spec = cachedSpec(`scan_adj_chain_${dtype}_n${N}${finalGrad ? "_gfin" : ""}`, () => ({
     bindings: finalGrad ? ["read", "read", "read", "rw"] : ["read", "read", "rw"],
     uniformBytes: UNIFORM_BYTES,
     code: `${wgslHeader(dtype)}
@@ -485,7 +478,7 @@ export function scanBackward(
   const key = `scan_bwd_${dtype}_n${N}_w${W}_s${SUB}x${NSUB}_${flags.parallel ? "par" : "seq"}${
     flags.finalGrad ? "_gfin" : ""
   }${flags.initialGrad ? "_gh0" : ""}${flags.partialB ? "_pb" : ""}${flags.partialC ? "_pc" : ""}`;
-  const spec = cached(key, () => {
+  const spec = cachedSpec(key, () => {
     const decl: [string, "read" | "rw", string][] = [
       ["xs", "read", T],
       ["delta", "read", T],
@@ -654,7 +647,7 @@ alias T = ${T};
  */
 export function scanGroupSum(dtype: DType, outer: number, f: number, inner: number): Launch {
   const T = wgslType(dtype);
-  const spec = cached(`scan_group_sum_${dtype}`, () => ({
+  const spec = cachedSpec(`scan_group_sum_${dtype}`, () => ({
     bindings: ["read", "rw"],
     uniformBytes: 16,
     code: `${wgslHeader(dtype)}
@@ -696,7 +689,7 @@ export function scanStep(
 ): Launch {
   const T = wgslType(dtype);
   const N = states;
-  const spec = cached(`scan_step_${dtype}_n${N}`, () => ({
+  const spec = cachedSpec(`scan_step_${dtype}_n${N}`, () => ({
     bindings: ["read", "read", "read", "read", "read", "read", "rw", "rw"],
     uniformBytes: UNIFORM_BYTES,
     code: `${wgslHeader(dtype)}
@@ -768,7 +761,7 @@ export function scanVerify(dtype: DType, shape: ScanVerifyShape): Launch {
   const T = wgslType(dtype);
   const N = shape.states;
   const cache = shape.cached > 0, next = shape.tokens > 0;
-  const spec = cached(`scan_verify_${dtype}_n${N}${cache ? "_cache" : ""}${next ? "_next" : ""}`, () => {
+  const spec = cachedSpec(`scan_verify_${dtype}_n${N}${cache ? "_cache" : ""}${next ? "_next" : ""}`, () => {
     const decl: [string, "read" | "rw", string][] = [["am", "read", T], ["dm", "read", T], [
       "state",
       "rw",

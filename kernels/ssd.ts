@@ -65,7 +65,7 @@
  *
  * @module
  */
-import { ceilDiv, grid2d, type KernelSpec, LINEAR_WORKGROUP, Uniforms } from "./kernel.ts";
+import { cachedSpec, ceilDiv, grid2d, LINEAR_WORKGROUP, Uniforms } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 
 /** Sizes of a chunked scan. */
@@ -265,13 +265,6 @@ const WG_INDEX = `var w = wid.y * nwg.x + wid.x;`;
 const ENTRY_ARGS = `@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32`;
 
-const specs = new Map<string, KernelSpec>();
-function cached(key: string, make: () => Omit<KernelSpec, "key">): KernelSpec {
-  let s = specs.get(key);
-  if (!s) specs.set(key, s = { key, ...make() });
-  return s;
-}
-
 // ---- 1. delta and the within-chunk cumulative sum of delta A ---------------------------------------------------
 
 /** Heads per workgroup of the per-position scans (cumsum, decay gradients). */
@@ -311,7 +304,7 @@ function scanWorkgroups(s: SsdShape): [number, number] {
  * Bindings: dt, A, D, dt_bias (any read buffer when unused), csd (rw).
  */
 export function ssdChunkCumsum(s: SsdShape, dt: SsdDtLayout, softplus: boolean): Launch {
-  const spec = cached("ssd_cumsum", () => ({
+  const spec = cachedSpec("ssd_cumsum", () => ({
     bindings: ["read", "read", "read", "read", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
@@ -401,7 +394,7 @@ export type SsdChunkStateMode = "state" | "output";
  * slices of 16. Bindings: X, Y, csd, out (rw) [B, nc, H, P, N].
  */
 export function ssdChunkState(s: SsdShape, X: SsdOperand, Y: SsdOperand, mode: SsdChunkStateMode): Launch {
-  const spec = cached(`ssd_chunk_state_${mode}`, () => ({
+  const spec = cachedSpec(`ssd_chunk_state_${mode}`, () => ({
     bindings: ["read", "read", "read", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
@@ -508,7 +501,7 @@ fn main(${ENTRY_ARGS}) {
  * final (rw) [B, H, P, N].
  */
 export function ssdStatePass(s: SsdShape, hasInit: boolean): Launch {
-  const spec = cached("ssd_state_pass", () => ({
+  const spec = cachedSpec("ssd_state_pass", () => ({
     bindings: ["rw", "read", "read", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
@@ -881,7 +874,7 @@ export function ssdChunkRows(
 ): Launch {
   if (U.dim !== V.dim) throw new Error(`ssdChunkRows: U dim ${U.dim} != V dim ${V.dim}`);
   const hasE = variant !== "y";
-  const spec = cached(`ssd_rows_${variant}${tiling === "wide" ? "" : `_${tiling}`}`, () => ({
+  const spec = cachedSpec(`ssd_rows_${variant}${tiling === "wide" ? "" : `_${tiling}`}`, () => ({
     bindings: hasE
       ? ["read", "read", "read", "read", "read", "read", "rw", "rw"]
       : ["read", "read", "read", "read", "read", "rw"],
@@ -916,7 +909,7 @@ export function ssdChunkRows(
  * dinit (rw; a scratch buffer when absent), dT partials (rw) [B, H, nc, E].
  */
 export function ssdStatePassBackward(s: SsdShape, hasInit: boolean, hasFinalGrad: boolean): Launch {
-  const spec = cached("ssd_state_pass_bwd", () => ({
+  const spec = cachedSpec("ssd_state_pass_bwd", () => ({
     bindings: ["rw", "read", "read", "read", "read", "rw", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
@@ -990,7 +983,7 @@ fn main(${ENTRY_ARGS}) {
  * (raw; any read buffer unless `softplus`), dt_bias (likewise), ddt (rw), head partials (rw).
  */
 export function ssdDecayGrad(s: SsdShape, dt: SsdDtLayout, softplus: boolean): Launch {
-  const spec = cached("ssd_decay_grad", () => ({
+  const spec = cachedSpec("ssd_decay_grad", () => ({
     bindings: ["read", "read", "read", "read", "read", "rw", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
@@ -1089,7 +1082,7 @@ fn main(${ENTRY_ARGS}) {
  * Bindings: head partials, dA (rw), dD (rw), d dt_bias (rw; a scratch buffer when `softplus` is false).
  */
 export function ssdHeadReduce(s: SsdShape, softplus: boolean): Launch {
-  const spec = cached("ssd_head_reduce", () => ({
+  const spec = cachedSpec("ssd_head_reduce", () => ({
     bindings: ["read", "rw", "rw", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
@@ -1134,7 +1127,7 @@ fn main(${ENTRY_ARGS}) {
  * operand's layout (`out.offset + (b L + t) out.stride + g dim + k`). Bindings: per-head (read), out (rw).
  */
 export function ssdGroupSum(s: SsdShape, groups: number, dim: number, out: SsdOutputLayout): Launch {
-  const spec = cached("ssd_group_sum", () => ({
+  const spec = cachedSpec("ssd_group_sum", () => ({
     bindings: ["read", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
