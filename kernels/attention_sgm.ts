@@ -26,7 +26,7 @@
  *
  * @module
  */
-import { ceilDiv, type KernelSpec, Uniforms } from "./kernel.ts";
+import { cachedSpec, ceilDiv, type KernelSpec, Uniforms } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 import type { AttentionShape } from "./attention.ts";
 import { SGM_FRAG, SGM_SUBGROUP } from "./matmul_subgroup_matrix.ts";
@@ -45,13 +45,35 @@ const MAIN = `@compute @workgroup_size(${THREADS})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
         @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {`;
 
+/** A workgroup array of a kernel: name, element type and length. */
+type SharedArray = [name: string, type: "f16" | "f32", length: number];
+
+/** WGSL declarations of workgroup arrays. */
+function declare(arrays: SharedArray[]): string {
+  return arrays.map(([name, type, n]) => `var<workgroup> ${name}: array<${type}, ${n}>;`).join("\n");
+}
+
+/** Their bytes. */
+function sharedBytes(arrays: SharedArray[]): number {
+  return arrays.reduce((sum, [, type, n]) => sum + n * (type === "f16" ? 2 : 4), 0);
+}
+
+/**
+ * The row-block kernels' (forward, dQ) workgroup memory: K and V tiles (Q staged there first), P, and the f32
+ * scratch for scores and products.
+ */
+function rowBlockArrays(hd: number, bc: number): SharedArray[] {
+  const hdp = hd + PAD;
+  return [
+    ["KV", "f16", Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp)],
+    ["PS", "f16", SGM_ATTN_ROWS * (bc + PAD)],
+    ["SS", "f32", SGM_ATTN_ROWS * scratchStride(hd, bc)],
+  ];
+}
+
 /** Bytes of workgroup memory the kernel needs for head dim `hd` and key tile `bc`. */
 export function sgmAttentionSharedBytes(hd: number, bc: number): number {
-  const hdp = hd + PAD;
-  const kv = Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp) * 2;
-  const p = SGM_ATTN_ROWS * (bc + PAD) * 2;
-  const s = SGM_ATTN_ROWS * scratchStride(hd, bc) * 4;
-  return kv + p + s;
+  return sharedBytes(rowBlockArrays(hd, bc));
 }
 
 /** Columns of one P V pass: the widest multiple of 16 up to 64 that divides hd. */
@@ -83,21 +105,12 @@ export function sgmAttentionApplies(s: AttentionShape, limitBytes: number): bool
     chooseSgmAttentionKeyTile(s.hd, limitBytes) > 0;
 }
 
-const specs = new Map<string, KernelSpec>();
-
 function sgmAttentionSpec(hd: number, bc: number): KernelSpec {
-  const key = `attn_sgm_fwd_f16_hd${hd}_bc${bc}`;
-  let spec = specs.get(key);
-  if (!spec) {
-    spec = {
-      key,
-      bindings: ["read", "read", "read", "rw", "rw"],
-      uniformBytes: 48,
-      code: sgmAttentionWgsl(hd, bc),
-    };
-    specs.set(key, spec);
-  }
-  return spec;
+  return cachedSpec(`attn_sgm_fwd_f16_hd${hd}_bc${bc}`, () => ({
+    bindings: ["read", "read", "read", "rw", "rw"],
+    uniformBytes: 48,
+    code: sgmAttentionWgsl(hd, bc),
+  }));
 }
 
 /**
@@ -137,14 +150,6 @@ function rowBlockStart(hd: number, bc: number): string {
   let rLast = min(R0 + ${SGM_ATTN_ROWS - 1}u, p.rows - 1u);
   let ntiles = min(rLast / p.G / ${bc}u + 1u, (p.kv_len + ${bc - 1}u) / ${bc}u);
   let kvBase = b * p.kv_bstride + hk * ${hd}u;`;
-}
-
-/** The row-block kernels' workgroup memory: K and V tiles (Q staged there first), P, and the f32 scratch. */
-function rowBlockMemory(hd: number, bc: number): string {
-  const hdp = hd + PAD;
-  return `var<workgroup> KV: array<f16, ${Math.max(2 * bc * hdp, SGM_ATTN_ROWS * hdp)}>;
-var<workgroup> PS: array<f16, ${SGM_ATTN_ROWS * (bc + PAD)}>;
-var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * scratchStride(hd, bc)}>;`;
 }
 
 const LEFT = `subgroup_matrix_left<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
@@ -210,7 +215,7 @@ function sgmAttentionWgsl(hd: number, bc: number): string {
 @group(0) @binding(3) var<storage, read_write> O: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read_write> LSE: array<f32>;
 @group(0) @binding(5) var<uniform> p: P;
-${rowBlockMemory(hd, bc)}
+${declare(rowBlockArrays(hd, bc))}
 
 ${MAIN}
 ${rowBlockStart(hd, bc)}
@@ -275,7 +280,7 @@ ${rowBlockStart(hd, bc)}
       }, ${pair(4)}, ${pair(6)});`;
     }).join("\n    ")
   }
-    if (hh == 0u) { LSE[(R / p.G + b * p.T) * p.H + hk * p.G + R % p.G] = m + log(l); }
+    if (hh == 0u) { LSE[row_stat(b, hk, R)] = m + log(l); }
   }
 }
 `;
@@ -304,11 +309,23 @@ function dkvRowTile(hd: number, limitBytes: number): number {
   return 0;
 }
 
+/**
+ * The dK/dV kernel's workgroup memory with row tiles of `br`: Q and dO tiles (K and V staged there first), P^T
+ * then dS^T, the f32 scratch, and the tile's lse and delta.
+ */
+function dkvArrays(hd: number, br: number): SharedArray[] {
+  const hdp = hd + PAD;
+  return [
+    ["QD", "f16", Math.max(2 * br * hdp, SGM_ATTN_ROWS * hdp)],
+    ["PT", "f16", SGM_ATTN_ROWS * (br + PAD)],
+    ["SS", "f32", SGM_ATTN_ROWS * scratchStride(hd, br)],
+    ["LD", "f32", 2 * br],
+  ];
+}
+
 /** Workgroup memory of the dK/dV kernel with row tiles of `br`. */
 export function sgmDkvSharedBytes(hd: number, br: number): number {
-  const hdp = hd + PAD;
-  const qd = Math.max(2 * br * hdp, SGM_ATTN_ROWS * hdp) * 2;
-  return qd + SGM_ATTN_ROWS * scratchStride(hd, br) * 4 + SGM_ATTN_ROWS * (br + PAD) * 2 + 2 * br * 4;
+  return sharedBytes(dkvArrays(hd, br));
 }
 
 /** The tiles of both backward kernels for a head dim, or null when the backward does not apply. */
@@ -506,7 +523,7 @@ function dqWgsl(hd: number, bc: number): string {
 ${BACKWARD_INPUTS}
 @group(0) @binding(6) var<storage, read_write> DQ: array<vec4<u32>>;
 @group(0) @binding(7) var<uniform> p: P;
-${rowBlockMemory(hd, bc)}
+${declare(rowBlockArrays(hd, bc))}
 
 ${MAIN}
 ${rowBlockStart(hd, bc)}
@@ -561,7 +578,6 @@ ${rowBlockStart(hd, bc)}
 
 function dkvWgsl(hd: number, br: number): string {
   const hdp = hd + PAD, tstr = br + PAD, sstr = scratchStride(hd, br);
-  const qdElems = Math.max(2 * br * hdp, SGM_ATTN_ROWS * hdp);
   const half = br / 2;
   return `${commonWgsl(hd)}
 // causal GQA attention dK, dV on subgroup matrices, hd ${hd}, row tile ${br}
@@ -569,10 +585,7 @@ ${BACKWARD_INPUTS}
 @group(0) @binding(6) var<storage, read_write> DK: array<vec4<u32>>;
 @group(0) @binding(7) var<storage, read_write> DV: array<vec4<u32>>;
 @group(0) @binding(8) var<uniform> p: P;
-var<workgroup> QD: array<f16, ${qdElems}>;
-var<workgroup> PT: array<f16, ${SGM_ATTN_ROWS * tstr}>;
-var<workgroup> SS: array<f32, ${SGM_ATTN_ROWS * sstr}>;
-var<workgroup> LD: array<f32, ${2 * br}>;
+${declare(dkvArrays(hd, br))}
 
 ${MAIN}
   let b = wid.y / p.Hkv;
@@ -639,25 +652,13 @@ ${MAIN}
 }
 
 function backwardSpec(kind: "dq" | "dkv", hd: number, tile: number): KernelSpec {
-  const key = `attn_sgm_${kind}_f16_hd${hd}_${kind === "dq" ? "bc" : "br"}${tile}`;
-  let spec = specs.get(key);
-  if (!spec) {
-    spec = kind === "dq"
-      ? {
-        key,
-        bindings: ["read", "read", "read", "read", "read", "read", "rw"],
-        uniformBytes: 48,
-        code: dqWgsl(hd, tile),
-      }
-      : {
-        key,
-        bindings: ["read", "read", "read", "read", "read", "read", "rw", "rw"],
-        uniformBytes: 48,
-        code: dkvWgsl(hd, tile),
-      };
-    specs.set(key, spec);
-  }
-  return spec;
+  const dq = kind === "dq";
+  return cachedSpec(`attn_sgm_${kind}_f16_hd${hd}_${dq ? "bc" : "br"}${tile}`, () => ({
+    // q, k, v, dO, lse, delta, then dQ or dK and dV
+    bindings: ["read", "read", "read", "read", "read", "read", "rw", ...(dq ? [] : ["rw" as const])],
+    uniformBytes: 48,
+    code: dq ? dqWgsl(hd, tile) : dkvWgsl(hd, tile),
+  }));
 }
 
 function sgmUniforms(s: AttentionShape, rowBlocks: number): ArrayBuffer {
