@@ -45,6 +45,13 @@ const MAIN = `@compute @workgroup_size(${THREADS})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
         @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {`;
 
+/**
+ * Every elementwise step runs two threads per row of a subgroup's 16-row block: lanes 2r and 2r+1 hold row r
+ * (a query row, or a key in the dK/dV kernel), half of its columns each (`hh`).
+ */
+const THREAD_ROW = `let r = sg * ${SGM_FRAG}u + lane / 2u;
+  let hh = lane & 1u;`;
+
 /** A workgroup array of a kernel: name, element type and length. */
 type SharedArray = [name: string, type: "f16" | "f32", length: number];
 
@@ -225,9 +232,7 @@ ${rowBlockStart(hd, bc)}
   let srow = sg * ${SGM_FRAG * sstr}u;
   let prow = sg * ${SGM_FRAG * pstr}u;
 
-  // this thread's row and half of it
-  let r = sg * ${SGM_FRAG}u + lane / 2u;
-  let hh = lane & 1u;
+  ${THREAD_ROW}
   let R = R0 + r;
   let pos = R / p.G;
   var m = NEG;
@@ -533,8 +538,7 @@ ${rowBlockStart(hd, bc)}
   ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd)}
   ${stagedLeftFragments("g", "KV", "DO", packedRow, rowOk, hd)}
 
-  let r = sg * ${SGM_FRAG}u + lane / 2u;
-  let hh = lane & 1u;
+  ${THREAD_ROW}
   let R = R0 + r;
   let pos = R / p.G;
   var lse = 0.0;
@@ -599,8 +603,7 @@ ${MAIN}
   ${stagedLeftFragments("vf", "QD", "V", keyRow, keyOk, hd)}
 
   // this thread's key and half of each row tile
-  let r = sg * ${SGM_FRAG}u + lane / 2u;
-  let hh = lane & 1u;
+  ${THREAD_ROW}
   let j = k0 + r;
   let c0 = hh * ${half}u;
   ${resultDecls("dk", hd)}

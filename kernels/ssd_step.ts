@@ -22,7 +22,7 @@
  *
  * @module
  */
-import { ceilDiv, grid2d, type KernelSpec, Uniforms } from "./kernel.ts";
+import { cachedSpec, ceilDiv, grid2d, type KernelSpec, Uniforms } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 import { WGSL_SOFTPLUS } from "./ssd.ts";
 
@@ -136,8 +136,6 @@ function pack(s: SsdStepShape, l: SsdStepLayout, extra: Partial<Record<Field, nu
   for (const f of FIELDS) u.u32(v[f] ?? 0);
   return u.buffer;
 }
-
-const specs = new Map<string, KernelSpec>();
 
 function code(verify: boolean, npt: number, io: "f32" | "f16"): string {
   const bindings = verify
@@ -267,20 +265,13 @@ ${writeBack}
 
 function spec(verify: boolean, dimN: number, io: "f32" | "f16" = "f32"): KernelSpec {
   const npt = Math.max(1, ceilDiv(dimN, LANES));
-  const key = `ssd_${verify ? "verify" : "step"}_npt${npt}${io === "f16" ? "_f16" : ""}`;
-  let sp = specs.get(key);
-  if (!sp) {
-    sp = {
-      key,
-      bindings: verify
-        ? ["rw", "rw", "read", "read", "read", "read", "rw"]
-        : ["rw", "read", "read", "read", "rw"],
-      uniformBytes: UNIFORM_BYTES,
-      code: code(verify, npt, io),
-    };
-    specs.set(key, sp);
-  }
-  return sp;
+  return cachedSpec(`ssd_${verify ? "verify" : "step"}_npt${npt}${io === "f16" ? "_f16" : ""}`, () => ({
+    bindings: verify
+      ? ["rw", "rw", "read", "read", "read", "read", "rw"]
+      : ["rw", "read", "read", "read", "rw"],
+    uniformBytes: UNIFORM_BYTES,
+    code: code(verify, npt, io),
+  }));
 }
 
 function workgroups(s: SsdStepShape): [number, number] {
