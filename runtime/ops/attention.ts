@@ -166,14 +166,18 @@ export function attentionWithLse(
   return { out, lse };
 }
 
+/** Whether attention of this dtype and geometry runs on the device's matrix units by default. */
+function onMatrixUnits(rt: Runtime, dtype: DType, shape: AttentionShape): boolean {
+  return dtype === "f16" && useSubgroupMatrices(rt.dev) && sgmAttentionApplies(shape, storageLimit(rt));
+}
+
 /**
  * The forward kernel for a call: the one `opts.forwardKernels` names, else the matrix-unit kernel for f16 where
  * the device has it and the geometry fits ({@linkcode sgmAttentionApplies}), else v1.
  */
 function forwardLaunch(rt: Runtime, dtype: DType, shape: AttentionShape, opts: AttentionOptions): Launch {
   const limit = storageLimit(rt);
-  const which = opts.forwardKernels ??
-    (dtype === "f16" && useSubgroupMatrices(rt.dev) && sgmAttentionApplies(shape, limit) ? "sgm" : "v1");
+  const which = opts.forwardKernels ?? (onMatrixUnits(rt, dtype, shape) ? "sgm" : "v1");
   if (which === "sgm") return attentionForwardSgm(shape, chooseSgmAttentionKeyTile(shape.hd, limit));
   if (which === "v2") {
     return attentionForwardV2(dtype, shape, opts.tiles?.forwardV2 ?? chooseForwardTilesV2(shape.hd, limit));
@@ -209,9 +213,7 @@ export function attentionBackwardRaw(
   const dl = attentionBackwardDelta(dtype, B * T * H, hd);
   rt.dev.dispatch(dl.spec, [out.binding, gOut.binding, delta.binding], dl.workgroups, dl.uniforms);
   const limit = storageLimit(rt);
-  const sgmTiles = dtype === "f16" && useSubgroupMatrices(rt.dev) && sgmAttentionApplies(shape, limit)
-    ? chooseSgmAttentionBackwardTiles(hd, limit)
-    : null;
+  const sgmTiles = onMatrixUnits(rt, dtype, shape) ? chooseSgmAttentionBackwardTiles(hd, limit) : null;
   const which = opts.backwardKernels ?? (sgmTiles ? "sgm" : "v2");
   if (which === "sgm" && !sgmTiles) {
     throw new Error("attention: the sgm backward needs f16, subgroup matrices and causal self-attention");
