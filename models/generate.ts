@@ -154,12 +154,11 @@ async function decodeGroup(
           if (cur !== last) cur.dispose();
           cur = token;
         }
-        const [all] = await rt.dev.readMany([{ buffer: ring.buffer, offset: 0, size: 4 * B * filled }]);
-        const reads = Array.from({ length: filled }, (_, i) => all.slice(4 * B * i, 4 * B * (i + 1)));
+        const all = new Int32Array(await rt.dev.read(ring.buffer, 0, 4 * B * filled));
         const had = completions.map((c) => c.length);
         let finished = false;
-        for (const bytes of reads) {
-          const ids = new Int32Array(bytes);
+        for (let i = 0; i < filled; i++) {
+          const ids = all.subarray(B * i, B * (i + 1));
           for (let b = 0; b < B; b++) {
             if (done[b]) continue;
             if (eos.has(ids[b])) {
