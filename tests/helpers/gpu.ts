@@ -98,6 +98,11 @@ export function randu(rng: Rng, n: number, lo: number, hi: number): Float64Array
   return out;
 }
 
+/** Values rounded to the nearest f16, so an f16 tensor and the float64 reference see the same inputs. */
+export function roundF16(a: Float64Array): Float64Array {
+  return Float64Array.from(new Float16Array(a));
+}
+
 /** A test Rng seeded from the test's name, so each test draws its own fresh inputs. */
 export function testRng(name: string): Rng {
   return new Rng(`test:${name}`);

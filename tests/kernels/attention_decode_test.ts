@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { appendKv, attention, decodeAttention, KvCache, ropeAppendKv } from "../../runtime/ops/attention.ts";
 import { rope, ropeInverseFrequencies } from "../../runtime/ops/rope.ts";
 import { refRope } from "../reference/dense.ts";
-import { assertClose, gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
+import { assertClose, gpuTestOptions, randn, roundF16, testRng, testRuntime } from "../helpers/gpu.ts";
 import { noGpuErrors } from "../helpers/gpu_errors.ts";
 import { refAttention } from "../reference/attention.ts";
 import type { Tensor } from "../../runtime/tensor.ts";
@@ -36,7 +36,7 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
   const dtype = cfg.dtype ?? "f32";
   // f16 storage: inputs are drawn f16-exact, outputs are rounded to f16 (about 5e-4 relative)
   const tol = dtype === "f16" ? { rtol: 2e-3, atol: 2e-3 } : TOL;
-  const r16 = (a: Float64Array) => dtype === "f16" ? a.map((x) => Float16Array.of(x)[0]) : a;
+  const r16 = (a: Float64Array) => dtype === "f16" ? roundF16(a) : a;
   const cache = new KvCache(rt, B, cfg.maxT, Hkv, hd, dtype);
   // the current sequence, per batch entry, as [pos][head][d] flattened per position
   let qs: Float64Array[][] = Array.from({ length: B }, () => []);

@@ -22,6 +22,7 @@ import {
   finiteDifference,
   gpuTestOptions,
   randn,
+  roundF16,
   sampleIndices,
   testRng,
   testRuntime,
@@ -280,10 +281,9 @@ async function checkF16Attention(c: Case, seed: string): Promise<void> {
   }
   const rng = testRng(seed);
   const s = refShape(c);
-  const r16 = (a: Float64Array) => a.map((x) => Float16Array.of(x)[0]);
   const nq = c.B * c.T * c.H * c.hd, nk = c.B * c.T * c.Hkv * c.hd;
-  const q = r16(randn(rng, nq)), k = r16(randn(rng, nk));
-  const v = r16(randn(rng, nk)), g = r16(randn(rng, nq));
+  const q = roundF16(randn(rng, nq)), k = roundF16(randn(rng, nk));
+  const v = roundF16(randn(rng, nk)), g = roundF16(randn(rng, nq));
   await rt.scope(async () => {
     const tq = rt.tensor(q, [c.B, c.T, c.H, c.hd], "f16");
     const tk = rt.tensor(k, [c.B, c.T, c.Hkv, c.hd], "f16");

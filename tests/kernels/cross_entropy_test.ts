@@ -5,6 +5,7 @@ import {
   finiteDifference,
   gpuTestOptions,
   randn,
+  roundF16,
   sampleIndices,
   testRng,
   testRuntime,
@@ -128,7 +129,7 @@ async function check(
   const { N, V } = x;
   const alpha = o.alpha ?? 1, beta = o.beta ?? (o.useTeacher ? 0.1 : 0), tau = o.temperature ?? 1;
   const dtype = o.dtype ?? "f32";
-  const r16 = (a: Float64Array) => dtype === "f16" ? a.map((v) => Float16Array.of(v)[0]) : a;
+  const r16 = (a: Float64Array) => dtype === "f16" ? roundF16(a) : a;
   const s = r16(x.s), t = r16(x.t);
   const labels = o.useLabels === false ? null : x.labels;
   const mask = o.useMask ? x.mask : null;

@@ -22,6 +22,7 @@ import {
   finiteDifference,
   gpuTestOptions,
   randn,
+  roundF16,
   sampleIndices,
   testRng,
   testRuntime,
@@ -47,8 +48,6 @@ function refLinear(
     k,
   );
 }
-
-const roundF16 = (v: Float64Array) => Float64Array.from(new Float16Array(v));
 
 Deno.test(
   "gemv kernel: 1..16 rows, scalar and vector K, every thread grouping, f32",

@@ -8,6 +8,7 @@ import {
   finiteDifference,
   gpuTestOptions,
   randn,
+  roundF16,
   sampleIndices,
   testRng,
   testRuntime,
@@ -286,8 +287,7 @@ async function checkF16HeadLoss(dims: Dims, chunkRows: number, seed: string): Pr
   const { N, D, Dt, V } = dims;
   const rng = testRng(seed);
   const x = data(rng, dims);
-  const r16 = (a: Float64Array) => a.map((v) => Float16Array.of(v)[0]);
-  const x16 = { ...x, h: r16(x.h), w: r16(x.w), th: r16(x.th), tw: r16(x.tw) };
+  const x16 = { ...x, h: roundF16(x.h), w: roundF16(x.w), th: roundF16(x.th), tw: roundF16(x.tw) };
   const v = VARIANTS[1];
   const ref = reference(x16, v, dims);
   await rt.scope(async () => {

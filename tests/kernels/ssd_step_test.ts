@@ -15,6 +15,7 @@ import {
   maxAbsDiff,
   randn,
   randu,
+  roundF16,
   testRng,
   testRuntime,
   type Tolerance,
@@ -38,6 +39,11 @@ async function readAll(rt: Runtime, ts: Tensor[]): Promise<Float32Array[]> {
 const HEADS = 4;
 const DIMS: SsdDims = { headsX: 2, headsB: 1, headsC: 4, dimP: 6, dimN: 21 }; // N > 16: two registers per lane
 const W = DIMS.headsX * DIMS.dimP + (DIMS.headsB + DIMS.headsC) * DIMS.dimN;
+
+/** Per-head A (negative: decays), D and dt bias. */
+function headScalars(rng: ReturnType<typeof testRng>) {
+  return { A: randu(rng, HEADS, -2, -0.5), D: randu(rng, HEADS, 0.5, 1.5), bias: randu(rng, HEADS, -1, 0.5) };
+}
 
 /** Per-token float64 inputs in the packed layout, plus the unpacked views the reference wants. */
 function tokens(rng: ReturnType<typeof testRng>, batch: number, T: number) {
@@ -95,7 +101,7 @@ Deno.test(
     const rt = await testRuntime();
     const rng = testRng("ssd-step-decode");
     const batch = 2, L = 13, L0 = 6;
-    const A = randu(rng, HEADS, -2, -0.5), D = randu(rng, HEADS, 0.5, 1.5), bias = randu(rng, HEADS, -1, 0.5);
+    const { A, D, bias } = headScalars(rng);
     const t = tokens(rng, batch, L);
     const u = unpack(t, bias);
     const ref = ssdForwardRef({ batch, seqlen: L, heads: HEADS, ...DIMS }, { ...u, A, D });
@@ -147,7 +153,7 @@ Deno.test(
     const rt = await testRuntime();
     const rng = testRng("ssd-verify");
     const batch = 2;
-    const A = randu(rng, HEADS, -2, -0.5), D = randu(rng, HEADS, 0.5, 1.5), bias = randu(rng, HEADS, -1, 0.5);
+    const { A, D, bias } = headScalars(rng);
     const S0 = randn(rng, batch * HEADS * DIMS.dimP * DIMS.dimN);
     const perState = HEADS * DIMS.dimP * DIMS.dimN;
     await rt.scope(async () => {
@@ -306,10 +312,9 @@ Deno.test(
     }
     const rng = testRng("ssd-step-f16");
     const batch = 2, L = 5;
-    const A = randu(rng, HEADS, -2, -0.5), D = randu(rng, HEADS, 0.5, 1.5), bias = randu(rng, HEADS, -1, 0.5);
-    const r16 = (a: Float64Array) => a.map((v) => Float16Array.of(v)[0]);
+    const { A, D, bias } = headScalars(rng);
     const raw = tokens(rng, batch, L);
-    const t = { ...raw, xbc: r16(raw.xbc), dtRaw: r16(raw.dtRaw) }; // the reference sees the f16 values
+    const t = { ...raw, xbc: roundF16(raw.xbc), dtRaw: roundF16(raw.dtRaw) }; // the reference sees the f16 values
     const u = unpack(t, bias);
     const S0 = randn(rng, batch * HEADS * DIMS.dimP * DIMS.dimN);
     const perState = HEADS * DIMS.dimP * DIMS.dimN;
@@ -355,8 +360,7 @@ Deno.test(
     }
     const rng = testRng("ssd-verify-f16");
     const batch = 2, K1 = 4;
-    const A = randu(rng, HEADS, -2, -0.5), D = randu(rng, HEADS, 0.5, 1.5), bias = randu(rng, HEADS, -1, 0.5);
-    const r16 = (a: Float64Array) => a.map((v) => Float16Array.of(v)[0]);
+    const { A, D, bias } = headScalars(rng);
     const old = tokens(rng, batch, K1), cur = tokens(rng, batch, K1);
     const S0 = randn(rng, batch * HEADS * DIMS.dimP * DIMS.dimN);
     await rt.scope(async () => {
@@ -371,8 +375,8 @@ Deno.test(
             cache,
             parity,
             accepted: rt.tensor(accepted, [batch], "u32"),
-            xBC: rt.tensor(r16(t.xbc), [batch, K1, W], dtype),
-            dt: rt.tensor(r16(t.dtRaw), [batch, K1, HEADS], dtype),
+            xBC: rt.tensor(roundF16(t.xbc), [batch, K1, W], dtype),
+            dt: rt.tensor(roundF16(t.dtRaw), [batch, K1, HEADS], dtype),
             heads,
             dims: DIMS,
           });
