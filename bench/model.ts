@@ -31,7 +31,7 @@ import { greedyResident } from "../models/generate.ts";
 import { headLoss } from "../runtime/ops/head_loss.ts";
 import { LM_HEAD } from "../models/weights.ts";
 import { AdamW } from "../runtime/optim.ts";
-import { flag, gpuTimeline, hostCpu, profileDispatches, timelineRow } from "./harness.ts";
+import { flag, gpuTimeline, hostCpu, type KernelTime, profileDispatches, timelineRow } from "./harness.ts";
 
 /** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
 export function llama32OneB(quick: boolean): TransformerConfig {
@@ -168,6 +168,25 @@ async function timeTrainStep(
 }
 
 /**
+ * Rows of a kernel profile (`profileDispatches`): `<what>_kernels` with the dispatch count and the summed GPU time,
+ * then one `<what>_kernel` row for each of the `top` most expensive kernels, times to `digits` decimals.
+ */
+function logKernels(
+  log: (row: Record<string, unknown>) => void,
+  model: string,
+  what: string,
+  kernels: KernelTime[] | undefined,
+  top: number,
+  digits: number,
+): void {
+  const ks = kernels ?? [];
+  const total = ks.reduce((a, k) => a + k.ms, 0);
+  const dispatches = ks.reduce((a, k) => a + k.dispatches, 0);
+  log({ model, what: `${what}_kernels`, dispatches, kernel_ms_total: +total.toFixed(digits - 1) });
+  for (const k of ks.slice(0, top)) log({ model, what: `${what}_kernel`, ...k, ms: +k.ms.toFixed(digits) });
+}
+
+/**
  * `--profile`: where one distill step's time goes. A timeline row (GPU busy time and span against wall time),
  * then the kernels that take the most GPU time when every dispatch of the step is timed alone.
  */
@@ -184,12 +203,7 @@ async function profileTrainStep(
     await step(); // warm: the same buffers and bind groups as the timed steps
     const tl = await gpuTimeline(rt, step);
     if (tl) log({ model: "hybrid", what: "distill_step_timeline", batch: B, seq: T, ...timelineRow(tl) });
-    const kernels = await profileDispatches(rt, step);
-    const total = (kernels ?? []).reduce((a, k) => a + k.ms, 0);
-    log({ model: "hybrid", what: "distill_step_kernels", kernel_ms_total: +total.toFixed(2) });
-    for (const k of (kernels ?? []).slice(0, 20)) {
-      log({ model: "hybrid", what: "distill_step_kernel", ...k, ms: +k.ms.toFixed(3) });
-    }
+    logKernels(log, "hybrid", "distill_step", await profileDispatches(rt, step), 20, 3);
   } finally {
     dispose();
   }
@@ -212,12 +226,7 @@ async function profileDecodeStep(
     const tok = Int32Array.of(11);
     for (let i = 0; i < 2; i++) await rt.scope(async () => void await lm.step(s, tok, 1).read()); // warm
     const kernels = await profileDispatches(rt, () => rt.scope(() => void lm.step(s, tok, 1)));
-    const total = (kernels ?? []).reduce((a, k) => a + k.ms, 0);
-    const dispatches = (kernels ?? []).reduce((a, k) => a + k.dispatches, 0);
-    log({ model: which, what: "decode_step_kernels", dispatches, kernel_ms_total: +total.toFixed(3) });
-    for (const k of (kernels ?? []).slice(0, 12)) {
-      log({ model: which, what: "decode_step_kernel", ...k, ms: +k.ms.toFixed(4) });
-    }
+    logKernels(log, which, "decode_step", kernels, 12, 4);
   } finally {
     lm.disposeState(s);
   }
