@@ -53,10 +53,32 @@ export interface MatmulConfig {
    * on software adapters.
    */
   unrollK?: boolean;
+  /**
+   * Shared tiles per operand. 2 (default) loads the next K step into registers while multiplying out of the
+   * current tile (one barrier a step); 1 saves those registers for occupancy (two barriers a step).
+   */
+  buffers?: 1 | 2;
+  /**
+   * XOR-swizzle the columns of the shared tiles by k row. Without it, the transposing stores of an operand that
+   * runs along K (A, and B in the `linear` layout) write four k rows whose words share banks: a 4-way conflict
+   * on every store. The swizzle is a permutation of vec4 columns within a row, so the multiply's vec4 reads stay
+   * conflict-free, and its k offsets are constants in the unrolled loop.
+   */
+  swizzle?: boolean;
+  /**
+   * Rows of threads one 32-thread subgroup covers (default: the whole subgroup in one row of `bn / tn` threads
+   * when that is 32 or fewer, i.e. row-major thread order). 4 makes each subgroup a 4 x 8 block of threads, so
+   * its shared-memory reads touch 4 A vectors and 8 B vectors a step instead of 2 and 16.
+   */
+  warpRows?: number;
 }
 
 function unrolls(c: MatmulConfig): boolean {
   return c.unrollK ?? c.bm * c.bn >= 64 * 64;
+}
+
+function buffersOf(c: MatmulConfig): 1 | 2 {
+  return c.buffers ?? 2;
 }
 
 /** Layout and storage of one matmul variant. */
@@ -112,16 +134,41 @@ export const MATMUL_SWEEP: readonly MatmulConfig[] = [
   { bm: 64, bn: 128, bk: 16, tm: 4, tn: 8 },
   { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4 },
   { bm: 128, bn: 256, bk: 8, tm: 8, tn: 16 },
+  // conflict-free transposing stores, subgroup blocks of 4 x 8 threads, one buffer with deeper K
+  { ...MATMUL_LARGE, swizzle: true },
+  { ...MATMUL_LARGE, swizzle: true, warpRows: 4 },
+  { ...MATMUL_LARGE, bk: 8, swizzle: true },
+  { bm: 128, bn: 64, bk: 16, tm: 8, tn: 4, swizzle: true },
+  { ...MATMUL_LARGE, buffers: 1, swizzle: true },
+  { ...MATMUL_LARGE, bk: 32, buffers: 1, swizzle: true },
+  { ...MATMUL_LARGE, bk: 32, buffers: 1, swizzle: true, warpRows: 4 },
 ];
 
 /** Short name of a config, e.g. `128x128x16_8x8`. */
 export function matmulConfigName(c: MatmulConfig): string {
-  return `${c.bm}x${c.bn}x${c.bk}_${c.tm}x${c.tn}${unrolls(c) ? "" : "_loop"}`;
+  return `${c.bm}x${c.bn}x${c.bk}_${c.tm}x${c.tn}${unrolls(c) ? "" : "_loop"}` +
+    `${buffersOf(c) === 1 ? "_b1" : ""}${c.swizzle ? "_sw" : ""}${c.warpRows ? `_w${c.warpRows}` : ""}`;
 }
 
-/** Shared-memory bytes a config needs (two f32 tiles of A and B). */
+/** Parses {@linkcode matmulConfigName}'s output back into a config (for benchmark command lines). */
+export function parseMatmulConfig(name: string): MatmulConfig {
+  const m = /^(\d+)x(\d+)x(\d+)_(\d+)x(\d+)((?:_loop|_b1|_sw|_w\d+)*)$/.exec(name);
+  if (!m) throw new Error(`matmul config '${name}': expected BMxBNxBK_TMxTN[_loop][_b1][_sw][_wR]`);
+  const [bm, bn, bk, tm, tn] = m.slice(1, 6).map(Number);
+  const flags = m[6];
+  const c: MatmulConfig = { bm, bn, bk, tm, tn };
+  if (flags.includes("_loop")) c.unrollK = false;
+  if (flags.includes("_b1")) c.buffers = 1;
+  if (flags.includes("_sw")) c.swizzle = true;
+  const w = /_w(\d+)/.exec(flags);
+  if (w) c.warpRows = Number(w[1]);
+  validateMatmulConfig(c);
+  return c;
+}
+
+/** Shared-memory bytes a config needs (one or two f32 tiles of A and B). */
 export function matmulSharedBytes(c: MatmulConfig): number {
-  return 2 * c.bk * (c.bm + c.bn) * 4;
+  return buffersOf(c) * c.bk * (c.bm + c.bn) * 4;
 }
 
 /** Throws if a config is malformed or does not fit the device limits. */
@@ -137,6 +184,23 @@ export function validateMatmulConfig(
     throw new Error(`matmul config ${name}: bm, bn must be multiples of tm, tn`);
   }
   const threads = (c.bm / c.tm) * (c.bn / c.tn);
+  if (c.warpRows !== undefined) {
+    const cols = 32 / c.warpRows;
+    if (!Number.isInteger(cols) || (c.bm / c.tm) % c.warpRows || (c.bn / c.tn) % cols) {
+      throw new Error(`matmul config ${name}: warpRows must tile the thread grid in 32-thread blocks`);
+    }
+  }
+  if (c.swizzle) {
+    // the swizzle XORs vec4 columns with values up to (bk/4 - 1) * 32/bk: they must stay inside one thread's
+    // column stride (bm/tm, bn/tn: powers of two) so a thread's g-th vector keeps its own group
+    const span = Math.max(1, 32 / c.bk) * (c.bk / 4);
+    const pow2 = (x: number) => (x & (x - 1)) === 0;
+    if (
+      !pow2(c.bk) || !pow2(c.bm / c.tm) || !pow2(c.bn / c.tn) || span > Math.min(c.bm / c.tm, c.bn / c.tn)
+    ) {
+      throw new Error(`matmul config ${name}: swizzle needs powers of two and bm/tm, bn/tn >= ${span}`);
+    }
+  }
   if (limits) {
     if (threads > limits.maxComputeInvocationsPerWorkgroup) {
       throw new Error(`matmul config ${name}: ${threads} threads exceed the device limit`);
@@ -274,6 +338,10 @@ function matmulWgsl(c: MatmulConfig, L: MatmulLayout, vecA: boolean, vecB: boole
   const thrM = bm / tm, thrN = bn / tn, NT = thrM * thrN;
   const bm4 = bm / 4, bn4 = bn / 4, tm4 = tm / 4, tn4 = tn / 4;
   const tileA4 = bk * bm4, tileB4 = bk * bn4; // vec4s per shared tile
+  const nbuf = buffersOf(c);
+  // the column swizzle of k row r: ((r >> 2) * swStep), see MatmulConfig.swizzle
+  const swStep = Math.max(1, 32 / bk);
+  const swOf = (row: string) => (c.swizzle ? ` ^ ((${row} >> 2u) * ${swStep}u)` : "");
 
   // ---- global -> registers -> shared, for one operand ---------------------------------------------------
   // `rows` x `cols` of the tile in its stored orientation; `contiguousIsK`: the stored layout runs along k.
@@ -369,12 +437,13 @@ function matmulWgsl(c: MatmulConfig, L: MatmulLayout, vecA: boolean, vecB: boole
         out.push(`${guard}{
       let oi = ${idx} / ${bk / 4}u; let ki = (${idx} % ${bk / 4}u) * 4u;
       let v = ld${o.name}[${s}];
-      for (var j = 0u; j < 4u; j++) { ${S}[buf * ${tile4}u + (ki + j) * ${o4}u + oi / 4u][oi % 4u] = v[j]; }
+      let q = (oi / 4u)${swOf("ki")};
+      for (var j = 0u; j < 4u; j++) { ${S}[buf * ${tile4}u + (ki + j) * ${o4}u + q][oi % 4u] = v[j]; }
     }`);
       } else if (o.vec) {
         out.push(`${guard}{
       let oq = ${idx} % ${o4}u; let ki = ${idx} / ${o4}u;
-      ${S}[buf * ${tile4}u + ki * ${o4}u + oq] = ld${o.name}[${s}];
+      ${S}[buf * ${tile4}u + ki * ${o4}u + (oq${swOf("ki")})] = ld${o.name}[${s}];
     }`);
       } else {
         const [oi, ki] = o.contiguousIsK
@@ -382,7 +451,7 @@ function matmulWgsl(c: MatmulConfig, L: MatmulLayout, vecA: boolean, vecB: boole
           : [`${idx} % ${o.outer}u`, `${idx} / ${o.outer}u`];
         out.push(`${guard}{
       let oi = ${oi}; let ki = ${ki};
-      ${S}[buf * ${tile4}u + ki * ${o4}u + oi / 4u][oi % 4u] = ld${o.name}[${s}];
+      ${S}[buf * ${tile4}u + ki * ${o4}u + ((oi / 4u)${swOf("ki")})][oi % 4u] = ld${o.name}[${s}];
     }`);
       }
     }
@@ -395,8 +464,17 @@ function matmulWgsl(c: MatmulConfig, L: MatmulLayout, vecA: boolean, vecB: boole
   for (let kk = 0; kk < (unroll ? bk : 1); kk++) {
     const fma: string[] = [];
     const koff = (w: number) => (unroll ? `${kk * w}u` : `kk * ${w}u`);
-    for (let g = 0; g < tm4; g++) fma.push(`let a${g} = SA[ab + ${koff(bm4)} + ${g * thrM}u];`);
-    for (let h = 0; h < tn4; h++) fma.push(`let b${h} = SB[bb + ${koff(bn4)} + ${h * thrN}u];`);
+    // the thread's column within its group of vectors, swizzled for this k row (a constant when unrolled)
+    const sw = !c.swizzle ? 0 : unroll ? (kk >> 2) * swStep : -1;
+    const col = (
+      t: string,
+    ) => (sw === 0 ? t : sw > 0 ? `(${t} ^ ${sw}u)` : `(${t} ^ ((kk >> 2u) * ${swStep}u))`);
+    for (let g = 0; g < tm4; g++) {
+      fma.push(`let a${g} = SA[ab + ${koff(bm4)} + ${g * thrM}u + ${col("tm")}];`);
+    }
+    for (let h = 0; h < tn4; h++) {
+      fma.push(`let b${h} = SB[bb + ${koff(bn4)} + ${h * thrN}u + ${col("tn")}];`);
+    }
     for (let g = 0; g < tm4; g++) {
       for (let i = 0; i < 4; i++) {
         for (let h = 0; h < tn4; h++) {
@@ -440,6 +518,55 @@ function matmulWgsl(c: MatmulConfig, L: MatmulLayout, vecA: boolean, vecB: boole
     }
   }
 
+  // which TM x TN block of the workgroup's tile this thread owns
+  let threadPosition = `let tn = lid % ${thrN}u;
+  let tm = lid / ${thrN}u;`;
+  if (c.warpRows) {
+    const cols = 32 / c.warpRows;
+    threadPosition = `let lane = lid % 32u; let warp = lid / 32u;
+  let tm = (warp / ${thrN / cols}u) * ${c.warpRows}u + lane / ${cols}u;
+  let tn = (warp % ${thrN / cols}u) * ${cols}u + lane % ${cols}u;`;
+  }
+  const multiply = `// the k step (unrolled for large tiles: constant shared-memory offsets)
+    let ab = buf * ${tileA4}u;
+    let bb = buf * ${tileB4}u;
+    ${kSteps.join("\n    ")}`;
+  const doubleBuffered = `var k0 = 0u;
+  var buf = 0u;
+  ${load(opA)}
+  ${load(opB)}
+  ${store(opA)}
+  ${store(opB)}
+  workgroupBarrier();
+  for (var t = 0u; t < ntiles; t++) {
+    buf = t & 1u;
+    let more = t + 1u < ntiles;
+    if (more) {
+      k0 = (t + 1u) * ${bk}u;
+      ${load(opA)}
+      ${load(opB)}
+    }
+    ${multiply}
+    if (more) {
+      buf = 1u - buf;
+      ${store(opA)}
+      ${store(opB)}
+    }
+    workgroupBarrier();
+  }`;
+  // one buffer: the global loads are issued before the barrier that ends the previous step's reads
+  const singleBuffered = `let buf = 0u;
+  for (var t = 0u; t < ntiles; t++) {
+    let k0 = t * ${bk}u;
+    ${load(opA)}
+    ${load(opB)}
+    workgroupBarrier();
+    ${store(opA)}
+    ${store(opB)}
+    workgroupBarrier();
+    ${multiply}
+  }`;
+
   const binding = (name: string, i: number, vec: boolean, rw: boolean) =>
     `@group(0) @binding(${i}) var<storage, ${rw ? "read_write" : "read"}> ${name}${vec ? "4" : ""}: array<${
       vec ? `vec4<${T}>` : T
@@ -456,14 +583,13 @@ ${binding("B", 1, vecB, false)}
 ${binding("C", 2, vecC, true)}
 @group(0) @binding(3) var<uniform> p: P;
 
-// k-major shared tiles, two buffers each
-var<workgroup> SA: array<vec4<f32>, ${2 * tileA4}>;
-var<workgroup> SB: array<vec4<f32>, ${2 * tileB4}>;
+// k-major shared tiles, ${nbuf} buffer(s) each
+var<workgroup> SA: array<vec4<f32>, ${nbuf * tileA4}>;
+var<workgroup> SB: array<vec4<f32>, ${nbuf * tileB4}>;
 
 @compute @workgroup_size(${NT})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-  let tn = lid % ${thrN}u;
-  let tm = lid / ${thrN}u;
+  ${threadPosition}
   let m0 = wid.y * ${bm}u;
   let n0 = wid.x * ${bn}u;
   let baseA = p.offA + wid.z * p.strideA;
@@ -474,32 +600,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   var acc: array<vec4<f32>, ${tm * tn4}>;  // zero-initialised
 
   let ntiles = (p.k + ${bk - 1}u) / ${bk}u;
-  var k0 = 0u;
-  var buf = 0u;
-  ${load(opA)}
-  ${load(opB)}
-  ${store(opA)}
-  ${store(opB)}
-  workgroupBarrier();
-  for (var t = 0u; t < ntiles; t++) {
-    buf = t & 1u;
-    let more = t + 1u < ntiles;
-    if (more) {
-      k0 = (t + 1u) * ${bk}u;
-      ${load(opA)}
-      ${load(opB)}
-    }
-    // the k step (unrolled for large tiles: constant shared-memory offsets)
-    let ab = buf * ${tileA4}u + tm;
-    let bb = buf * ${tileB4}u + tn;
-    ${kSteps.join("\n    ")}
-    if (more) {
-      buf = 1u - buf;
-      ${store(opA)}
-      ${store(opB)}
-    }
-    workgroupBarrier();
-  }
+  ${nbuf === 2 ? doubleBuffered : singleBuffered}
   ${epi.join("\n  ")}
 }
 `;

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { linear, matmul, matmulInto } from "../../runtime/ops/matmul.ts";
 import {
+  MATMUL_MEDIUM,
   MATMUL_SMALL,
   MATMUL_SWEEP,
   type MatmulConfig,
@@ -174,10 +175,21 @@ Deno.test(
     // Each config in the benchmark's layout (x W^T, all dimensions multiples of 4: vec4 everywhere), on sizes
     // that leave partial tiles; the first also with odd sizes (scalar paths) and the other transposes. The
     // smaller configs cover every layout in the tests above. (Unrolled big tiles compile slowly on llvmpipe.)
-    for (const [ci, config] of MATMUL_SWEEP.entries()) {
+    // The knobs (swizzled tiles, one buffer, subgroup blocks) also on small tiles with a k loop, every case.
+    const knobs: MatmulConfig[] = [
+      { ...MATMUL_SMALL, swizzle: true, buffers: 1 },
+      { ...MATMUL_MEDIUM, swizzle: true, warpRows: 4 },
+    ];
+    for (const [ci, config] of [...knobs, ...MATMUL_SWEEP].entries()) {
       if (matmulSharedBytes(config) > rt.dev.limits.maxComputeWorkgroupStorageSize) continue;
-      const cases = [[132, 260, 40, false, true], [131, 135, 37, true, false]] as const;
-      for (const [m, n, k, tA, tB] of ci === 0 ? cases : cases.slice(0, 1)) {
+      const cases = [[132, 260, 40, false, true], [131, 135, 37, true, false], [
+        36,
+        52,
+        28,
+        true,
+        true,
+      ]] as const;
+      for (const [m, n, k, tA, tB] of ci <= knobs.length ? cases : cases.slice(0, 1)) {
         await checkCase({
           name: `cfg_${matmulConfigName(config)}_${m}x${n}x${k}`,
           batch: 0,
