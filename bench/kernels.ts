@@ -10,7 +10,10 @@
  * are also timed inside one compute pass (`gpu_ms`). A few outputs of each matmul are checked against a CPU dot
  * product of the same hashed inputs, so a miscompiled kernel cannot report a speed.
  *
- * Run alone: `deno run -A bench/kernels.ts [--quick] [--gpu dawn|builtin]`; the lead's runner imports
+ * Run alone: `deno run -A bench/kernels.ts [--quick] [--gpu dawn|builtin] [--only matmul,gemv,copy]
+ * [--sizes 8192] [--dtypes f32] [--configs 128x128x16_8x8_sw,...] [--gemv-shapes 2048x2048,...] [--gemv-tpr 32,64]
+ * [--gemv-unroll 4,8]` (config names as the rows print them; GEMV shapes are N x K); the
+ * lead's runner imports
  * {@linkcode bench}. `bench/pytorch/kernels.py` measures the same shapes in PyTorch.
  *
  * @module
@@ -25,6 +28,7 @@ import {
   matmulConfigName,
   matmulKernel,
   matmulSharedBytes,
+  parseMatmulConfig,
 } from "../kernels/matmul.ts";
 import { gemvKernel } from "../kernels/gemv.ts";
 
@@ -34,6 +38,18 @@ export interface BenchOptions {
   quick: boolean;
   /** Tile configurations to sweep (default: {@linkcode MATMUL_SWEEP}). */
   configs?: readonly MatmulConfig[];
+  /** Matmul cube sizes (default 4096 and 8192; 256 when quick). */
+  sizes?: readonly number[];
+  /** Storage types to time (default f32, and f16 where the device has it). */
+  dtypes?: readonly DType[];
+  /** Benchmarks to run (default all). */
+  only?: readonly ("matmul" | "gemv" | "copy")[];
+  /** GEMV weight shapes [N, K] (default 14336 x 4096; the decode shapes of a 1B model are 2048-8192 wide). */
+  gemvShapes?: readonly [number, number][];
+  /** GEMV threads per output row to time (default 32, 64, 128, 256). */
+  gemvTpr?: readonly number[];
+  /** GEMV loads in flight per thread to time (default 4). */
+  gemvUnroll?: readonly number[];
 }
 
 // ---- GPU-side inputs: a hash of the index, reproducible on the CPU for spot checks -------------------------
@@ -247,12 +263,14 @@ async function benchGemv(
   [n, k]: [number, number],
   warmupMs: number,
   targetMs: number,
+  tprs: readonly number[],
+  unrolls: readonly number[],
 ): Promise<void> {
   await rt.scope(async () => {
     const x = hashed(rt, [1, k], dtype, 3), w = hashed(rt, [n, k], dtype, 4), y = rt.empty([1, n], dtype);
     const probe = rt.empty([1], "f32");
-    for (const tpr of [32, 64, 128, 256]) {
-      const l = gemvKernel(dtype, 1, n, k, { threadsPerRow: tpr });
+    for (const [tpr, unroll] of tprs.flatMap((t) => unrolls.map((u) => [t, u]))) {
+      const l = gemvKernel(dtype, 1, n, k, { threadsPerRow: tpr, unroll });
       const record = () =>
         rt.dev.dispatch(l.spec, [x.binding, w.binding, y.binding], l.workgroups, l.uniforms);
       const t = await timeIt(rt, probe, record, warmupMs, targetMs, {
@@ -267,6 +285,7 @@ async function benchGemv(
         k,
         n,
         threads_per_row: tpr,
+        unroll,
         gbps: +(bytes / (t.ms * 1e-3) / 1e9).toFixed(1),
         gpu_gbps: t.gpuMs ? +(bytes / (t.gpuMs * 1e-3) / 1e9).toFixed(1) : undefined,
         us: +(t.ms * 1e3).toFixed(2),
@@ -361,14 +380,31 @@ export async function bench(
     date: new Date().toISOString(),
   });
   const configs = opts.configs ?? (quick ? MATMUL_SWEEP.slice(0, 2) : MATMUL_SWEEP);
-  const dtypes: DType[] = rt.dev.features.f16 ? ["f32", "f16"] : ["f32"];
-  for (const size of quick ? [256] : [4096, 8192]) {
-    for (const dtype of dtypes) await benchMatmul(rt, log, dtype, size, configs, warmupMs, targetMs);
+  const dtypes = (opts.dtypes ?? ["f32", "f16"]).filter((d) => d === "f32" || rt.dev.features.f16);
+  const runs = (what: "matmul" | "gemv" | "copy") => !opts.only || opts.only.includes(what);
+  if (runs("matmul")) {
+    for (const size of opts.sizes ?? (quick ? [256] : [4096, 8192])) {
+      for (const dtype of dtypes) await benchMatmul(rt, log, dtype, size, configs, warmupMs, targetMs);
+    }
   }
-  for (const dtype of dtypes) {
-    await benchGemv(rt, log, dtype, quick ? [1024, 512] : [14336, 4096], warmupMs, targetMs);
+  if (runs("gemv")) {
+    const shapes = opts.gemvShapes ?? (quick ? [[1024, 512]] : [[14336, 4096]]);
+    for (const dtype of dtypes) {
+      for (const shape of shapes) {
+        await benchGemv(
+          rt,
+          log,
+          dtype,
+          shape,
+          warmupMs,
+          targetMs,
+          opts.gemvTpr ?? [32, 64, 128, 256],
+          opts.gemvUnroll ?? [4],
+        );
+      }
+    }
   }
-  await benchCopy(rt, log, quick ? 1 << 22 : 1 << 30, warmupMs, targetMs);
+  if (runs("copy")) await benchCopy(rt, log, quick ? 1 << 22 : 1 << 30, warmupMs, targetMs);
   rt.pool.trim();
 }
 
@@ -380,6 +416,19 @@ if (import.meta.main) {
   const gi = args.indexOf("--gpu");
   const gpu = parseProviderPreference(gi >= 0 ? args[gi + 1] : Deno.env.get("DISTILLERY_GPU"), "--gpu");
   const rt = new Runtime(await createDevice({ gpu }));
-  await bench(rt, (row) => console.log(JSON.stringify(row)), { quick: args.includes("--quick") });
+  const list = (name: string) => {
+    const i = args.indexOf(name);
+    return i >= 0 ? args[i + 1].split(",").filter((x) => x) : undefined;
+  };
+  await bench(rt, (row) => console.log(JSON.stringify(row)), {
+    quick: args.includes("--quick"),
+    configs: list("--configs")?.map(parseMatmulConfig),
+    sizes: list("--sizes")?.map(Number),
+    dtypes: list("--dtypes") as DType[] | undefined,
+    only: list("--only") as ("matmul" | "gemv" | "copy")[] | undefined,
+    gemvShapes: list("--gemv-shapes")?.map((s) => s.split("x").map(Number) as [number, number]),
+    gemvTpr: list("--gemv-tpr")?.map(Number),
+    gemvUnroll: list("--gemv-unroll")?.map(Number),
+  });
   rt.dev.destroy();
 }

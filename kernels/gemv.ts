@@ -64,6 +64,12 @@ export interface GemvOptions {
    * comment for why that beats a separate norm dispatch.
    */
   normIn?: { eps: number };
+  /**
+   * Independent 16-byte loads each thread issues per loop step (1, 2, 4, 8 or 16; default 4). More loads in
+   * flight hide more of the memory latency, at the cost of registers; a short row (K = 2048 is 16 items per thread
+   * at 32 threads) is otherwise walked in several latency-bound steps.
+   */
+  unroll?: number;
 }
 
 /**
@@ -181,6 +187,10 @@ function gemvLaunch(
   if (tpr < 4 || tpr > GEMV_WORKGROUP || (tpr & (tpr - 1)) !== 0) {
     throw new Error(`gemv: threadsPerRow must be a power of two in 4..${GEMV_WORKGROUP}, got ${tpr}`);
   }
+  const unroll = opts.unroll ?? 4;
+  if (![1, 2, 4, 8, 16].includes(unroll)) {
+    throw new Error(`gemv: unroll must be 1, 2, 4, 8 or 16, got ${unroll}`);
+  }
   const { mode, residual } = variant;
   const gated = variant.gated ?? null;
   const norm = opts.normIn !== undefined;
@@ -194,14 +204,14 @@ function gemvLaunch(
   const proKey = gated ? `_gnorm${gated.group}x${gated.groups}` : norm ? "_norm" : "";
   const key = `gemv${mode === "single" ? "" : `_${mode}`}${proKey}${
     residual ? "_res" : ""
-  }_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}`;
+  }_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}${unroll === 4 ? "" : `_u${unroll}`}`;
   let spec = specs.get(key);
   if (!spec) {
     spec = {
       key,
       bindings: gemvBindings(mode, pro, residual).map(([, access]) => access),
       uniformBytes: 32,
-      code: gemvWgsl(dtype, rows, tpr, vec, mode, pro, residual),
+      code: gemvWgsl(dtype, rows, tpr, vec, mode, pro, residual, unroll),
     };
     specs.set(key, spec);
   }
@@ -285,6 +295,7 @@ function gemvWgsl(
   mode: GemvMode,
   pro: GemvPrologue,
   residual: boolean,
+  unroll: number,
 ): string {
   const swigluPair = mode === "swiglu", qkv = mode === "qkv", split3 = mode === "split3";
   const gated = typeof pro === "object" ? pro : null;
@@ -324,17 +335,19 @@ function gemvWgsl(
     return out;
   };
   const unrolled: string[] = [];
-  for (let u = 0; u < 4; u++) unrolled.push(...step(`${u}`, `i + ${u * tpr}u`));
+  for (let u = 0; u < unroll; u++) unrolled.push(...step(`${u}`, `i + ${u * tpr}u`));
   const accum = step("", "i");
   const loads: string[] = [], load1: string[] = [];
   mats.forEach((w) => {
     // q/k/v: the weight is picked per output row (uniform across the row's thread group)
     const at = (idx: string) => qkv ? `wload(sel, ${idx})` : `${w.toUpperCase()}[${idx}]`;
-    for (let u = 0; u < 4; u++) loads.push(`let ${w}${u} = ${at(`wrow + i${u ? ` + ${u * tpr}u` : ""}`)};`);
+    for (let u = 0; u < unroll; u++) {
+      loads.push(`let ${w}${u} = ${at(`wrow + i${u ? ` + ${u * tpr}u` : ""}`)};`);
+    }
     load1.push(`let ${w} = ${at("wrow + i")};`);
   });
   if (norm) {
-    for (let u = 0; u < 4; u++) loads.push(`let g${u} = NW[i${u ? ` + ${u * tpr}u` : ""}];`);
+    for (let u = 0; u < unroll; u++) loads.push(`let g${u} = NW[i${u ? ` + ${u * tpr}u` : ""}];`);
     load1.push("let g = NW[i];");
   }
   const reduce: string[] = [], treeStep: string[] = [];
@@ -474,10 +487,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   if (n < p.n) {
     let wrow = nl * kv;
-    // consecutive threads read consecutive 16-byte items, so each warp streams a contiguous span of W; four
-    // independent loads per iteration keep enough bytes in flight to cover memory latency
+    // consecutive threads read consecutive 16-byte items, so each warp streams a contiguous span of W;
+    // unroll independent loads per iteration keep bytes in flight to cover memory latency
     var i = t;
-    for (; i + ${3 * tpr}u < kv; i += ${4 * tpr}u) {
+    for (; i + ${(unroll - 1) * tpr}u < kv; i += ${unroll * tpr}u) {
       ${loads.join("\n      ")}
       ${unrolled.join("\n      ")}
     }
