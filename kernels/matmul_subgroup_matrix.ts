@@ -313,17 +313,21 @@ export const SGM_DOUBLE_BUFFERED: SgmConfig = {
  */
 export const SGM_LARGE: SgmConfig = { ...SGM_DOUBLE_BUFFERED, bk: 64, buffers: 1 };
 
-/** 64x64 blocks of 4 subgroups (2x2 fragments each): products with too few 128x128 blocks to fill the GPU. */
+/**
+ * 64x64 blocks of 4 subgroups (2x2 fragments each): products with too few 128x128 blocks to fill the GPU. One
+ * buffer with K slices of 64, like {@linkcode SGM_LARGE}: 141 TFLOP/s at 8192^3 against 63 for the same blocks
+ * double-buffered with slices of 32 (BENCHMARKS.md).
+ */
 export const SGM_SMALL: SgmConfig = {
   bm: 64,
   bn: 64,
-  bk: 32,
+  bk: 64,
   sgM: 2,
   sgN: 2,
   stage: "threads",
   vec: 8,
   pad: 8,
-  buffers: 2,
+  buffers: 1,
   swizzle: 8,
 };
 
@@ -351,6 +355,8 @@ export const SGM_SWEEP: readonly SgmConfig[] = [
   { ...SGM_DOUBLE_BUFFERED, pad: 0 }, // bank conflicts' cost
   { ...SGM_DOUBLE_BUFFERED, swizzle: 1 }, // plain block order
   SGM_SMALL,
+  { ...SGM_SMALL, bk: 32, buffers: 2 }, // the small blocks double-buffered (the default until 2026-11-29)
+  { ...SGM_LARGE, stage: "fragments" }, // fragment staging, single buffered (only double-buffered before)
   { ...SGM_SMALL, bk: 16, stage: "global", buffers: 1, pad: 0 }, // no staging: the 35 TFLOP/s starting point
 ];
 
