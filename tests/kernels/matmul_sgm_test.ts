@@ -588,7 +588,8 @@ Deno.test(
   gpuTestOptions,
   async () => {
     const rt = await testRuntime();
-    assert.equal(sgmSupported(rt.dev), false, "the software adapter has no subgroup matrices");
+    // on a GPU with subgroup matrices (DISTILLERY_GPU=dawn on the H200) the op takes them: nothing falls back
+    if (sgmSupported(rt.dev)) return console.warn("sgm fallback: this adapter has subgroup matrices");
     if (!rt.dev.features.f16) return; // f16 storage itself is unavailable: nothing to fall back from
     const rng = testRng("sgm-fallback");
     // a shape the subgroup-matrix kernel would take on an H200 (aligned, M, N >= 32), every transpose
