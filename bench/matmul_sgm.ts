@@ -561,7 +561,7 @@ export async function benchSgm(rt: Runtime, log: Log, opts: SgmBenchOptions): Pr
 /** The candidates: every swept config, the op's configs, and the register-tiled f16 control. */
 export function defaultCandidates(quick: boolean): Candidate[] {
   const sgm = (quick ? [SGM_LARGE, SGM_SMALL] : SGM_SWEEP).map((c) => ({ name: sgmConfigName(c), sgm: c }));
-  const plain = quick ? MATMUL_LARGE : MATMUL_SWEEP[5];
+  const plain = quick ? MATMUL_LARGE : MATMUL_SWEEP.find((c) => matmulConfigName(c) === "128x256x8_8x16")!;
   return [...sgm, { name: `register-tiled f16 ${matmulConfigName(plain)}`, plain }];
 }
 

@@ -190,7 +190,8 @@ export function matmulLaunch(
     const sgm = pickSgmConfig(shape, sgmLayout);
     if (sgm) return sgmLaunch(shape, sgmLayout, sgm);
   }
-  return matmulKernel(shape, layout, config ?? pickMatmulConfig(shape.m, shape.n, shape.batch));
+  const shared = dev.limits.maxComputeWorkgroupStorageSize;
+  return matmulKernel(shape, layout, config ?? pickMatmulConfig(shape.m, shape.n, shape.batch, shared));
 }
 
 /** Geometry of `op(A) op(B)` derived from stored shapes. */
@@ -263,7 +264,7 @@ function dispatchMatmul(
   const fits = (t: Tensor) => t.paddedByteLength <= limit;
   if (fits(a) && fits(b) && fits(c)) {
     if (batch === 1 && layout.transA && !layout.transB && c.dtype === "f32" && !config) {
-      const cfg = pickMatmulConfig(m, n, 1);
+      const cfg = pickMatmulConfig(m, n, 1, rt.dev.limits.maxComputeWorkgroupStorageSize);
       const slices = splitKSlices(m, n, k, cfg, limit);
       if (slices > 1) return dispatchSplitK(rt, a, b, c, m, n, k, slices, layout.accumulate, alpha, cfg);
     }
