@@ -53,7 +53,7 @@ export const GEMV_MAX_ROWS = 16;
 
 /** Options of a GEMV dispatch. */
 export interface GemvOptions {
-  /** Threads cooperating on one output (power of two, 4..256; default 32). */
+  /** Threads cooperating on one output (power of two, 4..256; default by shape, {@linkcode gemvShapeDefaults}). */
   threadsPerRow?: number;
   /** Scale of the product (default 1). */
   alpha?: number;
@@ -67,9 +67,30 @@ export interface GemvOptions {
   /**
    * Independent 16-byte loads each thread issues per loop step (1, 2, 4, 8 or 16; default 4). More loads in
    * flight hide more of the memory latency, at the cost of registers; a short row (K = 2048 is 16 items per thread
-   * at 32 threads) is otherwise walked in several latency-bound steps.
+   * at 32 threads) is otherwise walked in several latency-bound steps. Default by shape,
+   * {@linkcode gemvShapeDefaults}.
    */
   unroll?: number;
+}
+
+/**
+ * Threads per row and loads in flight for a product with `n` outputs, `items` loaded items (16-byte vectors, or
+ * scalars) per row of W, and `rows` rows of x. Measured on the H200 (f32, one row, back-to-back dispatches,
+ * BENCHMARKS.md): products with few outputs launch few workgroups, so each thread must keep more loads in flight
+ * (2048 x 2048: 8.7 -> 5.9-6.2 us with 8-16 loads instead of 4; 5152 x 2048: 10.3 -> 8.8 us); a long K with few
+ * outputs also gains from 64 threads a row (2048 x 8192: 23.3 -> 19.1 us); 8192 or more outputs are fastest with
+ * the plain 32 threads and 4 loads. Many rows of x keep 4 loads (their accumulators already use the registers).
+ */
+export function gemvShapeDefaults(
+  n: number,
+  items: number,
+  rows: number,
+): { threadsPerRow: number; unroll: number } {
+  const threadsPerRow = n <= 2048 && items >= 1024 ? 64 : 32;
+  if (n > 6144 || rows > 4) return { threadsPerRow, unroll: 4 };
+  const perThread = Math.max(1, Math.floor(items / threadsPerRow));
+  const unroll = Math.min(16, Math.max(4, 2 ** Math.floor(Math.log2(perThread))));
+  return { threadsPerRow, unroll };
 }
 
 /**
@@ -183,11 +204,14 @@ function gemvLaunch(
   nq = 0,
   n1 = 0,
 ): Launch {
-  const tpr = opts.threadsPerRow ?? 32;
+  const width = gemvVectorWidth(dtype);
+  const vec = k % width === 0 && (!variant.gated || variant.gated.group % width === 0);
+  const shaped = gemvShapeDefaults(n, vec ? k / width : k, rows);
+  const tpr = opts.threadsPerRow ?? shaped.threadsPerRow;
   if (tpr < 4 || tpr > GEMV_WORKGROUP || (tpr & (tpr - 1)) !== 0) {
     throw new Error(`gemv: threadsPerRow must be a power of two in 4..${GEMV_WORKGROUP}, got ${tpr}`);
   }
-  const unroll = opts.unroll ?? 4;
+  const unroll = opts.unroll ?? shaped.unroll;
   if (![1, 2, 4, 8, 16].includes(unroll)) {
     throw new Error(`gemv: unroll must be 1, 2, 4, 8 or 16, got ${unroll}`);
   }
@@ -198,9 +222,7 @@ function gemvLaunch(
     throw new Error(`gemv: normIn.eps must be >= 0, got ${opts.normIn!.eps}`);
   }
   const pro: GemvPrologue = gated ? { group: gated.group, groups: gated.groups } : norm ? "rms" : "none";
-  // a vector item must not straddle two norm groups
-  const width = gemvVectorWidth(dtype);
-  const vec = k % width === 0 && (!gated || gated.group % width === 0);
+  // (vec: a vector item must not straddle two norm groups)
   const proKey = gated ? `_gnorm${gated.group}x${gated.groups}` : norm ? "_norm" : "";
   const key = `gemv${mode === "single" ? "" : `_${mode}`}${proKey}${
     residual ? "_res" : ""

@@ -4,6 +4,7 @@ import {
   GEMV_SWIGLU_MAX_ROWS,
   gemvKernel,
   gemvQkvKernel,
+  gemvShapeDefaults,
   gemvSplit3Kernel,
   gemvSwigluKernel,
 } from "../../kernels/gemv.ts";
@@ -846,4 +847,17 @@ Deno.test("fused decode ops refuse gradients and mismatched operands", gpuTestOp
     assert.throws(() => linearAddResidual(x, w, rt.tensor(randn(rng, 6), [6])), /does not hold 2 rows of 4/);
     assert.throws(() => linearQkvNormed(x, nw, 1e-5, w, w, rt.tensor(randn(rng, 3 * 8), [3, 8])), /differ/);
   });
+});
+
+Deno.test("gemvShapeDefaults: deeper loads for few outputs, 64 threads for long rows, plain for wide products", () => {
+  // the decode shapes of a 1B model, f32 (16-byte items: K / 4)
+  assert.deepEqual(gemvShapeDefaults(2048, 512, 1), { threadsPerRow: 32, unroll: 16 }); // o_proj, out_proj
+  assert.deepEqual(gemvShapeDefaults(5152, 512, 1), { threadsPerRow: 32, unroll: 16 }); // Mamba2 in_proj
+  assert.deepEqual(gemvShapeDefaults(2048, 2048, 1), { threadsPerRow: 64, unroll: 16 }); // down_proj
+  assert.deepEqual(gemvShapeDefaults(8192, 512, 1), { threadsPerRow: 32, unroll: 4 }); // gate/up
+  assert.deepEqual(gemvShapeDefaults(128256, 512, 1), { threadsPerRow: 32, unroll: 4 }); // lm_head
+  // short rows: as many loads as a thread has items, at least 4; many rows of x keep 4
+  assert.deepEqual(gemvShapeDefaults(45, 24, 1), { threadsPerRow: 32, unroll: 4 });
+  assert.deepEqual(gemvShapeDefaults(2048, 256, 1), { threadsPerRow: 32, unroll: 8 });
+  assert.deepEqual(gemvShapeDefaults(2048, 512, 8), { threadsPerRow: 32, unroll: 4 });
 });
