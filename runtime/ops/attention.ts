@@ -32,6 +32,7 @@ import {
   type ForwardTilesV2,
 } from "../../kernels/attention_v2.ts";
 import { kvCacheAppend, planDecodeAttention, ropeKvAppend } from "../../kernels/attention_decode.ts";
+import { attentionDecodeGqa, decodeGqaSupported } from "../../kernels/attention_decode_gqa.ts";
 import {
   attentionBackwardDkvSgm,
   attentionBackwardDqSgm,
@@ -390,17 +391,38 @@ export interface DecodeOptions {
   scale?: number;
   /** Sliding window, as in {@linkcode AttentionOptions}. */
   window?: number;
-  /** Workgroups to aim for when splitting the keys (default 264, two per H200 SM). */
+  /** Workgroups to aim for when splitting the keys (default 264, two per H200 SM; "split" kernel only). */
   targetWorkgroups?: number;
-  /** Tile override (tests). */
+  /** Tile override (tests; "split" kernel only). */
   tiles?: RowTiles;
+  /**
+   * Which kernel runs (tests and benchmarks force one): "gqa", the single-dispatch kernel for one query token
+   * per sequence (`kernels/attention_decode_gqa.ts`; throws where it does not apply: n > 1 or an unsupported
+   * shape), or "split", the training forward kernel split over the keys plus a combine dispatch
+   * (`kernels/attention_decode.ts`). Default: "gqa" where it applies and at most
+   * {@linkcode DECODE_GQA_MAX_KEYS} keys are visible, else "split".
+   */
+  kernel?: DecodeKernel;
 }
+
+/** The decode attention kernels {@linkcode DecodeOptions.kernel} chooses between. */
+export type DecodeKernel = "gqa" | "split";
+
+/**
+ * Most visible keys (the cache length, or the sliding window when smaller) for which {@linkcode decodeAttention}
+ * picks the single-dispatch kernel by default. The kernel runs one workgroup per (sequence, kv head), so with
+ * long contexts its few workgroups stream all keys while the split path spreads them over the GPU; 2048 is a
+ * starting point, to be tuned by benchmark against the split path (bench/attention.ts).
+ */
+export const DECODE_GQA_MAX_KEYS = 2048;
 
 /**
  * Attention of the last `n` cached positions' queries `q` `[B, n, H, hd]` (or `[n, H, hd]`) against the cache:
  * query i sits at position `cache.length - n + i` and attends every cached key up to itself (causal among the n
  * new tokens). Append the new k/v with {@linkcode appendKv} first. Not differentiable (inference only).
- * Long caches are split over workgroups (flash-decoding) and merged with a combine kernel.
+ * One new token per sequence against up to {@linkcode DECODE_GQA_MAX_KEYS} visible keys takes a single dispatch
+ * (`kernels/attention_decode_gqa.ts`); otherwise long caches are split over workgroups (flash-decoding) and
+ * merged with a combine kernel. {@linkcode DecodeOptions.kernel} forces either.
  */
 export function decodeAttention(q: Tensor, cache: KvCache, opts: DecodeOptions = {}): Tensor {
   const rt = q.rt;
@@ -429,6 +451,24 @@ export function decodeAttention(q: Tensor, cache: KvCache, opts: DecodeOptions =
     window: opts.window ?? 0,
     scale: opts.scale ?? 1 / Math.sqrt(hd),
   };
+  const span = s.window > 0 ? Math.min(s.kvLen, s.window) : s.kvLen;
+  const gqaApplies = n === 1 && decodeGqaSupported(q.dtype, H / cache.Hkv, hd, storageLimit(rt));
+  const kernel = opts.kernel ?? (gqaApplies && span <= DECODE_GQA_MAX_KEYS ? "gqa" : "split");
+  if (kernel === "gqa") {
+    if (n !== 1) {
+      throw new Error(`decodeAttention: kernel "gqa" expects n = 1 query token per sequence, got n = ${n}`);
+    }
+    // the launch builder names any other shape it does not take (head dim, group size)
+    const l = attentionDecodeGqa(q.dtype, s, storageLimit(rt));
+    const out = rt.empty(q.shape, q.dtype);
+    rt.dev.dispatch(
+      l.spec,
+      [q.binding, cache.k.binding, cache.v.binding, out.binding],
+      l.workgroups,
+      l.uniforms,
+    );
+    return out;
+  }
   const tiles = opts.tiles ?? chooseDecodeTiles(hd, n * (H / cache.Hkv), storageLimit(rt));
   const plan = planDecodeAttention(q.dtype, s, tiles, opts.targetWorkgroups);
   const out = rt.empty(q.shape, q.dtype);

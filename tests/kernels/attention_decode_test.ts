@@ -1,5 +1,12 @@
 import assert from "node:assert/strict";
-import { appendKv, attention, decodeAttention, KvCache, ropeAppendKv } from "../../runtime/ops/attention.ts";
+import {
+  appendKv,
+  attention,
+  decodeAttention,
+  type DecodeKernel,
+  KvCache,
+  ropeAppendKv,
+} from "../../runtime/ops/attention.ts";
 import { rope, ropeInverseFrequencies } from "../../runtime/ops/rope.ts";
 import { refRope } from "../reference/dense.ts";
 import { assertClose, gpuTestOptions, randn, roundF16, testRng, testRuntime } from "../helpers/gpu.ts";
@@ -22,6 +29,8 @@ interface Cfg {
   dtype?: "f32" | "f16";
   targetWorkgroups?: number;
   tiles?: RowTiles;
+  /** The decode kernel (default: decodeAttention's choice, the GQA kernel for the single-token steps). */
+  kernel?: DecodeKernel;
 }
 
 /**
@@ -70,6 +79,7 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
             window,
             targetWorkgroups: cfg.targetWorkgroups,
             tiles: cfg.tiles,
+            kernel: cfg.kernel,
           });
           const S = cache.length;
           const flat = (a: Float64Array[][]) => {
@@ -109,6 +119,7 @@ async function runSession(name: string, cfg: Cfg, chunks: (number | { truncate: 
           window,
           targetWorkgroups: cfg.targetWorkgroups,
           tiles: cfg.tiles,
+          kernel: cfg.kernel,
         });
         const [fo, dOut] = await Promise.all([full.read(), dec.read()]);
         const rows = new Float64Array(B * last * H * hd);
@@ -150,7 +161,8 @@ Deno.test(
       "the split session really splits",
     );
     assert.equal(planDecodeAttention("f32", shape, small, 1).nSplits, 1);
-    const cfg = { B: 1, H: 8, Hkv: 2, hd: 16, window: 0, maxT: 40, tiles: small };
+    // the split path even for the single-token steps, which would otherwise take the GQA kernel
+    const cfg = { B: 1, H: 8, Hkv: 2, hd: 16, window: 0, maxT: 40, tiles: small, kernel: "split" as const };
     await runSession("split", { ...cfg, targetWorkgroups: 4096 }, chunks);
     await runSession("split-window", { ...cfg, window: 6, targetWorkgroups: 4096 }, chunks);
     await runSession(
@@ -165,19 +177,46 @@ Deno.test(
   "decode attention: batch 2, GQA 4, long cache over many splits, sliding window",
   gpuTestOptions,
   async () => {
-    await runSession("long", { B: 2, H: 8, Hkv: 2, hd: 16, window: 0, maxT: 300, targetWorkgroups: 64 }, [
+    const split = "split" as const;
+    await runSession("long", {
+      B: 2,
+      H: 8,
+      Hkv: 2,
+      hd: 16,
+      window: 0,
+      maxT: 300,
+      targetWorkgroups: 64,
+      kernel: split,
+    }, [
       257,
       1,
       5,
       { truncate: 259 },
       2,
     ]);
-    await runSession("window", { B: 2, H: 4, Hkv: 1, hd: 16, window: 7, maxT: 120, targetWorkgroups: 512 }, [
+    await runSession("window", {
+      B: 2,
+      H: 4,
+      Hkv: 1,
+      hd: 16,
+      window: 7,
+      maxT: 120,
+      targetWorkgroups: 512,
+      kernel: split,
+    }, [
       100,
       1,
       5,
       { truncate: 102 },
       3,
+    ]);
+    // the same session on decodeAttention's own choice: the single-token step takes the GQA kernel
+    await runSession("window-default", { B: 2, H: 4, Hkv: 1, hd: 16, window: 7, maxT: 120 }, [
+      100,
+      1,
+      5,
+      { truncate: 102 },
+      1,
     ]);
   },
 );
@@ -206,6 +245,7 @@ Deno.test(
       maxT: 300,
       targetWorkgroups: 64,
       dtype: "f16",
+      kernel: "split",
     }, [
       200,
       1,

@@ -1,13 +1,14 @@
 /**
- * Compiles every WGSL variant of the attention, decode, loss, log-prob and sampling kernels, and the fused decode
- * GEMVs, with Dawn's compiler (Tint), the compiler of the H200 provider, through Dawn's null backend (no GPU
- * needed). Tint is stricter than the built-in provider's compiler in places the CPU tests cannot see: e.g. a
+ * Compiles every WGSL variant of the attention, decode (split and single-token GQA), loss, log-prob and sampling
+ * kernels, and the fused decode GEMVs, with Dawn's compiler (Tint), the compiler of the H200 provider, through
+ * Dawn's null backend (no GPU needed). Tint is stricter than the built-in provider's compiler in places the CPU tests cannot see: e.g. a
  * constant expression that evaluates to NaN is a shader-creation error there and compiles fine here, and a
  * barrier after a branch on a workgroup variable read without workgroupUniformLoad is rejected there only.
  */
 import * as attn from "../../kernels/attention.ts";
 import * as attn2 from "../../kernels/attention_v2.ts";
 import { kvCacheAppend, planDecodeAttention, ropeKvAppend } from "../../kernels/attention_decode.ts";
+import { attentionDecodeGqa } from "../../kernels/attention_decode_gqa.ts";
 import { gemvKernel, gemvQkvKernel, gemvSplit3Kernel, gemvSwigluKernel } from "../../kernels/gemv.ts";
 import { splitColumns3 } from "../../kernels/columns.ts";
 import * as ce from "../../kernels/cross_entropy.ts";
@@ -44,6 +45,13 @@ function allSpecs(): KernelSpec[] {
         for (const rows of [1, 8, 20]) {
           const tiles = attn.chooseDecodeTiles(hd, rows, limit);
           specs.push(planDecodeAttention(dtype, { ...s, T: 1, qoff: 7 }, tiles, 1000).forward.spec);
+        }
+        // the single-token decode kernel (hd a multiple of 4 only): G 1, 4 and 8, and with 16 KiB (WebGPU's
+        // default) the 128-thread variants of the larger groups
+        for (const H of hd % 4 ? [] : [2, 8, 16]) {
+          for (const l of [limit, 16384]) {
+            specs.push(attentionDecodeGqa(dtype, { ...s, H, T: 1, qoff: 7 }, l).spec);
+          }
         }
       }
     }

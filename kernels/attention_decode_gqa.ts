@@ -1,0 +1,332 @@
+/**
+ * Decode attention for one new query token per sequence, in a single dispatch.
+ *
+ * Why: batch-1 decoding otherwise runs the training forward kernel (kernels/attention.ts) split over the keys
+ * plus a combine dispatch (kernels/attention_decode.ts). For the few hundred keys of a short context that path is
+ * mostly fixed latency (about 19 us forward + 11 us combine per layer on the H200 at ~200 keys): each workgroup
+ * handles an 8x64 tile, and the combine is a second dispatch. Here one workgroup takes one (batch entry, kv head)
+ * and all G = H / Hkv query heads that read it, so each K/V row is loaded once for the whole group and nothing
+ * has to be merged in another dispatch.
+ *
+ * What: for each batch entry b and query head h (kv head `floor(h / G)`), with the query at position
+ * `pos = kvLen - 1`, `o = softmax(scale * q K^T) V` over the keys j in `[max(0, kvLen - W), kvLen)` with a sliding
+ * window W > 0 (`j > pos - W`, as the training kernel), else over all `j < kvLen`. Layouts as in
+ * kernels/attention.ts: q and o `[B, 1, H, hd]`, the caches `[B, maxT, Hkv, hd]` with batch stride
+ * `kvBatchStride`; storage f32 or f16, all math in f32, o rounded to the storage type once.
+ *
+ * Scheme: the visible keys go by in chunks of C. In a chunk, thread t scores key t against the G pre-scaled query
+ * rows (staged in workgroup memory, read as broadcasts). For the P·V product the same threads regroup as KS
+ * slices of hd/4 threads, thread (s, d4) owning output dims 4*d4.. of all G heads, and slice s taking the chunk's
+ * keys s*hd/4.. (as many keys as it has threads: thread (s, d4) is also the thread that scored key s*hd/4 + d4).
+ * Each slice keeps its own online softmax (running max, sum, accumulator per head): its threads read the slice's
+ * scores to find its max, so no workgroup-wide max reduction (log2(C) barriers) is needed, and each thread
+ * exponentiates only the scores of its own key. Two barriers per chunk. At the end the KS slices merge with the
+ * usual rescaling (`exp(m_s - m)`) through workgroup memory. V rows are read as 16-byte vectors, the threads of a
+ * slice covering one row together; f16 rows are read as packed `vec2<u32>` (four values) like kernels/gemv.ts.
+ *
+ * @module
+ */
+import { cachedSpec, type DType, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
+import type { Launch } from "./fill.ts";
+import type { AttentionShape } from "./attention.ts";
+
+/** Largest head dimension the kernel takes (hd / 4 threads cover one row; 64 of them at most). */
+export const DECODE_GQA_MAX_HD = 256;
+
+/**
+ * Most query heads per kv head: each thread keeps a running max, sum, score, rescale factor and 4-wide accumulator
+ * per head (8 G registers), so larger groups would spill; they take the split path.
+ */
+export const DECODE_GQA_MAX_G = 16;
+
+/**
+ * Workgroup memory the kernel plans for when the caller gives no device limit: WebGPU's default
+ * `maxComputeWorkgroupStorageSize`, which every adapter offers.
+ */
+export const DECODE_GQA_DEFAULT_STORAGE = 16384;
+
+// Workgroup sizes tried, largest first: the largest whose workgroup memory fits the limit wins (more keys per
+// chunk, fewer barriers per key).
+const WORKGROUP_SIZES = [256, 128, 64];
+
+/** The launch geometry of one kernel variant. */
+export interface DecodeGqaConfig {
+  /** Threads per workgroup. */
+  wg: number;
+  /** Threads per key slice (hd / 4): one 4-wide group of output dims each. */
+  tps: number;
+  /** Key slices per workgroup. */
+  ks: number;
+  /** Keys per chunk (ks * tps; threads at or past it only join the barriers). */
+  chunk: number;
+  /** Heads merged per pass of the final slice reduction. */
+  headsPerPass: number;
+  /** Bytes of workgroup memory. */
+  sharedBytes: number;
+}
+
+function config(G: number, hd: number, wg: number): DecodeGqaConfig {
+  const tps = hd / 4, ks = Math.floor(wg / tps), chunk = ks * tps;
+  // the score buffer doubles as the slices' accumulators at the end: 4 floats per thread per merged head
+  const scoreRows = Math.max(G, 4);
+  const headsPerPass = Math.min(G, Math.floor(scoreRows / 4));
+  const floats = G * hd + scoreRows * chunk + G * chunk + 2 * ks * G;
+  return { wg, tps, ks, chunk, headsPerPass, sharedBytes: 4 * floats };
+}
+
+/**
+ * The kernel geometry for G query heads per kv head and head dimension hd within `limitBytes` of workgroup
+ * memory, or null when no workgroup size fits (or hd is not a multiple of 4 in 4..256, or G not in 1..16).
+ */
+export function decodeGqaConfig(
+  G: number,
+  hd: number,
+  limitBytes = DECODE_GQA_DEFAULT_STORAGE,
+): DecodeGqaConfig | null {
+  if (
+    !Number.isInteger(G) || G < 1 || G > DECODE_GQA_MAX_G || !Number.isInteger(hd) || hd < 4 ||
+    hd > DECODE_GQA_MAX_HD || hd % 4
+  ) {
+    return null;
+  }
+  for (const wg of WORKGROUP_SIZES) {
+    const c = config(G, hd, wg);
+    if (c.ks >= 1 && c.sharedBytes <= limitBytes) return c;
+  }
+  return null;
+}
+
+/**
+ * Whether {@linkcode attentionDecodeGqa} takes this geometry: f32 or f16 storage, hd a multiple of 4 in 4..256,
+ * and G = H / Hkv query heads per kv head in 1..16 and few enough that a chunk's scores fit `limitBytes` of
+ * workgroup memory (in the default 16 KiB: every G at hd <= 128, G <= 10 at hd 256).
+ */
+export function decodeGqaSupported(
+  dtype: DType,
+  G: number,
+  hd: number,
+  limitBytes = DECODE_GQA_DEFAULT_STORAGE,
+): boolean {
+  return (dtype === "f32" || dtype === "f16") && decodeGqaConfig(G, hd, limitBytes) !== null;
+}
+
+const NEG = "-1.0e30";
+
+function decodeGqaSpec(dtype: DType, G: number, hd: number, c: DecodeGqaConfig): KernelSpec {
+  const f16 = dtype === "f16";
+  return cachedSpec(`attn_decode_gqa_${dtype}_g${G}_hd${hd}_wg${c.wg}`, () => {
+    const T = wgslType(dtype);
+    // 4 values per item: a vec4 of f32, or four f16 packed in two words (works without vector f16 loads)
+    const item = f16 ? "vec2<u32>" : "vec4<f32>";
+    const ssLen = Math.max(G, 4) * c.chunk, psLen = G * c.chunk;
+    const unpack = f16
+      ? "let x = buf[i]; return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));"
+      : "return buf[i];";
+    return {
+      bindings: ["read", "read", "read", "rw"],
+      uniformBytes: 32,
+      code: `${wgslHeader(dtype)}
+struct P { kv_len: u32, window: u32, scale: f32, H: u32, kv_bstride: u32, kv_pstride: u32, _a: u32, _b: u32 }
+@group(0) @binding(0) var<storage, read> q: array<${T}>;
+@group(0) @binding(1) var<storage, read> k: array<${item}>;
+@group(0) @binding(2) var<storage, read> v: array<${item}>;
+@group(0) @binding(3) var<storage, read_write> o: array<${T}>;
+@group(0) @binding(4) var<uniform> p: P;
+const G: u32 = ${G}u;
+const HD: u32 = ${hd}u;
+const TPS: u32 = ${c.tps}u;
+const KS: u32 = ${c.ks}u;
+const C: u32 = ${c.chunk}u;
+const WG: u32 = ${c.wg}u;
+const HP: u32 = ${c.headsPerPass}u;
+const NEG: f32 = ${NEG};
+var<workgroup> qs: array<vec4<f32>, ${G * c.tps}>; // the group's query rows * scale, [G][TPS]
+var<workgroup> ss: array<f32, ${ssLen}>; // scores [G][C]; at the end the slices' accumulators
+var<workgroup> ps: array<f32, ${psLen}>; // probabilities [G][C], each against its slice's max
+var<workgroup> ms: array<f32, ${c.ks * G}>; // final running max per (slice, head)
+var<workgroup> ls: array<f32, ${c.ks * G}>; // final running sum per (slice, head)
+
+fn kload(i: u32) -> vec4<f32> { ${unpack.replaceAll("buf", "k")} }
+fn vload(i: u32) -> vec4<f32> { ${unpack.replaceAll("buf", "v")} }
+
+@compute @workgroup_size(${c.wg})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  let hk = wid.x;
+  let b = wid.y;
+  // the group's G query heads are consecutive rows of q (and of o)
+  let qbase = (b * p.H + hk * G) * HD;
+  for (var i = lid; i < G * TPS; i += WG) {
+    let a = qbase + i * 4u;
+    qs[i] = vec4<f32>(f32(q[a]), f32(q[a + 1u]), f32(q[a + 2u]), f32(q[a + 3u])) * p.scale;
+  }
+  // the query sits at position kv_len - 1 and sees keys j > kv_len - 1 - window: one contiguous range
+  var k_begin = 0u;
+  if (p.window > 0u && p.kv_len > p.window) { k_begin = p.kv_len - p.window; }
+  let k_end = p.kv_len;
+  let row0 = (b * p.kv_bstride + hk * HD) / 4u; // 4-value item of key 0, dim 0
+  let pstride = p.kv_pstride / 4u;
+  let s = lid / TPS;
+  let d4 = lid % TPS;
+  let in_chunk = lid < C; // threads past the chunk (when hd / 4 does not divide WG) only join the barriers
+
+  var m: array<f32, ${G}>;
+  var l: array<f32, ${G}>;
+  var acc: array<vec4<f32>, ${G}>;
+  for (var g = 0u; g < G; g++) {
+    m[g] = NEG;
+    l[g] = 0.0;
+    acc[g] = vec4<f32>(0.0);
+  }
+  workgroupBarrier();
+
+  for (var c0 = k_begin; c0 < k_end; c0 += C) {
+    let j = c0 + lid;
+    let live = in_chunk && j < k_end;
+    var sc: array<f32, ${G}>;
+    for (var g = 0u; g < G; g++) { sc[g] = NEG; }
+    if (live) {
+      for (var g = 0u; g < G; g++) { sc[g] = 0.0; }
+      let row = row0 + j * pstride;
+      for (var e = 0u; e < TPS; e++) {
+        let kk = kload(row + e);
+        for (var g = 0u; g < G; g++) { sc[g] += dot(qs[g * TPS + e], kk); }
+      }
+    }
+    if (in_chunk) {
+      for (var g = 0u; g < G; g++) { ss[g * C + lid] = sc[g]; }
+    }
+    workgroupBarrier();
+
+    // every thread of a slice reads the slice's scores and reaches the same max; keys past the end score NEG
+    var alpha: array<f32, ${G}>;
+    if (in_chunk) {
+      for (var g = 0u; g < G; g++) {
+        var mx = NEG;
+        for (var i = 0u; i < TPS; i++) { mx = max(mx, ss[g * C + s * TPS + i]); }
+        let m_new = max(m[g], mx);
+        alpha[g] = exp(m[g] - m_new);
+        m[g] = m_new;
+        ps[g * C + lid] = select(0.0, exp(sc[g] - m_new), live);
+      }
+    }
+    workgroupBarrier();
+
+    if (in_chunk) {
+      let j0 = c0 + s * TPS;
+      // rows past kv_len are never read: they may hold anything, NaN included
+      let nk = select(0u, min(TPS, k_end - j0), j0 < k_end);
+      for (var g = 0u; g < G; g++) {
+        acc[g] *= alpha[g];
+        l[g] *= alpha[g];
+      }
+      for (var i = 0u; i < nk; i++) {
+        let vv = vload(row0 + (j0 + i) * pstride + d4);
+        for (var g = 0u; g < G; g++) {
+          let pr = ps[g * C + s * TPS + i];
+          acc[g] = fma(vec4<f32>(pr), vv, acc[g]);
+          l[g] += pr;
+        }
+      }
+    }
+    // the next chunk's first writes (ss) follow this chunk's last reads of ss behind the barrier above, and its
+    // writes of ps come after its own first barrier: no third barrier here
+  }
+
+  // merge the slices: o = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, with M the max over the slices
+  if (in_chunk && d4 == 0u) {
+    for (var g = 0u; g < G; g++) {
+      ms[s * G + g] = m[g];
+      ls[s * G + g] = l[g];
+    }
+  }
+  workgroupBarrier();
+  if (in_chunk) {
+    for (var g = 0u; g < G; g++) {
+      var mx = NEG;
+      for (var t = 0u; t < KS; t++) { mx = max(mx, ms[t * G + g]); }
+      var tot = 0.0;
+      // a slice that saw no key has m = NEG and l = 0: weight 0
+      for (var t = 0u; t < KS; t++) { tot += exp(ms[t * G + g] - mx) * ls[t * G + g]; }
+      acc[g] *= exp(m[g] - mx) / tot;
+    }
+  }
+  for (var h0 = 0u; h0 < G; h0 += HP) {
+    if (in_chunk) {
+      for (var hh = 0u; hh < HP; hh++) {
+        if (h0 + hh < G) {
+          let a = acc[h0 + hh];
+          let at = (hh * C + lid) * 4u;
+          ss[at] = a.x;
+          ss[at + 1u] = a.y;
+          ss[at + 2u] = a.z;
+          ss[at + 3u] = a.w;
+        }
+      }
+    }
+    workgroupBarrier();
+    for (var i = lid; i < HP * HD; i += WG) {
+      let hh = i / HD;
+      let d = i % HD;
+      if (h0 + hh < G) {
+        var sum = 0.0;
+        for (var t = 0u; t < KS; t++) { sum += ss[(hh * C + t * TPS + d / 4u) * 4u + d % 4u]; }
+        o[qbase + (h0 + hh) * HD + d] = ${T}(sum);
+      }
+    }
+    workgroupBarrier();
+  }
+}
+`,
+    };
+  });
+}
+
+/**
+ * Decode attention of one query token per sequence against a KV cache, one workgroup per (batch entry, kv
+ * head). `s` must describe one query (`T = 1`) at the last cached position (`qoff = kvLen - 1`); `kvBatchStride`
+ * is the cache's `maxT * Hkv * hd`. `limitBytes` is the device's workgroup memory (the largest workgroup that fits
+ * is used). Bindings: q `[B, 1, H, hd]`, k cache, v cache `[B, maxT, Hkv, hd]` (read), o `[B, 1, H, hd]` (rw).
+ * Throws for shapes {@linkcode decodeGqaSupported} rejects.
+ */
+export function attentionDecodeGqa(
+  dtype: DType,
+  s: AttentionShape,
+  limitBytes = DECODE_GQA_DEFAULT_STORAGE,
+): Launch {
+  if (s.T !== 1 || s.qoff !== s.kvLen - 1) {
+    throw new Error(
+      `attentionDecodeGqa: expected one query (T = 1) at position kvLen - 1 = ${
+        s.kvLen - 1
+      }, got T = ${s.T}, ` +
+        `qoff = ${s.qoff}`,
+    );
+  }
+  if (s.B < 1 || s.kvLen < 1 || s.window < 0 || !Number.isInteger(s.window)) {
+    throw new Error(
+      `attentionDecodeGqa: expected B >= 1, kvLen >= 1 and an integer window >= 0, got B = ${s.B}, kvLen = ${s.kvLen}, window = ${s.window}`,
+    );
+  }
+  if (s.Hkv < 1 || s.H % s.Hkv !== 0) {
+    throw new Error(`attentionDecodeGqa: expected H a multiple of Hkv, got H = ${s.H}, Hkv = ${s.Hkv}`);
+  }
+  if (dtype !== "f32" && dtype !== "f16") {
+    throw new Error(`attentionDecodeGqa: expected dtype f32 or f16, got ${dtype}`);
+  }
+  const G = s.H / s.Hkv;
+  const c = decodeGqaConfig(G, s.hd, limitBytes);
+  if (!c) {
+    throw new Error(
+      `attentionDecodeGqa: expected hd a multiple of 4 in 4..${DECODE_GQA_MAX_HD} and G = H / Hkv in ` +
+        `1..${DECODE_GQA_MAX_G} fitting ${limitBytes} bytes of workgroup memory, got hd = ${s.hd}, G = ${G}`,
+    );
+  }
+  if (s.kvBatchStride % 4 !== 0) {
+    throw new Error(`attentionDecodeGqa: expected kvBatchStride a multiple of 4, got ${s.kvBatchStride}`);
+  }
+  return {
+    spec: decodeGqaSpec(dtype, G, s.hd, c),
+    uniforms: new Uniforms(32).u32(s.kvLen).u32(s.window).f32(s.scale).u32(s.H)
+      .u32(s.kvBatchStride).u32(s.Hkv * s.hd).u32(0).u32(0).buffer,
+    workgroups: [s.Hkv, s.B],
+  };
+}
