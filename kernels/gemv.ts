@@ -74,23 +74,16 @@ export interface GemvOptions {
 }
 
 /**
- * Threads per row and loads in flight for a product with `n` outputs, `items` loaded items (16-byte vectors, or
- * scalars) per row of W, and `rows` rows of x. Measured on the H200 (f32, one row, back-to-back dispatches,
- * BENCHMARKS.md): products with few outputs launch few workgroups, so each thread must keep more loads in flight
- * (2048 x 2048: 8.7 -> 5.9-6.2 us with 8-16 loads instead of 4; 5152 x 2048: 10.3 -> 8.8 us); a long K with few
- * outputs also gains from 64 threads a row (2048 x 8192: 23.3 -> 19.1 us); 8192 or more outputs are fastest with
- * the plain 32 threads and 4 loads. Many rows of x keep 4 loads (their accumulators already use the registers).
+ * Threads per row and loads in flight for a product with `n` outputs: up to 128 threads a row, as many as keep
+ * the dispatch near 1,024 workgroups, and 4 loads in flight. Timed on the H200 with every dispatch reading its W from memory, as in a decode step (f32, one row,
+ * BENCHMARKS.md): 2048 x 8192 (down_proj) 23.3 -> 19.2 us at 128 threads instead of 32; 2048 x 2048 9.5 -> 8.7;
+ * 3072 x 2048 10.6 -> 9.9 at 64; 5152 and more outputs are fastest at 32. Deeper unrolls only helped weights
+ * that stay in the L2 cache (a benchmark artefact), within 3% otherwise.
  */
-export function gemvShapeDefaults(
-  n: number,
-  items: number,
-  rows: number,
-): { threadsPerRow: number; unroll: number } {
-  const threadsPerRow = n <= 2048 && items >= 1024 ? 64 : 32;
-  if (n > 6144 || rows > 4) return { threadsPerRow, unroll: 4 };
-  const perThread = Math.max(1, Math.floor(items / threadsPerRow));
-  const unroll = Math.min(16, Math.max(4, 2 ** Math.floor(Math.log2(perThread))));
-  return { threadsPerRow, unroll };
+export function gemvShapeDefaults(n: number): { threadsPerRow: number; unroll: number } {
+  let threadsPerRow = 32;
+  while (threadsPerRow < 128 && (n * threadsPerRow * 2) / GEMV_WORKGROUP <= 1024) threadsPerRow *= 2;
+  return { threadsPerRow, unroll: 4 };
 }
 
 /**
@@ -206,7 +199,7 @@ function gemvLaunch(
 ): Launch {
   const width = gemvVectorWidth(dtype);
   const vec = k % width === 0 && (!variant.gated || variant.gated.group % width === 0);
-  const shaped = gemvShapeDefaults(n, vec ? k / width : k, rows);
+  const shaped = gemvShapeDefaults(n);
   const tpr = opts.threadsPerRow ?? shaped.threadsPerRow;
   if (tpr < 4 || tpr > GEMV_WORKGROUP || (tpr & (tpr - 1)) !== 0) {
     throw new Error(`gemv: threadsPerRow must be a power of two in 4..${GEMV_WORKGROUP}, got ${tpr}`);
