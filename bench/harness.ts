@@ -85,11 +85,16 @@ export interface KernelTime {
  * normally once; their buffers stay alive while they are timed, so call this inside a scope. Undefined without
  * `timestamp-query`. Each timed dispatch reruns on the inputs it last saw, which is fine for timing and wrong
  * for values: the workload's outputs are garbage afterwards.
+ *
+ * `cold`: before each dispatch, copy 256 MB through the GPU so that its L2 holds none of the dispatch's inputs,
+ * and time one run. Use it for decode steps: there each weight is read once per token from memory, while a
+ * dispatch repeated alone finds weights smaller than the L2 (50 MB on the H200) cached after its first run.
  */
 export async function profileDispatches(
   rt: Runtime,
   record: () => void | Promise<void>,
   iters = 3,
+  cold = false,
 ): Promise<KernelTime[] | undefined> {
   const dev = rt.dev;
   if (!dev.features.timestamps) return undefined;
@@ -110,11 +115,26 @@ export async function profileDispatches(
     dev.dispatch = dispatch;
   }
   await dev.sync();
+  const flushBytes = 128 << 20;
+  const scratch = cold
+    ? [0, 1].map(() =>
+      dev.gpu.createBuffer({
+        size: flushBytes,
+        usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+      })
+    )
+    : [];
   const byKernel = new Map<string, KernelTime>();
   for (const [spec, buffers, workgroups, uniforms] of seen) {
+    if (cold) dev.copyBuffer(scratch[0], 0, scratch[1], 0, flushBytes);
     // undefined: below the timer's resolution (or timestamps refused inside a pass), counted as 0
-    const ms =
-      await dev.timeDispatch(spec, buffers, workgroups, uniforms as ArrayBuffer | undefined, iters) ?? 0;
+    const ms = await dev.timeDispatch(
+      spec,
+      buffers,
+      workgroups,
+      uniforms as ArrayBuffer | undefined,
+      cold ? 1 : iters,
+    ) ?? 0;
     const wg = workgroups.reduce<number>((a, b) => a * (b ?? 1), 1);
     const row = byKernel.get(spec.key) ?? { kernel: spec.key, dispatches: 0, ms: 0, maxWorkgroups: 0 };
     row.dispatches++;
@@ -122,6 +142,7 @@ export async function profileDispatches(
     row.maxWorkgroups = Math.max(row.maxWorkgroups, wg);
     byKernel.set(spec.key, row);
   }
+  for (const b of scratch) b.destroy();
   return [...byKernel.values()].sort((a, b) => b.ms - a.ms);
 }
 
