@@ -30,7 +30,7 @@ import {
   matmulSharedBytes,
   parseMatmulConfig,
 } from "../kernels/matmul.ts";
-import { gemvKernel } from "../kernels/gemv.ts";
+import { gemvKernel, gemvSwigluKernel } from "../kernels/gemv.ts";
 
 /** Options of {@linkcode bench}. */
 export interface BenchOptions {
@@ -50,7 +50,12 @@ export interface BenchOptions {
   gemvTpr?: readonly number[];
   /** GEMV loads in flight per thread to time (default 4). */
   gemvUnroll?: readonly number[];
+  /** GEMV variants to time (default plain). */
+  gemvVariants?: readonly GemvBenchVariant[];
 }
+
+/** A GEMV as decoding runs it: plain, with the RMSNorm prologue, the SwiGLU gate/up pair, or the pair normed. */
+export type GemvBenchVariant = "plain" | "norm" | "swiglu" | "swiglu_norm";
 
 // ---- GPU-side inputs: a hash of the index, reproducible on the CPU for spot checks -------------------------
 
@@ -268,31 +273,41 @@ async function benchGemv(
   targetMs: number,
   tprs: readonly number[],
   unrolls: readonly number[],
+  variant: GemvBenchVariant = "plain",
 ): Promise<void> {
+  const swiglu = variant.startsWith("swiglu"), norm = variant.endsWith("norm");
+  const mats = swiglu ? 2 : 1;
   await rt.scope(async () => {
     // Decoding reads each weight once per token, from HBM. A weight smaller than the GPU's L2 (50 MB on the H200)
     // timed alone stays in L2 after the first dispatch, so the dispatches cycle through enough copies of W to
     // span 256 MB: every dispatch reads its W from memory, as in a decode step.
-    const bytesW = n * k * (dtype === "f16" ? 2 : 4);
+    const bytesW = mats * n * k * (dtype === "f16" ? 2 : 4);
     const copies = Math.max(1, Math.min(64, Math.ceil(COLD_SPAN_BYTES / bytesW)));
-    const x = hashed(rt, [1, k], dtype, 3), y = rt.empty([1, n], dtype);
-    const ws = Array.from({ length: copies }, (_, i) => hashed(rt, [n, k], dtype, 4 + i));
+    const x = hashed(rt, [1, k], dtype, 3), y = rt.empty([1, n], dtype), nw = hashed(rt, [k], dtype, 2);
+    // each copy: the weight, or the gate and up weights
+    const ws = Array.from(
+      { length: copies },
+      (_, i) => Array.from({ length: mats }, (_, j) => hashed(rt, [n, k], dtype, 4 + 2 * i + j)),
+    );
     const probe = rt.empty([1], "f32");
     for (const [tpr, unroll] of tprs.flatMap((t) => unrolls.map((u) => [t, u]))) {
-      const l = gemvKernel(dtype, 1, n, k, { threadsPerRow: tpr, unroll });
+      const opts = { threadsPerRow: tpr, unroll, normIn: norm ? { eps: 1e-5 } : undefined };
+      const l = swiglu ? gemvSwigluKernel(dtype, 1, n, k, opts) : gemvKernel(dtype, 1, n, k, opts);
+      const bindings = (w: Tensor[]) => [x, ...(norm ? [nw] : []), ...w, y];
       let next = 0;
       const record = () => {
         const w = ws[next++ % copies];
-        rt.dev.dispatch(l.spec, [x.binding, w.binding, y.binding], l.workgroups, l.uniforms);
+        rt.dev.dispatch(l.spec, bindings(w).map((t) => t.binding), l.workgroups, l.uniforms);
       };
       // (the GPU-timed figure repeats one W: warm in L2 when W is smaller than it; the wall figure cycles)
       const t = await timeIt(rt, probe, record, warmupMs, targetMs, {
         ...l,
-        bindings: [x.buffer, ws[0].buffer, y.buffer],
+        bindings: bindings(ws[0]).map((t) => t.buffer),
       });
-      const bytes = (n * k + k + n) * (dtype === "f16" ? 2 : 4);
+      const bytes = (mats * n * k + k + n) * (dtype === "f16" ? 2 : 4);
       log({
         bench: "gemv",
+        variant,
         dtype,
         m: 1,
         k,
@@ -404,7 +419,11 @@ export async function bench(
   if (runs("gemv")) {
     const shapes = opts.gemvShapes ?? (quick ? [[1024, 512]] : [[14336, 4096]]);
     for (const dtype of dtypes) {
-      for (const shape of shapes) {
+      for (
+        const [shape, variant] of shapes.flatMap((s) =>
+          (opts.gemvVariants ?? ["plain"]).map((v) => [s, v] as const)
+        )
+      ) {
         await benchGemv(
           rt,
           log,
@@ -414,6 +433,7 @@ export async function bench(
           targetMs,
           opts.gemvTpr ?? [32, 64, 128, 256],
           opts.gemvUnroll ?? [4],
+          variant,
         );
       }
     }
@@ -443,6 +463,7 @@ if (import.meta.main) {
     gemvShapes: list("--gemv-shapes")?.map((s) => s.split("x").map(Number) as [number, number]),
     gemvTpr: list("--gemv-tpr")?.map(Number),
     gemvUnroll: list("--gemv-unroll")?.map(Number),
+    gemvVariants: list("--gemv-variants") as GemvBenchVariant[] | undefined,
   });
   rt.dev.destroy();
 }
