@@ -10,11 +10,13 @@
  * The kernel (one variant per {@linkcode MatmulConfig} and layout):
  * - a workgroup computes a BM x BN block of C with (BM/TM) * (BN/TN) threads, each owning TM x TN outputs in
  *   registers (f32, whatever the storage type);
- * - K advances in steps of BK through two workgroup-shared tiles (double buffering): while the threads multiply
- *   out of one tile, the next tile's global loads are already in registers, so one barrier per step suffices;
+ * - K advances in steps of BK through workgroup-shared tiles: with two buffers, the next tile's global loads
+ *   are in registers while the threads multiply out of the current one (one barrier a step); with one buffer
+ *   (the H200's fastest configs) those registers go to occupancy instead, and each step takes two barriers;
  * - both tiles are stored k-major (`As[k][m]`, `Bs[k][n]`) so a thread reads its TM (TN) values as vec4s;
  *   a thread's rows are interleaved in groups of 4 (`(g * threadsM + tm) * 4 + i`) so neighbouring threads read
- *   neighbouring vec4s of shared memory;
+ *   neighbouring vec4s of shared memory; optionally the vec4 columns are XOR-swizzled by k row, so the
+ *   transposing stores of an operand that runs along K hit distinct banks (`MatmulConfig.swizzle`);
  * - global loads are vec4 along an operand's contiguous dimension when that dimension is a multiple of 4 (then
  *   a vec4 is either wholly inside or wholly outside the matrix), else scalar with per-element bounds checks.
  *
