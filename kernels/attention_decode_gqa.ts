@@ -29,6 +29,7 @@
 import { cachedSpec, type DType, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 import type { AttentionShape } from "./attention.ts";
+import { WGSL_SINCOS } from "./rope.ts";
 
 /** Largest head dimension the kernel takes (hd / 4 threads cover one row; 64 of them at most). */
 export const DECODE_GQA_MAX_HD = 256;
@@ -112,9 +113,9 @@ export function decodeGqaSupported(
 
 const NEG = "-1.0e30";
 
-function decodeGqaSpec(dtype: DType, G: number, hd: number, c: DecodeGqaConfig): KernelSpec {
+function decodeGqaSpec(dtype: DType, G: number, hd: number, c: DecodeGqaConfig, rope: boolean): KernelSpec {
   const f16 = dtype === "f16";
-  return cachedSpec(`attn_decode_gqa_${dtype}_g${G}_hd${hd}_wg${c.wg}`, () => {
+  return cachedSpec(`attn_decode_gqa_${dtype}_g${G}_hd${hd}_wg${c.wg}${rope ? "_rope" : ""}`, () => {
     const T = wgslType(dtype);
     // 4 values per item: a vec4 of f32, or four f16 packed in two words (works without vector f16 loads)
     const item = f16 ? "vec2<u32>" : "vec4<f32>";
@@ -122,16 +123,82 @@ function decodeGqaSpec(dtype: DType, G: number, hd: number, c: DecodeGqaConfig):
     const unpack = f16
       ? "let x = buf[i]; return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));"
       : "return buf[i];";
+    const pack = f16 ? "vec2<u32>(pack2x16float(x.xy), pack2x16float(x.zw))" : "x";
+    const cache = rope ? "read_write" : "read";
+    const bindings = rope
+      ? `@group(0) @binding(0) var<storage, read> q: array<${T}>;
+@group(0) @binding(1) var<storage, read> kn: array<${T}>;
+@group(0) @binding(2) var<storage, read> vn: array<${T}>;
+@group(0) @binding(3) var<storage, read> INV_FREQ: array<f32>;
+@group(0) @binding(4) var<storage, ${cache}> k: array<${item}>;
+@group(0) @binding(5) var<storage, ${cache}> v: array<${item}>;
+@group(0) @binding(6) var<storage, read_write> o: array<${T}>;
+@group(0) @binding(7) var<uniform> p: P;`
+      : `@group(0) @binding(0) var<storage, read> q: array<${T}>;
+@group(0) @binding(1) var<storage, ${cache}> k: array<${item}>;
+@group(0) @binding(2) var<storage, ${cache}> v: array<${item}>;
+@group(0) @binding(3) var<storage, read_write> o: array<${T}>;
+@group(0) @binding(4) var<uniform> p: P;`;
+    // RoPE exactly as kernels/attention_decode.ts's ropeKvAppend computes it (position p.start, HF's scaling of
+    // cos and sin), each rotated value rounded to T as that kernel stores it
+    const ropeFns = !rope ? "" : `${WGSL_SINCOS}
+fn rotation(i: u32) -> vec2<f32> {
+  let sc = sincos_accurate(f32(p.start) * INV_FREQ[i]);
+  return vec2<f32>(p.scaling * sc.y, p.scaling * sc.x);
+}
+fn kstore(x: vec4<f32>) -> ${item} { return ${pack}; }`;
+    // the new token's k (rotated) and v of this (sequence, kv head) go into the cache at position kv_len - 1,
+    // written by this workgroup alone and read back by it after the storage barrier
+    const ropePrologue = !rope ? "" : `
+  {
+    let half = HD / 2u;
+    let src = (b * (p.H / G) + hk) * HD;
+    let dst = row0 + (p.kv_len - 1u) * (p.kv_pstride / 4u);
+    for (var j = lid; j < HD / 8u; j += WG) {
+      var lo: vec4<f32>;
+      var hi: vec4<f32>;
+      for (var e = 0u; e < 4u; e++) {
+        let d = 4u * j + e;
+        let x1 = f32(kn[src + d]);
+        let x2 = f32(kn[src + d + half]);
+        let cs = rotation(d);
+        lo[e] = x1 * cs.x - x2 * cs.y;
+        hi[e] = x2 * cs.x + x1 * cs.y;
+      }
+      k[dst + j] = kstore(lo);
+      k[dst + j + half / 4u] = kstore(hi);
+    }
+    for (var j = lid; j < HD / 4u; j += WG) {
+      let a = src + 4u * j;
+      v[dst + j] = kstore(vec4<f32>(f32(vn[a]), f32(vn[a + 1u]), f32(vn[a + 2u]), f32(vn[a + 3u])));
+    }
+  }
+  storageBarrier();`;
+    const qStage = rope
+      ? `for (var i = lid; i < G * TPS; i += WG) {
+    let g = i / TPS;
+    var r: vec4<f32>;
+    for (var e = 0u; e < 4u; e++) {
+      let d = (i % TPS) * 4u + e;
+      let upper = d >= HD / 2u;
+      let dd = select(d, d - HD / 2u, upper);
+      let x = f32(q[qbase + g * HD + d]);
+      let y = f32(q[qbase + g * HD + select(d + HD / 2u, dd, upper)]);
+      let cs = rotation(dd);
+      r[e] = f32(${T}(select(x * cs.x - y * cs.y, x * cs.x + y * cs.y, upper)));
+    }
+    qs[i] = r * p.scale;
+  }`
+      : `for (var i = lid; i < G * TPS; i += WG) {
+    let a = qbase + i * 4u;
+    qs[i] = vec4<f32>(f32(q[a]), f32(q[a + 1u]), f32(q[a + 2u]), f32(q[a + 3u])) * p.scale;
+  }`;
     return {
-      bindings: ["read", "read", "read", "rw"],
+      bindings: rope ? ["read", "read", "read", "read", "rw", "rw", "rw"] : ["read", "read", "read", "rw"],
       uniformBytes: 32,
       code: `${wgslHeader(dtype)}
-struct P { kv_len: u32, window: u32, scale: f32, H: u32, kv_bstride: u32, kv_pstride: u32, _a: u32, _b: u32 }
-@group(0) @binding(0) var<storage, read> q: array<${T}>;
-@group(0) @binding(1) var<storage, read> k: array<${item}>;
-@group(0) @binding(2) var<storage, read> v: array<${item}>;
-@group(0) @binding(3) var<storage, read_write> o: array<${T}>;
-@group(0) @binding(4) var<uniform> p: P;
+struct P { kv_len: u32, window: u32, scale: f32, H: u32, kv_bstride: u32, kv_pstride: u32, start: i32, scaling: f32 }
+${bindings}
 const G: u32 = ${G}u;
 const HD: u32 = ${hd}u;
 const TPS: u32 = ${c.tps}u;
@@ -148,6 +215,7 @@ var<workgroup> ls: array<f32, ${c.ks * G}>; // final running sum per (slice, hea
 
 fn kload(i: u32) -> vec4<f32> { ${unpack.replaceAll("buf", "k")} }
 fn vload(i: u32) -> vec4<f32> { ${unpack.replaceAll("buf", "v")} }
+${ropeFns}
 
 @compute @workgroup_size(${c.wg})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -155,10 +223,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let b = wid.y;
   // the group's G query heads are consecutive rows of q (and of o)
   let qbase = (b * p.H + hk * G) * HD;
-  for (var i = lid; i < G * TPS; i += WG) {
-    let a = qbase + i * 4u;
-    qs[i] = vec4<f32>(f32(q[a]), f32(q[a + 1u]), f32(q[a + 2u]), f32(q[a + 3u])) * p.scale;
-  }
+  ${qStage}
   // the query sits at position kv_len - 1 and sees keys j > kv_len - 1 - window: one contiguous range
   var k_begin = 0u;
   if (p.window > 0u && p.kv_len > p.window) { k_begin = p.kv_len - p.window; }
@@ -176,7 +241,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     m[g] = NEG;
     l[g] = 0.0;
     acc[g] = vec4<f32>(0.0);
-  }
+  }${ropePrologue}
   workgroupBarrier();
 
   for (var c0 = k_begin; c0 < k_end; c0 += C) {
@@ -282,8 +347,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 
 /**
+ * The RoPE and cache append the kernel can do first (decoding's `ropeKvAppend` for one token): q [B, 1, H, hd]
+ * and the new k [B, 1, Hkv, hd] rotate by position `start`, and the rotated k and the new v land in the caches at
+ * position `kvLen - 1`. Bindings then: q, k_new, v_new, inv_freq [hd / 2] (read), k cache, v cache, o (rw).
+ */
+export interface DecodeGqaRope {
+  /** Position the new token rotates by. */
+  start: number;
+  /** HF's attention scaling of cos and sin (1 for the default and llama3 RoPE). */
+  scaling?: number;
+}
+
+/**
  * Decode attention of one query token per sequence against a KV cache, one workgroup per (batch entry, kv
- * head). `s` must describe one query (`T = 1`) at the last cached position (`qoff = kvLen - 1`); `kvBatchStride`
+ * head). With `rope`, the kernel first rotates q and the new k and appends k and v to the cache
+ * ({@linkcode DecodeGqaRope}), which saves a dispatch per layer and token. `s` must describe one query (`T = 1`) at the last cached position (`qoff = kvLen - 1`); `kvBatchStride`
  * is the cache's `maxT * Hkv * hd`. `limitBytes` is the device's workgroup memory (the largest workgroup that fits
  * is used). Bindings: q `[B, 1, H, hd]`, k cache, v cache `[B, maxT, Hkv, hd]` (read), o `[B, 1, H, hd]` (rw).
  * Throws for shapes {@linkcode decodeGqaSupported} rejects.
@@ -292,6 +370,7 @@ export function attentionDecodeGqa(
   dtype: DType,
   s: AttentionShape,
   limitBytes = DECODE_GQA_DEFAULT_STORAGE,
+  rope?: DecodeGqaRope,
 ): Launch {
   if (s.T !== 1 || s.qoff !== s.kvLen - 1) {
     throw new Error(
@@ -323,10 +402,13 @@ export function attentionDecodeGqa(
   if (s.kvBatchStride % 4 !== 0) {
     throw new Error(`attentionDecodeGqa: expected kvBatchStride a multiple of 4, got ${s.kvBatchStride}`);
   }
+  if (rope && s.hd % 8 !== 0) {
+    throw new Error(`attentionDecodeGqa: RoPE in the kernel expects hd a multiple of 8, got ${s.hd}`);
+  }
   return {
-    spec: decodeGqaSpec(dtype, G, s.hd, c),
+    spec: decodeGqaSpec(dtype, G, s.hd, c, !!rope),
     uniforms: new Uniforms(32).u32(s.kvLen).u32(s.window).f32(s.scale).u32(s.H)
-      .u32(s.kvBatchStride).u32(s.Hkv * s.hd).u32(0).u32(0).buffer,
+      .u32(s.kvBatchStride).u32(s.Hkv * s.hd).i32(rope?.start ?? 0).f32(rope?.scaling ?? 1).buffer,
     workgroups: [s.Hkv, s.B],
   };
 }

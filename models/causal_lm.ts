@@ -20,7 +20,7 @@ import { embedding } from "../runtime/ops/embedding.ts";
 import { linear } from "../runtime/ops/matmul.ts";
 import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
 import { rope } from "../runtime/ops/rope.ts";
-import { attention, decodeAttention, KvCache, ropeAppendKv } from "../runtime/ops/attention.ts";
+import { attention, KvCache, ropeAppendDecodeAttention } from "../runtime/ops/attention.ts";
 import { add, exp, scale } from "../runtime/ops/elementwise.ts";
 import { takeRows } from "../runtime/ops/columns.ts";
 import { causalConv1d, causalConv1dStep } from "../runtime/ops/conv1d.ts";
@@ -335,9 +335,10 @@ export class CausalLM {
   ): OutProjection {
     const c = this.config;
     const { q, k, v } = this.#qkvProjections(p, u, B, n);
-    // RoPE on q and k and the cache append in one dispatch
-    const qRot = ropeAppendKv(q, k, v, this.invFreq, cache, start);
-    const o = decodeAttention(qRot, cache, { window: c.slidingWindow ?? 0 });
+    // RoPE on q and k, the cache append and the attention: one dispatch for one new token, else two
+    const o = ropeAppendDecodeAttention(q, k, v, this.invFreq, cache, start, {
+      window: c.slidingWindow ?? 0,
+    });
     return {
       input: o.view([B * n, c.numHeads * c.headDim]),
       weight: this.param(`${p}self_attn.o_proj.weight`),

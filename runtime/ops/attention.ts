@@ -501,3 +501,70 @@ export function decodeAttention(q: Tensor, cache: KvCache, opts: DecodeOptions =
   lse.dispose();
   return out;
 }
+
+/**
+ * A decoding step's attention from the raw projections: RoPE on q and k at position `start`, the append of k and
+ * v to the cache, and the attention of the new queries against it (the same result as {@linkcode ropeAppendKv}
+ * followed by {@linkcode decodeAttention}). One new token per sequence on the single-dispatch kernel does all of
+ * it in that kernel (`kernels/attention_decode_gqa.ts` with `rope`): one dispatch per layer and token instead of
+ * two. Inference only.
+ */
+export function ropeAppendDecodeAttention(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  invFreq: Tensor,
+  cache: KvCache,
+  start: number,
+  opts: DecodeOptions = {},
+): Tensor {
+  const rt = q.rt;
+  const qs = q.shape.length === 3 ? [1, ...q.shape] : q.shape;
+  const [B, n, H, hd] = qs;
+  const kvLen = cache.length + n;
+  const window = opts.window ?? 0;
+  const span = window > 0 ? Math.min(kvLen, window) : kvLen;
+  const fused = opts.kernel !== "split" && n === 1 && qs.length === 4 && hd % 8 === 0 &&
+    span <= DECODE_GQA_MAX_KEYS && H % cache.Hkv === 0 &&
+    decodeGqaSupported(q.dtype, H / cache.Hkv, hd, storageLimit(rt)) &&
+    rt.dev.limits.maxStorageBuffersPerShaderStage >= 7;
+  if (!fused) return decodeAttention(ropeAppendKv(q, k, v, invFreq, cache, start), cache, opts);
+  const ks = k.shape.length === 3 ? [1, ...k.shape] : k.shape;
+  if (
+    ks.length !== 4 || ks[0] !== B || ks[1] !== n || ks[2] !== cache.Hkv || ks[3] !== hd || hd !== cache.hd ||
+    B !== cache.B || v.shape.join() !== k.shape.join() || [q, k, v].some((t) => t.dtype !== cache.k.dtype) ||
+    invFreq.size !== hd / 2
+  ) {
+    throw new Error(
+      `ropeAppendDecodeAttention: q ${shapeStr(q.shape)}, k ${shapeStr(k.shape)}, v ${shapeStr(v.shape)} ` +
+        `${q.dtype} do not fit cache ${shapeStr(cache.k.shape)} ${cache.k.dtype}`,
+    );
+  }
+  if (kvLen > cache.maxT) {
+    throw new Error(
+      `ropeAppendDecodeAttention: ${cache.length} + ${n} positions exceed the cache capacity ${cache.maxT}`,
+    );
+  }
+  const s: AttentionShape = {
+    B,
+    T: 1,
+    H,
+    Hkv: cache.Hkv,
+    hd,
+    qoff: kvLen - 1,
+    kvLen,
+    kvBatchStride: cache.maxT * cache.Hkv * hd,
+    window,
+    scale: opts.scale ?? 1 / Math.sqrt(hd),
+  };
+  const l = attentionDecodeGqa(q.dtype, s, storageLimit(rt), { start });
+  const out = rt.empty(q.shape, q.dtype);
+  rt.dev.dispatch(
+    l.spec,
+    [q.binding, k.binding, v.binding, invFreq.binding, cache.k.binding, cache.v.binding, out.binding],
+    l.workgroups,
+    l.uniforms,
+  );
+  cache.length = kvLen;
+  return out;
+}

@@ -12,6 +12,7 @@ import {
   decodeAttention,
   type DecodeKernel,
   KvCache,
+  ropeAppendDecodeAttention,
 } from "../../runtime/ops/attention.ts";
 import type { Runtime } from "../../runtime/runtime.ts";
 import type { Rng } from "../../util/rng.ts";
@@ -290,6 +291,72 @@ Deno.test(
       });
     } finally {
       cache.dispose();
+    }
+  },
+);
+
+Deno.test(
+  "ropeAppendDecodeAttention: RoPE, cache append and attention in the one kernel equal the three steps apart",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("decode-gqa-rope");
+    // [B, Hkv, G, hd, cached positions before the step, window, RoPE position]
+    const cases: [number, number, number, number, number, number, number][] = [
+      [2, 2, 4, 64, 37, 0, 37],
+      [1, 1, 1, 8, 0, 0, 0], // the first token: the cache holds only what the kernel appends
+      [1, 2, 4, 16, 50, 13, 1000], // a window, and a RoPE position unlike the cache position
+    ];
+    for (const dtype of (rt.dev.features.f16 ? ["f32", "f16"] : ["f32"]) as ("f32" | "f16")[]) {
+      const r = (a: Float64Array) => dtype === "f16" ? roundF16(a) : a;
+      for (const [B, Hkv, G, hd, len, window, start] of cases) {
+        const H = G * Hkv, maxT = len + 3;
+        const label = `${dtype} B=${B} G=${G} hd=${hd} len=${len} window=${window} start=${start}`;
+        const q = r(randn(rng, B * H * hd)), k = r(randn(rng, B * Hkv * hd)), v = r(randn(rng, B * Hkv * hd));
+        const old = r(randn(rng, B * len * Hkv * hd)), oldV = r(randn(rng, B * len * Hkv * hd));
+        const invFreq = Float64Array.from({ length: hd / 2 }, (_, i) => Math.pow(10000, (-2 * i) / hd));
+        const run = async (kernel: DecodeKernel) =>
+          await rt.scope(async () => {
+            const cache = new KvCache(rt, B, maxT, Hkv, hd, dtype);
+            if (len > 0) {
+              appendKv(
+                cache,
+                rt.tensor(old, [B, len, Hkv, hd], dtype),
+                rt.tensor(oldV, [B, len, Hkv, hd], dtype),
+              );
+            }
+            const keys = await withKernelKeys(rt, () =>
+              ropeAppendDecodeAttention(
+                rt.tensor(q, [B, 1, H, hd], dtype),
+                rt.tensor(k, [B, 1, Hkv, hd], dtype),
+                rt.tensor(v, [B, 1, Hkv, hd], dtype),
+                rt.tensor(invFreq, [hd / 2]),
+                cache,
+                start,
+                { window, kernel },
+              ));
+            assert.equal(cache.length, len + 1, `${label}: cache length`);
+            const [o, kc, vc] = await Promise.all([keys.out.read(), cache.k.read(), cache.v.read()]);
+            cache.dispose();
+            // (the test runtime poisons new tensors with fill dispatches)
+            return { o, kc, vc, keys: keys.keys.filter((x) => !x.startsWith("fill_")) };
+          });
+        const fused = await run("gqa"), apart = await run("split");
+        assert.equal(fused.keys.length, 1, `${label}: one dispatch (${fused.keys})`);
+        assert.ok(apart.keys.some((x) => x.startsWith("rope_kv_append")), `${label}: ${apart.keys}`);
+        // the same f32 operations on the same inputs, each value rounded to the storage type once: the caches
+        // agree to the rounding of the storage type; o differs only by the two kernels' summation orders
+        const tol = dtype === "f16" ? F16 : F32;
+        const used = (a: ArrayLike<number>) =>
+          Array.from(
+            { length: B },
+            (_, b) => Array.from(a).slice(b * maxT * Hkv * hd, (b * maxT + len + 1) * Hkv * hd),
+          )
+            .flat();
+        assertClose(used(fused.kc), used(apart.kc), tol, `${label}: k cache`);
+        assertClose(used(fused.vc), used(apart.vc), { rtol: 0, atol: 0 }, `${label}: v cache`);
+        assertClose(fused.o, apart.o, tol, `${label}: o`);
+      }
     }
   },
 );

@@ -51,6 +51,10 @@ function allSpecs(): KernelSpec[] {
         for (const H of hd % 4 ? [] : [2, 8, 16]) {
           for (const l of [limit, 16384]) {
             specs.push(attentionDecodeGqa(dtype, { ...s, H, T: 1, qoff: 7 }, l).spec);
+            // with RoPE and the cache append in the kernel (hd a multiple of 8)
+            if (hd % 8 === 0) {
+              specs.push(attentionDecodeGqa(dtype, { ...s, H, T: 1, qoff: 7 }, l, { start: 7 }).spec);
+            }
           }
         }
       }
