@@ -7,6 +7,7 @@
  * deno run -A bench/distill_quality.ts --gpu dawn   # the acceptance run: every variant, the defaults below
  * deno run -A bench/distill_quality.ts --steps 200 --variants d50,d25 --eval-docs 200
  * deno run -A bench/distill_quality.ts --pseudo 0   # the training text only, no teacher samples
+ * deno run -A bench/distill_quality.ts --variants d50 --dtype f16   # train in f16 storage (settings.dtype)
  * ```
  *
  * Data: the training text (4,667 paragraphs, about 0.35 M tokens) plus, by default, one completion per paragraph
@@ -32,9 +33,14 @@
  *
  * Perplexity is the evaluate stage's (its paragraph reader, lm-eval `loglikelihood_rolling` windows per
  * validation paragraph, the first conditioned on BOS, and its scorer), computed in this process; the table
- * gives token perplexity and the ratio to the teacher. The project (cache, runs) lives in `--dir`, so a second invocation
- * reuses finished variants; results are printed as a table and JSON (also written to `--json`, and to
- * `$OUT/distill_quality.json` when `$OUT` is set).
+ * gives token perplexity and the ratio to the teacher. `--dtype` sets the recipe's `settings.dtype`, i.e. the
+ * storage dtype of the training stages (f16: weights, activations and gradients in f16, f32 accumulation and
+ * f32 AdamW moments); evaluation always runs in f32, so an f16 and an f32 run differ only in how they
+ * trained. The dtype is one of the runtime facts in a device stage's key, so both share one `--dir` without
+ * reusing each other's students; with `--pseudo` the pseudo_label stage samples in that dtype too, so the two
+ * runs then also train on different teacher samples (`--pseudo 0` compares the training alone). The project
+ * (cache, runs) lives in `--dir`, so a second invocation reuses finished variants; results are printed as a
+ * table and JSON (also written to `--json`, and to `$OUT/distill_quality.json` when `$OUT` is set).
  *
  * @module
  */
@@ -110,6 +116,8 @@ export interface DistillQualityOptions {
   dir: string;
   /** Seed. */
   seed: number;
+  /** The recipe's `settings.dtype`: storage dtype of the device stages (training and pseudo-labelling). */
+  dtype: "f32" | "f16";
 }
 
 /** Defaults: what the acceptance run uses. */
@@ -138,6 +146,7 @@ export const DEFAULTS: DistillQualityOptions = {
   gpu: "auto",
   dir: ".distillery/bench/distill_quality",
   seed: 0,
+  dtype: "f32",
 };
 
 /** The recipe for the chosen variants. */
@@ -205,7 +214,7 @@ export function qualityRecipe(o: DistillQualityOptions): string {
   const body = names.filter((n) => stages[n]).map((n) => `  ${n}:\n${stages[n]}`).join("\n");
   return `name: distill_quality
 description: distillation quality of stories260K hybrids (bench/distill_quality.ts)
-settings: { seed: ${o.seed}, keep_checkpoints: 1 }
+settings: { seed: ${o.seed}, dtype: ${o.dtype}, keep_checkpoints: 1 }
 stages:
 ${body}
 `;
@@ -249,6 +258,8 @@ export interface QualityRow {
   perplexity: number;
   /** Perplexity / the teacher's. */
   ratio: number;
+  /** Storage dtype the student trained in (`settings.dtype`); for the teacher, f32 (it only evaluates). */
+  dtype: string;
   /** Training wall time, seconds (0 for the teacher; cached variants report their original time). */
   train_s: number;
   /** Final training metrics. */
@@ -309,7 +320,7 @@ export async function distillQuality(
     lm.dispose();
     const perplexity = Math.exp(nll / tokens);
     const ratio = perplexity / (rows[0]?.perplexity ?? perplexity);
-    rows.push({ model, perplexity, ratio, train_s, metrics });
+    rows.push({ model, perplexity, ratio, dtype: model === "teacher" ? "f32" : o.dtype, train_s, metrics });
     console.log(
       `${model}: perplexity ${perplexity.toFixed(4)} (x${
         ratio.toFixed(3)
@@ -336,18 +347,25 @@ export async function distillQuality(
 /** The result table as Markdown. */
 export function qualityTable(rows: QualityRow[]): string {
   const lines = [
-    "| model | perplexity | x teacher | train s | final loss | final kl |",
-    "| --- | --- | --- | --- | --- | --- |",
+    "| model | dtype | perplexity | x teacher | train s | final loss | final kl |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
   ];
   for (const r of rows) {
     const m = r.metrics as { loss?: number; kl?: number };
     lines.push(
-      `| ${r.model} | ${r.perplexity.toFixed(3)} | ${r.ratio.toFixed(3)} | ${r.train_s.toFixed(0)} | ${
-        m.loss?.toFixed(3) ?? "-"
-      } | ${m.kl?.toFixed(3) ?? "-"} |`,
+      `| ${r.model} | ${r.dtype} | ${r.perplexity.toFixed(3)} | ${r.ratio.toFixed(3)} | ${
+        r.train_s.toFixed(0)
+      } | ${m.loss?.toFixed(3) ?? "-"} | ${m.kl?.toFixed(3) ?? "-"} |`,
     );
   }
   return lines.join("\n");
+}
+
+/** The `--dtype` flag: f32 (the default, like recipes) or f16; anything else is refused rather than ignored. */
+function parseDtype(v: string | undefined): DistillQualityOptions["dtype"] {
+  if (v === undefined) return DEFAULTS.dtype;
+  if (v === "f32" || v === "f16") return v;
+  throw new Error(`--dtype ${v}: expected f32 or f16`);
 }
 
 if (import.meta.main) {
@@ -378,6 +396,7 @@ if (import.meta.main) {
       gpu: { type: "string" },
       dir: { type: "string" },
       seed: { type: "string" },
+      dtype: { type: "string" },
       json: { type: "string" },
     },
   });
@@ -410,6 +429,7 @@ if (import.meta.main) {
     gpu: String(values.gpu ?? DEFAULTS.gpu),
     dir: String(values.dir ?? DEFAULTS.dir),
     seed: num("seed", DEFAULTS.seed),
+    dtype: parseDtype(values.dtype),
   };
   const out = Deno.env.get("OUT");
   const report = (rows: QualityRow[]) => ({

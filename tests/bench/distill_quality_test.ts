@@ -51,6 +51,19 @@ Deno.test("distill_quality: d50_prog splits the step budget over two phases; d50
   assert.match(all, /trainable: all/);
 });
 
+Deno.test("distill_quality: --dtype reaches the recipe's settings.dtype", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    for (const dtype of ["f32", "f16"] as const) {
+      const path = join(dir, `${dtype}.yaml`);
+      await Deno.writeTextFile(path, qualityRecipe({ ...DEFAULTS, steps: 10, variants: ["d50"], dtype }));
+      assert.equal(loadRecipe(path, defaultRegistry()).settings.dtype, dtype);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("distill_quality: --pseudo-* options reach the pseudo_label stage", async () => {
   const o = {
     ...DEFAULTS,
