@@ -67,6 +67,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   };
 }
 
+/**
+ * `rotation(i, t)`: cos and sin of RoPE pair i at token t of the new tokens, as the rope kernel forms them (position
+ * `p.start + t`, one f32 rounding of the angle, HF's `p.scaling` of both). Needs `INV_FREQ` and uniforms `p` with
+ * `start: i32` and `scaling: f32`; shared by every decode kernel that rotates.
+ */
+export const WGSL_DECODE_ROTATION = `${WGSL_SINCOS}
+fn rotation(i: u32, t: u32) -> vec2<f32> {
+  let angle = f32(p.start + i32(t)) * INV_FREQ[i];
+  let sc = sincos_accurate(angle);
+  return vec2<f32>(p.scaling * sc.y, p.scaling * sc.x);
+}
+`;
+
 const ropeAppendSpecs = new Map<DType, KernelSpec>();
 
 /**
@@ -103,14 +116,7 @@ struct P {
 @group(0) @binding(5) var<storage, read_write> KC: array<${T}>;
 @group(0) @binding(6) var<storage, read_write> VC: array<${T}>;
 @group(0) @binding(7) var<uniform> p: P;
-${WGSL_SINCOS}
-// cos and sin of pair i at token t (within its sequence), as the rope kernel forms them
-fn rotation(i: u32, t: u32) -> vec2<f32> {
-  let angle = f32(p.start + i32(t)) * INV_FREQ[i];
-  let sc = sincos_accurate(angle);
-  return vec2<f32>(p.scaling * sc.y, p.scaling * sc.x);
-}
-@compute @workgroup_size(256)
+${WGSL_DECODE_ROTATION}@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let g = (wid.y * nwg.x + wid.x) * 256u + lid;

@@ -29,7 +29,7 @@
 import { cachedSpec, type DType, type KernelSpec, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
 import type { AttentionShape } from "./attention.ts";
-import { WGSL_SINCOS } from "./rope.ts";
+import { WGSL_DECODE_ROTATION } from "./attention_decode.ts";
 
 /** Largest head dimension the kernel takes (hd / 4 threads cover one row; 64 of them at most). */
 export const DECODE_GQA_MAX_HD = 256;
@@ -141,11 +141,7 @@ function decodeGqaSpec(dtype: DType, G: number, hd: number, c: DecodeGqaConfig, 
 @group(0) @binding(4) var<uniform> p: P;`;
     // RoPE exactly as kernels/attention_decode.ts's ropeKvAppend computes it (position p.start, HF's scaling of
     // cos and sin), each rotated value rounded to T as that kernel stores it
-    const ropeFns = !rope ? "" : `${WGSL_SINCOS}
-fn rotation(i: u32) -> vec2<f32> {
-  let sc = sincos_accurate(f32(p.start) * INV_FREQ[i]);
-  return vec2<f32>(p.scaling * sc.y, p.scaling * sc.x);
-}
+    const ropeFns = !rope ? "" : `${WGSL_DECODE_ROTATION}
 fn kstore(x: vec4<f32>) -> ${item} { return ${pack}; }`;
     // the new token's k (rotated) and v of this (sequence, kv head) go into the cache at position kv_len - 1,
     // written by this workgroup alone and read back by it after the storage barrier
@@ -161,7 +157,7 @@ fn kstore(x: vec4<f32>) -> ${item} { return ${pack}; }`;
         let d = 4u * j + e;
         let x1 = f32(kn[src + d]);
         let x2 = f32(kn[src + d + half]);
-        let cs = rotation(d);
+        let cs = rotation(d, 0u);
         lo[e] = x1 * cs.x - x2 * cs.y;
         hi[e] = x2 * cs.x + x1 * cs.y;
       }
@@ -184,7 +180,7 @@ fn kstore(x: vec4<f32>) -> ${item} { return ${pack}; }`;
       let dd = select(d, d - HD / 2u, upper);
       let x = f32(q[qbase + g * HD + d]);
       let y = f32(q[qbase + g * HD + select(d + HD / 2u, dd, upper)]);
-      let cs = rotation(dd);
+      let cs = rotation(dd, 0u);
       r[e] = f32(${T}(select(x * cs.x - y * cs.y, x * cs.x + y * cs.y, upper)));
     }
     qs[i] = r * p.scale;
