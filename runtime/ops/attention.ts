@@ -333,6 +333,79 @@ export function appendKv(cache: KvCache, k: Tensor, v: Tensor): void {
 }
 
 /**
+ * Checks the operands of a RoPE + cache append (q [B, n, H, hd] or [n, H, hd], k and v [B, n, Hkv, hd] fitting the
+ * cache, inv_freq [hd / 2], room for n more positions) and returns [B, n, H, hd]; errors name `op`.
+ */
+function checkRopeAppend(
+  op: string,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  invFreq: Tensor,
+  cache: KvCache,
+): readonly number[] {
+  const qs = q.shape.length === 3 ? [1, ...q.shape] : q.shape;
+  const ks = k.shape.length === 3 ? [1, ...k.shape] : k.shape;
+  const [B, n, , hd] = qs;
+  if (
+    qs.length !== 4 || ks.length !== 4 || ks[0] !== B || ks[1] !== n || ks[2] !== cache.Hkv || ks[3] !== hd ||
+    hd !== cache.hd || B !== cache.B || v.shape.join() !== k.shape.join() ||
+    [q, k, v].some((t) => t.dtype !== cache.k.dtype) || invFreq.size !== hd / 2
+  ) {
+    throw new Error(
+      `${op}: q ${shapeStr(q.shape)}, k ${shapeStr(k.shape)}, v ${shapeStr(v.shape)} ${q.dtype} do not fit ` +
+        `cache ${shapeStr(cache.k.shape)} ${cache.k.dtype}`,
+    );
+  }
+  if (cache.length + n > cache.maxT) {
+    throw new Error(`${op}: ${cache.length} + ${n} positions exceed the cache capacity ${cache.maxT}`);
+  }
+  return qs;
+}
+
+/**
+ * Whether one decode step's attention takes the single-dispatch kernel by default: one query token per
+ * sequence, a shape the kernel supports, and at most {@linkcode DECODE_GQA_MAX_KEYS} visible keys.
+ */
+function gqaByDefault(
+  rt: Runtime,
+  q: Tensor,
+  n: number,
+  H: number,
+  Hkv: number,
+  hd: number,
+  kvLen: number,
+  window: number,
+): boolean {
+  const span = window > 0 ? Math.min(kvLen, window) : kvLen;
+  return n === 1 && span <= DECODE_GQA_MAX_KEYS && decodeGqaSupported(q.dtype, H / Hkv, hd, storageLimit(rt));
+}
+
+/** The attention shape of n new queries per sequence against the first `kvLen` positions of a cache. */
+function decodeShape(
+  B: number,
+  n: number,
+  H: number,
+  hd: number,
+  cache: KvCache,
+  kvLen: number,
+  opts: DecodeOptions,
+): AttentionShape {
+  return {
+    B,
+    T: n,
+    H,
+    Hkv: cache.Hkv,
+    hd,
+    qoff: kvLen - n,
+    kvLen,
+    kvBatchStride: cache.maxT * cache.Hkv * hd,
+    window: opts.window ?? 0,
+    scale: opts.scale ?? 1 / Math.sqrt(hd),
+  };
+}
+
+/**
  * Decoding's RoPE and cache append in one dispatch: rotates q [B, n, H, hd] and k [B, n, Hkv, hd] by positions
  * `start + t` (as the `rope` op with `start`), appends the rotated k and v to the cache, and returns the
  * rotated q. The same result as `rope` on q and k followed by {@linkcode appendKv}. Inference only.
@@ -346,24 +419,7 @@ export function ropeAppendKv(
   start: number,
 ): Tensor {
   const rt = q.rt;
-  const qs = q.shape.length === 3 ? [1, ...q.shape] : q.shape;
-  const ks = k.shape.length === 3 ? [1, ...k.shape] : k.shape;
-  const [B, n, H, hd] = qs;
-  if (
-    qs.length !== 4 || ks.length !== 4 || ks[0] !== B || ks[1] !== n || ks[2] !== cache.Hkv || ks[3] !== hd ||
-    hd !== cache.hd || B !== cache.B || v.shape.join() !== k.shape.join() ||
-    [q, k, v].some((t) => t.dtype !== cache.k.dtype) || invFreq.size !== hd / 2
-  ) {
-    throw new Error(
-      `ropeAppendKv: q ${shapeStr(q.shape)}, k ${shapeStr(k.shape)}, v ${
-        shapeStr(v.shape)
-      } ${q.dtype} do not fit ` +
-        `cache ${shapeStr(cache.k.shape)} ${cache.k.dtype}`,
-    );
-  }
-  if (cache.length + n > cache.maxT) {
-    throw new Error(`ropeAppendKv: ${cache.length} + ${n} positions exceed the cache capacity ${cache.maxT}`);
-  }
+  const [B, n, H, hd] = checkRopeAppend("ropeAppendKv", q, k, v, invFreq, cache);
   const out = rt.empty(q.shape, q.dtype);
   const l = ropeKvAppend(q.dtype, {
     B,
@@ -439,21 +495,9 @@ export function decodeAttention(q: Tensor, cache: KvCache, opts: DecodeOptions =
   if (n > cache.length) {
     throw new Error(`decodeAttention: ${n} queries but only ${cache.length} cached positions`);
   }
-  const s: AttentionShape = {
-    B,
-    T: n,
-    H,
-    Hkv: cache.Hkv,
-    hd,
-    qoff: cache.length - n,
-    kvLen: cache.length,
-    kvBatchStride: cache.maxT * cache.Hkv * hd,
-    window: opts.window ?? 0,
-    scale: opts.scale ?? 1 / Math.sqrt(hd),
-  };
-  const span = s.window > 0 ? Math.min(s.kvLen, s.window) : s.kvLen;
-  const gqaApplies = n === 1 && decodeGqaSupported(q.dtype, H / cache.Hkv, hd, storageLimit(rt));
-  const kernel = opts.kernel ?? (gqaApplies && span <= DECODE_GQA_MAX_KEYS ? "gqa" : "split");
+  const s = decodeShape(B, n, H, hd, cache, cache.length, opts);
+  const kernel = opts.kernel ??
+    (gqaByDefault(rt, q, n, H, cache.Hkv, hd, cache.length, s.window) ? "gqa" : "split");
   if (kernel === "gqa") {
     if (n !== 1) {
       throw new Error(`decodeAttention: kernel "gqa" expects n = 1 query token per sequence, got n = ${n}`);
@@ -519,44 +563,13 @@ export function ropeAppendDecodeAttention(
   opts: DecodeOptions = {},
 ): Tensor {
   const rt = q.rt;
-  const qs = q.shape.length === 3 ? [1, ...q.shape] : q.shape;
-  const [B, n, H, hd] = qs;
+  const [B, n, H, hd] = checkRopeAppend("ropeAppendDecodeAttention", q, k, v, invFreq, cache);
   const kvLen = cache.length + n;
-  const window = opts.window ?? 0;
-  const span = window > 0 ? Math.min(kvLen, window) : kvLen;
-  const fused = opts.kernel !== "split" && n === 1 && qs.length === 4 && hd % 8 === 0 &&
-    span <= DECODE_GQA_MAX_KEYS && H % cache.Hkv === 0 &&
-    decodeGqaSupported(q.dtype, H / cache.Hkv, hd, storageLimit(rt)) &&
+  const fused = opts.kernel !== "split" && hd % 8 === 0 &&
+    gqaByDefault(rt, q, n, H, cache.Hkv, hd, kvLen, opts.window ?? 0) &&
     rt.dev.limits.maxStorageBuffersPerShaderStage >= 7;
   if (!fused) return decodeAttention(ropeAppendKv(q, k, v, invFreq, cache, start), cache, opts);
-  const ks = k.shape.length === 3 ? [1, ...k.shape] : k.shape;
-  if (
-    ks.length !== 4 || ks[0] !== B || ks[1] !== n || ks[2] !== cache.Hkv || ks[3] !== hd || hd !== cache.hd ||
-    B !== cache.B || v.shape.join() !== k.shape.join() || [q, k, v].some((t) => t.dtype !== cache.k.dtype) ||
-    invFreq.size !== hd / 2
-  ) {
-    throw new Error(
-      `ropeAppendDecodeAttention: q ${shapeStr(q.shape)}, k ${shapeStr(k.shape)}, v ${shapeStr(v.shape)} ` +
-        `${q.dtype} do not fit cache ${shapeStr(cache.k.shape)} ${cache.k.dtype}`,
-    );
-  }
-  if (kvLen > cache.maxT) {
-    throw new Error(
-      `ropeAppendDecodeAttention: ${cache.length} + ${n} positions exceed the cache capacity ${cache.maxT}`,
-    );
-  }
-  const s: AttentionShape = {
-    B,
-    T: 1,
-    H,
-    Hkv: cache.Hkv,
-    hd,
-    qoff: kvLen - 1,
-    kvLen,
-    kvBatchStride: cache.maxT * cache.Hkv * hd,
-    window,
-    scale: opts.scale ?? 1 / Math.sqrt(hd),
-  };
+  const s = decodeShape(B, n, H, hd, cache, kvLen, opts);
   const l = attentionDecodeGqa(q.dtype, s, storageLimit(rt), { start });
   const out = rt.empty(q.shape, q.dtype);
   rt.dev.dispatch(
