@@ -14,7 +14,7 @@
  * - `normIn`: the RMSNorm that precedes a projection in a pre-norm block. Every workgroup first reduces the
  *   sums of squares of the rows of x over all its 256 threads, then normalises each x item as it loads it. The
  *   row (2048-8192 values) is read once more per workgroup, from cache: the product already reads it
- *   `256 / TPR` times per workgroup (once per output row), so this adds 1/8 at the default TPR of 32. A separate
+ *   `256 / TPR` times per workgroup (once per output row), so this adds 1/8 at 32 threads per row. A separate
  *   norm dispatch would instead cost its launch, a write of the normalised row and a read of it back, and a
  *   barrier between the two kernels - each larger than the redundant reduction.
  * - `gatedNormIn` (single product only): Mamba2's z-gated grouped RMSNorm (kernels/gated_rmsnorm.ts) before its
@@ -75,10 +75,10 @@ export interface GemvOptions {
 
 /**
  * Threads per row and loads in flight for a product with `n` outputs: up to 128 threads a row, as many as keep
- * the dispatch near 1,024 workgroups, and 4 loads in flight. Timed on the H200 with every dispatch reading its W from memory, as in a decode step (f32, one row,
- * BENCHMARKS.md): 2048 x 8192 (down_proj) 23.3 -> 19.2 us at 128 threads instead of 32; 2048 x 2048 9.5 -> 8.7;
- * 3072 x 2048 10.6 -> 9.9 at 64; 5152 and more outputs are fastest at 32. Deeper unrolls only helped weights
- * that stay in the L2 cache (a benchmark artefact), within 3% otherwise.
+ * the dispatch near 1,024 workgroups, and 4 loads in flight. Timed on the H200 with every dispatch reading its W
+ * from memory, as in a decode step (f32, one row, BENCHMARKS.md): 2048 x 8192 (down_proj) 23.3 -> 19.2 us at 128
+ * threads instead of 32; 2048 x 2048 9.5 -> 8.7; 3072 x 2048 10.6 -> 9.9 at 64; 5152 and more outputs are fastest
+ * at 32. Deeper unrolls only helped weights that stay in the L2 cache (a benchmark artefact), within 3% otherwise.
  */
 export function gemvShapeDefaults(n: number): { threadsPerRow: number; unroll: number } {
   let threadsPerRow = 32;
@@ -198,6 +198,7 @@ function gemvLaunch(
   n1 = 0,
 ): Launch {
   const width = gemvVectorWidth(dtype);
+  // a vector item must not straddle two norm groups
   const vec = k % width === 0 && (!variant.gated || variant.gated.group % width === 0);
   const shaped = gemvShapeDefaults(n);
   const tpr = opts.threadsPerRow ?? shaped.threadsPerRow;
@@ -215,7 +216,6 @@ function gemvLaunch(
     throw new Error(`gemv: normIn.eps must be >= 0, got ${opts.normIn!.eps}`);
   }
   const pro: GemvPrologue = gated ? { group: gated.group, groups: gated.groups } : norm ? "rms" : "none";
-  // (vec: a vector item must not straddle two norm groups)
   const proKey = gated ? `_gnorm${gated.group}x${gated.groups}` : norm ? "_norm" : "";
   const key = `gemv${mode === "single" ? "" : `_${mode}`}${proKey}${
     residual ? "_res" : ""
