@@ -293,16 +293,15 @@ async function benchGemv(
     for (const [tpr, unroll] of tprs.flatMap((t) => unrolls.map((u) => [t, u]))) {
       const opts = { threadsPerRow: tpr, unroll, normIn: norm ? { eps: 1e-5 } : undefined };
       const l = swiglu ? gemvSwigluKernel(dtype, 1, n, k, opts) : gemvKernel(dtype, 1, n, k, opts);
-      const bindings = (w: Tensor[]) => [x, ...(norm ? [nw] : []), ...w, y];
+      // each copy's operands, built once: the timed loop only dispatches
+      const operands = ws.map((w) => [x, ...(norm ? [nw] : []), ...w, y]);
+      const slices = operands.map((ts) => ts.map((t) => t.binding));
       let next = 0;
-      const record = () => {
-        const w = ws[next++ % copies];
-        rt.dev.dispatch(l.spec, bindings(w).map((t) => t.binding), l.workgroups, l.uniforms);
-      };
+      const record = () => rt.dev.dispatch(l.spec, slices[next++ % copies], l.workgroups, l.uniforms);
       // (the GPU-timed figure repeats one W: warm in L2 when W is smaller than it; the wall figure cycles)
       const t = await timeIt(rt, probe, record, warmupMs, targetMs, {
         ...l,
-        bindings: bindings(ws[0]).map((t) => t.buffer),
+        bindings: operands[0].map((t) => t.buffer),
       });
       const bytes = (mats * n * k + k + n) * (dtype === "f16" ? 2 : 4);
       log({
