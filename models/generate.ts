@@ -100,9 +100,9 @@ export async function generate(
 /**
  * Lockstep decoding of a batch of equal-length prompts with the loop on the GPU: each step's ids [B] (sampled
  * on the GPU, row b from stream `streams[b]` at its completion position) feed the next step's embedding, and
- * `chunk` steps are recorded per submit and read back together. Rows that ended keep decoding until the whole
- * batch has ended; their extra tokens are dropped, and rows do not interact, so every row's completion is the
- * one it would have alone.
+ * `chunk` steps are recorded per submit and read back together, one chunk ahead of the reads. Rows that ended
+ * keep decoding until the whole batch has ended; their extra tokens are dropped, and rows do not interact, so
+ * every row's completion is the one it would have alone.
  */
 async function decodeGroup(
   lm: CausalLM,
@@ -133,63 +133,69 @@ async function decodeGroup(
   // completion position t of every row is drawn at step t of its stream
   const next = (logits: Tensor, step: number): Tensor =>
     sampleTokens(logits, opts.sampling, { seed: opts.seed, streams: streamIds, step });
-  let prev: Tensor | null = null;
+  let cur: Tensor | null = null; // the newest sampled ids, which the next step embeds
+  let issued = 0, recorded = 1; // ids queued for reading; sampling steps recorded
+  // Records up to `chunk` steps after `cur` and queues the read of their ids. The read's copy out of the ring is
+  // recorded before the call returns, so the next chunk may overwrite the ring at once.
+  const issueChunk = (): { ids: Promise<ArrayBuffer>; filled: number } => {
+    const first = issued === 0; // the prompt's sampled ids are read with the first chunk
+    const steps = Math.min(chunk, opts.maxNewTokens - issued - (first ? 1 : 0));
+    let filled = 0;
+    const record = (t: Tensor) => rt.dev.copyBuffer(t.buffer, 0, ring.buffer, 4 * B * filled++, 4 * B);
+    if (first) record(cur!);
+    for (let j = 0; j < steps; j++) {
+      const token = rt.scope(() => next(lm.step(state, cur!, 1), recorded++)).keep();
+      record(token);
+      cur!.dispose();
+      cur = token;
+    }
+    issued += filled;
+    return { ids: rt.dev.read(ring.buffer, 0, 4 * B * filled), filled };
+  };
+  const inFlight: { ids: Promise<ArrayBuffer>; filled: number }[] = [];
   try {
-    prev = rt.scope(() =>
+    cur = rt.scope(() =>
       rt.noGrad(() => next(lm.step(state, Int32Array.from(prompts.flat()), len, { lastOnly: true }), 0))
     ).keep();
-    let unread = 1, produced = 0, recorded = 1;
-    while (true) {
+    inFlight.push(issueChunk());
+    let produced = 0;
+    while (inFlight.length > 0) {
+      // One chunk ahead: the GPU runs the next chunk while this one's ids come back and are handled, so it does
+      // not sit idle at chunk boundaries. A batch that ends (EOS) wastes at most that chunk.
+      if (issued < opts.maxNewTokens && !opts.signal?.aborted) inFlight.push(issueChunk());
+      const { ids, filled } = inFlight.shift()!;
+      const all = new Int32Array(await ids);
       if (opts.signal?.aborted) throw opts.signal.reason;
-      const steps = Math.min(chunk, opts.maxNewTokens - produced - unread);
-      const last: Tensor = prev;
-      const { ids, finished } = await rt.scope(async () => {
-        let filled = 0;
-        const record = (t: Tensor) => rt.dev.copyBuffer(t.buffer, 0, ring.buffer, 4 * B * filled++, 4 * B);
-        if (unread) record(last);
-        let cur = last;
-        for (let j = 0; j < steps; j++) {
-          const token = rt.scope(() => next(lm.step(state, cur, 1), recorded++));
-          record(token);
-          if (cur !== last) cur.dispose();
-          cur = token;
-        }
-        const all = new Int32Array(await rt.dev.read(ring.buffer, 0, 4 * B * filled));
-        const had = completions.map((c) => c.length);
-        let finished = false;
-        for (let i = 0; i < filled; i++) {
-          const ids = all.subarray(B * i, B * (i + 1));
-          for (let b = 0; b < B; b++) {
-            if (done[b]) continue;
-            if (eos.has(ids[b])) {
-              done[b] = true;
-              if (!opts.dropEos) completions[b].push(ids[b]);
-            } else {
-              completions[b].push(ids[b]);
-            }
-          }
-          produced++;
-          if (done.every(Boolean) || produced >= opts.maxNewTokens) {
-            finished = true;
-            break;
+      const had = completions.map((c) => c.length);
+      let finished = false;
+      for (let i = 0; i < filled; i++) {
+        const row = all.subarray(B * i, B * (i + 1));
+        for (let b = 0; b < B; b++) {
+          if (done[b]) continue;
+          if (eos.has(row[b])) {
+            done[b] = true;
+            if (!opts.dropEos) completions[b].push(row[b]);
+          } else {
+            completions[b].push(row[b]);
           }
         }
-        if (onRowTokens) {
-          for (let b = 0; b < B; b++) {
-            if (completions[b].length > had[b]) await onRowTokens(b, completions[b].slice(had[b]));
-          }
+        produced++;
+        if (done.every(Boolean) || produced >= opts.maxNewTokens) {
+          finished = true;
+          break;
         }
-        return { ids: cur === last ? null : cur.keep(), finished };
-      });
-      unread = 0;
-      if (ids) {
-        prev.dispose();
-        prev = ids;
+      }
+      if (onRowTokens) {
+        for (let b = 0; b < B; b++) {
+          if (completions[b].length > had[b]) await onRowTokens(b, completions[b].slice(had[b]));
+        }
       }
       if (finished) break;
     }
   } finally {
-    prev?.dispose();
+    // a chunk recorded past the end still holds a staging buffer until its read completes
+    await Promise.allSettled(inFlight.map((c) => c.ids));
+    cur?.dispose();
     ring.dispose();
     streamIds.dispose();
     lm.disposeState(state);

@@ -52,6 +52,17 @@ Deno.test(
       assert.deepEqual(viaStream, a);
       assert.deepEqual(streamed, a, "the streamed pieces");
       assert.ok(rt.dev.stats.reads - reads1 <= 4 * 4, "one read per chunk of 4");
+      // one chunk ahead: when a chunk's ids are handed out, the next chunk is recorded and its read queued, so
+      // the GPU has work while the CPU waits (16 tokens in chunks of 4 = reads of 5, 4, 4 and 3 ids)
+      const queuedAtHandout: number[] = [];
+      const reads2 = rt.dev.stats.reads;
+      const alone = await generate(lm, [p0], {
+        ...opts,
+        chunk: 4,
+        onTokens: () => void queuedAtHandout.push(rt.dev.stats.reads - reads2),
+      });
+      assert.deepEqual(alone[0], a[0], "prompt 0 alone");
+      assert.deepEqual(queuedAtHandout, [2, 3, 4, 4], "reads queued when each chunk's ids were handed out");
       const b = await generate(lm, prompts, { ...opts, batchSize: 1, chunk: 5 });
       const c = await generate(lm, prompts, { ...opts, batchSize: 2, chunk: 1 });
       assert.deepEqual(b, a, "batch size 1, chunk 5");
