@@ -86,10 +86,13 @@ Deno.test(
         assert.ok(err <= REL_TOL, `${mode} @${start}: max|diff| ${err} of max|logit| ${scale}`);
       }
     }
-    // both modes run the same scan_step arithmetic on the same inputs with an f32 state in between (measured 0)
-    got.fused.forEach((f, i) =>
-      assert.equal(maxAbsDiff(f, got.unfused[i]), 0, `pass ${i}: fused != unfused`)
-    );
+    // Both modes run the same scan_step arithmetic on the same inputs with an f32 state in between: equal on the
+    // CI adapter, 1.9e-6 apart (1e-7 of max|logit|) on the H200, whose compiler may contract multiply-adds
+    // differently in the two kernels. 1e-6 of max|logit| is 10x that and 10^4 below the rollback bugs above.
+    got.fused.forEach((f, i) => {
+      const err = maxAbsDiff(f, got.unfused[i]) / scale;
+      assert.ok(err <= 1e-6, `pass ${i}: fused and unfused logits differ by ${err} of max|logit|`);
+    });
   },
 );
 
