@@ -280,8 +280,11 @@ if (import.meta.main) {
       // three runs each: single runs of the same decode differed up to 2x on the H200 (BENCHMARKS.md)
       for (const chunk of [1, 32]) {
         const runs: number[] = [];
+        const st = rt.dev.stats, before = { ...st }, pooled = rt.pool.stats.created;
         for (let r = 0; r < 3; r++) runs.push(await timeDecode(lm, quick ? 8 : 128, n, chunk));
         const ms = median(runs);
+        // what the provider was asked to create or run per token: steady-state decoding should create nothing
+        const perToken = (d: number) => +(d / (3 * n)).toFixed(3);
         log({
           model: which,
           what: "decode",
@@ -291,6 +294,13 @@ if (import.meta.main) {
           wall_ms: +ms.toFixed(1),
           tokens_per_s: +(n / (ms / 1000)).toFixed(1),
           runs_ms: runs.map((x) => +x.toFixed(1)),
+          per_token: {
+            dispatches: perToken(st.dispatches - before.dispatches),
+            submits: perToken(st.submits - before.submits),
+            bind_groups: perToken(st.bindGroups - before.bindGroups),
+            pipelines: perToken(st.pipelines - before.pipelines),
+            buffers: perToken(rt.pool.stats.created - pooled),
+          },
         });
       }
       const dt = await gpuTimeline(rt, async () => void await timeDecode(lm, quick ? 8 : 128, n, 32));
