@@ -202,7 +202,15 @@ async function mambaGrads(lm: CausalLM, ids: Int32Array): Promise<Map<string, Fl
   return out;
 }
 
-const GRAD_TOL = { mamba2: { max: 3e-2, rms: 1.5e-2 }, mamba1: { max: 1e-2, rms: 2e-3 } };
+// Errors of f16 gradients against f32, relative to the tensor's max|grad|. Measured worst: Mamba2 A_log 3.0e-2
+// (max) / 1.2e-2 (rms) on the CI adapter and 4.9e-2 / 2.0e-2 on the H200 (layer 2: its gradient sums many
+// cancelling terms, so f16 rounding of the terms shows large against the net value); every other Mamba2 tensor
+// 2.0e-2 / 7.9e-3 at worst on either; Mamba1 2.7e-3 / 4.6e-4. The bounds are about twice those.
+const GRAD_TOL = {
+  mamba2: { max: 4e-2, rms: 1.6e-2 },
+  mamba2A: { max: 1e-1, rms: 4e-2 },
+  mamba1: { max: 1e-2, rms: 2e-3 },
+};
 
 for (const mixer of ["mamba2", "mamba1"] as const) {
   Deno.test(
@@ -218,16 +226,16 @@ for (const mixer of ["mamba2", "mamba1"] as const) {
       try {
         const [a, b] = [await mambaGrads(f32, PROMPT), await mambaGrads(f16, PROMPT)];
         assert.ok(a.size >= 3 * 5, `${mixer}: ${a.size} trainable tensors`);
-        // measured worst tensors: Mamba2 1.5e-2 (max) / 6.8e-3 (rms), Mamba1 2.7e-3 / 4.6e-4 of max|grad|
-        const tol = GRAD_TOL[mixer];
+        const tolOf = (name: string) =>
+          mixer === "mamba2" && name.endsWith("A_log") ? GRAD_TOL.mamba2A : GRAD_TOL[mixer];
         const errs = [...a].map(([name, ref]) => ({ name, ...relErr(b.get(name)!, ref) }));
-        const over = errs.filter((e) => !(e.max <= tol.max && e.rms <= tol.rms));
+        const over = errs.filter((e) => !(e.max <= tolOf(e.name).max && e.rms <= tolOf(e.name).rms));
         // every tensor's error in the message, so one failing run on a new adapter shows the whole picture
         const table = errs.map((e) => `${e.name} ${e.max.toExponential(2)}/${e.rms.toExponential(2)}`);
         assert.equal(
           over.length,
           0,
-          `${mixer}: f16 vs f32 grads (max/rms) beyond ${JSON.stringify(tol)}:\n${table.join("\n")}`,
+          `${mixer}: f16 vs f32 grads (max/rms) beyond ${JSON.stringify(GRAD_TOL)}:\n${table.join("\n")}`,
         );
         if (mixer === "mamba1") {
           // Mamba1's selective scan runs on f16 storage natively (f32 state): forward and decode checks too
