@@ -146,6 +146,37 @@ export async function profileDispatches(
   return [...byKernel.values()].sort((a, b) => b.ms - a.ms);
 }
 
+/**
+ * Times every dispatch of `work` where it runs in the stream: each gets a compute pass of its own with
+ * timestamps (`GpuDevice.startPassTiming` with `perDispatch`), so caches are as the work before it left them,
+ * unlike {@linkcode profileDispatches}, which times each dispatch alone. The pass boundaries add a little of their
+ * own. Per kernel key, summed; sorted by time. `maxWorkgroups` is not known here (0). Undefined without
+ * `timestamp-query`; at most `maxPasses` dispatches are timed.
+ */
+export async function profileInStream(
+  rt: Runtime,
+  work: () => Promise<void>,
+  maxPasses = 2048,
+): Promise<{ kernels: KernelTime[]; untimed: number } | undefined> {
+  await rt.dev.sync();
+  if (!rt.dev.startPassTiming(maxPasses, { perDispatch: true })) return undefined;
+  let times;
+  try {
+    await work();
+  } finally {
+    times = await rt.dev.stopPassTiming();
+  }
+  if (!times?.keys) return undefined;
+  const byKernel = new Map<string, KernelTime>();
+  times.keys.forEach((kernel, i) => {
+    const row = byKernel.get(kernel) ?? { kernel, dispatches: 0, ms: 0, maxWorkgroups: 0 };
+    row.dispatches++;
+    row.ms += times.end[i] - times.begin[i];
+    byKernel.set(kernel, row);
+  });
+  return { kernels: [...byKernel.values()].sort((a, b) => b.ms - a.ms), untimed: times.untimed };
+}
+
 /** Wall time of a workload next to what the GPU did in it (see {@linkcode gpuTimeline}). */
 export interface GpuTimeline {
   /** Wall milliseconds from the call to the end of the workload's last GPU work. */

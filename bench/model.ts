@@ -31,7 +31,17 @@ import { greedyResident } from "../models/generate.ts";
 import { headLoss } from "../runtime/ops/head_loss.ts";
 import { LM_HEAD } from "../models/weights.ts";
 import { AdamW } from "../runtime/optim.ts";
-import { flag, gpuTimeline, hostCpu, type KernelTime, profileDispatches, timelineRow } from "./harness.ts";
+import {
+  flag,
+  gpuTimeline,
+  hostCpu,
+  type KernelTime,
+  profileDispatches,
+  profileInStream,
+  timelineRow,
+} from "./harness.ts";
+import { sampleTokens } from "../runtime/ops/sampling.ts";
+import { GREEDY } from "../models/sampling.ts";
 
 /** Llama-3.2-1B shapes (config.json of meta-llama/Llama-3.2-1B), as used by the PyTorch baselines. */
 export function llama32OneB(quick: boolean): TransformerConfig {
@@ -219,7 +229,7 @@ async function profileDecodeStep(
   log: (row: Record<string, unknown>) => void,
 ): Promise<void> {
   const rt = lm.rt;
-  const s = lm.newDecodeState(1, 160);
+  const s = lm.newDecodeState(1, 180);
   try {
     const prompt = Int32Array.from({ length: 128 }, (_, i) => (i * 104729 + 7) % lm.config.vocabSize);
     await rt.scope(async () => void await lm.step(s, prompt, 128, { lastOnly: true }).read());
@@ -228,6 +238,31 @@ async function profileDecodeStep(
     // cold: in a decode step every weight comes from memory once (see profileDispatches)
     const kernels = await profileDispatches(rt, () => rt.scope(() => void lm.step(s, tok, 1)), 1, true);
     logKernels(log, which, "decode_step", kernels, 12, 4);
+    // in the stream: 16 steps chained through the GPU as the decode loop runs them (sampling included), each
+    // dispatch in a timed pass of its own; per step
+    const steps = 16;
+    const streams = rt.tensor(Uint32Array.of(0), [1], "u32").keep();
+    const draw = (step: number) => ({ seed: 0, streams, step });
+    let cur = rt.scope(() => sampleTokens(lm.step(s, tok, 1), GREEDY, draw(0))).keep();
+    const inStream = await profileInStream(rt, async () => {
+      for (let i = 0; i < steps; i++) {
+        const next = rt.scope(() => sampleTokens(lm.step(s, cur, 1), GREEDY, draw(i + 1)))
+          .keep();
+        cur.dispose();
+        cur = next;
+      }
+      await rt.dev.sync();
+    });
+    cur.dispose();
+    streams.dispose();
+    if (inStream) {
+      const perStep = inStream.kernels.map((k) => ({
+        ...k,
+        dispatches: k.dispatches / steps,
+        ms: k.ms / steps,
+      }));
+      logKernels(log, which, "decode_step_in_stream", perStep, 16, 4);
+    }
   } finally {
     lm.disposeState(s);
   }

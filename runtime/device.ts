@@ -100,6 +100,8 @@ export interface PassTimes {
   begin: number[];
   end: number[];
   untimed: number;
+  /** With `perDispatch` timing: the kernel key of each timed pass (each held one dispatch). */
+  keys?: string[];
 }
 
 /**
@@ -195,7 +197,16 @@ export class GpuDevice {
   #lost = false;
   #pendingErrors: Promise<GPUError | null>[] = [];
   #uncaptured: string[] = [];
-  #passTiming: { qs: GPUQuerySet; capacity: number; used: number; untimed: number } | null = null;
+  #passTiming: {
+    qs: GPUQuerySet;
+    capacity: number;
+    used: number;
+    untimed: number;
+    /** One pass per dispatch, and the kernel key of each timed pass. */
+    keys: string[] | null;
+  } | null = null;
+  /** Whether the open compute pass writes timestamps. */
+  #passTimed = false;
 
   constructor(
     provider: ProviderName,
@@ -329,6 +340,12 @@ export class GpuDevice {
     else pass.setBindGroup(0, bg);
     pass.dispatchWorkgroups(x, y, z);
     this.stats.dispatches++;
+    const keys = this.#passTiming?.keys;
+    if (keys) {
+      if (this.#passTimed) keys.push(spec.key);
+      pass.end();
+      this.#pass = null;
+    }
     if (this.#flushEvery > 0 && ++this.#sinceFlush >= this.#flushEvery) this.flush();
   }
 
@@ -368,7 +385,8 @@ export class GpuDevice {
       this.#encoder ??= this.gpu.createCommandEncoder();
       const t = this.#passTiming;
       let desc: GPUComputePassDescriptor | undefined;
-      if (t && t.used + 2 <= t.capacity) {
+      this.#passTimed = !!t && t.used + 2 <= t.capacity;
+      if (t && this.#passTimed) {
         desc = {
           timestampWrites: {
             querySet: t.qs,
@@ -389,8 +407,10 @@ export class GpuDevice {
    * Writes a GPU timestamp at the beginning and the end of every compute pass recorded from now on, up to
    * `maxPasses`, so a benchmark can tell time the GPU spent executing from time it sat idle waiting for work
    * (see `bench/harness.ts` `gpuTimeline`). Pending work is submitted first. False without `timestamp-query`.
+   * With `perDispatch`, every dispatch gets a pass of its own, so each kernel is timed where it runs in the
+   * stream (caches as the work leaves them), at the cost of a pass boundary per dispatch.
    */
-  startPassTiming(maxPasses = 2048): boolean {
+  startPassTiming(maxPasses = 2048, opts: { perDispatch?: boolean } = {}): boolean {
     if (!this.features.timestamps || this.#passTiming) return false;
     this.flush();
     const capacity = 2 * Math.min(maxPasses, 2048); // WebGPU caps a query set at 4096 queries
@@ -399,6 +419,7 @@ export class GpuDevice {
       capacity,
       used: 0,
       untimed: 0,
+      keys: opts.perDispatch ? [] : null,
     };
     return true;
   }
@@ -410,7 +431,8 @@ export class GpuDevice {
     this.flush();
     this.#passTiming = null;
     try {
-      if (t.used === 0) return { begin: [], end: [], untimed: t.untimed };
+      const keys = t.keys ?? undefined;
+      if (t.used === 0) return { begin: [], end: [], untimed: t.untimed, keys };
       const resolve = this.gpu.createBuffer({
         size: t.used * 8,
         usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
@@ -426,7 +448,7 @@ export class GpuDevice {
         begin.push(ms(i));
         end.push(ms(i + 1));
       }
-      return { begin, end, untimed: t.untimed };
+      return { begin, end, untimed: t.untimed, keys };
     } finally {
       t.qs.destroy();
     }

@@ -1,9 +1,11 @@
 // Pass timestamps for benchmarks (GpuDevice.startPassTiming / stopPassTiming, bench/harness.ts gpuTimeline):
-// one [begin, end] per compute pass in submission order, passes beyond the capacity counted, and the busy /
-// span / wall split ordered as it must be (busy <= span <= wall).
+// one [begin, end] per compute pass in submission order, passes beyond the capacity counted, one pass per
+// dispatch on request (with each pass's kernel), and the busy / span / wall split ordered as it must be
+// (busy <= span <= wall).
 import assert from "node:assert/strict";
 import { matmul } from "../../runtime/ops/matmul.ts";
-import { gpuTimeline } from "../../bench/harness.ts";
+import { gpuTimeline, profileInStream } from "../../bench/harness.ts";
+import { add } from "../../runtime/ops/elementwise.ts";
 import { gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
 
 Deno.test(
@@ -42,6 +44,24 @@ Deno.test(
       }
       const capped = (await rt.dev.stopPassTiming())!;
       assert.deepEqual([capped.begin.length, capped.untimed], [1, 2]);
+
+      // one pass per dispatch: a key per timed pass, in recording order, within one submit (the test runtime's
+      // poison fills of new tensors are dispatches too)
+      rt.poisonNewTensors = false;
+      assert.ok(rt.dev.startPassTiming(2, { perDispatch: true }));
+      rt.scope(() => void add(matmul(a, a), a));
+      rt.scope(() => void matmul(a, a));
+      const each = (await rt.dev.stopPassTiming())!;
+      assert.equal(each.keys?.length, 2);
+      assert.ok(each.keys[0].startsWith("matmul") && !each.keys[1].startsWith("matmul"), each.keys.join());
+      assert.equal(each.untimed, 1);
+      const prof = (await profileInStream(rt, async () => {
+        for (let i = 0; i < 2; i++) rt.scope(() => void add(matmul(a, a), a));
+        await rt.dev.sync();
+      }))!;
+      assert.deepEqual(prof.kernels.map((k) => k.dispatches), [2, 2], JSON.stringify(prof.kernels));
+      assert.ok(prof.kernels.every((k) => k.ms > 0), JSON.stringify(prof.kernels));
+      rt.poisonNewTensors = true;
 
       const tl = (await gpuTimeline(rt, async () => {
         for (let i = 0; i < 2; i++) {
