@@ -31,6 +31,7 @@ import {
   parseMatmulConfig,
 } from "../kernels/matmul.ts";
 import { gemvKernel, gemvSwigluKernel } from "../kernels/gemv.ts";
+import { gemvDeviceOptions } from "../runtime/ops/matmul.ts";
 
 /** Options of {@linkcode bench}. */
 export interface BenchOptions {
@@ -291,7 +292,13 @@ async function benchGemv(
     );
     const probe = rt.empty([1], "f32");
     for (const [tpr, unroll] of tprs.flatMap((t) => unrolls.map((u) => [t, u]))) {
-      const opts = { threadsPerRow: tpr, unroll, normIn: norm ? { eps: 1e-5 } : undefined };
+      // the device's subgroup sums as decoding takes them (DISTILLERY_GEMV_SUBGROUPS=0 times the tree instead)
+      const opts = {
+        ...gemvDeviceOptions(rt),
+        threadsPerRow: tpr,
+        unroll,
+        normIn: norm ? { eps: 1e-5 } : undefined,
+      };
       const l = swiglu ? gemvSwigluKernel(dtype, 1, n, k, opts) : gemvKernel(dtype, 1, n, k, opts);
       // each copy's operands, built once: the timed loop only dispatches
       const operands = ws.map((w) => [x, ...(norm ? [nw] : []), ...w, y]);

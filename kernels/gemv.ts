@@ -5,8 +5,9 @@
  * Decode is bound by reading W once, so the kernel is shaped for memory bandwidth: a workgroup of 256 threads
  * takes `256 / TPR` output rows, TPR threads stride along one row of W with 16-byte loads (vec4 of f32, or eight
  * f16 values unpacked from a vec4<u32>, which also works without `shader-f16`), every loaded W vector is used
- * for all rows of x, and the TPR partial sums meet in a shared-memory tree. Sizes whose K is not a multiple of
- * the vector width take a scalar variant.
+ * for all rows of x, and the TPR partial sums meet in a shared-memory tree, or, on devices with fixed-size
+ * subgroups, in `subgroupAdd` (one exchange through workgroup memory when a row spans several subgroups) instead
+ * of a barrier per tree level. Sizes whose K is not a multiple of the vector width take a scalar variant.
  *
  * Decoding is also bound by the number of dispatches (each costs tens of microseconds to record and launch, more
  * than a 2048 x 2048 GEMV's 9 us of GPU time on the H200), so the variants fuse what surrounds a projection:
@@ -71,6 +72,14 @@ export interface GemvOptions {
    * {@linkcode gemvShapeDefaults}.
    */
   unroll?: number;
+  /**
+   * The device's subgroup size when it is fixed (`subgroupMinSize == subgroupMaxSize`) and the `subgroups`
+   * feature is on; 0 or absent for none. Row sums and the norm's sum of squares then reduce with `subgroupAdd`
+   * and one exchange through workgroup memory, instead of a tree with a barrier per level (5-8 barriers).
+   * Taken when threadsPerRow is a multiple of it. Assumes subgroups are consecutive local invocation indices,
+   * as on NVIDIA's and Apple's GPUs; the tests compare against float64 on the device that runs them.
+   */
+  subgroupSize?: number;
 }
 
 /**
@@ -209,6 +218,12 @@ function gemvLaunch(
   if (![1, 2, 4, 8, 16].includes(unroll)) {
     throw new Error(`gemv: unroll must be 1, 2, 4, 8 or 16, got ${unroll}`);
   }
+  const sgSize = opts.subgroupSize ?? 0;
+  if (sgSize !== 0 && !(sgSize >= 4 && sgSize <= GEMV_WORKGROUP && (sgSize & (sgSize - 1)) === 0)) {
+    throw new Error(`gemv: subgroupSize must be 0 or a power of two in 4..${GEMV_WORKGROUP}, got ${sgSize}`);
+  }
+  // subgroup sums need whole subgroups per row
+  const sg = sgSize > 0 && tpr % sgSize === 0 ? sgSize : 0;
   const { mode, residual } = variant;
   const gated = variant.gated ?? null;
   const norm = opts.normIn !== undefined;
@@ -219,14 +234,14 @@ function gemvLaunch(
   const proKey = gated ? `_gnorm${gated.group}x${gated.groups}` : norm ? "_norm" : "";
   const key = `gemv${mode === "single" ? "" : `_${mode}`}${proKey}${
     residual ? "_res" : ""
-  }_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}${unroll === 4 ? "" : `_u${unroll}`}`;
+  }_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}${unroll === 4 ? "" : `_u${unroll}`}${sg ? `_sg${sg}` : ""}`;
   let spec = specs.get(key);
   if (!spec) {
     spec = {
       key,
       bindings: gemvBindings(mode, pro, residual).map(([, access]) => access),
       uniformBytes: 32,
-      code: gemvWgsl(dtype, rows, tpr, vec, mode, pro, residual, unroll),
+      code: gemvWgsl(dtype, rows, tpr, vec, mode, pro, residual, unroll, sg),
     };
     specs.set(key, spec);
   }
@@ -311,6 +326,7 @@ function gemvWgsl(
   pro: GemvPrologue,
   residual: boolean,
   unroll: number,
+  sg: number,
 ): string {
   const swigluPair = mode === "swiglu", qkv = mode === "qkv", split3 = mode === "split3";
   const gated = typeof pro === "object" ? pro : null;
@@ -365,12 +381,44 @@ function gemvWgsl(
     for (let u = 0; u < unroll; u++) loads.push(`let g${u} = NW[i${u ? ` + ${u * tpr}u` : ""}];`);
     load1.push("let g = NW[i];");
   }
-  const reduce: string[] = [], treeStep: string[] = [];
+  // Row sums. Tree: each level halves the row's partials in workgroup memory, a barrier apart. Subgroups: each
+  // subgroup adds its lanes' partials at once; with more than one subgroup per row, their sums meet in red.
+  const perRow = sg ? tpr / sg : 0; // subgroups per row
+  const nsg = sg ? GEMV_WORKGROUP / sg : 0; // subgroups per workgroup
+  const reduce: string[] = [], treeStep: string[] = [], gather: string[] = [];
   for (let a = 0; a < slots; a++) {
-    reduce.push(`red[${a}u * ${GEMV_WORKGROUP}u + lid] = acc[${a}];`);
-    treeStep.push(`red[${a}u * ${GEMV_WORKGROUP}u + lid] += red[${a}u * ${GEMV_WORKGROUP}u + lid + s];`);
+    if (!sg) {
+      reduce.push(`red[${a}u * ${GEMV_WORKGROUP}u + lid] = acc[${a}];`);
+      treeStep.push(`red[${a}u * ${GEMV_WORKGROUP}u + lid] += red[${a}u * ${GEMV_WORKGROUP}u + lid + s];`);
+    } else if (perRow === 1) {
+      reduce.push(`rsum[${a}] = subgroupAdd(acc[${a}]);`);
+    } else {
+      reduce.push(
+        `{ let v = subgroupAdd(acc[${a}]); if (lid % ${sg}u == 0u) { red[${a}u * ${nsg}u + lid / ${sg}u] = v; } }`,
+      );
+      gather.push(
+        `for (var j = 0u; j < ${perRow}u; j++) { rsum[${a}] += red[${a}u * ${nsg}u + lid / ${sg}u + j]; }`,
+      );
+    }
   }
-  const sum = (a: number) => `p.alpha * red[${a}u * ${GEMV_WORKGROUP}u + lid]`;
+  const sum = (a: number) => sg ? `p.alpha * rsum[${a}]` : `p.alpha * red[${a}u * ${GEMV_WORKGROUP}u + lid]`;
+  const rowSums = !sg
+    ? `${reduce.join("\n  ")}
+  for (var s = ${tpr / 2}u; s > 0u; s >>= 1u) {
+    workgroupBarrier();
+    if (t < s) {
+      ${treeStep.join("\n      ")}
+    }
+  }`
+    : perRow === 1
+    ? `var rsum: array<f32, ${slots}>;
+  ${reduce.join("\n  ")}`
+    : `var rsum: array<f32, ${slots}>;
+  ${reduce.join("\n  ")}
+  workgroupBarrier();
+  if (t == 0u) {
+    ${gather.join("\n    ")}
+  }`;
   const writes: string[] = [];
   for (let r = 0; r < rows; r++) {
     writes.push(
@@ -441,12 +489,33 @@ fn nrm(a: ${T}, g: ${T}, r: f32) -> ${T} { return ${T}(f32(g) * f32(${T}(f32(a) 
   const ssq: string[] = [], ssqStore: string[] = [], ssqTree: string[] = [], rsLoad: string[] = [];
   for (let r = 0; r < rows; r++) {
     ssq.push(`ss[${r}] += sq(X[${r}u * kv + i]);`);
-    ssqStore.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] = ss[${r}];`);
-    ssqTree.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] += red[${r}u * ${GEMV_WORKGROUP}u + lid + s];`);
-    rsLoad.push(`rs[${r}] = inverseSqrt(red[${r}u * ${GEMV_WORKGROUP}u] / f32(p.k) + p.eps);`);
+    if (!sg) {
+      ssqStore.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] = ss[${r}];`);
+      ssqTree.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] += red[${r}u * ${GEMV_WORKGROUP}u + lid + s];`);
+      rsLoad.push(`rs[${r}] = inverseSqrt(red[${r}u * ${GEMV_WORKGROUP}u] / f32(p.k) + p.eps);`);
+    } else {
+      ssqStore.push(
+        `{ let v = subgroupAdd(ss[${r}]); if (lid % ${sg}u == 0u) { red[${r}u * ${nsg}u + lid / ${sg}u] = v; } }`,
+      );
+      rsLoad.push(
+        `{ var w = 0.0; for (var j = 0u; j < ${nsg}u; j++) { w += red[${r}u * ${nsg}u + j]; } ` +
+          `rs[${r}] = inverseSqrt(w / f32(p.k) + p.eps); }`,
+      );
+    }
   }
   // Every workgroup reduces the rows' sums of squares over the whole workgroup before its product; all of them
   // read the same items in the same order, so every workgroup gets the same rstd.
+  const ssqReduce = sg
+    ? `${ssqStore.join("\n    ")}
+    workgroupBarrier();`
+    : `${ssqStore.join("\n    ")}
+    for (var s = ${GEMV_WORKGROUP / 2}u; s > 0u; s >>= 1u) {
+      workgroupBarrier();
+      if (lid < s) {
+        ${ssqTree.join("\n        ")}
+      }
+    }
+    workgroupBarrier();`;
   const prologue = gated ? gatedPrologue(rows, width, gated) : !norm ? "" : `
   var rs: array<f32, ${rows}>;
   {
@@ -454,24 +523,19 @@ fn nrm(a: ${T}, g: ${T}, r: f32) -> ${T} { return ${T}(f32(g) * f32(${T}(f32(a) 
     for (var i = lid; i < kv; i += ${GEMV_WORKGROUP}u) {
       ${ssq.join("\n      ")}
     }
-    ${ssqStore.join("\n    ")}
-    for (var s = ${GEMV_WORKGROUP / 2}u; s > 0u; s >>= 1u) {
-      workgroupBarrier();
-      if (lid < s) {
-        ${ssqTree.join("\n        ")}
-      }
-    }
-    workgroupBarrier();
+    ${ssqReduce}
     ${rsLoad.join("\n    ")}
     // the product's reduction below reuses red
     workgroupBarrier();
   }`;
-  return `${wgslHeader(dtype)}
+  // subgroup sums exchange one value per subgroup; the tree and the gated prologue need one per thread
+  const redSize = sg && !gated ? Math.max(slots, rows) * nsg : slots * GEMV_WORKGROUP;
+  return `${wgslHeader(dtype)}${sg ? "enable subgroups;\n" : ""}
 struct P { n: u32, k: u32, alpha: f32, nq: u32, eps: f32, n1: u32, _b: u32, _c: u32 }
 ${decls}
 @group(0) @binding(${bindings.length}) var<uniform> p: P;
 ${wload}
-var<workgroup> red: array<f32, ${slots * GEMV_WORKGROUP}>;
+var<workgroup> red: array<f32, ${redSize}>;
 
 // eight f16 values packed in a vec4<u32>: two per word
 fn dot8(a: vec4<u32>, b: vec4<u32>) -> f32 {
@@ -516,13 +580,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }${
     gated ? "\n  // the gated prologue's 1/rms values in red are read up to here\n  workgroupBarrier();" : ""
   }
-  ${reduce.join("\n  ")}
-  for (var s = ${tpr / 2}u; s > 0u; s >>= 1u) {
-    workgroupBarrier();
-    if (t < s) {
-      ${treeStep.join("\n      ")}
-    }
-  }
+  ${rowSums}
   if (t == 0u && n < p.n) {
     ${writes.join("\n    ")}
   }

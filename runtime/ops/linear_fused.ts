@@ -24,7 +24,14 @@ import {
 } from "../../kernels/gemv.ts";
 import { dtypeBytes } from "../../kernels/kernel.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
-import { linear, LINEAR_GEMV_MAX_TOKENS, linearQkv, linearSwiglu, takesGemv } from "./matmul.ts";
+import {
+  gemvDeviceOptions,
+  linear,
+  LINEAR_GEMV_MAX_TOKENS,
+  linearQkv,
+  linearSwiglu,
+  takesGemv,
+} from "./matmul.ts";
 import { rmsNorm } from "./norm.ts";
 import { add } from "./elementwise.ts";
 import { gatedRmsNorm } from "./gated_norm.ts";
@@ -80,7 +87,7 @@ export function linearNormed(x: Tensor, normWeight: Tensor, eps: number, w: Tens
     return linear(rmsNorm(x, normWeight, eps), w);
   }
   const y = rt.empty([...x.shape.slice(0, -1), nOut], x.dtype);
-  const l = gemvKernel(x.dtype, tokens, nOut, d, { normIn: { eps } });
+  const l = gemvKernel(x.dtype, tokens, nOut, d, { ...gemvDeviceOptions(rt), normIn: { eps } });
   rt.dev.dispatch(l.spec, [x.binding, normWeight.binding, w.binding, y.binding], l.workgroups, l.uniforms);
   return y;
 }
@@ -110,7 +117,7 @@ export function linearSplitNormed(
   }
   const lead = x.shape.slice(0, -1);
   const outs = widths.map((n) => rt.empty([...lead, n], x.dtype));
-  const l = gemvSplit3Kernel(x.dtype, tokens, widths, d, { normIn: { eps } });
+  const l = gemvSplit3Kernel(x.dtype, tokens, widths, d, { ...gemvDeviceOptions(rt), normIn: { eps } });
   rt.dev.dispatch(
     l.spec,
     [x.binding, normWeight.binding, w.binding, ...outs.map((t) => t.binding)],
@@ -146,7 +153,7 @@ export function linearQkvNormed(
   const lead = x.shape.slice(0, -1);
   const q = rt.empty([...lead, nq], x.dtype), k = rt.empty([...lead, nkv], x.dtype);
   const v = rt.empty([...lead, nkv], x.dtype);
-  const l = gemvQkvKernel(x.dtype, tokens, nq, nkv, d, { normIn: { eps } });
+  const l = gemvQkvKernel(x.dtype, tokens, nq, nkv, d, { ...gemvDeviceOptions(rt), normIn: { eps } });
   rt.dev.dispatch(
     l.spec,
     [x.binding, normWeight.binding, wq.binding, wk.binding, wv.binding, q.binding, k.binding, v.binding],
@@ -179,7 +186,7 @@ export function linearSwigluNormed(
     return linearSwiglu(rmsNorm(x, normWeight, eps), wGate, wUp);
   }
   const y = rt.empty([...x.shape.slice(0, -1), nOut], x.dtype);
-  const l = gemvSwigluKernel(x.dtype, tokens, nOut, d, { normIn: { eps } });
+  const l = gemvSwigluKernel(x.dtype, tokens, nOut, d, { ...gemvDeviceOptions(rt), normIn: { eps } });
   rt.dev.dispatch(
     l.spec,
     [x.binding, normWeight.binding, wGate.binding, wUp.binding, y.binding],
@@ -215,7 +222,7 @@ export function linearAddResidual(x: Tensor, w: Tensor, residual: Tensor): Tenso
     return add(residual, linear(x, w).view(residual.shape));
   }
   const y = rt.empty(residual.shape, x.dtype);
-  const l = gemvKernel(x.dtype, tokens, nOut, nIn, { residual: true });
+  const l = gemvKernel(x.dtype, tokens, nOut, nIn, { ...gemvDeviceOptions(rt), residual: true });
   rt.dev.dispatch(l.spec, [x.binding, w.binding, residual.binding, y.binding], l.workgroups, l.uniforms);
   return y;
 }
@@ -264,6 +271,7 @@ export function linearGatedNormed(
   }
   const out = rt.empty(residual ? residual.shape : [...y.shape.slice(0, -1), nOut], y.dtype);
   const l = gemvKernel(y.dtype, tokens, nOut, d, {
+    ...gemvDeviceOptions(rt),
     gatedNormIn: { group, eps },
     residual: residual !== undefined,
   });

@@ -138,6 +138,23 @@ export function takesGemv(
     Math.max(...operandBytes) <= bindingLimit(rt, maxBindingBytes);
 }
 
+/** Environment variable that turns the GEMVs' subgroup sums off (`0`), to compare the two on one device. */
+export const GEMV_SUBGROUPS_ENV_VAR = "DISTILLERY_GEMV_SUBGROUPS";
+
+let gemvSubgroupsAllowed: boolean | undefined;
+
+/**
+ * The GEMV option for the device's subgroups: `{ subgroupSize }` when the device has the `subgroups` feature and
+ * a fixed subgroup size (see `GemvOptions.subgroupSize`), else none. Shared with `linear_fused.ts`.
+ */
+export function gemvDeviceOptions(rt: Runtime): { subgroupSize?: number } {
+  gemvSubgroupsAllowed ??= readEnv(GEMV_SUBGROUPS_ENV_VAR) !== "0";
+  const { subgroupMinSize: lo, subgroupMaxSize: hi } = rt.dev;
+  return gemvSubgroupsAllowed && rt.dev.features.subgroups && lo === hi && lo >= 4
+    ? { subgroupSize: lo }
+    : {};
+}
+
 /** Bytes `row0 .. row0 + rows` of a row-major tensor with `rowElems` elements per row, as a binding. */
 function rowSlice(t: Tensor, rowElems: number, row0: number, rows: number): BufferSlice {
   const rb = rowElems * dtypeBytes(t.dtype);
@@ -526,7 +543,7 @@ export function linear(x: Tensor, w: Tensor, opts: LinearOptions = {}): Tensor {
   const y = rt.empty(outShape, x.dtype);
   const mb = opts.maxBindingBytes;
   if (takesGemv(rt, tokens, GEMV_MAX_ROWS, [w.byteLength, x.byteLength, y.byteLength], mb)) {
-    const l = gemvKernel(x.dtype, tokens, nOut, nIn);
+    const l = gemvKernel(x.dtype, tokens, nOut, nIn, gemvDeviceOptions(rt));
     rt.dev.dispatch(l.spec, [x.binding, w.binding, y.binding], l.workgroups, l.uniforms);
   } else {
     const g: Geometry = { m: tokens, n: nOut, k: nIn, batch: 1, aBatched: false, bBatched: false, out: [] };
@@ -585,7 +602,7 @@ export function linearSwiglu(x: Tensor, wGate: Tensor, wUp: Tensor): Tensor {
     takesGemv(rt, tokens, GEMV_SWIGLU_MAX_ROWS, bytes)
   ) {
     const y = rt.empty([...x.shape.slice(0, -1), nOut], x.dtype);
-    const l = gemvSwigluKernel(x.dtype, tokens, nOut, nIn);
+    const l = gemvSwigluKernel(x.dtype, tokens, nOut, nIn, gemvDeviceOptions(rt));
     rt.dev.dispatch(l.spec, [x.binding, wGate.binding, wUp.binding, y.binding], l.workgroups, l.uniforms);
     return y;
   }
@@ -616,7 +633,7 @@ export function linearQkv(
   ) {
     const q = rt.empty([...lead, nq], x.dtype), k = rt.empty([...lead, nkv], x.dtype);
     const v = rt.empty([...lead, nkv], x.dtype);
-    const l = gemvQkvKernel(x.dtype, tokens, nq, nkv, nIn);
+    const l = gemvQkvKernel(x.dtype, tokens, nq, nkv, nIn, gemvDeviceOptions(rt));
     rt.dev.dispatch(
       l.spec,
       [x.binding, wq.binding, wk.binding, wv.binding, q.binding, k.binding, v.binding],

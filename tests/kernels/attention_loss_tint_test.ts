@@ -68,6 +68,18 @@ function allSpecs(): KernelSpec[] {
       specs.push(gemvKernel(dtype, 16, 8, k).spec, gemvSwigluKernel(dtype, 8, 8, k).spec);
       specs.push(gemvQkvKernel(dtype, 16, 8, 4, k).spec);
       specs.push(gemvSplit3Kernel(dtype, 16, [8, 12, 4], k, { normIn: { eps: 1e-5 } }).spec);
+      // subgroup sums (the H200's 32-lane subgroups): one subgroup a row, and four with the exchange in red
+      for (const threadsPerRow of [32, 128]) {
+        const o = { threadsPerRow, subgroupSize: 32 };
+        const norm = { ...o, normIn: { eps: 1e-5 } };
+        specs.push(
+          gemvKernel(dtype, 16, 8, k, norm).spec,
+          gemvKernel(dtype, 2, 8, k, { ...o, residual: true }).spec,
+        );
+        specs.push(gemvSwigluKernel(dtype, 8, 8, k, norm).spec, gemvQkvKernel(dtype, 16, 8, 4, k, norm).spec);
+        specs.push(gemvSplit3Kernel(dtype, 16, [8, 12, 4], k, norm).spec);
+        specs.push(gemvKernel(dtype, 1, 8, k, { ...o, gatedNormIn: { group: 2, eps: 1e-5 } }).spec);
+      }
     }
     specs.push(splitColumns3(dtype, 2, 10, 3, 7).spec);
     for (const teacherDtype of [null, "f32", "f16"] as (DType | null)[]) {
@@ -102,7 +114,7 @@ Deno.test(
   "attention/loss kernels: every WGSL variant compiles with Dawn's Tint",
   gpuTestOptions,
   async () => {
-    const dev = await dawnNullDevice({ optional: ["shader-f16"] });
+    const dev = await dawnNullDevice({ optional: ["shader-f16", "subgroups"] });
     if (typeof dev === "string") {
       console.warn(`Tint check skipped: ${dev}`);
       return;

@@ -8,7 +8,7 @@ import {
   gemvSplit3Kernel,
   gemvSwigluKernel,
 } from "../../kernels/gemv.ts";
-import { linear, linearQkv, linearSwiglu } from "../../runtime/ops/matmul.ts";
+import { gemvDeviceOptions, linear, linearQkv, linearSwiglu } from "../../runtime/ops/matmul.ts";
 import {
   linearAddResidual,
   linearGatedNormed,
@@ -103,7 +103,11 @@ Deno.test(
           const x = randn(rng, rows * k), w = randn(rng, n * k);
           await rt.scope(async () => {
             const tx = rt.tensor(x, [rows, k]), tw = rt.tensor(w, [n, k]), y = rt.empty([rows, n]);
-            const l = gemvKernel("f32", rows, n, k, { threadsPerRow: tpr, alpha: 0.5 });
+            const l = gemvKernel("f32", rows, n, k, {
+              ...gemvDeviceOptions(rt),
+              threadsPerRow: tpr,
+              alpha: 0.5,
+            });
             rt.dev.dispatch(l.spec, [tx.binding, tw.binding, y.binding], l.workgroups, l.uniforms);
             // tree-summed f32 dot products of K unit-size terms
             assertClose(await y.read(), refLinear(x, w, rows, n, k).map((v) => 0.5 * v), {
@@ -410,8 +414,9 @@ const FUSED_CASES: [number, number][] = [[1, 1000], [3, 67], [8, 96], [16, 1000]
 // compile on llvmpipe (the same code as f32's apart from the item type, which FUSED_CASES covers at 16 rows)
 const fusedCases = (dtype: DType, norm: boolean): [number, number][] =>
   dtype === "f16" && norm ? [[1, 1000], [3, 67], [8, 96], [16, 67]] : FUSED_CASES;
-// 128 threads per row (few rows per workgroup, long rows) and 8 (many rows per workgroup)
-const fusedTpr = (k: number) => (k === 1000 ? 128 : 8);
+// 128 threads per row (few rows per workgroup, long rows), 32 and 8 (many rows per workgroup); on a device with
+// subgroups of 32 (gemvDeviceOptions), 128 and 32 take the subgroup sums with four subgroups a row and with one
+const fusedTpr = (k: number) => (k === 1000 ? 128 : k === 96 ? 32 : 8);
 const fusedTol = (dtype: DType, k: number) =>
   // f32: a tree-summed dot product of K unit-scale terms; f16: the output's rounding (2^-11) and the
   // normalised x's two roundings, on f32 accumulation
@@ -483,6 +488,7 @@ for (const dtype of ["f32", "f16"] as DType[]) {
             const tnw = rt.tensor(nw, [k], dtype), tr = rt.tensor(res, [rows, n], dtype);
             const y = rt.empty([rows, n], dtype);
             const l = gemvKernel(dtype, rows, n, k, {
+              ...gemvDeviceOptions(rt),
               threadsPerRow: fusedTpr(k),
               alpha,
               residual,
@@ -530,7 +536,11 @@ for (const dtype of ["f32", "f16"] as DType[]) {
             const tx = rt.tensor(x, [rows, k], dtype), tnw = rt.tensor(nw, [k], dtype);
             const tg = rt.tensor(wg, [n, k], dtype), tu = rt.tensor(wu, [n, k], dtype);
             const y = rt.empty([rows, n], dtype);
-            const l = gemvSwigluKernel(dtype, rows, n, k, { threadsPerRow: tpr, normIn: { eps } });
+            const l = gemvSwigluKernel(dtype, rows, n, k, {
+              ...gemvDeviceOptions(rt),
+              threadsPerRow: tpr,
+              normIn: { eps },
+            });
             rt.dev.dispatch(
               l.spec,
               [tx.binding, tnw.binding, tg.binding, tu.binding, y.binding],
@@ -561,7 +571,11 @@ for (const dtype of ["f32", "f16"] as DType[]) {
           const tv = rt.tensor(wv, [nkv, k], dtype);
           const q = rt.empty([rows, nq], dtype), kk = rt.empty([rows, nkv], dtype);
           const v = rt.empty([rows, nkv], dtype);
-          const l = gemvQkvKernel(dtype, rows, nq, nkv, k, { threadsPerRow: tpr, normIn: { eps } });
+          const l = gemvQkvKernel(dtype, rows, nq, nkv, k, {
+            ...gemvDeviceOptions(rt),
+            threadsPerRow: tpr,
+            normIn: { eps },
+          });
           rt.dev.dispatch(
             l.spec,
             [tx.binding, tnw.binding, tq.binding, tk.binding, tv.binding, q.binding, kk.binding, v.binding],
@@ -580,7 +594,11 @@ for (const dtype of ["f32", "f16"] as DType[]) {
           const tx = rt.tensor(x, [rows, k], dtype), tnw = rt.tensor(nw, [k], dtype);
           const tw = rt.tensor(w3, [nAll, k], dtype);
           const outs = widths.map((n) => rt.empty([rows, n], dtype));
-          const l = gemvSplit3Kernel(dtype, rows, widths, k, { threadsPerRow: tpr, normIn: { eps } });
+          const l = gemvSplit3Kernel(dtype, rows, widths, k, {
+            ...gemvDeviceOptions(rt),
+            threadsPerRow: tpr,
+            normIn: { eps },
+          });
           rt.dev.dispatch(
             l.spec,
             [tx.binding, tnw.binding, tw.binding, ...outs.map((t) => t.binding)],
@@ -734,6 +752,7 @@ for (const dtype of ["f32", "f16"] as DType[]) {
           const tnw = rt.tensor(nw, [k], dtype), tw = rt.tensor(w, [n, k], dtype);
           const tr = rt.tensor(res, [rows, n], dtype), out = rt.empty([rows, n], dtype);
           const l = gemvKernel(dtype, rows, n, k, {
+            ...gemvDeviceOptions(rt),
             threadsPerRow: fusedTpr(k),
             alpha,
             residual,
@@ -858,3 +877,36 @@ Deno.test("gemvShapeDefaults: more threads a row for few outputs, about 1,024 wo
   assert.deepEqual(gemvShapeDefaults(128256), { threadsPerRow: 32, unroll: 4 }); // lm_head
   assert.deepEqual(gemvShapeDefaults(45), { threadsPerRow: 128, unroll: 4 }); // tiny: never above 128
 });
+
+Deno.test("gemv subgroup sums: taken for whole subgroups a row, refused for bad sizes", () => {
+  const key = (threadsPerRow: number, subgroupSize: number) =>
+    gemvKernel("f32", 1, 64, 256, { threadsPerRow, subgroupSize }).spec;
+  assert.match(key(32, 32).key, /_sg32$/);
+  assert.match(key(128, 32).key, /_sg32$/);
+  assert.doesNotMatch(key(16, 32).key, /_sg/, "fewer threads a row than a subgroup: the tree");
+  assert.doesNotMatch(key(32, 0).key, /_sg/);
+  assert.match(key(32, 32).code, /subgroupAdd/);
+  assert.doesNotMatch(key(16, 32).code, /subgroupAdd|enable subgroups/);
+  for (const bad of [3, 24, 512]) assert.throws(() => key(32, bad), /subgroupSize/);
+});
+
+Deno.test(
+  "decode GEMVs take subgroup sums where the device has fixed-size subgroups",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const sg = gemvDeviceOptions(rt).subgroupSize;
+    const rng = testRng("gemv-device-subgroups");
+    const { keys } = await withKernelKeys(rt, () =>
+      rt.scope(() => {
+        const x = rt.tensor(randn(rng, 64), [1, 64]), nw = rt.tensor(randn(rng, 64), [64]);
+        const w = rt.tensor(randn(rng, 2048 * 64), [2048, 64]);
+        linearNormed(x, nw, 1e-5, w);
+      }));
+    const gemv = keys.filter((k) => k.startsWith("gemv"));
+    assert.equal(gemv.length, 1, keys.join(" "));
+    // 2048 outputs take 128 threads a row (gemvShapeDefaults), a multiple of any subgroup size up to 128
+    if (sg) assert.ok(gemv[0].endsWith(`_sg${sg}`), `${gemv[0]} on subgroups of ${sg}`);
+    else assert.doesNotMatch(gemv[0], /_sg/, `${gemv[0]} without fixed-size subgroups`);
+  },
+);
