@@ -93,6 +93,14 @@ function indexBits(V: number): number {
 }
 
 /**
+ * Whether a temperature picks the argmax: 0 or less, or one whose inverse overflows f32 (greedy in effect, and it
+ * would give inf * 0 = NaN at the maximum).
+ */
+export function samplesGreedily(temperature: number): boolean {
+  return !(temperature > 0) || !Number.isFinite(Math.fround(1 / temperature));
+}
+
+/**
  * Samples one token per row of a block of `rows` rows of logits (`[rows, V]`, maybe a slice; row r is row
  * `row0 + r` of the batch). Bindings: logits (read), streams (read, u32 `[N]`: the random stream of each row),
  * ids (rw, i32 `[N]`), and with `withProbs` probs (rw, f32 `[rows, V]`, a slice like the logits): the sampling
@@ -112,8 +120,7 @@ export function sampleTokensKernel(
     uniformBytes: 48,
     code: sampleSource(dtype, WG, withProbs),
   }));
-  // a temperature whose inverse overflows f32 is greedy in effect (and would give inf * 0 = NaN at the max)
-  const greedy = !(s.temperature > 0) || !Number.isFinite(Math.fround(1 / s.temperature));
+  const greedy = samplesGreedily(s.temperature);
   const topK = s.topK > 0 && s.topK < V ? s.topK : 0;
   const topP = s.topP < 1 ? Math.max(0, s.topP) : 1;
   return {

@@ -9,7 +9,13 @@
  *
  * @module
  */
-import { sampleTokensKernel } from "../../kernels/sample_token.ts";
+import { samplesGreedily, sampleTokensKernel } from "../../kernels/sample_token.ts";
+import {
+  ARGMAX_MAX_SLICES,
+  argmaxMerge,
+  argmaxSliceCount,
+  argmaxSlices,
+} from "../../kernels/argmax_split.ts";
 import { rowBlocks } from "./loss.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
 
@@ -32,6 +38,12 @@ export interface TokenDraw {
   /** Position of this draw in each stream (the decode step, from 0). */
   step: number;
 }
+
+/**
+ * Vocabularies from which greedy sampling (without the distribution) takes the split argmax
+ * (`kernels/argmax_split.ts`, two dispatches over many workgroups) instead of the sampler's one workgroup per row.
+ */
+export const ARGMAX_SPLIT_MIN_VOCAB = 8192;
 
 /** Options of {@linkcode sampleTokens}. */
 export interface SampleTokensOptions {
@@ -86,7 +98,19 @@ function dispatchSample(
     step: draw.step,
   };
   const tensors = probs ? [logits, probs] : [logits];
+  const split = !probs && samplesGreedily(sampling.temperature) && V >= ARGMAX_SPLIT_MIN_VOCAB &&
+    argmaxSliceCount(V) <= ARGMAX_MAX_SLICES;
   for (const blk of rowBlocks(rt, tensors, N, V, opts.maxBindingBytes)) {
+    if (split) {
+      // a long row's argmax over many workgroups (kernels/argmax_split.ts), not one workgroup per row
+      const slices = argmaxSlices(logits.dtype, blk.rows, V);
+      const part = rt.empty([blk.rows * argmaxSliceCount(V) * 2], "u32");
+      rt.dev.dispatch(slices.spec, [blk.slices[0], part.binding], slices.workgroups, slices.uniforms);
+      const merge = argmaxMerge(blk.rows, V, blk.row0);
+      rt.dev.dispatch(merge.spec, [part.binding, ids.binding], merge.workgroups, merge.uniforms);
+      part.dispose();
+      continue;
+    }
     const k = sampleTokensKernel(logits.dtype, blk.rows, blk.row0, V, params, probs !== null);
     const buffers = [blk.slices[0], draw.streams.binding, ids.binding, ...(probs ? [blk.slices[1]] : [])];
     rt.dev.dispatch(k.spec, buffers, k.workgroups, k.uniforms);

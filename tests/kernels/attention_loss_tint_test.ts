@@ -1,6 +1,6 @@
 /**
  * Compiles every WGSL variant of the attention, decode (split and single-token GQA), loss, log-prob and sampling
- * kernels, and the fused decode GEMVs, with Dawn's compiler (Tint), the compiler of the H200 provider, through
+ * (and split argmax) kernels, and the fused decode GEMVs, with Dawn's compiler (Tint), the compiler of the H200 provider, through
  * Dawn's null backend (no GPU needed). Tint is stricter than the built-in provider's compiler in places the CPU tests cannot see: e.g. a
  * constant expression that evaluates to NaN is a shader-creation error there and compiles fine here, and a
  * barrier after a branch on a workgroup variable read without workgroupUniformLoad is rejected there only.
@@ -15,6 +15,7 @@ import * as ce from "../../kernels/cross_entropy.ts";
 import * as lp from "../../kernels/logprobs.ts";
 import * as hl from "../../kernels/head_loss.ts";
 import { philoxKernel, sampleTokensKernel } from "../../kernels/sample_token.ts";
+import { argmaxMerge, argmaxSlices } from "../../kernels/argmax_split.ts";
 import type { DType, KernelSpec } from "../../kernels/kernel.ts";
 import { gpuTestOptions } from "../helpers/gpu.ts";
 import { dawnNullDevice } from "../helpers/tint.ts";
@@ -99,6 +100,7 @@ function allSpecs(): KernelSpec[] {
       }
     }
     specs.push(hl.scaleByScalar(dtype, 10, false).spec, hl.scaleByScalar(dtype, 10, true).spec);
+    specs.push(argmaxSlices(dtype, 2, 128256).spec, argmaxMerge(2, 128256).spec);
   }
   specs.push(
     ce.distillLossReduce(4, 1, 1, true).spec,

@@ -7,7 +7,15 @@ import { samplingDistribution, type SamplingOptions } from "../../models/samplin
 import { sampleTokens, samplingProbs } from "../../runtime/ops/sampling.ts";
 import type { Runtime } from "../../runtime/runtime.ts";
 import type { Rng } from "../../util/rng.ts";
-import { assertClose, gpuTestOptions, testRng, testRuntime } from "../helpers/gpu.ts";
+import {
+  assertClose,
+  gpuTestOptions,
+  roundF16,
+  testRng,
+  testRuntime,
+  withKernelKeys,
+} from "../helpers/gpu.ts";
+import { ARGMAX_MAX_SLICES, ARGMAX_SLICE, argmaxSlices } from "../../kernels/argmax_split.ts";
 import { noGpuErrors } from "../helpers/gpu_errors.ts";
 
 // Probabilities: f32 weights exp((x - m) / T) (WGSL's exp is good to 3 + 2|x| ULP, |x| <= ~30 here) divided by
@@ -424,3 +432,53 @@ Deno.test(
       }));
   },
 );
+
+Deno.test(
+  "greedy over long rows: the split argmax (many workgroups) picks what the one-workgroup sampler and float64 pick",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("argmax-split");
+    for (const dtype of (rt.dev.features.f16 ? ["f32", "f16"] : ["f32"]) as ("f32" | "f16")[]) {
+      // 9000: nine slices of 1024, the last partial; 128256: the Llama-3 vocabulary (126 slices)
+      for (const V of [9000, 128256]) {
+        const rows = V === 9000 ? 4 : 1;
+        const data = new Float32Array(rows * V);
+        for (let i = 0; i < data.length; i++) data[i] = 3 * rng.normal();
+        if (V === 9000) {
+          // ties of the maximum: in two slices (row 0), in one slice on two threads (row 1); a row of -inf
+          // (row 2: index 0); row 3 untouched
+          data[1500] = data[7000] = 40;
+          data[V + 2049] = data[V + 2049 + 256 + 3] = 40;
+          data.fill(-Infinity, 2 * V, 3 * V);
+        }
+        const logits = dtype === "f16" ? Float32Array.from(roundF16(Float64Array.from(data))) : data;
+        const expected = Array.from({ length: rows }, (_, r) => {
+          let best = 0;
+          for (let i = 1; i < V; i++) if (logits[r * V + i] > logits[r * V + best]) best = i;
+          return best;
+        });
+        await rt.scope(async () => {
+          const t = rt.tensor(logits, [rows, V], dtype);
+          const streams = rt.tensor(new Uint32Array(rows), [rows], "u32");
+          const draw = { seed: 1, streams, step: 0 };
+          const { out: ids, keys } = await withKernelKeys(
+            rt,
+            () => sampleTokens(t, { temperature: 0 }, draw),
+          );
+          assert.ok(keys.includes("argmax_slices_" + dtype) && keys.includes("argmax_merge"), keys.join(" "));
+          // samplingProbs keeps the sampler's one-workgroup path (it also writes the distribution)
+          const one = samplingProbs(t, { temperature: 0 }, draw).ids;
+          const [got, ref] = [Array.from(await ids.read()), Array.from(await one.read())];
+          assert.deepEqual(got, expected, `${dtype} V=${V}: split argmax`);
+          assert.deepEqual(ref, expected, `${dtype} V=${V}: the sampler`);
+        });
+      }
+    }
+  },
+);
+
+Deno.test("argmax slices refuse rows beyond their merge", () => {
+  assert.throws(() => argmaxSlices("f32", 1, ARGMAX_MAX_SLICES * ARGMAX_SLICE + 1), /argmaxSlices/);
+  assert.equal(argmaxSlices("f32", 2, 2048).workgroups.join(), "2,2");
+});
