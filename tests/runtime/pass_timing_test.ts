@@ -60,7 +60,8 @@ Deno.test(
         await rt.dev.sync();
       }))!;
       assert.deepEqual(prof.kernels.map((k) => k.dispatches), [2, 2], JSON.stringify(prof.kernels));
-      assert.ok(prof.kernels.every((k) => k.ms > 0), JSON.stringify(prof.kernels));
+      // a 64x64 product can take less than the H200's timestamp step: 0 there, never negative
+      assert.ok(prof.kernels.every((k) => k.ms >= 0 && Number.isFinite(k.ms)), JSON.stringify(prof.kernels));
       rt.poisonNewTensors = true;
 
       const tl = (await gpuTimeline(rt, async () => {
