@@ -147,10 +147,12 @@ const MAIN: Case[] = [
   // cache filled to capacity (maxT = kvLen, no garbage rows)
   { B: 1, Hkv: 2, G: 4, hd: 32, kvLen: 37, maxT: 37, window: 36 },
   { B: 2, Hkv: 1, G: 4, hd: 64, kvLen: 300, maxT: 301, window: 1 },
+  // hd 96: 24 rows a slice, loaded as a block of 16 and a partial block of 8 (chunks of 240 keys at 240 threads)
+  { B: 1, Hkv: 2, G: 2, hd: 96, kvLen: 250, maxT: 251, window: 0 },
 ];
 
 Deno.test(
-  "decode GQA kernel (f32): G 1/4/8, hd 32/64/128, tails, windows, B = 2 over a padded cache",
+  "decode GQA kernel (f32): G 1/2/4/8, hd 32/64/96/128, tails, windows, B = 2 over a padded cache",
   gpuTestOptions,
   async () => {
     const rt = await testRuntime();
