@@ -2,7 +2,7 @@
  * Forking a decoding state: a new {@linkcode DecodeState} whose rows are copies of rows of another one, so a
  * prefix computed once (a multiple-choice context) can continue in several directions (its choices) without
  * being recomputed. Every per-row buffer is copied with GPU buffer copies (no kernel): the KV caches of the
- * attention layers up to the consumed length, and every tensor of the Mamba layers' state (SSM and conv).
+ * attention layers up to the consumed length, and the Mamba layers' SSM and conv states.
  *
  * @module
  */
@@ -56,9 +56,10 @@ export function forkDecodeState(
       out.length = kv.length;
     }
     for (const [layer, st] of src.ssm) {
-      const out = dst.ssm.get(layer)! as unknown as Record<string, Tensor>;
-      for (const [name, s] of Object.entries(st as unknown as Record<string, Tensor>)) {
-        const d = out[name];
+      const out = dst.ssm.get(layer)!;
+      // the per-row tensors; the caches built from the weights (heads, convTaps) are not per row, and the fork
+      // builds its own at its first one-token step
+      for (const [s, d] of [[st.state, out.state], [st.conv, out.conv]]) {
         // every state tensor is [B, ...]: a row is one contiguous block
         const rowBytes = s.byteLength / src.batch;
         rows.forEach((r, i) => copyChecked(lm, s, r * rowBytes, d, i * rowBytes, rowBytes));

@@ -95,15 +95,19 @@ Deno.test(
     const rng = testRng("fork");
     const V = lm.config.vocabSize;
     const prompt = [randomIds(rng, 5), randomIds(rng, 5)];
+    const last = randomIds(rng, 2);
     const next = randomIds(rng, 3);
     const src = lm.newDecodeState(2, 10);
     const direct = lm.newDecodeState(3, 10);
     try {
       await rt.scope(async () => {
+        // a prompt, then a one-token step (whose Mamba layers cache their packed weights on the state: not rows)
         lm.step(src, Int32Array.from(prompt.flat()), 5, { lastOnly: true });
+        lm.step(src, Int32Array.from(last), 1);
         // rows [1, 0, 1] of the source, each then fed one more token
         const forked = forkDecodeState(lm, src, [1, 0, 1], 10);
         lm.step(direct, Int32Array.from([...prompt[1], ...prompt[0], ...prompt[1]]), 5, { lastOnly: true });
+        lm.step(direct, Int32Array.of(last[1], last[0], last[1]), 1);
         const a = await lm.step(forked, Int32Array.from(next), 1).read();
         const b = await lm.step(direct, Int32Array.from(next), 1).read();
         lm.disposeState(forked);
