@@ -24,10 +24,13 @@
  *   of the gated values into workgroup memory, for the same reason as `normIn`.
  * - `residual` (single product only): `y = r + x W^T`, the projection that closes a block writing the next value
  *   of the residual stream, instead of a separate add.
+ * - `conv` (split3 only): Mamba2's one-token causal depthwise conv of the xBC part (kernels/conv1d.ts
+ *   `conv1dStep`), shifting its conv state in place. The conv is per channel and each output column of each row
+ *   is finished by one thread, which can then read and shift that channel's state alone.
  *
  * All keep the unfused rounding in the storage type T: the normalised value is rounded to T before and after
  * the norm weight multiplies it (kernels/rmsnorm.ts), the gated norm's output once (its kernel computes in f32
- * and stores T), and the product is rounded to T before the residual add.
+ * and stores T), and the product is rounded to T before the residual add and before the conv reads it.
  *
  * @module
  */
@@ -114,6 +117,22 @@ export interface GemvGatedNorm {
  */
 export const GEMV_GATED_MAX_GROUPS = 256;
 
+/**
+ * Mamba2's one-token causal depthwise conv as the epilogue of a split GEMV (kernels/conv1d.ts `conv1dStep`
+ * semantics, any width): for each channel c of the middle output, with y the product's value rounded to T and the
+ * conv state's `width - 1` earlier inputs s[0..width-2] (oldest first),
+ *
+ *     out = act(bias[c] + sum_{j < width-1} w[c, j] s[j] + w[c, width-1] y),   s <- (s[1..width-2], y)
+ *
+ * in f32, summed in that order; the state keeps the pre-conv y.
+ */
+export interface GemvConvStep {
+  /** Taps of the convolution (Mamba's `d_conv`), at least 2. */
+  width: number;
+  /** Apply SiLU after the bias (Mamba2's `xBC = SiLU(conv(xBC) + bias)`). */
+  silu: boolean;
+}
+
 /** The vector width the fast path of a dtype needs K to be a multiple of. */
 export function gemvVectorWidth(dtype: DType): number {
   return dtype === "f16" ? 8 : 4;
@@ -161,12 +180,14 @@ export function gemvKernel(
 /** What one GEMV dispatch computes: one product, the SwiGLU gate/up pair, or the q/k/v projections. */
 type GemvMode = "single" | "swiglu" | "qkv" | "split3";
 
-/** A GEMV variant: the mode, and the fused prologue (norm of x) and epilogue (residual add). */
+/** A GEMV variant: the mode, and the fused prologue (norm of x) and epilogues (residual add, conv step). */
 interface GemvVariant {
   mode: GemvMode;
   residual: boolean;
   /** The gated-norm input transform (single mode only): its shape and eps. */
   gated?: (GatedShape & { eps: number }) | null;
+  /** The conv step on the middle output (split3 mode only). */
+  conv?: GemvConvStep | null;
 }
 
 /** The shape of a gated-norm prologue, fixed in the kernel: channels per group and groups per row. */
@@ -183,6 +204,7 @@ function gemvBindings(
   mode: GemvMode,
   pro: GemvPrologue,
   residual: boolean,
+  conv: boolean,
 ): [string, BindingAccess, boolean][] {
   const weights = mode === "qkv" ? ["WQ", "WK", "WV"] : mode === "swiglu" ? ["W", "V"] : ["W"];
   const outs = mode === "qkv" ? ["Q", "K", "V"] : mode === "split3" ? ["A", "B", "C"] : ["Y"];
@@ -192,7 +214,11 @@ function gemvBindings(
     ...(pro !== "none" ? [["NW", "read", true] as [string, BindingAccess, boolean]] : []),
     ...weights.map((w) => [w, "read", true] as [string, BindingAccess, boolean]),
     ...(residual ? [["R", "read", false] as [string, BindingAccess, boolean]] : []),
+    // the conv epilogue's taps [C, width + 1] (each channel's weights, then its bias)
+    ...(conv ? [["CT", "read", false] as [string, BindingAccess, boolean]] : []),
     ...outs.map((o) => [o, "rw", false] as [string, BindingAccess, boolean]),
+    // and its state [rows, C, width - 1], shifted in place
+    ...(conv ? [["CS", "rw", false] as [string, BindingAccess, boolean]] : []),
   ];
 }
 
@@ -226,22 +252,26 @@ function gemvLaunch(
   const sg = sgSize > 0 && tpr % sgSize === 0 ? sgSize : 0;
   const { mode, residual } = variant;
   const gated = variant.gated ?? null;
+  const conv = variant.conv ?? null;
   const norm = opts.normIn !== undefined;
   if (norm && !(opts.normIn!.eps >= 0)) {
     throw new Error(`gemv: normIn.eps must be >= 0, got ${opts.normIn!.eps}`);
   }
   const pro: GemvPrologue = gated ? { group: gated.group, groups: gated.groups } : norm ? "rms" : "none";
   const proKey = gated ? `_gnorm${gated.group}x${gated.groups}` : norm ? "_norm" : "";
+  const convKey = conv ? `_conv${conv.width}${conv.silu ? "_silu" : ""}` : "";
   const key = `gemv${mode === "single" ? "" : `_${mode}`}${proKey}${
     residual ? "_res" : ""
-  }_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}${unroll === 4 ? "" : `_u${unroll}`}${sg ? `_sg${sg}` : ""}`;
+  }${convKey}_${dtype}_r${rows}_t${tpr}_${vec ? "v" : "s"}${unroll === 4 ? "" : `_u${unroll}`}${
+    sg ? `_sg${sg}` : ""
+  }`;
   let spec = specs.get(key);
   if (!spec) {
     spec = {
       key,
-      bindings: gemvBindings(mode, pro, residual).map(([, access]) => access),
+      bindings: gemvBindings(mode, pro, residual, conv !== null).map(([, access]) => access),
       uniformBytes: 32,
-      code: gemvWgsl(dtype, rows, tpr, vec, mode, pro, residual, unroll, sg),
+      code: gemvWgsl(dtype, rows, tpr, vec, mode, pro, residual, unroll, sg, conv),
     };
     specs.set(key, spec);
   }
@@ -301,20 +331,30 @@ export function gemvQkvKernel(
  * One weight W [n0 + n1 + n2, K] whose output columns go to three tensors: a [rows, n0], b [rows, n1] and
  * c [rows, n2] hold `alpha * x W^T` split along its last dimension (Mamba2's in_proj output z | xBC | dt), without
  * a split dispatch after the product. Bindings: x, [norm weight with `normIn`,] W (read), a, b, c (rw).
+ *
+ * With `conv`, b holds the one-token conv of the product's middle part instead ({@linkcode GemvConvStep}: Mamba2's
+ * xBC after its conv, without the conv dispatch), and the conv state advances in place. Bindings: x, [norm
+ * weight,] W, taps [n1, width + 1] (read: each channel's `width` weights, then its bias), a, b, c, state
+ * [rows, n1, width - 1] (rw): eight storage buffers with the norm, WebGPU's default per-stage limit, which is why
+ * the weights and the bias come packed in one tensor.
  */
 export function gemvSplit3Kernel(
   dtype: DType,
   rows: number,
   widths: readonly [number, number, number],
   k: number,
-  opts: GemvOptions = {},
+  opts: GemvOptions & { conv?: GemvConvStep } = {},
 ): Launch {
   if (rows < 1 || rows > GEMV_MAX_ROWS) {
     throw new Error(`gemvSplit3: rows must be 1..${GEMV_MAX_ROWS}, got ${rows}`);
   }
   const [n0, n1, n2] = widths;
   if (!(n0 > 0 && n1 > 0 && n2 > 0)) throw new Error(`gemvSplit3: widths must be positive, got ${widths}`);
-  return gemvLaunch(dtype, rows, n0 + n1 + n2, k, opts, { mode: "split3", residual: false }, n0, n1);
+  const conv = opts.conv ?? null;
+  if (conv && !(Number.isInteger(conv.width) && conv.width >= 2)) {
+    throw new Error(`gemvSplit3: conv.width must be an integer >= 2, got ${conv.width}`);
+  }
+  return gemvLaunch(dtype, rows, n0 + n1 + n2, k, opts, { mode: "split3", residual: false, conv }, n0, n1);
 }
 
 function gemvWgsl(
@@ -327,6 +367,7 @@ function gemvWgsl(
   residual: boolean,
   unroll: number,
   sg: number,
+  conv: GemvConvStep | null,
 ): string {
   const swigluPair = mode === "swiglu", qkv = mode === "qkv", split3 = mode === "split3";
   const gated = typeof pro === "object" ? pro : null;
@@ -430,7 +471,9 @@ function gemvWgsl(
           `else { V[${r}u * nkv + nl] = ${T}(${sum(r)}); }`
         : split3
         ? `if (sel == 0u) { A[${r}u * p.nq + col] = ${T}(${sum(r)}); } ` +
-          `else if (sel == 1u) { B[${r}u * p.n1 + col] = ${T}(${sum(r)}); } ` +
+          `else if (sel == 1u) { B[${r}u * p.n1 + col] = ${T}(${
+            conv ? `conv_step(${r}u, col, ${T}(${sum(r)}))` : sum(r)
+          }); } ` +
           `else { C[${r}u * (p.n - p.nq - p.n1) + col] = ${T}(${sum(r)}); }`
         : residual
         // the product rounds to T first, as the unfused path stores it before the add
@@ -438,7 +481,7 @@ function gemvWgsl(
         : `Y[${r}u * p.n + n] = ${T}(${sum(r)});`,
     );
   }
-  const bindings = gemvBindings(mode, pro, residual);
+  const bindings = gemvBindings(mode, pro, residual, conv !== null);
   const decls = bindings.map(([name, access, item], i) =>
     `@group(0) @binding(${i}) var<storage, ${access === "read" ? "read" : "read_write"}> ${name}: array<${
       item ? elem : T
@@ -543,7 +586,7 @@ fn dot8(a: vec4<u32>, b: vec4<u32>) -> f32 {
   for (var j = 0u; j < 4u; j++) { s += dot(unpack2x16float(a[j]), unpack2x16float(b[j])); }
   return s;
 }
-${normFns}
+${normFns}${conv ? convStepFn(T, conv) : ""}
 @compute @workgroup_size(${GEMV_WORKGROUP})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -584,6 +627,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   if (t == 0u && n < p.n) {
     ${writes.join("\n    ")}
   }
+}
+`;
+}
+
+/**
+ * The conv epilogue's helper (see {@linkcode GemvConvStep}): `conv_step(r, c, y)` convolves channel c of row r
+ * over its state and the new value y (the product rounded to T, as the unfused conv reads it from memory), shifts
+ * the state and returns the activation. The thread that finished output column c of row r is the only one that
+ * calls it for that channel, so the state's read and shift need no synchronisation.
+ */
+function convStepFn(T: string, conv: GemvConvStep): string {
+  const slots = conv.width - 1;
+  return `
+// one token of the causal depthwise conv of channel c in row r; the window is the state's ${slots} earlier inputs
+// (oldest first) then y, summed in that order as kernels/conv1d.ts conv1dStep sums them
+fn conv_step(r: u32, c: u32, y: ${T}) -> f32 {
+  let taps = c * ${conv.width + 1}u; // the channel's weights, then its bias
+  let st = (r * p.n1 + c) * ${slots}u;
+  var pre = f32(CT[taps + ${conv.width}u]);
+  for (var j = 0u; j < ${slots}u; j++) { pre += f32(CT[taps + j]) * f32(CS[st + j]); }
+  pre += f32(CT[taps + ${slots}u]) * f32(y);
+  // the state keeps pre-conv inputs: drop the oldest, append y (in T, as stored)
+  for (var j = 0u; j + 1u < ${slots}u; j++) { CS[st + j] = CS[st + j + 1u]; }
+  CS[st + ${slots - 1}u] = y;
+  // SiLU as kernels/conv1d.ts computes it: pre * sigmoid(pre)
+  return ${conv.silu ? "pre * (1.0 / (1.0 + exp(-pre)))" : "pre"};
 }
 `;
 }

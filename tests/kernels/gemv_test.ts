@@ -17,6 +17,7 @@ import {
   linearSwigluNormed,
 } from "../../runtime/ops/linear_fused.ts";
 import type { Runtime } from "../../runtime/runtime.ts";
+import type { Tensor } from "../../runtime/tensor.ts";
 import {
   assertClose,
   dot,
@@ -867,6 +868,198 @@ Deno.test("fused decode ops refuse gradients and mismatched operands", gpuTestOp
     assert.throws(() => linearQkvNormed(x, nw, 1e-5, w, w, rt.tensor(randn(rng, 3 * 8), [3, 8])), /differ/);
   });
 });
+
+// ---- conv epilogue of the split GEMV (Mamba2's in_proj and its one-token conv) --------------------------------
+
+/**
+ * The split GEMV with the conv epilogue in float64: the product `alpha * xin W^T` split into z | y | dt, then
+ * Mamba2's one-token conv of y's C channels (kernels/conv1d.ts conv1dStep) over each row's state [C, width - 1]
+ * (oldest first) with taps [C, width + 1] (the weights, then the bias). y is rounded to the storage type first,
+ * as the kernel stores it before the conv reads it; the new state is the old one shifted by a slot, then y.
+ */
+function refSplitConv(
+  xin: Float64Array,
+  w: Float64Array,
+  alpha: number,
+  widths: readonly [number, number, number],
+  k: number,
+  rows: number,
+  taps: Float64Array,
+  state: Float64Array,
+  width: number,
+  round: (v: Float64Array) => Float64Array,
+) {
+  const [n0, c, n2] = widths, nAll = n0 + c + n2, slots = width - 1;
+  const full = refLinear(xin, w, rows, nAll, k).map((v) => alpha * v);
+  const part = (c0: number, n: number) => {
+    const out = new Float64Array(rows * n);
+    for (let r = 0; r < rows; r++) out.set(full.subarray(r * nAll + c0, r * nAll + c0 + n), r * n);
+    return out;
+  };
+  const y = round(part(n0, c));
+  const pre = new Float64Array(rows * c), newState = new Float64Array(state.length);
+  for (let r = 0; r < rows; r++) {
+    for (let ch = 0; ch < c; ch++) {
+      const s = (r * c + ch) * slots, t = ch * (width + 1);
+      const window = [...state.subarray(s, s + slots), y[r * c + ch]];
+      let acc = taps[t + width];
+      for (let j = 0; j < width; j++) acc += taps[t + j] * window[j];
+      pre[r * c + ch] = acc;
+      newState.set(window.slice(1), s);
+    }
+  }
+  return { z: part(0, n0), y, pre, dt: part(n0 + c, n2), newState };
+}
+
+/**
+ * Checks the conv step's output against silu(pre) (or pre) in float64 with a bound propagated per element: the
+ * conv input y may be off by `tolY` (the GEMV's tolerance), which moves pre by |w_last| dy; the f32 sum of the
+ * width + 1 terms adds up to (width + 1) 2^-24 times their absolute sum; SiLU's slope is at most 1.1 in magnitude;
+ * WGSL's f32 exp may be off by 3 + 2|pre| ulp, which moves silu(pre) relatively by no more, plus the sigmoid's
+ * division and the product (one ulp each); the store rounds to the storage type (2^-11 for f16, floored at f16's
+ * smallest subnormal, since a tiny output may flush to 0).
+ */
+function assertConvStepClose(
+  got: ArrayLike<number>,
+  ref: ReturnType<typeof refSplitConv>,
+  taps: Float64Array,
+  state: Float64Array,
+  c: number,
+  width: number,
+  silu: boolean,
+  tolY: { rtol: number; atol: number },
+  dtype: DType,
+  label: string,
+): void {
+  const slots = width - 1, u32 = 2 ** -24;
+  let bad = 0, first = "";
+  for (let i = 0; i < ref.pre.length; i++) {
+    const ch = i % c, t = ch * (width + 1), s = i * slots;
+    const y = ref.y[i], pre = ref.pre[i];
+    let terms = Math.abs(taps[t + width]) + Math.abs(taps[t + slots] * y);
+    for (let j = 0; j < slots; j++) terms += Math.abs(taps[t + j] * state[s + j]);
+    const dpre = Math.abs(taps[t + slots]) * (tolY.atol + tolY.rtol * Math.abs(y)) +
+      (width + 1) * u32 * terms;
+    const expected = silu ? pre / (1 + Math.exp(-pre)) : pre;
+    const activation = silu ? (3 + 2 * Math.abs(pre) + 2) * 2 * u32 * Math.abs(expected) : 0;
+    const store = dtype === "f16"
+      ? Math.max(2 ** -11 * Math.abs(expected), 2 ** -24)
+      : u32 * Math.abs(expected);
+    const bound = (silu ? 1.1 : 1) * dpre + activation + store;
+    if (!(Math.abs(got[i] - expected) <= bound)) {
+      if (!bad++) first = `at ${i}: got ${got[i]}, expected ${expected} (pre ${pre}), bound ${bound}`;
+    }
+  }
+  if (bad) {
+    throw new Error(`${label}: ${bad}/${ref.pre.length} outside the propagated tolerance; first ${first}`);
+  }
+}
+
+/**
+ * Fresh inputs of a conv-epilogue case: conv weights and biases of Mamba's init scale (U(+-0.5) there; normal
+ * of std 0.5 here) and a state of unit scale, so every window slot, the bias and the new value all matter.
+ */
+function convInputs(rng: ReturnType<typeof testRng>, rows: number, c: number, width: number) {
+  return { taps: randn(rng, c * (width + 1), 0.5), state: randn(rng, rows * c * (width - 1)) };
+}
+
+/**
+ * Checks one split-conv result: z and dt as the plain split GEMV's, the new state's shifted slots bit for bit (a
+ * copy in the storage type), its newest slot as y (the GEMV's tolerance), and the conv output by
+ * {@linkcode assertConvStepClose}.
+ */
+async function checkSplitConv(
+  outs: { z: Tensor; xBC: Tensor; dt: Tensor; state: Tensor },
+  ref: ReturnType<typeof refSplitConv>,
+  inputs: { taps: Float64Array; state: Float64Array },
+  c: number,
+  width: number,
+  tol: { rtol: number; atol: number },
+  dtype: DType,
+  what: string,
+): Promise<void> {
+  const [z, xBC, dt, state] = await Promise.all([outs.z, outs.xBC, outs.dt, outs.state].map((t) => t.read()));
+  assertClose(z, ref.z, tol, `z ${what}`);
+  assertClose(dt, ref.dt, tol, `dt ${what}`);
+  const slots = width - 1, cells = ref.newState.length / slots;
+  const shifted = (a: ArrayLike<number>) =>
+    Array.from(
+      { length: cells * (slots - 1) },
+      (_, i) => a[Math.floor(i / (slots - 1)) * slots + (i % (slots - 1))],
+    );
+  const newest = (a: ArrayLike<number>) => Array.from({ length: cells }, (_, i) => a[i * slots + slots - 1]);
+  assertClose(shifted(state), shifted(ref.newState), { rtol: 0, atol: 0 }, `state's older slots ${what}`);
+  assertClose(newest(state), newest(ref.newState), tol, `state's newest slot ${what}`);
+  assertConvStepClose(xBC, ref, inputs.taps, inputs.state, c, width, true, tol, dtype, `conv output ${what}`);
+}
+
+// [rows, K, normIn, conv width]: vector and scalar loads, one and two rows, without the norm prologue, and the
+// conv widths 4 (Mamba's), 3 and 2 (a one-slot state: nothing to shift but the new value)
+const CONV_CASES: [number, number, boolean, number][] = [
+  [1, 96, true, 4],
+  [2, 67, true, 4],
+  [2, 96, false, 4],
+  [1, 67, true, 3],
+  [2, 96, true, 2],
+];
+
+for (const dtype of ["f32", "f16"] as DType[]) {
+  Deno.test(
+    `gemv split3 kernel with the conv epilogue (${dtype}): z, the convolved xBC, dt and the new conv state vs float64`,
+    gpuTestOptions,
+    async () => {
+      const rt = await testRuntime();
+      if (dtype === "f16" && !rt.dev.features.f16) return console.warn("gemv conv f16: no shader-f16");
+      const rng = testRng(`gemv-split-conv-${dtype}`);
+      const round = dtype === "f16" ? roundF16 : identity;
+      // the boundaries between the parts fall inside workgroups; 45 channels convolved
+      const widths = [29, 45, 11] as const, nAll = 29 + 45 + 11, c = widths[1], alpha = 0.75;
+      for (const [rows, k, norm, width] of CONV_CASES) {
+        const { x: x0, nw: nw0, eps } = fusedInputs(rng, rows, k);
+        const x = round(x0), nw = round(nw0), w = round(randn(rng, nAll * k));
+        const inp = convInputs(rng, rows, c, width);
+        const taps = round(inp.taps), state = round(inp.state);
+        const xin = norm ? refNormRows(x, nw, rows, k, eps, round) : x;
+        const ref = refSplitConv(xin, w, alpha, widths, k, rows, taps, state, width, round);
+        await rt.scope(async () => {
+          const tx = rt.tensor(x, [rows, k], dtype), tnw = rt.tensor(nw, [k], dtype);
+          const tw = rt.tensor(w, [nAll, k], dtype), tt = rt.tensor(taps, [c, width + 1], dtype);
+          const ts = rt.tensor(state, [rows, c, width - 1], dtype);
+          const [z, xBC, dt] = widths.map((n) => rt.empty([rows, n], dtype));
+          const l = gemvSplit3Kernel(dtype, rows, widths, k, {
+            threadsPerRow: fusedTpr(k),
+            alpha,
+            normIn: norm ? { eps } : undefined,
+            conv: { width, silu: true },
+          });
+          assert.ok(l.spec.key.includes(`_conv${width}_silu_`), l.spec.key);
+          const ins = [tx.binding, ...(norm ? [tnw.binding] : []), tw.binding, tt.binding];
+          rt.dev.dispatch(
+            l.spec,
+            [...ins, z.binding, xBC.binding, dt.binding, ts.binding],
+            l.workgroups,
+            l.uniforms,
+          );
+          const what = `${dtype} ${l.spec.key} rows=${rows} k=${k} width=${width}`;
+          await checkSplitConv(
+            { z, xBC, dt, state: ts },
+            ref,
+            { taps, state },
+            c,
+            width,
+            fusedTol(dtype, k),
+            dtype,
+            what,
+          );
+        });
+      }
+      assert.throws(
+        () => gemvSplit3Kernel(dtype, 1, widths, 96, { conv: { width: 1, silu: true } }),
+        /conv.width must be an integer >= 2/,
+      );
+    },
+  );
+}
 
 Deno.test("gemvShapeDefaults: more threads a row for few outputs, about 1,024 workgroups, at most 128", () => {
   // the decode shapes of a 1B model
