@@ -5,6 +5,8 @@
  * - {@linkcode causalConv1d}: a whole sequence `[B, L, C]`, optional fused SiLU, optional initial state (chunked
  *   prefill), optional final state; gradients for x, weight, bias, the initial state, and through the final state.
  * - {@linkcode causalConv1dStep}: one decode token on a `[B, C, 3]` state, updated in place (inference only).
+ *   Batch-1 decoding runs it inside Mamba2's in_proj GEMV instead (runtime/ops/linear_fused.ts), reading the
+ *   weight and bias packed by {@linkcode convStepTaps}.
  * - {@linkcode causalConv1dRing} + {@linkcode advanceConvRing}: several tokens on a circular `[B, C, 3 + K]`
  *   state, for speculative verification: rejecting drafts is moving an index (inference only).
  *
@@ -24,6 +26,7 @@ import {
 } from "../../kernels/conv1d.ts";
 import type { BufferSlice } from "../device.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
+import { concatLastDim } from "./columns.ts";
 
 /** Options of {@linkcode causalConv1d}. */
 export interface CausalConv1dOptions {
@@ -166,6 +169,18 @@ export function causalConv1dStep(
     k.uniforms,
   );
   return out;
+}
+
+/**
+ * The conv's weight `[C, 4]` (or `[C, 1, 4]`) and bias `[C]` packed as one tensor `[C, 5]` (each channel's four
+ * weights, then its bias): the in_proj GEMV that runs the decode step binds them as one buffer, to stay within
+ * WebGPU's default eight storage buffers per stage (kernels/gemv.ts `gemvSplit3Kernel`). A copy: build it once
+ * per decoding state, not per token. Inference only.
+ */
+export function convStepTaps(weight: Tensor, bias: Tensor): Tensor {
+  const channels = bias.size;
+  checkParams("convStepTaps", weight, bias, channels, bias.dtype);
+  return bias.rt.noGrad(() => concatLastDim([weight.view([channels, CONV_WIDTH]), bias.view([channels, 1])]));
 }
 
 /** A circular conv state for speculative decoding: `ring [B, C, S]` and per-row write positions `pos [B]` u32. */

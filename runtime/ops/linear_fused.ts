@@ -1,9 +1,10 @@
 /**
  * Decoding's projections fused with their neighbours in a pre-norm decoder block (kernels/gemv.ts): the RMSNorm
- * before a projection ({@linkcode linearNormed}, {@linkcode linearQkvNormed}, {@linkcode linearSwigluNormed}), the
- * residual add after one ({@linkcode linearAddResidual}), and Mamba2's gated norm before its out_proj with the
- * residual add after it ({@linkcode linearGatedNormed}). A batch-1 decode step is bound by its number of
- * dispatches, and each of these saves one.
+ * before a projection ({@linkcode linearNormed}, {@linkcode linearQkvNormed}, {@linkcode linearSwigluNormed},
+ * {@linkcode linearSplitNormed}), Mamba2's one-token conv after its in_proj ({@linkcode linearSplitNormed} with a
+ * {@linkcode SplitConvStep}), the residual add after a projection ({@linkcode linearAddResidual}), and Mamba2's
+ * gated norm before its out_proj with the residual add after it ({@linkcode linearGatedNormed}). A batch-1 decode
+ * step is bound by its number of dispatches, and each of these saves one.
  *
  * They are inference ops: no gradients (an input that needs one is an error, not a silent detach). A few rows
  * (up to the GEMV kernels' row limits, with every operand within one storage binding) take one fused GEMV;
@@ -17,6 +18,7 @@ import {
   GEMV_GATED_MAX_GROUPS,
   GEMV_MAX_ROWS,
   GEMV_SWIGLU_MAX_ROWS,
+  type GemvConvStep,
   gemvKernel,
   gemvQkvKernel,
   gemvSplit3Kernel,
@@ -36,6 +38,8 @@ import { rmsNorm } from "./norm.ts";
 import { add } from "./elementwise.ts";
 import { gatedRmsNorm } from "./gated_norm.ts";
 import { splitLastDim } from "./columns.ts";
+import { causalConv1dStep } from "./conv1d.ts";
+import { CONV_STATE, CONV_WIDTH } from "../../kernels/conv1d.ts";
 
 /**
  * Most rows (tokens) for which these ops fuse: the GEMV limit of `linear`. The SwiGLU pair fuses up to
@@ -93,9 +97,37 @@ export function linearNormed(x: Tensor, normWeight: Tensor, eps: number, w: Tens
 }
 
 /**
+ * Mamba2's one-token causal conv (runtime/ops/conv1d.ts {@linkcode causalConv1dStep}) on the middle part of a
+ * split projection (xBC), advancing the conv state in place: what a decode step does right after its in_proj.
+ */
+export interface SplitConvStep {
+  /** Conv weight [C, 4] (or [C, 1, 4]), for the unfused path. */
+  weight: Tensor;
+  /** Conv bias [C], for the unfused path. */
+  bias: Tensor;
+  /** The same weight and bias as one [C, 5] tensor (`convStepTaps`), which the fused GEMV reads. */
+  taps: Tensor;
+  /** Conv state [rows, C, 3]: the pre-conv inputs of the last three positions, oldest first; updated in place. */
+  state: Tensor;
+  /** SiLU after the bias (Mamba2: true). */
+  silu: boolean;
+}
+
+/**
+ * The unfused conv step on the middle part of a split projection: `parts` (z, xBC, dt) with xBC replaced by its
+ * conv, or `parts` as they are without `conv`.
+ */
+export function splitConvStep(parts: Tensor[], conv?: SplitConvStep): Tensor[] {
+  if (!conv) return parts;
+  const [a, b, c] = parts;
+  return [a, causalConv1dStep(b, conv.weight, conv.bias, conv.state, { silu: conv.silu }), c];
+}
+
+/**
  * `rmsNorm(x, normWeight, eps) W^T` split along its last dimension into `widths` (three parts), with the norm and
- * the split inside one GEMV for a few rows: Mamba2's in_proj output z | xBC | dt without a split dispatch.
- * Decoding only (no gradients).
+ * the split inside one GEMV for a few rows: Mamba2's in_proj output z | xBC | dt without a split dispatch. With
+ * `conv`, the middle part comes out after Mamba2's one-token conv, which runs in the same GEMV and advances the
+ * conv state in place (one dispatch instead of the GEMV and `causalConv1dStep`). Decoding only (no gradients).
  */
 export function linearSplitNormed(
   x: Tensor,
@@ -103,28 +135,64 @@ export function linearSplitNormed(
   eps: number,
   w: Tensor,
   widths: readonly [number, number, number],
+  conv?: SplitConvStep,
 ): Tensor[] {
   const rt = x.rt;
-  decodingOnly("linearSplitNormed", [x, normWeight, w]);
-  const d = checkNormed("linearSplitNormed", x, normWeight, eps, [w]);
+  const what = "linearSplitNormed";
+  decodingOnly(what, [x, normWeight, w, ...(conv ? [conv.weight, conv.bias, conv.taps] : [])]);
+  const d = checkNormed(what, x, normWeight, eps, [w]);
   const nOut = w.shape[0], tokens = x.size / d;
   if (widths[0] + widths[1] + widths[2] !== nOut) {
-    throw new Error(`linearSplitNormed: widths ${widths.join("+")} do not sum to the weight's ${nOut} rows`);
+    throw new Error(`${what}: widths ${widths.join("+")} do not sum to the weight's ${nOut} rows`);
   }
+  if (conv) checkSplitConv(what, conv, tokens, widths[1], x.dtype);
   const outBytes = tokens * nOut * dtypeBytes(x.dtype);
-  if (!takesGemv(rt, tokens, GEMV_MAX_ROWS, [w.byteLength, x.byteLength, outBytes])) {
-    return splitLastDim(linear(rmsNorm(x, normWeight, eps), w), widths);
+  // with the conv: x, the norm weight, W, the taps, the three outputs and the state, eight storage buffers
+  const bindable = !conv || rt.dev.limits.maxStorageBuffersPerShaderStage >= 8;
+  if (!bindable || !takesGemv(rt, tokens, GEMV_MAX_ROWS, [w.byteLength, x.byteLength, outBytes])) {
+    return splitConvStep(splitLastDim(linear(rmsNorm(x, normWeight, eps), w), widths), conv);
   }
   const lead = x.shape.slice(0, -1);
   const outs = widths.map((n) => rt.empty([...lead, n], x.dtype));
-  const l = gemvSplit3Kernel(x.dtype, tokens, widths, d, { ...gemvDeviceOptions(rt), normIn: { eps } });
+  const convStep: GemvConvStep | undefined = conv ? { width: CONV_WIDTH, silu: conv.silu } : undefined;
+  const l = gemvSplit3Kernel(x.dtype, tokens, widths, d, {
+    ...gemvDeviceOptions(rt),
+    normIn: { eps },
+    conv: convStep,
+  });
   rt.dev.dispatch(
     l.spec,
-    [x.binding, normWeight.binding, w.binding, ...outs.map((t) => t.binding)],
+    [
+      x.binding,
+      normWeight.binding,
+      w.binding,
+      ...(conv ? [conv.taps.binding] : []),
+      ...outs.map((t) => t.binding),
+      ...(conv ? [conv.state.binding] : []),
+    ],
     l.workgroups,
     l.uniforms,
   );
   return outs;
+}
+
+/** Checks a conv step's operands against `rows` rows of C channels of `dtype`. */
+function checkSplitConv(
+  what: string,
+  conv: SplitConvStep,
+  rows: number,
+  channels: number,
+  dtype: string,
+): void {
+  const { taps, state } = conv, perChannel = CONV_WIDTH + 1;
+  if (taps.size !== channels * perChannel || taps.dtype !== dtype) {
+    throw new Error(
+      `${what}: conv taps ${taps} must be [${channels}, ${perChannel}] ${dtype} (weights, then bias)`,
+    );
+  }
+  if (state.size !== rows * channels * CONV_STATE || state.dtype !== dtype) {
+    throw new Error(`${what}: conv state ${state} must be [${rows}, ${channels}, ${CONV_STATE}] ${dtype}`);
+  }
 }
 
 /**

@@ -14,8 +14,10 @@ import {
   linearGatedNormed,
   linearNormed,
   linearQkvNormed,
+  linearSplitNormed,
   linearSwigluNormed,
 } from "../../runtime/ops/linear_fused.ts";
+import { convStepTaps } from "../../runtime/ops/conv1d.ts";
 import type { Runtime } from "../../runtime/runtime.ts";
 import type { Tensor } from "../../runtime/tensor.ts";
 import {
@@ -1060,6 +1062,71 @@ for (const dtype of ["f32", "f16"] as DType[]) {
     },
   );
 }
+
+Deno.test(
+  "linearSplitNormed with a conv step: one GEMV up to 16 rows, GEMV and causalConv1dStep above or on a device " +
+    "with fewer than 8 storage buffers, vs float64",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    const rng = testRng("linear-split-conv");
+    const eps = 0.05, width = 4;
+    const widths = [13, 20, 5] as const, nAll = 13 + 20 + 5, c = widths[1];
+    const limits = rt.dev.limits;
+    // D = 40: vector loads, D = 37: scalar; 17 rows: above the GEMV limit; and one row on a device that binds
+    // only 7 storage buffers per stage
+    for (const [tokens, d, maxBuffers] of [[1, 40, 0], [2, 37, 0], [17, 40, 0], [1, 40, 7]]) {
+      const x = randn(rng, tokens * d, 0.4), nw = randn(rng, d), w = randn(rng, nAll * d);
+      const inp = convInputs(rng, tokens, c, width);
+      const weight = Float64Array.from({ length: c * width }, (_, i) => inp.taps[i + Math.floor(i / width)]);
+      const bias = Float64Array.from({ length: c }, (_, ch) => inp.taps[ch * (width + 1) + width]);
+      const xn = refNormRows(x, nw, tokens, d, eps, identity);
+      const ref = refSplitConv(xn, w, 1, widths, d, tokens, inp.taps, inp.state, width, identity);
+      await rt.scope(async () => {
+        const tx = rt.tensor(x, [tokens, d]), tnw = rt.tensor(nw, [d]), tw = rt.tensor(w, [nAll, d]);
+        const tWeight = rt.tensor(weight, [c, 1, width]), tBias = rt.tensor(bias, [c]);
+        const state = rt.tensor(inp.state, [tokens, c, width - 1]);
+        const taps = convStepTaps(tWeight, tBias);
+        assert.deepEqual([...taps.shape], [c, width + 1]);
+        assertClose(await taps.read(), inp.taps, { rtol: 0, atol: 0 }, "convStepTaps");
+        const conv = { weight: tWeight, bias: tBias, taps, state, silu: true };
+        const dev = rt.dev as { limits: GPUSupportedLimits };
+        if (maxBuffers) {
+          dev.limits = new Proxy(limits, {
+            get: (t, key) => key === "maxStorageBuffersPerShaderStage" ? maxBuffers : Reflect.get(t, key, t),
+          });
+        }
+        const { out: [z, xBC, dt], keys } = await kernelsOf(
+          rt,
+          () => linearSplitNormed(tx, tnw, eps, tw, widths, conv),
+        ).finally(() => dev.limits = limits);
+        const what = `${tokens} tokens, D = ${d}${maxBuffers ? `, ${maxBuffers} storage buffers` : ""}`;
+        if (tokens <= GEMV_MAX_ROWS && !maxBuffers) {
+          assert.deepEqual(keys.map((k) => k.replace(/_f32_.*/, "")), ["gemv_split3_norm_conv4_silu"], what);
+        } else {
+          assert.ok(keys.some((k) => k.startsWith("conv1d_step_f32_silu")), `${what}: ${keys}`);
+        }
+        // the fused kernel's f32 tolerance (a tree-summed dot product of D unit-scale terms)
+        const tol = { rtol: 1e-5, atol: 2e-6 * d };
+        await checkSplitConv({ z, xBC, dt, state }, ref, inp, c, width, tol, "f32", what);
+      });
+    }
+    await rt.scope(() => {
+      const x = rt.tensor(randn(rng, 2 * 8), [2, 8]), nw = rt.tensor(randn(rng, 8), [8]);
+      const w = rt.tensor(randn(rng, 9 * 8), [9, 8]), weight = rt.tensor(randn(rng, 12), [3, 4]);
+      const bias = rt.tensor(randn(rng, 3), [3]), taps = convStepTaps(weight, bias);
+      const conv = { weight, bias, taps, state: rt.tensor(randn(rng, 9), [1, 3, 3]), silu: true };
+      assert.throws(
+        () => linearSplitNormed(x, nw, 1e-5, w, [3, 3, 3], conv),
+        /conv state .* must be \[2, 3, 3\] f32/,
+      );
+      assert.throws(
+        () => linearSplitNormed(x, nw, 1e-5, w, [3, 3, 3], { ...conv, taps: weight }),
+        /conv taps .* must be \[3, 5\] f32/,
+      );
+    });
+  },
+);
 
 Deno.test("gemvShapeDefaults: more threads a row for few outputs, about 1,024 workgroups, at most 128", () => {
   // the decode shapes of a 1B model
