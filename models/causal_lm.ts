@@ -23,7 +23,9 @@ import { rope } from "../runtime/ops/rope.ts";
 import { attention, KvCache, ropeAppendDecodeAttention } from "../runtime/ops/attention.ts";
 import { add, exp, scale } from "../runtime/ops/elementwise.ts";
 import { takeRows } from "../runtime/ops/columns.ts";
-import { causalConv1d, causalConv1dStep } from "../runtime/ops/conv1d.ts";
+import { causalConv1d, convStepTaps } from "../runtime/ops/conv1d.ts";
+import type { SplitConvStep } from "../runtime/ops/linear_fused.ts";
+import { CONV_WIDTH } from "../kernels/conv1d.ts";
 import { widen } from "../runtime/ops/cast.ts";
 import { type SsdDims, ssdHeadParams, ssdScan, ssdStep } from "../runtime/ops/ssd.ts";
 import {
@@ -128,6 +130,11 @@ export interface MambaState {
    * first single-token step and kept: weights do not change while a decoding state lives.
    */
   heads?: Tensor;
+  /**
+   * Mamba2 conv weight and bias packed [C, 5] (`convStepTaps`) for the conv step inside in_proj's GEMV, built and
+   * kept like `heads`.
+   */
+  convTaps?: Tensor;
 }
 
 /** Outputs of {@linkcode CausalLM.forward}. */
@@ -351,10 +358,17 @@ export class CausalLM {
     return { headsX: m.dXb / hd, headsB: m.dXb / hd, headsC: m.nHeads, dimP: hd, dimN: m.dState };
   }
 
-  /** Mamba2's input projection split into z [rows, d_inner], the conv input xBC and dt [rows, H]. */
-  #mamba2InProj(p: string, u: BlockInput): Tensor[] {
+  /**
+   * Mamba2's input projection split into z [rows, d_inner], the conv input xBC and dt [rows, H]; with `conv`, xBC
+   * after the one-token conv step (decoding).
+   */
+  #mamba2InProj(p: string, u: BlockInput, conv?: SplitConvStep): Tensor[] {
     const m = this.mamba!;
-    return u.projectSplit(this.param(`${p}mamba.in_proj.weight`), [m.dInner, 2 * m.dXb + m.dInner, m.nHeads]);
+    return u.projectSplit(
+      this.param(`${p}mamba.in_proj.weight`),
+      [m.dInner, 2 * m.dXb + m.dInner, m.nHeads],
+      conv,
+    );
   }
 
   /**
@@ -372,24 +386,38 @@ export class CausalLM {
   /**
    * The Mamba2 mixer on a normalised input u [B*T, D] (method.md 1.1). With `state`, the conv and SSM states
    * continue from it and are replaced by the states after these tokens. A single decoding token (no gradients)
-   * advances the SSM state in place with the one-kernel `ssdStep` and the state's cached head scalars instead of
-   * the chunked scan's four kernels and a fresh -exp(A_log).
+   * runs the conv inside in_proj's GEMV (shifting the conv state in place, with the state's cached packed conv
+   * weights) and advances the SSM state in place with the one-kernel `ssdStep` and the state's cached head scalars
+   * instead of the chunked scan's four kernels and a fresh -exp(A_log).
    */
   #mamba2(p: string, u: BlockInput, B: number, T: number, state?: MambaState): OutProjection {
     const m = this.mamba!;
     const convC = 2 * m.dXb + m.dInner;
-    const [z, xBCraw, dt] = this.#mamba2InProj(p, u);
     const convWeight = this.param(`${p}mamba.conv1d.weight`).view([convC, m.dConv]);
     const convBias = this.param(`${p}mamba.conv1d.bias`);
     // (states are only advanced by `step`, which records no gradients)
     const decoding = state !== undefined && T === 1 && !this.rt.gradEnabled;
+    // one token: the conv runs in in_proj's GEMV and shifts the conv state in place, instead of a conv dispatch
+    // and a new state tensor
+    const convStep = decoding && m.dConv === CONV_WIDTH;
+    const [z, xBCout, dt] = this.#mamba2InProj(
+      p,
+      u,
+      convStep
+        ? {
+          weight: convWeight,
+          bias: convBias,
+          taps: state.convTaps ??= convStepTaps(convWeight, convBias).keep(),
+          state: state.conv,
+          silu: true,
+        }
+        : undefined,
+    );
     let xBC: Tensor, convFinal: Tensor | null = null;
-    if (decoding && m.dConv === 4) {
-      // one kernel that also shifts the conv state in place, instead of the conv and a new state tensor
-      xBC = causalConv1dStep(xBCraw.view([B, convC]), convWeight, convBias, state.conv, { silu: true })
-        .view([B, 1, convC]);
+    if (convStep) {
+      xBC = xBCout.view([B, 1, convC]);
     } else {
-      const conv = causalConv1d(xBCraw.view([B, T, convC]), convWeight, convBias, {
+      const conv = causalConv1d(xBCout.view([B, T, convC]), convWeight, convBias, {
         silu: true,
         initialState: state?.conv ?? null,
         finalState: state !== undefined,
@@ -595,6 +623,7 @@ export class CausalLM {
       m.state.dispose();
       m.conv.dispose();
       m.heads?.dispose();
+      m.convTaps?.dispose();
     }
   }
 
@@ -726,10 +755,16 @@ export class CausalLM {
    */
   verifyPrefill(s: VerifyState, ids: TokenIds, n: number, opts: { lastOnly?: boolean } = {}): Tensor {
     if (s.verifying) throw new Error("verifyPrefill: the state already verified tokens");
-    const ssm = new Map<number, { state: Tensor; conv: Tensor }>();
-    for (const [l, m] of s.mamba) ssm.set(l, m as { state: Tensor; conv: Tensor });
+    // the layers themselves, so that the step's new state and conv tensors land in them
+    const ssm = new Map<number, MambaState>();
+    for (const [l, m] of s.mamba) ssm.set(l, m as MambaState);
     const ds: DecodeState = { batch: 1, length: s.length, maxLength: s.maxLength, kv: s.kv, ssm };
     const out = this.step(ds, ids, n, opts);
+    // a one-token prompt packed the conv weights for the decode step's GEMV: verification never reads them
+    for (const m of ssm.values()) {
+      m.convTaps?.dispose();
+      delete m.convTaps;
+    }
     s.length = ds.length;
     return out;
   }

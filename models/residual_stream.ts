@@ -24,6 +24,8 @@ import {
   linearQkvNormed,
   linearSplitNormed,
   linearSwigluNormed,
+  type SplitConvStep,
+  splitConvStep,
 } from "../runtime/ops/linear_fused.ts";
 import { splitLastDim } from "../runtime/ops/columns.ts";
 import { addRmsNorm, rmsNorm } from "../runtime/ops/norm.ts";
@@ -35,8 +37,11 @@ export interface BlockInput {
   project(w: Tensor): Tensor;
   /** The attention input projections `u Wq^T`, `u Wk^T`, `u Wv^T`. */
   projectQkv(wq: Tensor, wk: Tensor, wv: Tensor): { q: Tensor; k: Tensor; v: Tensor };
-  /** `u W^T` split along its last dimension into three `widths` (Mamba2's in_proj: z, xBC, dt). */
-  projectSplit(w: Tensor, widths: readonly [number, number, number]): Tensor[];
+  /**
+   * `u W^T` split along its last dimension into three `widths` (Mamba2's in_proj: z, xBC, dt); with `conv`, the
+   * middle part after Mamba2's one-token conv, which advances the conv state (decoding one token).
+   */
+  projectSplit(w: Tensor, widths: readonly [number, number, number], conv?: SplitConvStep): Tensor[];
   /** The SwiGLU MLP's first half `silu(u Wg^T) * (u Wu^T)`. */
   projectSwiglu(wGate: Tensor, wUp: Tensor): Tensor;
   /** `u` itself, for blocks that use it beyond a few projections (Mamba1 projects it five times). */
@@ -83,7 +88,7 @@ export function normalisedInput(u: Tensor): BlockInput {
   return {
     project: (w) => linear(u, w),
     projectQkv: (wq, wk, wv) => linearQkv(u, wq, wk, wv),
-    projectSplit: (w, widths) => splitLastDim(linear(u, w), widths),
+    projectSplit: (w, widths, conv) => splitConvStep(splitLastDim(linear(u, w), widths), conv),
     projectSwiglu: (wg, wu) => linearSwiglu(u, wg, wu),
     normalised: () => u,
   };
@@ -134,11 +139,11 @@ export class ResidualStream implements BlockInput {
       : linearQkvNormed(this.#x, this.#norm, this.#eps, wq, wk, wv);
   }
 
-  /** `rmsNorm(x) W^T` in three parts along its last dimension. */
-  projectSplit(w: Tensor, widths: readonly [number, number, number]): Tensor[] {
+  /** `rmsNorm(x) W^T` in three parts along its last dimension, the middle one convolved with `conv`. */
+  projectSplit(w: Tensor, widths: readonly [number, number, number], conv?: SplitConvStep): Tensor[] {
     return this.#u
-      ? splitLastDim(linear(this.#u, w), widths)
-      : linearSplitNormed(this.#x, this.#norm, this.#eps, w, widths);
+      ? splitConvStep(splitLastDim(linear(this.#u, w), widths), conv)
+      : linearSplitNormed(this.#x, this.#norm, this.#eps, w, widths, conv);
   }
 
   /** The SwiGLU MLP's first half on `rmsNorm(x)`. */

@@ -15,12 +15,13 @@ import { assertClose, gpuTestOptions, testRuntime, withKernelKeys } from "../hel
 // Per attention layer: q/k/v in one GEMV with the input norm inside it, one kernel for RoPE on q and k, the KV
 // append and the decode attention, o_proj with the residual add inside it, gate/up/SiLU in one GEMV with the post-attention
 // norm inside it, down_proj with the residual add inside it. Per Mamba2 layer: the same two MLP GEMVs plus
-// in_proj (with the norm, writing z, xBC and dt as three tensors), the conv step (which shifts its state in
-// place), ssdStep, and out_proj with the gated norm inside it and the residual add after it. Plus the embedding
-// gather and lm_head (with the final norm). Before the norm/residual fusions: 8, 11 and 3; before the gated
-// norm's fusion, 9 per Mamba2 layer; before the in-place conv step, 8; before in_proj wrote three tensors, 7.
-// Before the attention kernel took RoPE and the append, 6 per attention layer.
-const PER_ATTENTION = 5, PER_MAMBA2 = 6, FIXED = 2;
+// in_proj (with the norm, writing z, xBC and dt as three tensors, and the conv step on xBC, which shifts the conv
+// state in place), ssdStep, and out_proj with the gated norm inside it and the residual add after it. Plus the
+// embedding gather and lm_head (with the final norm). Before the norm/residual fusions: 8, 11 and 3; before the
+// gated norm's fusion, 9 per Mamba2 layer; before the in-place conv step, 8; before in_proj wrote three tensors,
+// 7; before the conv step ran inside in_proj, 6. Before the attention kernel took RoPE and the append, 6 per
+// attention layer.
+const PER_ATTENTION = 5, PER_MAMBA2 = 5, FIXED = 2;
 
 const count = (keys: string[], prefix: string) => keys.filter((k) => k.startsWith(prefix)).length;
 
@@ -86,6 +87,9 @@ Deno.test(
         assert.equal(count(steady, "gemv_norm_"), 1, `${name}: lm_head`);
         assert.equal(count(steady, "gemv_split3_norm_"), 4 - attn, `${name}: in_proj per Mamba2 layer`);
         assert.equal(count(steady, "columns_split3"), 0, `${name}: in_proj writes z, xBC and dt itself`);
+        // in_proj convolves xBC itself
+        assert.equal(count(steady, "gemv_split3_norm_conv4_silu_"), 4 - attn, `${name}: ${steady}`);
+        assert.equal(count(steady, "conv1d_"), 0, `${name}: ${steady}`);
         assert.equal(count(steady, "gemv_swiglu_norm_"), 4, `${name}: ${steady}`);
         // the residual adds: both of every attention layer and the MLP's of every Mamba2 layer in plain GEMVs, the
         // Mamba2 mixer's in the out_proj GEMV with the gated norm
