@@ -69,6 +69,7 @@ function allSpecs(): KernelSpec[] {
       specs.push(gemvKernel(dtype, 16, 8, k).spec, gemvSwigluKernel(dtype, 8, 8, k).spec);
       specs.push(gemvQkvKernel(dtype, 16, 8, 4, k).spec);
       specs.push(gemvSplit3Kernel(dtype, 16, [8, 12, 4], k, { normIn: { eps: 1e-5 } }).spec);
+      specs.push(gemvSplit3Kernel(dtype, 2, [8, 12, 4], k, { conv: { width: 4, silu: true } }).spec);
       // subgroup sums (the H200's 32-lane subgroups): one subgroup a row, and four with the exchange in red
       for (const threadsPerRow of [32, 128]) {
         const o = { threadsPerRow, subgroupSize: 32 };
@@ -79,6 +80,9 @@ function allSpecs(): KernelSpec[] {
         );
         specs.push(gemvSwigluKernel(dtype, 8, 8, k, norm).spec, gemvQkvKernel(dtype, 16, 8, 4, k, norm).spec);
         specs.push(gemvSplit3Kernel(dtype, 16, [8, 12, 4], k, norm).spec);
+        specs.push(
+          gemvSplit3Kernel(dtype, 2, [8, 12, 4], k, { ...norm, conv: { width: 4, silu: true } }).spec,
+        );
         specs.push(gemvKernel(dtype, 1, 8, k, { ...o, gatedNormIn: { group: 2, eps: 1e-5 } }).spec);
       }
     }

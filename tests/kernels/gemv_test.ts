@@ -1029,6 +1029,7 @@ for (const dtype of ["f32", "f16"] as DType[]) {
           const ts = rt.tensor(state, [rows, c, width - 1], dtype);
           const [z, xBC, dt] = widths.map((n) => rt.empty([rows, n], dtype));
           const l = gemvSplit3Kernel(dtype, rows, widths, k, {
+            ...gemvDeviceOptions(rt),
             threadsPerRow: fusedTpr(k),
             alpha,
             normIn: norm ? { eps } : undefined,
