@@ -138,6 +138,10 @@ function pack(s: SsdStepShape, l: SsdStepLayout, extra: Partial<Record<Field, nu
 }
 
 function code(verify: boolean, npt: number, io: "f32" | "f16"): string {
+  // The loops over a thread's NPT state entries are written out (k a constant in each copy): as loops, the
+  // state stayed in local memory and each entry's loads waited for the previous entry's use.
+  const forK = (body: string) =>
+    Array.from({ length: npt }, (_, k) => `{ let k = ${k}u;${body}}`).join("\n    ");
   const bindings = verify
     ? `@group(0) @binding(0) var<storage, read_write> state: array<f32>;
 @group(0) @binding(1) var<storage, read_write> cache: array<f32>;
@@ -166,15 +170,19 @@ function code(verify: boolean, npt: number, io: "f32" | "f16"): string {
     var xp = 0.0;
     if (pv) { xp = cache[cb + gx * d.dim_p + p]; }
     let vx = v * xp;
-    for (var k = 0u; k < NPT; k++) {
+    ${
+      forK(`
       let n = lane + ${LANES}u * k;
       if (n < d.dim_n) { s[k] = a * s[k] + vx * cache[cb + d.heads_x * d.dim_p + gb * d.dim_n + n]; }
+    `)
     }
   }
   if (pv) {
-    for (var k = 0u; k < NPT; k++) {
+    ${
+      forK(`
       let n = lane + ${LANES}u * k;
       if (n < d.dim_n) { state[sbase + n] = s[k]; }
+    `)
     }
   }
   let cout = ((1u - d.parity) * d.batch + b) * d.cache_steps * wc;`
@@ -185,19 +193,23 @@ function code(verify: boolean, npt: number, io: "f32" | "f16"): string {
     let cb = cout + j * wc;
     if (pv && lane == 0u && h % (d.heads / d.heads_x) == 0u) { cache[cb + gx * d.dim_p + p] = xp; }
     if (pb == 0u && row == 0u && h % (d.heads / d.heads_b) == 0u) {
-      for (var k = 0u; k < NPT; k++) {
+      ${
+      forK(`
         let n = lane + ${LANES}u * k;
         if (n < d.dim_n) { cache[cb + d.heads_x * d.dim_p + gb * d.dim_n + n] = f32(xbc[d.b_off + tok + gb * d.dim_n + n]); }
-      }
+      `)
+    }
     }
     if (pb == 0u && li == 0u) { cache[cb + d.heads_x * d.dim_p + d.heads_b * d.dim_n + h] = v; }`
     : "";
   const writeBack = verify ? "" : `
   if (pv) {
-    for (var k = 0u; k < NPT; k++) {
+    ${
+    forK(`
       let n = lane + ${LANES}u * k;
       if (n < d.dim_n) { state[sbase + n] = s[k]; }
-    }
+    `)
+  }
   }`;
   return `${io === "f16" ? "enable f16;\n" : ""}struct Dims { ${FIELDS.map((f) => `${f}: u32`).join(", ")} }
 ${bindings}
@@ -224,11 +236,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let Dh = hp[d.heads + h];
   let sbase = ((b * d.heads + h) * d.dim_p + p) * d.dim_n;
   var s: array<f32, NPT>;
-  for (var k = 0u; k < NPT; k++) {
+  ${
+    forK(`
     let n = lane + ${LANES}u * k;
     var sv = 0.0;
     if (pv && n < d.dim_n) { sv = state[sbase + n]; }
     s[k] = sv;
+  `)
   }
 ${replay}
   for (var j = 0u; j < d.steps; j++) {
@@ -240,14 +254,16 @@ ${replay}
     if (pv) { xp = f32(xbc[d.x_off + tok + gx * d.dim_p + p]); }
     let vx = v * xp;
     var part = 0.0;
-    for (var k = 0u; k < NPT; k++) {
+    ${
+    forK(`
       let n = lane + ${LANES}u * k;
       if (pv && n < d.dim_n) {
         let sv = a * s[k] + vx * f32(xbc[d.b_off + tok + gb * d.dim_n + n]);
         s[k] = sv;
         part += sv * f32(xbc[d.c_off + tok + gc * d.dim_n + n]);
       }
-    }
+    `)
+  }
     red[li] = part;
     workgroupBarrier();
     if (pv && lane == 0u) {
