@@ -141,13 +141,6 @@ function decodeGqaSpec(dtype: DType, G: number, hd: number, c: DecodeGqaConfig, 
 @group(0) @binding(4) var<uniform> p: P;`;
     // RoPE exactly as kernels/attention_decode.ts's ropeKvAppend computes it (position p.start, HF's scaling of
     // cos and sin), each rotated value rounded to T as that kernel stores it
-    // K and V rows go by in blocks of vb whose loads are written out one by one: in a loop each load waited for
-    // the previous one's use (one memory latency per row), 16 per key at hd 64
-    // (the largest divisor of hd / 4 up to 16, so that blocks tile a row)
-    let vb = Math.min(c.tps, 16);
-    while (c.tps % vb !== 0) vb--;
-    const unrolled = (n: number, line: (i: number) => string) =>
-      Array.from({ length: n }, (_, i) => line(i)).join("\n          ");
     const ropeFns = !rope ? "" : `${WGSL_DECODE_ROTATION}
 fn kstore(x: vec4<f32>) -> ${item} { return ${pack}; }`;
     // the new token's k (rotated) and v of this (sequence, kv head) go into the cache at position kv_len - 1,
@@ -209,7 +202,7 @@ const KS: u32 = ${c.ks}u;
 const C: u32 = ${c.chunk}u;
 const WG: u32 = ${c.wg}u;
 const HP: u32 = ${c.headsPerPass}u;
-const VB: u32 = ${vb}u; // K or V rows a thread loads at once (16 registers of 4 values at most)
+const VB: u32 = ${Math.min(c.tps, 16)}u; // V rows a thread loads at once (16 registers of 4 values)
 const NEG: f32 = ${NEG};
 var<workgroup> qs: array<vec4<f32>, ${G * c.tps}>; // the group's query rows * scale, [G][TPS]
 var<workgroup> ss: array<f32, ${ssLen}>; // scores [G][C]; at the end the slices' accumulators
@@ -252,23 +245,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let j = c0 + lid;
     let live = in_chunk && j < k_end;
     // The slice's V rows (the first VB of them) are loaded before the scores, so their memory latency overlaps
-    // the K loads'. Rows past kv_len are never read (they may hold anything, NaN included): a missing row reads
-    // the last key again and weighs 0.
+    // the K loads' instead of following it: the loop below would otherwise wait on one row at a time, which
+    // made a layer's call take about 30 us on the H200 for a few hundred keys. Rows past kv_len are never
+    // read (they may hold anything, NaN included): a missing row reads the last key again and weighs 0.
     let j0 = c0 + s * TPS;
+    let nk = select(0u, min(TPS, k_end - j0), j0 < k_end);
     var vr: array<vec4<f32>, VB>;
     if (in_chunk) {
-      ${unrolled(vb, (i) => `vr[${i}] = vload(row0 + min(j0 + ${i}u, k_end - 1u) * pstride + d4);`)}
+      for (var i = 0u; i < VB; i++) { vr[i] = vload(row0 + min(j0 + i, k_end - 1u) * pstride + d4); }
     }
     var sc: array<f32, ${G}>;
     for (var g = 0u; g < G; g++) { sc[g] = NEG; }
     if (live) {
       for (var g = 0u; g < G; g++) { sc[g] = 0.0; }
       let row = row0 + j * pstride;
-      for (var e0 = 0u; e0 < TPS; e0 += VB) {
-        ${unrolled(vb, (i) => `let k${i} = kload(row + e0 + ${i}u);`)}
-        for (var g = 0u; g < G; g++) {
-          ${unrolled(vb, (i) => `sc[g] += dot(qs[g * TPS + e0 + ${i}u], k${i});`)}
-        }
+      for (var e = 0u; e < TPS; e++) {
+        let kk = kload(row + e);
+        for (var g = 0u; g < G; g++) { sc[g] += dot(qs[g * TPS + e], kk); }
       }
     }
     if (in_chunk) {
@@ -295,18 +288,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         acc[g] *= alpha[g];
         l[g] *= alpha[g];
       }
-      // blocks of VB rows, the first one loaded above. Keys past the end have probability 0 and their rows are
-      // the last key's (finite), so they add exactly nothing.
+      // blocks of VB rows, the first one loaded above; a weight of 0 adds exactly nothing
       for (var i0 = 0u; i0 < TPS; i0 += VB) {
         if (i0 > 0u) {
-          ${unrolled(vb, (i) => `vr[${i}] = vload(row0 + min(j0 + i0 + ${i}u, k_end - 1u) * pstride + d4);`)}
+          for (var i = 0u; i < VB; i++) { vr[i] = vload(row0 + min(j0 + i0 + i, k_end - 1u) * pstride + d4); }
         }
-        for (var g = 0u; g < G; g++) {
-          ${
-        unrolled(vb, (i) =>
-          `{ let pr = ps[g * C + s * TPS + i0 + ${i}u]; ` +
-          `acc[g] = fma(vec4<f32>(pr), vr[${i}], acc[g]); l[g] += pr; }`)
-      }
+        for (var i = 0u; i < VB; i++) {
+          for (var g = 0u; g < G; g++) {
+            let pr = select(0.0, ps[g * C + s * TPS + min(i0 + i, TPS - 1u)], i0 + i < nk);
+            acc[g] = fma(vec4<f32>(pr), vr[i], acc[g]);
+            l[g] += pr;
+          }
         }
       }
     }
