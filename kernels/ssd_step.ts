@@ -138,8 +138,8 @@ function pack(s: SsdStepShape, l: SsdStepLayout, extra: Partial<Record<Field, nu
 }
 
 function code(verify: boolean, npt: number, io: "f32" | "f16"): string {
-  // The loops over a thread's NPT state entries are written out (k a constant in each copy): as loops, the
-  // state stayed in local memory and each entry's loads waited for the previous entry's use.
+  // The loops over a thread's NPT state entries are written out (k a constant in each copy), so the state array
+  // is only ever indexed by constants: alone on the H200 the 1B hybrid's step took 5.2 us against 5.6 as loops.
   const forK = (body: string) =>
     Array.from({ length: npt }, (_, k) => `{ let k = ${k}u;${body}}`).join("\n    ");
   const bindings = verify
