@@ -71,6 +71,8 @@ export interface BufferSlice {
 export interface CompiledKernel {
   /** The spec it was compiled from. */
   spec: KernelSpec;
+  /** A number unique to this kernel on its device (seeds bind-group hashes). */
+  id: number;
   /** The compute pipeline. */
   pipeline: GPUComputePipeline;
   /** Explicit layout: storage bindings in order, then the uniform (dynamic offset) if `spec.uniformBytes`. */
@@ -147,13 +149,40 @@ export function flushEveryFor(provider: ProviderName): number {
 }
 const UNIFORM_SLOT_BYTES = 256;
 
-let bufferIds = new WeakMap<GPUBuffer, number>();
+// A buffer's id rides on the buffer object itself (a symbol-keyed property): a decode step looks up about 400
+// ids per token, and a WeakMap keyed by the provider's buffer objects cost a sixth of the step's CPU time.
+const BUFFER_ID = Symbol("distillery.bufferId");
+// for buffer objects that refuse a property
+const untaggedIds = new WeakMap<GPUBuffer, number>();
 let nextBufferId = 1;
-function bufferId(b: GPUBuffer): number {
-  let id = bufferIds.get(b);
+/** A cached bind group: its kernel and bindings, compared exactly on a hash hit. */
+interface CachedBindGroup {
+  kernel: CompiledKernel;
+  buffers: BufferSlice[];
+  bindGroup: GPUBindGroup;
+}
+
+function sameBindings(a: readonly BufferSlice[], b: readonly BufferSlice[]): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    if (a[i].buffer !== b[i].buffer || (a[i].offset ?? 0) !== (b[i].offset ?? 0) || a[i].size !== b[i].size) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/**
+ * A number unique to a GPU buffer in this process, assigned on first use: ids grow with first use, so a pool that
+ * asks for each buffer's id when it creates it can order its buffers by creation.
+ */
+export function bufferId(b: GPUBuffer): number {
+  const tagged = b as unknown as { [BUFFER_ID]?: number };
+  let id = tagged[BUFFER_ID] ?? untaggedIds.get(b);
   if (id === undefined) {
     id = nextBufferId++;
-    bufferIds.set(b, id);
+    if (Object.isExtensible(b)) tagged[BUFFER_ID] = id;
+    else untaggedIds.set(b, id);
   }
   return id;
 }
@@ -184,7 +213,12 @@ export class GpuDevice {
   readonly stats: DeviceStats = { dispatches: 0, submits: 0, reads: 0, pipelines: 0, bindGroups: 0 };
 
   #kernels = new Map<string, CompiledKernel>();
-  #bindGroups = new Map<string, GPUBindGroup>();
+  /**
+   * Bind groups by a numeric hash of (kernel, buffers, offsets, sizes), each bucket a short list checked exactly:
+   * a decode step looks up one per dispatch, and building a string key for it cost a fifth of the step's CPU time.
+   */
+  #bindGroups = new Map<number, CachedBindGroup[]>();
+  #bindGroupCount = 0;
   #encoder: GPUCommandEncoder | null = null;
   #pass: GPUComputePassEncoder | null = null;
   #uniformArena: GPUBuffer;
@@ -291,7 +325,7 @@ export class GpuDevice {
         return new GPUValidationError(`kernel ${spec.key}: ${err.message}\n${msgs}`);
       }),
     );
-    const compiled = { spec, pipeline, layout };
+    const compiled = { spec, pipeline, layout, id: this.#kernels.size + 1 };
     this.#kernels.set(spec.key, compiled);
     this.stats.pipelines++;
     return compiled;
@@ -350,10 +384,16 @@ export class GpuDevice {
   }
 
   #bindGroup(k: CompiledKernel, buffers: readonly BufferSlice[]): GPUBindGroup {
-    let key = k.spec.key;
-    for (const b of buffers) key += `|${bufferId(b.buffer)}:${b.offset ?? 0}:${b.size ?? -1}`;
-    let bg = this.#bindGroups.get(key);
-    if (bg) return bg;
+    let h = k.id;
+    for (const b of buffers) {
+      h = Math.imul(h ^ bufferId(b.buffer), 0x9e3779b1);
+      h = Math.imul(h ^ (b.offset ?? 0), 0x85ebca6b);
+      h = Math.imul(h ^ (b.size ?? -1), 0xc2b2ae35);
+    }
+    const bucket = this.#bindGroups.get(h);
+    if (bucket) {
+      for (const c of bucket) if (c.kernel === k && sameBindings(c.buffers, buffers)) return c.bindGroup;
+    }
     const entries: GPUBindGroupEntry[] = buffers.map((b, i) => ({
       binding: i,
       resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size },
@@ -364,20 +404,32 @@ export class GpuDevice {
         resource: { buffer: this.#uniformArena, offset: 0, size: k.spec.uniformBytes },
       });
     }
-    bg = this.gpu.createBindGroup({ layout: k.layout, entries });
+    const bg = this.gpu.createBindGroup({ layout: k.layout, entries });
     this.stats.bindGroups++;
     // Pooled buffers recur, so the cache hits in steady state; a bound keeps one-off shapes from piling up.
-    if (this.#bindGroups.size > 20000) this.#bindGroups.clear();
-    this.#bindGroups.set(key, bg);
+    if (this.#bindGroupCount >= 20000) {
+      this.#bindGroups.clear();
+      this.#bindGroupCount = 0;
+    }
+    const entry = {
+      kernel: k,
+      buffers: buffers.map((b) => ({ buffer: b.buffer, offset: b.offset, size: b.size })),
+      bindGroup: bg,
+    };
+    if (bucket) bucket.push(entry);
+    else this.#bindGroups.set(h, [entry]);
+    this.#bindGroupCount++;
     return bg;
   }
 
   /** Forgets cached bind groups that mention a buffer (called when a buffer is destroyed). */
   forgetBuffer(buffer: GPUBuffer): void {
-    const id = bufferId(buffer);
-    const needle = `|${id}:`;
-    for (const key of this.#bindGroups.keys()) if (key.includes(needle)) this.#bindGroups.delete(key);
-    bufferIds.delete(buffer);
+    for (const [h, bucket] of this.#bindGroups) {
+      const kept = bucket.filter((c) => !c.buffers.some((b) => b.buffer === buffer));
+      this.#bindGroupCount -= bucket.length - kept.length;
+      if (kept.length === 0) this.#bindGroups.delete(h);
+      else if (kept.length < bucket.length) this.#bindGroups.set(h, kept);
+    }
   }
 
   #computePass(): GPUComputePassEncoder {
@@ -633,7 +685,6 @@ export class GpuDevice {
     this.#staging = [];
     this.#uniformArena.destroy();
     this.gpu.destroy();
-    bufferIds = new WeakMap();
   }
 }
 

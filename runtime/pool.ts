@@ -8,7 +8,7 @@
  *
  * @module
  */
-import type { GpuDevice } from "./device.ts";
+import { bufferId, type GpuDevice } from "./device.ts";
 
 const MIN_BYTES = 256;
 const STORAGE_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
@@ -36,10 +36,9 @@ export interface PoolStats {
 /** Pool of storage buffers for one device. */
 export class BufferPool {
   readonly #dev: GpuDevice;
-  // free buffers per size class, ordered by creation number, highest first: acquire() pops the oldest
+  // free buffers per size class, ordered by creation (bufferId), highest first: acquire() pops the oldest
   readonly #free = new Map<number, GPUBuffer[]>();
   readonly #freeSet = new Set<GPUBuffer>();
-  readonly #serial = new WeakMap<GPUBuffer, number>();
   /** Counters. */
   readonly stats: PoolStats = { liveBytes: 0, freeBytes: 0, created: 0, peakBytes: 0 };
 
@@ -63,7 +62,8 @@ export class BufferPool {
         );
       }
       buf = this.#dev.gpu.createBuffer({ size, usage: STORAGE_USAGE });
-      this.#serial.set(buf, this.stats.created++);
+      bufferId(buf); // its id now, so ids follow creation order
+      this.stats.created++;
     }
     this.stats.liveBytes += size;
     this.stats.peakBytes = Math.max(this.stats.peakBytes, this.stats.liveBytes + this.stats.freeBytes);
@@ -83,11 +83,11 @@ export class BufferPool {
     // buffers are free, not on the order they came back: a training or decoding step that frees everything it
     // made then gets the same buffers for the same tensors every time, so its bind groups come from the cache
     // instead of being created anew (tens of microseconds each on Dawn) in every step.
-    const id = this.#serial.get(buf) ?? -1;
+    const id = bufferId(buf);
     let lo = 0, hi = list.length;
     while (lo < hi) {
       const mid = (lo + hi) >> 1;
-      if ((this.#serial.get(list[mid]) ?? -1) > id) lo = mid + 1;
+      if (bufferId(list[mid]) > id) lo = mid + 1;
       else hi = mid;
     }
     list.splice(lo, 0, buf);
