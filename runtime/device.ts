@@ -223,6 +223,7 @@ export class GpuDevice {
   #pass: GPUComputePassEncoder | null = null;
   #uniformArena: GPUBuffer;
   #uniformMirror = new ArrayBuffer(UNIFORM_ARENA_BYTES);
+  #uniformBytes = new Uint8Array(this.#uniformMirror);
   #uniformUsed = 0;
   #sinceFlush = 0;
   #flushEvery: number;
@@ -364,7 +365,7 @@ export class GpuDevice {
       const src = uniforms instanceof ArrayBuffer
         ? new Uint8Array(uniforms)
         : new Uint8Array(uniforms.buffer, uniforms.byteOffset, uniforms.byteLength);
-      new Uint8Array(this.#uniformMirror, uniformOffset, src.byteLength).set(src);
+      this.#uniformBytes.set(src, uniformOffset);
       this.#uniformUsed += this.#uniformAlign;
     }
     const bg = this.#bindGroup(k, buffers);

@@ -90,7 +90,11 @@ export class BufferPool {
       if (bufferId(list[mid]) > id) lo = mid + 1;
       else hi = mid;
     }
-    list.splice(lo, 0, buf);
+    // insert at lo by hand: Array.prototype.splice is a slow generic builtin for these short lists, and a
+    // decode step releases about a hundred buffers a token
+    list.push(buf);
+    for (let i = list.length - 1; i > lo; i--) list[i] = list[i - 1];
+    list[lo] = buf;
   }
 
   /**
