@@ -12,6 +12,7 @@
  * | `prefill`| per-op profile of a 2048-token hybrid prefill (bench/prefill_profile.ts)          |
  * | `generate`| batched generation of the fixture teacher: tokens/s per batch and sampling, per-kernel profile |
  * | `overhead`| CPU cost per dispatch of a decode step (tiny widths; bench/decode_overhead.ts)   |
+ * | `decode-kernels`| the decode step's small kernels alone: attention by cache length, SSD step (decode_kernels.ts) |
  * | `stress` | Dawn stability: thousands of training steps through a sync pattern               |
  * | `probe`  | what each WebGPU provider offers here (bench/probe.ts)                            |
  * | `spec`   | speculative decoding on a 1B-shape hybrid: fused vs unfused verify, speedup        |
@@ -74,6 +75,11 @@ export const BENCHMARKS: Record<string, { doc: string; run: (args: string[]) => 
   overhead: {
     doc: "CPU cost per dispatch of the GPU-resident decode loop, tiny widths (--gpu, --tokens)",
     run: script("./decode_overhead.ts"),
+  },
+  "decode-kernels": {
+    doc: "the decode step's small kernels timed alone: attention by cache length and workgroup, SSD step " +
+      "(--gpu, --dtype, --iters)",
+    run: script("./decode_kernels.ts"),
   },
   stress: {
     doc: "Dawn stability: --step train --steps 20000 --sync-every 10",
