@@ -10,6 +10,10 @@
  *   p = p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps),  bc_i = 1 - b_i^step
  * Step-dependent scalars (lr, bias corrections) travel in the uniforms, so a schedule never recompiles anything.
  *
+ * An f16 parameter can keep an f32 master copy (mixed-precision training's master weights): the update then reads
+ * and writes the master, and the parameter receives the master rounded to f16. Without it an update smaller than
+ * half an f16 step of the weight (2^-11 relative) rounds away, every step, however many steps agree on it.
+ *
  * @module
  */
 import { cachedSpec, ceilDiv, type DType, grid2d, Uniforms, wgslHeader, wgslType } from "./kernel.ts";
@@ -36,12 +40,13 @@ export interface AdamWStep {
 
 /**
  * The fused update of one parameter of `n` elements. Bindings: param (rw), grad (read, param dtype),
- * m (rw, f32), v (rw, f32), clip (read, f32 [2]: global norm, factor; element 1 is used).
+ * m (rw, f32), v (rw, f32), clip (read, f32 [2]: global norm, factor; element 1 is used), and with `master`
+ * the parameter's f32 master copy (rw), which the update reads and writes instead of the parameter.
  */
-export function adamwKernel(dtype: DType, n: number, s: AdamWStep): Launch {
+export function adamwKernel(dtype: DType, n: number, s: AdamWStep, master = false): Launch {
   const T = wgslType(dtype);
-  const spec = cachedSpec(`adamw_${dtype}`, () => ({
-    bindings: ["rw", "read", "rw", "rw", "read"],
+  const spec = cachedSpec(`adamw_${dtype}${master ? "_master" : ""}`, () => ({
+    bindings: master ? ["rw", "read", "rw", "rw", "read", "rw"] : ["rw", "read", "rw", "rw", "read"],
     uniformBytes: 32,
     code: `${wgslHeader(dtype)}
 struct P { n: u32, decay: f32, beta1: f32, beta2: f32, eps: f32, stepSize: f32, bc2Sqrt: f32, _a: u32 }
@@ -50,7 +55,9 @@ struct P { n: u32, decay: f32, beta1: f32, beta2: f32, eps: f32, stepSize: f32, 
 @group(0) @binding(2) var<storage, read_write> M: array<f32>;
 @group(0) @binding(3) var<storage, read_write> V: array<f32>;
 @group(0) @binding(4) var<storage, read> CLIP: array<f32>;
-@group(0) @binding(5) var<uniform> p: P;
+${master ? "@group(0) @binding(5) var<storage, read_write> MASTER: array<f32>;\n" : ""}@group(0) @binding(${
+      master ? 6 : 5
+    }) var<uniform> p: P;
 
 @compute @workgroup_size(${ADAMW_WORKGROUP})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -62,8 +69,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let v = p.beta2 * V[i] + (1.0 - p.beta2) * g * g;
   M[i] = m;
   V[i] = v;
-  let x = f32(PARAM[i]) * p.decay;
-  PARAM[i] = ${T}(x - p.stepSize * m / (sqrt(v) / p.bc2Sqrt + p.eps));
+  let x = ${master ? "MASTER[i]" : "f32(PARAM[i])"} * p.decay;
+  let updated = x - p.stepSize * m / (sqrt(v) / p.bc2Sqrt + p.eps);${master ? "\n  MASTER[i] = updated;" : ""}
+  PARAM[i] = ${T}(updated);
 }
 `,
   }));

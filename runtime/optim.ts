@@ -6,12 +6,14 @@
  * slot of a small buffer (only when clipping, or when the norm is asked for), then one kernel that turns the
  * slots into the global norm and the clip factor, then one fused AdamW dispatch per parameter that reads the
  * factor from that buffer. Nothing waits for the GPU; read {@linkcode AdamW.gradNorm} every N steps for logs
- * and NaN checks.
+ * and NaN checks. f16 parameters are updated through f32 master copies (mixed-precision training's master
+ * weights; `masterWeights: false` turns them off).
  *
  * @module
  */
 import { adamwKernel, gradNormKernel } from "../kernels/adamw.ts";
 import { reduceAllInto } from "./ops/reduce.ts";
+import { widen } from "./ops/cast.ts";
 import type { Runtime } from "./runtime.ts";
 import type { Tensor } from "./tensor.ts";
 
@@ -27,6 +29,11 @@ export interface AdamWOptions {
   weightDecay?: number;
   /** Clip gradients to this global L2 norm before the update; 0 or absent: no clipping. */
   maxGradNorm?: number;
+  /**
+   * Keep an f32 master copy of every f16 parameter and update that, writing the parameter back rounded to f16
+   * (default true). Without it, updates smaller than half an f16 step of a weight are lost every step.
+   */
+  masterWeights?: boolean;
 }
 
 /** Parameters sharing hyper-parameter overrides (e.g. no weight decay on norms and biases). */
@@ -49,12 +56,19 @@ export interface AdamWState {
   m: Float32Array[];
   /** Second moments. */
   v: Float32Array[];
+  /**
+   * f32 master copies of f16 parameters (null for parameters without one). Absent or null for a parameter that
+   * has one now (a state written before master weights): it starts again from the parameter's value.
+   */
+  master?: (Float32Array | null)[];
 }
 
 interface Slot {
   param: Tensor;
   m: Tensor;
   v: Tensor;
+  /** The f32 master copy of an f16 parameter, or null. */
+  master: Tensor | null;
   step: number;
   weightDecay: number;
   lrScale: number;
@@ -76,7 +90,8 @@ export function globalGradNormInto(grads: Tensor[], maxNorm: number, scratch: Te
 
 /**
  * AdamW (PyTorch semantics: decoupled weight decay, bias correction) with one fused kernel per parameter, state
- * tensors m and v in f32, optional clipping by global gradient norm computed and applied on the GPU.
+ * tensors m and v in f32, f32 master weights for f16 parameters, optional clipping by global gradient norm
+ * computed and applied on the GPU.
  */
 export class AdamW {
   /** The runtime. */
@@ -97,6 +112,7 @@ export class AdamW {
       eps: opts.eps ?? 1e-8,
       weightDecay: opts.weightDecay ?? 0.01,
       maxGradNorm: opts.maxGradNorm ?? 0,
+      masterWeights: opts.masterWeights ?? true,
     };
     const groups: ParamGroup[] = params.length > 0 && !("params" in params[0])
       ? [{ params: params as Tensor[] }]
@@ -113,6 +129,7 @@ export class AdamW {
           param: p,
           m: rt.zeros(p.shape, "f32").keep(),
           v: rt.zeros(p.shape, "f32").keep(),
+          master: p.dtype === "f16" && this.options.masterWeights ? rt.noGrad(() => widen(p)).keep() : null,
           step: 0,
           weightDecay: g.weightDecay ?? this.options.weightDecay,
           lrScale: g.lrScale ?? 1,
@@ -153,10 +170,17 @@ export class AdamW {
         eps: this.options.eps,
         weightDecay: s.weightDecay,
         step: s.step,
-      });
+      }, s.master !== null);
       rt.dev.dispatch(
         k.spec,
-        [s.param.binding, g.binding, s.m.binding, s.v.binding, clipBuf.binding],
+        [
+          s.param.binding,
+          g.binding,
+          s.m.binding,
+          s.v.binding,
+          clipBuf.binding,
+          ...(s.master ? [s.master.binding] : []),
+        ],
         k.workgroups,
         k.uniforms,
       );
@@ -198,21 +222,31 @@ export class AdamW {
   }
 
   /** The GPU state tensors in optimizer order (for checkpoint writers that stream tensors). */
-  stateTensors(): { name: string; m: Tensor; v: Tensor; step: number }[] {
-    return this.#slots.map((s, i) => ({ name: s.param.name ?? `param${i}`, m: s.m, v: s.v, step: s.step }));
+  stateTensors(): { name: string; m: Tensor; v: Tensor; master: Tensor | null; step: number }[] {
+    return this.#slots.map((s, i) => ({
+      name: s.param.name ?? `param${i}`,
+      m: s.m,
+      v: s.v,
+      master: s.master,
+      step: s.step,
+    }));
   }
 
   /** Reads the state to the CPU (one GPU sync). */
   async exportState(): Promise<AdamWState> {
-    const ranges = this.#slots.flatMap((s) =>
-      [s.m, s.v].map((t) => ({ buffer: t.buffer, offset: 0, size: t.byteLength }))
-    );
-    const bytes = await this.rt.dev.readMany(ranges);
+    const range = (t: Tensor) => ({ buffer: t.buffer, offset: 0, size: t.byteLength });
+    const masters = this.#slots.filter((s) => s.master);
+    const bytes = await this.rt.dev.readMany([
+      ...this.#slots.flatMap((s) => [range(s.m), range(s.v)]),
+      ...masters.map((s) => range(s.master!)),
+    ]);
+    let next = 2 * this.#slots.length;
     return {
       names: this.#slots.map((s, i) => s.param.name ?? `param${i}`),
       steps: this.#slots.map((s) => s.step),
       m: this.#slots.map((_, i) => new Float32Array(bytes[2 * i])),
       v: this.#slots.map((_, i) => new Float32Array(bytes[2 * i + 1])),
+      master: this.#slots.map((s) => (s.master ? new Float32Array(bytes[next++]) : null)),
     };
   }
 
@@ -230,6 +264,22 @@ export class AdamW {
       this.rt.dev.write(s.m.buffer, 0, state.m[i]);
       this.rt.dev.write(s.v.buffer, 0, state.v[i]);
       s.step = state.steps[i];
+      if (!s.master) return;
+      const master = state.master?.[i];
+      if (master) {
+        if (master.length !== s.param.size) {
+          throw new Error(
+            `AdamW state for ${
+              state.names[i]
+            } has a master copy of ${master.length} values, expected ${s.param.size}`,
+          );
+        }
+        this.rt.dev.write(s.master.buffer, 0, master);
+      } else {
+        // no master copy saved: start it again from the parameter, as a new optimizer does
+        const rt = this.rt;
+        rt.scope(() => rt.noGrad(() => rt.copyInto(s.master!, widen(s.param))));
+      }
     });
   }
 
@@ -238,6 +288,7 @@ export class AdamW {
     for (const s of this.#slots) {
       s.m.dispose();
       s.v.dispose();
+      s.master?.dispose();
     }
     this.#normScratch.dispose();
     this.#norm.dispose();

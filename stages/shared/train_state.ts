@@ -74,6 +74,9 @@ export async function saveTrainState(
   st.names.forEach((n, i) => {
     omap.set(`exp_avg.${n}`, { shape: shapes.get(n)!, data: st.m[i] });
     omap.set(`exp_avg_sq.${n}`, { shape: shapes.get(n)!, data: st.v[i] });
+    // an f16 parameter's f32 master copy: without it a resumed run would continue from the rounded weights
+    const master = st.master?.[i];
+    if (master) omap.set(`master.${n}`, { shape: shapes.get(n)!, data: master });
   });
   await writeSafetensors(join(dir, "optimizer.safetensors"), omap);
   const stored: StoredMeta = {
@@ -155,11 +158,14 @@ export async function loadTrainState(
   const of = await openSafetensors(join(dir, "optimizer.safetensors"));
   const names = optimizer.params.map((p, i) => p.name ?? `param${i}`);
   if (names.join("\n") !== meta.optimizer.names.join("\n")) throw bad("the optimizer's parameters differ");
-  const m: Float32Array[] = [], v: Float32Array[] = [];
+  const m: Float32Array[] = [], v: Float32Array[] = [], master: (Float32Array | null)[] = [];
+  const saved = new Set(of.names());
   for (const n of names) {
     m.push(await of.readFloat32(`exp_avg.${n}`));
     v.push(await of.readFloat32(`exp_avg_sq.${n}`));
+    // checkpoints from before master weights have none: the optimizer then starts them from the parameters
+    master.push(saved.has(`master.${n}`) ? await of.readFloat32(`master.${n}`) : null);
   }
-  optimizer.importState({ names, steps: meta.optimizer.steps, m, v });
+  optimizer.importState({ names, steps: meta.optimizer.steps, m, v, master });
   return { version: meta.version, step: meta.step, position: meta.position, extra: meta.extra ?? {} };
 }

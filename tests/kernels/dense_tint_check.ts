@@ -90,6 +90,9 @@ function allVariants(f16: boolean): { spec: KernelSpec; sharedBytes: number }[] 
     add(embeddingBackward(dtype, 2, 8, false));
     add(embeddingBackward(dtype, 2, 8, true));
     add(adamwKernel(dtype, 10, { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, step: 1 }));
+    // f16 parameters with their f32 master copy
+    const step = { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, step: 1 };
+    if (dtype === "f16") add(adamwKernel(dtype, 10, step, true));
   }
   add(gradNormKernel(3, 1));
   return [...out.values()];

@@ -203,3 +203,66 @@ Deno.test("learning-rate schedules (HF conventions)", () => {
   assertClose([lin(0), lin(5), lin(10), lin(20)], [1, 0.5, 0, 0], { rtol: 0, atol: 1e-12 }, "linear");
   assert.equal(warmupStepsFromRatio(0.01, 250), 3);
 });
+
+Deno.test(
+  "AdamW on f16 parameters: f32 master weights keep updates below half an f16 step; resume restores them",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16) return console.warn("AdamW f16: no shader-f16");
+    const rng = testRng("adamw-f16-master");
+    const n = 64;
+    // weights near 1, where an f16 step is 2^-10: an Adam update of about lr = 1e-4 a step is under half of it
+    const init = Float64Array.from(randn(rng, n, 0.01), (x) => Math.fround(new Float16Array([1 + x])[0]));
+    const grads = Float64Array.from(randn(rng, n), (x) => (x >= 0 ? 1 : -1) * (0.5 + Math.abs(x)));
+    const opts = { lr: 1e-4, weightDecay: 0 };
+    const run = (masterWeights: boolean, steps: number) => {
+      const p = rt.tensor(init, [n], "f16").keep();
+      p.requiresGrad = true;
+      p.name = "w";
+      const opt = new AdamW(rt, [p], { ...opts, masterWeights });
+      for (let s = 0; s < steps; s++) {
+        p.grad = rt.tensor(grads, [n], "f16").keep();
+        opt.step();
+        opt.zeroGrad();
+      }
+      return { p, opt };
+    };
+    const ref = new RefAdamW([Float64Array.from(init)], [0], [1], 0.9, 0.999, 1e-8, 0);
+    for (let s = 0; s < 40; s++) ref.step([Float64Array.from(grads, (g) => new Float16Array([g])[0])], 1e-4);
+
+    const withMaster = run(true, 40);
+    const state = await withMaster.opt.exportState();
+    const master = state.master![0]!;
+    // f32 arithmetic over 40 steps of about 1e-4 on values near 1
+    assertClose(master, ref.p[0], { rtol: 0, atol: 2e-6 }, "master copy vs float64");
+    // the parameter is the master rounded to f16: within half a step of 2^-10 (plus the master's own error)
+    const got = await withMaster.p.read();
+    assertClose(got, ref.p[0], { rtol: 0, atol: 2 ** -11 + 4e-6 }, "f16 parameter vs float64");
+    const moved = got.filter((x, i) => x !== init[i]).length;
+    assert.ok(moved > n / 2, `${moved} of ${n} weights moved after 40 steps`);
+    // without master weights every update rounds away: nothing moves
+    const without = run(false, 40);
+    assert.deepEqual([...await without.p.read()], [...init].map((x) => Math.fround(x)));
+    assert.equal((await without.opt.exportState()).master![0], null);
+
+    // a resumed optimizer (parameter at the checkpoint's f16 values, imported state) continues exactly
+    const resumed = rt.tensor(got, [n], "f16").keep();
+    resumed.requiresGrad = true;
+    resumed.name = "w";
+    const optB = new AdamW(rt, [resumed], opts);
+    optB.importState(state);
+    for (let s = 0; s < 10; s++) {
+      for (const [p, o] of [[withMaster.p, withMaster.opt], [resumed, optB]] as const) {
+        p.grad = rt.tensor(grads, [n], "f16").keep();
+        o.step();
+        o.zeroGrad();
+      }
+    }
+    assert.deepEqual([...await resumed.read()], [...await withMaster.p.read()], "resumed parameter");
+    const [after, afterB] = [await withMaster.opt.exportState(), await optB.exportState()];
+    assert.deepEqual([...afterB.master![0]!], [...after.master![0]!], "resumed master copy");
+    for (const o of [withMaster.opt, without.opt, optB]) o.dispose();
+    for (const p of [withMaster.p, without.p, resumed]) p.dispose();
+  },
+);

@@ -81,6 +81,25 @@ Deno.test(
 );
 
 Deno.test(
+  "distill in f16: the resumed run ends with the uninterrupted digest (f32 master weights in the checkpoint)",
+  stageTestOptions,
+  async () => {
+    const text = recipe(`${BASE}, max_steps: 6, save_steps: 2`)
+      .replace(
+        "settings: { seed: 5, keep_checkpoints: 2 }",
+        "settings: { seed: 5, keep_checkpoints: 2, dtype: f16 }",
+      );
+    assert.match(text, /dtype: f16/);
+    await assertResumesToSameOutput({
+      text,
+      stage: "distill",
+      port: "model",
+      resumed: /distill: resuming from step \d+ \(phase 1 of 1\)/,
+    });
+  },
+);
+
+Deno.test(
   "distill: SIGKILL mid-step in a real subprocess, then the same command: same weights digest as an uninterrupted run",
   stageTestOptions,
   async () => {
