@@ -198,7 +198,8 @@ function logKernels(
 
 /**
  * `--profile`: where one distill step's time goes. A timeline row (GPU busy time and span against wall time),
- * then the kernels that take the most GPU time when every dispatch of the step is timed alone.
+ * then the kernels that take the most GPU time when every dispatch of the step is timed alone, and when each is
+ * timed in the stream.
  */
 async function profileTrainStep(
   lm: CausalLM,
@@ -214,6 +215,15 @@ async function profileTrainStep(
     const tl = await gpuTimeline(rt, step);
     if (tl) log({ model: "hybrid", what: "distill_step_timeline", batch: B, seq: T, ...timelineRow(tl) });
     logKernels(log, "hybrid", "distill_step", await profileDispatches(rt, step), 20, 3);
+    // the same step with each dispatch timed where it runs (a query set holds 2,048 passes: the rest of a longer
+    // step runs untimed, and the row says how many)
+    const inStream = await profileInStream(rt, async () => {
+      await step();
+    });
+    if (inStream) {
+      log({ model: "hybrid", what: "distill_step_in_stream_untimed", dispatches: inStream.untimed });
+      logKernels(log, "hybrid", "distill_step_in_stream", inStream.kernels, 20, 3);
+    }
   } finally {
     dispose();
   }
