@@ -1,8 +1,10 @@
 /**
  * The CPU cost of a decode step per dispatch: the 16-layer 1B-shape teacher and its 50% hybrid with tiny widths
- * (hidden 64, vocab 256), so the GPU's own work is negligible and the GPU-resident greedy loop's time per token
- * is what recording, submitting and the provider's per-dispatch work cost. Also splits out the time spent inside
- * `GpuDevice.dispatch` (our bookkeeping plus the binding's setPipeline/setBindGroup/dispatchWorkgroups).
+ * (hidden 64, vocab 256), so the GPU's work per dispatch is small. Reports the GPU-resident greedy loop's wall time
+ * per token, the part of it spent outside the awaits of its reads (`cpu_ms_per_token`: recording, submitting and
+ * the provider's per-dispatch work; the wall time also holds the GPU latency of each tiny kernel, 20-25 us a
+ * dispatch on the H200 hosts), and the time inside `GpuDevice.dispatch` (our bookkeeping plus the binding's
+ * setPipeline/setBindGroup/dispatchWorkgroups).
  *
  *   deno run -A bench/decode_overhead.ts --gpu dawn [--tokens 128] [--dtype f16]
  *   DISTILLERY_DAWN_BACKEND=null deno run -A bench/decode_overhead.ts --gpu dawn   # no GPU needed
@@ -42,6 +44,19 @@ dev.dispatch = (...args: Parameters<typeof dispatch>) => {
   dispatch(...args);
   inDispatch += performance.now() - t;
 };
+// Time the loop spends awaiting its reads (the GPU still running): on a real GPU, wall time minus that is the
+// CPU's share. Reads overlap the next chunk's recording, so only the wait after recording counts.
+const readMany = dev.readMany.bind(dev);
+let waiting = 0;
+dev.readMany = async (...args: Parameters<typeof readMany>) => {
+  const pending = readMany(...args);
+  const t = performance.now();
+  try {
+    return await pending;
+  } finally {
+    waiting += performance.now() - t;
+  }
+};
 for (const which of ["teacher", "hybrid"]) {
   const attn = Array.from({ length: cfg.numLayers / 2 }, (_, i) => 2 * i + 1);
   const lm = CausalLM.random(rt, cfg, which === "hybrid" ? makeMamba2Config(cfg, attn) : null, {
@@ -62,6 +77,7 @@ for (const which of ["teacher", "hybrid"]) {
   }
   const d0 = dev.stats.dispatches;
   inDispatch = 0;
+  waiting = 0;
   const t0 = performance.now();
   await greedyResident(lm, prompt, { maxNewTokens: newTokens, chunk: 32 });
   const ms = performance.now() - t0;
@@ -79,6 +95,8 @@ for (const which of ["teacher", "hybrid"]) {
     dispatches_per_token: +dispatches.toFixed(1),
     us_per_dispatch: +((ms * 1000) / newTokens / dispatches).toFixed(1),
     us_in_dispatch_call: +((inDispatch * 1000) / newTokens / dispatches).toFixed(1),
+    // wall time outside the awaits of reads: recording and submitting (where the GPU keeps up, all of the time)
+    cpu_ms_per_token: +((ms - waiting) / newTokens).toFixed(3),
   }));
   lm.dispose();
 }
