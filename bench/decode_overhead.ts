@@ -2,15 +2,13 @@
  * The CPU cost of a decode step per dispatch: the 16-layer 1B-shape teacher and its 50% hybrid with tiny widths
  * (hidden 64, vocab 256), so the GPU's work per dispatch is small. Reports the GPU-resident greedy loop's wall time
  * per token, the part of it spent outside the awaits of its reads (`cpu_ms_per_token`: recording, submitting and
- * the provider's per-dispatch work; the wall time also holds the GPU latency of each tiny kernel, 20-25 us a
- * dispatch on the H200 hosts), and the time inside `GpuDevice.dispatch` (our bookkeeping plus the binding's
- * setPipeline/setBindGroup/dispatchWorkgroups).
+ * the provider's per-dispatch work; on a real GPU the wall time also holds each tiny kernel's GPU time), and the
+ * time inside `GpuDevice.dispatch` (our bookkeeping plus the binding's setPipeline/setBindGroup/dispatchWorkgroups).
  *
  *   deno run -A bench/decode_overhead.ts --gpu dawn [--tokens 128] [--dtype f16]
  *   DISTILLERY_DAWN_BACKEND=null deno run -A bench/decode_overhead.ts --gpu dawn   # no GPU needed
  *
- * On the H200 the 1B teacher decodes at about 25 ms per token with 131 dispatches per token; this benchmark says
- * how much of that the CPU side alone costs.
+ * It says how much of a decode step's time the CPU side alone costs.
  *
  * @module
  */
