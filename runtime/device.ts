@@ -149,11 +149,7 @@ export function flushEveryFor(provider: ProviderName): number {
 }
 const UNIFORM_SLOT_BYTES = 256;
 
-// A buffer's id rides on the buffer object itself (a symbol-keyed property): a decode step looks up about 400
-// ids per token, and a WeakMap keyed by the provider's buffer objects cost a sixth of the step's CPU time.
-const BUFFER_ID = Symbol("distillery.bufferId");
-// for buffer objects that refuse a property
-const untaggedIds = new WeakMap<GPUBuffer, number>();
+const bufferIds = new WeakMap<GPUBuffer, number>();
 let nextBufferId = 1;
 /** A cached bind group: its kernel and bindings, compared exactly on a hash hit. */
 interface CachedBindGroup {
@@ -177,12 +173,10 @@ function sameBindings(a: readonly BufferSlice[], b: readonly BufferSlice[]): boo
  * asks for each buffer's id when it creates it can order its buffers by creation.
  */
 export function bufferId(b: GPUBuffer): number {
-  const tagged = b as unknown as { [BUFFER_ID]?: number };
-  let id = tagged[BUFFER_ID] ?? untaggedIds.get(b);
+  let id = bufferIds.get(b);
   if (id === undefined) {
     id = nextBufferId++;
-    if (Object.isExtensible(b)) tagged[BUFFER_ID] = id;
-    else untaggedIds.set(b, id);
+    bufferIds.set(b, id);
   }
   return id;
 }
@@ -215,7 +209,8 @@ export class GpuDevice {
   #kernels = new Map<string, CompiledKernel>();
   /**
    * Bind groups by a numeric hash of (kernel, buffers, offsets, sizes), each bucket a short list checked exactly:
-   * a decode step looks up one per dispatch, and building a string key for it cost a fifth of the step's CPU time.
+   * a decode step looks up one per dispatch, and with a string key built per lookup (kernel key, then each
+   * buffer's id, offset and size) a token took 0.67 instead of 0.61 ms on Dawn's null backend.
    */
   #bindGroups = new Map<number, CachedBindGroup[]>();
   #bindGroupCount = 0;
