@@ -426,6 +426,9 @@ function gemvWgsl(
   // subgroup adds its lanes' partials at once; with more than one subgroup per row, their sums meet in red.
   const perRow = sg ? tpr / sg : 0; // subgroups per row
   const nsg = sg ? GEMV_WORKGROUP / sg : 0; // subgroups per workgroup
+  // a subgroup's sum of `value`, stored by its first lane in slot `slot` of red (one entry per subgroup)
+  const subgroupPartial = (value: string, slot: number) =>
+    `{ let v = subgroupAdd(${value}); if (lid % ${sg}u == 0u) { red[${slot}u * ${nsg}u + lid / ${sg}u] = v; } }`;
   const reduce: string[] = [], treeStep: string[] = [], gather: string[] = [];
   for (let a = 0; a < slots; a++) {
     if (!sg) {
@@ -434,9 +437,7 @@ function gemvWgsl(
     } else if (perRow === 1) {
       reduce.push(`rsum[${a}] = subgroupAdd(acc[${a}]);`);
     } else {
-      reduce.push(
-        `{ let v = subgroupAdd(acc[${a}]); if (lid % ${sg}u == 0u) { red[${a}u * ${nsg}u + lid / ${sg}u] = v; } }`,
-      );
+      reduce.push(subgroupPartial(`acc[${a}]`, a));
       gather.push(
         `for (var j = 0u; j < ${perRow}u; j++) { rsum[${a}] += red[${a}u * ${nsg}u + lid / ${sg}u + j]; }`,
       );
@@ -537,9 +538,7 @@ fn nrm(a: ${T}, g: ${T}, r: f32) -> ${T} { return ${T}(f32(g) * f32(${T}(f32(a) 
       ssqTree.push(`red[${r}u * ${GEMV_WORKGROUP}u + lid] += red[${r}u * ${GEMV_WORKGROUP}u + lid + s];`);
       rsLoad.push(`rs[${r}] = inverseSqrt(red[${r}u * ${GEMV_WORKGROUP}u] / f32(p.k) + p.eps);`);
     } else {
-      ssqStore.push(
-        `{ let v = subgroupAdd(ss[${r}]); if (lid % ${sg}u == 0u) { red[${r}u * ${nsg}u + lid / ${sg}u] = v; } }`,
-      );
+      ssqStore.push(subgroupPartial(`ss[${r}]`, r));
       rsLoad.push(
         `{ var w = 0.0; for (var j = 0u; j < ${nsg}u; j++) { w += red[${r}u * ${nsg}u + j]; } ` +
           `rs[${r}] = inverseSqrt(w / f32(p.k) + p.eps); }`,
