@@ -452,24 +452,20 @@ if (import.meta.main) {
   const { Runtime } = await import("../runtime/runtime.ts");
   const { createDevice } = await import("../runtime/device.ts");
   const { parseProviderPreference } = await import("../runtime/provider.ts");
-  const args = Deno.args;
-  const gi = args.indexOf("--gpu");
-  const gpu = parseProviderPreference(gi >= 0 ? args[gi + 1] : Deno.env.get("DISTILLERY_GPU"), "--gpu");
+  const { flag } = await import("./harness.ts");
+  const gpu = parseProviderPreference(flag("gpu") ?? Deno.env.get("DISTILLERY_GPU"), "--gpu");
   const rt = new Runtime(await createDevice({ gpu }));
-  const list = (name: string) => {
-    const i = args.indexOf(name);
-    return i >= 0 ? args[i + 1].split(",").filter((x) => x) : undefined;
-  };
+  const list = (name: string) => flag(name)?.split(",").filter((x) => x);
   await bench(rt, (row) => console.log(JSON.stringify(row)), {
-    quick: args.includes("--quick"),
-    configs: list("--configs")?.map(parseMatmulConfig),
-    sizes: list("--sizes")?.map(Number),
-    dtypes: list("--dtypes") as DType[] | undefined,
-    only: list("--only") as ("matmul" | "gemv" | "copy")[] | undefined,
-    gemvShapes: list("--gemv-shapes")?.map((s) => s.split("x").map(Number) as [number, number]),
-    gemvTpr: list("--gemv-tpr")?.map(Number),
-    gemvUnroll: list("--gemv-unroll")?.map(Number),
-    gemvVariants: list("--gemv-variants") as GemvBenchVariant[] | undefined,
+    quick: Deno.args.includes("--quick"),
+    configs: list("configs")?.map(parseMatmulConfig),
+    sizes: list("sizes")?.map(Number),
+    dtypes: list("dtypes") as DType[] | undefined,
+    only: list("only") as ("matmul" | "gemv" | "copy")[] | undefined,
+    gemvShapes: list("gemv-shapes")?.map((s) => s.split("x").map(Number) as [number, number]),
+    gemvTpr: list("gemv-tpr")?.map(Number),
+    gemvUnroll: list("gemv-unroll")?.map(Number),
+    gemvVariants: list("gemv-variants") as GemvBenchVariant[] | undefined,
   });
   rt.dev.destroy();
 }

@@ -217,9 +217,7 @@ async function profileTrainStep(
     logKernels(log, "hybrid", "distill_step", await profileDispatches(rt, step), 20, 3);
     // the same step with each dispatch timed where it runs (a query set holds 2,048 passes: the rest of a longer
     // step runs untimed, and the row says how many)
-    const inStream = await profileInStream(rt, async () => {
-      await step();
-    });
+    const inStream = await profileInStream(rt, step);
     if (inStream) {
       log({ model: "hybrid", what: "distill_step_in_stream_untimed", dispatches: inStream.untimed });
       logKernels(log, "hybrid", "distill_step_in_stream", inStream.kernels, 20, 3);
