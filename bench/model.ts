@@ -11,8 +11,9 @@
  *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train [--profile]] [--dtype f16] [--quick]
  *     [--out rows.jsonl]
  *
- * `--profile` adds the kernels of one decode step, and (with `--train`) a GPU timeline of one distill step and its
- * 20 most expensive kernels, each dispatch timed alone.
+ * `--profile` adds the kernels of one decode step, and (with `--train`) for the CE-only and the distill step a GPU
+ * timeline and the 60 most expensive kernels with each dispatch timed in the stream (`--profile-alone`: also the 20
+ * most expensive with each dispatch timed alone).
  *
  * `--dtype f16` stores weights and activations in f16 (f32 accumulation; on Dawn with subgroup matrices the
  * large matmuls run on the matrix units), the counterpart of the PyTorch bf16 rows.
@@ -197,15 +198,16 @@ function logKernels(
 }
 
 /**
- * `--profile`: where one distill step's time goes. A timeline row (GPU busy time and span against wall time),
- * then the kernels that take the most GPU time when every dispatch of the step is timed alone, and when each is
- * timed in the stream.
+ * `--profile`: where one training step's time goes (`what` is `train_step` for CE only, `distill_step` with the
+ * teacher). A timeline row (GPU busy time and span against wall time), then the kernels that take the most GPU
+ * time with each dispatch timed where it runs in the stream, and (with `--profile-alone`) with each timed alone.
  */
 async function profileTrainStep(
   lm: CausalLM,
   B: number,
   T: number,
-  teacher: CausalLM,
+  teacher: CausalLM | null,
+  what: "train_step" | "distill_step",
   log: (row: Record<string, unknown>) => void,
 ): Promise<void> {
   const rt = lm.rt;
@@ -213,14 +215,15 @@ async function profileTrainStep(
   try {
     await step(); // warm: the same buffers and bind groups as the timed steps
     const tl = await gpuTimeline(rt, step);
-    if (tl) log({ model: "hybrid", what: "distill_step_timeline", batch: B, seq: T, ...timelineRow(tl) });
-    logKernels(log, "hybrid", "distill_step", await profileDispatches(rt, step), 20, 3);
-    // the same step with each dispatch timed where it runs (a query set holds 2,048 passes: the rest of a longer
-    // step runs untimed, and the row says how many)
-    const inStream = await profileInStream(rt, step);
+    if (tl) log({ model: "hybrid", what: `${what}_timeline`, batch: B, seq: T, ...timelineRow(tl) });
+    if (Deno.args.includes("--profile-alone")) {
+      logKernels(log, "hybrid", what, await profileDispatches(rt, step), 20, 3);
+    }
+    // the whole step, each dispatch in a timed pass of its own
+    const inStream = await profileInStream(rt, step, 32768);
     if (inStream) {
-      log({ model: "hybrid", what: "distill_step_in_stream_untimed", dispatches: inStream.untimed });
-      logKernels(log, "hybrid", "distill_step_in_stream", inStream.kernels, 20, 3);
+      log({ model: "hybrid", what: `${what}_in_stream_untimed`, dispatches: inStream.untimed });
+      logKernels(log, "hybrid", `${what}_in_stream`, inStream.kernels, 60, 3);
     }
   } finally {
     dispose();
@@ -364,6 +367,7 @@ if (import.meta.main) {
           tokens_per_s: Math.round(B * T / (m / 1000)),
           peak_gib: +(tr.peakBytes / 2 ** 30).toFixed(2),
         });
+        if (Deno.args.includes("--profile")) await profileTrainStep(lm, B, T, null, "train_step", log);
         // stage-2 distillation: the teacher (same shapes, all attention) runs inside the step without gradients
         const teacher = CausalLM.random(rt, cfg, null, { seed: 11, dtype });
         try {
@@ -379,7 +383,7 @@ if (import.meta.main) {
             tokens_per_s: Math.round(B * T / (md / 1000)),
             peak_gib: +(ds.peakBytes / 2 ** 30).toFixed(2),
           });
-          if (Deno.args.includes("--profile")) await profileTrainStep(lm, B, T, teacher, log);
+          if (Deno.args.includes("--profile")) await profileTrainStep(lm, B, T, teacher, "distill_step", log);
         } finally {
           teacher.dispose();
         }

@@ -127,6 +127,8 @@ export function bindGroupLayoutEntries(spec: KernelSpec): GPUBindGroupLayoutEntr
 }
 
 const UNIFORM_ARENA_BYTES = 1 << 20;
+/** Timestamps per query set of pass timing: WebGPU caps a query set at 4,096 queries (2,048 passes). */
+const QUERIES_PER_SET = 4096;
 /**
  * Environment variable: submit after every N dispatches (0: only when a read, a write or a full uniform arena
  * needs it, about 4,096 dispatches). Unset: {@linkcode DAWN_FLUSH_EVERY} on Dawn, 0 on the built-in provider.
@@ -228,7 +230,8 @@ export class GpuDevice {
   #pendingErrors: Promise<GPUError | null>[] = [];
   #uncaptured: string[] = [];
   #passTiming: {
-    qs: GPUQuerySet;
+    /** Query sets of {@linkcode QUERIES_PER_SET} timestamps, created as passes need them. */
+    sets: GPUQuerySet[];
     capacity: number;
     used: number;
     untimed: number;
@@ -435,11 +438,15 @@ export class GpuDevice {
       let desc: GPUComputePassDescriptor | undefined;
       this.#passTimed = !!t && t.used + 2 <= t.capacity;
       if (t && this.#passTimed) {
+        const set = Math.floor(t.used / QUERIES_PER_SET), at = t.used % QUERIES_PER_SET;
+        if (set === t.sets.length) {
+          t.sets.push(this.gpu.createQuerySet({ type: "timestamp", count: QUERIES_PER_SET }));
+        }
         desc = {
           timestampWrites: {
-            querySet: t.qs,
-            beginningOfPassWriteIndex: t.used,
-            endOfPassWriteIndex: t.used + 1,
+            querySet: t.sets[set],
+            beginningOfPassWriteIndex: at,
+            endOfPassWriteIndex: at + 1,
           },
         };
         t.used += 2;
@@ -461,10 +468,9 @@ export class GpuDevice {
   startPassTiming(maxPasses = 2048, opts: { perDispatch?: boolean } = {}): boolean {
     if (!this.features.timestamps || this.#passTiming) return false;
     this.flush();
-    const capacity = 2 * Math.min(maxPasses, 2048); // WebGPU caps a query set at 4096 queries
     this.#passTiming = {
-      qs: this.gpu.createQuerySet({ type: "timestamp", count: capacity }),
-      capacity,
+      sets: [],
+      capacity: 2 * Math.max(1, Math.floor(maxPasses)),
       used: 0,
       untimed: 0,
       keys: opts.perDispatch ? [] : null,
@@ -485,7 +491,10 @@ export class GpuDevice {
         size: t.used * 8,
         usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
       });
-      this.encoder().resolveQuerySet(t.qs, 0, t.used, resolve, 0);
+      t.sets.forEach((qs, i) => {
+        const count = Math.min(QUERIES_PER_SET, t.used - i * QUERIES_PER_SET);
+        this.encoder().resolveQuerySet(qs, 0, count, resolve, i * QUERIES_PER_SET * 8);
+      });
       const [bytes] = await this.readMany([{ buffer: resolve, offset: 0, size: t.used * 8 }]);
       resolve.destroy();
       const ns = new BigUint64Array(bytes);
@@ -498,7 +507,7 @@ export class GpuDevice {
       }
       return { begin, end, untimed: t.untimed, keys };
     } finally {
-      t.qs.destroy();
+      for (const qs of t.sets) qs.destroy();
     }
   }
 

@@ -81,3 +81,33 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "pass timing: more passes than one query set holds are all timed, in order, across sets",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.timestamps) {
+      console.log("skipped: this adapter has no timestamp-query");
+      return;
+    }
+    const x = rt.tensor(Float32Array.from({ length: 8 }, (_, i) => i + 1), [8]).keep();
+    rt.poisonNewTensors = false;
+    try {
+      // 2,050 one-dispatch passes: past the 2,048 a query set of 4,096 timestamps holds
+      const n = 2050;
+      assert.ok(rt.dev.startPassTiming(n + 10, { perDispatch: true }));
+      for (let i = 0; i < n; i++) rt.scope(() => void add(x, x));
+      const t = (await rt.dev.stopPassTiming())!;
+      assert.deepEqual([t.begin.length, t.keys?.length, t.untimed], [n, n, 0]);
+      for (let i = 1; i < n; i++) {
+        // passes of one queue run in order; the second set's times share the first's origin
+        assert.ok(t.begin[i] >= t.begin[i - 1] - 1e-3, `pass ${i} began before pass ${i - 1}`);
+        assert.ok(t.end[i] >= t.begin[i], `pass ${i}: ${t.begin[i]} -> ${t.end[i]}`);
+      }
+    } finally {
+      rt.poisonNewTensors = true;
+      x.dispose();
+    }
+  },
+);
