@@ -77,6 +77,18 @@ export interface SgmConfig {
   buffers: 1 | 2;
   /** Workgroups walk C in groups of this many block rows (L2 reuse of B); 1 is plain row-major order. */
   swizzle: number;
+  /**
+   * With one buffer: issue the next slice's global loads before this slice's multiplies (true, the default), or
+   * load each slice right before storing it (false). Holding the next slice in registers costs occupancy.
+   */
+  prefetch?: boolean;
+  /**
+   * With 16-byte thread loads (`vec` 8): lane l writes the four words of its load in the order starting at word
+   * (l / 8) % 4. A thread's 8 halves land in 4 consecutive banks, so in the plain order every store of a subgroup
+   * hits only the 8 banks of one word position (a 4-way conflict); rotated, the 32 lanes of each store hit 32
+   * different banks whenever a staged row is a multiple of 64 halves.
+   */
+  rotate?: boolean;
 }
 
 /** Layout and output of one variant. */
@@ -99,7 +111,9 @@ export function sgmThreads(c: SgmConfig): number {
 /** Short name of a config, e.g. `128x128x32_2x4_threads_v8_p8_b2_s8`. */
 export function sgmConfigName(c: SgmConfig): string {
   const stage = c.stage === "threads" ? `threads_v${c.vec}` : c.stage;
-  return `${c.bm}x${c.bn}x${c.bk}_${c.sgM}x${c.sgN}_${stage}_p${c.pad}_b${c.buffers}_s${c.swizzle}`;
+  const prefetch = c.prefetch === false ? "_np" : "";
+  const rotate = c.rotate ? "_r" : "";
+  return `${c.bm}x${c.bn}x${c.bk}_${c.sgM}x${c.sgN}_${stage}_p${c.pad}_b${c.buffers}_s${c.swizzle}${prefetch}${rotate}`;
 }
 
 // ---- the index maps (pure; shared by the WGSL generator and the CPU emulation) ------------------------------
@@ -260,6 +274,12 @@ export function validateSgmConfig(
   if (![1, 2].includes(c.buffers)) fail("buffers must be 1 or 2");
   if (![2, 4, 8].includes(c.vec)) fail("vec must be 2, 4 or 8");
   if (!(c.swizzle >= 1) || !Number.isInteger(c.swizzle)) fail("swizzle must be a positive integer");
+  if (c.rotate && (c.stage !== "threads" || c.vec !== 8)) {
+    fail("rotate needs threads staging with 16-byte loads");
+  }
+  if (c.prefetch === false && (c.buffers !== 1 || c.stage === "global")) {
+    fail("prefetch can only be turned off for one staged buffer");
+  }
   for (const transA of [false, true]) {
     for (const transB of [false, true]) {
       const layout: SgmLayout = { transA, transB, out: "f32", accumulate: false };
@@ -309,14 +329,15 @@ export const SGM_DOUBLE_BUFFERED: SgmConfig = {
 /**
  * The default for large products: {@linkcode SGM_DOUBLE_BUFFERED} with K slices of 64 in one buffer, the fastest
  * config of the first H200 sweep (197 TFLOP/s at 4096^3 against 76 for the double-buffered one, BENCHMARKS.md):
- * the prefetch registers of double buffering cost more occupancy than the overlap gains.
+ * the prefetch registers of double buffering cost more occupancy than the overlap gains. Staging stores rotated
+ * ({@linkcode SgmConfig.rotate}): 221 TFLOP/s at 8192^3 against 205 (BENCHMARKS.md).
  */
-export const SGM_LARGE: SgmConfig = { ...SGM_DOUBLE_BUFFERED, bk: 64, buffers: 1 };
+export const SGM_LARGE: SgmConfig = { ...SGM_DOUBLE_BUFFERED, bk: 64, buffers: 1, rotate: true };
 
 /**
  * 64x64 blocks of 4 subgroups (2x2 fragments each): products with too few 128x128 blocks to fill the GPU. One
  * buffer with K slices of 64, like {@linkcode SGM_LARGE}: 141 TFLOP/s at 8192^3 against 63 for the same blocks
- * double-buffered with slices of 32 (BENCHMARKS.md).
+ * double-buffered with slices of 32, and 155 with its staging stores rotated (BENCHMARKS.md).
  */
 export const SGM_SMALL: SgmConfig = {
   bm: 64,
@@ -329,6 +350,7 @@ export const SGM_SMALL: SgmConfig = {
   pad: 8,
   buffers: 1,
   swizzle: 8,
+  rotate: true,
 };
 
 /**
@@ -356,8 +378,16 @@ export const SGM_SWEEP: readonly SgmConfig[] = [
   { ...SGM_DOUBLE_BUFFERED, swizzle: 1 }, // plain block order
   SGM_SMALL,
   { ...SGM_SMALL, bk: 32, buffers: 2 }, // the small blocks double-buffered (the default until 2026-11-29)
-  { ...SGM_LARGE, stage: "fragments" }, // fragment staging, single buffered (only double-buffered before)
-  { ...SGM_SMALL, bk: 16, stage: "global", buffers: 1, pad: 0 }, // no staging: the 35 TFLOP/s starting point
+  { ...SGM_LARGE, stage: "fragments", rotate: false }, // fragment staging, single buffered
+  { ...SGM_SMALL, bk: 16, stage: "global", buffers: 1, pad: 0, rotate: false }, // no staging: the 35 TFLOP/s start
+  // no register prefetch: fewer registers a thread, so more workgroups an SM hide each other's loads
+  { ...SGM_LARGE, prefetch: false },
+  { ...SGM_LARGE, bk: 32, prefetch: false }, // and half the workgroup memory
+  { ...SGM_LARGE, sgM: 2, sgN: 2, prefetch: false }, // 4 subgroups of 64x64
+  { ...SGM_SMALL, prefetch: false },
+  // staging stores in the plain order (4-way bank conflicts): the op's configs until 2026-11-29
+  { ...SGM_LARGE, rotate: false },
+  { ...SGM_SMALL, rotate: false },
 ];
 
 // ---- choosing the kernel -------------------------------------------------------------------------------------
@@ -431,7 +461,7 @@ export function pickSgmConfig(shape: MatmulShape, layout: SgmLayout): SgmConfig 
   if (!vec) return null;
   const blocks = ceilDiv(m, SGM_LARGE.bm) * ceilDiv(n, SGM_LARGE.bn) * batch;
   const base = blocks >= 264 ? SGM_LARGE : SGM_SMALL;
-  return vec === base.vec ? base : { ...base, vec };
+  return vec === base.vec ? base : { ...base, vec, rotate: false };
 }
 
 // ---- kernel variants -------------------------------------------------------------------------------------------
@@ -565,30 +595,41 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
   }
 
   // Issues the global loads of the slice starting at K offset `k0` into the staging registers.
+  // A bounds-checked variant checks only where the slice leaves C's block or K: interior blocks take the
+  // unchecked loads (a workgroup-uniform branch), so ragged products run nearly at the whole-block speed.
+  const threadLoads = (k0: string, checked: boolean): string[] =>
+    ops.flatMap((o) =>
+      Array.from({ length: sgmThreadSlots(c, o.p) }, (_, s) => {
+        const r = `${o.X}r${s}`, col = `${o.X}c${s}`;
+        const load = `${o.X}[(${globalOffset(o, r, col, k0)}) / ${W}u]`;
+        return checked
+          ? `if (${inBounds(o, r, col, k0)}) { ${o.X}g${s} = ${load}; } else { ${o.X}g${s} = ${
+            wordType(W)
+          }(); }`
+          : `${o.X}g${s} = ${load};`;
+      })
+    );
   const loadSlice = (k0: string, indent: string): string => {
+    if (stage === "threads") {
+      if (v.exact) return threadLoads(k0, false).join(`\n${indent}`);
+      const fast = threadLoads(k0, false).join(`\n${indent}  `);
+      const slow = threadLoads(k0, true).join(`\n${indent}  `);
+      return `if (interior && ${k0} + ${c.bk}u <= p.k) {
+${indent}  ${fast}
+${indent}} else {
+${indent}  ${slow}
+${indent}}`;
+    }
+    // fragment staging: whole blocks only (sgmLaunch refuses the rest)
     const out: string[] = [];
     for (const o of ops) {
-      if (stage === "threads") {
-        for (let s = 0; s < sgmThreadSlots(c, o.p); s++) {
-          const r = `${o.X}r${s}`, col = `${o.X}c${s}`;
-          const load = `${o.X}[(${globalOffset(o, r, col, k0)}) / ${W}u]`;
-          out.push(
-            v.exact
-              ? `${o.X}g${s} = ${load};`
-              : `if (${inBounds(o, r, col, k0)}) { ${o.X}g${s} = ${load}; } else { ${o.X}g${s} = ${
-                wordType(W)
-              }(); }`,
-          );
-        }
-      } else {
-        for (let s = 0; s < sgmCopySlots(c, o.p); s++) {
-          const r = `${o.X}r${s}`, col = `${o.X}c${s}`;
-          out.push(
-            `${o.X}g${s} = subgroupMatrixLoad<${LEFT}, row_major>(&${o.X}, ${
-              globalOffset(o, r, col, k0)
-            }, ${o.ld});`,
-          );
-        }
+      for (let s = 0; s < sgmCopySlots(c, o.p); s++) {
+        const r = `${o.X}r${s}`, col = `${o.X}c${s}`;
+        out.push(
+          `${o.X}g${s} = subgroupMatrixLoad<${LEFT}, row_major>(&${o.X}, ${
+            globalOffset(o, r, col, k0)
+          }, ${o.ld});`,
+        );
       }
     }
     return out.join(`\n${indent}`);
@@ -604,6 +645,26 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
         for (let s = 0; s < sgmThreadSlots(c, o.p); s++) {
           const parts = [`let o = ${buf} + ${o.X}s${s};`];
           for (let w = 0; w < words; w++) {
+            if (c.rotate) {
+              // store w writes word (w + rot) % 4 of the load (see SgmConfig.rotate), picked by selects:
+              // indexing a vector by a runtime value measured 33% slower on the H200
+              if (w === 0) {
+                const g = `${o.X}g${s}`;
+                const turn = (k: number) =>
+                  `vec4<u32>(${[0, 1, 2, 3].map((i) => `${g}.${comps[(i + k) % 4]}`)})`;
+                parts.push(
+                  `let gr = select(select(${g}, ${turn(1)}, rot == 1u), select(${turn(2)}, ${
+                    turn(3)
+                  }, rot == 3u), rot >= 2u);`,
+                );
+              }
+              parts.push(
+                `let h${w} = bitcast<vec2<f16>>(gr.${
+                  comps[w]
+                }); ${o.S}[o + rq${w}] = h${w}.x; ${o.S}[o + rq${w} + 1u] = h${w}.y;`,
+              );
+              continue;
+            }
             const word = words === 1 ? `${o.X}g${s}` : `${o.X}g${s}.${comps[w]}`;
             parts.push(
               `let h${w} = bitcast<vec2<f16>>(${word}); ${o.S}[o + ${2 * w}u] = h${w}.x; ${o.S}[o + ${
@@ -689,6 +750,15 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
     if (more) {
       ${storeSlice(bufA("(t + 1u)"), bufB("(t + 1u)"), "      ")}
     }
+    workgroupBarrier();
+  }`;
+  } else if (c.prefetch === false) {
+    loop = `for (var t = 0u; t < ntiles; t++) {
+    let k0 = t * ${c.bk}u;
+    ${loadSlice("k0", "    ")}
+    ${storeSlice("0u", "0u", "    ")}
+    workgroupBarrier();
+    ${computeSlice("0u", "0u", "")}
     workgroupBarrier();
   }`;
   } else {
@@ -790,12 +860,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let ny = (p.m + ${c.bm - 1}u) / ${c.bm}u;
   ${swizzle}
   let m0 = blockM * ${c.bm}u;
-  let n0 = blockN * ${c.bn}u;
+  let n0 = blockN * ${c.bn}u;${
+    v.exact || stage !== "threads" ? "" : `\n  let interior = m0 + ${c.bm}u <= p.m && n0 + ${c.bn}u <= p.n;`
+  }
   let baseA = p.offA + wid.z * p.strideA;
   let baseB = p.offB + wid.z * p.strideB;
   let baseC = p.offC + wid.z * p.strideC;
   let ldA = ${L.transA ? "p.m" : "p.k"};
   let ldB = ${L.transB ? "p.k" : "p.n"};
+  ${
+    c.rotate
+      ? `let rot = (lid / 8u) % 4u;
+  ${[0, 1, 2, 3].map((w) => `let rq${w} = 2u * ((${w}u + rot) % 4u);`).join(" ")}`
+      : ""
+  }
   let wmI = sg % ${c.sgM}u;
   let wnI = sg / ${c.sgM}u;
   ${warpOffsets}

@@ -5,8 +5,9 @@
  * Supported: `enable`/`diagnostic` directives (ignored), one uniform struct, storage and workgroup arrays of
  * u32, f16, f32 and vecN<u32>, one `@compute` entry point with `workgroup_id`, `local_invocation_index` and
  * `subgroup_id`; statements `let`, `var`, assignment, `for`, `if`/`else`, blocks and calls; u32/f32/f16/bool
- * arithmetic with WGSL's wrapping and rounding; `min`, conversions, `bitcast<vec2<f16>>`, vector constructors
- * and swizzles; `workgroupBarrier`; and the subgroup-matrix builtins with the semantics of Dawn's proposal
+ * arithmetic with WGSL's wrapping and rounding; `min`, `select` (both operands evaluated), conversions,
+ * `bitcast<vec2<f16>>`, vector constructors (zero, or one scalar per component), swizzles and components by
+ * index; `workgroupBarrier`; and the subgroup-matrix builtins with the semantics of Dawn's proposal
  * (`subgroupMatrixLoad<T, row_major|col_major>(&arr, offset, stride)`, `subgroupMatrixStore`,
  * `subgroupMatrixMultiplyAccumulate` rounding each product to f32, `subgroupMatrixScalarMultiply`).
  *
@@ -740,6 +741,11 @@ function evaluate(x: Expr, ctx: Ctx): Value {
     }
     case "index": {
       const a = evaluate(x.a, ctx);
+      if (a.k === "vec") {
+        const i = scalar(evaluate(x.i, ctx));
+        if (!(i >= 0 && i < a.v.length)) throw new Error(`wgsl_interp: component ${i} of a vec${a.v.length}`);
+        return { k: a.el, v: a.v[i] };
+      }
       if (a.k !== "ref") throw new Error("wgsl_interp: indexing a non-array");
       return a.arr.get(scalar(evaluate(x.i, ctx)));
     }
@@ -754,6 +760,12 @@ function call(x: Extract<Expr, { e: "call" }>, ctx: Ctx): Value {
     case "min": {
       const [a, b] = args();
       return { k: a.k as Kind, v: Math.min(scalar(a), scalar(b)) };
+    }
+    case "select": {
+      // select(f, t, cond): both operands are evaluated, as in WGSL
+      const [f, t, cond] = args();
+      if (cond.k !== "bool") throw new Error("wgsl_interp: select's condition must be a bool");
+      return scalar(cond) ? t : f;
     }
     case "u32":
     case "i32":
@@ -772,8 +784,12 @@ function call(x: Extract<Expr, { e: "call" }>, ctx: Ctx): Value {
     case "vec4": {
       const n = parseInt(x.name[3]);
       const a = args();
-      if (a.length) throw new Error("wgsl_interp: only zero vector constructors are supported");
-      return { k: "vec", el: (x.tmpl[0] as TypeNode).name as Kind, v: new Array(n).fill(0) };
+      const el = (x.tmpl[0] as TypeNode).name as Kind;
+      if (a.length === 0) return { k: "vec", el, v: new Array(n).fill(0) };
+      if (a.length !== n || a.some((c) => c.k !== el)) {
+        throw new Error(`wgsl_interp: ${x.name}<${el}> takes none or ${n} ${el} scalars`);
+      }
+      return { k: "vec", el, v: a.map(scalar) };
     }
     case "subgroup_matrix_left":
     case "subgroup_matrix_right":

@@ -416,9 +416,11 @@ Deno.test("generated subgroup-matrix WGSL, run by a CPU interpreter, matches a f
   const tinyFrag = { ...SGM_TINY, bk: 32, stage: "fragments" as const };
   const tinyGlobal = { ...SGM_TINY, stage: "global" as const, buffers: 1 as const, pad: 0 };
   const tinySingle = { ...SGM_TINY, buffers: 1 as const, swizzle: 1 };
+  const tinyNoPrefetch = { ...tinySingle, prefetch: false };
+  const tinyRotate = { ...SGM_TINY, bk: 32, vec: 8 as const, rotate: true };
   for (const [transA, transB] of LAYOUTS) {
     const whole: EmuCase = { m: 64, n: 32, k: 48, batch: 1, alpha: 1 };
-    for (const c of [SGM_TINY, tinyFrag, tinyGlobal, tinySingle]) {
+    for (const c of [SGM_TINY, tinyFrag, tinyGlobal, tinySingle, tinyNoPrefetch, tinyRotate]) {
       const exact = { ...whole, k: 3 * c.bk };
       checkGenerated(c, { transA, transB, out: "f32", accumulate: false }, exact, rng); // direct epilogue
       checkGenerated(c, { transA, transB, out: "f16", accumulate: true }, { ...exact, alpha: 0.75 }, rng);
@@ -430,6 +432,10 @@ Deno.test("generated subgroup-matrix WGSL, run by a CPU interpreter, matches a f
       checkGenerated(c, { transA, transB, out: "f32", accumulate: true }, ragged, rng);
       checkGenerated(c, { transA, transB, out: "f16", accumulate: false }, { ...ragged, batch: 1 }, rng);
     }
+    const ragged: EmuCase = { m: 40, n: 56, k: 44, batch: 2, alpha: -0.5 };
+    checkGenerated(tinyNoPrefetch, { transA, transB, out: "f32", accumulate: true }, ragged, rng);
+    const ragged8: EmuCase = { m: 40, n: 56, k: 72, batch: 2, alpha: 1.5 };
+    checkGenerated(tinyRotate, { transA, transB, out: "f16", accumulate: true }, ragged8, rng);
   }
   // the production config, one layout each way: the linear forward (A B^T) ragged, and dW (A^T B) whole
   checkGenerated(SGM_LARGE, { transA: false, transB: true, out: "f16", accumulate: false }, {
