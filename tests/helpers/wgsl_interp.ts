@@ -1,21 +1,29 @@
 /**
- * A CPU interpreter for the small subset of WGSL that the generated subgroup-matrix matmul uses, so its generated
+ * A CPU interpreter for the small subset of WGSL that the generated subgroup-matrix kernels use (the matmul of
+ * `kernels/matmul_subgroup_matrix.ts`, the attention kernels of `kernels/attention_sgm.ts`), so their generated
  * source (not a re-implementation of it) can be executed in tests on machines without matrix units.
  *
- * Supported: `enable`/`diagnostic` directives (ignored), one uniform struct, storage and workgroup arrays of
- * u32, f16, f32 and vecN<u32>, one `@compute` entry point with `workgroup_id`, `local_invocation_index` and
- * `subgroup_id`; statements `let`, `var`, assignment, `for`, `if`/`else`, blocks and calls; u32/f32/f16/bool
- * arithmetic with WGSL's wrapping and rounding; `min`, `select` (both operands evaluated), conversions,
- * `bitcast<vec2<f16>>`, vector constructors (zero, or one scalar per component), swizzles and components by
- * index; `workgroupBarrier`; and the subgroup-matrix builtins with the semantics of Dawn's proposal
+ * Supported: `enable`/`diagnostic` directives (ignored), one uniform struct `p` of u32/i32/f32 fields, storage and
+ * workgroup arrays of u32, f16, f32 and vecN<u32>, module-scope `const`s and functions (`fn f(a: u32) -> u32`,
+ * without barriers or subgroup operations inside), one `@compute` entry point with `workgroup_id`,
+ * `local_invocation_index`, `subgroup_id` and `subgroup_invocation_id`; statements `let`, `var`, assignment,
+ * `for`, `if`/`else`, `return`, blocks and calls; u32/f32/f16/bool arithmetic with WGSL's wrapping and rounding,
+ * `&&`/`||` short-circuiting; `min`, `max`, `exp`, `log` (f32 rounding of the exact value), `select`,
+ * conversions, `bitcast<vec2<f16>>`, `pack2x16float`, vector constructors, swizzles and components by
+ * index; `workgroupBarrier`; `subgroupShuffleXor`; and the subgroup-matrix builtins with the semantics of Dawn's proposal
  * (`subgroupMatrixLoad<T, row_major|col_major>(&arr, offset, stride)`, `subgroupMatrixStore`,
  * `subgroupMatrixMultiplyAccumulate` rounding each product to f32, `subgroupMatrixScalarMultiply`).
  *
- * Execution: every invocation of a workgroup runs as a coroutine that yields at `workgroupBarrier`; the
- * invocations of a phase run in index order, and all must reach the same barrier count. Subgroups are
- * invocations `32 s .. 32 s + 31`. Subgroup-matrix calls are computed once per subgroup (by its first
- * invocation) and the other invocations must make the same call with the same arguments: a call whose offset,
- * stride or operands differ across a subgroup (not subgroup-uniform) throws, as does any out-of-bounds access.
+ * Execution: every invocation of a workgroup runs as a coroutine. Subgroups are invocations `32 s .. 32 s + 31`.
+ * An invocation stops at `workgroupBarrier` and at any statement containing `subgroupShuffleXor` (whose operands
+ * it evaluates and posts first). The lanes of a subgroup are stepped together, in lane order, from one stop to the
+ * next, and all must stop at the same statement: at a shuffle statement the subgroup exchanges the posted values
+ * (lane i receives lane i ^ mask's; the mask must be subgroup-uniform) and runs on; at a barrier it waits until
+ * every subgroup waits at that same barrier (or all have finished). Lanes that stop at different statements
+ * (non-uniform control flow around a barrier or a shuffle) throw. Subgroup-matrix calls are computed once per
+ * subgroup (by its first invocation) and the other invocations must make the same call with the same arguments: a
+ * call whose offset, stride or operands differ across a subgroup (not subgroup-uniform) throws, as does any
+ * out-of-bounds access.
  *
  * @module
  */
@@ -58,7 +66,8 @@ type Stmt =
   | { s: "expr"; x: Expr }
   | { s: "block"; body: Stmt[] }
   | { s: "if"; cond: Expr; then: Stmt[]; else?: Stmt[] }
-  | { s: "for"; init: Stmt; cond: Expr; update: Stmt; body: Stmt[] };
+  | { s: "for"; init: Stmt; cond: Expr; update: Stmt; body: Stmt[] }
+  | { s: "return"; x?: Expr };
 
 const TEMPLATED = new Set([
   "subgroupMatrixLoad",
@@ -210,6 +219,11 @@ class Parser {
   }
   stmt(): Stmt {
     if (this.is("{")) return { s: "block", body: this.block() };
+    if (this.eat("return")) {
+      const x = this.is(";") ? undefined : this.expr();
+      this.expect(";");
+      return { s: "return", x };
+    }
     if (this.eat("if")) {
       const cond = this.expr();
       const then = this.block();
@@ -377,6 +391,12 @@ export interface WgslProgram {
   bindings: { name: string; type: TypeNode }[];
   /** Field names of the uniform struct, in order. */
   uniformFields: string[];
+  /** Scalar type of each uniform field (u32, i32 or f32). */
+  uniformTypes: Record<string, Kind>;
+  /** Module-scope constants, in order: name and initializer. */
+  consts: { name: string; init: Expr }[];
+  /** Module-scope functions by name: parameter names and body (no barriers or subgroup operations inside). */
+  functions: Record<string, { params: string[]; body: Stmt[] }>;
   /** Workgroup arrays: name, element type, length. */
   shared: { name: string; type: TypeNode; length: number }[];
   /** Statements of the entry point. */
@@ -392,6 +412,9 @@ export function parseWgsl(src: string): WgslProgram {
     workgroupSize: 0,
     bindings: [],
     uniformFields: [],
+    uniformTypes: {},
+    consts: [],
+    functions: {},
     shared: [],
     body: [],
     builtins: {},
@@ -406,11 +429,30 @@ export function parseWgsl(src: string): WgslProgram {
       p.ident();
       p.expect("{");
       while (!p.eat("}")) {
-        prog.uniformFields.push(p.ident());
+        const field = p.ident();
+        p.expect(":");
+        prog.uniformFields.push(field);
+        prog.uniformTypes[field] = p.type().name as Kind;
+        p.eat(",");
+      }
+    } else if (p.eat("const")) {
+      const name = p.ident();
+      if (p.eat(":")) p.type();
+      p.expect("=");
+      prog.consts.push({ name, init: p.expr() });
+      p.expect(";");
+    } else if (p.eat("fn")) {
+      const name = p.ident();
+      const params: string[] = [];
+      p.expect("(");
+      while (!p.eat(")")) {
+        params.push(p.ident());
         p.expect(":");
         p.type();
         p.eat(",");
       }
+      if (p.eat("->")) p.type();
+      prog.functions[name] = { params, body: p.block() };
     } else if (p.is("@")) {
       const attrs: Record<string, string> = {};
       while (p.eat("@")) {
@@ -482,9 +524,19 @@ export function runWgsl(
   const mem = new Map<string, MemArray>();
   prog.bindings.forEach((b, i) => mem.set(b.name, new MemArray(b.name, b.type, buffers[i])));
   const fields: Record<string, Value> = {};
-  for (const f of prog.uniformFields) fields[f] = { k: f === "alpha" ? "f32" : "u32", v: uniforms[f] ?? 0 };
+  for (const f of prog.uniformFields) fields[f] = { k: prog.uniformTypes[f] ?? "u32", v: uniforms[f] ?? 0 };
   const stats: RunStats = { barriers: 0, mmas: 0 };
   const T = prog.workgroupSize;
+  const base = {
+    globals: new Map<string, Slot>(),
+    fns: prog.functions,
+    mem,
+    shared: new Map<string, MemArray>(),
+    uniform: { k: "struct", fields } as Struct,
+    stats,
+  };
+  const consts: Ctx = { ...base, scopes: [], lane: 0, calls: 0, sub: newSubgroup() };
+  for (const c of prog.consts) base.globals.set(c.name, { val: evaluate(c.init, consts), mutable: false });
   for (let z = 0; z < grid[2]; z++) {
     for (let y = 0; y < grid[1]; y++) {
       for (let x = 0; x < grid[0]; x++) {
@@ -492,96 +544,227 @@ export function runWgsl(
         for (const s of prog.shared) {
           shared.set(s.name, new MemArray(s.name, s.type, new Float64Array(s.length).fill(NaN)));
         }
-        const caches = Array.from(
-          { length: Math.ceil(T / subgroupSize) },
-          () => [] as { key: string; val?: Value }[],
-        );
+        const subgroups = Array.from({ length: Math.ceil(T / subgroupSize) }, newSubgroup);
         const threads = Array.from({ length: T }, (_, lid) => {
           const sg = Math.floor(lid / subgroupSize);
           const ctx: Ctx = {
-            scopes: [new Map()],
-            mem,
+            ...base,
             shared,
-            uniform: { k: "struct", fields },
-            sgCache: caches[sg],
+            scopes: [new Map()],
+            sub: subgroups[sg],
             lane: lid % subgroupSize,
             calls: 0,
-            stats,
           };
           const b: Record<string, Value> = {
             workgroup_id: { k: "vec", el: "u32", v: [x, y, z] },
             local_invocation_index: { k: "u32", v: lid },
             subgroup_id: { k: "u32", v: sg },
+            subgroup_invocation_id: { k: "u32", v: lid % subgroupSize },
           };
           for (const [name, builtin] of Object.entries(prog.builtins)) {
+            if (!b[builtin]) throw new Error(`wgsl_interp: unsupported builtin ${builtin}`);
             ctx.scopes[0].set(name, { val: b[builtin], mutable: false });
           }
           return execBlock(prog.body, ctx);
         });
-        let alive = T, barriers = 0;
-        while (alive > 0) {
-          let yielded = 0;
-          alive = 0;
-          for (const t of threads) {
-            const r = t.next();
-            if (!r.done) {
-              yielded++;
-              alive++;
-            }
-          }
-          if (yielded !== 0 && yielded !== T) {
-            throw new Error(`wgsl_interp: ${yielded} of ${T} invocations reached barrier ${barriers + 1}`);
-          }
-          if (yielded) barriers++;
-        }
-        stats.barriers = barriers;
+        const groups = subgroups.map((_, sg) => threads.slice(sg * subgroupSize, (sg + 1) * subgroupSize));
+        stats.barriers = runWorkgroup(groups, subgroups);
       }
     }
   }
   return stats;
 }
 
+/**
+ * Steps the invocations of a workgroup, subgroup by subgroup, from one stop to the next: every lane of a subgroup
+ * must stop at the same statement (a barrier, or a statement with shuffles, whose values are then exchanged),
+ * and every subgroup must reach the same barrier (or all finish) before any passes it. Returns the barriers passed.
+ */
+function runWorkgroup(groups: Generator<Stmt, Flow, void>[][], subgroups: Subgroup[]): number {
+  // per subgroup: null while it runs, else the barrier it waits at, or "done"
+  const at: (Stmt | "done" | null)[] = groups.map(() => null);
+  let barriers = 0;
+  for (;;) {
+    while (at.includes(null)) {
+      groups.forEach((lanes, sg) => {
+        if (at[sg] !== null) return;
+        const stops = lanes.map((t) => {
+          const r = t.next();
+          return r.done ? "done" : r.value;
+        });
+        const i = stops.findIndex((s) => s !== stops[0]);
+        if (i >= 0) {
+          throw new Error(
+            `wgsl_interp: lanes of subgroup ${sg} diverge after barrier ${barriers}: lane 0 ${
+              stopName(stops[0])
+            }, lane ${i} ${stopName(stops[i])}`,
+          );
+        }
+        if (stops[0] !== "done" && !isBarrier(stops[0])) exchange(subgroups[sg], sg);
+        else at[sg] = stops[0];
+      });
+    }
+    if (at.every((s) => s === "done")) return barriers;
+    const i = at.findIndex((s) => s !== at[0]);
+    if (i >= 0) {
+      throw new Error(
+        `wgsl_interp: subgroups diverge at barrier ${barriers + 1}: subgroup 0 ${
+          stopName(at[0])
+        }, subgroup ${i} ${stopName(at[i])}`,
+      );
+    }
+    barriers++;
+    at.fill(null);
+  }
+}
+
+function stopName(s: Stmt | "done" | null): string {
+  return s === "done" ? "finished" : s && isBarrier(s) ? "at a barrier" : "at a shuffle";
+}
+
+function isBarrier(s: Stmt): boolean {
+  return s.s === "expr" && s.x.e === "call" && s.x.name === "workgroupBarrier";
+}
+
+/**
+ * A subgroup's shared state: the subgroup-matrix results its first lane computed (by call number), and the
+ * values and masks each lane posted for the shuffles of the statement it stopped at, then what it receives.
+ */
+interface Subgroup {
+  cache: { key: string; val?: Value }[];
+  posts: { v: Value; mask: number }[][];
+  results: Value[][];
+}
+
+function newSubgroup(): Subgroup {
+  return { cache: [], posts: [], results: [] };
+}
+
+/** Every lane receives, for each shuffle, the value posted by lane `lane ^ mask`; masks must be uniform. */
+function exchange(sub: Subgroup, sg: number): void {
+  const lanes = sub.posts.length;
+  sub.results = sub.posts.map((mine, lane) =>
+    mine.map(({ mask }, i) => {
+      if (mask !== sub.posts[0][i].mask) {
+        throw new Error(`wgsl_interp: shuffle mask is not subgroup-uniform in subgroup ${sg}`);
+      }
+      if ((lane ^ mask) >= lanes) {
+        throw new Error(`wgsl_interp: shuffle from lane ${lane ^ mask} of ${lanes}`);
+      }
+      return sub.posts[lane ^ mask][i].v;
+    })
+  );
+}
+
+type Slot = { val: Value; mutable: boolean };
+/** How a statement ends: normally (undefined), or by `return` (with the value of a function). */
+type Flow = { ret?: Value } | undefined;
+
 interface Ctx {
-  scopes: Map<string, { val: Value; mutable: boolean }>[];
+  scopes: Map<string, Slot>[];
+  globals: Map<string, Slot>;
+  fns: WgslProgram["functions"];
   mem: Map<string, MemArray>;
   shared: Map<string, MemArray>;
   uniform: Struct;
-  sgCache: { key: string; val?: Value }[];
+  sub: Subgroup;
   lane: number;
   calls: number;
   stats: RunStats;
+  /** Results of the shuffles of the statement being executed. */
+  shuffled?: Map<Expr, Value>;
 }
 
-function lookup(ctx: Ctx, name: string): { val: Value; mutable: boolean } | MemArray | Struct {
+function lookup(ctx: Ctx, name: string): Slot | MemArray | Struct {
   for (let i = ctx.scopes.length - 1; i >= 0; i--) {
     const v = ctx.scopes[i].get(name);
     if (v) return v;
   }
+  const g = ctx.globals.get(name);
+  if (g) return g;
   const arr = ctx.mem.get(name) ?? ctx.shared.get(name);
   if (arr) return arr;
   if (name === "p") return ctx.uniform;
   throw new Error(`wgsl_interp: unknown identifier ${name}`);
 }
 
-function* execBlock(body: Stmt[], ctx: Ctx): Generator<void, void, void> {
+function* execBlock(body: Stmt[], ctx: Ctx): Generator<Stmt, Flow, void> {
   ctx.scopes.push(new Map());
   try {
-    for (const s of body) yield* exec(s, ctx);
+    for (const s of body) {
+      const flow = yield* exec(s, ctx);
+      if (flow) return flow;
+    }
   } finally {
     ctx.scopes.pop();
   }
 }
 
-function* exec(s: Stmt, ctx: Ctx): Generator<void, void, void> {
+/**
+ * Executes a statement, yielding the statement itself where the invocation must wait for others: a barrier, or a
+ * statement with subgroup shuffles (their operands are evaluated and posted first, the statement runs after the
+ * exchange).
+ */
+function* exec(s: Stmt, ctx: Ctx): Generator<Stmt, Flow, void> {
+  switch (s.s) {
+    case "let":
+    case "var":
+    case "assign":
+    case "expr": {
+      if (isBarrier(s)) {
+        yield s;
+        return;
+      }
+      const shuffles = shufflesIn(s);
+      if (shuffles.length) {
+        ctx.sub.posts[ctx.lane] = shuffles.map((c) => ({
+          v: evaluate(c.args[0], ctx),
+          mask: scalar(evaluate(c.args[1], ctx)),
+        }));
+        yield s;
+        ctx.shuffled = new Map(shuffles.map((c, i) => [c, ctx.sub.results[ctx.lane][i]]));
+      }
+      try {
+        execSimple(s, ctx);
+      } finally {
+        ctx.shuffled = undefined;
+      }
+      return;
+    }
+    case "return":
+      return { ret: s.x && evaluate(s.x, ctx) };
+    case "block":
+      return yield* execBlock(s.body, ctx);
+    case "if":
+      if (truthy(evaluate(s.cond, ctx))) return yield* execBlock(s.then, ctx);
+      else if (s.else) return yield* execBlock(s.else, ctx);
+      return;
+    case "for":
+      ctx.scopes.push(new Map());
+      try {
+        yield* exec(s.init, ctx);
+        while (truthy(evaluate(s.cond, ctx))) {
+          const flow = yield* execBlock(s.body, ctx);
+          if (flow) return flow;
+          yield* exec(s.update, ctx);
+        }
+      } finally {
+        ctx.scopes.pop();
+      }
+  }
+}
+
+/** A statement without waits: let, var, assignment or a call. */
+function execSimple(s: Stmt, ctx: Ctx): void {
   switch (s.s) {
     case "let":
     case "var": {
-      const type = s.type!;
+      const type = s.type;
       const val = s.init
         ? evaluate(s.init, ctx)
-        : type.name.startsWith("subgroup_matrix_")
-        ? subgroupCall(ctx, `zero ${type.name}`, () => zeroOf(type))
-        : zeroOf(type);
+        : type!.name.startsWith("subgroup_matrix_")
+        ? subgroupCall(ctx, `zero ${type!.name}`, () => zeroOf(type!))
+        : zeroOf(type!);
       ctx.scopes[ctx.scopes.length - 1].set(s.name, { val, mutable: s.s === "var" });
       return;
     }
@@ -592,31 +775,43 @@ function* exec(s: Stmt, ctx: Ctx): Generator<void, void, void> {
       return;
     }
     case "expr":
-      if (s.x.e === "call" && s.x.name === "workgroupBarrier") {
-        yield;
-        return;
-      }
       evaluate(s.x, ctx);
-      return;
-    case "block":
-      yield* execBlock(s.body, ctx);
-      return;
-    case "if":
-      if (truthy(evaluate(s.cond, ctx))) yield* execBlock(s.then, ctx);
-      else if (s.else) yield* execBlock(s.else, ctx);
-      return;
-    case "for":
-      ctx.scopes.push(new Map());
-      try {
-        yield* exec(s.init, ctx);
-        while (truthy(evaluate(s.cond, ctx))) {
-          yield* execBlock(s.body, ctx);
-          yield* exec(s.update, ctx);
-        }
-      } finally {
-        ctx.scopes.pop();
-      }
   }
+}
+
+const shuffleCache = new WeakMap<Stmt, Extract<Expr, { e: "call" }>[]>();
+
+/** The `subgroupShuffleXor` calls of a simple statement's own expressions. */
+function shufflesIn(s: Stmt): Extract<Expr, { e: "call" }>[] {
+  let found = shuffleCache.get(s);
+  if (found) return found;
+  found = [];
+  const walk = (x: Expr | undefined): void => {
+    if (!x) return;
+    if (x.e === "call") {
+      if (x.name === "subgroupShuffleXor") found!.push(x);
+      x.args.forEach(walk);
+    } else if (x.e === "bin") [x.a, x.b].forEach(walk);
+    else if (x.e === "un" || x.e === "member") walk(x.a);
+    else if (x.e === "index") [x.a, x.i].forEach(walk);
+  };
+  if (s.s === "let" || s.s === "var") walk(s.init);
+  else if (s.s === "assign") [s.target, s.value].forEach(walk);
+  else if (s.s === "expr") walk(s.x);
+  shuffleCache.set(s, found);
+  return found;
+}
+
+/** A call of a module-scope function: its own scope, no waits inside, a value returned. */
+function callFunction(name: string, args: Value[], ctx: Ctx): Value {
+  const fn = ctx.fns[name];
+  const scope = new Map(fn.params.map((p, i) => [p, { val: args[i], mutable: false }]));
+  const inner: Ctx = { ...ctx, scopes: [scope] };
+  const r = execBlock(fn.body, inner).next();
+  ctx.calls = inner.calls;
+  if (!r.done) throw new Error(`wgsl_interp: barrier or shuffle inside function ${name}`);
+  if (!r.value?.ret) throw new Error(`wgsl_interp: function ${name} returned no value`);
+  return r.value.ret;
 }
 
 function truthy(v: Value): boolean {
@@ -692,10 +887,10 @@ function subgroupCall(ctx: Ctx, key: string, compute: () => Value): Value {
   const n = ctx.calls++;
   if (ctx.lane === 0) {
     const val = compute();
-    ctx.sgCache[n] = { key, val };
+    ctx.sub.cache[n] = { key, val };
     return val;
   }
-  const hit = ctx.sgCache[n];
+  const hit = ctx.sub.cache[n];
   if (!hit || hit.key !== key) {
     throw new Error(
       `wgsl_interp: subgroup-matrix call ${n} is not subgroup-uniform:\n  ${hit?.key}\n  ${key}`,
@@ -736,7 +931,15 @@ function evaluate(x: Expr, ctx: Ctx): Value {
     case "member": {
       const v = evaluate(x.a, ctx);
       if (v.k === "struct") return v.fields[x.name];
-      if (v.k === "vec") return { k: v.el, v: v.v["xyzw".indexOf(x.name)] };
+      if (v.k === "vec") {
+        const idx = [...x.name].map((ch) => "xyzw".indexOf(ch));
+        if (idx.some((i) => i < 0 || i >= v.v.length)) {
+          throw new Error(`wgsl_interp: .${x.name} of a vec${v.v.length}`);
+        }
+        return idx.length === 1
+          ? { k: v.el, v: v.v[idx[0]] }
+          : { k: "vec", el: v.el, v: idx.map((i) => v.v[i]) };
+      }
       throw new Error(`wgsl_interp: .${x.name} of ${v.k}`);
     }
     case "index": {
@@ -756,16 +959,35 @@ function evaluate(x: Expr, ctx: Ctx): Value {
 
 function call(x: Extract<Expr, { e: "call" }>, ctx: Ctx): Value {
   const args = () => x.args.map((a) => evaluate(a, ctx));
+  if (ctx.fns[x.name]) return callFunction(x.name, args(), ctx);
   switch (x.name) {
-    case "min": {
+    case "min":
+    case "max": {
       const [a, b] = args();
-      return { k: a.k as Kind, v: Math.min(scalar(a), scalar(b)) };
+      if (a.k !== b.k) throw new Error(`wgsl_interp: ${x.name} of ${a.k} and ${b.k}`);
+      return { k: a.k as Kind, v: (x.name === "min" ? Math.min : Math.max)(scalar(a), scalar(b)) };
+    }
+    case "exp":
+    case "log": {
+      const [a] = args();
+      if (a.k !== "f32" && a.k !== "f16") throw new Error(`wgsl_interp: ${x.name} of ${a.k}`);
+      return { k: a.k, v: roundTo(a.k, (x.name === "exp" ? Math.exp : Math.log)(scalar(a))) };
     }
     case "select": {
-      // select(f, t, cond): both operands are evaluated, as in WGSL
-      const [f, t, cond] = args();
-      if (cond.k !== "bool") throw new Error("wgsl_interp: select's condition must be a bool");
-      return scalar(cond) ? t : f;
+      const [f, t, c] = args();
+      return truthy(c) ? t : f;
+    }
+    case "pack2x16float": {
+      const [a] = args();
+      if (a.k !== "vec" || a.v.length !== 2) throw new Error("wgsl_interp: pack2x16float needs a vec2");
+      return { k: "u32", v: (f16Bits(a.v[0]) | (f16Bits(a.v[1]) << 16)) >>> 0 };
+    }
+    case "subgroupShuffleXor": {
+      const v = ctx.shuffled?.get(x);
+      if (!v) {
+        throw new Error("wgsl_interp: subgroupShuffleXor only in a let, var, assignment or call statement");
+      }
+      return v;
     }
     case "u32":
     case "i32":
@@ -783,13 +1005,10 @@ function call(x: Extract<Expr, { e: "call" }>, ctx: Ctx): Value {
     case "vec3":
     case "vec4": {
       const n = parseInt(x.name[3]);
-      const a = args();
       const el = (x.tmpl[0] as TypeNode).name as Kind;
-      if (a.length === 0) return { k: "vec", el, v: new Array(n).fill(0) };
-      if (a.length !== n || a.some((c) => c.k !== el)) {
-        throw new Error(`wgsl_interp: ${x.name}<${el}> takes none or ${n} ${el} scalars`);
-      }
-      return { k: "vec", el, v: a.map(scalar) };
+      const a = args().map(scalar);
+      if (a.length !== 0 && a.length !== n) throw new Error(`wgsl_interp: ${x.name} of ${a.length} scalars`);
+      return { k: "vec", el, v: a.length ? a.map((v) => roundTo(el, v)) : new Array(n).fill(0) };
     }
     case "subgroup_matrix_left":
     case "subgroup_matrix_right":
