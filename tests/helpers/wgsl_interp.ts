@@ -7,10 +7,10 @@
  * workgroup arrays of u32, f16, f32 and vecN<u32>, module-scope `const`s and functions (`fn f(a: u32) -> u32`,
  * without barriers or subgroup operations inside), one `@compute` entry point with `workgroup_id`,
  * `local_invocation_index`, `subgroup_id` and `subgroup_invocation_id`; statements `let`, `var`, assignment,
- * `for`, `if`/`else`, `return`, blocks and calls; u32/f32/f16/bool arithmetic with WGSL's wrapping and rounding,
- * `&&`/`||` short-circuiting; `min`, `max`, `exp`, `log` (f32 rounding of the exact value), `select`,
- * conversions, `bitcast<vec2<f16>>`, `pack2x16float`, vector constructors, swizzles and components by
- * index; `workgroupBarrier`; `subgroupShuffleXor`; and the subgroup-matrix builtins with the semantics of Dawn's proposal
+ * `for`, `if`/`else`, `return`, blocks and calls; u32/f32/f16/bool arithmetic (`+ - * / % & | ^`, comparisons)
+ * with WGSL's wrapping and rounding, `&&`/`||` short-circuiting; `min`, `max`, `exp`, `log` (f32 rounding of the
+ * exact value), `select`, conversions, `bitcast<vec2<f16>>`, `pack2x16float`, vector constructors, swizzles and
+ * components by index; `workgroupBarrier`; `subgroupShuffleXor`; and the subgroup-matrix builtins with the semantics of Dawn's proposal
  * (`subgroupMatrixLoad<T, row_major|col_major>(&arr, offset, stride)`, `subgroupMatrixStore`,
  * `subgroupMatrixMultiplyAccumulate` rounding each product to f32, `subgroupMatrixScalarMultiply`).
  *
@@ -23,7 +23,10 @@
  * (non-uniform control flow around a barrier or a shuffle) throw. Subgroup-matrix calls are computed once per
  * subgroup (by its first invocation) and the other invocations must make the same call with the same arguments: a
  * call whose offset, stride or operands differ across a subgroup (not subgroup-uniform) throws, as does any
- * out-of-bounds access.
+ * out-of-bounds access. Workgroup memory starts as NaN and is checked for data races: between two barriers, a
+ * slot one invocation wrote must not be read or written by another, nor a slot one read be written by another; a
+ * subgroup-matrix call counts as its subgroup's access, distinct from its lanes' own (WGSL orders workgroup
+ * memory only at barriers). This finds missing barriers that the sequential schedule would otherwise hide.
  *
  * @module
  */
@@ -35,7 +38,7 @@ type Tok = { t: "num" | "id" | "op"; v: string };
 function tokenize(src: string): Tok[] {
   const out: Tok[] = [];
   const re =
-    /\s+|\/\/[^\n]*|(\d+\.\d+(?:e[+-]?\d+)?[fh]?|\d+[uif]?)|([A-Za-z_][A-Za-z0-9_]*)|(&&|\|\||<=|>=|==|!=|\+\+|--|\+=|-=|\*=|->|[{}()[\]<>,;:.=+\-*/%&|!@])/gy;
+    /\s+|\/\/[^\n]*|(\d+\.\d+(?:e[+-]?\d+)?[fh]?|\d+[uif]?)|([A-Za-z_][A-Za-z0-9_]*)|(&&|\|\||<=|>=|==|!=|\+\+|--|\+=|-=|\*=|->|[{}()[\]<>,;:.=+\-*/%&|^!@])/gy;
   let m: RegExpExecArray | null;
   while (re.lastIndex < src.length && (m = re.exec(src))) {
     if (m[1]) out.push({ t: "num", v: m[1] });
@@ -43,7 +46,7 @@ function tokenize(src: string): Tok[] {
     else if (m[3]) out.push({ t: "op", v: m[3] });
   }
   if (re.lastIndex < src.length) {
-    throw new Error(`wgsl_interp: cannot tokenize at ${src.slice(re.lastIndex, 40)}`);
+    throw new Error(`wgsl_interp: cannot tokenize at ${src.slice(re.lastIndex, re.lastIndex + 40)}`);
   }
   return out;
 }
@@ -251,6 +254,7 @@ const PREC: Record<string, number> = {
   "||": 1,
   "&&": 2,
   "|": 3,
+  "^": 3, // WGSL does not mix |, ^ and & without parentheses
   "&": 4,
   "==": 5,
   "!=": 5,
@@ -342,20 +346,56 @@ function zeroOf(type: TypeNode): Value {
 
 // ---- memory ---------------------------------------------------------------------------------------------------
 
+/**
+ * Who touches workgroup memory now, for finding data races: accesses between the same two barriers share an
+ * epoch, and an access conflicts with another actor's write, a write with another actor's read, in one epoch.
+ */
+export class RaceCheck {
+  /** Barriers passed so far. */
+  epoch = 0;
+  /** The accessing invocation's index, or workgroup size + subgroup id inside a subgroup-matrix call. */
+  actor = 0;
+  /** Checks accesses of workgroups of `size` invocations. */
+  constructor(readonly size: number) {}
+  /** An actor in words. */
+  name(actor: number): string {
+    if (actor === MANY) return "several invocations";
+    return actor < this.size ? `invocation ${actor}` : `subgroup ${actor - this.size}'s matrix call`;
+  }
+}
+
+/** Reader of a slot that several actors read in one epoch. */
+const MANY = -1;
+
 /** A storage or workgroup array: elements of one scalar type, or vecN<u32> over 32-bit words. */
 export class MemArray {
   /** Vector width of an element (1 for scalars). */
   readonly width: number;
   /** Scalar type of the components. */
   readonly el: Kind;
+  #writer?: Int32Array;
+  #writeEpoch?: Int32Array;
+  #reader?: Int32Array;
+  #readEpoch?: Int32Array;
   /**
    * Creates an array over `data` (f16 arrays hold f16 values as numbers; vec arrays hold u32 words). `name`
-   * appears in errors.
+   * appears in errors. With `race`, every access is checked for data races (workgroup memory).
    */
-  constructor(readonly name: string, type: TypeNode, readonly data: Float64Array | Uint32Array) {
+  constructor(
+    readonly name: string,
+    type: TypeNode,
+    readonly data: Float64Array | Uint32Array,
+    readonly race?: RaceCheck,
+  ) {
     const elType = type.args[0] as TypeNode;
     this.width = elType.name.startsWith("vec") ? parseInt(elType.name[3]) : 1;
     this.el = (this.width > 1 ? (elType.args[0] as TypeNode).name : elType.name) as Kind;
+    if (race) {
+      this.#writer = new Int32Array(this.length);
+      this.#reader = new Int32Array(this.length);
+      this.#writeEpoch = new Int32Array(this.length).fill(-1);
+      this.#readEpoch = new Int32Array(this.length).fill(-1);
+    }
   }
   /** Number of elements. */
   get length(): number {
@@ -366,15 +406,45 @@ export class MemArray {
       throw new Error(`wgsl_interp: ${this.name}[${i}] out of bounds (length ${this.length})`);
     }
   }
+  #raced(i: number, other: number, what: string): never {
+    const r = this.race!;
+    throw new Error(
+      `wgsl_interp: data race on ${this.name}[${i}]: ${r.name(r.actor)} ${what} ${r.name(other)} without a ` +
+        `barrier between (after barrier ${r.epoch})`,
+    );
+  }
+  #read(i: number): void {
+    const r = this.race!, writer = this.#writer!, reader = this.#reader!, readEpoch = this.#readEpoch!;
+    if (this.#writeEpoch![i] === r.epoch && writer[i] !== r.actor) {
+      this.#raced(i, writer[i], "reads what was written by");
+    }
+    if (readEpoch[i] !== r.epoch) {
+      readEpoch[i] = r.epoch;
+      reader[i] = r.actor;
+    } else if (reader[i] !== r.actor) reader[i] = MANY;
+  }
+  #write(i: number): void {
+    const r = this.race!, writer = this.#writer!, reader = this.#reader!, writeEpoch = this.#writeEpoch!;
+    if (writeEpoch[i] === r.epoch && writer[i] !== r.actor) {
+      this.#raced(i, writer[i], "overwrites what was written by");
+    }
+    if (this.#readEpoch![i] === r.epoch && reader[i] !== r.actor) {
+      this.#raced(i, reader[i], "overwrites what was read by");
+    }
+    writeEpoch[i] = r.epoch;
+    writer[i] = r.actor;
+  }
   /** Element i as a value. */
   get(i: number): Value {
     this.#check(i);
+    if (this.race) this.#read(i);
     if (this.width === 1) return { k: this.el, v: this.data[i] };
     return { k: "vec", el: this.el, v: Array.from(this.data.subarray(i * this.width, (i + 1) * this.width)) };
   }
   /** Stores a value at element i. */
   set(i: number, x: Value): void {
     this.#check(i);
+    if (this.race) this.#write(i);
     if (x.k === "vec") { for (let j = 0; j < this.width; j++) this.data[i * this.width + j] = x.v[j]; }
     else if (x.k === "mat" || x.k === "ref" || x.k === "struct") throw new Error("wgsl_interp: bad store");
     else this.data[i] = roundTo(this.el, x.v);
@@ -535,21 +605,23 @@ export function runWgsl(
     uniform: { k: "struct", fields } as Struct,
     stats,
   };
-  const consts: Ctx = { ...base, scopes: [], lane: 0, calls: 0, sub: newSubgroup() };
+  const consts: Ctx = { ...base, race: new RaceCheck(T), scopes: [], lane: 0, calls: 0, sub: newSubgroup(T) };
   for (const c of prog.consts) base.globals.set(c.name, { val: evaluate(c.init, consts), mutable: false });
   for (let z = 0; z < grid[2]; z++) {
     for (let y = 0; y < grid[1]; y++) {
       for (let x = 0; x < grid[0]; x++) {
+        const race = new RaceCheck(T);
         const shared = new Map<string, MemArray>();
         for (const s of prog.shared) {
-          shared.set(s.name, new MemArray(s.name, s.type, new Float64Array(s.length).fill(NaN)));
+          shared.set(s.name, new MemArray(s.name, s.type, new Float64Array(s.length).fill(NaN), race));
         }
-        const subgroups = Array.from({ length: Math.ceil(T / subgroupSize) }, newSubgroup);
+        const subgroups = Array.from({ length: Math.ceil(T / subgroupSize) }, (_, sg) => newSubgroup(T + sg));
         const threads = Array.from({ length: T }, (_, lid) => {
           const sg = Math.floor(lid / subgroupSize);
           const ctx: Ctx = {
             ...base,
             shared,
+            race,
             scopes: [new Map()],
             sub: subgroups[sg],
             lane: lid % subgroupSize,
@@ -568,7 +640,7 @@ export function runWgsl(
           return execBlock(prog.body, ctx);
         });
         const groups = subgroups.map((_, sg) => threads.slice(sg * subgroupSize, (sg + 1) * subgroupSize));
-        stats.barriers = runWorkgroup(groups, subgroups);
+        stats.barriers = runWorkgroup(groups, subgroups, race);
       }
     }
   }
@@ -576,11 +648,16 @@ export function runWgsl(
 }
 
 /**
- * Steps the invocations of a workgroup, subgroup by subgroup, from one stop to the next: every lane of a subgroup
- * must stop at the same statement (a barrier, or a statement with shuffles, whose values are then exchanged),
- * and every subgroup must reach the same barrier (or all finish) before any passes it. Returns the barriers passed.
+ * Steps the invocations of a workgroup, subgroup by subgroup, from one stop to the next: every lane of a
+ * subgroup must stop at the same statement (a barrier, or a statement with shuffles, whose values are then
+ * exchanged), and every subgroup must reach the same barrier (or all finish) before any passes it. Returns the
+ * barriers passed.
  */
-function runWorkgroup(groups: Generator<Stmt, Flow, void>[][], subgroups: Subgroup[]): number {
+function runWorkgroup(
+  groups: Generator<Stmt, Flow, void>[][],
+  subgroups: Subgroup[],
+  race: RaceCheck,
+): number {
   // per subgroup: null while it runs, else the barrier it waits at, or "done"
   const at: (Stmt | "done" | null)[] = groups.map(() => null);
   let barriers = 0;
@@ -588,7 +665,8 @@ function runWorkgroup(groups: Generator<Stmt, Flow, void>[][], subgroups: Subgro
     while (at.includes(null)) {
       groups.forEach((lanes, sg) => {
         if (at[sg] !== null) return;
-        const stops = lanes.map((t) => {
+        const stops = lanes.map((t, lane) => {
+          race.actor = sg * groups[0].length + lane;
           const r = t.next();
           return r.done ? "done" : r.value;
         });
@@ -613,7 +691,7 @@ function runWorkgroup(groups: Generator<Stmt, Flow, void>[][], subgroups: Subgro
         }, subgroup ${i} ${stopName(at[i])}`,
       );
     }
-    barriers++;
+    race.epoch = ++barriers;
     at.fill(null);
   }
 }
@@ -631,13 +709,15 @@ function isBarrier(s: Stmt): boolean {
  * values and masks each lane posted for the shuffles of the statement it stopped at, then what it receives.
  */
 interface Subgroup {
+  /** Its actor for race checks (see RaceCheck). */
+  actor: number;
   cache: { key: string; val?: Value }[];
   posts: { v: Value; mask: number }[][];
   results: Value[][];
 }
 
-function newSubgroup(): Subgroup {
-  return { cache: [], posts: [], results: [] };
+function newSubgroup(actor: number): Subgroup {
+  return { actor, cache: [], posts: [], results: [] };
 }
 
 /** Every lane receives, for each shuffle, the value posted by lane `lane ^ mask`; masks must be uniform. */
@@ -666,6 +746,7 @@ interface Ctx {
   fns: WgslProgram["functions"];
   mem: Map<string, MemArray>;
   shared: Map<string, MemArray>;
+  race: RaceCheck;
   uniform: Struct;
   sub: Subgroup;
   lane: number;
@@ -863,6 +944,8 @@ function binary(op: string, a: Value, b: Value): Value {
       return { k, v: (x & y) >>> 0 };
     case "|":
       return { k, v: (x | y) >>> 0 };
+    case "^":
+      return { k, v: (x ^ y) >>> 0 };
     case "<":
       return { k: "bool", v: +(x < y) };
     case ">":
@@ -886,9 +969,15 @@ function binary(op: string, a: Value, b: Value): Value {
 function subgroupCall(ctx: Ctx, key: string, compute: () => Value): Value {
   const n = ctx.calls++;
   if (ctx.lane === 0) {
-    const val = compute();
-    ctx.sub.cache[n] = { key, val };
-    return val;
+    const lane = ctx.race.actor;
+    ctx.race.actor = ctx.sub.actor;
+    try {
+      const val = compute();
+      ctx.sub.cache[n] = { key, val };
+      return val;
+    } finally {
+      ctx.race.actor = lane;
+    }
   }
   const hit = ctx.sub.cache[n];
   if (!hit || hit.key !== key) {
