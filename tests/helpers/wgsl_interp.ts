@@ -10,7 +10,8 @@
  * `for`, `if`/`else`, `return`, blocks and calls; u32/f32/f16/bool arithmetic (`+ - * / % & | ^`, comparisons)
  * with WGSL's wrapping and rounding, `&&`/`||` short-circuiting; `min`, `max`, `exp`, `log` (f32 rounding of the
  * exact value), `select`, conversions, `bitcast<vec2<f16>>`, `pack2x16float`, vector constructors, swizzles and
- * components by index; `workgroupBarrier`; `subgroupShuffleXor`; and the subgroup-matrix builtins with the semantics of Dawn's proposal
+ * components by index; `workgroupBarrier`; `subgroupShuffleXor`; and the subgroup-matrix builtins with the
+ * semantics of Dawn's proposal
  * (`subgroupMatrixLoad<T, row_major|col_major>(&arr, offset, stride)`, `subgroupMatrixStore`,
  * `subgroupMatrixMultiplyAccumulate` rounding each product to f32, `subgroupMatrixScalarMultiply`).
  *
