@@ -55,9 +55,10 @@
  * The chunk products run on 256-thread workgroups that own a 64 x 64 output tile (4 x 4 per thread, rows and
  * columns interleaved by 16 so shared-memory reads are broadcasts or consecutive). The Q x Q intra-chunk block is
  * formed 64 x 64 at a time in workgroup memory (the "W" block), then multiplied into the accumulators, so the
- * workgroup memory stays at 29 KB for any chunk size, head dim or state dim (dims above 64 use more tiles).
- * Devices that allow less (WebGPU's default is 16 KiB) get the `narrow` tiling of the row products: 64 x 32 W
- * blocks and k slices of 8, 15 KB ({@linkcode SsdRowsTiling}). Every other scan kernel needs at most 8 KB.
+ * workgroup memory stays at 32 KiB for any chunk size, head dim or state dim (dims above 64 use more tiles or
+ * k slices); a thread's 4 rows or 4 columns of each tile are one vec4 there. Devices that allow less (WebGPU's
+ * default is 16 KiB) get the `narrow` tiling of the row products: 64 x 32 W blocks and scalar k slices of 8,
+ * 15 KB ({@linkcode SsdRowsTiling}). Every other scan kernel needs at most 8 KB.
  *
  * Working buffers (f32, allocated by the op): `csd` = [cs (B,H,L) | delta (B,H,L) | A (H) | D (H)];
  * `states` [B, nc, H, P, N]; row partials [4, B, L, H, CT]; dT partials [B, H, nc, E]; head partials
@@ -119,21 +120,21 @@ const TK = 16;
 /**
  * Workgroup tilings of {@linkcode ssdChunkRows}; both own 64 x 64 output tiles (so the launch grid and the row
  * partials are the same) and differ in the intra-chunk block and the k slices:
- * - `wide`: 64 x 64 blocks of positions, slices of 16; 29,760 bytes of workgroup memory. The fast path.
- * - `narrow`: 64 x 32 blocks, slices of 8; 15,136 bytes, within WebGPU's default 16 KiB
- *   `maxComputeWorkgroupStorageSize` (Dawn's null backend, many mobile GPUs), with twice the barriers per product.
+ * - `wide`: 64 x 64 blocks of positions, k slices of 64 (the whole dim in the 64-dim case), every tile in
+ *   `vec4<f32>` workgroup arrays; 32,768 bytes of workgroup memory. The fast path.
+ * - `narrow`: 64 x 32 blocks, scalar slices of 8; 15,136 bytes, within WebGPU's default 16 KiB
+ *   `maxComputeWorkgroupStorageSize` (Dawn's null backend, many mobile GPUs), with many more barriers per product.
  */
 export type SsdRowsTiling = "wide" | "narrow";
 
-/** Positions per intra-chunk block and the depth of one k slice, per tiling. */
-const ROWS_TILES: Record<SsdRowsTiling, { block: number; slice: number }> = {
-  wide: { block: SSD_TILE, slice: 16 },
-  narrow: { block: 32, slice: 8 },
-};
+/** Positions per intra-chunk block and the depth of one k slice of the `narrow` tiling. */
+const NARROW_TILES = { block: 32, slice: 8 };
 
 /** Bytes of workgroup memory one {@linkcode ssdChunkRows} workgroup declares with this tiling. */
 export function ssdRowsSharedBytes(tiling: SsdRowsTiling): number {
-  const { block, slice } = ROWS_TILES[tiling];
+  // wide: two 64 x 64 f32 tiles (sP, sQ); the cs and delta values live in registers
+  if (tiling === "wide") return 2 * 4 * SSD_TILE * SSD_TILE;
+  const { block, slice } = NARROW_TILES;
   // sA, sB (rows padded by one), sW, sZ, then the per-row and per-position cs/delta
   const floats = SSD_TILE * slice + (SSD_TILE + 1) * slice + SSD_TILE * block + slice * SSD_TILE +
     2 * SSD_TILE + 2 * block;
@@ -565,104 +566,10 @@ const ROW_SLOTS: Record<SsdRowsVariant, string> = {
   dC: "3u",
 };
 
-function rowsCode(v: SsdRowsVariant, tiling: SsdRowsTiling): string {
-  const { block, slice } = ROWS_TILES[tiling];
-  // The row-sum epilogue reuses sW for 2 x 64 rows x 16 threads of partials.
-  if (SSD_TILE * block < 2 * SSD_TILE * 16) {
-    throw new Error(`ssd rows: a ${block}-wide block cannot hold the row sums`);
-  }
-  // Each thread owns 4 rows x (block / 16) positions of the W block, interleaved by 16 like the output tile.
-  const wj = block / 16;
-  const wvec = `vec${wj}<f32>`;
-  const wcols = Array.from({ length: wj }, (_, j) => `sB[kk * SBS + tx${j ? ` + ${16 * j}u` : ""}]`).join(
-    ", ",
-  );
-  const wsum = Array.from({ length: 4 }, (_, i) => `wacc[${i}] += a.${"xyzw"[i]} * bv;`).join("\n        ");
-  const lower = v === "y" || v === "dC";
-  const transposedS = v === "y" || v === "dx";
+/** Bindings, per-head operand bases, operand loaders and the row-partials index: what both tilings share. */
+function rowsHeader(v: SsdRowsVariant): string {
   const hasE = v !== "y";
   const oBinding = hasE ? 6 : 5;
-  const decay = lower ? "exp(cr - sKCs[pl]) * sKD[pl]" : "exp(sKCs[pl] - cr)";
-  const rowScale = lower ? "exp(sRowCs[rl])" : "exp(T - sRowCs[rl])";
-  const loadS = transposedS
-    ? `let col = e / TK;
-      let kk = e % TK;
-      let gc = col0 + col;
-      let k = k0 + kk;
-      var sv = 0.0;
-      if (gc < ncols && k < kdim) { sv = S[sBase + gc * kdim + k]; }
-      sB[kk * SBS + col] = sv;`
-    : `let kk = e / TC;
-      let col = e % TC;
-      let gc = col0 + col;
-      let k = k0 + kk;
-      var sv = 0.0;
-      if (gc < ncols && k < kdim) { sv = S[sBase + k * ncols + gc]; }
-      sB[kk * SBS + col] = sv;`;
-  let epilogue: string;
-  if (v === "y") {
-    epilogue = `
-  let dh = d_of(h);
-  for (var i = 0u; i < 4u; i++) {
-    let row = r0 + ty + 16u * i;
-    if (row >= clen) { continue; }
-    let t = t0 + row;
-    for (var j = 0u; j < 4u; j++) {
-      let gc = col0 + tx + 16u * j;
-      if (gc < ncols) { O[d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc] = acc[i][j] + dh * ld_z(b, t, gc); }
-    }
-  }`;
-  } else {
-    const body = v === "dx"
-      ? `let g = acc[i][j];
-        let dyv = ld_z(b, t, gc);
-        let xv = ld_e(b, t, gc);
-        O[oi] = sRowD[rl] * g + dh * dyv;
-        rs0[i] += xv * g;
-        rs1[i] += xv * dyv;`
-      : v === "dB"
-      ? `let g = sRowD[rl] * acc[i][j];
-        O[oi] = g;
-        rs0[i] -= ld_e(b, t, gc) * g;`
-      : `let g = acc[i][j];
-        O[oi] = g;
-        rs0[i] += ld_e(b, t, gc) * g;`;
-    epilogue = `
-  let dh = d_of(h);
-  var rs0 = vec4<f32>();
-  var rs1 = vec4<f32>();
-  for (var i = 0u; i < 4u; i++) {
-    let rl = ty + 16u * i;
-    let row = r0 + rl;
-    if (row >= clen) { continue; }
-    let t = t0 + row;
-    for (var j = 0u; j < 4u; j++) {
-      let gc = col0 + tx + 16u * j;
-      if (gc < ncols) {
-        let oi = d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc;
-        ${body}
-      }
-    }
-  }
-  // Row sums over this column tile: 16 threads share a row; sum their partials through workgroup memory.
-  for (var i = 0u; i < 4u; i++) {
-    let rl = ty + 16u * i;
-    sW[rl * 16u + tx] = rs0[i];
-    sW[1024u + rl * 16u + tx] = rs1[i];
-  }
-  workgroupBarrier();
-  if (li < TR && r0 + li < clen) {
-    var s0 = 0.0;
-    var s1 = 0.0;
-    for (var q = 0u; q < 16u; q++) {
-      s0 += sW[li * 16u + q];
-      s1 += sW[1024u + li * 16u + q];
-    }
-    let t = t0 + r0 + li;
-    R[rp(${ROW_SLOTS[v]}, b, h, t, ct)] = s0;
-    ${v === "dx" ? "R[rp(1u, b, h, t, ct)] = s1;" : ""}
-  }`;
-  }
   return `${DIMS_STRUCT}
 @group(0) @binding(0) var<storage, read> U: array<f32>;
 @group(0) @binding(1) var<storage, read> V: array<f32>;
@@ -674,20 +581,6 @@ ${hasE ? "@group(0) @binding(5) var<storage, read> E: array<f32>;" : ""}
 ${hasE ? "@group(0) @binding(7) var<storage, read_write> R: array<f32>;" : ""}
 @group(0) @binding(${hasE ? 8 : 6}) var<uniform> d: Dims;
 ${CSD_HELPERS}
-const TR = ${SSD_TILE}u;
-const TC = ${SSD_TILE}u;
-const TB = ${block}u;
-const TK = ${slice}u;
-const SBS = ${SSD_TILE + 1}u;
-var<workgroup> sA: array<f32, ${SSD_TILE * slice}>;
-// rows padded to 65: the transposing stores below would hit one bank 16 times with a stride of 64
-var<workgroup> sB: array<f32, ${(SSD_TILE + 1) * slice}>;
-var<workgroup> sW: array<f32, ${SSD_TILE * block}>;
-var<workgroup> sZ: array<f32, ${SSD_TILE * slice}>;
-var<workgroup> sRowCs: array<f32, ${SSD_TILE}>;
-var<workgroup> sRowD: array<f32, ${SSD_TILE}>;
-var<workgroup> sKCs: array<f32, ${block}>;
-var<workgroup> sKD: array<f32, ${block}>;
 
 // Group offsets of this workgroup's head, computed once (integer division is slow on GPUs).
 var<private> uBase: u32;
@@ -706,7 +599,357 @@ fn rp(slot: u32, b: u32, h: u32, t: u32, ct: u32) -> u32 {
   return (((slot * d.batch + b) * d.seqlen + t) * d.heads + h) * d.col_tiles + ct;
 }`
       : ""
+  }`;
+}
+
+/** The start of \`main\` up to the thread's place in the tile: which (b, c, h, row tile, column tile) it owns. */
+function rowsPrologue(v: SsdRowsVariant): string {
+  return `${WG_INDEX}
+  let ct = w % d.tiles_a; w = w / d.tiles_a;
+  let rt = w % d.row_tiles; w = w / d.row_tiles;
+  let h = w % d.heads; w = w / d.heads;
+  let c = w % d.nchunks;
+  let b = w / d.nchunks;
+  if (b >= d.batch) { return; }
+  let t0 = c * d.chunk;
+  let clen = min(d.chunk, d.seqlen - t0);
+  let r0 = rt * TR;
+  if (r0 >= clen) { return; }
+  uBase = d.u_off + grp(h, d.u_heads) * d.u_dim;
+  vBase = d.v_off + grp(h, d.v_heads) * d.u_dim;
+  zBase = d.z_off + grp(h, d.z_heads) * d.z_dim;
+  ${v !== "y" ? "eBase = d.e_off + grp(h, d.e_heads) * d.z_dim;" : ""}
+  let col0 = ct * TC;
+  let kdim = d.u_dim;
+  let ncols = d.z_dim;
+  let base = (b * d.heads + h) * d.seqlen + t0;
+  let T = cs_at(base + clen - 1u);
+  let sBase = ((b * d.nchunks + c) * d.heads + h) * d.dim_p * d.dim_n;`;
+}
+
+/**
+ * The epilogue: outputs (and row partials) from \`acc[i][j]\`, rows \`ty + 16 i\`, columns \`tx + 16 j\`.
+ * \`rowDelta\` reads delta of row \`rl\` (local row, loop index \`i\`); \`rowSums\` sums the 16 per-thread row partials
+ * \`rs0\`, \`rs1\` of each row into \`s0\`, \`s1\` for local row \`li\` (threads \`li < TR\`), barriers included.
+ */
+function rowsEpilogue(v: SsdRowsVariant, rowDelta: string, rowSums: string): string {
+  if (v === "y") {
+    return `
+  let dh = d_of(h);
+  for (var i = 0u; i < 4u; i++) {
+    let row = r0 + ty + 16u * i;
+    if (row >= clen) { continue; }
+    let t = t0 + row;
+    for (var j = 0u; j < 4u; j++) {
+      let gc = col0 + tx + 16u * j;
+      if (gc < ncols) { O[d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc] = acc[i][j] + dh * ld_z(b, t, gc); }
+    }
+  }`;
   }
+  const body = v === "dx"
+    ? `let g = acc[i][j];
+        let dyv = ld_z(b, t, gc);
+        let xv = ld_e(b, t, gc);
+        O[oi] = ${rowDelta} * g + dh * dyv;
+        rs0[i] += xv * g;
+        rs1[i] += xv * dyv;`
+    : v === "dB"
+    ? `let g = ${rowDelta} * acc[i][j];
+        O[oi] = g;
+        rs0[i] -= ld_e(b, t, gc) * g;`
+    : `let g = acc[i][j];
+        O[oi] = g;
+        rs0[i] += ld_e(b, t, gc) * g;`;
+  return `
+  let dh = d_of(h);
+  var rs0 = vec4<f32>();
+  var rs1 = vec4<f32>();
+  for (var i = 0u; i < 4u; i++) {
+    let rl = ty + 16u * i;
+    let row = r0 + rl;
+    if (row >= clen) { continue; }
+    let t = t0 + row;
+    for (var j = 0u; j < 4u; j++) {
+      let gc = col0 + tx + 16u * j;
+      if (gc < ncols) {
+        let oi = d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc;
+        ${body}
+      }
+    }
+  }
+  ${rowSums}
+  if (li < TR && r0 + li < clen) {
+    let t = t0 + r0 + li;
+    R[rp(${ROW_SLOTS[v]}, b, h, t, ct)] = s0;
+    ${v === "dx" ? "R[rp(1u, b, h, t, ct)] = s1;" : ""}
+  }`;
+}
+
+/**
+ * acc[i][j] += sum_k sP[row ty + 16 i, k] sQ[col tx + 16 j, k] over the first \`kqn\` k quads of two k-major
+ * tiles (see \`kv\` in {@linkcode rowsCodeWide}): 8 vec4 loads per 64 FMAs.
+ */
+function kMajorProduct(acc: string): string {
+  const a = [0, 1, 2, 3].map((i) => `let a${i} = sP[(ty + ${16 * i}u) * KV + qa];`).join("\n      ");
+  const bs = [0, 1, 2, 3].map((j) => `let b${j} = sQ[(tx + ${16 * j}u) * KV + qb];`).join("\n      ");
+  // b's component m across the four columns, so each row's update is a vec4 FMA
+  const bt = [..."xyzw"].map((m) => `let b${m} = vec4<f32>(b0.${m}, b1.${m}, b2.${m}, b3.${m});`).join(
+    "\n      ",
+  );
+  const fma = [0, 1, 2, 3].flatMap((i) => [..."xyzw"].map((m) => `${acc}[${i}] += a${i}.${m} * b${m};`)).join(
+    "\n      ",
+  );
+  return `for (var kq = 0u; kq < kqn; kq++) {
+      let qa = kq ^ (ty & 7u);
+      let qb = kq ^ (tx & 7u);
+      ${a}
+      ${bs}
+      ${bt}
+      ${fma}
+    }`;
+}
+
+/**
+ * The \`wide\` row products. Two 64 x 64 tiles of workgroup memory, each an array of vec4<f32>:
+ * - \`sP\`: U (k-major: row r, 16 vec4 of consecutive k), then W^T (position-major: 16 vec4 of the rows
+ *   ty + 16 i a thread owns), then the row partials;
+ * - \`sQ\`: S or V (k-major, by column or position), then Z (position-major: 16 vec4 of the columns tx + 16 j).
+ * Per 64-position block and per 64 of k: load U and V, barrier, W in registers, barrier, W^T and Z stored,
+ * barrier, W Z, barrier: 4 barriers where 16-deep scalar slices took 17. Every inner step is two (W: eight)
+ * vec4 loads per 16 (W: 64) FMAs.
+ */
+function rowsCodeWide(v: SsdRowsVariant): string {
+  const lower = v === "y" || v === "dC";
+  const transposedS = v === "y" || v === "dx";
+  const maskCond = lower ? "k <= row" : "k >= row";
+  const decay = lower ? "exp(crow[i] - ck) * dk" : "exp(ck - crow[i])";
+  const rowScale = lower ? "exp(crow[i])" : "exp(T - crow[i])";
+  // S is [c, p, n]: S^T (y, dx) has k (= n) contiguous per column, S (dB, dC) has the columns (n) contiguous
+  const loadS = transposedS
+    ? `let col = e >> 6u;
+      let k = e & 63u;
+      var sv = 0.0;
+      if (col0 + col < ncols && k < kn) { sv = S[sBase + (col0 + col) * kdim + k0 + k]; }
+      sQ[kv(col, k)][k & 3u] = sv;`
+    : `let col = e & 63u;
+      let k = e >> 6u;
+      if (k >= kw) { continue; }
+      var sv = 0.0;
+      if (col0 + col < ncols && k < kn) { sv = S[sBase + (k0 + k) * ncols + col0 + col]; }
+      sQ[kv(col, k)][k & 3u] = sv;`;
+  const rowSums = v === "y"
+    ? ""
+    : `// Row sums over this column tile: 16 threads share a row; their partials meet in sP.
+  sP[tx * 16u + ty] = rs0;
+  sP[256u + tx * 16u + ty] = rs1;
+  workgroupBarrier();
+  var s0 = 0.0;
+  var s1 = 0.0;
+  if (li < TR) {
+    for (var q = 0u; q < 16u; q++) {
+      s0 += sP[q * 16u + (li & 15u)][li >> 4u];
+      s1 += sP[256u + q * 16u + (li & 15u)][li >> 4u];
+    }
+  }`;
+  return `${rowsHeader(v)}
+const TR = ${SSD_TILE}u;
+const TC = ${SSD_TILE}u;
+const TB = ${SSD_TILE}u;
+const KS = ${SSD_TILE}u;
+const KV = ${SSD_TILE / 4}u;
+var<workgroup> sP: array<vec4<f32>, ${SSD_TILE * SSD_TILE / 4}>;
+var<workgroup> sQ: array<vec4<f32>, ${SSD_TILE * SSD_TILE / 4}>;
+
+// Element (r, k) of a k-major tile: row r holds KV vec4 of consecutive k, the vec4 index xored with r % 8 so the
+// 4 rows (8 columns) a warp reads at one k quad lie in distinct banks.
+fn kv(r: u32, k: u32) -> u32 { return r * KV + ((k >> 2u) ^ (r & 7u)); }
+
+// sP = U rows r0.. of the chunk at k0 + [0, kw) (zero past the chunk or the dim; kw is kn rounded up to 4)
+fn load_u(b: u32, t0: u32, r0: u32, clen: u32, k0: u32, kn: u32, kw: u32, li: u32) {
+  for (var e = li; e < TR * KS; e += 256u) {
+    let r = e >> 6u;
+    let k = e & 63u;
+    if (k >= kw) { continue; }
+    var u = 0.0;
+    if (r0 + r < clen && k < kn) { u = ld_u(b, t0 + r0 + r, k0 + k); }
+    sP[kv(r, k)][k & 3u] = u;
+  }
+}
+
+// sQ = V at positions kb.. of the chunk, same layout
+fn load_v(b: u32, t0: u32, kb: u32, clen: u32, k0: u32, kn: u32, kw: u32, li: u32) {
+  for (var e = li; e < TB * KS; e += 256u) {
+    let p = e >> 6u;
+    let k = e & 63u;
+    if (k >= kw) { continue; }
+    var x = 0.0;
+    if (kb + p < clen && k < kn) { x = ld_v(b, t0 + kb + p, k0 + k); }
+    sQ[kv(p, k)][k & 3u] = x;
+  }
+}
+
+@compute @workgroup_size(256)
+fn main(${ENTRY_ARGS}) {
+  ${rowsPrologue(v)}
+  // A warp covers 4 ty x 8 tx, so a vec4 read of either operand touches at most 128 distinct bytes.
+  let tx = (li & 7u) | ((li >> 2u) & 8u);
+  let ty = ((li >> 3u) & 3u) | ((li >> 4u) & 12u);
+  var crow = vec4<f32>();
+  var drow = vec4<f32>();
+  for (var i = 0u; i < 4u; i++) {
+    let row = r0 + ty + 16u * i;
+    if (row < clen) {
+      crow[i] = cs_at(base + row);
+      drow[i] = delta_at(base + row);
+    }
+  }
+
+  // Inter-chunk term: the state (entering the chunk, or its gradient) applied to each row.
+  var acc: array<vec4<f32>, 4>;
+  for (var k0 = 0u; k0 < kdim; k0 += KS) {
+    let kn = min(KS, kdim - k0);
+    let kw = (kn + 3u) & ~3u;
+    let kqn = kw >> 2u;
+    load_u(b, t0, r0, clen, k0, kn, kw, li);
+    for (var e = li; e < TC * KS; e += 256u) {
+      ${loadS}
+    }
+    workgroupBarrier();
+    ${kMajorProduct("acc")}
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < 4u; i++) {
+    acc[i] *= ${rowScale};
+  }
+
+  // Intra-chunk term, one 64 x 64 block of positions at a time: W = mask(U V^T) * decay, then acc += W Z.
+  let kbStart = ${lower ? "0u" : "r0"};
+  let kbEnd = ${lower ? "min(r0 + TR, clen)" : "clen"};
+  for (var kb = kbStart; kb < kbEnd; kb += TB) {
+    // zeroed by assignment each block: a loop-local declaration may be hoisted and initialised only once
+    var wacc: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) { wacc[i] = vec4<f32>(); }
+    for (var k0 = 0u; k0 < kdim; k0 += KS) {
+      let kn = min(KS, kdim - k0);
+      let kw = (kn + 3u) & ~3u;
+      let kqn = kw >> 2u;
+      // U of a dim within one slice is still in sP from the inter-chunk term in the first block
+      if (kb != kbStart || kdim > KS) { load_u(b, t0, r0, clen, k0, kn, kw, li); }
+      load_v(b, t0, kb, clen, k0, kn, kw, li);
+      workgroupBarrier();
+      ${kMajorProduct("wacc")}
+      workgroupBarrier();
+    }
+    // W^T into sP, a thread's 4 rows as one vec4, the vec4 index xored with the position so the stores of a warp
+    // spread over the banks. Mask before exp: only exponents <= 0 are ever evaluated.
+    for (var j = 0u; j < 4u; j++) {
+      let p = tx + 16u * j;
+      let k = kb + p;
+      var wt = vec4<f32>();
+      if (k < clen) {
+        let ck = cs_at(base + k);
+        let dk = delta_at(base + k);
+        for (var i = 0u; i < 4u; i++) {
+          let row = r0 + ty + 16u * i;
+          if (row < clen && ${maskCond}) { wt[i] = wacc[i][j] * ${decay}; }
+        }
+      }
+      sP[p * KV + (ty ^ (p & 15u))] = wt;
+    }
+    let kbLen = min(TB, clen - kb);
+    for (var e = li; e < TB * KV; e += 256u) {
+      let p = e >> 4u;
+      let cv = e & 15u;
+      var zv = vec4<f32>();
+      if (p < kbLen) {
+        for (var j = 0u; j < 4u; j++) {
+          let gc = col0 + cv + 16u * j;
+          if (gc < ncols) { zv[j] = ld_z(b, t0 + kb + p, gc); }
+        }
+      }
+      sQ[e] = zv;
+    }
+    workgroupBarrier();
+    for (var q = 0u; q < kbLen; q++) {
+      let a = sP[q * KV + (ty ^ (q & 15u))];
+      let z = sQ[q * KV + tx];
+      acc[0] += a.x * z;
+      acc[1] += a.y * z;
+      acc[2] += a.z * z;
+      acc[3] += a.w * z;
+    }
+    workgroupBarrier();
+  }
+${rowsEpilogue(v, "drow[i]", rowSums)}
+}
+`;
+}
+
+/** The \`narrow\` row products: scalar k slices of 8 and 64 x 32 blocks, for 16 KiB of workgroup memory. */
+function rowsCodeNarrow(v: SsdRowsVariant): string {
+  const { block, slice } = NARROW_TILES;
+  // The row-sum epilogue reuses sW for 2 x 64 rows x 16 threads of partials.
+  if (SSD_TILE * block < 2 * SSD_TILE * 16) {
+    throw new Error(`ssd rows: a ${block}-wide block cannot hold the row sums`);
+  }
+  // Each thread owns 4 rows x (block / 16) positions of the W block, interleaved by 16 like the output tile.
+  const wj = block / 16;
+  const wvec = `vec${wj}<f32>`;
+  const wcols = Array.from({ length: wj }, (_, j) => `sB[kk * SBS + tx${j ? ` + ${16 * j}u` : ""}]`).join(
+    ", ",
+  );
+  const wsum = Array.from({ length: 4 }, (_, i) => `wacc[${i}] += a.${"xyzw"[i]} * bv;`).join("\n        ");
+  const lower = v === "y" || v === "dC";
+  const transposedS = v === "y" || v === "dx";
+  const decay = lower ? "exp(cr - sKCs[pl]) * sKD[pl]" : "exp(sKCs[pl] - cr)";
+  const rowScale = lower ? "exp(sRowCs[rl])" : "exp(T - sRowCs[rl])";
+  const loadS = transposedS
+    ? `let col = e / TK;
+      let kk = e % TK;
+      let gc = col0 + col;
+      let k = k0 + kk;
+      var sv = 0.0;
+      if (gc < ncols && k < kdim) { sv = S[sBase + gc * kdim + k]; }
+      sB[kk * SBS + col] = sv;`
+    : `let kk = e / TC;
+      let col = e % TC;
+      let gc = col0 + col;
+      let k = k0 + kk;
+      var sv = 0.0;
+      if (gc < ncols && k < kdim) { sv = S[sBase + k * ncols + gc]; }
+      sB[kk * SBS + col] = sv;`;
+  const rowSums = v === "y"
+    ? ""
+    : `// Row sums over this column tile: 16 threads share a row; sum their partials through workgroup memory.
+  for (var i = 0u; i < 4u; i++) {
+    let rl = ty + 16u * i;
+    sW[rl * 16u + tx] = rs0[i];
+    sW[1024u + rl * 16u + tx] = rs1[i];
+  }
+  workgroupBarrier();
+  var s0 = 0.0;
+  var s1 = 0.0;
+  if (li < TR) {
+    for (var q = 0u; q < 16u; q++) {
+      s0 += sW[li * 16u + q];
+      s1 += sW[1024u + li * 16u + q];
+    }
+  }`;
+  return `${rowsHeader(v)}
+const TR = ${SSD_TILE}u;
+const TC = ${SSD_TILE}u;
+const TB = ${block}u;
+const TK = ${slice}u;
+const SBS = ${SSD_TILE + 1}u;
+var<workgroup> sA: array<f32, ${SSD_TILE * slice}>;
+// rows padded to 65: the transposing stores below would hit one bank 16 times with a stride of 64
+var<workgroup> sB: array<f32, ${(SSD_TILE + 1) * slice}>;
+var<workgroup> sW: array<f32, ${SSD_TILE * block}>;
+var<workgroup> sZ: array<f32, ${SSD_TILE * slice}>;
+var<workgroup> sRowCs: array<f32, ${SSD_TILE}>;
+var<workgroup> sRowD: array<f32, ${SSD_TILE}>;
+var<workgroup> sKCs: array<f32, ${block}>;
+var<workgroup> sKD: array<f32, ${block}>;
 
 // sA[r][k] = U[row r0 + r, k0 + k] (zero outside the chunk or past the dim)
 fn load_rows(b: u32, t0: u32, r0: u32, clen: u32, k0: u32, li: u32) {
@@ -721,27 +964,9 @@ fn load_rows(b: u32, t0: u32, r0: u32, clen: u32, k0: u32, li: u32) {
 
 @compute @workgroup_size(256)
 fn main(${ENTRY_ARGS}) {
-  ${WG_INDEX}
-  let ct = w % d.tiles_a; w = w / d.tiles_a;
-  let rt = w % d.row_tiles; w = w / d.row_tiles;
-  let h = w % d.heads; w = w / d.heads;
-  let c = w % d.nchunks;
-  let b = w / d.nchunks;
-  if (b >= d.batch) { return; }
-  let t0 = c * d.chunk;
-  let clen = min(d.chunk, d.seqlen - t0);
-  let r0 = rt * TR;
-  if (r0 >= clen) { return; }
-  uBase = d.u_off + grp(h, d.u_heads) * d.u_dim;
-  vBase = d.v_off + grp(h, d.v_heads) * d.u_dim;
-  zBase = d.z_off + grp(h, d.z_heads) * d.z_dim;
-  ${hasE ? "eBase = d.e_off + grp(h, d.e_heads) * d.z_dim;" : ""}
-  let col0 = ct * TC;
+  ${rowsPrologue(v)}
   let tx = li % 16u;
   let ty = li / 16u;
-  let kdim = d.u_dim;
-  let ncols = d.z_dim;
-  let base = (b * d.heads + h) * d.seqlen + t0;
   if (li < TR) {
     var cr = 0.0;
     var dr = 0.0;
@@ -752,8 +977,6 @@ fn main(${ENTRY_ARGS}) {
     sRowCs[li] = cr;
     sRowD[li] = dr;
   }
-  let T = cs_at(base + clen - 1u);
-  let sBase = ((b * d.nchunks + c) * d.heads + h) * d.dim_p * d.dim_n;
   workgroupBarrier();
 
   // Inter-chunk term: the state (entering the chunk, or its gradient) applied to each row.
@@ -849,9 +1072,13 @@ fn main(${ENTRY_ARGS}) {
       workgroupBarrier();
     }
   }
-${epilogue}
+${rowsEpilogue(v, "sRowD[rl]", rowSums)}
 }
 `;
+}
+
+function rowsCode(v: SsdRowsVariant, tiling: SsdRowsTiling): string {
+  return tiling === "wide" ? rowsCodeWide(v) : rowsCodeNarrow(v);
 }
 
 /**
