@@ -602,7 +602,7 @@ fn rp(slot: u32, b: u32, h: u32, t: u32, ct: u32) -> u32 {
   }`;
 }
 
-/** The start of \`main\` up to the thread's place in the tile: which (b, c, h, row tile, column tile) it owns. */
+/** The start of `main` up to the thread's place in the tile: which (b, c, h, row tile, column tile) it owns. */
 function rowsPrologue(v: SsdRowsVariant): string {
   return `${WG_INDEX}
   let ct = w % d.tiles_a; w = w / d.tiles_a;
@@ -628,9 +628,9 @@ function rowsPrologue(v: SsdRowsVariant): string {
 }
 
 /**
- * The epilogue: outputs (and row partials) from \`acc[i][j]\`, rows \`ty + 16 i\`, columns \`tx + 16 j\`.
- * \`rowDelta\` reads delta of row \`rl\` (local row, loop index \`i\`); \`rowSums\` sums the 16 per-thread row partials
- * \`rs0\`, \`rs1\` of each row into \`s0\`, \`s1\` for local row \`li\` (threads \`li < TR\`), barriers included.
+ * The epilogue: outputs (and row partials) from `acc[i][j]`, rows `ty + 16 i`, columns `tx + 16 j`.
+ * `rowDelta` reads delta of row `rl` (local row, loop index `i`); `rowSums` sums the 16 per-thread row partials
+ * `rs0`, `rs1` of each row into `s0`, `s1` for local row `li` (threads `li < TR`), barriers included.
  */
 function rowsEpilogue(v: SsdRowsVariant, rowDelta: string, rowSums: string): string {
   if (v === "y") {
@@ -686,10 +686,11 @@ function rowsEpilogue(v: SsdRowsVariant, rowDelta: string, rowSums: string): str
 }
 
 /**
- * acc[i][j] += sum_k sP[row ty + 16 i, k] sQ[col tx + 16 j, k] over the first \`kqn\` k quads of two k-major
- * tiles (see \`kv\` in {@linkcode rowsCodeWide}): 8 vec4 loads per 64 FMAs.
+ * acc[i][j] += sum_k sP[row ty + 16 i, k] sQ[col tx + 16 j, k] over the first `kqn` k quads of two k-major
+ * tiles (see `kv` in {@linkcode rowsCodeWide}): 8 vec4 loads per 64 FMAs. `indent` is that of the
+ * nesting it goes in.
  */
-function kMajorProduct(acc: string): string {
+function kMajorProduct(acc: string, indent: string): string {
   const a = [0, 1, 2, 3].map((i) => `let a${i} = sP[(ty + ${16 * i}u) * KV + qa];`).join("\n      ");
   const bs = [0, 1, 2, 3].map((j) => `let b${j} = sQ[(tx + ${16 * j}u) * KV + qb];`).join("\n      ");
   // b's component m across the four columns, so each row's update is a vec4 FMA
@@ -706,14 +707,14 @@ function kMajorProduct(acc: string): string {
       ${bs}
       ${bt}
       ${fma}
-    }`;
+    }`.replaceAll("\n", `\n${indent}`);
 }
 
 /**
- * The \`wide\` row products. Two 64 x 64 tiles of workgroup memory, each an array of vec4<f32>:
- * - \`sP\`: U (k-major: row r, 16 vec4 of consecutive k), then W^T (position-major: 16 vec4 of the rows
+ * The `wide` row products. Two 64 x 64 tiles of workgroup memory, each an array of vec4<f32>:
+ * - `sP`: U (k-major: row r, 16 vec4 of consecutive k), then W^T (position-major: 16 vec4 of the rows
  *   ty + 16 i a thread owns), then the row partials;
- * - \`sQ\`: S or V (k-major, by column or position), then Z (position-major: 16 vec4 of the columns tx + 16 j).
+ * - `sQ`: S or V (k-major, by column or position), then Z (position-major: 16 vec4 of the columns tx + 16 j).
  * Per 64-position block and per 64 of k: load U and V, barrier, W in registers, barrier, W^T and Z stored,
  * barrier, W Z, barrier: 4 barriers where 16-deep scalar slices took 17. Every inner step is two (W: eight)
  * vec4 loads per 16 (W: 64) FMAs.
@@ -815,7 +816,7 @@ fn main(${ENTRY_ARGS}) {
       ${loadS}
     }
     workgroupBarrier();
-    ${kMajorProduct("acc")}
+    ${kMajorProduct("acc", "")}
     workgroupBarrier();
   }
   for (var i = 0u; i < 4u; i++) {
@@ -837,7 +838,7 @@ fn main(${ENTRY_ARGS}) {
       if (kb != kbStart || kdim > KS) { load_u(b, t0, r0, clen, k0, kn, kw, li); }
       load_v(b, t0, kb, clen, k0, kn, kw, li);
       workgroupBarrier();
-      ${kMajorProduct("wacc")}
+      ${kMajorProduct("wacc", "  ")}
       workgroupBarrier();
     }
     // W^T into sP, a thread's 4 rows as one vec4, the vec4 index xored with the position so the stores of a warp
@@ -848,7 +849,7 @@ fn main(${ENTRY_ARGS}) {
       var wt = vec4<f32>();
       if (k < clen) {
         let ck = cs_at(base + k);
-        let dk = delta_at(base + k);
+        ${lower ? "let dk = delta_at(base + k);" : ""}
         for (var i = 0u; i < 4u; i++) {
           let row = r0 + ty + 16u * i;
           if (row < clen && ${maskCond}) { wt[i] = wacc[i][j] * ${decay}; }
@@ -885,7 +886,7 @@ ${rowsEpilogue(v, "drow[i]", rowSums)}
 `;
 }
 
-/** The \`narrow\` row products: scalar k slices of 8 and 64 x 32 blocks, for 16 KiB of workgroup memory. */
+/** The `narrow` row products: scalar k slices of 8 and 64 x 32 blocks, for 16 KiB of workgroup memory. */
 function rowsCodeNarrow(v: SsdRowsVariant): string {
   const { block, slice } = NARROW_TILES;
   // The row-sum epilogue reuses sW for 2 x 64 rows x 16 threads of partials.
