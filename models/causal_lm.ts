@@ -27,7 +27,7 @@ import { causalConv1d, convStepTaps } from "../runtime/ops/conv1d.ts";
 import type { SplitConvStep } from "../runtime/ops/linear_fused.ts";
 import { CONV_WIDTH } from "../kernels/conv1d.ts";
 import { widen } from "../runtime/ops/cast.ts";
-import { type SsdDims, ssdHeadParams, ssdScan, ssdStep } from "../runtime/ops/ssd.ts";
+import { SSD_DEFAULT_CHUNK, type SsdDims, ssdHeadParams, ssdScan, ssdStep } from "../runtime/ops/ssd.ts";
 import {
   acceptLayerTokens,
   beginLayerVerification,
@@ -62,13 +62,22 @@ import { selectiveScan } from "../runtime/ops/selective_scan.ts";
 import { addBias, repeatGroupsLastDim } from "../runtime/ops/columns.ts";
 import { mul, silu, softplus } from "../runtime/ops/elementwise.ts";
 
+/** The scan chunk length of a model built with `opts` (see {@linkcode CausalLMOptions.chunkSize}). */
+function scanChunk(opts: CausalLMOptions): number {
+  return Math.min(opts.chunkSize ?? SSD_DEFAULT_CHUNK, 256);
+}
+
 /** Options for {@linkcode CausalLM.fromModel}. */
 export interface CausalLMOptions {
   /** Storage dtype of weights and activations (default f32; f16 keeps f32 accumulation in every kernel). */
   dtype?: DType;
   /** Which parameters get gradients (default: none, i.e. inference). Receives the HF state-dict name. */
   trainable?: (name: string) => boolean;
-  /** Mamba2 scan chunk length (default: the model's `chunk_size`, else 64). Changes rounding only. */
+  /**
+   * Mamba2 scan chunk length (default {@linkcode SSD_DEFAULT_CHUNK}, 64, whatever the checkpoint's `chunk_size`:
+   * the chunk changes rounding only, and 64 is the fastest on the H200: a 1B-shape layer's scan forward and
+   * backward took 7.6 ms at 64 against 10.5 at 256, BENCHMARKS.md). At most 256.
+   */
   chunkSize?: number;
   /** Frozen parameters to borrow from another model instead of uploading copies (see {@linkcode ShareFrom}). */
   share?: ShareFrom;
@@ -212,8 +221,7 @@ export class CausalLM {
       }
     }
     const mamba = model.kind === "hybrid" ? model.mamba : null;
-    const chunk = opts.chunkSize ?? (mamba?.chunkSize || 64);
-    return new CausalLM(rt, model.config, mamba, params, dtype, Math.min(chunk, 256), borrowed);
+    return new CausalLM(rt, model.config, mamba, params, dtype, scanChunk(opts), borrowed);
   }
 
   /**
@@ -256,8 +264,7 @@ export class CausalLM {
       rt.dev.dispatch(f.spec, [t.binding], f.workgroups, f.uniforms);
       params.set(name, t);
     }
-    const chunk = opts.chunkSize ?? (mamba?.chunkSize || 64);
-    return new CausalLM(rt, config, mamba, params, dtype, Math.min(chunk, 256), borrowed);
+    return new CausalLM(rt, config, mamba, params, dtype, scanChunk(opts), borrowed);
   }
 
   /** True when layer i keeps attention. */
