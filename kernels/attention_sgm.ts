@@ -47,21 +47,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 /**
  * Every elementwise step runs two threads per row of a subgroup's 16-row block: lanes 2r and 2r+1 hold row r
- * (a query row, or a key in the dK/dV kernel), half of its columns each (`hh`, {@linkcode scoreCol}).
+ * (a query row, or a key in the dK/dV kernel), half of its columns each (`hh`, {@linkcode scoreStep}).
  */
 const THREAD_ROW = `let r = sg * ${SGM_FRAG}u + lane / 2u;
   let hh = lane & 1u;`;
 
 /**
- * The column of a subgroup's `n`-column score block that the thread reads (and writes P or dS at) in its `i`-th
- * elementwise step. The scratch's rows are 4 mod 32 words apart (16-byte aligned fragment rows), so when each of
- * the two threads of a row takes a contiguous half, the 32 lanes of a step read 8 banks (4-way conflicts);
- * `alternate` columns spread them over 16. Measured on the H200 (ms of a 1B training step): the forward took 11.6
- * with halves and 16.8 alternating (15.1 with rows 8-15 also shifted by a word, conflict-free), dQ the same
- * either way, and dK/dV 31.5 alternating against 33.4 with halves. So only dK/dV alternates.
+ * Which scores of its row a thread takes in its elementwise steps: step `i` reads (and writes P or dS at) column
+ * `c0 + scoreStep(i)`, with `c0` from {@linkcode scoreStart}. The scratch's rows are 4 mod 32 words apart (16-byte
+ * aligned fragment rows), so when each of the two threads of a row takes a contiguous half, the 32 lanes of a
+ * step read 8 banks (4-way conflicts); `alternate` columns spread them over 16. Measured on the H200 (ms of a 1B
+ * training step): the forward took 11.6 with halves and 16.8 alternating (15.1 with rows 8-15 also shifted by a
+ * word, conflict-free, which needs a wrap per step), dQ the same either way, and dK/dV 31.5 alternating against
+ * 33.4 with halves. So only dK/dV alternates. Addresses are a per-thread base plus these constants.
  */
-function scoreCol(i: number, n: number, alternate = false): string {
-  return alternate ? `(hh + ${2 * i}u)` : `(hh * ${n / 2}u + ${i}u)`;
+function scoreStep(i: number, alternate: boolean): string {
+  return `${alternate ? 2 * i : i}u`;
+}
+
+/** The thread's first score column (WGSL): `hh` alternating, else the start of its half of `n` columns. */
+function scoreStart(n: number, alternate: boolean): string {
+  return alternate ? "hh" : `hh * ${n / 2}u`;
 }
 
 /** A workgroup array of a kernel: name, element type and length. */
@@ -247,6 +253,9 @@ ${rowBlockStart(hd, bc)}
   ${THREAD_ROW}
   let R = R0 + r;
   let pos = R / p.G;
+  let c0 = ${scoreStart(bc, false)};
+  let sAt = r * ${sstr}u + c0;
+  let pAt = r * ${pstr}u + c0;
   var m = NEG;
   var l = 0.0;
   ${range(hd / 2).map((e) => `var o${e} = 0.0;`).join(" ")}
@@ -262,10 +271,11 @@ ${rowBlockStart(hd, bc)}
     // online softmax of this thread's half row; P as f16. Each score is read from workgroup memory once, into
     // registers (masked scores become NEG, whose exp is 0), in written-out statements the compiler can schedule.
     let visible = min(pos + 1u, p.kv_len);
+    let kc = k0 + c0;
     ${
     range(half).map((i) =>
-      `let s${i} = select(NEG, SS[r * ${sstr}u + ${scoreCol(i, bc)}] * p.scale, k0 + ${
-        scoreCol(i, bc)
+      `let s${i} = select(NEG, SS[sAt + ${scoreStep(i, false)}] * p.scale, kc + ${
+        scoreStep(i, false)
       } < visible);`
     ).join("\n    ")
   }
@@ -277,8 +287,8 @@ ${rowBlockStart(hd, bc)}
     var sum = 0.0;
     ${
     range(half).map((i) =>
-      `{ let e = select(0.0, exp(s${i} - mNew), s${i} > NEG); PS[r * ${pstr}u + ${
-        scoreCol(i, bc)
+      `{ let e = select(0.0, exp(s${i} - mNew), s${i} > NEG); PS[pAt + ${
+        scoreStep(i, false)
       }] = f16(e); sum += e; }`
     ).join("\n    ")
   }
@@ -567,6 +577,9 @@ ${rowBlockStart(hd, bc)}
     delta = DELTA[row_stat(b, hk, R)];
   }
   let visible = min(pos + 1u, p.kv_len); // keys this row sees
+  let c0 = ${scoreStart(bc, false)};
+  let sAt = r * ${sstr}u + c0;
+  let pAt = r * ${pstr}u + c0;
   ${resultDecls("dq", hd)}
 
   for (var kt = 0u; kt < ntiles; kt++) {
@@ -576,11 +589,12 @@ ${rowBlockStart(hd, bc)}
     workgroupBarrier();
     ${productOverHd("q", "KV", 0, bc, hd, sstr)}
     workgroupBarrier();
+    let kc = k0 + c0;
     ${
     range(half).map((i) =>
       `var p${i} = 0.0;
-    if (k0 + ${scoreCol(i, bc)} < visible) { p${i} = exp(SS[r * ${sstr}u + ${
-        scoreCol(i, bc)
+    if (kc + ${scoreStep(i, false)} < visible) { p${i} = exp(SS[sAt + ${
+        scoreStep(i, false)
       }] * p.scale - lse); }`
     ).join("\n    ")
   }
@@ -589,9 +603,7 @@ ${rowBlockStart(hd, bc)}
     workgroupBarrier();
     ${
     range(half).map((i) =>
-      `PS[r * ${pstr}u + ${scoreCol(i, bc)}] = f16(p${i} * (SS[r * ${sstr}u + ${
-        scoreCol(i, bc)
-      }] - delta) * p.scale);`
+      `PS[pAt + ${scoreStep(i, false)}] = f16(p${i} * (SS[sAt + ${scoreStep(i, false)}] - delta) * p.scale);`
     ).join("\n    ")
   }
     workgroupBarrier();
@@ -625,9 +637,12 @@ ${MAIN}
   ${stagedLeftFragments("kf", "QD", "K", keyRow, keyOk, hd)}
   ${stagedLeftFragments("vf", "QD", "V", keyRow, keyOk, hd)}
 
-  // this thread's key, and half of each row tile (scoreCol)
+  // this thread's key, and half of each row tile (alternate columns: scoreStep)
   ${THREAD_ROW}
   let j = k0 + r;
+  let c0 = ${scoreStart(br, true)};
+  let sAt = r * ${sstr}u + c0;
+  let tAt = r * ${tstr}u + c0;
   ${resultDecls("dk", hd)}
   ${resultDecls("dv", hd)}
   // packed rows R see key j iff R / G >= j: tiles from the first row of the block's first key
@@ -652,12 +667,13 @@ ${MAIN}
     workgroupBarrier();
     // packed row R sees key j iff R / G >= j, i.e. R >= j G: no integer division per score
     let rowsFrom = select(p.rows, j * p.G, j < p.kv_len);
+    let x0 = R0 + c0;
     ${
     range(half).map((i) => {
-      const col = scoreCol(i, br, true);
+      const k = scoreStep(i, true);
       return `var p${i} = 0.0;
-    if (R0 + ${col} >= rowsFrom && R0 + ${col} < p.rows) { p${i} = exp(SS[r * ${sstr}u + ${col}] * p.scale - LD[${col}]); }
-    PT[r * ${tstr}u + ${col}] = f16(p${i});`;
+    if (x0 + ${k} >= rowsFrom && x0 + ${k} < p.rows) { p${i} = exp(SS[sAt + ${k}] * p.scale - LD[c0 + ${k}]); }
+    PT[tAt + ${k}] = f16(p${i});`;
     }).join("\n    ")
   }
     workgroupBarrier();
@@ -666,9 +682,9 @@ ${MAIN}
     workgroupBarrier();
     ${
     range(half).map((i) =>
-      `PT[r * ${tstr}u + ${scoreCol(i, br, true)}] = f16(p${i} * (SS[r * ${sstr}u + ${
-        scoreCol(i, br, true)
-      }] - LD[${br}u + ${scoreCol(i, br, true)}]) * p.scale);`
+      `PT[tAt + ${scoreStep(i, true)}] = f16(p${i} * (SS[sAt + ${scoreStep(i, true)}] - LD[${br}u + c0 + ${
+        scoreStep(i, true)
+      }]) * p.scale);`
     ).join("\n    ")
   }
     workgroupBarrier();
