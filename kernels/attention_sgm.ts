@@ -56,10 +56,11 @@ const THREAD_ROW = `let r = sg * ${SGM_FRAG}u + lane / 2u;
  * Which scores of its row a thread takes in its elementwise steps: step `i` reads (and writes P or dS at) column
  * `c0 + scoreStep(i)`, with `c0` from {@linkcode scoreStart}. The scratch's rows are 4 mod 32 words apart (16-byte
  * aligned fragment rows), so when each of the two threads of a row takes a contiguous half, the 32 lanes of a
- * step read 8 banks (4-way conflicts); `alternate` columns spread them over 16. Measured on the H200 (ms of a 1B
- * training step): the forward took 11.6 with halves and 16.8 alternating (15.1 with rows 8-15 also shifted by a
- * word, conflict-free, which needs a wrap per step), dQ the same either way, and dK/dV 31.5 alternating against
- * 33.4 with halves. So only dK/dV alternates. Addresses are a per-thread base plus these constants.
+ * step read 8 banks (4-way conflicts); `alternate` columns spread them over 16. A/B on the H200 in one call (ms of
+ * a 1B training step, addresses as a per-thread base plus these constants): forward 11.7 with halves against
+ * 13.4 alternating, dQ 17.8 against 17.0; dK/dV 33.4 against 31.5-32.0 (other calls). So the forward takes
+ * halves and the backward kernels alternate. (Shifting rows 8-15 by a word as well, conflict-free, needs a wrap
+ * per step and measured slower still.)
  */
 function scoreStep(i: number, alternate: boolean): string {
   return `${alternate ? 2 * i : i}u`;
@@ -577,7 +578,7 @@ ${rowBlockStart(hd, bc)}
     delta = DELTA[row_stat(b, hk, R)];
   }
   let visible = min(pos + 1u, p.kv_len); // keys this row sees
-  let c0 = ${scoreStart(bc, false)};
+  let c0 = ${scoreStart(bc, true)};
   let sAt = r * ${sstr}u + c0;
   let pAt = r * ${pstr}u + c0;
   ${resultDecls("dq", hd)}
@@ -593,8 +594,8 @@ ${rowBlockStart(hd, bc)}
     ${
     range(half).map((i) =>
       `var p${i} = 0.0;
-    if (kc + ${scoreStep(i, false)} < visible) { p${i} = exp(SS[sAt + ${
-        scoreStep(i, false)
+    if (kc + ${scoreStep(i, true)} < visible) { p${i} = exp(SS[sAt + ${
+        scoreStep(i, true)
       }] * p.scale - lse); }`
     ).join("\n    ")
   }
@@ -603,7 +604,7 @@ ${rowBlockStart(hd, bc)}
     workgroupBarrier();
     ${
     range(half).map((i) =>
-      `PS[pAt + ${scoreStep(i, false)}] = f16(p${i} * (SS[sAt + ${scoreStep(i, false)}] - delta) * p.scale);`
+      `PS[pAt + ${scoreStep(i, true)}] = f16(p${i} * (SS[sAt + ${scoreStep(i, true)}] - delta) * p.scale);`
     ).join("\n    ")
   }
     workgroupBarrier();
