@@ -21,7 +21,8 @@
  *   (BM/sgM) x (BN/sgN) sub-block as a grid of 16x16 f32 result fragments (register accumulators);
  * - K advances in BK steps. Each operand's BK slice is staged in workgroup memory in its stored orientation
  *   (rows padded by `pad` halves against bank conflicts), so a transpose is only a column-major fragment load;
- *   staging is either by all threads with 4/8/16-byte global loads (`threads`), or by subgroups copying 16x16
+ *   staging is either by all threads with 4/8/16-byte global loads (`threads`; each lane stores its 16 bytes in a
+ *   rotated word order, `rotate`, so the f16 stores are free of bank conflicts), or by subgroups copying 16x16
  *   fragments (`fragments`); `global` skips staging and loads fragments straight from global memory (the first
  *   kernel of issue 9, kept as a control);
  * - with two buffers, the next slice's global loads are issued before the current slice's multiplies and stored
@@ -30,8 +31,9 @@
  *   stages each fragment through a small f32 scratch so that threads can apply alpha, accumulate, convert to
  *   f16 and check bounds element by element.
  *
- * Shapes: `threads` staging handles any M, N, K (loads are bounds-checked and zero-filled, stores checked) as
- * long as each operand's contiguous dimension, batch stride and offset are multiples of the load width `vec`;
+ * Shapes: `threads` staging handles any M, N, K (loads are bounds-checked and zero-filled where a slice leaves
+ * C's block or K, stores checked) as long as each operand's contiguous dimension, batch stride and offset are
+ * multiples of the load width `vec`;
  * `fragments` and `global` need M, N, K multiples of BM, BN, BK and 8-aligned offsets. {@linkcode sgmLaunch}
  * throws on anything else; {@linkcode pickSgmConfig} returns null for shapes the op should leave to the plain
  * kernel.
@@ -380,7 +382,7 @@ export const SGM_SWEEP: readonly SgmConfig[] = [
   { ...SGM_SMALL, bk: 32, buffers: 2 }, // the small blocks double-buffered (the default until 2026-11-29)
   { ...SGM_LARGE, stage: "fragments", rotate: false }, // fragment staging, single buffered
   { ...SGM_SMALL, bk: 16, stage: "global", buffers: 1, pad: 0, rotate: false }, // no staging: the 35 TFLOP/s start
-  // no register prefetch: fewer registers a thread, so more workgroups an SM hide each other's loads
+  // no register prefetch: fewer registers a thread, more workgroups an SM (measured slower: 151 against 205)
   { ...SGM_LARGE, prefetch: false },
   { ...SGM_LARGE, bk: 32, prefetch: false }, // and half the workgroup memory
   { ...SGM_LARGE, sgM: 2, sgN: 2, prefetch: false }, // 4 subgroups of 64x64
