@@ -5,7 +5,10 @@
  * check or measurement on stdout (and appended to `--out`).
  *
  *   deno run -A bench/matmul_sgm.ts --gpu dawn [--out sgm.jsonl] [--budget-s 420] [--compare-robustness]
- *     [--sizes 4096,8192] [--configs NAME,NAME] [--no-checks] [--torch-tflops 778.3] [--quick]
+ *     [--sizes 4096,8192] [--configs NAME,NAME] [--extra JSON] [--no-checks] [--torch-tflops 778.3] [--quick]
+ *
+ * `--extra '[{"sgN": 4}, {"ablate": "stage"}]'` adds configs given as changes to SGM_LARGE (experiments; the
+ * `ablate` ones time the kernel without its staging or its multiplies and give wrong results on purpose).
  *
  * Phases:
  * 1. device: adapter, features, the subgroup-matrix configs (their fields), subgroup sizes, whether the op would
@@ -573,6 +576,15 @@ if (import.meta.main) {
   const only = flag("configs")?.split(",");
   let candidates = defaultCandidates(quick);
   if (only) candidates = candidates.filter((c) => only.includes(c.name));
+  // --extra '[{"bk": 32, "buffers": 2}, ...]': experimental configs, each a change to SGM_LARGE
+  const extra = flag("extra");
+  if (extra) {
+    for (const change of JSON.parse(extra) as Partial<SgmConfig>[]) {
+      const sgm = { ...SGM_LARGE, ...change };
+      validateSgmConfig(sgm);
+      candidates.push({ name: sgmConfigName(sgm), sgm });
+    }
+  }
   const outPath = flag("out");
   const file = outPath ? await Deno.open(outPath, { write: true, create: true, append: true }) : null;
   const enc = new TextEncoder();

@@ -26,7 +26,13 @@
  *   fragments (`fragments`); `global` skips staging and loads fragments straight from global memory (the first
  *   kernel of issue 9, kept as a control);
  * - with two buffers, the next slice's global loads are issued before the current slice's multiplies and stored
- *   to the other buffer after them, so one barrier per step suffices;
+ *   to the other buffer after them, so one barrier per step suffices; the loop is unrolled by two so that both
+ *   buffers sit at constant offsets (a buffer picked at run time made the fragment loads 2.5x slower);
+ * - with `producers`, extra subgroups do all the staging and the others only multiply (warp specialization;
+ *   measured slower, kept in the sweep);
+ * - `constOffsets` emits each slice's multiplies once per subgroup, so that every fragment load from workgroup
+ *   memory has a constant offset: Tint's robustness then proves it in bounds and drops the `if` it otherwise
+ *   wraps around each subgroup-matrix load (the op's configs use it: 221 -> 240 TFLOP/s at 8192^3);
  * - the epilogue stores fragments straight into an f32 C when the block is whole and nothing is accumulated, or
  *   stages each fragment through a small f32 scratch so that threads can apply alpha, accumulate, convert to
  *   f16 and check bounds element by element.
@@ -91,6 +97,25 @@ export interface SgmConfig {
    * different banks whenever a staged row is a multiple of 64 halves.
    */
   rotate?: boolean;
+  /**
+   * Benchmark ablations only (wrong results): `stage` leaves out the global loads and staging stores (the
+   * multiplies read whatever workgroup memory holds), `compute` leaves out the fragment loads and multiplies,
+   * `store` writes only the first half of each staged load, `load` stages a per-thread constant instead of
+   * loading A and B.
+   */
+  ablate?: "stage" | "compute" | "store" | "load";
+  /**
+   * Warp specialization: this many extra subgroups only stage (global loads into registers, one slice ahead,
+   * then stores to the free buffer) while the `sgM * sgN` compute subgroups only multiply. Needs two buffers and
+   * `threads` staging. 0 or absent: every thread does both.
+   */
+  producers?: number;
+  /**
+   * Give every fragment load a constant offset by emitting the slice's multiplies once per subgroup, chosen by
+   * `subgroup_id`: Tint then proves the loads in bounds and skips the bounds predication robustness otherwise
+   * wraps around each subgroup-matrix load (an `if` and a function variable per fragment).
+   */
+  constOffsets?: boolean;
 }
 
 /** Layout and output of one variant. */
@@ -107,7 +132,17 @@ export interface SgmLayout {
 
 /** Threads per workgroup of a config. */
 export function sgmThreads(c: SgmConfig): number {
+  return (c.sgM * c.sgN + (c.producers ?? 0)) * SGM_SUBGROUP;
+}
+
+/** Threads that multiply (the compute subgroups; they also run the epilogue). */
+export function sgmComputeThreads(c: SgmConfig): number {
   return c.sgM * c.sgN * SGM_SUBGROUP;
+}
+
+/** Threads that stage operand tiles: the producer subgroups when there are any, else every thread. */
+export function sgmStagingThreads(c: SgmConfig): number {
+  return c.producers ? c.producers * SGM_SUBGROUP : sgmThreads(c);
 }
 
 /** Short name of a config, e.g. `128x128x32_2x4_threads_v8_p8_b2_s8`. */
@@ -115,7 +150,9 @@ export function sgmConfigName(c: SgmConfig): string {
   const stage = c.stage === "threads" ? `threads_v${c.vec}` : c.stage;
   const prefetch = c.prefetch === false ? "_np" : "";
   const rotate = c.rotate ? "_r" : "";
-  return `${c.bm}x${c.bn}x${c.bk}_${c.sgM}x${c.sgN}_${stage}_p${c.pad}_b${c.buffers}_s${c.swizzle}${prefetch}${rotate}`;
+  const ablate = c.ablate ? `_no-${c.ablate}` : "";
+  const producers = (c.producers ? `+${c.producers}` : "") + (c.constOffsets ? "_k" : "");
+  return `${c.bm}x${c.bn}x${c.bk}_${c.sgM}x${c.sgN}${producers}_${stage}_p${c.pad}_b${c.buffers}_s${c.swizzle}${prefetch}${rotate}${ablate}`;
 }
 
 // ---- the index maps (pure; shared by the WGSL generator and the CPU emulation) ------------------------------
@@ -182,12 +219,15 @@ export function sgmFragmentOrigin(plan: SgmOperandPlan, w: number, i: number, kk
 
 /** Global-to-shared vectors each thread moves per slice (`threads` staging). */
 export function sgmThreadSlots(c: SgmConfig, plan: SgmOperandPlan): number {
-  return (plan.rows * plan.cols) / c.vec / sgmThreads(c);
+  return (plan.rows * plan.cols) / c.vec / sgmStagingThreads(c);
 }
 
-/** The first element of the `vec` halves thread `lid` loads in slot `s` (`threads` staging). */
+/**
+ * The first element of the `vec` halves staging thread `lid` (counted among {@linkcode sgmStagingThreads})
+ * loads in slot `s` (`threads` staging).
+ */
 export function sgmThreadSlot(c: SgmConfig, plan: SgmOperandPlan, lid: number, s: number): TileCoord {
-  const perRow = plan.cols / c.vec, v = lid + s * sgmThreads(c);
+  const perRow = plan.cols / c.vec, v = lid + s * sgmStagingThreads(c);
   return { row: Math.floor(v / perRow), col: (v % perRow) * c.vec };
 }
 
@@ -235,7 +275,7 @@ export function sgmEpilogueElement(
   lid: number,
   e: number,
 ): { index: number; slot: number; row: number; col: number } {
-  const index = lid + e * sgmThreads(c);
+  const index = lid + e * sgmComputeThreads(c);
   const inFrag = index % (SGM_FRAG * SGM_FRAG);
   return {
     index,
@@ -247,7 +287,7 @@ export function sgmEpilogueElement(
 
 /** Epilogue passes per fragment (each thread writes one scratch element per pass). */
 export function sgmEpiloguePasses(c: SgmConfig): number {
-  return (c.sgM * c.sgN * SGM_FRAG * SGM_FRAG) / sgmThreads(c);
+  return (c.sgM * c.sgN * SGM_FRAG * SGM_FRAG) / sgmComputeThreads(c);
 }
 
 /** Workgroup-memory bytes of a config: staged tiles, plus the epilogue scratch when `staged`. */
@@ -278,6 +318,9 @@ export function validateSgmConfig(
   if (!(c.swizzle >= 1) || !Number.isInteger(c.swizzle)) fail("swizzle must be a positive integer");
   if (c.rotate && (c.stage !== "threads" || c.vec !== 8)) {
     fail("rotate needs threads staging with 16-byte loads");
+  }
+  if (c.producers && (c.stage !== "threads" || c.buffers !== 2 || !Number.isInteger(c.producers))) {
+    fail("producer subgroups need threads staging and two buffers");
   }
   if (c.prefetch === false && (c.buffers !== 1 || c.stage === "global")) {
     fail("prefetch can only be turned off for one staged buffer");
@@ -329,17 +372,27 @@ export const SGM_DOUBLE_BUFFERED: SgmConfig = {
 };
 
 /**
- * The default for large products: {@linkcode SGM_DOUBLE_BUFFERED} with K slices of 64 in one buffer, the fastest
- * config of the first H200 sweep (197 TFLOP/s at 4096^3 against 76 for the double-buffered one, BENCHMARKS.md):
- * the prefetch registers of double buffering cost more occupancy than the overlap gains. Staging stores rotated
- * ({@linkcode SgmConfig.rotate}): 221 TFLOP/s at 8192^3 against 205 (BENCHMARKS.md).
+ * The op's config until 2026-11-29 and the base of most sweep entries: {@linkcode SGM_DOUBLE_BUFFERED} with K
+ * slices of 64 in one buffer (197 TFLOP/s at 4096^3 against 76 for the double-buffered one in the first H200
+ * sweep: the prefetch registers of double buffering cost more occupancy than the overlap gains) and staging
+ * stores rotated ({@linkcode SgmConfig.rotate}; 205 -> 221 TFLOP/s at 8192^3). BENCHMARKS.md has the figures.
  */
-export const SGM_LARGE: SgmConfig = { ...SGM_DOUBLE_BUFFERED, bk: 64, buffers: 1, rotate: true };
+export const SGM_EIGHT_SUBGROUPS: SgmConfig = { ...SGM_DOUBLE_BUFFERED, bk: 64, buffers: 1, rotate: true };
+
+/**
+ * The default for large products: 128x128x64 blocks of 4 subgroups of 64x64 (4x4 fragments), one buffer,
+ * rotated staging stores and constant fragment offsets ({@linkcode SgmConfig.constOffsets}). With the offsets
+ * constant, Tint drops its bounds predicate around every fragment load, which made the larger warp tiles pay:
+ * 240 TFLOP/s at 8192^3 (35.5% of PyTorch bf16 in the same call) against 221 for
+ * {@linkcode SGM_EIGHT_SUBGROUPS} and 128 for the same 4 subgroups without constant offsets (BENCHMARKS.md).
+ */
+export const SGM_LARGE: SgmConfig = { ...SGM_EIGHT_SUBGROUPS, sgM: 2, sgN: 2, constOffsets: true };
 
 /**
  * 64x64 blocks of 4 subgroups (2x2 fragments each): products with too few 128x128 blocks to fill the GPU. One
  * buffer with K slices of 64, like {@linkcode SGM_LARGE}: 141 TFLOP/s at 8192^3 against 63 for the same blocks
- * double-buffered with slices of 32, and 155 with its staging stores rotated (BENCHMARKS.md).
+ * double-buffered with slices of 32, 155 with its staging stores rotated, and 170 with constant fragment
+ * offsets (BENCHMARKS.md).
  */
 export const SGM_SMALL: SgmConfig = {
   bm: 64,
@@ -353,6 +406,7 @@ export const SGM_SMALL: SgmConfig = {
   buffers: 1,
   swizzle: 8,
   rotate: true,
+  constOffsets: true,
 };
 
 /**
@@ -363,13 +417,25 @@ export const SGM_SMALL: SgmConfig = {
  */
 export const SGM_SWEEP: readonly SgmConfig[] = [
   SGM_LARGE,
-  { ...SGM_LARGE, sgM: 2, sgN: 2 }, // 4 subgroups of 64x64 (4x4 fragments): more reuse per fragment load
-  { ...SGM_LARGE, bm: 256, bk: 32, sgM: 4, sgN: 2 }, // 256x128x32 single buffer, 8 subgroups of 64x64
-  { ...SGM_LARGE, bk: 48 }, // a shallower slice: less workgroup memory, more workgroups per SM
   { ...SGM_LARGE, swizzle: 16 }, // wider block groups: L2 reuse at 8192^3
-  { ...SGM_LARGE, sgM: 4, sgN: 2 }, // the default with 8 subgroups of 32x64
-  { ...SGM_LARGE, bn: 256, bk: 32 }, // 128x256x32 single buffer (176 TFLOP/s at 4096^3 in the first sweep)
+  { ...SGM_LARGE, bk: 32 }, // half the workgroup memory and prefetch registers
+  { ...SGM_LARGE, rotate: false }, // staging stores in the plain order (4-way bank conflicts)
+  { ...SGM_LARGE, constOffsets: false }, // Tint's bounds predicate on every fragment load (128 TFLOP/s)
+  { ...SGM_LARGE, bn: 256, bk: 32, sgN: 4 }, // 128x256x32, 8 subgroups of 64x64
+  { ...SGM_LARGE, bm: 256, bk: 32, sgM: 4 }, // 256x128x32, 8 subgroups of 64x64
+  { ...SGM_EIGHT_SUBGROUPS, constOffsets: true }, // 8 subgroups of 64x32 with constant offsets
+  SGM_EIGHT_SUBGROUPS,
+  { ...SGM_EIGHT_SUBGROUPS, rotate: false }, // the op's config until the rotated stores
+  { ...SGM_EIGHT_SUBGROUPS, bm: 256, bk: 32, sgM: 4 }, // 256x128x32 single buffer, 8 subgroups of 64x64
+  { ...SGM_EIGHT_SUBGROUPS, bk: 48 }, // a shallower slice: less workgroup memory, more workgroups per SM
+  { ...SGM_EIGHT_SUBGROUPS, sgM: 4, sgN: 2 }, // 8 subgroups of 32x64
+  { ...SGM_EIGHT_SUBGROUPS, bn: 256, bk: 32 }, // 128x256x32 single buffer (176 TFLOP/s at 4096^3 in the first sweep)
+  // double buffering (both buffers at constant offsets since 2026-11-29: 56-77 -> 159 TFLOP/s at 8192^3)
   SGM_DOUBLE_BUFFERED,
+  { ...SGM_DOUBLE_BUFFERED, rotate: true },
+  { ...SGM_DOUBLE_BUFFERED, rotate: true, constOffsets: true },
+  { ...SGM_DOUBLE_BUFFERED, sgM: 4, sgN: 2, rotate: true },
+  { ...SGM_DOUBLE_BUFFERED, bk: 16, rotate: true }, // shallower slices: more workgroups per SM
   { ...SGM_DOUBLE_BUFFERED, sgM: 4, sgN: 2 }, // 8 subgroups of 32x64 (2x4 fragments)
   { ...SGM_DOUBLE_BUFFERED, sgM: 2, sgN: 2 }, // 4 subgroups of 64x64 (4x4 fragments)
   { ...SGM_DOUBLE_BUFFERED, bn: 256, bk: 16 }, // 128x256, 8 subgroups of 64x64
@@ -378,18 +444,19 @@ export const SGM_SWEEP: readonly SgmConfig[] = [
   { ...SGM_DOUBLE_BUFFERED, vec: 4 }, // 8-byte loads
   { ...SGM_DOUBLE_BUFFERED, pad: 0 }, // bank conflicts' cost
   { ...SGM_DOUBLE_BUFFERED, swizzle: 1 }, // plain block order
+  // warp specialization: 4 producer subgroups stage while 8 multiply (129 TFLOP/s: the producers fall behind)
+  { ...SGM_DOUBLE_BUFFERED, rotate: true, producers: 4 },
   SGM_SMALL,
-  { ...SGM_SMALL, bk: 32, buffers: 2 }, // the small blocks double-buffered (the default until 2026-11-29)
-  { ...SGM_LARGE, stage: "fragments", rotate: false }, // fragment staging, single buffered
-  { ...SGM_SMALL, bk: 16, stage: "global", buffers: 1, pad: 0, rotate: false }, // no staging: the 35 TFLOP/s start
-  // no register prefetch: fewer registers a thread, more workgroups an SM (measured slower: 151 against 205)
+  { ...SGM_SMALL, constOffsets: false },
+  { ...SGM_SMALL, bk: 32, buffers: 2 }, // the small blocks double-buffered
+  { ...SGM_SMALL, rotate: false, constOffsets: false }, // the small config until 2026-11-29
+  { ...SGM_EIGHT_SUBGROUPS, stage: "fragments", rotate: false }, // fragment staging, single buffered (67)
+  { ...SGM_SMALL, bk: 16, stage: "global", buffers: 1, pad: 0, rotate: false, constOffsets: false }, // the 35 TFLOP/s start
+  // no register prefetch: fewer registers a thread, more workgroups an SM (151 against 205; 164 against 240)
   { ...SGM_LARGE, prefetch: false },
-  { ...SGM_LARGE, bk: 32, prefetch: false }, // and half the workgroup memory
-  { ...SGM_LARGE, sgM: 2, sgN: 2, prefetch: false }, // 4 subgroups of 64x64
+  { ...SGM_EIGHT_SUBGROUPS, prefetch: false },
+  { ...SGM_EIGHT_SUBGROUPS, bk: 32, prefetch: false }, // and half the workgroup memory
   { ...SGM_SMALL, prefetch: false },
-  // staging stores in the plain order (4-way bank conflicts): the op's configs until 2026-11-29
-  { ...SGM_LARGE, rotate: false },
-  { ...SGM_SMALL, rotate: false },
 ];
 
 // ---- choosing the kernel -------------------------------------------------------------------------------------
@@ -544,6 +611,8 @@ function wordType(vec: number): string {
 
 function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
   const T = sgmThreads(c), NSG = c.sgM * c.sgN;
+  const ST = sgmStagingThreads(c), CT = sgmComputeThreads(c);
+  const producers = (c.producers ?? 0) > 0;
   const pa = sgmOperandPlan(c, L, "A"), pb = sgmOperandPlan(c, L, "B");
   const staged = !v.direct;
   const stage = c.stage;
@@ -576,7 +645,7 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
     for (const o of ops) {
       const perRow = o.p.cols / W;
       for (let s = 0; s < sgmThreadSlots(c, o.p); s++) {
-        const idx = `(lid + ${s * T}u)`;
+        const idx = `(${producers ? "slid" : "lid"} + ${s * ST}u)`;
         lets.push(`let ${o.X}r${s} = ${idx} / ${perRow}u; let ${o.X}c${s} = (${idx} % ${perRow}u) * ${W}u;`);
         lets.push(`let ${o.X}s${s} = ${o.X}r${s} * ${o.p.stride}u + ${o.X}c${s};`);
         decls.push(`var ${o.X}g${s}: ${wordType(W)};`);
@@ -603,7 +672,9 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
     ops.flatMap((o) =>
       Array.from({ length: sgmThreadSlots(c, o.p) }, (_, s) => {
         const r = `${o.X}r${s}`, col = `${o.X}c${s}`;
-        const load = `${o.X}[(${globalOffset(o, r, col, k0)}) / ${W}u]`;
+        const load = c.ablate === "load"
+          ? `${wordType(W)}(lid ^ ${k0})`
+          : `${o.X}[(${globalOffset(o, r, col, k0)}) / ${W}u]`;
         return checked
           ? `if (${inBounds(o, r, col, k0)}) { ${o.X}g${s} = ${load}; } else { ${o.X}g${s} = ${
             wordType(W)
@@ -612,6 +683,7 @@ function sgmWgsl(c: SgmConfig, L: SgmLayout, v: Variant): string {
       })
     );
   const loadSlice = (k0: string, indent: string): string => {
+    if (c.ablate === "stage") return "";
     if (stage === "threads") {
       if (v.exact) return threadLoads(k0, false).join(`\n${indent}`);
       const fast = threadLoads(k0, false).join(`\n${indent}  `);
@@ -639,6 +711,7 @@ ${indent}}`;
 
   // Writes the staging registers into buffer `buf` (an element offset expression per operand).
   const storeSlice = (bufA: string, bufB: string, indent: string): string => {
+    if (c.ablate === "stage") return "";
     const out: string[] = [];
     for (const o of ops) {
       const buf = o.X === "A" ? bufA : bufB;
@@ -660,6 +733,7 @@ ${indent}}`;
                   }, rot == 3u), rot >= 2u);`,
                 );
               }
+              if (c.ablate === "store" && w > 0) continue;
               parts.push(
                 `let h${w} = bitcast<vec2<f16>>(gr.${
                   comps[w]
@@ -688,7 +762,21 @@ ${indent}}`;
   };
 
   // The multiply-accumulates of one slice, reading fragments from staging buffers (or global memory).
+  const warpStep = (o: Op) => (o.p.kContiguous ? o.p.warpTile * o.p.stride : o.p.warpTile);
   const computeSlice = (bufA: string, bufB: string, k0: string): string => {
+    if (c.ablate === "compute") return "";
+    if (!c.constOffsets || stage === "global") return computeSliceAt(bufA, bufB, k0, "aw", "bw");
+    // one copy per subgroup, each with constant fragment offsets (see SgmConfig.constOffsets)
+    const copies = Array.from({ length: NSG }, (_, sgi) => {
+      const { wm, wn } = sgmSubgroupTile(c, sgi);
+      const body = computeSliceAt(bufA, bufB, k0, `${wm * warpStep(ops[0])}u`, `${wn * warpStep(ops[1])}u`);
+      return `${sgi < NSG - 1 ? `if (sg == ${sgi}u) ` : ""}{
+    ${body}
+    }`;
+    });
+    return copies.join(" else ");
+  };
+  const computeSliceAt = (bufA: string, bufB: string, k0: string, aw: string, bw: string): string => {
     const out: string[] = [];
     for (let kk = 0; kk < c.bk / SGM_FRAG; kk++) {
       const body: string[] = [];
@@ -709,7 +797,7 @@ ${indent}}`;
             );
           } else {
             const buf = o.X === "A" ? bufA : bufB;
-            const warpOff = o.X === "A" ? "aw" : "bw";
+            const warpOff = o.X === "A" ? aw : bw;
             const off = `${buf} + ${warpOff} + ${at.row * o.p.stride + at.col}u`;
             body.push(
               `let ${name}${i} = subgroupMatrixLoad<${type}, ${
@@ -730,29 +818,65 @@ ${indent}}`;
   };
 
   // ---- the K loop ----
-  const bufA = (t: string) => (c.buffers === 2 ? `(${t} & 1u) * ${pa.bufferElems}u` : "0u");
-  const bufB = (t: string) => (c.buffers === 2 ? `(${t} & 1u) * ${pb.bufferElems}u` : "0u");
   let loop: string;
   if (stage === "global") {
     loop = `for (var t = 0u; t < ntiles; t++) {
     let k0 = t * ${c.bk}u;
     ${computeSlice("", "", "k0")}
   }`;
+  } else if (producers) {
+    // Producer subgroups store the slice held in registers into the free buffer and load the next one while the
+    // compute subgroups multiply the other buffer; one barrier a step hands the buffers over.
+    const step = (cur: number, nxt: number, ahead: number) =>
+      `{
+      if (producer) {
+        if (t + ${ahead}u < ntiles) {
+          ${storeSlice(`${nxt * pa.bufferElems}u`, `${nxt * pb.bufferElems}u`, "          ")}
+          if (t + ${ahead + 1}u < ntiles) {
+            let kn = (t + ${ahead + 1}u) * ${c.bk}u;
+            ${loadSlice("kn", "            ")}
+          }
+        }
+      } else {
+        ${computeSlice(`${cur * pa.bufferElems}u`, `${cur * pb.bufferElems}u`, "")}
+      }
+      workgroupBarrier();
+    }`;
+    loop = `if (producer) {
+    ${loadSlice("0u", "    ")}
+    ${storeSlice("0u", "0u", "    ")}
+    if (1u < ntiles) {
+      let kn = ${c.bk}u;
+      ${loadSlice("kn", "      ")}
+    }
+  }
+  workgroupBarrier();
+  for (var t = 0u; t < ntiles; t += 2u) {
+    ${step(0, 1, 1)}
+    if (t + 1u < ntiles) ${step(1, 0, 2)}
+  }`;
   } else if (c.buffers === 2) {
+    // Unrolled by two, so that each half reads and writes its buffers at constant offsets: with the buffer
+    // chosen at run time ((t & 1) * size) the fragment loads ran 2.5x slower on the H200 (BENCHMARKS.md).
+    const half = (cur: number, nxt: number, ahead: string) =>
+      `{
+      let more = t + ${ahead}u < ntiles;
+      if (more) {
+        let kn = (t + ${ahead}u) * ${c.bk}u;
+        ${loadSlice("kn", "        ")}
+      }
+      ${computeSlice(`${cur * pa.bufferElems}u`, `${cur * pb.bufferElems}u`, "")}
+      if (more) {
+        ${storeSlice(`${nxt * pa.bufferElems}u`, `${nxt * pb.bufferElems}u`, "        ")}
+      }
+      workgroupBarrier();
+    }`;
     loop = `${loadSlice("0u", "  ")}
   ${storeSlice("0u", "0u", "  ")}
   workgroupBarrier();
-  for (var t = 0u; t < ntiles; t++) {
-    let more = t + 1u < ntiles;
-    if (more) {
-      let kn = (t + 1u) * ${c.bk}u;
-      ${loadSlice("kn", "      ")}
-    }
-    ${computeSlice(bufA("t"), bufB("t"), "")}
-    if (more) {
-      ${storeSlice(bufA("(t + 1u)"), bufB("(t + 1u)"), "      ")}
-    }
-    workgroupBarrier();
+  for (var t = 0u; t < ntiles; t += 2u) {
+    ${half(0, 1, "1")}
+    if (t + 1u < ntiles) ${half(1, 0, "2")}
   }`;
   } else if (c.prefetch === false) {
     loop = `for (var t = 0u; t < ntiles; t++) {
@@ -785,29 +909,34 @@ ${indent}}`;
       const row0 = `m0 + wmI * ${pa.warpTile}u + ${i * SGM_FRAG}u`;
       const col0 = `n0 + wnI * ${pb.warpTile}u + ${j * SGM_FRAG}u`;
       if (!staged) {
-        epi.push(
-          `subgroupMatrixStore<row_major>(&C, baseC + (${row0}) * p.n + ${col0}, subgroupMatrixScalarMultiply(acc${i}_${j}, p.alpha), p.n);`,
-        );
+        const store =
+          `subgroupMatrixStore<row_major>(&C, baseC + (${row0}) * p.n + ${col0}, subgroupMatrixScalarMultiply(acc${i}_${j}, p.alpha), p.n);`;
+        epi.push(producers ? `if (!producer) { ${store} }` : store);
         continue;
       }
       const writes: string[] = [];
+      const guard = [...(v.exact ? [] : ["row < p.m && col < p.n"]), ...(producers ? ["!producer"] : [])];
+      const epilogueGuard = guard.length ? `if (${guard.join(" && ")}) ` : "";
       for (let e = 0; e < sgmEpiloguePasses(c); e++) {
         const cur = L.accumulate ? ` + f32(C[ci])` : "";
         // scratch index -> subgroup slot -> that subgroup's fragment (i, j) in C (as sgmEpilogueElement)
         writes.push(`{
-      let idx = lid + ${e * T}u;
+      let idx = lid + ${e * CT}u;
       let slot = idx / ${SGM_FRAG * SGM_FRAG}u;
       let row = m0 + (slot % ${c.sgM}u) * ${pa.warpTile}u + ${i * SGM_FRAG}u + (idx % ${
           SGM_FRAG * SGM_FRAG
         }u) / ${SGM_FRAG}u;
       let col = n0 + (slot / ${c.sgM}u) * ${pb.warpTile}u + ${j * SGM_FRAG}u + idx % ${SGM_FRAG}u;
-      ${v.exact ? "" : "if (row < p.m && col < p.n) "}{
+      ${epilogueGuard}{
         let ci = baseC + row * p.n + col;
         C[ci] = ${outT}(p.alpha * SC[idx]${cur});
       }
     }`);
       }
-      epi.push(`subgroupMatrixStore<row_major>(&SC, sg * ${SGM_FRAG * SGM_FRAG}u, acc${i}_${j}, ${SGM_FRAG}u);
+      const toScratch = `subgroupMatrixStore<row_major>(&SC, sg * ${
+        SGM_FRAG * SGM_FRAG
+      }u, acc${i}_${j}, ${SGM_FRAG}u);`;
+      epi.push(`${producers ? `if (!producer) { ${toScratch} }` : toScratch}
   workgroupBarrier();
   ${writes.join("\n  ")}
   workgroupBarrier();`);
@@ -832,12 +961,10 @@ ${indent}}`;
   const shared = stage === "global" ? "" : `var<workgroup> SA: array<f16, ${c.buffers * pa.bufferElems}>;
 var<workgroup> SB: array<f16, ${c.buffers * pb.bufferElems}>;`;
   const scratch = staged ? `var<workgroup> SC: array<f32, ${NSG * SGM_FRAG * SGM_FRAG}>;` : "";
-  const warpOffsets = stage === "global" ? "" : ["aw", "bw"].map((name, x) => {
-    const o = ops[x];
-    // offset of the subgroup's first fragment: its warp index times the warp tile, along rows or columns
-    const step = o.p.kContiguous ? o.p.warpTile * o.p.stride : o.p.warpTile;
-    return `let ${name} = ${o.w} * ${step}u;`;
-  }).join("\n  ");
+  // offset of the subgroup's first fragment: its warp index times the warp tile, along rows or columns
+  const warpOffsets = stage === "global" || c.constOffsets
+    ? ""
+    : ["aw", "bw"].map((name, x) => `let ${name} = ${ops[x].w} * ${warpStep(ops[x])}u;`).join("\n  ");
 
   return `enable f16;
 enable subgroups;
@@ -876,7 +1003,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   ${[0, 1, 2, 3].map((w) => `let rq${w} = 2u * ((${w}u + rot) % 4u);`).join(" ")}`
       : ""
   }
-  let wmI = sg % ${c.sgM}u;
+  ${
+    producers
+      ? `let producer = sg >= ${NSG}u;
+  let slid = lid - ${CT}u;
+  `
+      : ""
+  }let wmI = sg % ${c.sgM}u;
   let wnI = sg / ${c.sgM}u;
   ${warpOffsets}
   ${lets.join("\n  ")}

@@ -15,6 +15,7 @@ import {
   SGM_SMALL,
   SGM_SWEEP,
   sgmBlockOf,
+  sgmComputeThreads,
   type SgmConfig,
   sgmConfigName,
   sgmCopySlot,
@@ -28,9 +29,9 @@ import {
   type SgmLayout,
   type SgmOperandPlan,
   sgmOperandPlan,
+  sgmStagingThreads,
   sgmSubgroupTile,
   sgmSupported,
-  sgmThreads,
   sgmThreadSlot,
   sgmThreadSlots,
   validateSgmConfig,
@@ -120,7 +121,7 @@ function emulate(
 ): Float64Array {
   const { m, n, k } = e;
   const pa = sgmOperandPlan(c, L, "A"), pb = sgmOperandPlan(c, L, "B");
-  const T = sgmThreads(c), NSG = c.sgM * c.sgN;
+  const NSG = c.sgM * c.sgN;
   const exact = sgmExact(c, m, n, k);
   const direct = exact && L.out === "f32" && !L.accumulate;
   const C = Float64Array.from(c0);
@@ -161,7 +162,7 @@ function emulate(
               S[i] = v;
             };
             if (c.stage === "threads") {
-              for (let lid = 0; lid < T; lid++) {
+              for (let lid = 0; lid < sgmStagingThreads(c); lid++) {
                 for (let s = 0; s < sgmThreadSlots(c, o.p); s++) {
                   const { row, col } = sgmThreadSlot(c, o.p, lid, s);
                   assert.ok(row < o.p.rows && col + c.vec <= o.p.cols, "thread slot inside the tile");
@@ -229,7 +230,7 @@ function emulate(
             const SC = new Float64Array(NSG * 256);
             for (let sg = 0; sg < NSG; sg++) SC.set(frag(sg), sg * 256);
             const done = new Uint8Array(NSG * 256);
-            for (let lid = 0; lid < T; lid++) {
+            for (let lid = 0; lid < sgmComputeThreads(c); lid++) {
               for (let p = 0; p < sgmEpiloguePasses(c); p++) {
                 const el = sgmEpilogueElement(c, lid, p);
                 assert.ok(!done[el.index]++, "epilogue element written once");
@@ -418,9 +419,16 @@ Deno.test("generated subgroup-matrix WGSL, run by a CPU interpreter, matches a f
   const tinySingle = { ...SGM_TINY, buffers: 1 as const, swizzle: 1 };
   const tinyNoPrefetch = { ...tinySingle, prefetch: false };
   const tinyRotate = { ...SGM_TINY, bk: 32, vec: 8 as const, rotate: true };
+  // warp specialization: one or two subgroups only stage
+  const tinyProducers = { ...SGM_TINY, producers: 1 };
+  const tinyProducersRotate = { ...tinyRotate, producers: 2 };
+  // constant fragment offsets: one copy of the multiplies per subgroup
+  const tinyConst = { ...tinyRotate, constOffsets: true };
+  const tinyConstSingle = { ...tinySingle, constOffsets: true };
   for (const [transA, transB] of LAYOUTS) {
     const whole: EmuCase = { m: 64, n: 32, k: 48, batch: 1, alpha: 1 };
-    for (const c of [SGM_TINY, tinyFrag, tinyGlobal, tinySingle, tinyNoPrefetch, tinyRotate]) {
+    const configs = [SGM_TINY, tinyFrag, tinyGlobal, tinySingle, tinyNoPrefetch, tinyRotate, tinyProducers];
+    for (const c of [...configs, tinyProducersRotate, tinyConst, tinyConstSingle]) {
       const exact = { ...whole, k: 3 * c.bk };
       checkGenerated(c, { transA, transB, out: "f32", accumulate: false }, exact, rng); // direct epilogue
       checkGenerated(c, { transA, transB, out: "f16", accumulate: true }, { ...exact, alpha: 0.75 }, rng);
@@ -436,6 +444,13 @@ Deno.test("generated subgroup-matrix WGSL, run by a CPU interpreter, matches a f
     checkGenerated(tinyNoPrefetch, { transA, transB, out: "f32", accumulate: true }, ragged, rng);
     const ragged8: EmuCase = { m: 40, n: 56, k: 72, batch: 2, alpha: 1.5 };
     checkGenerated(tinyRotate, { transA, transB, out: "f16", accumulate: true }, ragged8, rng);
+    checkGenerated(tinyConst, { transA, transB, out: "f16", accumulate: true }, ragged8, rng);
+    // producers with an even and an odd number of K slices, ragged
+    checkGenerated(tinyProducers, { transA, transB, out: "f32", accumulate: true }, ragged, rng);
+    checkGenerated(tinyProducersRotate, { transA, transB, out: "f16", accumulate: false }, {
+      ...ragged8,
+      k: 120,
+    }, rng);
   }
   // the production config, one layout each way: the linear forward (A B^T) ragged, and dW (A^T B) whole
   checkGenerated(SGM_LARGE, { transA: false, transB: true, out: "f16", accumulate: false }, {
@@ -538,7 +553,7 @@ Deno.test("matmul op: f16 products take the subgroup-matrix kernel exactly when 
     new RegExp(`^sgm_nt_f16_exact_${sgmConfigName(SGM_LARGE)}$`),
   );
   assert.match(key(H200_LIKE, shape(512, 512, 4096)), new RegExp(`_${sgmConfigName(SGM_SMALL)}$`));
-  assert.match(key(H200_LIKE, shape(4096, 4096, 4100)), /^sgm_nt_f16_checked_128x128x64_2x4_threads_v4_/);
+  assert.match(key(H200_LIKE, shape(4096, 4096, 4100)), /^sgm_nt_f16_checked_128x128x64_2x2_k_threads_v4_/);
   assert.match(key(H200_LIKE, shape(4096, 4096, 4098)), /_threads_v2_/);
   // every transpose and accumulation (backward passes) also qualify
   assert.match(
