@@ -544,7 +544,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
 const deltaSpecs = new Map<string, KernelSpec>();
 
-/** `delta[row] = sum_d dO[row, d] * O[row, d]` for rows = B*T*H. Bindings: o, do (read), delta (rw, f32). */
+/** Threads that share one row of the delta kernel (each takes every 16th element of the row). */
+const DELTA_LANES = 16;
+
+/**
+ * `delta[row] = sum_d dO[row, d] * O[row, d]` for rows = B*T*H. Bindings: o, do (read), delta (rw, f32).
+ * 16 threads share a row, so that neighbouring threads read neighbouring elements: with one thread per row every
+ * load of a subgroup touched 32 rows' cache lines (3.9 ms for 8 layers of a 1B training step on the H200).
+ */
 export function attentionBackwardDelta(dtype: DType, rows: number, hd: number): Launch {
   const key = `attn_delta_${dtype}`;
   let spec = deltaSpecs.get(key);
@@ -560,20 +567,29 @@ struct P { rows: u32, hd: u32, _a: u32, _b: u32 }
 @group(0) @binding(1) var<storage, read> go: array<${T}>;
 @group(0) @binding(2) var<storage, read_write> delta: array<f32>;
 @group(0) @binding(3) var<uniform> p: P;
+var<workgroup> part: array<f32, 256>;
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-  let r = (wid.y * nwg.x + wid.x) * 256u + lid;
-  if (r >= p.rows) { return; }
+  let r = (wid.y * nwg.x + wid.x) * ${256 / DELTA_LANES}u + lid / ${DELTA_LANES}u;
+  let j = lid % ${DELTA_LANES}u;
   var acc = 0.0;
-  for (var d = 0u; d < p.hd; d++) { acc = fma(f32(o[r * p.hd + d]), f32(go[r * p.hd + d]), acc); }
-  delta[r] = acc;
+  if (r < p.rows) {
+    for (var d = j; d < p.hd; d += ${DELTA_LANES}u) { acc = fma(f32(o[r * p.hd + d]), f32(go[r * p.hd + d]), acc); }
+  }
+  part[lid] = acc;
+  workgroupBarrier();
+  if (j == 0u && r < p.rows) {
+    var sum = 0.0;
+    for (var i = 0u; i < ${DELTA_LANES}u; i++) { sum += part[lid + i]; }
+    delta[r] = sum;
+  }
 }
 `,
     };
     deltaSpecs.set(key, spec);
   }
-  const wg = ceilDiv(rows, 256);
+  const wg = ceilDiv(rows, 256 / DELTA_LANES);
   const y = ceilDiv(wg, 65535);
   return { spec, uniforms: new Uniforms(16).u32(rows).u32(hd).buffer, workgroups: [ceilDiv(wg, y), y] };
 }
