@@ -24,6 +24,10 @@
  * P (64 x (BC + 8) halves) and one f32 scratch of 64 x (max(BC, chunk) + 4) for scores and P V, where P V runs
  * in column chunks (the widest multiple of 16 up to 64 dividing hd), so hd 128 fits with BC = 32.
  *
+ * Each generator has a `constOffsets` form ({@linkcode SGM_ATTN_CONST_OFFSETS}): the fragment sections between
+ * barriers are emitted once per subgroup, so that every fragment load and store on workgroup memory has a literal
+ * offset that Tint's robustness pass need not guard ({@linkcode perSubgroup}).
+ *
  * @module
  */
 import { cachedSpec, ceilDiv, type KernelSpec, Uniforms } from "./kernel.ts";
@@ -39,6 +43,13 @@ const THREADS = SUBGROUPS * SGM_SUBGROUP;
 const PAD = 8;
 /** Widest column chunk of one P V pass. */
 const PV_CHUNK = 64;
+
+/**
+ * Default of the generators' `constOffsets` parameter (forward, dQ, dK/dV and their WGSL getters): false emits
+ * each fragment section once over the runtime `subgroup_id`, true once per subgroup with literal offsets
+ * ({@linkcode perSubgroup}). The two forms are distinct kernels (cache keys end in `_k` for the second).
+ */
+export const SGM_ATTN_CONST_OFFSETS = false;
 
 /** The entry point's signature, shared by the three kernels. */
 const MAIN = `@compute @workgroup_size(${THREADS})
@@ -131,23 +142,33 @@ export function sgmAttentionApplies(s: AttentionShape, limitBytes: number): bool
     chooseSgmAttentionKeyTile(s.hd, limitBytes) > 0;
 }
 
-function sgmAttentionSpec(hd: number, bc: number): KernelSpec {
-  return cachedSpec(`attn_sgm_fwd_f16_hd${hd}_bc${bc}`, () => ({
+/** Suffix of a kernel's cache key for its form: `_k` with constant fragment offsets. */
+function formKey(constOffsets: boolean): string {
+  return constOffsets ? "_k" : "";
+}
+
+function sgmAttentionSpec(hd: number, bc: number, constOffsets: boolean): KernelSpec {
+  return cachedSpec(`attn_sgm_fwd_f16_hd${hd}_bc${bc}${formKey(constOffsets)}`, () => ({
     bindings: ["read", "read", "read", "rw", "rw"],
     uniformBytes: 48,
-    code: sgmAttentionWgsl(hd, bc),
+    code: sgmAttentionWgsl(hd, bc, constOffsets),
   }));
 }
 
 /**
  * The forward dispatch. Bindings: q, k, v (f16, read; 16-byte aligned rows: hd a multiple of 8), o (f16, rw),
- * lse (f32, rw). Throws when {@linkcode sgmAttentionApplies} does not hold for `bc`.
+ * lse (f32, rw). Throws when {@linkcode sgmAttentionApplies} does not hold for `bc`. `constOffsets`: which form
+ * ({@linkcode SGM_ATTN_CONST_OFFSETS}).
  */
-export function attentionForwardSgm(s: AttentionShape, bc: number): Launch {
+export function attentionForwardSgm(
+  s: AttentionShape,
+  bc: number,
+  constOffsets: boolean = SGM_ATTN_CONST_OFFSETS,
+): Launch {
   checkSgmShape(s, bc);
   const rowBlocks = ceilDiv(s.T * (s.H / s.Hkv), SGM_ATTN_ROWS);
   return {
-    spec: sgmAttentionSpec(s.hd, bc),
+    spec: sgmAttentionSpec(s.hd, bc, constOffsets),
     uniforms: sgmUniforms(s, rowBlocks),
     workgroups: [rowBlocks, s.B * s.Hkv],
   };
@@ -186,6 +207,46 @@ function range(n: number): number[] {
   return Array.from({ length: n }, (_, i) => i);
 }
 
+/**
+ * The subgroup whose copy of a fragment section is being emitted ({@linkcode perSubgroup}), or null for the one
+ * copy over the runtime `sg`.
+ */
+type Sg = number | null;
+
+/**
+ * Element offset of the subgroup's first row in a workgroup array of row stride `stride` (16 rows per subgroup):
+ * `runtime` (WGSL in `sg`, or a let of the kernel holding it) for the runtime copy, else subgroup `sgi`'s as a
+ * literal.
+ */
+function rowAt(sgi: Sg, stride: number, runtime: string): string {
+  return sgi === null ? runtime : `${sgi * SGM_FRAG * stride}u`;
+}
+
+/** WGSL comment where the runtime form declares its row offsets (`srow`, `prow`, `trow`). */
+const PER_SUBGROUP_NOTE = "// fragment row offsets: literals in per-subgroup copies (constOffsets)";
+
+/**
+ * A section of fragment loads, products and stores, `body(sgi)`: once over the runtime `sg` (`sgi` null), or with
+ * `constOffsets` once per subgroup, chosen by `if (sg == 0u) {...} else if (sg == 1u) {...} else {...}` (the
+ * interpreter has no `switch`), each copy's workgroup-memory offsets literals ({@linkcode rowAt}).
+ *
+ * Why: with robustness on, Tint wraps every `subgroupMatrixLoad` / `subgroupMatrixStore` whose offset is not a
+ * compile-time constant in a bounds predicate (`if (offset + (major - 1) * stride + minor <= arrayLength)`, the
+ * load going through a function variable); it skips that only when the array length, offset and stride all fold
+ * to constants, e.g. `0u + 4608u + 16u`. Loads from the storage bindings (runtime-sized) stay guarded either way.
+ * The matmul's multiply loop went from 316 to 363 TFLOP/s on the H200 this way (`SgmConfig.constOffsets` in
+ * `matmul_subgroup_matrix.ts`). A branch on `sg` is not workgroup-uniform, so WGSL allows no barrier inside it:
+ * only barrier-free sections are copied, and fragments that outlive one are declared before it.
+ */
+function perSubgroup(constOffsets: boolean, indent: string, body: (sgi: Sg) => string): string {
+  if (!constOffsets) return body(null);
+  return range(SUBGROUPS).map((sgi) =>
+    `${sgi < SUBGROUPS - 1 ? `if (sg == ${sgi}u) ` : ""}{
+${indent}  ${body(sgi).replaceAll("\n", `\n  `)}
+${indent}}`
+  ).join(" else ");
+}
+
 // Word indices and bounds of staged rows, for stageRows: packed query rows of the block or tile at R0, and keys
 // of the tile at k0 (both names are WGSL lets of the kernels).
 const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
@@ -193,7 +254,7 @@ const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
 const keyOk = (row: string) => `k0 + ${row} < p.kv_len`;
 const rowOk = (row: string) => `R0 + ${row} < p.rows`;
 
-function sgmAttentionWgsl(hd: number, bc: number): string {
+function sgmAttentionWgsl(hd: number, bc: number, constOffsets: boolean): string {
   const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
   const kFrags = bc / SGM_FRAG;
   const chunk = pvChunk(hd), chunks = hd / chunk;
@@ -201,11 +262,13 @@ function sgmAttentionWgsl(hd: number, bc: number): string {
   const ohalf = chunk / 2; // output columns per thread and chunk
 
   // P V for one column chunk: P's fragments (loaded once per chunk) times V's, into the scratch
-  const pv = (c: number) =>
+  const pvFragments = (c: number, sgi: Sg) =>
     `{
       ${
       range(kFrags).map((kk) =>
-        `let p${kk} = subgroupMatrixLoad<${LEFT}, row_major>(&PS, prow + ${kk * SGM_FRAG}u, ${pstr}u);`
+        `let p${kk} = subgroupMatrixLoad<${LEFT}, row_major>(&PS, ${rowAt(sgi, pstr, "prow")} + ${
+          kk * SGM_FRAG
+        }u, ${pstr}u);`
       ).join("\n      ")
     }
       ${
@@ -219,11 +282,13 @@ function sgmAttentionWgsl(hd: number, bc: number): string {
             }u, ${hdp}u), acc);`
           ).join("\n        ")
         }
-        subgroupMatrixStore<row_major>(&SS, srow + ${f * SGM_FRAG}u, acc, ${sstr}u);
+        subgroupMatrixStore<row_major>(&SS, ${rowAt(sgi, sstr, "srow")} + ${f * SGM_FRAG}u, acc, ${sstr}u);
       }`
       ).join("\n      ")
     }
-    }
+    }`;
+  const pv = (c: number) =>
+    `${perSubgroup(constOffsets, "    ", (sgi) => pvFragments(c, sgi))}
     workgroupBarrier();
     ${
       range(ohalf).map((e) =>
@@ -247,9 +312,11 @@ ${MAIN}
 ${rowBlockStart(hd, bc)}
 
   // Q block -> workgroup memory -> fragments in registers
-  ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd)}
-  let srow = sg * ${SGM_FRAG * sstr}u;
-  let prow = sg * ${SGM_FRAG * pstr}u;
+  ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd, constOffsets)}
+  ${
+    constOffsets ? PER_SUBGROUP_NOTE : `let srow = sg * ${SGM_FRAG * sstr}u;
+  let prow = sg * ${SGM_FRAG * pstr}u;`
+  }
 
   ${THREAD_ROW}
   let R = R0 + r;
@@ -266,7 +333,7 @@ ${rowBlockStart(hd, bc)}
     ${stageRows("KV", "0u", bc, hd, "K", keyRow, keyOk)}
     ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRow, keyOk)}
     workgroupBarrier();
-    ${productOverHd("q", "KV", 0, bc, hd, sstr)}
+    ${perSubgroup(constOffsets, "    ", (sgi) => productOverHd("q", "KV", 0, bc, hd, sstr, sgi))}
     workgroupBarrier();
 
     // online softmax of this thread's half row; P as f16. Each score is read from workgroup memory once, into
@@ -319,9 +386,13 @@ ${rowBlockStart(hd, bc)}
 `;
 }
 
-/** WGSL source for a head dim and key tile, for compile checks. */
-export function sgmAttentionWgslFor(hd: number, bc: number): string {
-  return sgmAttentionSpec(hd, bc).code;
+/** WGSL source for a head dim and key tile, for compile checks; `constOffsets` as in {@linkcode attentionForwardSgm}. */
+export function sgmAttentionWgslFor(
+  hd: number,
+  bc: number,
+  constOffsets: boolean = SGM_ATTN_CONST_OFFSETS,
+): string {
+  return sgmAttentionSpec(hd, bc, constOffsets).code;
 }
 
 // ---- backward --------------------------------------------------------------------------------------------
@@ -422,19 +493,23 @@ function stageRows(
   }`;
 }
 
-/** `let name{i} = <hd/16 left fragments of this subgroup's 16 rows>` from a staged block at element `off`. */
-function leftFragments(name: string, src: string, off: string, hd: number): string {
+/**
+ * `let name{i} = <hd/16 left fragments of this subgroup's 16 rows>` from a staged block at element `off`; for a
+ * per-subgroup copy (`sgi` not null), assignments to vars declared before it.
+ */
+function leftFragments(name: string, src: string, off: string, hd: number, sgi: Sg): string {
   const hdp = hd + PAD;
   return range(hd / SGM_FRAG).map((i) =>
-    `let ${name}${i} = subgroupMatrixLoad<${LEFT}, row_major>(&${src}, ${off} + sg * ${SGM_FRAG * hdp}u + ${
-      i * SGM_FRAG
-    }u, ${hdp}u);`
+    `${sgi === null ? "let " : ""}${name}${i} = subgroupMatrixLoad<${LEFT}, row_major>(&${src}, ${off} + ${
+      rowAt(sgi, hdp, `sg * ${SGM_FRAG * hdp}u`)
+    } + ${i * SGM_FRAG}u, ${hdp}u);`
   ).join("\n  ");
 }
 
 /**
  * A 64-row block of `src` (see {@linkcode stageRows}) through workgroup array `shared` into this subgroup's
- * left fragments `name{0..hd/16}`, with the barriers on both sides (the array is reused right after).
+ * left fragments `name{0..hd/16}`, with the barriers on both sides (the array is reused right after). With
+ * `constOffsets` the fragments are vars, declared before the per-subgroup copies that load them.
  */
 function stagedLeftFragments(
   name: string,
@@ -443,18 +518,31 @@ function stagedLeftFragments(
   word: (row: string) => string,
   valid: (row: string) => string,
   hd: number,
+  constOffsets: boolean,
 ): string {
+  const decls = constOffsets
+    ? `${range(hd / SGM_FRAG).map((i) => `var ${name}${i} = ${LEFT}();`).join(" ")}
+  `
+    : "";
   return `${stageRows(shared, "0u", SGM_ATTN_ROWS, hd, src, word, valid)}
   workgroupBarrier();
-  ${leftFragments(name, shared, "0u", hd)}
+  ${decls}${perSubgroup(constOffsets, "  ", (sgi) => leftFragments(name, shared, "0u", hd, sgi))}
   workgroupBarrier();`;
 }
 
 /**
  * The subgroup's 16 x n product `left{0..} x B^T` (B: n staged rows of hd halves at element `off` of `src`),
- * stored f32 into the scratch at `srow`: scores-like products over the head dim.
+ * stored f32 into the scratch at `srow` (or subgroup `sgi`'s literal row): scores-like products over the head dim.
  */
-function productOverHd(left: string, src: string, off: number | string, n: number, hd: number, sstr: number) {
+function productOverHd(
+  left: string,
+  src: string,
+  off: number | string,
+  n: number,
+  hd: number,
+  sstr: number,
+  sgi: Sg,
+) {
   const hdp = hd + PAD;
   return range(n / SGM_FRAG).map((f) =>
     `{
@@ -466,14 +554,15 @@ function productOverHd(left: string, src: string, off: number | string, n: numbe
         }u, ${hdp}u), acc);`
       ).join("\n      ")
     }
-      subgroupMatrixStore<row_major>(&SS, srow + ${f * SGM_FRAG}u, acc, ${sstr}u);
+      subgroupMatrixStore<row_major>(&SS, ${rowAt(sgi, sstr, "srow")} + ${f * SGM_FRAG}u, acc, ${sstr}u);
     }`
   ).join("\n    ");
 }
 
 /**
- * `acc{f} += L (16 x n, f16 rows of the subgroup in workgroup array `lsrc` at `lrow`, stride `lstr`) x B (n staged
- * rows of hd halves at element `off` of `src`)`, for the hd/16 result fragments `acc{f}`.
+ * `acc{f} += L (16 x n, f16 rows of the subgroup in workgroup array `lsrc` at `prow` or `trow`, or subgroup `sgi`'s
+ * literal row; stride `lstr`) x B (n staged rows of hd halves at element `off` of `src`)`, for the hd/16 result
+ * fragments `acc{f}`.
  */
 function accumulateOverRows(
   acc: string,
@@ -483,14 +572,15 @@ function accumulateOverRows(
   off: number | string,
   n: number,
   hd: number,
+  sgi: Sg,
 ): string {
   const hdp = hd + PAD;
   return `{
       ${
     range(n / SGM_FRAG).map((kk) =>
-      `let l${kk} = subgroupMatrixLoad<${LEFT}, row_major>(&${lsrc}, ${lsrc === "PS" ? "prow" : "trow"} + ${
-        kk * SGM_FRAG
-      }u, ${lstr}u);`
+      `let l${kk} = subgroupMatrixLoad<${LEFT}, row_major>(&${lsrc}, ${
+        rowAt(sgi, lstr, lsrc === "PS" ? "prow" : "trow")
+      } + ${kk * SGM_FRAG}u, ${lstr}u);`
     ).join("\n      ")
   }
       ${
@@ -508,17 +598,26 @@ function accumulateOverRows(
 /**
  * Writes result fragments `acc{0..hd/16}` (16 rows per subgroup) to global f16 rows through the scratch, in column
  * chunks: each thread packs its half of its row. `dst(row)` is the WGSL word index of a row's first 8 halves (the
- * row is this thread's `r`), `valid` whether it exists.
+ * row is this thread's `r`), `valid` whether it exists; `constOffsets` as in {@linkcode perSubgroup}.
  */
-function storeRows(acc: string, out: string, hd: number, sstr: number, dst: string, valid: string): string {
+function storeRows(
+  acc: string,
+  out: string,
+  hd: number,
+  sstr: number,
+  dst: string,
+  valid: string,
+  constOffsets: boolean,
+): string {
   const chunk = pvChunk(hd), ohalf = chunk / 2;
   return range(hd / chunk).map((c) =>
     `${
-      range(chunk / SGM_FRAG).map((f) =>
-        `subgroupMatrixStore<row_major>(&SS, srow + ${f * SGM_FRAG}u, ${acc}${
-          c * (chunk / SGM_FRAG) + f
-        }, ${sstr}u);`
-      ).join("\n  ")
+      perSubgroup(constOffsets, "  ", (sgi) =>
+        range(chunk / SGM_FRAG).map((f) =>
+          `subgroupMatrixStore<row_major>(&SS, ${rowAt(sgi, sstr, "srow")} + ${f * SGM_FRAG}u, ${acc}${
+            c * (chunk / SGM_FRAG) + f
+          }, ${sstr}u);`
+        ).join("\n  "))
     }
   workgroupBarrier();
   if (${valid}) {
@@ -550,7 +649,7 @@ const BACKWARD_INPUTS = `@group(0) @binding(0) var<storage, read> Q: array<vec4<
 @group(0) @binding(4) var<storage, read> LSE: array<f32>;
 @group(0) @binding(5) var<storage, read> DELTA: array<f32>;`;
 
-function dqWgsl(hd: number, bc: number): string {
+function dqWgsl(hd: number, bc: number, constOffsets: boolean): string {
   const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
   const half = bc / 2;
   return `${commonWgsl(hd)}
@@ -562,11 +661,13 @@ ${declare(rowBlockArrays(hd, bc))}
 
 ${MAIN}
 ${rowBlockStart(hd, bc)}
-  let srow = sg * ${SGM_FRAG * sstr}u;
-  let prow = sg * ${SGM_FRAG * pstr}u;
+  ${
+    constOffsets ? PER_SUBGROUP_NOTE : `let srow = sg * ${SGM_FRAG * sstr}u;
+  let prow = sg * ${SGM_FRAG * pstr}u;`
+  }
 
-  ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd)}
-  ${stagedLeftFragments("g", "KV", "DO", packedRow, rowOk, hd)}
+  ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd, constOffsets)}
+  ${stagedLeftFragments("g", "KV", "DO", packedRow, rowOk, hd, constOffsets)}
 
   ${THREAD_ROW}
   let R = R0 + r;
@@ -588,7 +689,7 @@ ${rowBlockStart(hd, bc)}
     ${stageRows("KV", "0u", bc, hd, "K", keyRow, keyOk)}
     ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRow, keyOk)}
     workgroupBarrier();
-    ${productOverHd("q", "KV", 0, bc, hd, sstr)}
+    ${perSubgroup(constOffsets, "    ", (sgi) => productOverHd("q", "KV", 0, bc, hd, sstr, sgi))}
     workgroupBarrier();
     let kc = k0 + c0;
     ${
@@ -600,7 +701,7 @@ ${rowBlockStart(hd, bc)}
     ).join("\n    ")
   }
     workgroupBarrier();
-    ${productOverHd("g", "KV", bc * hdp, bc, hd, sstr)}
+    ${perSubgroup(constOffsets, "    ", (sgi) => productOverHd("g", "KV", bc * hdp, bc, hd, sstr, sgi))}
     workgroupBarrier();
     ${
     range(half).map((i) =>
@@ -608,15 +709,15 @@ ${rowBlockStart(hd, bc)}
     ).join("\n    ")
   }
     workgroupBarrier();
-    ${accumulateOverRows("dq", "PS", pstr, "KV", 0, bc, hd)}
+    ${perSubgroup(constOffsets, "    ", (sgi) => accumulateOverRows("dq", "PS", pstr, "KV", 0, bc, hd, sgi))}
     workgroupBarrier();
   }
-  ${storeRows("dq", "DQ", hd, sstr, "row_addr(b, hk, R) / 8u", "R < p.rows")}
+  ${storeRows("dq", "DQ", hd, sstr, "row_addr(b, hk, R) / 8u", "R < p.rows", constOffsets)}
 }
 `;
 }
 
-function dkvWgsl(hd: number, br: number): string {
+function dkvWgsl(hd: number, br: number, constOffsets: boolean): string {
   const hdp = hd + PAD, tstr = br + PAD, sstr = scratchStride(hd, br);
   const half = br / 2;
   return `${commonWgsl(hd)}
@@ -632,11 +733,13 @@ ${MAIN}
   let hk = wid.y % p.Hkv;
   let k0 = wid.x * ${SGM_ATTN_ROWS}u;
   let kvBase = b * p.kv_bstride + hk * ${hd}u;
-  let srow = sg * ${SGM_FRAG * sstr}u;
-  let trow = sg * ${SGM_FRAG * tstr}u;
+  ${
+    constOffsets ? PER_SUBGROUP_NOTE : `let srow = sg * ${SGM_FRAG * sstr}u;
+  let trow = sg * ${SGM_FRAG * tstr}u;`
+  }
 
-  ${stagedLeftFragments("kf", "QD", "K", keyRow, keyOk, hd)}
-  ${stagedLeftFragments("vf", "QD", "V", keyRow, keyOk, hd)}
+  ${stagedLeftFragments("kf", "QD", "K", keyRow, keyOk, hd, constOffsets)}
+  ${stagedLeftFragments("vf", "QD", "V", keyRow, keyOk, hd, constOffsets)}
 
   // this thread's key, and half of each row tile (alternate columns: scoreStep)
   ${THREAD_ROW}
@@ -664,7 +767,7 @@ ${MAIN}
       LD[${br}u + lid] = d;
     }
     workgroupBarrier();
-    ${productOverHd("kf", "QD", 0, br, hd, sstr)}
+    ${perSubgroup(constOffsets, "    ", (sgi) => productOverHd("kf", "QD", 0, br, hd, sstr, sgi))}
     workgroupBarrier();
     // packed row R sees key j iff R / G >= j, i.e. R >= j G: no integer division per score
     let rowsFrom = select(p.rows, j * p.G, j < p.kv_len);
@@ -678,8 +781,11 @@ ${MAIN}
     }).join("\n    ")
   }
     workgroupBarrier();
-    ${accumulateOverRows("dv", "PT", tstr, "QD", br * hdp, br, hd)}
-    ${productOverHd("vf", "QD", br * hdp, br, hd, sstr)}
+    ${
+    perSubgroup(constOffsets, "    ", (sgi) =>
+      `${accumulateOverRows("dv", "PT", tstr, "QD", br * hdp, br, hd, sgi)}
+    ${productOverHd("vf", "QD", br * hdp, br, hd, sstr, sgi)}`)
+  }
     workgroupBarrier();
     ${
     range(half).map((i) =>
@@ -689,23 +795,26 @@ ${MAIN}
     ).join("\n    ")
   }
     workgroupBarrier();
-    ${accumulateOverRows("dk", "PT", tstr, "QD", 0, br, hd)}
+    ${perSubgroup(constOffsets, "    ", (sgi) => accumulateOverRows("dk", "PT", tstr, "QD", 0, br, hd, sgi))}
     workgroupBarrier();
   }
-  ${storeRows("dk", "DK", hd, sstr, "(kvBase + j * p.kv_pstride) / 8u", "j < p.kv_len")}
-  ${storeRows("dv", "DV", hd, sstr, "(kvBase + j * p.kv_pstride) / 8u", "j < p.kv_len")}
+  ${storeRows("dk", "DK", hd, sstr, "(kvBase + j * p.kv_pstride) / 8u", "j < p.kv_len", constOffsets)}
+  ${storeRows("dv", "DV", hd, sstr, "(kvBase + j * p.kv_pstride) / 8u", "j < p.kv_len", constOffsets)}
 }
 `;
 }
 
-function backwardSpec(kind: "dq" | "dkv", hd: number, tile: number): KernelSpec {
+function backwardSpec(kind: "dq" | "dkv", hd: number, tile: number, constOffsets: boolean): KernelSpec {
   const dq = kind === "dq";
-  return cachedSpec(`attn_sgm_${kind}_f16_hd${hd}_${dq ? "bc" : "br"}${tile}`, () => ({
-    // q, k, v, dO, lse, delta, then dQ or dK and dV
-    bindings: ["read", "read", "read", "read", "read", "read", "rw", ...(dq ? [] : ["rw" as const])],
-    uniformBytes: 48,
-    code: dq ? dqWgsl(hd, tile) : dkvWgsl(hd, tile),
-  }));
+  return cachedSpec(
+    `attn_sgm_${kind}_f16_hd${hd}_${dq ? "bc" : "br"}${tile}${formKey(constOffsets)}`,
+    () => ({
+      // q, k, v, dO, lse, delta, then dQ or dK and dV
+      bindings: ["read", "read", "read", "read", "read", "read", "rw", ...(dq ? [] : ["rw" as const])],
+      uniformBytes: 48,
+      code: dq ? dqWgsl(hd, tile, constOffsets) : dkvWgsl(hd, tile, constOffsets),
+    }),
+  );
 }
 
 function sgmUniforms(s: AttentionShape, rowBlocks: number): ArrayBuffer {
@@ -718,13 +827,17 @@ function sgmUniforms(s: AttentionShape, rowBlocks: number): ArrayBuffer {
 
 /**
  * dQ. Bindings: q, k, v, dO (f16), lse, delta (f32) (read), dq (f16, rw). `bc` from
- * {@linkcode chooseSgmAttentionBackwardTiles}.
+ * {@linkcode chooseSgmAttentionBackwardTiles}; `constOffsets`: which form ({@linkcode SGM_ATTN_CONST_OFFSETS}).
  */
-export function attentionBackwardDqSgm(s: AttentionShape, bc: number): Launch {
+export function attentionBackwardDqSgm(
+  s: AttentionShape,
+  bc: number,
+  constOffsets: boolean = SGM_ATTN_CONST_OFFSETS,
+): Launch {
   checkSgmShape(s, bc);
   const rowBlocks = ceilDiv(s.T * (s.H / s.Hkv), SGM_ATTN_ROWS);
   return {
-    spec: backwardSpec("dq", s.hd, bc),
+    spec: backwardSpec("dq", s.hd, bc, constOffsets),
     uniforms: sgmUniforms(s, rowBlocks),
     workgroups: [rowBlocks, s.B * s.Hkv],
   };
@@ -732,20 +845,29 @@ export function attentionBackwardDqSgm(s: AttentionShape, bc: number): Launch {
 
 /**
  * dK and dV. Bindings: q, k, v, dO (f16), lse, delta (f32) (read), dk, dv (f16, rw). `br` from
- * {@linkcode chooseSgmAttentionBackwardTiles}.
+ * {@linkcode chooseSgmAttentionBackwardTiles}; `constOffsets`: which form ({@linkcode SGM_ATTN_CONST_OFFSETS}).
  */
-export function attentionBackwardDkvSgm(s: AttentionShape, br: number): Launch {
+export function attentionBackwardDkvSgm(
+  s: AttentionShape,
+  br: number,
+  constOffsets: boolean = SGM_ATTN_CONST_OFFSETS,
+): Launch {
   checkSgmShape(s, 64);
   if (br !== 32 && br !== 64) throw new Error(`subgroup-matrix attention: row tile ${br} (32, 64)`);
   const rowBlocks = ceilDiv(s.T * (s.H / s.Hkv), SGM_ATTN_ROWS);
   return {
-    spec: backwardSpec("dkv", s.hd, br),
+    spec: backwardSpec("dkv", s.hd, br, constOffsets),
     uniforms: sgmUniforms(s, rowBlocks),
     workgroups: [ceilDiv(s.kvLen, SGM_ATTN_ROWS), s.B * s.Hkv],
   };
 }
 
-/** WGSL of a backward kernel, for compile checks. */
-export function sgmAttentionBackwardWgslFor(kind: "dq" | "dkv", hd: number, tile: number): string {
-  return backwardSpec(kind, hd, tile).code;
+/** WGSL of a backward kernel, for compile checks; `constOffsets` as in {@linkcode attentionBackwardDqSgm}. */
+export function sgmAttentionBackwardWgslFor(
+  kind: "dq" | "dkv",
+  hd: number,
+  tile: number,
+  constOffsets: boolean = SGM_ATTN_CONST_OFFSETS,
+): string {
+  return backwardSpec(kind, hd, tile, constOffsets).code;
 }

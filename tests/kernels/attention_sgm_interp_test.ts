@@ -6,6 +6,10 @@
  * The pipeline is the runtime's (runtime/ops/attention.ts): the backward kernels read the forward kernels' f16 o
  * and natural-log lse, and delta = rowsum(dO * o) in f32 (`attentionBackwardDelta`).
  *
+ * Every case runs both forms of the kernels (`constOffsets` false and true: one copy of the fragment code over the
+ * runtime subgroup id, or one per subgroup with literal offsets), each against float64, and the two must agree
+ * bit for bit: they do the same arithmetic in the same order, only the addresses are written differently.
+ *
  * @module
  */
 import assert from "node:assert/strict";
@@ -106,8 +110,20 @@ function label(c: Case): string {
   return `B${c.B} T${c.T} H${c.H}/${c.Hkv} hd${c.hd} bc${c.bc} br${c.br}`;
 }
 
-/** Forward, then the backward with random dO, through the interpreter; errors against float64. */
-function checkCase(c: Case, rng: Rng): Record<string, number> {
+/** The kernels' outputs of one case and form. */
+interface Outputs {
+  o: Float64Array;
+  lse: Float64Array;
+  dq: Float64Array;
+  dk: Float64Array;
+  dv: Float64Array;
+}
+
+/**
+ * Forward, then the backward with random dO, through the interpreter, in the form `constOffsets`; errors against
+ * float64 and the outputs.
+ */
+function checkCase(c: Case, rng: Rng, constOffsets: boolean): { errs: Record<string, number>; out: Outputs } {
   const scale = 1 / Math.sqrt(c.hd);
   const s: AttentionShape = {
     B: c.B,
@@ -127,7 +143,7 @@ function checkCase(c: Case, rng: Rng): Record<string, number> {
   const [Q, K, V, G] = [q, k, v, g].map(packF16);
 
   const O = f16Output(nq), LSE = new Float64Array(rows).fill(NaN);
-  runLaunch(attentionForwardSgm(s, c.bc), [Q, K, V, O, LSE]);
+  runLaunch(attentionForwardSgm(s, c.bc, constOffsets), [Q, K, V, O, LSE]);
   const o = unpackF16(O);
   const ref = refAttention(rs, q, k, v);
 
@@ -139,28 +155,39 @@ function checkCase(c: Case, rng: Rng): Record<string, number> {
     delta[r] = Math.fround(acc);
   }
   const DQ = f16Output(nq), DK = f16Output(nk), DV = f16Output(nk);
-  runLaunch(attentionBackwardDqSgm(s, c.bc), [Q, K, V, G, LSE, delta, DQ]);
-  runLaunch(attentionBackwardDkvSgm(s, c.br), [Q, K, V, G, LSE, delta, DK, DV]);
+  runLaunch(attentionBackwardDqSgm(s, c.bc, constOffsets), [Q, K, V, G, LSE, delta, DQ]);
+  runLaunch(attentionBackwardDkvSgm(s, c.br, constOffsets), [Q, K, V, G, LSE, delta, DK, DV]);
   const rb = refAttentionBackward(rs, q, k, v, g);
-  return {
+  const out = { o, lse: LSE, dq: unpackF16(DQ), dk: unpackF16(DK), dv: unpackF16(DV) };
+  const errs = {
     o: normwise(o, ref.out, "o"),
     lse: maxAbsErr(LSE, ref.lse, "lse"),
-    dq: normwise(unpackF16(DQ), rb.dq, "dq"),
-    dk: normwise(unpackF16(DK), rb.dk, "dk"),
-    dv: normwise(unpackF16(DV), rb.dv, "dv"),
+    dq: normwise(out.dq, rb.dq, "dq"),
+    dk: normwise(out.dk, rb.dk, "dk"),
+    dv: normwise(out.dv, rb.dv, "dv"),
   };
+  return { errs, out };
 }
 
+/** Both forms of the kernels on one case (the same inputs from `seed`): each within tolerance, the two identical. */
 function check(c: Case, seed: string): void {
-  const t0 = performance.now();
-  const e = checkCase(c, testRng(seed));
-  if (Deno.env.get("ATTN_INTERP_VERBOSE")) {
-    const errs = Object.entries(e).map(([n, x]) => `${n} ${x.toExponential(2)}`).join(", ");
-    console.log(`${label(c)}: ${errs} (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+  const outs: Outputs[] = [];
+  for (const constOffsets of [false, true]) {
+    const name = `${label(c)}${constOffsets ? " constOffsets" : ""}`;
+    const t0 = performance.now();
+    const { errs: e, out } = checkCase(c, testRng(seed), constOffsets);
+    if (Deno.env.get("ATTN_INTERP_VERBOSE")) {
+      const errs = Object.entries(e).map(([n, x]) => `${n} ${x.toExponential(2)}`).join(", ");
+      console.log(`${name}: ${errs} (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+    }
+    assert.ok(e.o <= OUT_TOL, `${name}: o normwise error ${e.o}`);
+    assert.ok(e.lse <= LSE_TOL, `${name}: lse max error ${e.lse}`);
+    for (const n of ["dq", "dk", "dv"]) assert.ok(e[n] <= GRAD_TOL, `${name}: ${n} normwise error ${e[n]}`);
+    outs.push(out);
   }
-  assert.ok(e.o <= OUT_TOL, `${label(c)}: o normwise error ${e.o}`);
-  assert.ok(e.lse <= LSE_TOL, `${label(c)}: lse max error ${e.lse}`);
-  for (const n of ["dq", "dk", "dv"]) assert.ok(e[n] <= GRAD_TOL, `${label(c)}: ${n} normwise error ${e[n]}`);
+  for (const n of ["o", "lse", "dq", "dk", "dv"] as const) {
+    assert.deepEqual(outs[1][n], outs[0][n], `${label(c)}: ${n} differs between the two forms`);
+  }
 }
 
 Deno.test("subgroup-matrix attention through the CPU interpreter: 32-key tiles, GQA 2, batch 2, hd 16", () => {

@@ -1,7 +1,8 @@
 /**
  * Compiles every variant of the subgroup-matrix matmul, and of the matrix-unit attention forward, (each config of the sweep, the op's configs, all four
  * transpose layouts, f32 and f16 output, accumulate, whole-block and bounds-checked shapes, direct and staged
- * epilogues) with Dawn's WGSL compiler (Tint) on Dawn's null backend, which offers
+ * epilogues; the attention kernels, forward, dQ and dK/dV, at every head dim and tile, in both forms of
+ * `constOffsets`) with Dawn's WGSL compiler (Tint) on Dawn's null backend, which offers
  * `chromium-experimental-subgroup-matrix` (though no matrix configurations) and executes nothing.
  *
  * Every variant must create a shader module without errors or warnings (Tint parses, resolves and validates the
@@ -102,26 +103,30 @@ function allVariants(): Variant[] {
       }
     }
   }
-  // the matrix-unit attention forward: every head dim and key tile it accepts
+  // the matrix-unit attention kernels: every head dim and tile they accept, both forms (the per-subgroup copies
+  // of `constOffsets` must keep barriers out of their branches on the subgroup id, which Tint's uniformity checks)
   for (const hd of [16, 32, 48, 64, 80, 96, 112, 128]) {
     for (const bc of [32, 64]) {
-      const name = `attention hd${hd} bc${bc}`;
-      variants.set(name, {
-        name,
-        code: sgmAttentionWgslFor(hd, bc),
-        sharedBytes: sgmAttentionSharedBytes(hd, bc),
-        threads: 128,
-        moduleOnly: true,
-      });
-      for (const kind of ["dq", "dkv"] as const) {
-        const name = `attention ${kind} hd${hd} tile${bc}`;
+      for (const constOffsets of [false, true]) {
+        const form = constOffsets ? " constOffsets" : "";
+        const name = `attention hd${hd} bc${bc}${form}`;
         variants.set(name, {
           name,
-          code: sgmAttentionBackwardWgslFor(kind, hd, bc),
-          sharedBytes: kind === "dq" ? sgmAttentionSharedBytes(hd, bc) : sgmDkvSharedBytes(hd, bc),
+          code: sgmAttentionWgslFor(hd, bc, constOffsets),
+          sharedBytes: sgmAttentionSharedBytes(hd, bc),
           threads: 128,
           moduleOnly: true,
         });
+        for (const kind of ["dq", "dkv"] as const) {
+          const name = `attention ${kind} hd${hd} tile${bc}${form}`;
+          variants.set(name, {
+            name,
+            code: sgmAttentionBackwardWgslFor(kind, hd, bc, constOffsets),
+            sharedBytes: kind === "dq" ? sgmAttentionSharedBytes(hd, bc) : sgmDkvSharedBytes(hd, bc),
+            threads: 128,
+            moduleOnly: true,
+          });
+        }
       }
     }
   }
