@@ -47,9 +47,10 @@ const PV_CHUNK = 64;
 /**
  * Default of the generators' `constOffsets` parameter (forward, dQ, dK/dV and their WGSL getters): false emits
  * each fragment section once over the runtime `subgroup_id`, true once per subgroup with literal offsets
- * ({@linkcode perSubgroup}). The two forms are distinct kernels (cache keys end in `_k` for the second).
+ * ({@linkcode perSubgroup}). The two forms are distinct kernels (cache keys end in `_k` for the second). On the
+ * H200 (ms of a 1B training step, A/B in one call): forward 11.7 -> 11.3, dQ 17.2 -> 14.2, dK/dV 32.0 -> 31.1.
  */
-export const SGM_ATTN_CONST_OFFSETS = false;
+export const SGM_ATTN_CONST_OFFSETS = true;
 
 /** The entry point's signature, shared by the three kernels. */
 const MAIN = `@compute @workgroup_size(${THREADS})
