@@ -24,70 +24,80 @@ const REF_BINARY: Record<string, (a: number, b: number) => number> = {
   swiglu: (a, b) => a * sig(a) * b,
 };
 
-// 1000 is not a multiple of the 256-thread workgroup, so the bounds check is exercised.
+// 1000 is not a multiple of the 256-thread workgroup, so the bounds check is exercised; it is a multiple of 4, so
+// the maps run four elements to a thread (vec4), and 1001 runs them one to a thread.
 const N = 1000;
 
 for (const [op, ref] of Object.entries(REF_UNARY)) {
-  Deno.test(
-    `elementwise ${op}: forward vs float64, backward vs finite differences`,
-    gpuTestOptions,
-    async () => {
-      const rt = await testRuntime();
-      const rng = testRng(`unary-${op}`);
-      const x = randn(rng, N, 3);
-      const w = randn(rng, N);
-      const s = 0.37;
-      await rt.scope(async () => {
-        const tx = rt.tensor(x, [N]);
-        tx.requiresGrad = true;
-        const y = unary(op as "scale", tx, s);
-        const yw = mul(y, rt.tensor(w, [N]));
-        rt.backward(yw, rt.full([N], 1));
-        const [gy, gx] = await Promise.all([y.read(), tx.grad!.read()]);
-        assertClose(gy, x.map((v) => ref(v, s)), F32_TOL, `${op} forward`);
-        const fd = finiteDifference(() => dot(x.map((v) => ref(v, s)), w), x, [0, 1, 17, 500, 999]);
-        // f32 backward vs float64 finite differences of the float64 reference
-        assertClose([0, 1, 17, 500, 999].map((i) => gx[i]), fd, { rtol: 1e-4, atol: 1e-5 }, `${op} backward`);
-        tx.grad!.dispose();
-      });
-    },
-  );
+  for (const N of [1000, 1001]) {
+    Deno.test(
+      `elementwise ${op}: forward vs float64, backward vs finite differences (${N} elements)`,
+      gpuTestOptions,
+      async () => {
+        const rt = await testRuntime();
+        const rng = testRng(`unary-${op}`);
+        const x = randn(rng, N, 3);
+        const w = randn(rng, N);
+        const s = 0.37;
+        await rt.scope(async () => {
+          const tx = rt.tensor(x, [N]);
+          tx.requiresGrad = true;
+          const y = unary(op as "scale", tx, s);
+          const yw = mul(y, rt.tensor(w, [N]));
+          rt.backward(yw, rt.full([N], 1));
+          const [gy, gx] = await Promise.all([y.read(), tx.grad!.read()]);
+          assertClose(gy, x.map((v) => ref(v, s)), F32_TOL, `${op} forward`);
+          const fd = finiteDifference(() => dot(x.map((v) => ref(v, s)), w), x, [0, 1, 17, 502, 999]);
+          // f32 backward vs float64 finite differences of the float64 reference
+          assertClose(
+            [0, 1, 17, 502, 999].map((i) => gx[i]),
+            fd,
+            { rtol: 1e-4, atol: 1e-5 },
+            `${op} backward`,
+          );
+          tx.grad!.dispose();
+        });
+      },
+    );
+  }
 }
 
 for (const [op, ref] of Object.entries(REF_BINARY)) {
-  Deno.test(
-    `elementwise ${op}: forward vs float64, both gradients vs finite differences`,
-    gpuTestOptions,
-    async () => {
-      const rt = await testRuntime();
-      const rng = testRng(`binary-${op}`);
-      const a = randn(rng, N, 2), b = randn(rng, N, 2), w = randn(rng, N);
-      await rt.scope(async () => {
-        const ta = rt.tensor(a, [N]), tb = rt.tensor(b, [N]);
-        ta.requiresGrad = tb.requiresGrad = true;
-        const y = binary(op as "add", ta, tb);
-        rt.backward(y, rt.tensor(w, [N]));
-        const [gy, ga, gb] = await Promise.all([y.read(), ta.grad!.read(), tb.grad!.read()]);
-        assertClose(gy, a.map((v, i) => ref(v, b[i])), F32_TOL, `${op} forward`);
-        const idx = [0, 3, 255, 256, 999];
-        const f = () => dot(a.map((v, i) => ref(v, b[i])), w);
-        assertClose(
-          idx.map((i) => ga[i]),
-          finiteDifference(f, a, idx),
-          { rtol: 1e-4, atol: 1e-5 },
-          `${op} grad a`,
-        );
-        assertClose(
-          idx.map((i) => gb[i]),
-          finiteDifference(f, b, idx),
-          { rtol: 1e-4, atol: 1e-5 },
-          `${op} grad b`,
-        );
-        ta.grad!.dispose();
-        tb.grad!.dispose();
-      });
-    },
-  );
+  for (const N of [1000, 1001]) {
+    Deno.test(
+      `elementwise ${op}: forward vs float64, both gradients vs finite differences (${N} elements)`,
+      gpuTestOptions,
+      async () => {
+        const rt = await testRuntime();
+        const rng = testRng(`binary-${op}`);
+        const a = randn(rng, N, 2), b = randn(rng, N, 2), w = randn(rng, N);
+        await rt.scope(async () => {
+          const ta = rt.tensor(a, [N]), tb = rt.tensor(b, [N]);
+          ta.requiresGrad = tb.requiresGrad = true;
+          const y = binary(op as "add", ta, tb);
+          rt.backward(y, rt.tensor(w, [N]));
+          const [gy, ga, gb] = await Promise.all([y.read(), ta.grad!.read(), tb.grad!.read()]);
+          assertClose(gy, a.map((v, i) => ref(v, b[i])), F32_TOL, `${op} forward`);
+          const idx = [0, 3, 254, 256, 997, 999]; // every lane of a vec4
+          const f = () => dot(a.map((v, i) => ref(v, b[i])), w);
+          assertClose(
+            idx.map((i) => ga[i]),
+            finiteDifference(f, a, idx),
+            { rtol: 1e-4, atol: 1e-5 },
+            `${op} grad a`,
+          );
+          assertClose(
+            idx.map((i) => gb[i]),
+            finiteDifference(f, b, idx),
+            { rtol: 1e-4, atol: 1e-5 },
+            `${op} grad b`,
+          );
+          ta.grad!.dispose();
+          tb.grad!.dispose();
+        });
+      },
+    );
+  }
 }
 
 Deno.test(
