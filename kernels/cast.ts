@@ -20,21 +20,27 @@ export type FloatDType = "f32" | "f16";
 
 const specs = new Map<string, KernelSpec>();
 
-/** Converts `n` elements of type `from` to type `to`. Bindings: x (read), out (rw). */
+/**
+ * Converts `n` elements of type `from` to type `to`. Bindings: x (read), out (rw). Four elements a thread when
+ * `n` is a multiple of 4 (one f16 per thread stores 2 bytes at a time).
+ */
 export function castKernel(from: FloatDType, to: FloatDType, n: number): Launch {
-  const key = `cast_${from}_${to}`;
+  const vec = n % 4 === 0;
+  const key = `cast_${from}_${to}${vec ? "_v4" : ""}`;
   let spec = specs.get(key);
   if (!spec) {
     // the `enable f16` header is needed whenever either side is f16
     const header: DType = from === "f16" || to === "f16" ? "f16" : "f32";
+    const el = (t: FloatDType) => (vec ? `vec4<${wgslType(t)}>` : wgslType(t));
     spec = linearKernelSpec(
       key,
       header,
-      [["xs", "read", wgslType(from)], ["out", "rw", wgslType(to)]],
+      [["xs", "read", el(from)], ["out", "rw", el(to)]],
       "n: u32, _a: u32, _b: u32, _c: u32",
-      `if (i >= p.n) { return; }\n  out[i] = ${wgslType(to)}(xs[i]);`,
+      `if (i >= p.n) { return; }\n  out[i] = ${el(to)}(xs[i]);`,
     );
     specs.set(key, spec);
   }
-  return { spec, uniforms: new Uniforms(16).u32(n).buffer, workgroups: linearWorkgroups(n) };
+  const threads = vec ? n / 4 : n;
+  return { spec, uniforms: new Uniforms(16).u32(threads).buffer, workgroups: linearWorkgroups(threads) };
 }

@@ -51,22 +51,33 @@ export function fillKernel(dtype: DType, n: number, value: number): Launch {
   };
 }
 
-const axpySpecs = new Map<DType, KernelSpec>();
+const axpySpecs = new Map<string, KernelSpec>();
 
-/** `y[i] += alpha * x[i]` for i < n. Bindings: x (read), y (rw). Accumulates in f32. */
+/**
+ * `y[i] += alpha * x[i]` for i < n. Bindings: x (read), y (rw). Accumulates in f32; four elements a thread when
+ * `n` is a multiple of 4.
+ */
 export function axpyKernel(dtype: DType, n: number, alpha: number): Launch {
-  let spec = axpySpecs.get(dtype);
+  const vec = n % 4 === 0;
+  const key = `axpy_${dtype}${vec ? "_v4" : ""}`;
+  let spec = axpySpecs.get(key);
   if (!spec) {
     const T = wgslType(dtype);
+    const el = vec ? `vec4<${T}>` : T, f = vec ? "vec4<f32>" : "f32";
     spec = linearKernelSpec(
-      `axpy_${dtype}`,
+      key,
       dtype,
-      [["x", "read", T], ["y", "rw", T]],
+      [["x", "read", el], ["y", "rw", el]],
       "n: u32, alpha: f32, _a: u32, _b: u32",
       `if (i >= p.n) { return; }
-  y[i] = ${T}(f32(y[i]) + p.alpha * f32(x[i]));`,
+  y[i] = ${el}(${f}(y[i]) + p.alpha * ${f}(x[i]));`,
     );
-    axpySpecs.set(dtype, spec);
+    axpySpecs.set(key, spec);
   }
-  return { spec, uniforms: new Uniforms(16).u32(n).f32(alpha).buffer, workgroups: linearWorkgroups(n) };
+  const threads = vec ? n / 4 : n;
+  return {
+    spec,
+    uniforms: new Uniforms(16).u32(threads).f32(alpha).buffer,
+    workgroups: linearWorkgroups(threads),
+  };
 }

@@ -22,6 +22,24 @@ Deno.test("runtime: upload, read back, fill, axpy and clone on f32/i32/f16", gpu
   });
 });
 
+Deno.test("runtime: axpy on f32 and f16, four elements a thread and one", gpuTestOptions, async () => {
+  const rt = await testRuntime();
+  const rng = testRng("axpy-sizes");
+  for (const n of [1000, 999]) {
+    for (const dtype of ["f32", "f16"] as const) {
+      if (dtype === "f16" && !rt.dev.features.f16) continue;
+      const half = (v: Float64Array) => (dtype === "f16" ? Float64Array.from(Float16Array.from(v)) : v);
+      const x = half(randn(rng, n)), y = half(randn(rng, n));
+      await rt.scope(async () => {
+        const ty = rt.tensor(y, [n], dtype);
+        rt.axpyInPlace(ty, rt.tensor(x, [n], dtype), -1.5);
+        const tol = dtype === "f16" ? { rtol: 2e-3, atol: 2e-3 } : F32_TOL;
+        assertClose(await ty.read(), x.map((v, i) => y[i] - 1.5 * v), tol, `axpy ${dtype} n=${n}`);
+      });
+    }
+  }
+});
+
 Deno.test(
   "runtime: poisoned tensors read NaN until written, and scopes release what they made",
   gpuTestOptions,
