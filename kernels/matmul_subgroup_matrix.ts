@@ -34,8 +34,9 @@
  *   memory has a constant offset: Tint's robustness then proves it in bounds and drops the `if` it otherwise
  *   wraps around each subgroup-matrix load (the op's configs use it: 221 -> 240 TFLOP/s at 8192^3);
  * - the epilogue stores fragments straight into an f32 C when the block is whole and nothing is accumulated, or
- *   stages each fragment through a small f32 scratch so that threads can apply alpha, accumulate, convert to
- *   f16 and check bounds element by element.
+ *   stages each fragment through a small f32 scratch so that threads can apply alpha, accumulate and convert to
+ *   f16: in whole, 16-byte aligned blocks each lane writes 16 bytes of its own subgroup's fragment (`vecOut`),
+ *   otherwise threads check bounds element by element.
  *
  * Shapes: `threads` staging handles any M, N, K (loads are bounds-checked and zero-filled where a slice leaves
  * C's block or K, stores checked) as long as each operand's contiguous dimension, batch stride and offset are
@@ -543,6 +544,12 @@ interface Variant {
   exact: boolean;
   /** Fragments go straight to an f32 C (exact, f32, no accumulation, C rows 16-byte aligned). */
   direct: boolean;
+  /**
+   * The staged epilogue writes 16 bytes a thread (whole blocks, C rows and offset 16-byte aligned): each lane of
+   * a subgroup reads 8 (f16 C) or 4 (f32 C) values of its own fragment back from the scratch. Otherwise every
+   * thread writes single elements of all subgroups' fragments, in 8 passes a fragment for 4 subgroups.
+   */
+  vecOut?: boolean;
 }
 
 /**
@@ -570,8 +577,9 @@ export function sgmLaunch(shape: MatmulShape, layout: SgmLayout, config: SgmConf
     );
   }
   const direct = exact && layout.out === "f32" && !layout.accumulate && aligned(4, n, strideC, offC);
+  const vecOut = exact && !direct && aligned(layout.out === "f16" ? 8 : 4, n, strideC, offC);
   return {
-    spec: sgmSpec(config, layout, { exact, direct }),
+    spec: sgmSpec(config, layout, { exact, direct, vecOut }),
     uniforms: new Uniforms(48).u32(m).u32(n).u32(k).u32(strideA).u32(strideB).u32(strideC)
       .u32(offA).u32(offB).u32(offC).f32(shape.alpha ?? 1).buffer,
     workgroups: [ceilDiv(n, config.bn), ceilDiv(m, config.bm), batch],
@@ -581,7 +589,8 @@ export function sgmLaunch(shape: MatmulShape, layout: SgmLayout, config: SgmConf
 /** The kernel variant for a config, layout and shape class (cached by key). */
 function sgmSpec(c: SgmConfig, layout: SgmLayout, v: Variant): KernelSpec {
   const key = `sgm_${layout.transA ? "t" : "n"}${layout.transB ? "t" : "n"}_${layout.out}` +
-    `${layout.accumulate ? "_acc" : ""}_${v.exact ? "exact" : "checked"}${v.direct ? "_direct" : ""}_` +
+    `${layout.accumulate ? "_acc" : ""}_${v.exact ? "exact" : "checked"}${v.direct ? "_direct" : ""}` +
+    `${v.vecOut ? "_vo" : ""}_` +
     sgmConfigName(c);
   let spec = specs.get(key);
   if (!spec) {
@@ -592,9 +601,15 @@ function sgmSpec(c: SgmConfig, layout: SgmLayout, v: Variant): KernelSpec {
   return spec;
 }
 
-/** WGSL source of a variant, for compile checks. */
-export function sgmVariantWgsl(c: SgmConfig, layout: SgmLayout, exact: boolean, direct: boolean): string {
-  return sgmSpec(c, layout, { exact, direct }).code;
+/** WGSL source of a variant, for compile checks (`vecOut` as the launch picks it for aligned whole blocks). */
+export function sgmVariantWgsl(
+  c: SgmConfig,
+  layout: SgmLayout,
+  exact: boolean,
+  direct: boolean,
+  vecOut = exact && !direct,
+): string {
+  return sgmSpec(c, layout, { exact, direct, vecOut }).code;
 }
 
 // ---- WGSL generation ---------------------------------------------------------------------------------------
@@ -904,6 +919,50 @@ ${indent}}`;
   // ---- epilogue ----
   const epi: string[] = [];
   const outT = L.out;
+  // Lane l of each subgroup owns row l / 2 of its own fragment, 8 columns from 8 (l % 2): 16 bytes of an f16 C
+  // (packed halves in a vec4<u32>) or two vec4<f32> of an f32 C.
+  const vectorEpilogue = (i: number, j: number): string => {
+    const toScratch = `subgroupMatrixStore<row_major>(&SC, sg * ${
+      SGM_FRAG * SGM_FRAG
+    }u, acc${i}_${j}, ${SGM_FRAG}u);`;
+    const vals = Array.from({ length: 8 }, (_, e) => `p.alpha * SC[fo + ${e}u]`);
+    const at = `let row = m0 + wmI * ${pa.warpTile}u + ${i * SGM_FRAG}u + lane / 2u;
+    let col = n0 + wnI * ${pb.warpTile}u + ${j * SGM_FRAG}u + (lane % 2u) * 8u;
+    let ci = baseC + row * p.n + col;
+    let fo = sg * ${SGM_FRAG * SGM_FRAG}u + (lane / 2u) * ${SGM_FRAG}u + (lane % 2u) * 8u;`;
+    // scalar arithmetic only (what the CPU interpreter of the tests evaluates)
+    let write: string;
+    if (outT === "f16") {
+      const olds = L.accumulate
+        ? `let cur = C[ci / 8u]; ${
+          [0, 1, 2, 3].map((w) => `let o${w} = unpack2x16float(cur.${"xyzw"[w]});`).join(" ")
+        }\n    `
+        : "";
+      const pairs = [0, 1, 2, 3].map((w) =>
+        L.accumulate
+          ? `pack2x16float(vec2<f32>(${vals[2 * w]} + o${w}.x, ${vals[2 * w + 1]} + o${w}.y))`
+          : `pack2x16float(vec2<f32>(${vals[2 * w]}, ${vals[2 * w + 1]}))`
+      );
+      write = `${olds}C[ci / 8u] = vec4<u32>(${pairs.join(", ")});`;
+    } else {
+      write = [0, 1].map((h) => {
+        const idx = `ci / 4u + ${h}u`;
+        const comps = [0, 1, 2, 3].map((e) =>
+          `${vals[4 * h + e]}${L.accumulate ? ` + old${h}.${"xyzw"[e]}` : ""}`
+        );
+        return `${L.accumulate ? `let old${h} = C[${idx}]; ` : ""}C[${idx}] = vec4<f32>(${
+          comps.join(", ")
+        });`;
+      }).join("\n    ");
+    }
+    return `${producers ? `if (!producer) { ${toScratch} }` : toScratch}
+  workgroupBarrier();
+  ${producers ? "if (!producer) " : ""}{
+    ${at}
+    ${write}
+  }
+  workgroupBarrier();`;
+  };
   for (let i = 0; i < pa.frags; i++) {
     for (let j = 0; j < pb.frags; j++) {
       const row0 = `m0 + wmI * ${pa.warpTile}u + ${i * SGM_FRAG}u`;
@@ -912,6 +971,10 @@ ${indent}}`;
         const store =
           `subgroupMatrixStore<row_major>(&C, baseC + (${row0}) * p.n + ${col0}, subgroupMatrixScalarMultiply(acc${i}_${j}, p.alpha), p.n);`;
         epi.push(producers ? `if (!producer) { ${store} }` : store);
+        continue;
+      }
+      if (v.vecOut) {
+        epi.push(vectorEpilogue(i, j));
         continue;
       }
       const writes: string[] = [];
@@ -977,14 +1040,16 @@ struct P { m: u32, n: u32, k: u32, strideA: u32, strideB: u32, strideC: u32,
            offA: u32, offB: u32, offC: u32, alpha: f32, _a: u32, _b: u32 }
 @group(0) @binding(0) var<storage, read> A: array<${globalType}>;
 @group(0) @binding(1) var<storage, read> B: array<${globalType}>;
-@group(0) @binding(2) var<storage, read_write> C: array<${outT}>;
+@group(0) @binding(2) var<storage, read_write> C: array<${
+    v.vecOut ? (outT === "f16" ? "vec4<u32>" : "vec4<f32>") : outT
+  }>;
 @group(0) @binding(3) var<uniform> p: P;
 ${shared}
 ${scratch}
 
 @compute @workgroup_size(${T})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-        @builtin(subgroup_id) sg: u32) {
+        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
   let nx = (p.n + ${c.bn - 1}u) / ${c.bn}u;
   let ny = (p.m + ${c.bm - 1}u) / ${c.bm}u;
   ${swizzle}

@@ -9,7 +9,7 @@
  * `local_invocation_index`, `subgroup_id` and `subgroup_invocation_id`; statements `let`, `var`, assignment,
  * `for`, `if`/`else`, `return`, blocks and calls; u32/f32/f16/bool arithmetic (`+ - * / % & | ^`, comparisons)
  * with WGSL's wrapping and rounding, `&&`/`||` short-circuiting; `min`, `max`, `exp`, `log` (f32 rounding of the
- * exact value), `select`, conversions, `bitcast<vec2<f16>>`, `pack2x16float`, vector constructors, swizzles and
+ * exact value), `select`, conversions, `bitcast<vec2<f16>>`, `pack2x16float`, `unpack2x16float`, vector constructors, swizzles and
  * components by index; `workgroupBarrier`; `subgroupShuffleXor`; and the subgroup-matrix builtins with the
  * semantics of Dawn's proposal
  * (`subgroupMatrixLoad<T, row_major|col_major>(&arr, offset, stride)`, `subgroupMatrixStore`,
@@ -1071,6 +1071,12 @@ function call(x: Extract<Expr, { e: "call" }>, ctx: Ctx): Value {
       const [a] = args();
       if (a.k !== "vec" || a.v.length !== 2) throw new Error("wgsl_interp: pack2x16float needs a vec2");
       return { k: "u32", v: (f16Bits(a.v[0]) | (f16Bits(a.v[1]) << 16)) >>> 0 };
+    }
+    case "unpack2x16float": {
+      const [a] = args();
+      if (a.k !== "u32") throw new Error("wgsl_interp: unpack2x16float needs a u32");
+      const w = a.v as number;
+      return { k: "vec", el: "f32", v: [f16FromBits(w & 0xffff), f16FromBits(w >>> 16)] };
     }
     case "subgroupShuffleXor": {
       const v = ctx.shuffled?.get(x);

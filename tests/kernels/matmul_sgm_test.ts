@@ -394,12 +394,16 @@ function checkGenerated(c: SgmConfig, L: SgmLayout, e: EmuCase, rng: Rng): void 
   ) => (uniforms[f] = f === "alpha" ? u.getFloat32(4 * i, true) : u.getUint32(4 * i, true)));
   const [gx, gy = 1, gz = 1] = launch.workgroups;
   const name = `${launch.spec.key} ${m}x${n}x${k}x${batch}`;
+  // an f16 C written 16 bytes a thread (`vecOut`) is bound as packed halves in vec4<u32>
+  const cEl = prog.bindings[2].type.args[0] as { name: string; args?: { name: string }[] };
+  const cPacked = cEl.name === "vec4" && cEl.args?.[0]?.name === "u32" ? packF16(C) : null;
   let stats;
   try {
-    stats = runWgsl(prog, [operand(a, 0), operand(b, 1), C], uniforms, [gx, gy, gz]);
+    stats = runWgsl(prog, [operand(a, 0), operand(b, 1), cPacked ?? C], uniforms, [gx, gy, gz]);
   } catch (err) {
     throw new Error(`${name}: ${err}`);
   }
+  if (cPacked) C.set(new Float16Array(cPacked.buffer).subarray(0, C.length));
   assert.ok(stats.mmas > 0, `${name}: no matrix products ran`);
   // f32 accumulation rounded after every 16-deep product; then the output type
   const tol2 = L.out === "f16" ? { rtol: 2 ** -10, atol: 1e-6 } : { rtol: 1e-6, atol: 1e-6 };
@@ -432,6 +436,12 @@ Deno.test("generated subgroup-matrix WGSL, run by a CPU interpreter, matches a f
       const exact = { ...whole, k: 3 * c.bk };
       checkGenerated(c, { transA, transB, out: "f32", accumulate: false }, exact, rng); // direct epilogue
       checkGenerated(c, { transA, transB, out: "f16", accumulate: true }, { ...exact, alpha: 0.75 }, rng);
+    }
+    // the 16-byte epilogue (`vecOut`) for the other two outputs
+    for (const c of [SGM_TINY, tinyConst]) {
+      const exact = { ...whole, k: 2 * c.bk, alpha: -1.25 };
+      checkGenerated(c, { transA, transB, out: "f32", accumulate: true }, exact, rng);
+      checkGenerated(c, { transA, transB, out: "f16", accumulate: false }, exact, rng);
     }
     // partial blocks, batched with padded strides and offsets; 8-, 4- and 2-half loads
     for (const vec of [4, 2] as const) {
@@ -550,7 +560,7 @@ Deno.test("matmul op: f16 products take the subgroup-matrix kernel exactly when 
   // large: 128x128 blocks, 16-byte loads; few blocks: 64x64; odd widths: narrower loads
   assert.match(
     key(H200_LIKE, shape(4096, 4096, 4096)),
-    new RegExp(`^sgm_nt_f16_exact_${sgmConfigName(SGM_LARGE)}$`),
+    new RegExp(`^sgm_nt_f16_exact_vo_${sgmConfigName(SGM_LARGE)}$`),
   );
   assert.match(key(H200_LIKE, shape(512, 512, 4096)), new RegExp(`_${sgmConfigName(SGM_SMALL)}$`));
   assert.match(key(H200_LIKE, shape(4096, 4096, 4100)), /^sgm_nt_f16_checked_128x128x64_2x2_k_threads_v4_/);
