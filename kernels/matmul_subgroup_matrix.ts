@@ -117,6 +117,11 @@ export interface SgmConfig {
    * wraps around each subgroup-matrix load (an `if` and a function variable per fragment).
    */
   constOffsets?: boolean;
+  /**
+   * Scratch slots per subgroup for the 16-byte epilogue (`vecOut`): with 2, fragment rounds alternate slots, so
+   * a round needs one barrier (between a subgroup's store and its lanes' reads) instead of two.
+   */
+  epilogueSlots?: 1 | 2;
 }
 
 /** Layout and output of one variant. */
@@ -152,7 +157,8 @@ export function sgmConfigName(c: SgmConfig): string {
   const prefetch = c.prefetch === false ? "_np" : "";
   const rotate = c.rotate ? "_r" : "";
   const ablate = c.ablate ? `_no-${c.ablate}` : "";
-  const producers = (c.producers ? `+${c.producers}` : "") + (c.constOffsets ? "_k" : "");
+  const producers = (c.producers ? `+${c.producers}` : "") + (c.constOffsets ? "_k" : "") +
+    (c.epilogueSlots === 2 ? "_e2" : "");
   return `${c.bm}x${c.bn}x${c.bk}_${c.sgM}x${c.sgN}${producers}_${stage}_p${c.pad}_b${c.buffers}_s${c.swizzle}${prefetch}${rotate}${ablate}`;
 }
 
@@ -297,7 +303,7 @@ export function sgmSharedBytes(c: SgmConfig, layout: SgmLayout, staged: boolean)
     ? 0
     : c.buffers * (sgmOperandPlan(c, layout, "A").bufferElems + sgmOperandPlan(c, layout, "B").bufferElems) *
       2;
-  return tiles + (staged ? c.sgM * c.sgN * SGM_FRAG * SGM_FRAG * 4 : 0);
+  return tiles + (staged ? (c.epilogueSlots ?? 1) * c.sgM * c.sgN * SGM_FRAG * SGM_FRAG * 4 : 0);
 }
 
 /** Throws if a config is malformed, or does not fit `limits` (when given). */
@@ -319,6 +325,9 @@ export function validateSgmConfig(
   if (!(c.swizzle >= 1) || !Number.isInteger(c.swizzle)) fail("swizzle must be a positive integer");
   if (c.rotate && (c.stage !== "threads" || c.vec !== 8)) {
     fail("rotate needs threads staging with 16-byte loads");
+  }
+  if (c.epilogueSlots !== undefined && ![1, 2].includes(c.epilogueSlots)) {
+    fail("epilogueSlots must be 1 or 2");
   }
   if (c.producers && (c.stage !== "threads" || c.buffers !== 2 || !Number.isInteger(c.producers))) {
     fail("producer subgroups need threads staging and two buffers");
@@ -422,6 +431,7 @@ export const SGM_SWEEP: readonly SgmConfig[] = [
   { ...SGM_LARGE, bk: 32 }, // half the workgroup memory and prefetch registers
   { ...SGM_LARGE, rotate: false }, // staging stores in the plain order (4-way bank conflicts)
   { ...SGM_LARGE, constOffsets: false }, // Tint's bounds predicate on every fragment load (128 TFLOP/s)
+  { ...SGM_LARGE, epilogueSlots: 2 }, // one barrier a fragment round in the epilogue (no gain measured)
   { ...SGM_LARGE, bn: 256, bk: 32, sgN: 4 }, // 128x256x32, 8 subgroups of 64x64
   { ...SGM_LARGE, bm: 256, bk: 32, sgM: 4 }, // 256x128x32, 8 subgroups of 64x64
   { ...SGM_EIGHT_SUBGROUPS, constOffsets: true }, // 8 subgroups of 64x32 with constant offsets
@@ -921,15 +931,19 @@ ${indent}}`;
   const outT = L.out;
   // Lane l of each subgroup owns row l / 2 of its own fragment, 8 columns from 8 (l % 2): 16 bytes of an f16 C
   // (packed halves in a vec4<u32>) or two vec4<f32> of an f32 C.
+  // With two scratch slots, rounds alternate between them: a slot is rewritten two rounds later, after the
+  // barrier of the round in between, so the barrier after each round's reads can go.
+  const slots = c.epilogueSlots ?? 1;
   const vectorEpilogue = (i: number, j: number): string => {
-    const toScratch = `subgroupMatrixStore<row_major>(&SC, sg * ${
+    const slot = ((i * pb.frags + j) % slots) * NSG * SGM_FRAG * SGM_FRAG;
+    const toScratch = `subgroupMatrixStore<row_major>(&SC, ${slot}u + sg * ${
       SGM_FRAG * SGM_FRAG
     }u, acc${i}_${j}, ${SGM_FRAG}u);`;
     const vals = Array.from({ length: 8 }, (_, e) => `p.alpha * SC[fo + ${e}u]`);
     const at = `let row = m0 + wmI * ${pa.warpTile}u + ${i * SGM_FRAG}u + lane / 2u;
     let col = n0 + wnI * ${pb.warpTile}u + ${j * SGM_FRAG}u + (lane % 2u) * 8u;
     let ci = baseC + row * p.n + col;
-    let fo = sg * ${SGM_FRAG * SGM_FRAG}u + (lane / 2u) * ${SGM_FRAG}u + (lane % 2u) * 8u;`;
+    let fo = ${slot}u + sg * ${SGM_FRAG * SGM_FRAG}u + (lane / 2u) * ${SGM_FRAG}u + (lane % 2u) * 8u;`;
     // scalar arithmetic only (what the CPU interpreter of the tests evaluates)
     let write: string;
     if (outT === "f16") {
@@ -960,8 +974,7 @@ ${indent}}`;
   ${producers ? "if (!producer) " : ""}{
     ${at}
     ${write}
-  }
-  workgroupBarrier();`;
+  }${slots === 1 ? "\n  workgroupBarrier();" : ""}`;
   };
   for (let i = 0; i < pa.frags; i++) {
     for (let j = 0; j < pb.frags; j++) {
@@ -1023,7 +1036,9 @@ ${indent}}`;
   const globalType = stage === "threads" ? wordType(W) : "f16";
   const shared = stage === "global" ? "" : `var<workgroup> SA: array<f16, ${c.buffers * pa.bufferElems}>;
 var<workgroup> SB: array<f16, ${c.buffers * pb.bufferElems}>;`;
-  const scratch = staged ? `var<workgroup> SC: array<f32, ${NSG * SGM_FRAG * SGM_FRAG}>;` : "";
+  const scratch = staged
+    ? `var<workgroup> SC: array<f32, ${(c.epilogueSlots ?? 1) * NSG * SGM_FRAG * SGM_FRAG}>;`
+    : "";
   // offset of the subgroup's first fragment: its warp index times the warp tile, along rows or columns
   const warpOffsets = stage === "global" || c.constOffsets
     ? ""

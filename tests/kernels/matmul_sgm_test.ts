@@ -428,7 +428,7 @@ Deno.test("generated subgroup-matrix WGSL, run by a CPU interpreter, matches a f
   const tinyProducersRotate = { ...tinyRotate, producers: 2 };
   // constant fragment offsets: one copy of the multiplies per subgroup
   const tinyConst = { ...tinyRotate, constOffsets: true };
-  const tinyConstSingle = { ...tinySingle, constOffsets: true };
+  const tinyConstSingle = { ...tinySingle, constOffsets: true, epilogueSlots: 2 as const };
   for (const [transA, transB] of LAYOUTS) {
     const whole: EmuCase = { m: 64, n: 32, k: 48, batch: 1, alpha: 1 };
     const configs = [SGM_TINY, tinyFrag, tinyGlobal, tinySingle, tinyNoPrefetch, tinyRotate, tinyProducers];
@@ -438,7 +438,7 @@ Deno.test("generated subgroup-matrix WGSL, run by a CPU interpreter, matches a f
       checkGenerated(c, { transA, transB, out: "f16", accumulate: true }, { ...exact, alpha: 0.75 }, rng);
     }
     // the 16-byte epilogue (`vecOut`) for the other two outputs
-    for (const c of [SGM_TINY, tinyConst]) {
+    for (const c of [SGM_TINY, tinyConst, { ...tinyConst, epilogueSlots: 2 as const }]) {
       const exact = { ...whole, k: 2 * c.bk, alpha: -1.25 };
       checkGenerated(c, { transA, transB, out: "f32", accumulate: true }, exact, rng);
       checkGenerated(c, { transA, transB, out: "f16", accumulate: false }, exact, rng);
