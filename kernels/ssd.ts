@@ -58,7 +58,9 @@
  * workgroup memory stays at 32 KiB for any chunk size, head dim or state dim (dims above 64 use more tiles or
  * k slices); a thread's 4 rows or 4 columns of each tile are one vec4 there. Devices that allow less (WebGPU's
  * default is 16 KiB) get the `narrow` tiling of the row products: 64 x 32 W blocks and scalar k slices of 8,
- * 15 KB ({@linkcode SsdRowsTiling}). Every other scan kernel needs at most 8 KB.
+ * 15 KB ({@linkcode SsdRowsTiling}). Every other scan kernel needs at most 8 KB. Devices with subgroup matrices
+ * run the row products' three matrix products on their matrix units instead (the `sgm` tiling, f16 operands and
+ * f32 accumulation, 36 KB, P and N up to 64), the masks, decays and epilogues staying f32 in threads.
  *
  * Working buffers (f32, allocated by the op): `csd` = [cs (B,H,L) | delta (B,H,L) | A (H) | D (H)];
  * `states` [B, nc, H, P, N]; row partials [4, B, L, H, CT]; dT partials [B, H, nc, E]; head partials
@@ -68,6 +70,7 @@
  */
 import { cachedSpec, ceilDiv, grid2d, LINEAR_WORKGROUP, Uniforms } from "./kernel.ts";
 import type { Launch } from "./fill.ts";
+import { SGM_FRAG, SGM_SUBGROUP } from "./matmul_subgroup_matrix.ts";
 
 /** Sizes of a chunked scan. */
 export interface SsdShape {
@@ -118,14 +121,17 @@ export const SSD_TILE = 64;
 const TK = 16;
 
 /**
- * Workgroup tilings of {@linkcode ssdChunkRows}; both own 64 x 64 output tiles (so the launch grid and the row
- * partials are the same) and differ in the intra-chunk block and the k slices:
+ * Workgroup tilings of {@linkcode ssdChunkRows}; all own 64 x 64 output tiles (so the launch grid and the row
+ * partials are the same) and differ in the intra-chunk block, the k slices and the arithmetic:
  * - `wide`: 64 x 64 blocks of positions, k slices of 64 (the whole dim in the 64-dim case), every tile in
- *   `vec4<f32>` workgroup arrays; 32,768 bytes of workgroup memory. The fast path.
+ *   `vec4<f32>` workgroup arrays; 32,768 bytes of workgroup memory. The fast path of f32 FMA kernels.
  * - `narrow`: 64 x 32 blocks, scalar slices of 8; 15,136 bytes, within WebGPU's default 16 KiB
  *   `maxComputeWorkgroupStorageSize` (Dawn's null backend, many mobile GPUs), with many more barriers per product.
+ * - `sgm`: the three products on the matrix units (Dawn's subgroup matrices, f16 operands, f32 accumulation),
+ *   the elementwise parts in f32 by threads; 64 x 64 blocks, U's whole dim (at most {@linkcode SSD_SGM_MAX_DIM})
+ *   in one slice; 36,864 bytes. See {@linkcode rowsCodeSgm}.
  */
-export type SsdRowsTiling = "wide" | "narrow";
+export type SsdRowsTiling = "wide" | "narrow" | "sgm";
 
 /** Positions per intra-chunk block and the depth of one k slice of the `narrow` tiling. */
 const NARROW_TILES = { block: 32, slice: 8 };
@@ -134,11 +140,22 @@ const NARROW_TILES = { block: 32, slice: 8 };
 export function ssdRowsSharedBytes(tiling: SsdRowsTiling): number {
   // wide: two 64 x 64 f32 tiles (sP, sQ); the cs and delta values live in registers
   if (tiling === "wide") return 2 * 4 * SSD_TILE * SSD_TILE;
+  if (tiling === "sgm") return sharedBytes(sgmRowsArrays());
   const { block, slice } = NARROW_TILES;
   // sA, sB (rows padded by one), sW, sZ, then the per-row and per-position cs/delta
   const floats = SSD_TILE * slice + (SSD_TILE + 1) * slice + SSD_TILE * block + slice * SSD_TILE +
     2 * SSD_TILE + 2 * block;
   return 4 * floats;
+}
+
+/**
+ * Whether the `sgm` row products take a scan with these dims on a device with `limitBytes` of workgroup memory:
+ * P and N at most {@linkcode SSD_SGM_MAX_DIM} (U's whole dim, N for `y` and `dx`, P for `dB` and `dC`, is one k
+ * slice). Whether the device has subgroup matrices at all is the op's question.
+ */
+export function ssdRowsSgmApplies(dims: { dimP: number; dimN: number }, limitBytes: number): boolean {
+  return dims.dimP <= SSD_SGM_MAX_DIM && dims.dimN <= SSD_SGM_MAX_DIM &&
+    ssdRowsSharedBytes("sgm") <= limitBytes;
 }
 
 /** Elements of (p, n) one state-pass workgroup reduces (its dT partial). */
@@ -1078,7 +1095,329 @@ ${rowsEpilogue(v, "sRowD[rl]", rowSums)}
 `;
 }
 
-function rowsCode(v: SsdRowsVariant, tiling: SsdRowsTiling): string {
+// ---- the `sgm` row products: the three products on the matrix units ------------------------------------------
+
+/** Most columns of U (the dot-product length: N for `y` and `dx`, P for `dB` and `dC`) the `sgm` tiling takes. */
+export const SSD_SGM_MAX_DIM = SSD_TILE;
+/** Subgroups of an `sgm` workgroup: 4 row strips of 16 x 2 column halves of 32. */
+const SGM_ROWS_SUBGROUPS = 8;
+const SGM_ROWS_THREADS = SGM_ROWS_SUBGROUPS * SGM_SUBGROUP;
+/** Row stride (halves) of the staged 64-wide f16 tiles: 16-byte aligned fragment rows, 8 halves of padding. */
+const SGM_TILE_STRIDE = SSD_TILE + 8;
+/** Row stride (floats) of the f32 scratch: 16-byte aligned rows, 4 floats of padding. */
+const SGM_SCRATCH_STRIDE = SSD_TILE + 4;
+
+/** A workgroup array of the `sgm` kernels: name, element type and length. */
+type SharedArray = [name: string, type: "f16" | "f32", length: number];
+
+/**
+ * The `sgm` kernels' workgroup memory: two f16 tiles (`sA`: U, then V, then the masked W; `sB`: the state tile,
+ * then Z), the f32 scratch the subgroups store results to for the threads, and the cs and delta of the tile's rows
+ * and of the block's positions. Each f16 tile holds 64 rows of up to 64 halves (U and V at their own stride).
+ */
+function sgmRowsArrays(): SharedArray[] {
+  return [
+    ["sA", "f16", SSD_TILE * SGM_TILE_STRIDE],
+    ["sB", "f16", SSD_TILE * SGM_TILE_STRIDE],
+    ["sF", "f32", SSD_TILE * SGM_SCRATCH_STRIDE],
+    ["sRow", "f32", 2 * SSD_TILE],
+    ["sPos", "f32", 2 * SSD_TILE],
+  ];
+}
+
+function sharedBytes(arrays: SharedArray[]): number {
+  return arrays.reduce((sum, [, type, n]) => sum + n * (type === "f16" ? 2 : 4), 0);
+}
+
+function range(n: number): number[] {
+  return Array.from({ length: n }, (_, i) => i);
+}
+
+const SGM_LEFT = `subgroup_matrix_left<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
+const SGM_RIGHT = `subgroup_matrix_right<f16, ${SGM_FRAG}, ${SGM_FRAG}>`;
+const SGM_RESULT = `subgroup_matrix_result<f32, ${SGM_FRAG}, ${SGM_FRAG}>`;
+
+/**
+ * A barrier-free section emitted once per subgroup (`if (sg == 0u) {...} else if ...`), so that every fragment
+ * load and store in it has a literal offset: Tint then proves it in bounds and skips the `if` and function
+ * variable robustness otherwise wraps around each subgroup-matrix access. Subgroup `sg` owns rows
+ * 16 (sg % 4) .. + 16 of the tile and columns (or positions) 32 (sg / 4) .. + 32, as two 16 x 16 fragments.
+ */
+function perSubgroup(indent: string, body: (strip: number, half: number) => string[]): string {
+  return range(SGM_ROWS_SUBGROUPS).map((sg) =>
+    `${sg ? " else " : ""}if (sg == ${sg}u) {\n${
+      body(sg % 4, Math.floor(sg / 4)).map((line) => `${indent}  ${line}\n`).join("")
+    }${indent}}`
+  ).join("");
+}
+
+/** Offset in the scratch of fragment `j` of a subgroup's 16 x 32 block. */
+function scratchAt(strip: number, half: number, j: number): number {
+  return strip * SGM_FRAG * SGM_SCRATCH_STRIDE + half * 32 + j * SGM_FRAG;
+}
+
+/**
+ * The `sgm` row products (see {@linkcode SsdRowsVariant} for what each computes). One workgroup of 8 subgroups
+ * per 64 x 64 output tile, as the other tilings; U's dim is padded to `16 kf` (zeros), Z's columns and the chunk's
+ * positions to the 64-wide tile. Per workgroup:
+ * 1. U's rows and the state tile are staged as f16; each subgroup loads its U rows into `kf` left fragments, kept
+ *    for every block, and computes its part of U S^(T) into the scratch;
+ * 2. threads scale the scratch's rows by rowScale (exp(cs_r) or exp(T - cs_r), in f32: an f16 U scaled first could
+ *    underflow), and the subgroups load it back as their accumulators;
+ * 3. per 64-position block: V and Z are staged; W = U V^T goes through the scratch, where threads apply the
+ *    causal mask and the decay (exp only of exponents <= 0) and store W as f16; the subgroups add W Z;
+ * 4. the accumulators go through the scratch once more and threads write the outputs and row partials exactly as
+ *    {@linkcode rowsEpilogue} does, 8 threads a row (8 columns each, whose partial sums meet by shuffles).
+ * Operands are f16 (x, B, C and dy are f16 values anyway when the model runs in f16; the states and W are
+ * rounded), everything else f32. W = (dy . x) decay of `dB`/`dC` is as small as dy: like the official Triton
+ * kernels' casts of the scores to the input dtype, it loses precision below f16's normal range (6.1e-5).
+ */
+function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
+  const lower = v === "y" || v === "dC";
+  const transposedS = v === "y" || v === "dx";
+  const kd = kf * SGM_FRAG, kdp = kd + 8, ts = SGM_TILE_STRIDE, fs = SGM_SCRATCH_STRIDE;
+  const rowScale = lower ? "exp(sRow[r])" : "exp(T - sRow[r])";
+  const decay = lower ? "exp(cr - sPos[p]) * sPos[TB + p]" : "exp(sPos[p] - cr)";
+
+  // S^T (y, dx): S is [p, n] with n = k, staged [col][k] and read column major; S (dB, dC): staged [k][col]
+  const stageS = transposedS
+    ? `for (var e = li; e < TC * KD; e += ${SGM_ROWS_THREADS}u) {
+    let col = e / KD;
+    let k = e % KD;
+    var sv = 0.0;
+    if (col0 + col < ncols && k < kdim) { sv = S[sBase + (col0 + col) * kdim + k]; }
+    sB[col * KDP + k] = f16(sv);
+  }`
+    : `for (var e = li; e < KD * TC; e += ${SGM_ROWS_THREADS}u) {
+    let k = e / TC;
+    let col = e % TC;
+    var sv = 0.0;
+    if (col0 + col < ncols && k < kdim) { sv = S[sBase + k * ncols + col0 + col]; }
+    sB[k * TS + col] = f16(sv);
+  }`;
+  const sFrag = (i: number, col: number) =>
+    transposedS
+      ? `subgroupMatrixLoad<${SGM_RIGHT}, col_major>(&sB, ${col * kdp + i * SGM_FRAG}u, ${kdp}u)`
+      : `subgroupMatrixLoad<${SGM_RIGHT}, row_major>(&sB, ${i * SGM_FRAG * ts + col}u, ${ts}u)`;
+
+  // 1. U fragments, then acc = U S^(T) into the scratch
+  const inter = perSubgroup("  ", (strip, half) => [
+    ...range(kf).map((i) =>
+      `u${i} = subgroupMatrixLoad<${SGM_LEFT}, row_major>(&sA, ${
+        strip * SGM_FRAG * kdp + i * SGM_FRAG
+      }u, ${kdp}u);`
+    ),
+    ...range(2).flatMap((j) => [
+      `acc${j} = ${SGM_RESULT}();`,
+      ...range(kf).map((i) =>
+        `acc${j} = subgroupMatrixMultiplyAccumulate(u${i}, ${sFrag(i, half * 32 + j * 16)}, acc${j});`
+      ),
+      `subgroupMatrixStore<row_major>(&sF, ${scratchAt(strip, half, j)}u, acc${j}, ${fs}u);`,
+    ]),
+  ]);
+  // 2. the scaled inter-chunk term back into the accumulators
+  const reload = perSubgroup(
+    "  ",
+    (strip, half) =>
+      range(2).map((j) =>
+        `acc${j} = subgroupMatrixLoad<${SGM_RESULT}, row_major>(&sF, ${scratchAt(strip, half, j)}u, ${fs}u);`
+      ),
+  );
+  // 3. W = U V^T (V staged [position][k], read column major) into the scratch; then acc += W Z
+  const wBlock = perSubgroup("    ", (strip, half) =>
+    range(2).flatMap((j) => [
+      `{`,
+      `  var w = ${SGM_RESULT}();`,
+      ...range(kf).map((i) =>
+        `  w = subgroupMatrixMultiplyAccumulate(u${i}, subgroupMatrixLoad<${SGM_RIGHT}, col_major>(&sA, ${
+          (half * 32 + j * 16) * kdp + i * SGM_FRAG
+        }u, ${kdp}u), w);`
+      ),
+      `  subgroupMatrixStore<row_major>(&sF, ${scratchAt(strip, half, j)}u, w, ${fs}u);`,
+      `}`,
+    ]));
+  const wz = perSubgroup("    ", (strip, half) =>
+    range(SSD_TILE / SGM_FRAG).flatMap((q) => [
+      `{`,
+      `  let wq = subgroupMatrixLoad<${SGM_LEFT}, row_major>(&sA, ${
+        strip * SGM_FRAG * ts + q * SGM_FRAG
+      }u, ${ts}u);`,
+      ...range(2).map((j) =>
+        `  acc${j} = subgroupMatrixMultiplyAccumulate(wq, subgroupMatrixLoad<${SGM_RIGHT}, row_major>(&sB, ${
+          q * SGM_FRAG * ts + half * 32 + j * 16
+        }u, ${ts}u), acc${j});`
+      ),
+      `}`,
+    ]));
+  // 4. the accumulators to the scratch for the epilogue
+  const store = perSubgroup(
+    "  ",
+    (strip, half) =>
+      range(2).map((j) =>
+        `subgroupMatrixStore<row_major>(&sF, ${scratchAt(strip, half, j)}u, acc${j}, ${fs}u);`
+      ),
+  );
+
+  return `enable f16;
+enable subgroups;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium.subgroup_matrix_uniformity);
+${rowsHeader(v)}
+const TR = ${SSD_TILE}u;
+const TC = ${SSD_TILE}u;
+const TB = ${SSD_TILE}u;
+// U's dim as staged (a multiple of 16, zeros past the operand's dim) and the row stride of U and V
+const KD = ${kd}u;
+const KDP = ${kdp}u;
+const TS = ${ts}u;
+const FS = ${fs}u;
+${sgmRowsArrays().map(([name, type, n]) => `var<workgroup> ${name}: array<${type}, ${n}>;`).join("\n")}
+
+@compute @workgroup_size(${SGM_ROWS_THREADS})
+fn main(${ENTRY_ARGS}, @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+  ${rowsPrologue(v)}
+  // the rows' cs and delta (zero past the chunk)
+  if (li < TR) {
+    var cr = 0.0;
+    var dr = 0.0;
+    if (r0 + li < clen) {
+      cr = cs_at(base + r0 + li);
+      dr = delta_at(base + r0 + li);
+    }
+    sRow[li] = cr;
+    sRow[TR + li] = dr;
+  }
+  // U's rows ([row][k]) and the state tile, as f16
+  for (var e = li; e < TR * KD; e += ${SGM_ROWS_THREADS}u) {
+    let r = e / KD;
+    let k = e % KD;
+    var uv = 0.0;
+    if (r0 + r < clen && k < kdim) { uv = ld_u(b, t0 + r0 + r, k); }
+    sA[r * KDP + k] = f16(uv);
+  }
+  ${stageS}
+  workgroupBarrier();
+
+  // Inter-chunk term: U's fragments stay in registers for every block.
+  ${range(kf).map((i) => `var u${i} = ${SGM_LEFT}();`).join("\n  ")}
+  var acc0 = ${SGM_RESULT}();
+  var acc1 = ${SGM_RESULT}();
+  ${inter}
+  workgroupBarrier();
+  {
+    let r = li / 4u;
+    let scale = ${rowScale};
+    for (var i = 0u; i < 16u; i++) {
+      let at = r * FS + li % 4u + 4u * i;
+      sF[at] = sF[at] * scale;
+    }
+  }
+  workgroupBarrier();
+  ${reload}
+
+  // Intra-chunk term, one 64 x 64 block of positions at a time: W = mask(U V^T) * decay, then acc += W Z.
+  let kbEnd = ${lower ? "min(r0 + TR, clen)" : "clen"};
+  for (var kb = ${lower ? "0u" : "r0"}; kb < kbEnd; kb += TB) {
+    if (li < TB) {
+      var ck = 0.0;
+      var dk = 0.0;
+      if (kb + li < clen) {
+        ck = cs_at(base + kb + li);
+        dk = delta_at(base + kb + li);
+      }
+      sPos[li] = ck;
+      sPos[TB + li] = dk;
+    }
+    for (var e = li; e < TB * KD; e += ${SGM_ROWS_THREADS}u) {
+      let p = e / KD;
+      let k = e % KD;
+      var vv = 0.0;
+      if (kb + p < clen && k < kdim) { vv = ld_v(b, t0 + kb + p, k); }
+      sA[p * KDP + k] = f16(vv);
+    }
+    for (var e = li; e < TB * TC; e += ${SGM_ROWS_THREADS}u) {
+      let p = e / TC;
+      let c = e % TC;
+      var zv = 0.0;
+      if (kb + p < clen && col0 + c < ncols) { zv = ld_z(b, t0 + kb + p, col0 + c); }
+      sB[p * TS + c] = f16(zv);
+    }
+    workgroupBarrier();
+    ${wBlock}
+    workgroupBarrier();
+    // Mask before exp: only exponents <= 0 are ever evaluated. A warp's 8 rows x 4 columns hit 32 banks.
+    {
+      let r = li / 4u;
+      let row = r0 + r;
+      let cr = sRow[r];
+      for (var i = 0u; i < 16u; i++) {
+        let p = li % 4u + 4u * i;
+        let k = kb + p;
+        var wv = 0.0;
+        if (row < clen && k < clen && ${lower ? "k <= row" : "k >= row"}) { wv = sF[r * FS + p] * ${decay}; }
+        sA[r * TS + p] = f16(wv);
+      }
+    }
+    workgroupBarrier();
+    ${wz}
+    workgroupBarrier();
+  }
+  ${store}
+  workgroupBarrier();
+${sgmEpilogue(v)}
+}
+`;
+}
+
+/**
+ * The `sgm` epilogue: the outputs and row partials of {@linkcode rowsEpilogue} from the scratch. Subgroup `sg`
+ * takes rows 8 sg .. + 8, 8 lanes a row (rows two apart across lane groups, so a warp's scratch reads hit 32
+ * banks) and 8 columns a lane, lane % 8 + 8 j (a warp reads 4 rows x 32 bytes of each global row); a row's
+ * partial sums meet by three shuffles, outside any branch (they need uniform control flow).
+ */
+function sgmEpilogue(v: SsdRowsVariant): string {
+  const body = v === "y" ? `O[oi] = a + dh * ld_z(b, t, gc);` : v === "dx"
+    ? `let dyv = ld_z(b, t, gc);
+          let xv = ld_e(b, t, gc);
+          O[oi] = sRow[TR + rl] * a + dh * dyv;
+          s0 += xv * a;
+          s1 += xv * dyv;`
+    : v === "dB"
+    ? `let g = sRow[TR + rl] * a;
+          O[oi] = g;
+          s0 -= ld_e(b, t, gc) * g;`
+    : `O[oi] = a;
+          s0 += ld_e(b, t, gc) * a;`;
+  const sums = v === "y" ? [] : v === "dx" ? ["s0", "s1"] : ["s0"];
+  const reduce = sums.flatMap((s) => [1, 2, 4].map((m) => `${s} += subgroupShuffleXor(${s}, ${m}u);`));
+  const write = v === "y" ? "" : `
+    if (lane % 8u == 0u && row < clen) {
+      R[rp(${ROW_SLOTS[v]}, b, h, t, ct)] = s0;
+      ${v === "dx" ? "R[rp(1u, b, h, t, ct)] = s1;" : ""}
+    }`;
+  return `  let dh = d_of(h);
+  for (var i = 0u; i < 2u; i++) {
+    let rl = 8u * sg + 2u * (lane / 8u) + i;
+    let row = r0 + rl;
+    let t = t0 + row;
+    ${sums.map((s) => `var ${s} = 0.0;`).join("\n    ")}
+    if (row < clen) {
+      for (var j = 0u; j < 8u; j++) {
+        let c = lane % 8u + 8u * j;
+        let gc = col0 + c;
+        if (gc < ncols) {
+          let oi = d.o_off + (b * d.seqlen + t) * d.o_stride + h * ncols + gc;
+          let a = sF[rl * FS + c];
+          ${body}
+        }
+      }
+    }
+    ${reduce.join("\n    ")}${write}
+  }`;
+}
+
+function rowsCode(v: SsdRowsVariant, tiling: SsdRowsTiling, kf: number): string {
+  if (tiling === "sgm") return rowsCodeSgm(v, kf);
   return tiling === "wide" ? rowsCodeWide(v) : rowsCodeNarrow(v);
 }
 
@@ -1087,7 +1426,9 @@ function rowsCode(v: SsdRowsVariant, tiling: SsdRowsTiling): string {
  * epilogue: x for `dx`, B for `dB`, C for `dC`; unused for `y`, whose skip term reads Z = x) are grouped
  * operands; `U` and `V` share a dim (the dot-product length), `Z` and `E` have the output's dim. `out` is written
  * per head h: `out.offset + (b L + t) out.stride + h Z.dim + col`. `tiling` picks the workgroup memory footprint
- * ({@linkcode SsdRowsTiling}; same results up to f32 summation order); each tiling has its own kernel key.
+ * ({@linkcode SsdRowsTiling}; `wide` and `narrow` give the same results up to f32 summation order, `sgm` rounds
+ * the operands to f16); each tiling has its own kernel key, and `sgm` one per U dim rounded up to 16 (at most
+ * {@linkcode SSD_SGM_MAX_DIM}; needs a device with subgroup matrices: {@linkcode ssdRowsSgmApplies}).
  * Bindings: U, V, Z, S [B, nc, H, P, N], csd, [E], out (rw), [row partials (rw) [4, B, L, H, CT]].
  */
 export function ssdChunkRows(
@@ -1101,13 +1442,19 @@ export function ssdChunkRows(
   tiling: SsdRowsTiling = "wide",
 ): Launch {
   if (U.dim !== V.dim) throw new Error(`ssdChunkRows: U dim ${U.dim} != V dim ${V.dim}`);
+  if (tiling === "sgm" && !(U.dim >= 1 && U.dim <= SSD_SGM_MAX_DIM)) {
+    throw new Error(`ssdChunkRows: the sgm tiling takes U dims up to ${SSD_SGM_MAX_DIM}, found ${U.dim}`);
+  }
   const hasE = variant !== "y";
-  const spec = cachedSpec(`ssd_rows_${variant}${tiling === "wide" ? "" : `_${tiling}`}`, () => ({
+  // the sgm kernels are specialised to U's fragments along k
+  const kf = ceilDiv(U.dim, SGM_FRAG);
+  const suffix = tiling === "wide" ? "" : tiling === "sgm" ? `_sgm_k${kf * SGM_FRAG}` : `_${tiling}`;
+  const spec = cachedSpec(`ssd_rows_${variant}${suffix}`, () => ({
     bindings: hasE
       ? ["read", "read", "read", "read", "read", "read", "rw", "rw"]
       : ["read", "read", "read", "read", "read", "rw"],
     uniformBytes: DIMS_BYTES,
-    code: rowsCode(variant, tiling),
+    code: rowsCode(variant, tiling, kf),
   }));
   const colTiles = ceilDiv(Z.dim, SSD_TILE);
   const rowTiles = ceilDiv(s.chunk, SSD_TILE);

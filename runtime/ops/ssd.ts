@@ -31,8 +31,10 @@ import {
   ssdHeadReduce,
   type SsdOperand,
   type SsdOutputLayout,
+  ssdRowsSgmApplies,
   ssdRowsSharedBytes,
   type SsdRowsTiling,
+  type SsdRowsVariant,
   type SsdShape,
   ssdStatePass,
   ssdStatePassBackward,
@@ -47,9 +49,12 @@ import {
   ssdXbcWidth,
 } from "../../kernels/ssd_step.ts";
 import type { Launch } from "../../kernels/fill.ts";
+import type { SgmDeviceInfo } from "../../kernels/matmul_subgroup_matrix.ts";
 import type { Runtime } from "../runtime.ts";
 import { shapeStr, type Tensor } from "../tensor.ts";
+import { readEnv } from "../../util/env.ts";
 import { cast, widen } from "./cast.ts";
+import { useSubgroupMatrices } from "./matmul.ts";
 
 /** Group counts and dims of the x, B and C inputs. */
 export interface SsdDims {
@@ -105,15 +110,17 @@ export interface SsdScanOptions {
   /** Chunk length Q (default 64). Changes only rounding. */
   chunkSize?: number;
   /**
-   * Workgroup tiling of the row products (default: what {@linkcode ssdRowsTilingFor} picks for the device's
-   * limits). Changes only rounding; forcing one is for tests and benchmarks.
+   * Workgroup tiling of all four row products (default: `sgm` for the variants {@linkcode ssdSgmRowVariants}
+   * picks, what {@linkcode ssdRowsTilingFor} picks for the device's limits for the others). Changes only
+   * rounding (`sgm`: f16 operands); forcing one is for tests and benchmarks.
    */
   rowsTiling?: SsdRowsTiling;
 }
 
 /**
- * The tiling of the row products for a device: `wide` (the fast path) where its workgroup memory fits, else
- * `narrow`, which fits WebGPU's default 16 KiB; throws below that, naming both sizes.
+ * The tiling of the row products for a device without subgroup matrices (or for the variants that do not use
+ * them): `wide` (the fast path) where its workgroup memory fits, else `narrow`, which fits WebGPU's default
+ * 16 KiB; throws below that, naming both sizes.
  */
 export function ssdRowsTilingFor(limits: { maxComputeWorkgroupStorageSize: number }): SsdRowsTiling {
   const have = limits.maxComputeWorkgroupStorageSize;
@@ -123,6 +130,50 @@ export function ssdRowsTilingFor(limits: { maxComputeWorkgroupStorageSize: numbe
       ssdRowsSharedBytes("narrow")
     } bytes of workgroup memory, the device allows ${have}`,
   );
+}
+
+/**
+ * Environment variable for A/B runs of the matrix-unit row products: `0` keeps every variant off them; a comma
+ * list of variants (`y,dx,dB,dC`) puts exactly those on them (where they apply); unset, the variants of
+ * {@linkcode SSD_SGM_VARIANTS}. `DISTILLERY_SGM=0` (runtime/ops/matmul.ts) turns them off with all other
+ * matrix-unit kernels.
+ */
+export const SSD_SGM_ENV_VAR = "DISTILLERY_SSD_SGM";
+
+/** The row-product variants that run on the matrix units by default. */
+export const SSD_SGM_VARIANTS: readonly SsdRowsVariant[] = ["y"];
+
+const ROW_VARIANTS: readonly SsdRowsVariant[] = ["y", "dx", "dB", "dC"];
+
+/** The variants {@linkcode SSD_SGM_ENV_VAR} asks for, or the defaults when it is unset. */
+function sgmVariantsWanted(): readonly SsdRowsVariant[] {
+  const env = readEnv(SSD_SGM_ENV_VAR);
+  if (env === undefined) return SSD_SGM_VARIANTS;
+  if (env.trim() === "0") return [];
+  const names = env.split(",").map((v) => v.trim());
+  for (const v of names) {
+    if (!ROW_VARIANTS.includes(v as SsdRowsVariant)) {
+      throw new Error(`${SSD_SGM_ENV_VAR}: unknown row product '${v}' (a comma list of y, dx, dB, dC, or 0)`);
+    }
+  }
+  return names as SsdRowsVariant[];
+}
+
+/**
+ * The row-product variants of a scan with these dims that run on the device's matrix units (the `sgm` tiling):
+ * those {@linkcode SSD_SGM_ENV_VAR} asks for (by default {@linkcode SSD_SGM_VARIANTS}) when the device supports
+ * subgroup matrices (`useSubgroupMatrices`) and the dims and workgroup memory fit ({@linkcode ssdRowsSgmApplies});
+ * none otherwise.
+ */
+export function ssdSgmRowVariants(
+  dev: SgmDeviceInfo,
+  dims: { dimP: number; dimN: number },
+): SsdRowsVariant[] {
+  if (!useSubgroupMatrices(dev) || !ssdRowsSgmApplies(dims, dev.limits.maxComputeWorkgroupStorageSize)) {
+    return [];
+  }
+  const wanted = sgmVariantsWanted();
+  return ROW_VARIANTS.filter((v) => wanted.includes(v));
 }
 
 /** Outputs of {@linkcode ssdScan}. */
@@ -149,7 +200,8 @@ function expectShape(name: string, t: Tensor, shape: number[]): void {
 
 interface Resolved {
   shape: SsdShape;
-  tiling: SsdRowsTiling;
+  /** The tiling of each row product. */
+  tilings: Record<SsdRowsVariant, SsdRowsTiling>;
   dims: SsdDims;
   x: SsdOperand;
   B: SsdOperand;
@@ -162,7 +214,6 @@ interface Resolved {
 
 function resolve(args: SsdScanArgs, opts: SsdScanOptions): Resolved {
   const chunk = opts.chunkSize ?? SSD_DEFAULT_CHUNK;
-  const tiling = opts.rowsTiling ?? ssdRowsTilingFor(args.dt.rt.dev.limits);
   const [batch, seqlen, heads] = args.dt.shape;
   if (args.dt.shape.length !== 3) {
     throw new Error(`ssdScan: dt must be [B, L, H], found ${shapeStr(args.dt.shape)}`);
@@ -222,7 +273,7 @@ function resolve(args: SsdScanArgs, opts: SsdScanOptions): Resolved {
   if (args.initialState) expectShape("initialState", args.initialState, [batch, heads, dims.dimP, dims.dimN]);
   return {
     shape: { batch, seqlen, heads, dimP: dims.dimP, dimN: dims.dimN, chunk },
-    tiling,
+    tilings: rowTilings(args.dt.rt.dev, dims, opts.rowsTiling),
     dims,
     x,
     B,
@@ -232,6 +283,20 @@ function resolve(args: SsdScanArgs, opts: SsdScanOptions): Resolved {
     CT,
     packed,
   };
+}
+
+/** Each row product's tiling: the forced one, else `sgm` where {@linkcode ssdSgmRowVariants} says, else FMA. */
+function rowTilings(
+  dev: SgmDeviceInfo,
+  dims: SsdDims,
+  forced: SsdRowsTiling | undefined,
+): Record<SsdRowsVariant, SsdRowsTiling> {
+  const sgm = forced ? [] : ssdSgmRowVariants(dev, dims);
+  const fma = forced ?? ssdRowsTilingFor(dev.limits);
+  return Object.fromEntries(ROW_VARIANTS.map((v) => [v, sgm.includes(v) ? "sgm" : fma])) as Record<
+    SsdRowsVariant,
+    SsdRowsTiling
+  >;
 }
 
 /**
@@ -311,7 +376,7 @@ function ssdScanForward(rt: Runtime, r: Resolved, args: SsdScanArgs): SsdSaved &
     finalState,
   ]);
   const yLayout: SsdOutputLayout = { offset: 0, stride: s.heads * s.dimP };
-  dispatch(rt, ssdChunkRows("y", s, r.C, r.B, r.x, null, yLayout, r.tiling), [
+  dispatch(rt, ssdChunkRows("y", s, r.C, r.B, r.x, null, yLayout, r.tilings.y), [
     r.CT,
     r.BT,
     r.xT,
@@ -407,7 +472,7 @@ function ssdScanBackward(
     };
   };
   const dx = perHead(r.x, gxT);
-  dispatch(rt, ssdChunkRows("dx", s, r.B, r.C, dyOp, r.x, dx.layout, r.tiling), [
+  dispatch(rt, ssdChunkRows("dx", s, r.B, r.C, dyOp, r.x, dx.layout, r.tilings.dx), [
     r.BT,
     r.CT,
     gy,
@@ -419,7 +484,7 @@ function ssdScanBackward(
   ]);
   dx.finish();
   const dB = perHead(r.B, gBT);
-  dispatch(rt, ssdChunkRows("dB", s, r.x, dyOp, r.C, r.B, dB.layout, r.tiling), [
+  dispatch(rt, ssdChunkRows("dB", s, r.x, dyOp, r.C, r.B, dB.layout, r.tilings.dB), [
     r.xT,
     gy,
     r.CT,
@@ -431,7 +496,7 @@ function ssdScanBackward(
   ]);
   dB.finish();
   const dC = perHead(r.C, gCT);
-  dispatch(rt, ssdChunkRows("dC", s, dyOp, r.x, r.B, r.C, dC.layout, r.tiling), [
+  dispatch(rt, ssdChunkRows("dC", s, dyOp, r.x, r.B, r.C, dC.layout, r.tilings.dC), [
     gy,
     r.xT,
     r.BT,

@@ -3,10 +3,11 @@
  * `kernels/matmul_subgroup_matrix.ts`, the attention kernels of `kernels/attention_sgm.ts`), so their generated
  * source (not a re-implementation of it) can be executed in tests on machines without matrix units.
  *
- * Supported: `enable`/`diagnostic` directives (ignored), one uniform struct `p` of u32/i32/f32 fields, storage and
- * workgroup arrays of u32, f16, f32 and vecN<u32>, module-scope `const`s and functions (`fn f(a: u32) -> u32`,
- * without barriers or subgroup operations inside), one `@compute` entry point with `workgroup_id`,
- * `local_invocation_index`, `subgroup_id` and `subgroup_invocation_id`; statements `let`, `var`, assignment,
+ * Supported: `enable`/`diagnostic` directives (ignored), one uniform struct of u32/i32/f32 fields (bound to any
+ * name), storage and workgroup arrays of u32, f16, f32 and vecN<u32>, module-scope `const`s, `var<private>`
+ * scalars (one per invocation) and functions (`fn f(a: u32) -> u32`, without barriers or subgroup operations
+ * inside), one `@compute` entry point with `workgroup_id`, `num_workgroups`, `local_invocation_index`,
+ * `subgroup_id` and `subgroup_invocation_id`; statements `let`, `var`, assignment,
  * `for`, `if`/`else`, `return`, blocks and calls; u32/f32/f16/bool arithmetic (`+ - * / % & | ^`, comparisons)
  * with WGSL's wrapping and rounding, `&&`/`||` short-circuiting; `min`, `max`, `exp`, `log` (f32 rounding of the
  * exact value), `select`, conversions, `bitcast<vec2<f16>>`, `pack2x16float`, `unpack2x16float`, vector constructors, swizzles and
@@ -474,6 +475,10 @@ export interface WgslProgram {
   body: Stmt[];
   /** Names bound to builtins (e.g. `lid` -> `local_invocation_index`). */
   builtins: Record<string, string>;
+  /** Name of the uniform struct variable (`p` unless declared otherwise). */
+  uniformName: string;
+  /** Module-scope `var<private>` variables: name and type (each invocation has its own). */
+  privates: { name: string; type: TypeNode }[];
 }
 
 /** Parses the WGSL subset (see the module comment). */
@@ -489,6 +494,8 @@ export function parseWgsl(src: string): WgslProgram {
     shared: [],
     body: [],
     builtins: {},
+    uniformName: "p",
+    privates: [],
   };
   while (p.peek()) {
     if (p.eat("enable")) p.skipTo(";");
@@ -541,6 +548,7 @@ export function parseWgsl(src: string): WgslProgram {
         const type = p.type();
         p.expect(";");
         if (space[0] === "storage") prog.bindings.push({ name, type });
+        else if (space[0] === "uniform") prog.uniformName = name;
       } else {
         p.expect("fn");
         p.ident();
@@ -566,8 +574,9 @@ export function parseWgsl(src: string): WgslProgram {
       p.expect(":");
       const type = p.type();
       p.expect(";");
-      if (space[0] !== "workgroup") throw new Error(`wgsl_interp: unsupported module-scope var ${name}`);
-      prog.shared.push({ name, type, length: type.args[1] as number });
+      if (space[0] === "private") prog.privates.push({ name, type });
+      else if (space[0] === "workgroup") prog.shared.push({ name, type, length: type.args[1] as number });
+      else throw new Error(`wgsl_interp: unsupported module-scope var ${name}`);
     } else throw new Error(`wgsl_interp: unexpected '${p.peek()!.v}' at module scope`);
   }
   return prog;
@@ -604,6 +613,8 @@ export function runWgsl(
     mem,
     shared: new Map<string, MemArray>(),
     uniform: { k: "struct", fields } as Struct,
+    uniformName: prog.uniformName,
+    privates: new Map<string, Slot>(),
     stats,
   };
   const consts: Ctx = { ...base, race: new RaceCheck(T), scopes: [], lane: 0, calls: 0, sub: newSubgroup(T) };
@@ -624,12 +635,15 @@ export function runWgsl(
             shared,
             race,
             scopes: [new Map()],
+            privates: new Map(),
             sub: subgroups[sg],
             lane: lid % subgroupSize,
             calls: 0,
           };
+          for (const v of prog.privates) ctx.privates.set(v.name, { val: zeroOf(v.type), mutable: true });
           const b: Record<string, Value> = {
             workgroup_id: { k: "vec", el: "u32", v: [x, y, z] },
+            num_workgroups: { k: "vec", el: "u32", v: [...grid] },
             local_invocation_index: { k: "u32", v: lid },
             subgroup_id: { k: "u32", v: sg },
             subgroup_invocation_id: { k: "u32", v: lid % subgroupSize },
@@ -749,6 +763,9 @@ interface Ctx {
   shared: Map<string, MemArray>;
   race: RaceCheck;
   uniform: Struct;
+  uniformName: string;
+  /** This invocation's `var<private>` variables. */
+  privates: Map<string, Slot>;
   sub: Subgroup;
   lane: number;
   calls: number;
@@ -762,11 +779,11 @@ function lookup(ctx: Ctx, name: string): Slot | MemArray | Struct {
     const v = ctx.scopes[i].get(name);
     if (v) return v;
   }
-  const g = ctx.globals.get(name);
-  if (g) return g;
+  const v = ctx.privates.get(name) ?? ctx.globals.get(name);
+  if (v) return v;
   const arr = ctx.mem.get(name) ?? ctx.shared.get(name);
   if (arr) return arr;
-  if (name === "p") return ctx.uniform;
+  if (name === ctx.uniformName) return ctx.uniform;
   throw new Error(`wgsl_interp: unknown identifier ${name}`);
 }
 

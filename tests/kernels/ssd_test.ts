@@ -1,6 +1,15 @@
 import assert from "node:assert/strict";
-import { ssdRowsTilingFor, ssdScan, type SsdScanArgs, ssdScanVjp } from "../../runtime/ops/ssd.ts";
+import {
+  SSD_SGM_ENV_VAR,
+  SSD_SGM_VARIANTS,
+  ssdRowsTilingFor,
+  ssdScan,
+  type SsdScanArgs,
+  ssdScanVjp,
+  ssdSgmRowVariants,
+} from "../../runtime/ops/ssd.ts";
 import { ssdChunkRows, ssdRowsSharedBytes, type SsdRowsTiling } from "../../kernels/ssd.ts";
+import type { SgmDeviceInfo } from "../../kernels/matmul_subgroup_matrix.ts";
 import type { Runtime } from "../../runtime/runtime.ts";
 import type { Tensor } from "../../runtime/tensor.ts";
 import type { Rng } from "../../util/rng.ts";
@@ -460,6 +469,59 @@ Deno.test("ssd row products: the tiling follows the device's workgroup memory, o
   );
   assert.equal(new Set(keys).size, 8);
   assert.deepEqual(keys.slice(4).sort(), rowKernels("narrow", true));
+});
+
+Deno.test("ssd row products: the sgm tiling where the device has subgroup matrices and P, N fit 64", () => {
+  const h200: SgmDeviceInfo = {
+    features: { f16: true, subgroupMatrix: true },
+    subgroupMatrixConfigs: [{ componentType: "f16", resultComponentType: "f32", M: 16, N: 16, K: 16 }],
+    subgroupMinSize: 32,
+    subgroupMaxSize: 32,
+    limits: { maxComputeWorkgroupStorageSize: 49152, maxComputeInvocationsPerWorkgroup: 1024 },
+  };
+  const saved = Deno.env.get(SSD_SGM_ENV_VAR);
+  // DISTILLERY_SGM=0 keeps every matrix-unit kernel off, these too
+  const on = Deno.env.get("DISTILLERY_SGM") !== "0";
+  const expect = (vs: readonly string[]) => on ? vs : [];
+  try {
+    Deno.env.delete(SSD_SGM_ENV_VAR);
+    const dims = { dimP: 64, dimN: 64 };
+    assert.deepEqual(ssdSgmRowVariants(h200, dims), expect(SSD_SGM_VARIANTS));
+    assert.deepEqual(ssdSgmRowVariants(h200, { dimP: 20, dimN: 10 }), expect(SSD_SGM_VARIANTS));
+    // dims above one k slice, too little workgroup memory, no subgroup matrices, subgroups of 64: none
+    assert.deepEqual(ssdSgmRowVariants(h200, { dimP: 128, dimN: 64 }), []);
+    assert.deepEqual(ssdSgmRowVariants(h200, { dimP: 64, dimN: 80 }), []);
+    const small = { ...h200.limits, maxComputeWorkgroupStorageSize: 32768 };
+    assert.deepEqual(ssdSgmRowVariants({ ...h200, limits: small }, dims), []);
+    assert.deepEqual(
+      ssdSgmRowVariants({ ...h200, features: { f16: true, subgroupMatrix: false } }, dims),
+      [],
+    );
+    assert.deepEqual(ssdSgmRowVariants({ ...h200, subgroupMinSize: 64, subgroupMaxSize: 64 }, dims), []);
+    // the A/B switch: 0 keeps them all off, a list picks variants, anything else is refused
+    Deno.env.set(SSD_SGM_ENV_VAR, "0");
+    assert.deepEqual(ssdSgmRowVariants(h200, dims), []);
+    Deno.env.set(SSD_SGM_ENV_VAR, "dC, y");
+    assert.deepEqual(ssdSgmRowVariants(h200, dims), expect(["y", "dC"]));
+    Deno.env.set(SSD_SGM_ENV_VAR, "y,dz");
+    assert.throws(() => ssdSgmRowVariants(h200, dims), /DISTILLERY_SSD_SGM: unknown row product 'dz'/);
+  } finally {
+    if (saved === undefined) Deno.env.delete(SSD_SGM_ENV_VAR);
+    else Deno.env.set(SSD_SGM_ENV_VAR, saved);
+  }
+  // one kernel per U dim class; U dims above one k slice are refused
+  const s = { batch: 1, seqlen: 8, heads: 1, dimP: 64, dimN: 64, chunk: 8 };
+  const op = (dim: number) => ({ offset: 0, stride: dim, heads: 1, dim });
+  const key = (dim: number) =>
+    ssdChunkRows("y", s, op(dim), op(dim), op(64), null, { offset: 0, stride: 64 }, "sgm");
+  assert.deepEqual([1, 16, 17, 64].map((d) => key(d).spec.key), [
+    "ssd_rows_y_sgm_k16",
+    "ssd_rows_y_sgm_k16",
+    "ssd_rows_y_sgm_k32",
+    "ssd_rows_y_sgm_k64",
+  ]);
+  assert.throws(() => key(65), /the sgm tiling takes U dims up to 64, found 65/);
+  assert.equal(ssdRowsSharedBytes("sgm"), 36864);
 });
 
 Deno.test(

@@ -3,8 +3,11 @@
  * tilings, decode step and verification) on a Dawn null-backend device, whose adapter offers only WebGPU's
  * default 16 KiB of workgroup memory (the test checks the limit it ran under): the pipeline step is where Dawn
  * enforces that limit, which the kernel tests on llvmpipe (32 KiB) cannot see. The `wide` row products must be refused there (the control that the limit is
- * checked at all); everything else must compile. Prints one JSON line:
- * `{ limit, kernels, failures: string[], wideRefused: string[] }`, or `{ skipped: reason }`.
+ * checked at all); everything else must compile. The matrix-unit (`sgm`) row products, every variant and U dim
+ * class, are compiled as shader modules on a second null device that offers subgroup matrices (their 36 KB of
+ * workgroup memory exceed its 16 KiB, so no pipeline). Prints one JSON line:
+ * `{ limit, kernels, failures: string[], wideRefused: string[], sgm: { modules, failures } | { skipped } }`, or
+ * `{ skipped: reason }`.
  *
  * Run by `ssd_tint_test.ts` in a subprocess (like dense_tint_check.ts, for the same reasons).
  *
@@ -12,6 +15,7 @@
  */
 import type { KernelSpec } from "../../kernels/kernel.ts";
 import {
+  SSD_SGM_MAX_DIM,
   ssdChunkCumsum,
   ssdChunkRows,
   ssdChunkState,
@@ -86,9 +90,46 @@ async function check(device: GPUDevice) {
   };
 }
 
+/** The variants of the `sgm` row products under test. */
+const SGM_VARIANTS: SsdRowsVariant[] = ["y"];
+
+/** The `sgm` row products: each variant with U dims of 1 to 4 fragments (one kernel per class). */
+function sgmSpecs(): KernelSpec[] {
+  const s: SsdShape = { batch: 1, seqlen: 37, heads: 4, dimP: 40, dimN: 40, chunk: 64 };
+  const op = (dim: number): SsdOperand => ({ offset: 0, stride: 4 * dim, heads: 4, dim });
+  const out = { offset: 0, stride: 160 };
+  const specs: KernelSpec[] = [];
+  for (const v of SGM_VARIANTS) {
+    for (let dim = 16; dim <= SSD_SGM_MAX_DIM; dim += 16) {
+      specs.push(ssdChunkRows(v, s, op(dim), op(dim), op(40), v === "y" ? null : op(40), out, "sgm").spec);
+    }
+  }
+  return specs;
+}
+
+/** Compiles the `sgm` row products as modules (the validation Tint does: types, builtins, uniformity). */
+async function checkSgm(device: GPUDevice): Promise<{ modules: number; failures: string[] }> {
+  const failures: string[] = [];
+  const specs = sgmSpecs();
+  for (const spec of specs) {
+    device.pushErrorScope("validation");
+    const module = device.createShaderModule({ code: spec.code });
+    const failure = await compileFailure(spec.key, await device.popErrorScope(), module);
+    if (failure) failures.push(failure);
+  }
+  return { modules: specs.length, failures };
+}
+
 if (import.meta.main) {
   const dev = await dawnNullDevice({ optional: ["shader-f16"] });
   if (typeof dev === "string") console.log(JSON.stringify({ skipped: dev }));
-  else console.log(JSON.stringify(await check(dev.device)));
+  else {
+    const result = await check(dev.device);
+    const sgmDev = await dawnNullDevice({
+      required: ["shader-f16", "subgroups", "chromium-experimental-subgroup-matrix"] as GPUFeatureName[],
+    });
+    const sgm = typeof sgmDev === "string" ? { skipped: sgmDev } : await checkSgm(sgmDev.device);
+    console.log(JSON.stringify({ ...result, sgm }));
+  }
   Deno.exit(0); // skip Dawn's teardown
 }

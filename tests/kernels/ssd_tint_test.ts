@@ -4,13 +4,14 @@
 import assert from "node:assert/strict";
 import { runTintCheck } from "../helpers/tint.ts";
 
-Deno.test("every Mamba2 scan kernel but the wide row products compiles within 16 KiB under Tint", async () => {
+Deno.test("every Mamba2 scan kernel but the wide row products compiles within 16 KiB under Tint; the sgm ones compile", async () => {
   const result = await runTintCheck(new URL("./ssd_tint_check.ts", import.meta.url)) as {
     skipped?: string;
     limit?: number;
     kernels?: number;
     failures?: string[];
     wideRefused?: string[];
+    sgm?: { skipped?: string; modules?: number; failures?: string[] };
   };
   if (result.skipped) {
     console.warn(`SSD Tint check skipped: ${result.skipped}`);
@@ -26,4 +27,11 @@ Deno.test("every Mamba2 scan kernel but the wide row products compiles within 16
     "ssd_rows_y",
   ]);
   assert.ok(result.kernels! >= 18, `only ${result.kernels} kernels checked`);
+  // the matrix-unit row products: every variant under test with U dims of 16, 32, 48 and 64
+  const sgm = result.sgm!;
+  if (sgm.skipped) console.warn(`SSD sgm Tint check skipped: ${sgm.skipped}`);
+  else {
+    assert.deepEqual(sgm.failures, [], `sgm row products failing under Tint:\n${sgm.failures!.join("\n")}`);
+    assert.equal(sgm.modules, 4);
+  }
 });

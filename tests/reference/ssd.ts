@@ -193,3 +193,112 @@ export function ssdBackwardRef(
   }
   return g;
 }
+
+// ---- one row product of the chunked scan ------------------------------------------------------------------------
+
+/** A grouped operand of {@linkcode ssdRowsRef}: element (b, t, g, k) at `offset + (b L + t) stride + g dim + k`. */
+export interface SsdRowsRefOperand {
+  /** The buffer. */
+  data: Float64Array;
+  /** Element offset of (0, 0, 0, 0). */
+  offset: number;
+  /** Elements from one token to the next. */
+  stride: number;
+  /** Groups (divides the heads). */
+  heads: number;
+  /** Elements per group. */
+  dim: number;
+}
+
+/** Sizes of a chunked row product. */
+export interface SsdRowsRefShape {
+  /** Batch. */
+  batch: number;
+  /** Sequence length. */
+  seqlen: number;
+  /** Heads. */
+  heads: number;
+  /** Chunk length. */
+  chunk: number;
+  /** Head dim P (of the states). */
+  dimP: number;
+  /** State dim N (of the states). */
+  dimN: number;
+}
+
+/**
+ * One row product of the chunked scan in float64, as `ssdChunkRows` in kernels/ssd.ts defines it: per batch b,
+ * chunk c (positions t0 + [0, clen)), head h, row r and column col,
+ *   acc = rowScale_r sum_k U_r[k] S(k, col) + sum_{k in mask(r)} (U_r . V_k) decay(r, k) Z_k[col],
+ * with S(k, col) = S[b, c, h, col, k] for `y` and `dx` (the transposed state), S[b, c, h, k, col] for `dB`
+ * and `dC`; lower variants (`y`, `dC`): mask k <= r, decay exp(cs_r - cs_k) delta_k, rowScale exp(cs_r); upper
+ * (`dx`, `dB`): mask k >= r, decay exp(cs_k - cs_r), rowScale exp(T - cs_r) with T the chunk's last cs. Then
+ * `y` = acc + D x (x = Z); `dx` = delta_r acc + D dy (dy = Z) with row partials x . acc (slot 0) and x . dy
+ * (slot 1), x = E; `dB` = delta_r acc with -B . dB (slot 2); `dC` = acc with C . dC (slot 3).
+ * `cs` and `delta` are [B, H, L], `S` [B, nc, H, P, N]. Returns out [B, L, H, Z.dim] and the row partials
+ * [4, B, L, H] (summed over the kernel's column tiles).
+ */
+export function ssdRowsRef(
+  variant: "y" | "dx" | "dB" | "dC",
+  s: SsdRowsRefShape,
+  ops: { U: SsdRowsRefOperand; V: SsdRowsRefOperand; Z: SsdRowsRefOperand; E?: SsdRowsRefOperand },
+  S: Float64Array,
+  cs: Float64Array,
+  delta: Float64Array,
+  D: Float64Array,
+): { out: Float64Array; partials: Float64Array } {
+  const { batch, seqlen: L, heads: H, chunk: Q, dimP: P, dimN: N } = s;
+  const { U, V, Z, E } = ops;
+  const lower = variant === "y" || variant === "dC";
+  const transposed = variant === "y" || variant === "dx";
+  const nc = Math.ceil(L / Q), kdim = U.dim, ncols = Z.dim;
+  const out = new Float64Array(batch * L * H * ncols);
+  const partials = new Float64Array(4 * batch * L * H);
+  const at = (o: SsdRowsRefOperand, b: number, t: number, h: number, k: number) =>
+    o.data[o.offset + (b * L + t) * o.stride + Math.floor(h / (H / o.heads)) * o.dim + k];
+  const slot = (k: number, b: number, t: number, h: number) => ((k * batch + b) * L + t) * H + h;
+  for (let b = 0; b < batch; b++) {
+    for (let c = 0; c < nc; c++) {
+      const t0 = c * Q, clen = Math.min(Q, L - t0);
+      for (let h = 0; h < H; h++) {
+        const bh = (b * H + h) * L;
+        const T = cs[bh + t0 + clen - 1];
+        const sBase = ((b * nc + c) * H + h) * P * N;
+        const state = (k: number, col: number) => S[sBase + (transposed ? col * N + k : k * N + col)];
+        for (let r = 0; r < clen; r++) {
+          const t = t0 + r, csr = cs[bh + t], dr = delta[bh + t];
+          const rowScale = Math.exp(lower ? csr : T - csr);
+          // W_r over the chunk's positions: masked, decayed dot products of U_r with V_k
+          const w = new Float64Array(clen);
+          for (let k = lower ? 0 : r; k <= (lower ? r : clen - 1); k++) {
+            let dotUV = 0;
+            for (let i = 0; i < kdim; i++) dotUV += at(U, b, t, h, i) * at(V, b, t0 + k, h, i);
+            const csk = cs[bh + t0 + k];
+            w[k] = dotUV * (lower ? Math.exp(csr - csk) * delta[bh + t0 + k] : Math.exp(csk - csr));
+          }
+          for (let col = 0; col < ncols; col++) {
+            let inter = 0, intra = 0;
+            for (let i = 0; i < kdim; i++) inter += at(U, b, t, h, i) * state(i, col);
+            for (let k = 0; k < clen; k++) if (w[k]) intra += w[k] * at(Z, b, t0 + k, h, col);
+            const acc = rowScale * inter + intra;
+            const o = ((b * L + t) * H + h) * ncols + col;
+            if (variant === "y") out[o] = acc + D[h] * at(Z, b, t, h, col);
+            else if (variant === "dx") {
+              const dy = at(Z, b, t, h, col), x = at(E!, b, t, h, col);
+              out[o] = dr * acc + D[h] * dy;
+              partials[slot(0, b, t, h)] += x * acc;
+              partials[slot(1, b, t, h)] += x * dy;
+            } else if (variant === "dB") {
+              out[o] = dr * acc;
+              partials[slot(2, b, t, h)] -= at(E!, b, t, h, col) * out[o];
+            } else {
+              out[o] = acc;
+              partials[slot(3, b, t, h)] += at(E!, b, t, h, col) * acc;
+            }
+          }
+        }
+      }
+    }
+  }
+  return { out, partials };
+}
