@@ -36,7 +36,7 @@ interface RowsCase {
 
 const ALL: SsdRowsVariant[] = ["y", "dx", "dB", "dC"];
 /** The variants whose `sgm` kernels the interpreter runs (the rest are not on the matrix units yet). */
-const INTERPRETED: SsdRowsVariant[] = ["y", "dC"];
+const INTERPRETED: SsdRowsVariant[] = ["y", "dx", "dC"];
 
 const CASES: RowsCase[] = [
   {

@@ -91,7 +91,7 @@ async function check(device: GPUDevice) {
 }
 
 /** The variants of the `sgm` row products under test. */
-const SGM_VARIANTS: SsdRowsVariant[] = ["y", "dC"];
+const SGM_VARIANTS: SsdRowsVariant[] = ["y", "dx", "dC"];
 
 /** The `sgm` row products: each variant with U dims of 1 to 4 fragments (one kernel per class). */
 function sgmSpecs(): KernelSpec[] {
