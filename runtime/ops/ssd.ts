@@ -141,7 +141,7 @@ export function ssdRowsTilingFor(limits: { maxComputeWorkgroupStorageSize: numbe
 export const SSD_SGM_ENV_VAR = "DISTILLERY_SSD_SGM";
 
 /** The row-product variants that run on the matrix units by default. */
-export const SSD_SGM_VARIANTS: readonly SsdRowsVariant[] = ["y", "dx", "dC"];
+export const SSD_SGM_VARIANTS: readonly SsdRowsVariant[] = ["y", "dx", "dB", "dC"];
 
 const ROW_VARIANTS: readonly SsdRowsVariant[] = ["y", "dx", "dB", "dC"];
 

@@ -90,16 +90,13 @@ async function check(device: GPUDevice) {
   };
 }
 
-/** The variants of the `sgm` row products under test. */
-const SGM_VARIANTS: SsdRowsVariant[] = ["y", "dx", "dC"];
-
 /** The `sgm` row products: each variant with U dims of 1 to 4 fragments (one kernel per class). */
 function sgmSpecs(): KernelSpec[] {
   const s: SsdShape = { batch: 1, seqlen: 37, heads: 4, dimP: 40, dimN: 40, chunk: 64 };
   const op = (dim: number): SsdOperand => ({ offset: 0, stride: 4 * dim, heads: 4, dim });
   const out = { offset: 0, stride: 160 };
   const specs: KernelSpec[] = [];
-  for (const v of SGM_VARIANTS) {
+  for (const v of ["y", "dx", "dB", "dC"] as SsdRowsVariant[]) {
     for (let dim = 16; dim <= SSD_SGM_MAX_DIM; dim += 16) {
       specs.push(ssdChunkRows(v, s, op(dim), op(dim), op(40), v === "y" ? null : op(40), out, "sgm").spec);
     }
