@@ -4,7 +4,9 @@
  *
  * Full size is one Llama-3.2-1B-shaped hybrid layer: B = 4, L = 2048, H = 32 heads, 8 key/value groups for x and
  * B, P = N = 64. Each row reports wall time per call averaged over many calls recorded between two syncs, after
- * at least a second of warm-up (GPU clocks ramp up under load).
+ * at least a second of warm-up (GPU clocks ramp up under load). Where the row products run on the matrix units
+ * (`sgm_variants`), the scan is timed with the op's choice (`row_tiling: auto`) and with every row product on the
+ * f32 `wide` kernels, an A/B in one run.
  *
  * Run alone: `deno run -A bench/ssd.ts [--quick] [--gpu dawn|builtin]`.
  *
@@ -17,11 +19,13 @@ import {
   ssdScan,
   type SsdScanArgs,
   ssdScanVjp,
+  ssdSgmRowVariants,
   ssdStep,
   ssdVerify,
   ssdVerifyCache,
 } from "../runtime/ops/ssd.ts";
 import { parseProviderPreference } from "../runtime/provider.ts";
+import type { SsdRowsTiling } from "../kernels/ssd.ts";
 import { Rng } from "../util/rng.ts";
 
 interface Shape {
@@ -99,12 +103,18 @@ export async function bench(
     groups: G,
     P,
     N,
+    sgm_variants: ssdSgmRowVariants(rt.dev, { dimP: P, dimN: N }).join(","),
   };
+  const tilings: (SsdRowsTiling | undefined)[] = common.sgm_variants ? [undefined, "wide"] : [undefined];
   for (const chunk of opts.quick ? [32, 64] : [64, 128, 256]) {
-    const fwd = await time(rt, () => rt.noGrad(() => ssdScan(args, { chunkSize: chunk })), opts.quick);
-    log({ ...common, op: "scan_forward", chunk, ms: fwd, tokens_per_s: tokens / (fwd / 1000) });
-    const both = await time(rt, () => ssdScanVjp(args, gy, null, { chunkSize: chunk }), opts.quick);
-    log({ ...common, op: "scan_forward_backward", chunk, ms: both, tokens_per_s: tokens / (both / 1000) });
+    for (const rowsTiling of tilings) {
+      const o = { chunkSize: chunk, rowsTiling };
+      const row = { ...common, chunk, row_tiling: rowsTiling ?? "auto" };
+      const fwd = await time(rt, () => rt.noGrad(() => ssdScan(args, o)), opts.quick);
+      log({ ...row, op: "scan_forward", ms: fwd, tokens_per_s: tokens / (fwd / 1000) });
+      const both = await time(rt, () => ssdScanVjp(args, gy, null, o), opts.quick);
+      log({ ...row, op: "scan_forward_backward", ms: both, tokens_per_s: tokens / (both / 1000) });
+    }
   }
 
   // decode: batch 1 and the training batch, one token per call
