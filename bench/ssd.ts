@@ -4,9 +4,9 @@
  *
  * Full size is one Llama-3.2-1B-shaped hybrid layer: B = 4, L = 2048, H = 32 heads, 8 key/value groups for x and
  * B, P = N = 64. Each row reports wall time per call averaged over many calls recorded between two syncs, after
- * at least a second of warm-up (GPU clocks ramp up under load). Where the row products run on the matrix units
- * (`sgm_variants`), the scan is timed with the op's choice (`row_tiling: auto`) and with every row product on the
- * f32 `wide` kernels, an A/B in one run.
+ * at least a second of warm-up (GPU clocks ramp up under load). The inputs are f32, whose scans keep the f32 row
+ * products; where the device could run them on its matrix units (`sgm_variants`, as it does for f16 scans), the
+ * scan is timed with all four row products forced onto `wide` and onto `sgm`, an A/B in one run.
  *
  * Run alone: `deno run -A bench/ssd.ts [--quick] [--gpu dawn|builtin]`.
  *
@@ -105,7 +105,7 @@ export async function bench(
     N,
     sgm_variants: ssdSgmRowVariants(rt.dev, { dimP: P, dimN: N }).join(","),
   };
-  const tilings: (SsdRowsTiling | undefined)[] = common.sgm_variants ? [undefined, "wide"] : [undefined];
+  const tilings: (SsdRowsTiling | undefined)[] = common.sgm_variants ? ["wide", "sgm"] : [undefined];
   for (const chunk of opts.quick ? [32, 64] : [64, 128, 256]) {
     for (const rowsTiling of tilings) {
       const o = { chunkSize: chunk, rowsTiling };

@@ -17,7 +17,10 @@
  * Precision: the kernels compute and store in f32 (the recurrence, its states and the dt/A math need it, as in the
  * official code). f16 inputs of {@linkcode ssdScan}, {@linkcode ssdStep}, {@linkcode ssdVerify} and
  * {@linkcode ssdHeadParams} are widened to f32 at the op's boundary (differentiable casts) and y is narrowed back
- * to the input's dtype; states stay f32 whatever the inputs.
+ * to the input's dtype; states stay f32 whatever the inputs. The one exception: a scan whose x, B and C are f16
+ * runs the three matrix products of each row product on the device's matrix units where it has them
+ * ({@linkcode ssdRowTilings}), with f16 operands (x, B, C and dy are f16 values there anyway; the states and the
+ * masked C B^T-like blocks are rounded) and f32 accumulation, as f16 matmuls and attention do.
  *
  * @module
  */
@@ -110,9 +113,8 @@ export interface SsdScanOptions {
   /** Chunk length Q (default 64). Changes only rounding. */
   chunkSize?: number;
   /**
-   * Workgroup tiling of all four row products (default: `sgm` for the variants {@linkcode ssdSgmRowVariants}
-   * picks, what {@linkcode ssdRowsTilingFor} picks for the device's limits for the others). Changes only
-   * rounding (`sgm`: f16 operands); forcing one is for tests and benchmarks.
+   * Workgroup tiling of all four row products (default: {@linkcode ssdRowTilings}). Changes only rounding
+   * (`sgm`: f16 operands); forcing one is for tests and benchmarks.
    */
   rowsTiling?: SsdRowsTiling;
 }
@@ -212,7 +214,7 @@ interface Resolved {
   packed: boolean;
 }
 
-function resolve(args: SsdScanArgs, opts: SsdScanOptions): Resolved {
+function resolve(args: SsdScanArgs, opts: SsdScanOptions, f16Operands = false): Resolved {
   const chunk = opts.chunkSize ?? SSD_DEFAULT_CHUNK;
   const [batch, seqlen, heads] = args.dt.shape;
   if (args.dt.shape.length !== 3) {
@@ -273,7 +275,7 @@ function resolve(args: SsdScanArgs, opts: SsdScanOptions): Resolved {
   if (args.initialState) expectShape("initialState", args.initialState, [batch, heads, dims.dimP, dims.dimN]);
   return {
     shape: { batch, seqlen, heads, dimP: dims.dimP, dimN: dims.dimN, chunk },
-    tilings: rowTilings(args.dt.rt.dev, dims, opts.rowsTiling),
+    tilings: ssdRowTilings(args.dt.rt.dev, dims, { f16Operands, forced: opts.rowsTiling }),
     dims,
     x,
     B,
@@ -285,13 +287,18 @@ function resolve(args: SsdScanArgs, opts: SsdScanOptions): Resolved {
   };
 }
 
-/** Each row product's tiling: the forced one, else `sgm` where {@linkcode ssdSgmRowVariants} says, else FMA. */
-function rowTilings(
+/**
+ * Each row product's tiling for a scan: the `forced` one (`SsdScanOptions.rowsTiling`), else for a scan of f16
+ * x, B and C (`f16Operands`) `sgm` where {@linkcode ssdSgmRowVariants} says, else the FMA tiling of
+ * {@linkcode ssdRowsTilingFor}. f32 scans stay on f32 arithmetic, as f32 matmuls and attention do.
+ */
+export function ssdRowTilings(
   dev: SgmDeviceInfo,
-  dims: SsdDims,
-  forced: SsdRowsTiling | undefined,
+  dims: { dimP: number; dimN: number },
+  opts: { f16Operands: boolean; forced?: SsdRowsTiling },
 ): Record<SsdRowsVariant, SsdRowsTiling> {
-  const sgm = forced ? [] : ssdSgmRowVariants(dev, dims);
+  const { forced } = opts;
+  const sgm = forced || !opts.f16Operands ? [] : ssdSgmRowVariants(dev, dims);
   const fma = forced ?? ssdRowsTilingFor(dev.limits);
   return Object.fromEntries(ROW_VARIANTS.map((v) => [v, sgm.includes(v) ? "sgm" : fma])) as Record<
     SsdRowsVariant,
@@ -308,7 +315,12 @@ export function ssdScan(args: SsdScanArgs, opts: SsdScanOptions = {}): SsdScanRe
   if (scanTensors(args).some((t) => t.dtype === "f16")) {
     return ssdScanWidened(args, opts, ("xBC" in args ? args.xBC : args.x).dtype === "f16" ? "f16" : "f32");
   }
-  const r = resolve(args, opts);
+  return scanF32(args, opts, false);
+}
+
+/** The scan of f32 tensors; `f16Operands`: x, B and C hold f16 values (widened), so may be staged as f16. */
+function scanF32(args: SsdScanArgs, opts: SsdScanOptions, f16Operands: boolean): SsdScanResult {
+  const r = resolve(args, opts, f16Operands);
   const rt = args.dt.rt;
   const saved = ssdScanForward(rt, r, args);
   const { y, finalState } = saved;
@@ -352,7 +364,8 @@ function ssdScanWidened(args: SsdScanArgs, opts: SsdScanOptions, io: "f32" | "f1
   const wide: SsdScanArgs = "xBC" in args
     ? { ...common, xBC: widen(args.xBC), dims: args.dims }
     : { ...common, x: widen(args.x), B: widen(args.B), C: widen(args.C) };
-  const r = ssdScan(wide, opts);
+  const f16Operands = ("xBC" in args ? [args.xBC] : [args.x, args.B, args.C]).every((t) => t.dtype === "f16");
+  const r = scanF32(wide, opts, f16Operands);
   return { y: cast(r.y, io), finalState: r.finalState };
 }
 

@@ -3,6 +3,7 @@ import {
   SSD_SGM_ENV_VAR,
   SSD_SGM_VARIANTS,
   ssdRowsTilingFor,
+  ssdRowTilings,
   ssdScan,
   type SsdScanArgs,
   ssdScanVjp,
@@ -471,7 +472,7 @@ Deno.test("ssd row products: the tiling follows the device's workgroup memory, o
   assert.deepEqual(keys.slice(4).sort(), rowKernels("narrow", true));
 });
 
-Deno.test("ssd row products: the sgm tiling where the device has subgroup matrices and P, N fit 64", () => {
+Deno.test("ssd row products: the sgm tiling for f16 scans where the device has subgroup matrices and P, N fit 64", () => {
   const h200: SgmDeviceInfo = {
     features: { f16: true, subgroupMatrix: true },
     subgroupMatrixConfigs: [{ componentType: "f16", resultComponentType: "f32", M: 16, N: 16, K: 16 }],
@@ -498,11 +499,23 @@ Deno.test("ssd row products: the sgm tiling where the device has subgroup matric
       [],
     );
     assert.deepEqual(ssdSgmRowVariants({ ...h200, subgroupMinSize: 64, subgroupMaxSize: 64 }, dims), []);
+    // only scans of f16 x, B, C take them by default; a forced tiling holds for all four
+    const tilings = (f16Operands: boolean, forced?: SsdRowsTiling) =>
+      Object.values(ssdRowTilings(h200, dims, { f16Operands, forced }));
+    assert.deepEqual(tilings(true), on ? ["sgm", "sgm", "sgm", "sgm"] : ["wide", "wide", "wide", "wide"]);
+    assert.deepEqual(tilings(false), ["wide", "wide", "wide", "wide"]);
+    assert.deepEqual(tilings(true, "narrow"), ["narrow", "narrow", "narrow", "narrow"]);
+    assert.deepEqual(tilings(false, "sgm"), ["sgm", "sgm", "sgm", "sgm"]);
     // the A/B switch: 0 keeps them all off, a list picks variants, anything else is refused
     Deno.env.set(SSD_SGM_ENV_VAR, "0");
     assert.deepEqual(ssdSgmRowVariants(h200, dims), []);
     Deno.env.set(SSD_SGM_ENV_VAR, "dC, y");
     assert.deepEqual(ssdSgmRowVariants(h200, dims), expect(["y", "dC"]));
+    const y = ssdRowTilings(h200, dims, { f16Operands: true });
+    assert.deepEqual(
+      [y.y, y.dx, y.dB, y.dC],
+      on ? ["sgm", "wide", "wide", "sgm"] : ["wide", "wide", "wide", "wide"],
+    );
     Deno.env.set(SSD_SGM_ENV_VAR, "y,dz");
     assert.throws(() => ssdSgmRowVariants(h200, dims), /DISTILLERY_SSD_SGM: unknown row product 'dz'/);
   } finally {
@@ -523,6 +536,85 @@ Deno.test("ssd row products: the sgm tiling where the device has subgroup matric
   assert.throws(() => key(65), /the sgm tiling takes U dims up to 64, found 65/);
   assert.equal(ssdRowsSharedBytes("sgm"), 36864);
 });
+
+/**
+ * Runs `f` on the test device dressed up as one with subgroup matrices (the H200's configuration and 48 KiB of
+ * workgroup memory), recording the keys of the SSD row-product kernels dispatched; the matrix-unit kernels
+ * themselves are not dispatched (the software adapter cannot compile them), so only the choice is observed.
+ */
+async function withMatrixUnits(rt: Runtime, f: () => Promise<void>): Promise<string[]> {
+  const dev = rt.dev as unknown as { -readonly [K in keyof SgmDeviceInfo]: SgmDeviceInfo[K] } & {
+    dispatch: Runtime["dev"]["dispatch"];
+  };
+  const saved = { ...dev, dispatch: dev.dispatch };
+  const limits = dev.limits;
+  const keys = new Set<string>();
+  dev.features = { ...dev.features, f16: true, subgroupMatrix: true };
+  dev.subgroupMatrixConfigs = [{ componentType: "f16", resultComponentType: "f32", M: 16, N: 16, K: 16 }];
+  dev.subgroupMinSize = dev.subgroupMaxSize = 32;
+  dev.limits = new Proxy(limits, {
+    get: (t, k) => k === "maxComputeWorkgroupStorageSize" ? 49152 : t[k as keyof typeof t],
+  });
+  dev.dispatch = (spec, ...rest) => {
+    if (spec.key.startsWith("ssd_rows_")) keys.add(spec.key);
+    if (!spec.key.includes("_sgm_")) saved.dispatch.call(rt.dev, spec, ...rest);
+  };
+  try {
+    await f();
+  } finally {
+    Object.assign(dev, {
+      features: saved.features,
+      subgroupMatrixConfigs: saved.subgroupMatrixConfigs,
+      subgroupMinSize: saved.subgroupMinSize,
+      subgroupMaxSize: saved.subgroupMaxSize,
+      limits,
+      dispatch: saved.dispatch,
+    });
+  }
+  return [...keys].sort();
+}
+
+Deno.test(
+  "ssd scan through autograd: f16 x, B, C take the sgm row products on a device with matrix units, f32 ones not",
+  gpuTestOptions,
+  async () => {
+    const rt = await testRuntime();
+    if (!rt.dev.features.f16 || Deno.env.get("DISTILLERY_SGM") === "0") return;
+    const rng = testRng("ssd-sgm-choice");
+    const p = makeProblem(rng, { ...GQA, seqlen: 23 }, { fused: true });
+    const { s, inp } = p;
+    const width = s.headsX * s.dimP + (s.headsB + s.headsC) * s.dimN;
+    const xbc = packXBC(p);
+    const saved = Deno.env.get(SSD_SGM_ENV_VAR);
+    Deno.env.delete(SSD_SGM_ENV_VAR);
+    try {
+      for (const dtype of ["f16", "f32"] as const) {
+        const used = await withMatrixUnits(rt, () =>
+          rt.scope(async () => {
+            const xBC = rt.tensor(xbc, [s.batch, s.seqlen, width], dtype);
+            xBC.requiresGrad = true;
+            const out = ssdScan({
+              xBC,
+              dims: s,
+              dt: rt.tensor(p.dtRaw!, [s.batch, s.seqlen, s.heads]),
+              A: rt.tensor(inp.A, [s.heads]),
+              D: rt.tensor(inp.D, [s.heads]),
+              dtBias: rt.tensor(p.bias!, [s.heads]),
+            }, { chunkSize: 8 });
+            rt.backward(out.y, rt.tensor(randn(rng, out.y.size), out.y.shape, dtype));
+            await rt.dev.sync();
+          }));
+        // P = 6 and N = 10 are one 16-wide fragment along k
+        const expected = dtype === "f16"
+          ? SSD_SGM_VARIANTS.map((v) => `ssd_rows_${v}_sgm_k16`).sort()
+          : rowKernels("wide", true);
+        assert.deepEqual(used, expected, dtype);
+      }
+    } finally {
+      if (saved !== undefined) Deno.env.set(SSD_SGM_ENV_VAR, saved);
+    }
+  },
+);
 
 Deno.test(
   "ssd forward with the narrow row products matches float64 and the wide ones, chunks and dims off the tiles",
