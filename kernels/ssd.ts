@@ -1156,31 +1156,10 @@ function scratchAt(strip: number, half: number, j: number): number {
   return strip * SGM_FRAG * SGM_SCRATCH_STRIDE + half * 32 + j * SGM_FRAG;
 }
 
-/**
- * The `sgm` row products (see {@linkcode SsdRowsVariant} for what each computes). One workgroup of 8 subgroups
- * per 64 x 64 output tile, as the other tilings; U's dim is padded to `16 kf` (zeros), Z's columns and the chunk's
- * positions to the 64-wide tile. Per workgroup:
- * 1. U's rows and the state tile are staged as f16; each subgroup loads its U rows into `kf` left fragments, kept
- *    for every block, and computes its part of U S^(T) into the scratch;
- * 2. threads scale the scratch's rows by rowScale (exp(cs_r) or exp(T - cs_r), in f32: an f16 U scaled first could
- *    underflow), and the subgroups load it back as their accumulators;
- * 3. per 64-position block: V and Z are staged; W = U V^T goes through the scratch, where threads apply the
- *    causal mask and the decay (exp only of exponents <= 0) and store W as f16; the subgroups add W Z;
- * 4. the accumulators go through the scratch once more and threads write the outputs and row partials exactly as
- *    {@linkcode rowsEpilogue} does, 8 threads a row (8 columns each, whose partial sums meet by shuffles).
- * Operands are f16 (x, B, C and dy are f16 values anyway when the model runs in f16; the states and W are
- * rounded), everything else f32. W = (dy . x) decay of `dB`/`dC` is as small as dy: like the official Triton
- * kernels' casts of the scores to the input dtype, it loses precision below f16's normal range (6.1e-5).
- */
-function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
-  const lower = v === "y" || v === "dC";
-  const transposedS = v === "y" || v === "dx";
-  const kd = kf * SGM_FRAG, kdp = kd + 8, ts = SGM_TILE_STRIDE, fs = SGM_SCRATCH_STRIDE;
-  const rowScale = lower ? "exp(sRow[r])" : "exp(T - sRow[r])";
-  const decay = lower ? "exp(cr - sPos[p]) * sPos[TB + p]" : "exp(sPos[p] - cr)";
-
-  // S^T (y, dx): S is [p, n] with n = k, staged [col][k] and read column major; S (dB, dC): staged [k][col]
-  const stageS = transposedS
+/** WGSL staging the state tile as f16: S^T (`y`, `dx`; S is [p, n], n = k) as [col][k], read column major; S
+ * (`dB`, `dC`) as [k][col]. */
+function sgmStageState(transposedS: boolean): string {
+  return transposedS
     ? `for (var e = li; e < TC * KD; e += ${SGM_ROWS_THREADS}u) {
     let col = e / KD;
     let k = e % KD;
@@ -1195,12 +1174,24 @@ function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
     if (col0 + col < ncols && k < kdim) { sv = S[sBase + k * ncols + col0 + col]; }
     sB[k * TS + col] = f16(sv);
   }`;
+}
+
+/**
+ * The five barrier-free sections of the `sgm` kernels, each once per subgroup with literal offsets
+ * ({@linkcode perSubgroup}): `inter` (U's fragments, then U S^(T) into the scratch), `reload` (the scaled
+ * inter-chunk term back into the accumulators), `wBlock` (W = U V^T into the scratch; V staged [position][k],
+ * read column major), `wz` (acc += W Z) and `store` (the accumulators to the scratch for the epilogue).
+ */
+function sgmSections(
+  transposedS: boolean,
+  kf: number,
+): { inter: string; reload: string; wBlock: string; wz: string; store: string } {
+  const kdp = kf * SGM_FRAG + 8, ts = SGM_TILE_STRIDE, fs = SGM_SCRATCH_STRIDE;
   const sFrag = (i: number, col: number) =>
     transposedS
       ? `subgroupMatrixLoad<${SGM_RIGHT}, col_major>(&sB, ${col * kdp + i * SGM_FRAG}u, ${kdp}u)`
       : `subgroupMatrixLoad<${SGM_RIGHT}, row_major>(&sB, ${i * SGM_FRAG * ts + col}u, ${ts}u)`;
 
-  // 1. U fragments, then acc = U S^(T) into the scratch
   const inter = perSubgroup("  ", (strip, half) => [
     ...range(kf).map((i) =>
       `u${i} = subgroupMatrixLoad<${SGM_LEFT}, row_major>(&sA, ${
@@ -1215,7 +1206,6 @@ function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
       `subgroupMatrixStore<row_major>(&sF, ${scratchAt(strip, half, j)}u, acc${j}, ${fs}u);`,
     ]),
   ]);
-  // 2. the scaled inter-chunk term back into the accumulators
   const reload = perSubgroup(
     "  ",
     (strip, half) =>
@@ -1223,7 +1213,6 @@ function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
         `acc${j} = subgroupMatrixLoad<${SGM_RESULT}, row_major>(&sF, ${scratchAt(strip, half, j)}u, ${fs}u);`
       ),
   );
-  // 3. W = U V^T (V staged [position][k], read column major) into the scratch; then acc += W Z
   const wBlock = perSubgroup("    ", (strip, half) =>
     range(2).flatMap((j) => [
       `{`,
@@ -1249,7 +1238,6 @@ function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
       ),
       `}`,
     ]));
-  // 4. the accumulators to the scratch for the epilogue
   const store = perSubgroup(
     "  ",
     (strip, half) =>
@@ -1257,6 +1245,32 @@ function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
         `subgroupMatrixStore<row_major>(&sF, ${scratchAt(strip, half, j)}u, acc${j}, ${fs}u);`
       ),
   );
+  return { inter, reload, wBlock, wz, store };
+}
+
+/**
+ * The `sgm` row products (see {@linkcode SsdRowsVariant} for what each computes). One workgroup of 8 subgroups
+ * per 64 x 64 output tile, as the other tilings; U's dim is padded to `16 kf` (zeros), Z's columns and the chunk's
+ * positions to the 64-wide tile. Per workgroup:
+ * 1. U's rows and the state tile are staged as f16; each subgroup loads its U rows into `kf` left fragments, kept
+ *    for every block, and computes its part of U S^(T) into the scratch;
+ * 2. threads scale the scratch's rows by rowScale (exp(cs_r) or exp(T - cs_r), in f32: an f16 U scaled first could
+ *    underflow), and the subgroups load it back as their accumulators;
+ * 3. per 64-position block: V and Z are staged; W = U V^T goes through the scratch, where threads apply the
+ *    causal mask and the decay (exp only of exponents <= 0) and store W as f16; the subgroups add W Z;
+ * 4. the accumulators go through the scratch once more and threads write the outputs and row partials exactly as
+ *    {@linkcode rowsEpilogue} does, 8 threads a row (8 columns each, whose partial sums meet by shuffles).
+ * Operands are f16 (x, B, C and dy are f16 values anyway when the model runs in f16; the states and W are
+ * rounded), everything else f32. W = (dy . x) decay of `dB`/`dC` is as small as dy: like the official Triton
+ * kernels' casts of the scores to the input dtype, it loses precision below f16's normal range (6.1e-5).
+ */
+function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
+  const lower = v === "y" || v === "dC";
+  const transposedS = v === "y" || v === "dx";
+  const rowScale = lower ? "exp(sRow[r])" : "exp(T - sRow[r])";
+  const decay = lower ? "exp(cr - sPos[p]) * sPos[TB + p]" : "exp(sPos[p] - cr)";
+  const { inter, reload, wBlock, wz, store } = sgmSections(transposedS, kf);
+  const kd = kf * SGM_FRAG;
 
   return `enable f16;
 enable subgroups;
@@ -1268,9 +1282,9 @@ const TC = ${SSD_TILE}u;
 const TB = ${SSD_TILE}u;
 // U's dim as staged (a multiple of 16, zeros past the operand's dim) and the row stride of U and V
 const KD = ${kd}u;
-const KDP = ${kdp}u;
-const TS = ${ts}u;
-const FS = ${fs}u;
+const KDP = ${kd + 8}u;
+const TS = ${SGM_TILE_STRIDE}u;
+const FS = ${SGM_SCRATCH_STRIDE}u;
 ${sgmRowsArrays().map(([name, type, n]) => `var<workgroup> ${name}: array<${type}, ${n}>;`).join("\n")}
 
 @compute @workgroup_size(${SGM_ROWS_THREADS})
@@ -1295,7 +1309,7 @@ fn main(${ENTRY_ARGS}, @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocati
     if (r0 + r < clen && k < kdim) { uv = ld_u(b, t0 + r0 + r, k); }
     sA[r * KDP + k] = f16(uv);
   }
-  ${stageS}
+  ${sgmStageState(transposedS)}
   workgroupBarrier();
 
   // Inter-chunk term: U's fragments stay in registers for every block.
