@@ -5,8 +5,9 @@
  * Full size is one Llama-3.2-1B-shaped hybrid layer: B = 4, L = 2048, H = 32 heads, 8 key/value groups for x and
  * B, P = N = 64. Each row reports wall time per call averaged over many calls recorded between two syncs, after
  * at least a second of warm-up (GPU clocks ramp up under load). The inputs are f32, whose scans keep the f32 row
- * products; where the device could run them on its matrix units (`sgm_variants`, as it does for f16 scans), the
- * scan is timed with all four row products forced onto `wide` and onto `sgm`, an A/B in one run.
+ * products; where the device could run them on its matrix units (opt-in for f16 scans with `DISTILLERY_SSD_SGM`;
+ * `sgm_variants` lists those it asks for), the scan is timed with all four row products forced onto `wide` and
+ * onto `sgm`, an A/B in one run.
  *
  * Run alone: `deno run -A bench/ssd.ts [--quick] [--gpu dawn|builtin]`.
  *
@@ -25,7 +26,8 @@ import {
   ssdVerifyCache,
 } from "../runtime/ops/ssd.ts";
 import { parseProviderPreference } from "../runtime/provider.ts";
-import type { SsdRowsTiling } from "../kernels/ssd.ts";
+import { ssdRowsSgmApplies, type SsdRowsTiling } from "../kernels/ssd.ts";
+import { useSubgroupMatrices } from "../runtime/ops/matmul.ts";
 import { Rng } from "../util/rng.ts";
 
 interface Shape {
@@ -105,7 +107,10 @@ export async function bench(
     N,
     sgm_variants: ssdSgmRowVariants(rt.dev, { dimP: P, dimN: N }).join(","),
   };
-  const tilings: (SsdRowsTiling | undefined)[] = common.sgm_variants ? ["wide", "sgm"] : [undefined];
+  // the matrix-unit row products are opt-in (DISTILLERY_SSD_SGM); time them wherever the device could run them
+  const couldSgm = useSubgroupMatrices(rt.dev) &&
+    ssdRowsSgmApplies({ dimP: P, dimN: N }, rt.dev.limits.maxComputeWorkgroupStorageSize);
+  const tilings: (SsdRowsTiling | undefined)[] = couldSgm ? ["wide", "sgm"] : [undefined];
   for (const chunk of opts.quick ? [32, 64] : [64, 128, 256]) {
     for (const rowsTiling of tilings) {
       const o = { chunkSize: chunk, rowsTiling };
