@@ -1264,6 +1264,36 @@ function sgmSections(
  * rounded), everything else f32. W = (dy . x) decay of `dB`/`dC` is as small as dy: like the official Triton
  * kernels' casts of the scores to the input dtype, it loses precision below f16's normal range (6.1e-5).
  */
+/**
+ * WGSL: cs and delta of `n` chunk positions from `start` into `arr` ([cs x n | delta x n]), zero past the chunk.
+ */
+function sgmStageCsDelta(arr: string, n: string, start: string): string {
+  return `if (li < ${n}) {
+    var c = 0.0;
+    var dl = 0.0;
+    if (${start} + li < clen) {
+      c = cs_at(base + ${start} + li);
+      dl = delta_at(base + ${start} + li);
+    }
+    ${arr}[li] = c;
+    ${arr}[${n} + li] = dl;
+  }`;
+}
+
+/**
+ * WGSL: `n` rows from chunk position `start` of the operand `load` reads ([row][k], k < kdim), as f16 into `arr`
+ * at row stride KDP; zero past the chunk and past kdim.
+ */
+function sgmStageRowsF16(arr: string, n: string, start: string, load: string): string {
+  return `for (var e = li; e < ${n} * KD; e += ${SGM_ROWS_THREADS}u) {
+    let r = e / KD;
+    let k = e % KD;
+    var v = 0.0;
+    if (${start} + r < clen && k < kdim) { v = ${load}(b, t0 + ${start} + r, k); }
+    ${arr}[r * KDP + k] = f16(v);
+  }`;
+}
+
 function rowsCodeSgm(v: SsdRowsVariant, kf: number): string {
   const lower = v === "y" || v === "dC";
   const transposedS = v === "y" || v === "dx";
@@ -1291,24 +1321,9 @@ ${sgmRowsArrays().map(([name, type, n]) => `var<workgroup> ${name}: array<${type
 fn main(${ENTRY_ARGS}, @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
   ${rowsPrologue(v)}
   // the rows' cs and delta (zero past the chunk)
-  if (li < TR) {
-    var cr = 0.0;
-    var dr = 0.0;
-    if (r0 + li < clen) {
-      cr = cs_at(base + r0 + li);
-      dr = delta_at(base + r0 + li);
-    }
-    sRow[li] = cr;
-    sRow[TR + li] = dr;
-  }
+  ${sgmStageCsDelta("sRow", "TR", "r0")}
   // U's rows ([row][k]) and the state tile, as f16
-  for (var e = li; e < TR * KD; e += ${SGM_ROWS_THREADS}u) {
-    let r = e / KD;
-    let k = e % KD;
-    var uv = 0.0;
-    if (r0 + r < clen && k < kdim) { uv = ld_u(b, t0 + r0 + r, k); }
-    sA[r * KDP + k] = f16(uv);
-  }
+  ${sgmStageRowsF16("sA", "TR", "r0", "ld_u")}
   ${sgmStageState(transposedS)}
   workgroupBarrier();
 
@@ -1332,23 +1347,8 @@ fn main(${ENTRY_ARGS}, @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocati
   // Intra-chunk term, one 64 x 64 block of positions at a time: W = mask(U V^T) * decay, then acc += W Z.
   let kbEnd = ${lower ? "min(r0 + TR, clen)" : "clen"};
   for (var kb = ${lower ? "0u" : "r0"}; kb < kbEnd; kb += TB) {
-    if (li < TB) {
-      var ck = 0.0;
-      var dk = 0.0;
-      if (kb + li < clen) {
-        ck = cs_at(base + kb + li);
-        dk = delta_at(base + kb + li);
-      }
-      sPos[li] = ck;
-      sPos[TB + li] = dk;
-    }
-    for (var e = li; e < TB * KD; e += ${SGM_ROWS_THREADS}u) {
-      let p = e / KD;
-      let k = e % KD;
-      var vv = 0.0;
-      if (kb + p < clen && k < kdim) { vv = ld_v(b, t0 + kb + p, k); }
-      sA[p * KDP + k] = f16(vv);
-    }
+    ${sgmStageCsDelta("sPos", "TB", "kb")}
+    ${sgmStageRowsF16("sA", "TB", "kb", "ld_v")}
     for (var e = li; e < TB * TC; e += ${SGM_ROWS_THREADS}u) {
       let p = e / TC;
       let c = e % TC;

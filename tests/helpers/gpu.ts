@@ -41,6 +41,18 @@ export const F32_TOL: Tolerance = { rtol: 1e-5, atol: 1e-6 };
 /** f16 storage with f32 accumulation: about 1e-2 relative. */
 export const F16_TOL: Tolerance = { rtol: 1e-2, atol: 1e-3 };
 
+/** max|got - ref| / max|ref|, failing on any non-finite value. */
+export function normwise(got: ArrayLike<number>, ref: ArrayLike<number>, what: string): number {
+  if (got.length !== ref.length) throw new Error(`${what}: length ${got.length}, expected ${ref.length}`);
+  let err = 0, scale = 0;
+  for (let i = 0; i < got.length; i++) {
+    if (!Number.isFinite(got[i])) throw new Error(`${what}[${i}] = ${got[i]}`);
+    err = Math.max(err, Math.abs(got[i] - ref[i]));
+    scale = Math.max(scale, Math.abs(ref[i]));
+  }
+  return err / scale;
+}
+
 /** Throws with the worst element when `actual` and `expected` differ beyond `tol` (NaN always fails). */
 export function assertClose(
   actual: ArrayLike<number>,

@@ -21,7 +21,7 @@ import {
 import type { AttentionShape } from "../../kernels/attention.ts";
 import type { Launch } from "../../kernels/fill.ts";
 import { packF16, parseWgsl, runWgsl } from "../helpers/wgsl_interp.ts";
-import { testRng } from "../helpers/gpu.ts";
+import { normwise, testRng } from "../helpers/gpu.ts";
 import { refAttention, refAttentionBackward, type RefAttentionShape } from "../reference/attention.ts";
 import type { Rng } from "../../util/rng.ts";
 
@@ -81,18 +81,6 @@ function runLaunch(launch: Launch, buffers: (Float64Array | Uint32Array)[]): voi
   const [gx, gy = 1, gz = 1] = launch.workgroups;
   const stats = runWgsl(prog, buffers, uniforms, [gx, gy, gz]);
   assert.ok(stats.mmas > 0, `${launch.spec.key}: no matrix products ran`);
-}
-
-/** max|got - ref| / max|ref|, failing on any non-finite value. */
-function normwise(got: Float64Array, ref: Float64Array, what: string): number {
-  assert.equal(got.length, ref.length, `${what}: length`);
-  let err = 0, scale = 0;
-  for (let i = 0; i < got.length; i++) {
-    if (!Number.isFinite(got[i])) throw new Error(`${what}[${i}] = ${got[i]}`);
-    err = Math.max(err, Math.abs(got[i] - ref[i]));
-    scale = Math.max(scale, Math.abs(ref[i]));
-  }
-  return err / scale;
 }
 
 /** max|got - ref|, failing on any non-finite value. */

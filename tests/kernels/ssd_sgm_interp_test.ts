@@ -12,7 +12,7 @@ import assert from "node:assert/strict";
 import { ssdChunkRows, type SsdOperand, type SsdRowsTiling, type SsdRowsVariant } from "../../kernels/ssd.ts";
 import type { Launch } from "../../kernels/fill.ts";
 import { parseWgsl, runWgsl, type WgslProgram } from "../helpers/wgsl_interp.ts";
-import { assertClose, gpuTestOptions, randn, randu, testRng, testRuntime } from "../helpers/gpu.ts";
+import { assertClose, gpuTestOptions, normwise, randn, randu, testRng, testRuntime } from "../helpers/gpu.ts";
 import { softplusRef, ssdRowsRef, type SsdRowsRefOperand, type SsdRowsRefShape } from "../reference/ssd.ts";
 import type { Rng } from "../../util/rng.ts";
 
@@ -182,18 +182,6 @@ function runInterpreted(v: SsdRowsVariant, p: RowsProblem): { out: Float64Array;
 
 function reference(v: SsdRowsVariant, p: RowsProblem): { out: Float64Array; partials: Float64Array } {
   return ssdRowsRef(v, p.c.s, operands(v, p), p.S, p.cs, p.delta, p.D);
-}
-
-/** max|got - ref| / max|ref|, failing on any non-finite value. */
-function normwise(got: ArrayLike<number>, ref: ArrayLike<number>, what: string): number {
-  assert.equal(got.length, ref.length, `${what}: length`);
-  let err = 0, scale = 0;
-  for (let i = 0; i < got.length; i++) {
-    if (!Number.isFinite(got[i])) throw new Error(`${what}[${i}] = ${got[i]}`);
-    err = Math.max(err, Math.abs(got[i] - ref[i]));
-    scale = Math.max(scale, Math.abs(ref[i]));
-  }
-  return err / scale;
 }
 
 for (const c of CASES) {
