@@ -290,6 +290,22 @@ const SCAN_HEADS = 16;
 /** Segments a chunk is split into by those scans (one thread each). */
 const SCAN_SEGMENTS = 16;
 
+/**
+ * WGSL shared by the chunk products: the workgroup index decoded into tile indices (`tiles`: WGSL name and the
+ * `Dims` field counting them, innermost first), then head h, chunk c and batch b; padding workgroups return; t0
+ * and clen are the chunk's first position and length.
+ */
+function chunkGridPrologue(tiles: readonly (readonly [name: string, count: string])[]): string {
+  return `${WG_INDEX}
+  ${tiles.map(([name, count]) => `let ${name} = w % d.${count}; w = w / d.${count};`).join("\n  ")}
+  let h = w % d.heads; w = w / d.heads;
+  let c = w % d.nchunks;
+  let b = w / d.nchunks;
+  if (b >= d.batch) { return; }
+  let t0 = c * d.chunk;
+  let clen = min(d.chunk, d.seqlen - t0);`;
+}
+
 // Shared prologue of the two per-position scans: 16 heads x 16 segments of a chunk per workgroup; each thread owns
 // positions [s0, s1) of its chunk for head h, so the sequential part is Q / 16 steps, and reads of one position
 // are 16 consecutive heads.
@@ -430,15 +446,7 @@ var<workgroup> sw: array<f32, ${TK}>;
 
 @compute @workgroup_size(256)
 fn main(${ENTRY_ARGS}) {
-  ${WG_INDEX}
-  let pt = w % d.tiles_a; w = w / d.tiles_a;
-  let nt = w % d.tiles_b; w = w / d.tiles_b;
-  let h = w % d.heads; w = w / d.heads;
-  let c = w % d.nchunks;
-  let b = w / d.nchunks;
-  if (b >= d.batch) { return; }
-  let t0 = c * d.chunk;
-  let clen = min(d.chunk, d.seqlen - t0);
+  ${chunkGridPrologue([["pt", "tiles_a"], ["nt", "tiles_b"]])}
   let base = (b * d.heads + h) * d.seqlen + t0;
   let T = cs_at(base + clen - 1u);
   let tx = li % 16u;
@@ -621,15 +629,7 @@ fn rp(slot: u32, b: u32, h: u32, t: u32, ct: u32) -> u32 {
 
 /** The start of `main` up to the thread's place in the tile: which (b, c, h, row tile, column tile) it owns. */
 function rowsPrologue(v: SsdRowsVariant): string {
-  return `${WG_INDEX}
-  let ct = w % d.tiles_a; w = w / d.tiles_a;
-  let rt = w % d.row_tiles; w = w / d.row_tiles;
-  let h = w % d.heads; w = w / d.heads;
-  let c = w % d.nchunks;
-  let b = w / d.nchunks;
-  if (b >= d.batch) { return; }
-  let t0 = c * d.chunk;
-  let clen = min(d.chunk, d.seqlen - t0);
+  return `${chunkGridPrologue([["ct", "tiles_a"], ["rt", "row_tiles"]])}
   let r0 = rt * TR;
   if (r0 >= clen) { return; }
   uBase = d.u_off + grp(h, d.u_heads) * d.u_dim;
