@@ -934,11 +934,13 @@ ${indent}}`;
   // With two scratch slots, rounds alternate between them: a slot is rewritten two rounds later, after the
   // barrier of the round in between, so the barrier after each round's reads can go.
   const slots = c.epilogueSlots ?? 1;
+  // producer subgroups hold no results: they skip the epilogue's stores but not its barriers
+  const computeOnly = (stmt: string) => (producers ? `if (!producer) { ${stmt} }` : stmt);
+  // fragment (i, j) of this subgroup into its scratch slot (`at`: the slot's offset, a WGSL prefix)
+  const toScratch = (i: number, j: number, at: string) =>
+    `subgroupMatrixStore<row_major>(&SC, ${at}sg * ${SGM_FRAG * SGM_FRAG}u, acc${i}_${j}, ${SGM_FRAG}u);`;
   const vectorEpilogue = (i: number, j: number): string => {
     const slot = ((i * pb.frags + j) % slots) * NSG * SGM_FRAG * SGM_FRAG;
-    const toScratch = `subgroupMatrixStore<row_major>(&SC, ${slot}u + sg * ${
-      SGM_FRAG * SGM_FRAG
-    }u, acc${i}_${j}, ${SGM_FRAG}u);`;
     const vals = Array.from({ length: 8 }, (_, e) => `p.alpha * SC[fo + ${e}u]`);
     const at = `let row = m0 + wmI * ${pa.warpTile}u + ${i * SGM_FRAG}u + lane / 2u;
     let col = n0 + wnI * ${pb.warpTile}u + ${j * SGM_FRAG}u + (lane % 2u) * 8u;
@@ -969,7 +971,7 @@ ${indent}}`;
         });`;
       }).join("\n    ");
     }
-    return `${producers ? `if (!producer) { ${toScratch} }` : toScratch}
+    return `${computeOnly(toScratch(i, j, `${slot}u + `))}
   workgroupBarrier();
   ${producers ? "if (!producer) " : ""}{
     ${at}
@@ -983,7 +985,7 @@ ${indent}}`;
       if (!staged) {
         const store =
           `subgroupMatrixStore<row_major>(&C, baseC + (${row0}) * p.n + ${col0}, subgroupMatrixScalarMultiply(acc${i}_${j}, p.alpha), p.n);`;
-        epi.push(producers ? `if (!producer) { ${store} }` : store);
+        epi.push(computeOnly(store));
         continue;
       }
       if (v.vecOut) {
@@ -1009,10 +1011,7 @@ ${indent}}`;
       }
     }`);
       }
-      const toScratch = `subgroupMatrixStore<row_major>(&SC, sg * ${
-        SGM_FRAG * SGM_FRAG
-      }u, acc${i}_${j}, ${SGM_FRAG}u);`;
-      epi.push(`${producers ? `if (!producer) { ${toScratch} }` : toScratch}
+      epi.push(`${computeOnly(toScratch(i, j, ""))}
   workgroupBarrier();
   ${writes.join("\n  ")}
   workgroupBarrier();`);
