@@ -9,6 +9,7 @@ import {
   type DType,
   type KernelSpec,
   linearKernelSpec,
+  linearLanes,
   linearWorkgroups,
   Uniforms,
   wgslType,
@@ -25,7 +26,7 @@ const specs = new Map<string, KernelSpec>();
  * `n` is a multiple of 4 (one f16 per thread stores 2 bytes at a time).
  */
 export function castKernel(from: FloatDType, to: FloatDType, n: number): Launch {
-  const vec = n % 4 === 0;
+  const vec = linearLanes(n) === 4;
   const key = `cast_${from}_${to}${vec ? "_v4" : ""}`;
   let spec = specs.get(key);
   if (!spec) {
@@ -41,6 +42,6 @@ export function castKernel(from: FloatDType, to: FloatDType, n: number): Launch 
     );
     specs.set(key, spec);
   }
-  const threads = vec ? n / 4 : n;
+  const threads = n / linearLanes(n);
   return { spec, uniforms: new Uniforms(16).u32(threads).buffer, workgroups: linearWorkgroups(threads) };
 }

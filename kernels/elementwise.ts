@@ -11,6 +11,7 @@ import {
   type KernelSpec,
   type LinearBinding,
   linearKernelSpec,
+  linearLanes,
   linearWorkgroups,
   Uniforms,
   wgslType,
@@ -70,12 +71,9 @@ const FIELDS = "n: u32, s: f32, _a: u32, _b: u32";
 
 const specs = new Map<string, KernelSpec>();
 
-/**
- * Whether a map of `n` elements runs four to a thread (`vec4` loads and stores). A thread storing one f16 wrote
- * 2 bytes at a time: SwiGLU's forward moved 1.6 TB/s on the H200, about 40% of its copy bandwidth.
- */
+/** Whether a map of `n` elements runs four to a thread ({@linkcode linearLanes}). */
 function vectorized(n: number): boolean {
-  return n % 4 === 0;
+  return linearLanes(n) === 4;
 }
 
 /**
@@ -129,7 +127,7 @@ function mapSpec(
 }
 
 function launch(spec: KernelSpec, n: number, scalar = 0): Launch {
-  const threads = vectorized(n) ? n / 4 : n;
+  const threads = n / linearLanes(n);
   return {
     spec,
     uniforms: new Uniforms(16).u32(threads).f32(scalar).buffer,

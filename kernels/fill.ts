@@ -7,6 +7,7 @@ import {
   type DType,
   type KernelSpec,
   linearKernelSpec,
+  linearLanes,
   linearWorkgroups,
   Uniforms,
   wgslType,
@@ -58,7 +59,7 @@ const axpySpecs = new Map<string, KernelSpec>();
  * `n` is a multiple of 4.
  */
 export function axpyKernel(dtype: DType, n: number, alpha: number): Launch {
-  const vec = n % 4 === 0;
+  const vec = linearLanes(n) === 4;
   const key = `axpy_${dtype}${vec ? "_v4" : ""}`;
   let spec = axpySpecs.get(key);
   if (!spec) {
@@ -74,7 +75,7 @@ export function axpyKernel(dtype: DType, n: number, alpha: number): Launch {
     );
     axpySpecs.set(key, spec);
   }
-  const threads = vec ? n / 4 : n;
+  const threads = n / linearLanes(n);
   return {
     spec,
     uniforms: new Uniforms(16).u32(threads).f32(alpha).buffer,

@@ -112,6 +112,15 @@ export function wgslHeader(dtype: DType): string {
 export const LINEAR_WORKGROUP = 256;
 
 /**
+ * Elements each thread of a one-thread-per-lane map over `n` elements takes: 4 (`vec4` loads and stores) when `n`
+ * is a multiple of 4, else 1. A thread storing one f16 writes 2 bytes at a time: SwiGLU's forward moved 1.6 TB/s
+ * on the H200 that way, about 40% of its copy bandwidth.
+ */
+export function linearLanes(n: number): 1 | 4 {
+  return n % 4 === 0 ? 4 : 1;
+}
+
+/**
  * Workgroup counts for `n` threads in workgroups of `size`, spread over x and y when x alone would exceed the
  * per-dimension limit. Pair with {@linkcode WGSL_LINEAR_INDEX} in the shader.
  */
