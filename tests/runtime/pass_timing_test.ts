@@ -7,16 +7,22 @@ import { matmul } from "../../runtime/ops/matmul.ts";
 import { gpuTimeline, profileInStream } from "../../bench/harness.ts";
 import { add } from "../../runtime/ops/elementwise.ts";
 import { gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
+import type { Runtime } from "../../runtime/runtime.ts";
+
+/** The test runtime, or null (with a note) on an adapter without timestamp queries. */
+async function timestampRuntime(): Promise<Runtime | null> {
+  const rt = await testRuntime();
+  if (rt.dev.features.timestamps) return rt;
+  console.log("skipped: this adapter has no timestamp-query");
+  return null;
+}
 
 Deno.test(
   "pass timing: one timestamp pair per compute pass, in order; passes past the capacity counted",
   gpuTestOptions,
   async () => {
-    const rt = await testRuntime();
-    if (!rt.dev.features.timestamps) {
-      console.log("skipped: this adapter has no timestamp-query");
-      return;
-    }
+    const rt = await timestampRuntime();
+    if (!rt) return;
     const rng = testRng("pass-timing");
     const a = rt.tensor(Float32Array.from(randn(rng, 64 * 64)), [64, 64]).keep();
     try {
@@ -86,11 +92,8 @@ Deno.test(
   "pass timing: more passes than one query set holds are all timed, in order, across sets",
   gpuTestOptions,
   async () => {
-    const rt = await testRuntime();
-    if (!rt.dev.features.timestamps) {
-      console.log("skipped: this adapter has no timestamp-query");
-      return;
-    }
+    const rt = await timestampRuntime();
+    if (!rt) return;
     const x = rt.tensor(Float32Array.from({ length: 8 }, (_, i) => i + 1), [8]).keep();
     rt.poisonNewTensors = false;
     try {
