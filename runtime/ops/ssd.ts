@@ -17,10 +17,11 @@
  * Precision: the kernels compute and store in f32 (the recurrence, its states and the dt/A math need it, as in the
  * official code). f16 inputs of {@linkcode ssdScan}, {@linkcode ssdStep}, {@linkcode ssdVerify} and
  * {@linkcode ssdHeadParams} are widened to f32 at the op's boundary (differentiable casts) and y is narrowed back
- * to the input's dtype; states stay f32 whatever the inputs. The one exception: a scan whose x, B and C are f16
- * runs the three matrix products of each row product on the device's matrix units where it has them
- * ({@linkcode ssdRowTilings}), with f16 operands (x, B, C and dy are f16 values there anyway; the states and the
- * masked C B^T-like blocks are rounded) and f32 accumulation, as f16 matmuls and attention do.
+ * to the input's dtype; states stay f32 whatever the inputs. The one exception, opt-in ({@linkcode SSD_SGM_ENV_VAR},
+ * off by default, see {@linkcode SSD_SGM_VARIANTS}): a scan whose x, B and C are f16 may run the three matrix
+ * products of each row product on the device's matrix units ({@linkcode ssdRowTilings}), with f16 operands (x, B,
+ * C and dy are f16 values there anyway; the states and the masked C B^T-like blocks are rounded) and f32
+ * accumulation.
  *
  * @module
  */
