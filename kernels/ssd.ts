@@ -58,9 +58,10 @@
  * workgroup memory stays at 32 KiB for any chunk size, head dim or state dim (dims above 64 use more tiles or
  * k slices); a thread's 4 rows or 4 columns of each tile are one vec4 there. Devices that allow less (WebGPU's
  * default is 16 KiB) get the `narrow` tiling of the row products: 64 x 32 W blocks and scalar k slices of 8,
- * 15 KB ({@linkcode SsdRowsTiling}). Every other scan kernel needs at most 8 KB. Devices with subgroup matrices
- * run the row products' three matrix products on their matrix units instead (the `sgm` tiling, f16 operands and
- * f32 accumulation, 36 KB, P and N up to 64), the masks, decays and epilogues staying f32 in threads.
+ * 15 KB ({@linkcode SsdRowsTiling}). Every other scan kernel needs at most 8 KB. On devices with subgroup
+ * matrices, f16 scans can run the row products' three matrix products on the matrix units instead (the `sgm`
+ * tiling, f16 operands and f32 accumulation, 36 KB, P and N up to 64), the masks, decays and epilogues staying
+ * f32 in threads; the op does so only when asked (runtime/ops/ssd.ts, `DISTILLERY_SSD_SGM`).
  *
  * Working buffers (f32, allocated by the op): `csd` = [cs (B,H,L) | delta (B,H,L) | A (H) | D (H)];
  * `states` [B, nc, H, P, N]; row partials [4, B, L, H, CT]; dT partials [B, H, nc, E]; head partials
