@@ -248,12 +248,30 @@ ${indent}}`
   ).join(" else ");
 }
 
-// Word indices and bounds of staged rows, for stageRows: packed query rows of the block or tile at R0, and keys
-// of the tile at k0 (both names are WGSL lets of the kernels).
-const packedRow = (row: string) => `row_addr(b, hk, R0 + ${row}) / 8u`;
-const keyRow = (row: string) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`;
-const keyOk = (row: string) => `k0 + ${row} < p.kv_len`;
-const rowOk = (row: string) => `R0 + ${row} < p.rows`;
+/**
+ * Where stageRows finds the rows it stages: `word(row)` is the index of a row's first 8 halves in the vec4<u32>
+ * binding, `valid(row)` whether the row exists (else zeros); `stride(step)`, when given, is the word distance
+ * from a row to the row `step` further on, with the WGSL condition under which that distance holds.
+ */
+interface RowSource {
+  word: (row: string) => string;
+  valid: (row: string) => string;
+  stride?: (step: number) => { when: string | null; words: string };
+}
+
+// The staged rows of the kernels (the names are WGSL lets of the kernels): packed query rows of the block or tile
+// at R0, and keys of the tile at k0. Packed rows `step` apart are a fixed distance apart when G divides `step`
+// (R0 is a multiple of the tile, which G divides then too).
+const packedRows = (hd: number): RowSource => ({
+  word: (row) => `row_addr(b, hk, R0 + ${row}) / 8u`,
+  valid: (row) => `R0 + ${row} < p.rows`,
+  stride: (step) => ({ when: `${step}u % p.G == 0u`, words: `(${step}u / p.G) * p.H * ${hd / 8}u` }),
+});
+const keyRows: RowSource = {
+  word: (row) => `(kvBase + (k0 + ${row}) * p.kv_pstride) / 8u`,
+  valid: (row) => `k0 + ${row} < p.kv_len`,
+  stride: (step) => ({ when: null, words: `${step}u * (p.kv_pstride / 8u)` }),
+};
 
 function sgmAttentionWgsl(hd: number, bc: number, constOffsets: boolean): string {
   const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
@@ -313,7 +331,7 @@ ${MAIN}
 ${rowBlockStart(hd, bc)}
 
   // Q block -> workgroup memory -> fragments in registers
-  ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd, constOffsets)}
+  ${stagedLeftFragments("q", "KV", "Q", packedRows(hd), hd, constOffsets)}
   ${
     constOffsets ? PER_SUBGROUP_NOTE : `let srow = sg * ${SGM_FRAG * sstr}u;
   let prow = sg * ${SGM_FRAG * pstr}u;`
@@ -331,8 +349,8 @@ ${rowBlockStart(hd, bc)}
 
   for (var kt = 0u; kt < ntiles; kt++) {
     let k0 = kt * ${bc}u;
-    ${stageRows("KV", "0u", bc, hd, "K", keyRow, keyOk)}
-    ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRow, keyOk)}
+    ${stageRows("KV", "0u", bc, hd, "K", keyRows)}
+    ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRows)}
     workgroupBarrier();
     ${perSubgroup(constOffsets, "    ", (sgi) => productOverHd("q", "KV", 0, bc, hd, sstr, sgi))}
     workgroupBarrier();
@@ -463,10 +481,14 @@ fn row_stat(b: u32, hk: u32, R: u32) -> u32 {
 
 /**
  * Statements that stage `rows` rows of `hd` halves into workgroup array `dst` (row stride hd + 8, from element
- * `dstOff`) with 16-byte loads by all threads from the vec4<u32> binding `src`; `word(row)` is the index of a
- * row's first 8 halves there and `valid(row)` says whether the row exists (else zeros). The stores are 4-way bank
- * conflicted; rotating each lane's word order as the matmul does (`SgmConfig.rotate`) measured no faster here
- * (forward 12.7 against 11.6 ms of a training step on the H200), so they stay plain.
+ * `dstOff`) with 16-byte loads by all threads from the vec4<u32> binding `src`, rows found through `from`. The
+ * stores are 4-way bank conflicted; rotating each lane's word order as the matmul does (`SgmConfig.rotate`)
+ * measured no faster here (forward 12.7 against 11.6 ms of a training step on the H200), so they stay plain.
+ *
+ * When the threads cover whole rows, each thread takes the same column chunk in rows `step` apart, written out
+ * per slot: its staging offsets are its first row's plus constants, and where `from` knows the rows' word
+ * stride, so are its load indices. That replaces a packed row's address (a division and a remainder by G) per
+ * load with one per thread and call (the matmul measured the same change at 233 -> 248 TFLOP/s).
  */
 function stageRows(
   dst: string,
@@ -474,23 +496,52 @@ function stageRows(
   rows: number,
   hd: number,
   src: string,
-  word: (row: string) => string,
-  valid: (row: string) => string,
+  from: RowSource,
 ): string {
   const loads = (rows * hd) / 8, perRow = hd / 8, hdp = hd + PAD;
-  return `for (var s = 0u; s < ${ceilDiv(loads, THREADS)}u; s++) {
+  const stores = (d: string) =>
+    `let h0 = bitcast<vec2<f16>>(w.x); let h1 = bitcast<vec2<f16>>(w.y);
+      let h2 = bitcast<vec2<f16>>(w.z); let h3 = bitcast<vec2<f16>>(w.w);
+      ${dst}[${d}] = h0.x; ${dst}[${d} + 1u] = h0.y; ${dst}[${d} + 2u] = h1.x; ${dst}[${d} + 3u] = h1.y;
+      ${dst}[${d} + 4u] = h2.x; ${dst}[${d} + 5u] = h2.y; ${dst}[${d} + 6u] = h3.x; ${dst}[${d} + 7u] = h3.y;`;
+  if (THREADS % perRow !== 0) {
+    return `for (var s = 0u; s < ${ceilDiv(loads, THREADS)}u; s++) {
     let idx = lid + s * ${THREADS}u;
     if (idx < ${loads}u) {
       let row = idx / ${perRow}u;
       let ch = idx % ${perRow}u;
       var w = vec4<u32>();
-      if (${valid("row")}) { w = ${src}[${word("row")} + ch]; }
+      if (${from.valid("row")}) { w = ${src}[${from.word("row")} + ch]; }
       let d = ${dstOff} + row * ${hdp}u + ch * 8u;
-      let h0 = bitcast<vec2<f16>>(w.x); let h1 = bitcast<vec2<f16>>(w.y);
-      let h2 = bitcast<vec2<f16>>(w.z); let h3 = bitcast<vec2<f16>>(w.w);
-      ${dst}[d] = h0.x; ${dst}[d + 1u] = h0.y; ${dst}[d + 2u] = h1.x; ${dst}[d + 3u] = h1.y;
-      ${dst}[d + 4u] = h2.x; ${dst}[d + 5u] = h2.y; ${dst}[d + 6u] = h3.x; ${dst}[d + 7u] = h3.y;
+      ${stores("d")}
     }
+  }`;
+  }
+  const step = THREADS / perRow;
+  const slots = (word: (s: number) => string) =>
+    range(ceilDiv(rows, step)).map((s) => {
+      const row = `lrow + ${s * step}u`;
+      // the last slot may reach past the block's rows (the threads cover more rows than it has)
+      return `${(s + 1) * step > rows ? `if (${row} < ${rows}u) ` : ""}{
+      var w = vec4<u32>();
+      if (${from.valid(row)}) { w = ${src}[${word(s)} + lch]; }
+      ${stores(`lat + ${s * step * hdp}u`)}
+    }`;
+    }).join("\n    ");
+  const perSlot = slots((s) => from.word(`lrow + ${s * step}u`));
+  const stride = from.stride?.(step);
+  const strided = stride &&
+    `let w0 = ${from.word("lrow")}; let ws = ${stride.words};
+    ${slots((s) => (s === 0 ? "w0" : `w0 + ${s}u * ws`))}`;
+  return `{
+    let lrow = lid / ${perRow}u; let lch = lid % ${perRow}u; let lat = ${dstOff} + lrow * ${hdp}u + lch * 8u;
+    ${
+    !strided ? perSlot : stride.when === null ? strided : `if (${stride.when}) {
+    ${strided}
+    } else {
+    ${perSlot}
+    }`
+  }
   }`;
 }
 
@@ -516,8 +567,7 @@ function stagedLeftFragments(
   name: string,
   shared: string,
   src: string,
-  word: (row: string) => string,
-  valid: (row: string) => string,
+  from: RowSource,
   hd: number,
   constOffsets: boolean,
 ): string {
@@ -525,7 +575,7 @@ function stagedLeftFragments(
     ? `${range(hd / SGM_FRAG).map((i) => `var ${name}${i} = ${LEFT}();`).join(" ")}
   `
     : "";
-  return `${stageRows(shared, "0u", SGM_ATTN_ROWS, hd, src, word, valid)}
+  return `${stageRows(shared, "0u", SGM_ATTN_ROWS, hd, src, from)}
   workgroupBarrier();
   ${decls}${perSubgroup(constOffsets, "  ", (sgi) => leftFragments(name, shared, "0u", hd, sgi))}
   workgroupBarrier();`;
@@ -667,8 +717,8 @@ ${rowBlockStart(hd, bc)}
   let prow = sg * ${SGM_FRAG * pstr}u;`
   }
 
-  ${stagedLeftFragments("q", "KV", "Q", packedRow, rowOk, hd, constOffsets)}
-  ${stagedLeftFragments("g", "KV", "DO", packedRow, rowOk, hd, constOffsets)}
+  ${stagedLeftFragments("q", "KV", "Q", packedRows(hd), hd, constOffsets)}
+  ${stagedLeftFragments("g", "KV", "DO", packedRows(hd), hd, constOffsets)}
 
   ${THREAD_ROW}
   let R = R0 + r;
@@ -687,8 +737,8 @@ ${rowBlockStart(hd, bc)}
 
   for (var kt = 0u; kt < ntiles; kt++) {
     let k0 = kt * ${bc}u;
-    ${stageRows("KV", "0u", bc, hd, "K", keyRow, keyOk)}
-    ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRow, keyOk)}
+    ${stageRows("KV", "0u", bc, hd, "K", keyRows)}
+    ${stageRows("KV", `${bc * hdp}u`, bc, hd, "V", keyRows)}
     workgroupBarrier();
     ${perSubgroup(constOffsets, "    ", (sgi) => productOverHd("q", "KV", 0, bc, hd, sstr, sgi))}
     workgroupBarrier();
@@ -739,8 +789,8 @@ ${MAIN}
   let trow = sg * ${SGM_FRAG * tstr}u;`
   }
 
-  ${stagedLeftFragments("kf", "QD", "K", keyRow, keyOk, hd, constOffsets)}
-  ${stagedLeftFragments("vf", "QD", "V", keyRow, keyOk, hd, constOffsets)}
+  ${stagedLeftFragments("kf", "QD", "K", keyRows, hd, constOffsets)}
+  ${stagedLeftFragments("vf", "QD", "V", keyRows, hd, constOffsets)}
 
   // this thread's key, and half of each row tile (alternate columns: scoreStep)
   ${THREAD_ROW}
@@ -755,8 +805,8 @@ ${MAIN}
   let t1 = (p.rows + ${br - 1}u) / ${br}u;
   for (var t = t0; t < t1; t++) {
     let R0 = t * ${br}u;
-    ${stageRows("QD", "0u", br, hd, "Q", packedRow, rowOk)}
-    ${stageRows("QD", `${br * hdp}u`, br, hd, "DO", packedRow, rowOk)}
+    ${stageRows("QD", "0u", br, hd, "Q", packedRows(hd))}
+    ${stageRows("QD", `${br * hdp}u`, br, hd, "DO", packedRows(hd))}
     if (lid < ${br}u) {
       var l = 0.0;
       var d = 0.0;

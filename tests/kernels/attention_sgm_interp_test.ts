@@ -199,6 +199,11 @@ Deno.test("subgroup-matrix attention through the CPU interpreter: hd 128 (two P 
   check({ B: 1, T: 40, H: 2, Hkv: 1, hd: 128, bc: 32, br: 32 }, "attn-sgm-interp-hd128");
 });
 
+Deno.test("subgroup-matrix attention through the CPU interpreter: GQA 3 (packed rows a stride apart need G | 16)", () => {
+  // G = 3 does not divide the 16 rows between a thread's staged rows: the per-row addresses path
+  check({ B: 1, T: 30, H: 3, Hkv: 1, hd: 64, bc: 64, br: 64 }, "attn-sgm-interp-gqa3");
+});
+
 // ---- the interpreter's subgroup shuffles and race checks -----------------------------------------------------
 
 const SNIPPET_HEAD = `enable subgroups;
