@@ -823,14 +823,24 @@ ${MAIN}
     // packed row R sees key j iff R / G >= j, i.e. R >= j G: no integer division per score
     let rowsFrom = select(p.rows, j * p.G, j < p.kv_len);
     let x0 = R0 + c0;
-    ${
+    // past the diagonal every row of the tile sees the thread's key: no mask per score there
+    ${range(half).map((i) => `var p${i} = 0.0;`).join(" ")}
+    if (x0 >= rowsFrom && R0 + ${br}u <= p.rows) {
+      ${
     range(half).map((i) => {
       const k = scoreStep(i, true);
-      return `var p${i} = 0.0;
-    if (x0 + ${k} >= rowsFrom && x0 + ${k} < p.rows) { p${i} = exp(SS[sAt + ${k}] * p.scale - LD[c0 + ${k}]); }
-    PT[tAt + ${k}] = f16(p${i});`;
-    }).join("\n    ")
+      return `p${i} = exp(SS[sAt + ${k}] * p.scale - LD[c0 + ${k}]);`;
+    }).join("\n      ")
   }
+    } else {
+      ${
+    range(half).map((i) => {
+      const k = scoreStep(i, true);
+      return `if (x0 + ${k} >= rowsFrom && x0 + ${k} < p.rows) { p${i} = exp(SS[sAt + ${k}] * p.scale - LD[c0 + ${k}]); }`;
+    }).join("\n      ")
+  }
+    }
+    ${range(half).map((i) => `PT[tAt + ${scoreStep(i, true)}] = f16(p${i});`).join("\n    ")}
     workgroupBarrier();
     ${
     perSubgroup(constOffsets, "    ", (sgi) =>

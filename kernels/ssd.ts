@@ -728,6 +728,45 @@ function kMajorProduct(acc: string, indent: string): string {
     }`.replaceAll("\n", `\n${indent}`);
 }
 
+/** Where {@linkcode stageKMajor} finds slot `s`'s element and whether it exists. */
+interface KMajorSource {
+  /** Tile row (a position or a column) and k of slot s, as WGSL expressions of `sr` and `sk`. */
+  slot: (s: number) => { row: string; k: string };
+  /** Whether the row exists (else the element is zero). */
+  valid: (row: string) => string;
+  /** The element's load. */
+  load: (row: string, k: string) => string;
+  /** True when the slots step k (thread li holds row li & 63 and k (li >> 6) + 4 s), else rows. */
+  swapped?: boolean;
+}
+
+/**
+ * Stages a 64 x 64 k-major tile (see `kv` in {@linkcode rowsCodeWide}) of slice k0 into `dst`: 16 elements per
+ * thread, zero past the dim (k >= kn) or where the row does not exist, and nothing written from kw on. Written
+ * out with every load issued before the first store: a loop of load-then-store waits out a global load's latency
+ * per element.
+ */
+function stageKMajor(dst: string, src: KMajorSource): string {
+  const slots = range(16).map((s) => src.slot(s));
+  const loads = slots.map(({ row, k }, s) =>
+    `var g${s} = 0.0;
+    if (${src.valid(row)} && ${k} < kn) { g${s} = ${src.load(row, k)}; }`
+  );
+  const store = (s: number) => `${dst}[kv(${slots[s].row}, ${slots[s].k})][(${slots[s].k}) & 3u] = g${s};`;
+  // with k stepping per slot, a slot past kw writes nothing; with rows stepping, k is the thread's own
+  const stores = src.swapped
+    ? range(16).map((s) => `if (${slots[s].k} < kw) { ${store(s)} }`).join("\n    ")
+    : `if (sk < kw) {
+      ${range(16).map(store).join("\n      ")}
+    }`;
+  return `{
+    let sr = ${src.swapped ? "li & 63u" : "li >> 6u"};
+    let sk = ${src.swapped ? "li >> 6u" : "li & 63u"};
+    ${loads.join("\n    ")}
+    ${stores}
+  }`;
+}
+
 /**
  * The `wide` row products. Two 64 x 64 tiles of workgroup memory, each an array of vec4<f32>:
  * - `sP`: U (k-major: row r, 16 vec4 of consecutive k), then W^T (position-major: 16 vec4 of the rows
@@ -745,17 +784,28 @@ function rowsCodeWide(v: SsdRowsVariant): string {
   const rowScale = lower ? "exp(crow[i])" : "exp(T - crow[i])";
   // S is [c, p, n]: S^T (y, dx) has k (= n) contiguous per column, S (dB, dC) has the columns (n) contiguous
   const loadS = transposedS
-    ? `let col = e >> 6u;
-      let k = e & 63u;
-      var sv = 0.0;
-      if (col0 + col < ncols && k < kn) { sv = S[sBase + (col0 + col) * kdim + k0 + k]; }
-      sQ[kv(col, k)][k & 3u] = sv;`
-    : `let col = e & 63u;
-      let k = e >> 6u;
-      if (k >= kw) { continue; }
-      var sv = 0.0;
-      if (col0 + col < ncols && k < kn) { sv = S[sBase + (k0 + k) * ncols + col0 + col]; }
-      sQ[kv(col, k)][k & 3u] = sv;`;
+    ? stageKMajor("sQ", {
+      slot: (s) => ({ row: `sr + ${4 * s}u`, k: "sk" }),
+      valid: (row) => `col0 + ${row} < ncols`,
+      load: (row, k) => `S[sBase + (col0 + ${row}) * kdim + k0 + ${k}]`,
+    })
+    : stageKMajor("sQ", {
+      // consecutive threads read consecutive columns: the tile's k is the slot's row of S
+      slot: (s) => ({ row: "sr", k: `sk + ${4 * s}u` }),
+      valid: (row) => `col0 + ${row} < ncols`,
+      load: (row, k) => `S[sBase + (k0 + ${k}) * ncols + col0 + ${row}]`,
+      swapped: true,
+    });
+  const loadU = stageKMajor("sP", {
+    slot: (s) => ({ row: `sr + ${4 * s}u`, k: "sk" }),
+    valid: (row) => `r0 + ${row} < clen`,
+    load: (row, k) => `ld_u(b, t0 + r0 + ${row}, k0 + ${k})`,
+  });
+  const loadV = stageKMajor("sQ", {
+    slot: (s) => ({ row: `sr + ${4 * s}u`, k: "sk" }),
+    valid: (row) => `kb + ${row} < clen`,
+    load: (row, k) => `ld_v(b, t0 + kb + ${row}, k0 + ${k})`,
+  });
   const rowSums = v === "y"
     ? ""
     : `// Row sums over this column tile: 16 threads share a row; their partials meet in sP.
@@ -783,30 +833,6 @@ var<workgroup> sQ: array<vec4<f32>, ${SSD_TILE * SSD_TILE / 4}>;
 // 4 rows (8 columns) a warp reads at one k quad lie in distinct banks.
 fn kv(r: u32, k: u32) -> u32 { return r * KV + ((k >> 2u) ^ (r & 7u)); }
 
-// sP = U rows r0.. of the chunk at k0 + [0, kw) (zero past the chunk or the dim; kw is kn rounded up to 4)
-fn load_u(b: u32, t0: u32, r0: u32, clen: u32, k0: u32, kn: u32, kw: u32, li: u32) {
-  for (var e = li; e < TR * KS; e += 256u) {
-    let r = e >> 6u;
-    let k = e & 63u;
-    if (k >= kw) { continue; }
-    var u = 0.0;
-    if (r0 + r < clen && k < kn) { u = ld_u(b, t0 + r0 + r, k0 + k); }
-    sP[kv(r, k)][k & 3u] = u;
-  }
-}
-
-// sQ = V at positions kb.. of the chunk, same layout
-fn load_v(b: u32, t0: u32, kb: u32, clen: u32, k0: u32, kn: u32, kw: u32, li: u32) {
-  for (var e = li; e < TB * KS; e += 256u) {
-    let p = e >> 6u;
-    let k = e & 63u;
-    if (k >= kw) { continue; }
-    var x = 0.0;
-    if (kb + p < clen && k < kn) { x = ld_v(b, t0 + kb + p, k0 + k); }
-    sQ[kv(p, k)][k & 3u] = x;
-  }
-}
-
 @compute @workgroup_size(256)
 fn main(${ENTRY_ARGS}) {
   ${rowsPrologue(v)}
@@ -829,10 +855,8 @@ fn main(${ENTRY_ARGS}) {
     let kn = min(KS, kdim - k0);
     let kw = (kn + 3u) & ~3u;
     let kqn = kw >> 2u;
-    load_u(b, t0, r0, clen, k0, kn, kw, li);
-    for (var e = li; e < TC * KS; e += 256u) {
-      ${loadS}
-    }
+    ${loadU}
+    ${loadS}
     workgroupBarrier();
     ${kMajorProduct("acc", "")}
     workgroupBarrier();
@@ -853,8 +877,10 @@ fn main(${ENTRY_ARGS}) {
       let kw = (kn + 3u) & ~3u;
       let kqn = kw >> 2u;
       // U of a dim within one slice is still in sP from the inter-chunk term in the first block
-      if (kb != kbStart || kdim > KS) { load_u(b, t0, r0, clen, k0, kn, kw, li); }
-      load_v(b, t0, kb, clen, k0, kn, kw, li);
+      if (kb != kbStart || kdim > KS) {
+        ${loadU.replaceAll("\n", "\n    ")}
+      }
+      ${loadV.replaceAll("\n", "\n  ")}
       workgroupBarrier();
       ${kMajorProduct("wacc", "  ")}
       workgroupBarrier();
@@ -876,17 +902,24 @@ fn main(${ENTRY_ARGS}) {
       sP[p * KV + (ty ^ (p & 15u))] = wt;
     }
     let kbLen = min(TB, clen - kb);
-    for (var e = li; e < TB * KV; e += 256u) {
-      let p = e >> 4u;
-      let cv = e & 15u;
-      var zv = vec4<f32>();
-      if (p < kbLen) {
-        for (var j = 0u; j < 4u; j++) {
-          let gc = col0 + cv + 16u * j;
-          if (gc < ncols) { zv[j] = ld_z(b, t0 + kb + p, gc); }
-        }
+    // Z, position-major: element e = li + 256 s is position (li >> 4) + 16 s, columns (li & 15) + 16 j; loads
+    // first, then stores (see stageKMajor)
+    {
+      let zp = li >> 4u;
+      let zc = li & 15u;
+      ${
+    [0, 1, 2, 3].map((s) =>
+      `var z${s} = vec4<f32>();
+      if (zp + ${16 * s}u < kbLen) {
+        ${
+        [0, 1, 2, 3].map((j) =>
+          `if (col0 + zc + ${16 * j}u < ncols) { z${s}[${j}] = ld_z(b, t0 + kb + zp + ${16 * s}u, col0 + zc + ${16 * j}u); }`
+        ).join("\n        ")
       }
-      sQ[e] = zv;
+      }`
+    ).join("\n      ")
+  }
+      ${[0, 1, 2, 3].map((s) => `sQ[li + ${256 * s}u] = z${s};`).join(" ")}
     }
     workgroupBarrier();
     for (var q = 0u; q < kbLen; q++) {
