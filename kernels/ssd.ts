@@ -466,21 +466,27 @@ fn main(${ENTRY_ARGS}) {
       }
       sw[li] = wt;
     }
-    for (var e = li; e < TK * TT; e += 256u) {
-      let kk = e / TT;
-      let col = e % TT;
-      let s = s0 + kk;
+    // element e = li + 256 j of the slice: step kk = (li >> 6) + 4 j, column li & 63; every load before the
+    // first store, so their latencies overlap
+    {
+      let col = li & 63u;
       let p = pt * TT + col;
       let n = nt * TT + col;
-      var xv = 0.0;
-      var yv = 0.0;
-      if (s < clen) {
-        let tok = b * d.seqlen + t0 + s;
-        if (p < d.u_dim) { xv = X[d.u_off + tok * d.u_stride + gx * d.u_dim + p]; }
-        if (n < d.v_dim) { yv = Y[d.v_off + tok * d.v_stride + gy * d.v_dim + n]; }
-      }
-      sX[e] = xv;
-      sY[e] = yv;
+      ${
+      range((TK * SSD_TILE) / 256).map((j) =>
+        `var x${j} = 0.0;
+      var y${j} = 0.0;
+      if (s0 + (li >> 6u) + ${4 * j}u < clen) {
+        let tok = b * d.seqlen + t0 + s0 + (li >> 6u) + ${4 * j}u;
+        if (p < d.u_dim) { x${j} = X[d.u_off + tok * d.u_stride + gx * d.u_dim + p]; }
+        if (n < d.v_dim) { y${j} = Y[d.v_off + tok * d.v_stride + gy * d.v_dim + n]; }
+      }`
+      ).join("\n      ")
+    }
+      ${
+      range((TK * SSD_TILE) / 256).map((j) => `sX[li + ${256 * j}u] = x${j}; sY[li + ${256 * j}u] = y${j};`)
+        .join("\n      ")
+    }
     }
     workgroupBarrier();
     for (var kk = 0u; kk < TK; kk++) {
@@ -913,7 +919,9 @@ fn main(${ENTRY_ARGS}) {
       if (zp + ${16 * s}u < kbLen) {
         ${
         [0, 1, 2, 3].map((j) =>
-          `if (col0 + zc + ${16 * j}u < ncols) { z${s}[${j}] = ld_z(b, t0 + kb + zp + ${16 * s}u, col0 + zc + ${16 * j}u); }`
+          `if (col0 + zc + ${16 * j}u < ncols) { z${s}[${j}] = ld_z(b, t0 + kb + zp + ${
+            16 * s
+          }u, col0 + zc + ${16 * j}u); }`
         ).join("\n        ")
       }
       }`
@@ -1527,72 +1535,106 @@ export function ssdChunkRows(
 /**
  * Reverse of {@linkcode ssdStatePass}, in place over `ds`: on entry the local gradients dSin_c from the chunk
  * outputs, on exit d states_c = G_{c+1} with G_{nc} = dS_final and G_c = dSin_c + exp(T_c) G_{c+1}; dS_init = G_0.
- * Also dT_c = <G_{c+1}, Sin_{c+1}>, reduced per 256-element block (workgroup) into dT partials.
- * Bindings: ds (rw), Sin (the forward's states buffer), final, dfinal (any read buffer when absent), csd,
- * dinit (rw; a scratch buffer when absent), dT partials (rw) [B, H, nc, E].
+ * One thread per (b, h, p, n) and no barriers: the decay partials dT_c = <G_{c+1}, Sin_{c+1}> read only what
+ * this pass leaves in `ds`, so {@linkcode ssdStateDecayPartials} reduces them afterwards, for all chunks at once
+ * (a tree reduction per chunk inside this sequential loop cost 8 barriers a step).
+ * Bindings: ds (rw), dfinal (any read buffer when absent), csd, dinit (rw; a scratch buffer when absent).
  */
 export function ssdStatePassBackward(s: SsdShape, hasInit: boolean, hasFinalGrad: boolean): Launch {
   const spec = cachedSpec("ssd_state_pass_bwd", () => ({
-    bindings: ["rw", "read", "read", "read", "read", "rw", "rw"],
+    bindings: ["rw", "read", "read", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
 @group(0) @binding(0) var<storage, read_write> ds: array<f32>;
-@group(0) @binding(1) var<storage, read> sin: array<f32>;
-@group(0) @binding(2) var<storage, read> fin: array<f32>;
-@group(0) @binding(3) var<storage, read> dfin: array<f32>;
-@group(0) @binding(4) var<storage, read> csd: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dinit: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dtp: array<f32>;
-@group(0) @binding(7) var<uniform> d: Dims;
+@group(0) @binding(1) var<storage, read> dfin: array<f32>;
+@group(0) @binding(2) var<storage, read> csd: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dinit: array<f32>;
+@group(0) @binding(4) var<uniform> d: Dims;
 ${CSD_HELPERS}
-var<workgroup> red: array<f32, ${SSD_STATE_BLOCK}>;
 @compute @workgroup_size(${SSD_STATE_BLOCK})
 fn main(${ENTRY_ARGS}) {
   ${WG_INDEX}
   let eb = w % d.e_blocks;
   let bh = w / d.e_blocks;
-  if (bh >= d.batch * d.heads) { return; }
-  let h = bh % d.heads;
-  let b = bh / d.heads;
   let pn = d.dim_p * d.dim_n;
   let e = eb * ${SSD_STATE_BLOCK}u + li;
-  let valid = e < pn;
+  if (bh >= d.batch * d.heads || e >= pn) { return; }
+  let h = bh % d.heads;
+  let b = bh / d.heads;
   var g = 0.0;
-  if (valid && (d.flags & ${SSD_FLAG.finalGrad}u) != 0u) { g = dfin[bh * pn + e]; }
+  if ((d.flags & ${SSD_FLAG.finalGrad}u) != 0u) { g = dfin[bh * pn + e]; }
   for (var ci = 0u; ci < d.nchunks; ci++) {
     let c = d.nchunks - 1u - ci;
-    var snext = 0.0;
-    if (valid) {
-      if (c + 1u == d.nchunks) { snext = fin[bh * pn + e]; }
-      else { snext = sin[((b * d.nchunks + c + 1u) * d.heads + h) * pn + e]; }
-    }
-    red[li] = g * snext;
-    workgroupBarrier();
-    for (var half = ${SSD_STATE_BLOCK / 2}u; half > 0u; half = half / 2u) {
-      if (li < half) { red[li] += red[li + half]; }
-      workgroupBarrier();
-    }
-    if (li == 0u) { dtp[(bh * d.nchunks + c) * d.e_blocks + eb] = red[0]; }
-    workgroupBarrier();
-    if (valid) {
-      let idx = ((b * d.nchunks + c) * d.heads + h) * pn + e;
-      let local = ds[idx];
-      ds[idx] = g;
-      let last = min(d.seqlen, (c + 1u) * d.chunk) - 1u;
-      g = local + exp(cs_at(bh * d.seqlen + last)) * g;
-    }
+    let idx = ((b * d.nchunks + c) * d.heads + h) * pn + e;
+    let local = ds[idx];
+    ds[idx] = g;
+    let last = min(d.seqlen, (c + 1u) * d.chunk) - 1u;
+    g = local + exp(cs_at(bh * d.seqlen + last)) * g;
   }
-  if (valid && (d.flags & ${SSD_FLAG.initialState}u) != 0u) { dinit[bh * pn + e] = g; }
+  if ((d.flags & ${SSD_FLAG.initialState}u) != 0u) { dinit[bh * pn + e] = g; }
 }
 `,
   }));
-  const eBlocks = ceilDiv(s.dimP * s.dimN, SSD_STATE_BLOCK);
   return {
     spec,
     uniforms: packDims(s, {
       flags: (hasInit ? SSD_FLAG.initialState : 0) | (hasFinalGrad ? SSD_FLAG.finalGrad : 0),
     }),
-    workgroups: grid2d(eBlocks * s.batch * s.heads),
+    workgroups: grid2d(ceilDiv(s.dimP * s.dimN, SSD_STATE_BLOCK) * s.batch * s.heads),
+  };
+}
+
+/**
+ * After {@linkcode ssdStatePassBackward}: dT_c = <G_{c+1}, Sin_{c+1}> (G_{c+1} is what that pass left in `ds` for
+ * chunk c; Sin_{nc} is the final state), reduced per 256-element block into the dT partials [B, H, nc, E], one
+ * workgroup per (b, h, chunk, block). Bindings: ds, Sin (the forward's states buffer), final (read), dT partials
+ * (rw).
+ */
+export function ssdStateDecayPartials(s: SsdShape): Launch {
+  const spec = cachedSpec("ssd_state_decay_partials", () => ({
+    bindings: ["read", "read", "read", "rw"],
+    uniformBytes: DIMS_BYTES,
+    code: `${DIMS_STRUCT}
+@group(0) @binding(0) var<storage, read> ds: array<f32>;
+@group(0) @binding(1) var<storage, read> sin: array<f32>;
+@group(0) @binding(2) var<storage, read> fin: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dtp: array<f32>;
+@group(0) @binding(4) var<uniform> d: Dims;
+var<workgroup> red: array<f32, ${SSD_STATE_BLOCK}>;
+@compute @workgroup_size(${SSD_STATE_BLOCK})
+fn main(${ENTRY_ARGS}) {
+  ${WG_INDEX}
+  let eb = w % d.e_blocks;
+  let bhc = w / d.e_blocks;
+  // workgroup-uniform: the whole workgroup leaves together, before any barrier
+  if (bhc >= d.batch * d.heads * d.nchunks) { return; }
+  let c = bhc % d.nchunks;
+  let bh = bhc / d.nchunks;
+  let h = bh % d.heads;
+  let b = bh / d.heads;
+  let pn = d.dim_p * d.dim_n;
+  let e = eb * ${SSD_STATE_BLOCK}u + li;
+  var v = 0.0;
+  if (e < pn) {
+    var snext = 0.0;
+    if (c + 1u == d.nchunks) { snext = fin[bh * pn + e]; }
+    else { snext = sin[((b * d.nchunks + c + 1u) * d.heads + h) * pn + e]; }
+    v = ds[((b * d.nchunks + c) * d.heads + h) * pn + e] * snext;
+  }
+  red[li] = v;
+  workgroupBarrier();
+  for (var half = ${SSD_STATE_BLOCK / 2}u; half > 0u; half = half / 2u) {
+    if (li < half) { red[li] += red[li + half]; }
+    workgroupBarrier();
+  }
+  if (li == 0u) { dtp[(bh * d.nchunks + c) * d.e_blocks + eb] = red[0]; }
+}
+`,
+  }));
+  return {
+    spec,
+    uniforms: packDims(s, {}),
+    workgroups: grid2d(ceilDiv(s.dimP * s.dimN, SSD_STATE_BLOCK) * s.batch * s.heads * ssdChunks(s)),
   };
 }
 

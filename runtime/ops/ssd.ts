@@ -40,6 +40,7 @@ import {
   type SsdRowsTiling,
   type SsdRowsVariant,
   type SsdShape,
+  ssdStateDecayPartials,
   ssdStatePass,
   ssdStatePassBackward,
   ssdWorkspaceSizes,
@@ -450,13 +451,11 @@ function ssdScanBackward(
   const dInit = hasInit ? rt.empty([s.batch, s.heads, s.dimP, s.dimN]) : rt.empty([1]);
   dispatch(rt, ssdStatePassBackward(s, hasInit, gFinal !== null), [
     dstates,
-    saved.states,
-    saved.finalState,
     gFinal ?? saved.csd,
     saved.csd,
     dInit,
-    dtp,
   ]);
+  dispatch(rt, ssdStateDecayPartials(s), [dstates, saved.states, saved.finalState, dtp]);
 
   // x, B, C gradients: straight into their layout when each head has its own group, else per head + group sum
   const grads: SsdGrads = {} as SsdGrads;

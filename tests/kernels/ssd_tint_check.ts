@@ -26,6 +26,7 @@ import {
   type SsdRowsTiling,
   type SsdRowsVariant,
   type SsdShape,
+  ssdStateDecayPartials,
   ssdStatePass,
   ssdStatePassBackward,
 } from "../../kernels/ssd.ts";
@@ -46,7 +47,9 @@ function allSpecs(): { spec: KernelSpec; tiling?: SsdRowsTiling }[] {
   for (const mode of ["state", "output"] as const) {
     specs.push({ spec: ssdChunkState(s, op(6), op(10), mode).spec });
   }
-  specs.push({ spec: ssdStatePass(s, true).spec }, { spec: ssdStatePassBackward(s, true, true).spec });
+  specs.push({ spec: ssdStatePass(s, true).spec }, { spec: ssdStatePassBackward(s, true, true).spec }, {
+    spec: ssdStateDecayPartials(s).spec,
+  });
   specs.push({ spec: ssdGroupSum(s, 2, 6, out).spec });
   for (const tiling of ["wide", "narrow"] as const) {
     for (const v of ["y", "dx", "dB", "dC"] as SsdRowsVariant[]) {
