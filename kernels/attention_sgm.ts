@@ -518,16 +518,21 @@ function stageRows(
   }`;
   }
   const step = THREADS / perRow;
-  const slots = (word: (s: number) => string) =>
-    range(ceilDiv(rows, step)).map((s) => {
-      const row = `lrow + ${s * step}u`;
-      // the last slot may reach past the block's rows (the threads cover more rows than it has)
-      return `${(s + 1) * step > rows ? `if (${row} < ${rows}u) ` : ""}{
-      var w = vec4<u32>();
-      if (${from.valid(row)}) { w = ${src}[${word(s)} + lch]; }
-      ${stores(`lat + ${s * step * hdp}u`)}
-    }`;
-    }).join("\n    ");
+  // every load before the first store (as the matmul's staging), so the loads' latencies overlap
+  const slots = (word: (s: number) => string) => {
+    const n = ceilDiv(rows, step);
+    // the last slot may reach past the block's rows (the threads cover more rows than it has)
+    const inBlock = (s: number) => (s + 1) * step > rows ? `lrow + ${s * step}u < ${rows}u && ` : "";
+    const loads = range(n).map((s) =>
+      `var g${s} = vec4<u32>();
+    if (${inBlock(s)}${from.valid(`lrow + ${s * step}u`)}) { g${s} = ${src}[${word(s)} + lch]; }`
+    );
+    const writes = range(n).map((s) => {
+      const body = `{ let w = g${s}; ${stores(`lat + ${s * step * hdp}u`)} }`;
+      return (s + 1) * step > rows ? `if (lrow + ${s * step}u < ${rows}u) ${body}` : body;
+    });
+    return [...loads, ...writes].join("\n    ");
+  };
   const perSlot = slots((s) => from.word(`lrow + ${s * step}u`));
   const stride = from.stride?.(step);
   const strided = stride &&
