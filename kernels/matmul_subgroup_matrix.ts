@@ -393,8 +393,9 @@ export const SGM_EIGHT_SUBGROUPS: SgmConfig = { ...SGM_DOUBLE_BUFFERED, bk: 64, 
  * The default for large products: 128x128x64 blocks of 4 subgroups of 64x64 (4x4 fragments), one buffer,
  * rotated staging stores and constant fragment offsets ({@linkcode SgmConfig.constOffsets}). With the offsets
  * constant, Tint drops its bounds predicate around every fragment load, which made the larger warp tiles pay:
- * 240 TFLOP/s at 8192^3 (35.5% of PyTorch bf16 in the same call) against 221 for
- * {@linkcode SGM_EIGHT_SUBGROUPS} and 128 for the same 4 subgroups without constant offsets (BENCHMARKS.md).
+ * 240 TFLOP/s at 8192^3 against 221 for {@linkcode SGM_EIGHT_SUBGROUPS} and 128 for the same 4 subgroups without
+ * constant offsets; with each thread's staging slots at constant offsets from its first, 248 (37.2% of PyTorch
+ * bf16 in the same call; BENCHMARKS.md).
  */
 export const SGM_LARGE: SgmConfig = { ...SGM_EIGHT_SUBGROUPS, sgM: 2, sgN: 2, constOffsets: true };
 

@@ -42,7 +42,8 @@
  *   d loss / d cs_q = C_q . dC_q - B_q . dB_q (per head, before summing heads into groups): the C-side terms carry
  *   +cs_q, the B-side terms -cs_s, and the state terms pair up the same way. T_c = cs at the chunk's last step
  *   additionally feeds states_c (as exp(T - cs_s)) and the chunk recurrence (as exp(T_c)); both together give
- *   d loss / d T_c = <G_{c+1}, Sin_{c+1}>. Since cs_q = sum_{t<=q} l_t within the chunk,
+ *   d loss / d T_c = <G_{c+1}, Sin_{c+1}> ({@linkcode ssdStateDecayPartials}). Since cs_q = sum_{t<=q} l_t within
+ *   the chunk,
  *     d loss / d l_t = sum_{q>=t in chunk} (C_q . dC_q - B_q . dB_q) + <G_{c+1}, Sin_{c+1}>,
  *   and l_t = delta_t A gives d delta_t += A dl_t, dA += delta_t dl_t ({@linkcode ssdDecayGrad}); with the fused
  *   bias, d dt = d delta * sigmoid(dt + dt_bias) and d dt_bias sums it.
