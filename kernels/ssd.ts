@@ -281,6 +281,18 @@ fn d_of(h: u32) -> f32 { return csd[2u * bhl() + d.heads + h]; }
 fn grp(h: u32, groups: u32) -> u32 { return h / (d.heads / groups); }
 `;
 
+/**
+ * WGSL that sums `red[0..n)` of a workgroup of n threads (a power of 2) into `red[0]`, once each thread has
+ * written its own `red[li]`: barriers included, so every thread must reach it.
+ */
+function treeSum(n: number): string {
+  return `workgroupBarrier();
+  for (var half = ${n / 2}u; half > 0u; half = half / 2u) {
+    if (li < half) { red[li] += red[li + half]; }
+    workgroupBarrier();
+  }`;
+}
+
 const WG_INDEX = `var w = wid.y * nwg.x + wid.x;`;
 const ENTRY_ARGS = `@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32`;
@@ -1623,11 +1635,7 @@ fn main(${ENTRY_ARGS}) {
     v = ds[((b * d.nchunks + c) * d.heads + h) * pn + e] * snext;
   }
   red[li] = v;
-  workgroupBarrier();
-  for (var half = ${SSD_STATE_BLOCK / 2}u; half > 0u; half = half / 2u) {
-    if (li < half) { red[li] += red[li + half]; }
-    workgroupBarrier();
-  }
+  ${treeSum(SSD_STATE_BLOCK)}
   if (li == 0u) { dtp[(bh * d.nchunks + c) * d.e_blocks + eb] = red[0]; }
 }
 `,
@@ -1768,11 +1776,7 @@ fn main(${ENTRY_ARGS}) {
   var s = 0.0;
   for (var i = li; i < n; i += 256u) { s += hp[(which * d.heads + h) * n + i]; }
   red[li] = s;
-  workgroupBarrier();
-  for (var half = 128u; half > 0u; half = half / 2u) {
-    if (li < half) { red[li] += red[li + half]; }
-    workgroupBarrier();
-  }
+  ${treeSum(256)}
   if (li == 0u) {
     if (which == 0u) { dA[h] = red[0]; }
     else if (which == 1u) { dD[h] = red[0]; }
