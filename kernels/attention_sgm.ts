@@ -776,6 +776,9 @@ ${rowBlockStart(hd, bc)}
 function dkvWgsl(hd: number, br: number, constOffsets: boolean): string {
   const hdp = hd + PAD, tstr = br + PAD, sstr = scratchStride(hd, br);
   const half = br / 2;
+  // P of the thread's step-i score: exp(S * scale - lse of its row)
+  const probability = (i: number) =>
+    `p${i} = exp(SS[sAt + ${scoreStep(i, true)}] * p.scale - LD[c0 + ${scoreStep(i, true)}]);`;
   return `${commonWgsl(hd)}
 // causal GQA attention dK, dV on subgroup matrices, hd ${hd}, row tile ${br}
 ${BACKWARD_INPUTS}
@@ -831,17 +834,12 @@ ${MAIN}
     // past the diagonal every row of the tile sees the thread's key: no mask per score there
     ${range(half).map((i) => `var p${i} = 0.0;`).join(" ")}
     if (x0 >= rowsFrom && R0 + ${br}u <= p.rows) {
-      ${
-    range(half).map((i) => {
-      const k = scoreStep(i, true);
-      return `p${i} = exp(SS[sAt + ${k}] * p.scale - LD[c0 + ${k}]);`;
-    }).join("\n      ")
-  }
+      ${range(half).map((i) => probability(i)).join("\n      ")}
     } else {
       ${
     range(half).map((i) => {
       const k = scoreStep(i, true);
-      return `if (x0 + ${k} >= rowsFrom && x0 + ${k} < p.rows) { p${i} = exp(SS[sAt + ${k}] * p.scale - LD[c0 + ${k}]); }`;
+      return `if (x0 + ${k} >= rowsFrom && x0 + ${k} < p.rows) { ${probability(i)} }`;
     }).join("\n      ")
   }
     }
