@@ -25,12 +25,7 @@ import { normwise, testRng } from "../helpers/gpu.ts";
 import { refAttention, refAttentionBackward, type RefAttentionShape } from "../reference/attention.ts";
 import type { Rng } from "../../util/rng.ts";
 
-interface Case {
-  B: number;
-  T: number;
-  H: number;
-  Hkv: number;
-  hd: number;
+interface Case extends Pick<RefAttentionShape, "B" | "T" | "H" | "Hkv" | "hd"> {
   /** Key tile of the forward and dQ kernels. */
   bc: 32 | 64;
   /** Row tile of the dK/dV kernel. */

@@ -30,12 +30,7 @@ import {
 import { noGpuErrors } from "../helpers/gpu_errors.ts";
 import { refAttention, refAttentionBackward, type RefAttentionShape } from "../reference/attention.ts";
 
-interface Case {
-  B: number;
-  T: number;
-  H: number;
-  Hkv: number;
-  hd: number;
+interface Case extends Pick<RefAttentionShape, "B" | "T" | "H" | "Hkv" | "hd"> {
   window?: number;
   scale?: number;
   opts?: AttentionOptions;
