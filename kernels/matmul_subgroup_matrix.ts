@@ -35,8 +35,9 @@
  *   wraps around each subgroup-matrix load (the op's configs use it: 221 -> 240 TFLOP/s at 8192^3);
  * - the epilogue stores fragments straight into an f32 C when the block is whole and nothing is accumulated, or
  *   stages each fragment through a small f32 scratch so that threads can apply alpha, accumulate and convert to
- *   f16: in whole, 16-byte aligned blocks each lane writes 16 bytes of its own subgroup's fragment (`vecOut`),
- *   otherwise threads check bounds element by element.
+ *   f16: where C's rows and offset are 16-byte aligned each lane writes 16 bytes of its own subgroup's fragment
+ *   (`vecOut`; in partial blocks a lane checks its row and its 8 columns at once), otherwise threads write single
+ *   elements, checking bounds one by one in partial blocks.
  *
  * Shapes: `threads` staging handles any M, N, K (loads are bounds-checked and zero-filled where a slice leaves
  * C's block or K, stores checked) as long as each operand's contiguous dimension, batch stride and offset are
@@ -563,9 +564,10 @@ interface Variant {
   /** Fragments go straight to an f32 C (exact, f32, no accumulation, C rows 16-byte aligned). */
   direct: boolean;
   /**
-   * The staged epilogue writes 16 bytes a thread (whole blocks, C rows and offset 16-byte aligned): each lane of
-   * a subgroup reads 8 (f16 C) or 4 (f32 C) values of its own fragment back from the scratch. Otherwise every
-   * thread writes single elements of all subgroups' fragments, in 8 passes a fragment for 4 subgroups.
+   * The staged epilogue writes 16 bytes a store (C rows and offset 16-byte aligned; partial blocks check each
+   * store's row and columns): each lane of a subgroup reads 8 values of its own fragment back from the scratch,
+   * one 16-byte store of f16 or two of f32. Otherwise every thread writes single elements of all subgroups'
+   * fragments, in 8 passes a fragment for 4 subgroups.
    */
   vecOut?: boolean;
 }
@@ -595,7 +597,7 @@ export function sgmLaunch(shape: MatmulShape, layout: SgmLayout, config: SgmConf
     );
   }
   const direct = exact && layout.out === "f32" && !layout.accumulate && aligned(4, n, strideC, offC);
-  const vecOut = exact && !direct && aligned(layout.out === "f16" ? 8 : 4, n, strideC, offC);
+  const vecOut = !direct && aligned(layout.out === "f16" ? 8 : 4, n, strideC, offC);
   return {
     spec: sgmSpec(config, layout, { exact, direct, vecOut }),
     uniforms: new Uniforms(48).u32(m).u32(n).u32(k).u32(strideA).u32(strideB).u32(strideC)
@@ -619,13 +621,13 @@ function sgmSpec(c: SgmConfig, layout: SgmLayout, v: Variant): KernelSpec {
   return spec;
 }
 
-/** WGSL source of a variant, for compile checks (`vecOut` as the launch picks it for aligned whole blocks). */
+/** WGSL source of a variant, for compile checks (`vecOut` as the launch picks it for an aligned C). */
 export function sgmVariantWgsl(
   c: SgmConfig,
   layout: SgmLayout,
   exact: boolean,
   direct: boolean,
-  vecOut = exact && !direct,
+  vecOut = !direct,
 ): string {
   return sgmSpec(c, layout, { exact, direct, vecOut }).code;
 }
@@ -997,16 +999,22 @@ ${indent}}`;
         const comps = [0, 1, 2, 3].map((e) =>
           `${vals[4 * h + e]}${L.accumulate ? ` + old${h}.${"xyzw"[e]}` : ""}`
         );
-        return `${L.accumulate ? `let old${h} = C[${idx}]; ` : ""}C[${idx}] = vec4<f32>(${
+        const store = `${L.accumulate ? `let old${h} = C[${idx}]; ` : ""}C[${idx}] = vec4<f32>(${
           comps.join(", ")
         });`;
+        // in a partial block each 4 columns are wholly in or out of C (N is a multiple of 4)
+        return v.exact ? store : `if (row < p.m && col + ${4 * h}u < p.n) { ${store} }`;
       }).join("\n    ");
     }
+    // (an f16 C: N is a multiple of 8, so a lane's 8 columns are wholly in or out)
+    const guarded = v.exact || outT !== "f16"
+      ? write
+      : `if (row < p.m && col < p.n) {\n      ${write}\n    }`;
     return `${computeOnly(toScratch(i, j, `${slot}u + `))}
   workgroupBarrier();
   ${producers ? "if (!producer) " : ""}{
     ${at}
-    ${write}
+    ${guarded}
   }${slots === 1 ? "\n  workgroupBarrier();" : ""}`;
   };
   for (let i = 0; i < pa.frags; i++) {

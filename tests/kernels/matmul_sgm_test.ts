@@ -450,6 +450,22 @@ Deno.test("generated subgroup-matrix WGSL, run by a CPU interpreter, matches a f
       checkGenerated(c, { transA, transB, out: "f32", accumulate: true }, ragged, rng);
       checkGenerated(c, { transA, transB, out: "f16", accumulate: false }, { ...ragged, batch: 1 }, rng);
     }
+    // the 16-byte epilogue in partial blocks: an f32 C whose N (52) splits a lane's 8 columns at 4
+    const vec4 = { ...SGM_TINY, vec: 4 as const };
+    checkGenerated(vec4, { transA, transB, out: "f32", accumulate: true }, {
+      m: 40,
+      n: 52,
+      k: 24,
+      batch: 1,
+      alpha: 0.5,
+    }, rng);
+    checkGenerated(vec4, { transA, transB, out: "f32", accumulate: false }, {
+      m: 40,
+      n: 52,
+      k: 24,
+      batch: 1,
+      alpha: 1,
+    }, rng);
     const ragged: EmuCase = { m: 40, n: 56, k: 44, batch: 2, alpha: -0.5 };
     checkGenerated(tinyNoPrefetch, { transA, transB, out: "f32", accumulate: true }, ragged, rng);
     const ragged8: EmuCase = { m: 40, n: 56, k: 72, batch: 2, alpha: 1.5 };
@@ -563,7 +579,10 @@ Deno.test("matmul op: f16 products take the subgroup-matrix kernel exactly when 
     new RegExp(`^sgm_nt_f16_exact_vo_${sgmConfigName(SGM_LARGE)}$`),
   );
   assert.match(key(H200_LIKE, shape(512, 512, 4096)), new RegExp(`_${sgmConfigName(SGM_SMALL)}$`));
-  assert.match(key(H200_LIKE, shape(4096, 4096, 4100)), /^sgm_nt_f16_checked_128x128x64_2x2_k_threads_v4_/);
+  assert.match(
+    key(H200_LIKE, shape(4096, 4096, 4100)),
+    /^sgm_nt_f16_checked_vo_128x128x64_2x2_k_threads_v4_/,
+  );
   assert.match(key(H200_LIKE, shape(4096, 4096, 4098)), /_threads_v2_/);
   // every transpose and accumulation (backward passes) also qualify
   assert.match(

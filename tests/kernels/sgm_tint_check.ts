@@ -83,14 +83,16 @@ function allVariants(): Variant[] {
           for (const accumulate of [false, true]) {
             if (!all && (accumulate || ((transA || !transB) && out === "f32"))) continue;
             const layout: SgmLayout = { transA, transB, out, accumulate };
-            const shapes: [boolean, boolean][] = c.stage === "threads"
-              ? [[true, false], [false, false]]
-              : [[true, false]];
-            if (out === "f32" && !accumulate) shapes.push([true, true]);
-            for (const [exact, direct] of shapes) {
-              const code = sgmVariantWgsl(c, layout, exact, direct);
+            // [exact, direct, vecOut]
+            const shapes: [boolean, boolean, boolean][] = c.stage === "threads"
+              ? [[true, false, true], [false, false, true], [false, false, false]]
+              : [[true, false, true]];
+            if (out === "f32" && !accumulate) shapes.push([true, true, false]);
+            for (const [exact, direct, vecOut] of shapes) {
+              const code = sgmVariantWgsl(c, layout, exact, direct, vecOut);
               const name = `${sgmConfigName(c)} ${transA ? "t" : "n"}${transB ? "t" : "n"} ${out}` +
-                `${accumulate ? " acc" : ""} ${exact ? "exact" : "checked"}${direct ? " direct" : ""}`;
+                `${accumulate ? " acc" : ""} ${exact ? "exact" : "checked"}${direct ? " direct" : ""}` +
+                `${vecOut ? " vo" : ""}`;
               variants.set(name, {
                 name,
                 code,
