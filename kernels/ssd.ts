@@ -42,7 +42,7 @@
  *   d loss / d cs_q = C_q . dC_q - B_q . dB_q (per head, before summing heads into groups): the C-side terms carry
  *   +cs_q, the B-side terms -cs_s, and the state terms pair up the same way. T_c = cs at the chunk's last step
  *   additionally feeds states_c (as exp(T - cs_s)) and the chunk recurrence (as exp(T_c)); both together give
- *   d loss / d T_c = <G_{c+1}, Sin_{c+1}> ({@linkcode ssdStateDecayPartials}). Since cs_q = sum_{t<=q} l_t within
+ *   d loss / d T_c = <G_{c+1}, Sin_{c+1}> ({@linkcode ssdStateDecayGrad}). Since cs_q = sum_{t<=q} l_t within
  *   the chunk,
  *     d loss / d l_t = sum_{q>=t in chunk} (C_q . dC_q - B_q . dB_q) + <G_{c+1}, Sin_{c+1}>,
  *   and l_t = delta_t A gives d delta_t += A dl_t, dA += delta_t dl_t ({@linkcode ssdDecayGrad}); with the fused
@@ -65,7 +65,7 @@
  * f32 in threads; the op does so only when asked (runtime/ops/ssd.ts, `DISTILLERY_SSD_SGM`).
  *
  * Working buffers (f32, allocated by the op): `csd` = [cs (B,H,L) | delta (B,H,L) | A (H) | D (H)];
- * `states` [B, nc, H, P, N]; row partials [4, B, L, H, CT]; dT partials [B, H, nc, E]; head partials
+ * `states` [B, nc, H, P, N]; row partials [4, B, L, H, CT]; dT [B, H, nc]; head partials
  * [3, H, B * nc].
  *
  * @module
@@ -178,7 +178,7 @@ export function ssdWorkspaceSizes(s: SsdShape): {
   csd: number;
   states: number;
   rowPartials: number;
-  dtPartials: number;
+  stateDecayGrads: number;
   headPartials: number;
 } {
   const nc = ssdChunks(s);
@@ -187,7 +187,7 @@ export function ssdWorkspaceSizes(s: SsdShape): {
     csd: 2 * bhl + 2 * s.heads,
     states: s.batch * nc * s.heads * s.dimP * s.dimN,
     rowPartials: 4 * bhl * ssdColTiles(s),
-    dtPartials: s.batch * s.heads * nc * ceilDiv(s.dimP * s.dimN, SSD_STATE_BLOCK),
+    stateDecayGrads: s.batch * s.heads * nc,
     headPartials: 3 * s.heads * s.batch * nc,
   };
 }
@@ -1548,8 +1548,8 @@ export function ssdChunkRows(
 /**
  * Reverse of {@linkcode ssdStatePass}, in place over `ds`: on entry the local gradients dSin_c from the chunk
  * outputs, on exit d states_c = G_{c+1} with G_{nc} = dS_final and G_c = dSin_c + exp(T_c) G_{c+1}; dS_init = G_0.
- * One thread per (b, h, p, n) and no barriers: the decay partials dT_c = <G_{c+1}, Sin_{c+1}> read only what
- * this pass leaves in `ds`, so {@linkcode ssdStateDecayPartials} reduces them afterwards, for all chunks at once
+ * One thread per (b, h, p, n) and no barriers: the decay gradients dT_c = <G_{c+1}, Sin_{c+1}> read only what
+ * this pass leaves in `ds`, so {@linkcode ssdStateDecayGrad} reduces them afterwards, for all chunks at once
  * (a tree reduction per chunk inside this sequential loop cost 8 barriers a step).
  * Bindings: ds (rw), dfinal (any read buffer when absent), csd, dinit (rw; a scratch buffer when absent).
  */
@@ -1599,51 +1599,50 @@ fn main(${ENTRY_ARGS}) {
 
 /**
  * After {@linkcode ssdStatePassBackward}: dT_c = <G_{c+1}, Sin_{c+1}> (G_{c+1} is what that pass left in `ds` for
- * chunk c; Sin_{nc} is the final state), reduced per 256-element block into the dT partials [B, H, nc, E], one
- * workgroup per (b, h, chunk, block). Bindings: ds, Sin (the forward's states buffer), final (read), dT partials
- * (rw).
+ * chunk c; Sin_{nc} is the final state) into dT [B, H, nc], one workgroup per (b, h, chunk), each thread summing
+ * every 256th element before the tree sum (a workgroup per 256 elements ran 65,536 workgroups of 8 barriers each at
+ * the 1B shape, 5x slower than the reads). Bindings: ds, Sin (the forward's states buffer), final (read), dT (rw).
  */
-export function ssdStateDecayPartials(s: SsdShape): Launch {
-  const spec = cachedSpec("ssd_state_decay_partials", () => ({
+export function ssdStateDecayGrad(s: SsdShape): Launch {
+  const spec = cachedSpec("ssd_state_decay_grad", () => ({
     bindings: ["read", "read", "read", "rw"],
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
 @group(0) @binding(0) var<storage, read> ds: array<f32>;
 @group(0) @binding(1) var<storage, read> sin: array<f32>;
 @group(0) @binding(2) var<storage, read> fin: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dtp: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dT: array<f32>;
 @group(0) @binding(4) var<uniform> d: Dims;
 var<workgroup> red: array<f32, ${SSD_STATE_BLOCK}>;
 @compute @workgroup_size(${SSD_STATE_BLOCK})
 fn main(${ENTRY_ARGS}) {
   ${WG_INDEX}
-  let eb = w % d.e_blocks;
-  let bhc = w / d.e_blocks;
   // workgroup-uniform: the whole workgroup leaves together, before any barrier
-  if (bhc >= d.batch * d.heads * d.nchunks) { return; }
-  let c = bhc % d.nchunks;
-  let bh = bhc / d.nchunks;
+  if (w >= d.batch * d.heads * d.nchunks) { return; }
+  let c = w % d.nchunks;
+  let bh = w / d.nchunks;
   let h = bh % d.heads;
   let b = bh / d.heads;
   let pn = d.dim_p * d.dim_n;
-  let e = eb * ${SSD_STATE_BLOCK}u + li;
+  let g = ((b * d.nchunks + c) * d.heads + h) * pn;
+  // the states after chunk c: the next chunk's input, or the final state
   var v = 0.0;
-  if (e < pn) {
-    var snext = 0.0;
-    if (c + 1u == d.nchunks) { snext = fin[bh * pn + e]; }
-    else { snext = sin[((b * d.nchunks + c + 1u) * d.heads + h) * pn + e]; }
-    v = ds[((b * d.nchunks + c) * d.heads + h) * pn + e] * snext;
+  if (c + 1u == d.nchunks) {
+    for (var e = li; e < pn; e += ${SSD_STATE_BLOCK}u) { v += ds[g + e] * fin[bh * pn + e]; }
+  } else {
+    let next = g + d.heads * pn;
+    for (var e = li; e < pn; e += ${SSD_STATE_BLOCK}u) { v += ds[g + e] * sin[next + e]; }
   }
   red[li] = v;
   ${treeSum(SSD_STATE_BLOCK)}
-  if (li == 0u) { dtp[(bh * d.nchunks + c) * d.e_blocks + eb] = red[0]; }
+  if (li == 0u) { dT[bh * d.nchunks + c] = red[0]; }
 }
 `,
   }));
   return {
     spec,
     uniforms: packDims(s, {}),
-    workgroups: grid2d(ceilDiv(s.dimP * s.dimN, SSD_STATE_BLOCK) * s.batch * s.heads * ssdChunks(s)),
+    workgroups: grid2d(s.batch * s.heads * ssdChunks(s)),
   };
 }
 
@@ -1653,7 +1652,7 @@ fn main(${ENTRY_ARGS}) {
  * Per (b, h, chunk): dl_t = sum_{q>=t in chunk} (C.dC - B.dB)_q + dT_c (a reverse cumulative sum, two-level like
  * {@linkcode ssdChunkCumsum}), d delta_t = direct_t + A dl_t (times sigmoid(dt + dt_bias) with the fused softplus,
  * giving d dt), written to `ddt` with dt's layout; per-(b, chunk) partials of dA = sum delta dl, dD = sum x.dy and
- * d dt_bias go to the head partials [3, H, B nc]. Bindings: row partials [4, B, L, H, CT], dT partials, csd, dt
+ * d dt_bias go to the head partials [3, H, B nc]. Bindings: row partials [4, B, L, H, CT], dT, csd, dt
  * (raw; any read buffer unless `softplus`), dt_bias (likewise), ddt (rw), head partials (rw).
  */
 export function ssdDecayGrad(s: SsdShape, dt: SsdDtLayout, softplus: boolean): Launch {
@@ -1662,7 +1661,7 @@ export function ssdDecayGrad(s: SsdShape, dt: SsdDtLayout, softplus: boolean): L
     uniformBytes: DIMS_BYTES,
     code: `${DIMS_STRUCT}
 @group(0) @binding(0) var<storage, read> R: array<f32>;
-@group(0) @binding(1) var<storage, read> dtp: array<f32>;
+@group(0) @binding(1) var<storage, read> dTc: array<f32>;
 @group(0) @binding(2) var<storage, read> csd: array<f32>;
 @group(0) @binding(3) var<storage, read> dt: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
@@ -1689,7 +1688,7 @@ fn main(${ENTRY_ARGS}) {
   let bh = b * d.heads + h;
   if (sg == 0u) {
     var dT = 0.0;
-    if (hv) { for (var e = 0u; e < d.e_blocks; e++) { dT += dtp[(bh * d.nchunks + c) * d.e_blocks + e]; } }
+    if (hv) { dT = dTc[bh * d.nchunks + c]; }
     dTs[hl] = dT;
   }
   var sum = 0.0;

@@ -40,7 +40,7 @@ import {
   type SsdRowsTiling,
   type SsdRowsVariant,
   type SsdShape,
-  ssdStateDecayPartials,
+  ssdStateDecayGrad,
   ssdStatePass,
   ssdStatePassBackward,
   ssdWorkspaceSizes,
@@ -447,7 +447,7 @@ function ssdScanBackward(
   // local gradients of each chunk's entering state, then the reverse pass over chunks (in place -> dstates)
   const dstates = rt.empty([s.batch, nc, s.heads, s.dimP, s.dimN]);
   dispatch(rt, ssdChunkState(s, dyOp, r.C, "output"), [gy, r.CT, saved.csd, dstates]);
-  const dtp = rt.empty([ws.dtPartials]);
+  const dT = rt.empty([ws.stateDecayGrads]);
   const dInit = hasInit ? rt.empty([s.batch, s.heads, s.dimP, s.dimN]) : rt.empty([1]);
   dispatch(rt, ssdStatePassBackward(s, hasInit, gFinal !== null), [
     dstates,
@@ -455,7 +455,7 @@ function ssdScanBackward(
     saved.csd,
     dInit,
   ]);
-  dispatch(rt, ssdStateDecayPartials(s), [dstates, saved.states, saved.finalState, dtp]);
+  dispatch(rt, ssdStateDecayGrad(s), [dstates, saved.states, saved.finalState, dT]);
 
   // x, B, C gradients: straight into their layout when each head has its own group, else per head + group sum
   const grads: SsdGrads = {} as SsdGrads;
@@ -533,7 +533,7 @@ function ssdScanBackward(
   const headParts = rt.empty([ws.headPartials]);
   dispatch(rt, ssdDecayGrad(s, dtLayout, softplus), [
     rowParts,
-    dtp,
+    dT,
     saved.csd,
     args.dt,
     args.dtBias ?? saved.csd,
@@ -549,7 +549,7 @@ function ssdScanBackward(
   if (hasInit) grads.initialState = dInit;
   else dInit.dispose();
   rowParts.dispose();
-  dtp.dispose();
+  dT.dispose();
   headParts.dispose();
   if (!gyIn) gy.dispose();
   return grads;

@@ -26,7 +26,7 @@ import {
   type SsdRowsTiling,
   type SsdRowsVariant,
   type SsdShape,
-  ssdStateDecayPartials,
+  ssdStateDecayGrad,
   ssdStatePass,
   ssdStatePassBackward,
 } from "../../kernels/ssd.ts";
@@ -48,7 +48,7 @@ function allSpecs(): { spec: KernelSpec; tiling?: SsdRowsTiling }[] {
     specs.push({ spec: ssdChunkState(s, op(6), op(10), mode).spec });
   }
   specs.push({ spec: ssdStatePass(s, true).spec }, { spec: ssdStatePassBackward(s, true, true).spec }, {
-    spec: ssdStateDecayPartials(s).spec,
+    spec: ssdStateDecayGrad(s).spec,
   });
   specs.push({ spec: ssdGroupSum(s, 2, 6, out).spec });
   for (const tiling of ["wide", "narrow"] as const) {
