@@ -708,6 +708,8 @@ const BACKWARD_INPUTS = `@group(0) @binding(0) var<storage, read> Q: array<vec4<
 function dqWgsl(hd: number, bc: number, constOffsets: boolean): string {
   const hdp = hd + PAD, pstr = bc + PAD, sstr = scratchStride(hd, bc);
   const half = bc / 2;
+  // P of the thread's step-i score: exp(S * scale - lse of the thread's row)
+  const probability = (i: number) => `p${i} = exp(SS[sAt + ${scoreStep(i, true)}] * p.scale - lse);`;
   return `${commonWgsl(hd)}
 // causal GQA attention dQ on subgroup matrices, hd ${hd}, key tile ${bc}
 ${BACKWARD_INPUTS}
@@ -748,14 +750,15 @@ ${rowBlockStart(hd, bc)}
     ${perSubgroup(constOffsets, "    ", (sgi) => productOverHd("q", "KV", 0, bc, hd, sstr, sgi))}
     workgroupBarrier();
     let kc = k0 + c0;
-    ${
-    range(half).map((i) =>
-      `var p${i} = 0.0;
-    if (kc + ${scoreStep(i, true)} < visible) { p${i} = exp(SS[sAt + ${
-        scoreStep(i, true)
-      }] * p.scale - lse); }`
-    ).join("\n    ")
+    // left of the diagonal the row sees the whole tile: no mask per score there
+    ${range(half).map((i) => `var p${i} = 0.0;`).join(" ")}
+    if (k0 + ${bc}u <= visible) {
+      ${range(half).map((i) => probability(i)).join("\n      ")}
+    } else {
+      ${
+    range(half).map((i) => `if (kc + ${scoreStep(i, true)} < visible) { ${probability(i)} }`).join("\n      ")
   }
+    }
     workgroupBarrier();
     ${perSubgroup(constOffsets, "    ", (sgi) => productOverHd("g", "KV", bc * hdp, bc, hd, sstr, sgi))}
     workgroupBarrier();
