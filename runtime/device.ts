@@ -13,6 +13,7 @@
  * @module
  */
 import type { KernelSpec } from "../kernels/kernel.ts";
+import { copyWordsKernel } from "../kernels/copy.ts";
 import { readEnv } from "../util/env.ts";
 import { installDawnSpinPacing } from "./dawn_spin.ts";
 import { UserError } from "../util/errors.ts";
@@ -142,6 +143,18 @@ export const FLUSH_EVERY_ENV_VAR = "DISTILLERY_FLUSH_EVERY";
  */
 export const DAWN_FLUSH_EVERY = 128;
 
+/**
+ * Dispatches in the first early submit after a wait; each later one doubles, up to the provider's dispatches per
+ * submit. After a wait the GPU is idle until the first submit, so it should come soon: a training step of 958
+ * dispatches went from 295 to 291 ms on the H200 (BENCHMARKS.md, eleventh session).
+ */
+export const FLUSH_RAMP_START = 8;
+
+/** Dispatches before the next early submit, `submits` submits after the last wait (0: no early submits). */
+export function earlySubmitAfter(flushEvery: number, submits: number): number {
+  return Math.min(flushEvery, FLUSH_RAMP_START * 2 ** Math.min(submits, 20));
+}
+
 /** Dispatches per submit for a provider (0: no early submits). */
 export function flushEveryFor(provider: ProviderName): number {
   const raw = readEnv(FLUSH_EVERY_ENV_VAR);
@@ -224,6 +237,10 @@ export class GpuDevice {
   #uniformUsed = 0;
   #sinceFlush = 0;
   #flushEvery: number;
+  /** Dispatches before the next early submit ({@linkcode earlySubmitAfter}). */
+  #flushAt: number;
+  /** Submits since the last wait for the GPU. */
+  #submitsSinceWait = 0;
   #uniformAlign: number;
   #staging: GPUBuffer[] = [];
   #lost = false;
@@ -250,6 +267,7 @@ export class GpuDevice {
   ) {
     this.provider = provider;
     this.#flushEvery = flushEveryFor(provider);
+    this.#flushAt = earlySubmitAfter(this.#flushEvery, 0);
     this.adapterName = adapterInfo.description || adapterInfo.device || adapterInfo.vendor ||
       "unknown adapter";
     this.isFallbackAdapter = Boolean((adapterInfo as { isFallbackAdapter?: boolean }).isFallbackAdapter);
@@ -379,7 +397,7 @@ export class GpuDevice {
       pass.end();
       this.#pass = null;
     }
-    if (this.#flushEvery > 0 && ++this.#sinceFlush >= this.#flushEvery) this.flush();
+    if (this.#flushEvery > 0 && ++this.#sinceFlush >= this.#flushAt) this.flush();
   }
 
   #bindGroup(k: CompiledKernel, buffers: readonly BufferSlice[]): GPUBindGroup {
@@ -524,7 +542,46 @@ export class GpuDevice {
   /** Records a buffer-to-buffer copy in order with the dispatches. */
   copyBuffer(src: GPUBuffer, srcOffset: number, dst: GPUBuffer, dstOffset: number, size: number): void {
     if (size === 0) return;
+    if (this.#copyByDispatch(src, srcOffset, dst, dstOffset, size)) return;
     this.encoder().copyBufferToBuffer(src, srcOffset, dst, dstOffset, size);
+  }
+
+  /**
+   * Records a copy between two storage buffers as a dispatch ({@linkcode copyWordsKernel}), which keeps the open
+   * compute pass open; false when it cannot (unaligned, the same buffer, a buffer that is not storage, or a range
+   * past the binding size limit).
+   */
+  #copyByDispatch(
+    src: GPUBuffer,
+    srcOffset: number,
+    dst: GPUBuffer,
+    dstOffset: number,
+    size: number,
+  ): boolean {
+    if (src === dst || (size | srcOffset | dstOffset) % 4 !== 0) return false;
+    if (!(src.usage & GPUBufferUsage.STORAGE) || !(dst.usage & GPUBufferUsage.STORAGE)) return false;
+    // bind from the aligned offset below each range; the kernel adds the rest in words
+    const align = this.limits.minStorageBufferOffsetAlignment;
+    const srcBase = srcOffset - srcOffset % align, dstBase = dstOffset - dstOffset % align;
+    const srcSize = srcOffset + size - srcBase, dstSize = dstOffset + size - dstBase;
+    if (Math.max(srcSize, dstSize) > this.limits.maxStorageBufferBindingSize) return false;
+    const launch = copyWordsKernel((srcOffset - srcBase) / 4, (dstOffset - dstBase) / 4, size / 4);
+    this.dispatch(
+      launch.spec,
+      [
+        { buffer: src, offset: srcBase, size: srcSize },
+        { buffer: dst, offset: dstBase, size: dstSize },
+      ],
+      launch.workgroups,
+      launch.uniforms,
+    );
+    return true;
+  }
+
+  /** After a wait the GPU is idle: the next early submits come sooner again. */
+  #waited(): void {
+    this.#submitsSinceWait = 0;
+    this.#flushAt = earlySubmitAfter(this.#flushEvery, 0);
   }
 
   /** Submits everything recorded so far. Does not wait for the GPU. */
@@ -538,6 +595,7 @@ export class GpuDevice {
     this.gpu.queue.submit([enc.finish()]);
     this.#encoder = null;
     this.#sinceFlush = 0;
+    this.#flushAt = earlySubmitAfter(this.#flushEvery, ++this.#submitsSinceWait);
     this.stats.submits++;
   }
 
@@ -578,6 +636,7 @@ export class GpuDevice {
     this.flush();
     this.stats.reads++;
     await staging.mapAsync(GPUMapMode.READ, 0, Math.max(total, 4));
+    this.#waited();
     const mapped = staging.getMappedRange(0, Math.max(total, 4));
     const out: ArrayBuffer[] = [];
     off = 0;
@@ -666,6 +725,7 @@ export class GpuDevice {
   async sync(): Promise<void> {
     this.flush();
     await this.gpu.queue.onSubmittedWorkDone();
+    this.#waited();
     this.stats.reads++;
     await this.checkErrors();
   }

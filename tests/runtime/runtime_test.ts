@@ -1,6 +1,11 @@
 import assert from "node:assert/strict";
 import { assertClose, F32_TOL, gpuTestOptions, randn, testRng, testRuntime } from "../helpers/gpu.ts";
-import { DAWN_FLUSH_EVERY, FLUSH_EVERY_ENV_VAR, flushEveryFor } from "../../runtime/device.ts";
+import {
+  DAWN_FLUSH_EVERY,
+  earlySubmitAfter,
+  FLUSH_EVERY_ENV_VAR,
+  flushEveryFor,
+} from "../../runtime/device.ts";
 
 Deno.test("runtime: upload, read back, fill, axpy and clone on f32/i32/f16", gpuTestOptions, async () => {
   const rt = await testRuntime();
@@ -68,7 +73,9 @@ Deno.test("runtime: many dispatches batch into one submit per read", gpuTestOpti
     for (let i = 0; i < 50; i++) rt.axpyInPlace(t, one, 1);
     const v = await t.read();
     assert.equal(v[0], 50);
-    assert.ok(rt.dev.stats.submits - s0 <= 2, `submits: ${rt.dev.stats.submits - s0}`);
+    // the read's submit, and on Dawn the early submits of the ramp (after 8 and 24 dispatches at most)
+    const early = rt.dev.provider === "dawn" ? 2 : 0;
+    assert.ok(rt.dev.stats.submits - s0 <= 2 + early, `submits: ${rt.dev.stats.submits - s0}`);
   });
 });
 
@@ -90,34 +97,61 @@ Deno.test(
   },
 );
 
+/** Submits of `iterations` axpy dispatches after a read, and their sum, in a child process with the setting. */
+async function earlySubmits(
+  flushEvery: number,
+  iterations: number,
+): Promise<{ sum: number; submits: number }> {
+  // the setting is read once per process, so the check runs in a child process
+  const script = `
+    import { testRuntime } from "${new URL("../helpers/gpu.ts", import.meta.url).href}";
+    const rt = await testRuntime();
+    await rt.scope(async () => {
+      const t = rt.zeros([64]);
+      const one = rt.full([64], 1);
+      await t.read(); // a wait: the ramp of early submits starts over
+      const s0 = rt.dev.stats.submits;
+      // uniforms differ per dispatch, so an early submit that lost or reordered them shows in the sum
+      for (let i = 1; i <= ${iterations}; i++) rt.axpyInPlace(t, one, i);
+      const v = await t.read();
+      console.log(JSON.stringify({ sum: v[0], submits: rt.dev.stats.submits - s0 }));
+    });`;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--ext=ts", script],
+    env: { DISTILLERY_FLUSH_EVERY: String(flushEvery) },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  return JSON.parse(new TextDecoder().decode(out.stdout).trim().split("\n").at(-1)!);
+}
+
 Deno.test(
-  "runtime: DISTILLERY_FLUSH_EVERY submits every N dispatches, and results stay in program order",
+  "runtime: DISTILLERY_FLUSH_EVERY submits every N dispatches, sooner after a wait, and keeps program order",
   async () => {
-    // the setting is read once per process, so the check runs in a child process
-    const script = `
-      import { testRuntime } from "${new URL("../helpers/gpu.ts", import.meta.url).href}";
-      const rt = await testRuntime();
-      await rt.scope(async () => {
-        const t = rt.zeros([64]);
-        const s0 = rt.dev.stats.submits;
-        // uniforms differ per dispatch, so an early submit that lost or reordered them shows in the sum
-        for (let i = 1; i <= 50; i++) rt.axpyInPlace(t, rt.full([64], 1), i);
-        const v = await t.read();
-        console.log(JSON.stringify({ sum: v[0], submits: rt.dev.stats.submits - s0 }));
-      });`;
-    const out = await new Deno.Command(Deno.execPath(), {
-      args: ["eval", "--ext=ts", script],
-      env: { DISTILLERY_FLUSH_EVERY: "3" },
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const text = new TextDecoder().decode(out.stdout);
-    assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
-    const { sum, submits } = JSON.parse(text.trim().split("\n").at(-1)!);
-    assert.equal(sum, (50 * 51) / 2);
-    assert.ok(submits >= 30, `100 dispatches at 3 per submit made only ${submits} submits`);
+    const every3 = await earlySubmits(3, 50);
+    assert.equal(every3.sum, (50 * 51) / 2);
+    assert.equal(every3.submits, 17, "50 dispatches at 3 per submit: 16 early submits and the read's");
+    // at 128 per submit, the first early submits after a wait come after 8, 16 and 32 more dispatches
+    const ramp = await earlySubmits(128, 60);
+    assert.equal(ramp.sum, (60 * 61) / 2);
+    assert.equal(ramp.submits, 4, "60 dispatches after a wait: submits after 8, 24 and 56, then the read's");
   },
 );
+
+Deno.test("runtime: early submits after a wait start at 8 dispatches and double up to the setting", () => {
+  assert.deepEqual([0, 1, 2, 3, 4, 5, 40].map((k) => earlySubmitAfter(128, k)), [
+    8,
+    16,
+    32,
+    64,
+    128,
+    128,
+    128,
+  ]);
+  assert.equal(earlySubmitAfter(3, 0), 3);
+  assert.equal(earlySubmitAfter(0, 2), 0);
+});
 
 Deno.test("runtime: early submits are on by default on Dawn only; the environment overrides both", () => {
   const saved = Deno.env.get(FLUSH_EVERY_ENV_VAR);
