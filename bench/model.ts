@@ -8,8 +8,10 @@
  * 2). Both use the fused, chunked lm_head + loss (`runtime/ops/head_loss.ts`) on `CausalLM.hidden`, so the
  * [8192, 128256] logits (4.2 GB f32) are never materialised. `peak_gib` is the buffer pool's high-water mark.
  *
- *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train [--profile]] [--dtype f16] [--quick]
- *     [--out rows.jsonl]
+ *   deno run -A bench/model.ts --gpu dawn [--models teacher,hybrid] [--train [--profile] [--reps N]] [--dtype f16]
+ *     [--quick] [--out rows.jsonl]
+ *
+ * `--reps N`: training steps timed for each median (the first is dropped; default 4).
  *
  * `--profile` adds the kernels of one decode step, and (with `--train`) for the CE-only and the distill step a GPU
  * timeline and the 60 most expensive kernels with each dispatch timed in the stream (`--profile-alone`: also the 20
@@ -354,7 +356,10 @@ if (import.meta.main) {
       if (Deno.args.includes("--profile")) await profileDecodeStep(lm, which, log);
       if (Deno.args.includes("--train") && which === "hybrid") {
         const B = quick ? 2 : 4;
-        const reps = quick ? 2 : 4;
+        const reps = Number(flag("reps") ?? (quick ? 2 : 4));
+        if (!Number.isInteger(reps) || reps < 2) {
+          throw new Error(`--reps must be an integer >= 2, got ${reps}`);
+        }
         const tr = await timeTrainStep(lm, B, T, reps, null);
         const m = median(tr.times.slice(1));
         log({
@@ -365,6 +370,7 @@ if (import.meta.main) {
           seq: T,
           median_ms: +m.toFixed(1),
           tokens_per_s: Math.round(B * T / (m / 1000)),
+          runs_ms: tr.times.slice(1).map((x) => +x.toFixed(1)),
           peak_gib: +(tr.peakBytes / 2 ** 30).toFixed(2),
         });
         if (Deno.args.includes("--profile")) await profileTrainStep(lm, B, T, null, "train_step", log);
