@@ -75,8 +75,8 @@
  * larger than one storage binding, stops the run before anything is allocated, naming the tensor; an
  * out-of-memory error is reported with the phase and the plan.
  *
- * No PyTorch twin: the official-layout hybrid needs `mamba_ssm`, which the H200 machine does not have, and a
- * plain-PyTorch Mamba2 stand-in would be another model, untestable here (no torch on the development machine).
+ * No PyTorch twin for the fit itself. The official hybrid's step time on random weights, back to back, is
+ * `bench/pytorch/hybrid_train.py` (mamba_ssm and MambaInLlama sources carried in `.baseline/`).
  *
  * @module
  */
