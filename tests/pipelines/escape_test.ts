@@ -117,6 +117,9 @@ Deno.test("user errors exit 2 without a stack; internal errors exit 1 with one; 
 
 Deno.test("runtime facts enter the key of device stages only; --gpu and DISTILLERY_GPU change them", async () => {
   const p = tempProject();
+  // the in-process runs below read DISTILLERY_GPU, which GPU test runs set (DISTILLERY_GPU=dawn deno test ...)
+  const outerGpu = Deno.env.get("DISTILLERY_GPU");
+  Deno.env.delete("DISTILLERY_GPU");
   try {
     const recipe = p.write(
       "dev.yaml",
@@ -151,8 +154,8 @@ stages:
     assert.equal((await runCli(["run", recipe, "--gpu", "dawn"], facts("auto"))).code, 0);
     assert.deepEqual(ranStages(p), ["dev"], "a different provider reruns the device stage only");
     // In a real process the facts come from probing the adapter: `auto` resolves to the provider that would run
-    // (the built-in one by default), so it shares the recipe's `builtin` key. Tests must not change this
-    // process's environment, hence the subprocesses.
+    // (the built-in one by default), so it shares the recipe's `builtin` key. The environment's cases run in
+    // subprocesses, each with its own DISTILLERY_GPU.
     const viaEnv = await spawnCli(["run", recipe], { env: { DISTILLERY_GPU: "auto" } });
     assert.equal(viaEnv.code, 0, viaEnv.stderr);
     const viaFlag = await spawnCli(["run", recipe, "--gpu", "auto"]);
@@ -170,6 +173,7 @@ stages:
     assert.equal((await runCli(["run", recipe, "--set", "settings.dtype=f16"], facts("auto"))).code, 0);
     assert.deepEqual(ranStages(p), ["dev"]);
   } finally {
+    if (outerGpu !== undefined) Deno.env.set("DISTILLERY_GPU", outerGpu);
     await p.cleanup();
   }
 });
