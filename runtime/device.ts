@@ -237,9 +237,7 @@ export class GpuDevice {
   #uniformUsed = 0;
   #sinceFlush = 0;
   #flushEvery: number;
-  /** Dispatches before the next early submit ({@linkcode earlySubmitAfter}). */
-  #flushAt: number;
-  /** Submits since the last wait for the GPU. */
+  /** Submits since the last wait for the GPU ({@linkcode earlySubmitAfter}). */
   #submitsSinceWait = 0;
   #uniformAlign: number;
   #staging: GPUBuffer[] = [];
@@ -267,7 +265,6 @@ export class GpuDevice {
   ) {
     this.provider = provider;
     this.#flushEvery = flushEveryFor(provider);
-    this.#flushAt = earlySubmitAfter(this.#flushEvery, 0);
     this.adapterName = adapterInfo.description || adapterInfo.device || adapterInfo.vendor ||
       "unknown adapter";
     this.isFallbackAdapter = Boolean((adapterInfo as { isFallbackAdapter?: boolean }).isFallbackAdapter);
@@ -397,7 +394,10 @@ export class GpuDevice {
       pass.end();
       this.#pass = null;
     }
-    if (this.#flushEvery > 0 && ++this.#sinceFlush >= this.#flushAt) this.flush();
+    if (
+      this.#flushEvery > 0 &&
+      ++this.#sinceFlush >= earlySubmitAfter(this.#flushEvery, this.#submitsSinceWait)
+    ) this.flush();
   }
 
   #bindGroup(k: CompiledKernel, buffers: readonly BufferSlice[]): GPUBindGroup {
@@ -578,12 +578,6 @@ export class GpuDevice {
     return true;
   }
 
-  /** After a wait the GPU is idle: the next early submits come sooner again. */
-  #waited(): void {
-    this.#submitsSinceWait = 0;
-    this.#flushAt = earlySubmitAfter(this.#flushEvery, 0);
-  }
-
   /** Submits everything recorded so far. Does not wait for the GPU. */
   flush(): void {
     if (!this.#encoder && !this.#pass) return;
@@ -595,7 +589,7 @@ export class GpuDevice {
     this.gpu.queue.submit([enc.finish()]);
     this.#encoder = null;
     this.#sinceFlush = 0;
-    this.#flushAt = earlySubmitAfter(this.#flushEvery, ++this.#submitsSinceWait);
+    this.#submitsSinceWait++;
     this.stats.submits++;
   }
 
@@ -636,7 +630,7 @@ export class GpuDevice {
     this.flush();
     this.stats.reads++;
     await staging.mapAsync(GPUMapMode.READ, 0, Math.max(total, 4));
-    this.#waited();
+    this.#submitsSinceWait = 0; // the GPU is idle: early submits come sooner again
     const mapped = staging.getMappedRange(0, Math.max(total, 4));
     const out: ArrayBuffer[] = [];
     off = 0;
@@ -725,7 +719,7 @@ export class GpuDevice {
   async sync(): Promise<void> {
     this.flush();
     await this.gpu.queue.onSubmittedWorkDone();
-    this.#waited();
+    this.#submitsSinceWait = 0; // the GPU is idle: early submits come sooner again
     this.stats.reads++;
     await this.checkErrors();
   }
