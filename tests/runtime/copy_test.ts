@@ -1,6 +1,6 @@
 // Copies between storage buffers run as a dispatch (kernels/copy.ts) so the open compute pass stays open; other
-// copies (unaligned bytes, buffers that are not storage, such as readback staging) take the encoder's copy. Both must move exactly the
-// bytes asked for and nothing around them.
+// copies (unaligned bytes, buffers that are not storage, such as readback staging) take the encoder's copy.
+// Both must move exactly the bytes asked for and nothing around them.
 import assert from "node:assert/strict";
 import { gpuTestOptions, testRng, testRuntime } from "../helpers/gpu.ts";
 
